@@ -1,0 +1,35 @@
+"""``python -m lmlab [group=option ...] [key=value ...]``: train one model (or a sweep with ``-m``).
+
+Returns the value of ``optimized_metric`` (default ``val/bpb``) so Hydra sweepers can minimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.errors import ConfigError
+from lmlab.paths import CONF_DIR
+
+log = logging.getLogger("lmlab")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from lmlab.train import train
+
+    log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        metrics, _ = train(cfg)
+    except ConfigError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return value
+
+
+if __name__ == "__main__":
+    main()

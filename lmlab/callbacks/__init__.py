@@ -1,0 +1,73 @@
+"""lmlab's own callbacks; the rest (checkpoints, learning-rate monitor, progress bar) are Lightning's.
+
+``Throughput`` is written here rather than taken from Lightning's ``ThroughputMonitor`` because the
+latter names its metrics ``train|...`` / ``device|...`` per sample; lmlab reports tokens, under the
+slash-named keys every run and report uses (``train/tokens_per_sec``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+class Throughput(L.Callback):
+    """Logs ``train/tokens_per_sec`` (all devices together) over a sliding window of steps."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._times: deque[float] = deque(maxlen=window + 1)
+        self._tokens: deque[int] = deque(maxlen=window + 1)
+        self.tokens_per_sec = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._times.append(time.perf_counter())
+        self._tokens.append(batch["input_ids"].numel() * trainer.world_size)
+        if len(self._times) > 1:
+            # Tokens of the batches that finished after the oldest timestamp, over the time between.
+            self.tokens_per_sec = sum(list(self._tokens)[1:]) / (self._times[-1] - self._times[0])
+            pl_module.log("train/tokens_per_sec", self.tokens_per_sec, prog_bar=False)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Validation time is not training time: restart the window after it.
+        self._times.clear()
+        self._tokens.clear()
+
+
+class Samples(L.Callback):
+    """At the end of each validation, writes the model's generations / reconstructions.
+
+    Appends to ``<output_dir>/samples.txt`` and, when a W&B logger is attached, logs a table with one
+    row per sample and step.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True, **settings) -> None:
+        self.path = Path(output_dir) / "samples.txt"
+        self.enabled, self.settings = enabled, settings
+        self.rows: list[list] = []
+        self.last: list[str] = []
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        dm = trainer.datamodule
+        self.last = pl_module.samples(dm.tokenizer, dm, **self.settings)
+        step = trainer.global_step
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            for i, text in enumerate(self.last):
+                f.write(f"=== step {step} sample {i} ===\n{text}\n\n")
+        log.info("Sample at step %d:\n%s", step, self.last[0] if self.last else "")
+        self.rows += [[step, i, t] for i, t in enumerate(self.last)]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text("samples", columns=["step", "sample", "text"], data=self.rows)

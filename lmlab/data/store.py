@@ -1,0 +1,173 @@
+"""Token store: a corpus split tokenized once into a flat memmap of token ids plus document offsets.
+
+Layout of one store (a folder named by the cache key):
+  tokens.bin   uint16 (vocab <= 65536) or uint32 token ids, every document followed by eos
+  offsets.npy  int64 (n_docs + 1,): document d spans tokens[offsets[d]:offsets[d+1]] (its eos included)
+  meta.json    dtype, counts, UTF-8 byte count of the text, the key's ingredients
+
+The key hashes (documents' identities, sizes and mtimes; the tokenizer; the settings), so a changed file or
+tokenizer builds a new store and an unchanged one is reused. A store is written into a temporary folder
+and renamed into place, so a crashed build never leaves a half-written store that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lmlab.data.tokenizers import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces so every core gets work
+BATCH_CHARS = 8 << 20  # texts handed to the tokenizer's parallel batch encoder at once
+
+
+@dataclass
+class TokenStore:
+    path: Path
+    tokens: np.ndarray  # memmap, (n_tokens,)
+    offsets: np.ndarray  # (n_docs + 1,)
+    n_bytes: int  # UTF-8 bytes of the text (eos excluded)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TokenStore:
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r")
+        return cls(path, tokens, np.load(path / "offsets.npy"), meta["n_bytes"])
+
+
+def store_key(doc_fingerprint: str, tokenizer: TextTokenizer) -> str:
+    return hashlib.sha256(
+        f"v{STORE_VERSION}|{doc_fingerprint}|{tokenizer.fingerprint}|eos".encode()
+    ).hexdigest()[:20]
+
+
+def _pieces(text: str) -> list[str]:
+    """Cut a long text at line starts that begin a non-space character.
+
+    With the GPT-2 pre-tokenizer regex a pre-token never spans such a boundary, so encoding the pieces
+    separately gives exactly the ids of encoding the whole text.
+    """
+    if len(text) <= CHUNK_CHARS:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > CHUNK_CHARS:
+        cut = start + CHUNK_CHARS
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return [p for p in out if p]
+
+
+def _encode_stream(
+    texts: Iterable[str], tokenizer: TextTokenizer, total_bytes: int | None
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield (ids of one document with eos appended, UTF-8 bytes of that document)."""
+    eos = tokenizer.eos_id
+    batch: list[tuple[int, list[str]]] = []  # (bytes, pieces) per document
+    size = 0
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing",
+        disable=not total_bytes or total_bytes < 32 << 20,
+    )
+
+    def flush():
+        flat = [p for _, ps in batch for p in ps]
+        ids = tokenizer.encode_batch(flat)
+        i = 0
+        for nbytes, ps in batch:
+            doc = [t for chunk in ids[i : i + len(ps)] for t in chunk]
+            i += len(ps)
+            doc.append(eos)
+            bar.update(nbytes)
+            yield np.asarray(doc, dtype=np.int64), nbytes
+
+    for text in texts:
+        pieces = _pieces(text)
+        batch.append((len(text.encode("utf-8")), pieces))
+        size += len(text)
+        if size >= BATCH_CHARS:
+            yield from flush()
+            batch, size = [], 0
+    if batch:
+        yield from flush()
+    bar.close()
+
+
+def build_store(
+    texts: Iterable[str],
+    tokenizer: TextTokenizer,
+    cache_dir: str | os.PathLike,
+    key: str,
+    *,
+    total_bytes: int | None = None,
+    label: str = "",
+) -> TokenStore:
+    """Return the store for ``key``, tokenizing ``texts`` only when it is not cached yet."""
+    root = Path(cache_dir) / "stores"
+    final = root / key
+    if (final / "meta.json").is_file():
+        log.info("Token store %s: cached %s", label, final)
+        return TokenStore.open(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    offsets, n_tokens, n_bytes = [0], 0, 0
+    try:
+        with open(tmp / "tokens.bin", "wb") as f:
+            for ids, nbytes in _encode_stream(texts, tokenizer, total_bytes):
+                f.write(ids.astype(dtype).tobytes())
+                n_tokens += len(ids)
+                n_bytes += nbytes
+                offsets.append(n_tokens)
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        meta = {
+            "version": STORE_VERSION,
+            "dtype": np.dtype(dtype).name,
+            "n_tokens": n_tokens,
+            "n_docs": len(offsets) - 1,
+            "n_bytes": n_bytes,
+            "tokenizer": tokenizer.fingerprint,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, final)  # atomic; fails if another process finished first
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "Token store %s: %d documents, %d tokens, %.2f bytes/token -> %s",
+        label,
+        len(offsets) - 1,
+        n_tokens,
+        n_bytes / max(n_tokens, 1),
+        final,
+    )
+    return TokenStore.open(final)

@@ -1,0 +1,247 @@
+"""Tokenizers built on Hugging Face ``tokenizers``: trained byte-level BPE, raw bytes, or any tokenizer.json.
+
+Every tokenizer carries the special tokens all objectives need, reserved from the start so a vocabulary
+never has to change between pre-training objectives: pad, bos, eos, mask, cls, sep and the T5 sentinels
+``<extra_id_0>`` ... (Raffel et al., 2020). ``token_bytes`` gives the UTF-8 length of every token, which
+the bits-per-byte metric divides by so runs with different tokenizers compare fairly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# role -> token text for the tokenizers lmlab builds itself
+SPECIAL_TOKENS = {
+    "pad": "<|pad|>",
+    "bos": "<|bos|>",
+    "eos": "<|eos|>",
+    "mask": "<|mask|>",
+    "cls": "<|cls|>",
+    "sep": "<|sep|>",
+}
+# spellings of each role found in common pretrained tokenizer.json files (first match wins)
+PRETRAINED_ALIASES = {
+    "pad": ["<|pad|>", "<pad>", "[PAD]", "<|padding|>"],
+    "bos": ["<|bos|>", "<s>", "<|begin_of_text|>", "<bos>", "[CLS]"],
+    "eos": ["<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]"],
+    "mask": ["<|mask|>", "<mask>", "[MASK]"],
+    "cls": ["<|cls|>", "[CLS]", "<cls>", "<s>"],
+    "sep": ["<|sep|>", "[SEP]", "<sep>", "</s>"],
+}
+
+
+def sentinel(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, as used by ``ByteLevel``."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+@dataclass
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the ids of lmlab's special-token roles."""
+
+    tk: Tokenizer
+    kind: str = "bpe"
+
+    def __post_init__(self) -> None:
+        self.special: dict[str, int] = {}
+        for role in SPECIAL_TOKENS:
+            for name in PRETRAINED_ALIASES[role]:
+                if (i := self.tk.token_to_id(name)) is not None:
+                    self.special[role] = i
+                    break
+        self.sentinel_ids: list[int] = []
+        while (i := self.tk.token_to_id(sentinel(len(self.sentinel_ids)))) is not None:
+            self.sentinel_ids.append(i)
+        missing = [r for r in SPECIAL_TOKENS if r not in self.special]
+        if missing:
+            # Pretrained files lacking a role get it appended, so every objective has what it needs.
+            self.tk.add_special_tokens([SPECIAL_TOKENS[r] for r in missing])
+            for r in missing:
+                self.special[r] = self.tk.token_to_id(SPECIAL_TOKENS[r])
+        self._token_bytes: np.ndarray | None = None
+        # Text that happens to spell a special token ("<|eos|>") is encoded as plain text: only lmlab
+        # itself inserts special ids, so corpora cannot forge document boundaries or masks.
+        self.tk.encode_special_tokens = True
+
+    # -- ids -------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    pad_id = property(lambda self: self.special["pad"])
+    bos_id = property(lambda self: self.special["bos"])
+    eos_id = property(lambda self: self.special["eos"])
+    mask_id = property(lambda self: self.special["mask"])
+    cls_id = property(lambda self: self.special["cls"])
+    sep_id = property(lambda self: self.special["sep"])
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Every id that is not text: the roles, the sentinels and any other added special token."""
+        ids = set(self.special.values()) | set(self.sentinel_ids)
+        ids |= {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        return sorted(ids)
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- bytes -----------------------------------------------------------------------------------
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 byte length of each token id (0 for special tokens), shape (vocab_size,).
+
+        Byte-level tokenizers map exactly through GPT-2's byte table. Others (SentencePiece-style
+        files) count the bytes of the piece with ``▁`` as a space and ``<0xNN>`` as one byte.
+        """
+        if self._token_bytes is not None:
+            return self._token_bytes
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        specials = set(self.special_ids)
+        byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
+        for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
+            if i in specials:
+                continue
+            if byte_level and all(c in CHAR_TO_BYTE for c in tok):
+                out[i] = len(tok)
+            elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                out[i] = 1
+            else:
+                out[i] = len(tok.replace("▁", " ").removeprefix("##").encode("utf-8"))
+        self._token_bytes = out
+        return out
+
+    # -- persistence -----------------------------------------------------------------------------
+    def to_str(self) -> str:
+        return self.tk.to_str()
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_str())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_str(cls, s: str, kind: str = "pretrained") -> TextTokenizer:
+        return cls(Tokenizer.from_str(s), kind)
+
+
+def _special_list(num_sentinels: int) -> list[str]:
+    return list(SPECIAL_TOKENS.values()) + [sentinel(i) for i in range(num_sentinels)]
+
+
+def byte_tokenizer(num_sentinels: int = 100) -> TextTokenizer:
+    """256 byte tokens (ids 0-255 = the byte values) followed by the special tokens."""
+    vocab = {BYTE_TO_CHAR[b]: b for b in range(256)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(_special_list(num_sentinels))
+    return TextTokenizer(tk, "byte")
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, num_sentinels: int = 100, min_frequency: int = 2
+) -> TextTokenizer:
+    """Train a GPT-2 style byte-level BPE; ``vocab_size`` includes the 256 bytes and the specials."""
+    specials = _special_list(num_sentinels)
+    if vocab_size < 256 + len(specials):
+        raise ConfigError(
+            f"tokenizer.vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+            f"plus {len(specials)} special tokens; use at least {256 + len(specials)} "
+            "(or fewer tokenizer.num_sentinels)"
+        )
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer)
+    return TextTokenizer(tk, "bpe")
+
+
+def load_pretrained(path: str | os.PathLike) -> TextTokenizer:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(
+            f"tokenizer file not found: {p}. Pass tokenizer.path=<path to a Hugging Face "
+            "tokenizer.json> (or use tokenizer=bpe / tokenizer=byte)"
+        )
+    try:
+        tk = Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ConfigError(
+            f"{p} is not a Hugging Face tokenizer.json file ({e}). Save one with "
+            "`tokenizer.save('tokenizer.json')` or `AutoTokenizer...backend_tokenizer.save(...)`"
+        ) from None
+    return TextTokenizer(tk, "pretrained")
+
+
+def build_tokenizer(
+    cfg, train_texts: Callable[[], Iterable[str]], corpus_fingerprint: str, cache_dir: str | Path
+) -> TextTokenizer:
+    """Build the tokenizer named by ``cfg.kind``; a trained BPE is cached by corpus and settings."""
+    kind = cfg.kind
+    if kind == "byte":
+        return byte_tokenizer(cfg.num_sentinels)
+    if kind == "pretrained":
+        if not cfg.get("path"):
+            raise ConfigError("tokenizer=pretrained needs tokenizer.path=<path to tokenizer.json>")
+        return load_pretrained(cfg.path)
+    if kind != "bpe":
+        raise ConfigError(f"unknown tokenizer.kind={kind!r}; choose one of bpe, byte, pretrained")
+    key = hashlib.sha256(
+        f"bpe|{corpus_fingerprint}|{cfg.vocab_size}|{cfg.num_sentinels}|{cfg.min_frequency}".encode()
+    ).hexdigest()[:16]
+    path = Path(cache_dir) / "tokenizers" / f"bpe-{cfg.vocab_size}-{key}.json"
+    if path.is_file():
+        log.info("Tokenizer: cached BPE %s", path)
+        return TextTokenizer(Tokenizer.from_file(str(path)), "bpe")
+    log.info("Tokenizer: training byte-level BPE (vocab %d) on the training split", cfg.vocab_size)
+    tok = train_bpe(train_texts(), cfg.vocab_size, cfg.num_sentinels, cfg.min_frequency)
+    tok.save(path)
+    return tok

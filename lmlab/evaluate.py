@@ -1,0 +1,88 @@
+"""``python -m lmlab.evaluate ckpt_path=… [data=files data.val=…]``: loss, perplexity, bits per byte.
+
+Evaluates a checkpoint over a whole validation split (by default the run's own) with the run's
+tokenizer and objective, prints the metrics and writes them as JSON next to the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lmlab.checkpoint import load_run
+from lmlab.data.corpus import make_corpus
+from lmlab.data.store import build_store, store_key
+from lmlab.errors import ConfigError
+from lmlab.generate import pick_device
+from lmlab.paths import CONF_DIR
+
+log = logging.getLogger("lmlab")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    device = pick_device(cfg.device)
+    module, tokenizer, run_cfg = load_run(cfg.ckpt_path, "cpu")
+    data_cfg = cfg.data if cfg.get("data") is not None else run_cfg.data
+    corpus = make_corpus(data_cfg, need_train=False)
+    cache = Path(cfg.paths.cache_dir)
+    key = store_key(corpus.fingerprint(corpus.val), tokenizer)
+    val = build_store(corpus.texts(corpus.val), tokenizer, cache, key, label="val")
+    seq_len = cfg.seq_len or run_cfg.seq_len
+    dm = get_class(run_cfg.objective._target_)(
+        tokenizer=tokenizer,
+        train=None,
+        val=val,
+        seq_len=seq_len,
+        batch_size=cfg.batch_size or run_cfg.data.batch_size,
+        seed=run_cfg.seed,
+    )
+    trainer = L.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        precision=run_cfg.trainer.get("precision", "32-true"),  # as the run validated
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=cfg.limit_batches or 1.0,
+    )
+    (raw,) = trainer.validate(module, dataloaders=dm.val_dataloader(), verbose=False)
+    metrics = {k.removeprefix("val/"): float(v) for k, v in raw.items()}
+    metrics.update(
+        tokens=float(len(val)),
+        bytes=float(val.n_bytes),
+        documents=float(val.n_docs),
+        seq_len=float(seq_len),
+    )
+    out = cfg.output_file or Path(cfg.ckpt_path).resolve().parent.parent / (
+        f"evaluate-{data_cfg.name}.json"
+    )
+    Path(out).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    metrics["output_file"] = str(out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.paths.output_dir = "."
+    try:
+        m = evaluate(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"loss {m['loss']:.4f}  perplexity {m['ppl']:.3f}  bits/byte {m['bpb']:.4f}  "
+        f"({int(m['tokens'])} tokens, {int(m['bytes'])} bytes) -> {m['output_file']}"
+    )
+    log.debug(OmegaConf.to_yaml(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``python -m lmlab.generate ckpt_path=… prompt="ROMEO:" max_new_tokens=200``: text from a checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from lmlab.checkpoint import load_run
+from lmlab.errors import ConfigError
+from lmlab.paths import CONF_DIR
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu")
+    return name
+
+
+def generate(cfg: DictConfig) -> list[str]:
+    module, tokenizer, _ = load_run(cfg.ckpt_path, pick_device(cfg.device))
+    return module.generate_text(
+        tokenizer,
+        [cfg.prompt] * cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def main(cfg: DictConfig) -> None:
+    try:
+        texts = generate(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"=== sample {i} ===")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Language-model metrics as torchmetrics ``Metric``s, so they reduce correctly across devices.
+
+All of them are fed the summed target negative log-likelihood (in nats) that the loss already computed,
+never the logits again: a second softmax over (B*T, V) would cost as much as the loss itself.
+
+- ``Perplexity``: torchmetrics' own, fed through :meth:`update` with (nll_sum, count) = exp(mean NLL).
+- ``BitsPerByte``: summed NLL / (ln 2 * UTF-8 bytes of the target tokens). Unlike loss or perplexity it
+  does not depend on how the text was tokenized, so it compares runs with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchmetrics
+from torchmetrics.text import Perplexity as _Perplexity
+
+
+class Perplexity(_Perplexity):
+    """torchmetrics ``Perplexity`` whose update takes the NLL sum and target count directly."""
+
+    def update(self, nll_sum: torch.Tensor, count: torch.Tensor) -> None:  # type: ignore[override]
+        self.total_log_probs += nll_sum.detach().to(self.total_log_probs)
+        self.count += count.to(self.count)
+
+
+class BitsPerByte(torchmetrics.Metric):
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bytes", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: torch.Tensor, n_bytes: torch.Tensor) -> None:
+        self.nll += nll_sum.detach().to(self.nll)
+        self.bytes += n_bytes.to(self.bytes)
+
+    def compute(self) -> torch.Tensor:
+        return self.nll / (math.log(2) * self.bytes.clamp(min=1))

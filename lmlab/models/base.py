@@ -1,0 +1,154 @@
+"""What every lmlab LightningModule shares: loss, metrics, optimizer groups, learning-rate schedule.
+
+A subclass builds its backbone, declares the batch kinds it ``accepts`` and implements ``forward(batch)
+-> logits`` aligned with ``batch["labels"]``. Everything else (cross-entropy with ``ignore_index=-100``,
+perplexity, bits per byte, AdamW with decay / no-decay groups, warmup + cosine per step, compile) is here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from lmlab.data.collate import IGNORE
+from lmlab.metrics import BitsPerByte, Perplexity
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings (dim >= 2) only; never on norms' gains or biases."""
+    params = {id(p): p for p in module.parameters() if p.requires_grad}.values()  # tied once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class LMModule(L.LightningModule):
+    accepts: tuple[str, ...] = ()  # batch kinds this architecture can train on
+    name = "base"
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        special_ids: dict[str, int],
+        optim: dict,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
+        self.optim_cfg, self.compile_backbone = dict(optim), compile
+        self.val_loss, self.val_ppl, self.val_bpb = MeanMetric(), Perplexity(), BitsPerByte()
+        # UTF-8 bytes of each token id (0 for specials); set from the tokenizer by `set_token_bytes`.
+        self.register_buffer(
+            "token_bytes", torch.zeros(vocab_size, dtype=torch.long), persistent=False
+        )
+        self.extra_checkpoint: dict = {}  # saved under checkpoint["lmlab"]: version, tokenizer, config
+        self.last_val_step = -1  # global step of the latest validation
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def set_token_bytes(self, token_bytes) -> None:
+        tb = torch.as_tensor(token_bytes, dtype=torch.long)
+        if tb.shape != (self.vocab_size,):
+            raise ValueError(
+                f"token_bytes has shape {tuple(tb.shape)}, expected ({self.vocab_size},)"
+            )
+        self.token_bytes = tb.to(self.token_bytes.device)
+
+    def configure_model(self) -> None:
+        if self.compile_backbone and not getattr(self, "_compiled", False):
+            self.backbone.compile()  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        return self.backbone.num_params(non_embedding)
+
+    # -- loss and metrics ------------------------------------------------------------------------
+    def nll(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets)."""
+        logits = self(batch)  # (B, T, V)
+        labels = batch["labels"]
+        nll_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        mask = labels != IGNORE
+        n_bytes = self.token_bytes[labels[mask]].sum()
+        return nll_sum, mask.sum(), n_bytes
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll_sum, count, n_bytes = self.nll(batch)
+        loss = nll_sum / count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        self.log("train/bpb", nll_sum.detach() / (math.log(2) * n_bytes.clamp(min=1)))
+        self.log("train/tokens", count.float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        nll_sum, count, n_bytes = self.nll(batch)
+        self.val_loss.update(nll_sum / count.clamp(min=1), count)
+        self.val_ppl.update(nll_sum, count)
+        self.val_bpb.update(nll_sum, n_bytes)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
+        self.log("val/bpb", self.val_bpb, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_step = self.trainer.global_step
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lmlab"] = self.extra_checkpoint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.extra_checkpoint = checkpoint.get("lmlab", self.extra_checkpoint)
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        device = next(self.parameters()).device
+        # Lightning's mixed-precision plugin refuses to clip gradients for fused optimizers (they could
+        # unscale fp16 gradients internally), so mixed precision uses the foreach implementation.
+        fused = device.type in ("cuda", "cpu") and "mixed" not in str(self.trainer.precision)
+        optimizer = torch.optim.AdamW(
+            param_groups(self, o["weight_decay"]),
+            lr=o["lr"],
+            betas=tuple(o.get("betas", (0.9, 0.95))),
+            eps=o.get("eps", 1e-8),
+            fused=fused,
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        total = total or int(self.trainer.estimated_stepping_batches)
+        warmup = o.get("warmup_steps", 0)
+        if warmup >= total:
+            raise ValueError(
+                f"optim.warmup_steps={warmup} must be below the number of steps ({total})"
+            )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_lambda(s, warmup, total, o.get("min_lr_ratio", 0.1)),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- what to show at each validation ---------------------------------------------------------
+    def samples(self, tokenizer, datamodule, **settings) -> list[str]:
+        """Human-readable outputs (generations, reconstructions) for ``samples.txt``."""
+        raise NotImplementedError

@@ -1,0 +1,215 @@
+"""Transformer building blocks shared by every backbone family.
+
+Pre-norm blocks in the LLaMA style (Touvron et al., 2023): RMSNorm (Zhang & Sennrich, 2019), rotary
+position embeddings (Su et al., 2021, "RoFormer"), SwiGLU feed-forward (Shazeer, 2020, "GLU Variants
+Improve Transformer"), optional grouped-query attention (Ainslie et al., 2023), no biases, and
+``F.scaled_dot_product_attention`` so the fastest kernel available on the device is used.
+
+The file reads in data-flow order: norm -> rotary -> attention -> MLP -> block. Nothing here imports
+Lightning; parallelism, activation checkpointing and compile are applied from outside by naming
+:class:`Block`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm: ``x / rms(x) * weight``, computed in float32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+class Rotary(nn.Module):
+    """Precomputed RoPE tables; ``forward(positions)`` returns ``(cos, sin)`` of shape (T, head_dim/2)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10_000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        cos, sin = self._tables()
+        # Not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
+        )
+        t = torch.arange(self.max_seq_len, device=device).float()
+        freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+        return freqs.cos(), freqs.sin()
+
+    def reset_parameters(self) -> None:
+        """Recompute the tables (needed after meta-device initialisation)."""
+        cos, sin = self._tables(self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + length > self.max_seq_len:
+            raise ValueError(
+                f"sequence reaches position {start + length}, beyond max_seq_len={self.max_seq_len}; "
+                "raise model.max_seq_len or shorten the input"
+            )
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of ``x`` (B, H, T, hd) by the position angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, hd/2)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated key/value buffers for one attention layer during incremental decoding."""
+
+    def __init__(
+        self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, *, device, dtype
+    ) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.length = 0  # number of positions filled
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.length + t > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {self.length} + {t} > {self.k.shape[2]} positions")
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional grouped-query heads and rotary positions."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        is_causal: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1
+        )
+        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+        if is_causal and past > 0:
+            # Queries sit at positions past..past+T-1 and may see every key up to their own position;
+            # SDPA's is_causal aligns to the top-left corner, so build the offset mask explicitly.
+            if T == 1:
+                is_causal = False
+            else:
+                attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal and attn_mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, norm_eps)
+        self.attn = Attention(d_model, n_heads, n_kv_heads)
+        self.mlp_norm = RMSNorm(d_model, norm_eps)
+        self.mlp = SwiGLU(d_model, mlp_hidden)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        is_causal: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(
+            self.attn_norm(x), rope, is_causal=is_causal, attn_mask=attn_mask, cache=cache
+        )
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
+    """GPT-2 style init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L).
+
+    Scaling the projections that write into the residual stream keeps its variance independent of
+    depth (Radford et al., 2019, section 2.3).
+    """
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue  # norm gains stay at one
+        scale = (
+            1 / math.sqrt(2 * n_layers)
+            if name.endswith(("attn.out.weight", "mlp.down.weight"))
+            else 1
+        )
+        nn.init.normal_(p, mean=0.0, std=std * scale)
+
+
+def multiple_of(n: int, k: int) -> int:
+    """Round ``n`` up to a multiple of ``k``."""
+    return -(-n // k) * k

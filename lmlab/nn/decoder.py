@@ -1,0 +1,164 @@
+"""Decoder-only Transformer (GPT family) in the LLaMA layout.
+
+Token embedding -> L pre-norm blocks (causal self-attention with RoPE, SwiGLU MLP) -> RMSNorm -> LM
+head, optionally tied to the embedding (Press & Wolf, 2017). The structure follows nanoGPT
+(karpathy/nanoGPT) with the LLaMA component choices; generation uses a key/value cache so each new
+token costs one position of compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lmlab.nn.blocks import Block, KVCache, RMSNorm, Rotary, init_weights, multiple_of
+from lmlab.nn.sampling import sample_next
+
+
+@dataclass
+class DecoderConfig:
+    # vocabulary
+    vocab_size: int = (
+        50304  # tokenizer size; the embedding is padded to a multiple of `pad_vocab_to`
+    )
+    pad_vocab_to: int = 64  # padded rows are never targets; padding keeps matmuls aligned
+    # size
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention when < n_heads; None = n_heads (MHA)
+    mlp_hidden: int | None = None  # None = 8/3 * d_model rounded up to a multiple of 64 (LLaMA)
+    max_seq_len: int = 1024  # longest sequence the rotary table covers
+    # details
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    padded_vocab_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.mlp_hidden is None:
+            self.mlp_hidden = multiple_of(int(8 * self.d_model / 3), 64)
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE"
+            )
+        self.padded_vocab_size = multiple_of(self.vocab_size, self.pad_vocab_to)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("padded_vocab_size")
+        return d
+
+
+class Decoder(nn.Module):
+    """Causal language model: ``forward(input_ids) -> logits`` of shape (B, T, padded_vocab)."""
+
+    block_class = Block  # what strategies wrap (FSDP units, activation checkpointing)
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.padded_vocab_size, c.d_model)
+        self.rotary = Rotary(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.norm_eps)
+            for _ in range(c.n_layers)
+        )
+        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
+        self.reset_parameters()
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.config.n_layers, self.config.init_std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the embedding (and tied head), as in Kaplan et al."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+        return n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        _B, T = input_ids.shape
+        start = caches[0].length if caches else 0
+        rope = self.rotary(start, T)
+        x = self.embed(input_ids)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, is_causal=True, cache=caches[i] if caches else None)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        c, p = self.config, self.embed.weight
+        return [
+            KVCache(batch, c.n_kv_heads, max_len, c.head_dim, device=p.device, dtype=p.dtype)
+            for _ in range(c.n_layers)
+        ]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids`` (B, T0) by up to ``max_new_tokens``; returns (B, T0 + n).
+
+        The prompt is processed once (prefill), then one position per step through the KV cache.
+        Rows that emitted ``eos_id`` keep emitting it; generation stops early when all rows have.
+        The vocabulary padding rows are never sampled.
+        """
+        B, T0 = input_ids.shape
+        total = min(T0 + max_new_tokens, self.config.max_seq_len)
+        if total <= T0:
+            raise ValueError(
+                f"prompt of {T0} tokens leaves no room to generate within max_seq_len="
+                f"{self.config.max_seq_len}"
+            )
+        caches = self.new_caches(B, total)
+        logits = self(input_ids, caches=caches)[:, -1, : self.config.vocab_size]
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(total - T0):
+            nxt = sample_next(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt[:, None])
+            if (eos_id is not None and bool(done.all())) or step == total - T0 - 1:
+                break
+            logits = self(nxt[:, None], caches=caches)[:, -1, : self.config.vocab_size]
+        return torch.cat(out, dim=1)

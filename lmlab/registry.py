@@ -1,0 +1,38 @@
+"""Names users type (``model=…``, ``objective=…``) and the classes behind them.
+
+The compatibility table is derived, not written down: an objective fits a model when the batch kind its
+DataModule yields is one the model's LightningModule accepts. ``python -m lmlab.registry`` prints it.
+"""
+
+from __future__ import annotations
+
+from hydra.utils import get_class
+
+from lmlab.errors import ConfigError
+
+MODELS = {
+    "decoder": "lmlab.models.decoder.DecoderLM",
+}
+OBJECTIVES = {
+    "clm": "lmlab.data.clm.CausalLMDataModule",
+}
+
+
+def valid_objectives(model: str) -> list[str]:
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    accepts = get_class(MODELS[model]).accepts
+    return [o for o, path in OBJECTIVES.items() if get_class(path).batch_kind in accepts]
+
+
+def compatibility_table() -> str:
+    """Markdown table: one row per model, its batch kinds and the objectives it trains on."""
+    rows = ["| model | accepts batches | objectives |", "|---|---|---|"]
+    for m, path in MODELS.items():
+        accepts = ", ".join(get_class(path).accepts)
+        rows.append(f"| {m} | {accepts} | {', '.join(valid_objectives(m))} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(compatibility_table())

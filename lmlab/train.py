@@ -1,0 +1,277 @@
+"""``train(cfg)``: one training run from a composed config, callable from the CLI, tests and notebooks.
+
+Order of work (cheap checks first, so bad input fails before anything expensive):
+  1. model/objective compatibility, seq_len against the model   (no data touched)
+  2. corpus listing and validation -> tokenizer -> token stores  (cached)
+  3. DataModule, LightningModule, callbacks, loggers, Trainer
+  4. fit, a final validation if the last step was not validated, summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lmlab import __version__
+from lmlab.data.corpus import make_corpus
+from lmlab.data.store import build_store, store_key
+from lmlab.data.tokenizers import TextTokenizer, build_tokenizer
+from lmlab.errors import ConfigError
+
+log = logging.getLogger("lmlab")
+
+
+def check_compatible(cfg: DictConfig) -> None:
+    """Refuse a (model, objective) pair whose batch kinds do not match, naming the valid choices."""
+    from lmlab.registry import valid_objectives
+
+    model_cls = get_class(cfg.model._target_)
+    objective_cls = get_class(cfg.objective._target_)
+    if objective_cls.batch_kind not in model_cls.accepts:
+        raise ConfigError(
+            f"model={cfg.model.name} cannot train on objective={cfg.objective.name} (it makes "
+            f"{objective_cls.batch_kind!r} batches; {cfg.model.name} accepts "
+            f"{', '.join(model_cls.accepts)}). Valid objectives for model={cfg.model.name}: "
+            f"{', '.join(valid_objectives(cfg.model.name))}"
+        )
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.seq_len < 1:
+        raise ConfigError(f"seq_len must be >= 1, got {cfg.seq_len}")
+    max_len = cfg.model.get("max_seq_len")
+    if max_len is not None and cfg.seq_len > max_len:
+        raise ConfigError(
+            f"seq_len={cfg.seq_len} exceeds model.max_seq_len={max_len}; lower seq_len or raise "
+            "model.max_seq_len"
+        )
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if not 0 < cfg.optim.lr < 1:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")
+
+
+def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
+    """Corpus -> tokenizer -> (train, val) token stores, all cached under ``paths.cache_dir``."""
+    corpus = make_corpus(cfg.data)
+    cache = Path(cfg.paths.cache_dir)
+    train_fp = corpus.fingerprint(corpus.train)
+    t0 = time.perf_counter()
+    tok = build_tokenizer(cfg.tokenizer, lambda: corpus.texts(corpus.train), train_fp, cache)
+    stores = []
+    for split, docs in (("train", corpus.train), ("val", corpus.val)):
+        key = store_key(corpus.fingerprint(docs), tok)
+        total = sum(Path(p).stat().st_size for p in {d.path for d in docs})
+        stores.append(
+            build_store(corpus.texts(docs), tok, cache, key, total_bytes=total, label=split)
+        )
+    train, val = stores
+    log.info(
+        "Data: %s, %d train / %d val documents, %d / %d tokens (%.1f s)",
+        corpus.name,
+        train.n_docs,
+        val.n_docs,
+        len(train),
+        len(val),
+        time.perf_counter() - t0,
+    )
+    return tok, train, val
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(
+                f"ckpt_path=last but {path} does not exist; point hydra.run.dir (or paths.output_dir) "
+                "at the run to resume, or pass ckpt_path=<file>"
+            )
+        return str(path)
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass an existing .ckpt file")
+    return ckpt_path
+
+
+def build(node: DictConfig, **runtime):
+    """``node._target_(**node, **runtime)``: like Hydra's instantiate, but runtime objects (token
+    stores, tokenizers) are passed as they are instead of being converted into configs."""
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    cls = get_class(kwargs.pop("_target_"))
+    return cls(**kwargs, **runtime)
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def build_run(cfg: DictConfig) -> dict[str, Any]:
+    """Everything a run needs, built in the order above; returns the objects by name."""
+    check_compatible(cfg)
+    check_settings(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+
+    tokenizer, train_store, val_store = prepare_data(cfg)
+    tokenizer.save(out / "tokenizer.json")
+    datamodule = build(
+        cfg.objective,
+        tokenizer=tokenizer,
+        train=train_store,
+        val=val_store,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+    )
+    model = build(
+        cfg.model,
+        vocab_size=tokenizer.vocab_size,
+        special_ids=tokenizer.special,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        compile=cfg.compile,
+    )
+    model.set_token_bytes(tokenizer.token_bytes())
+    model.extra_checkpoint = {
+        "version": __version__,
+        "model_class": cfg.model._target_,
+        "tokenizer": tokenizer.to_str(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return {
+        "cfg": cfg,
+        "tokenizer": tokenizer,
+        "datamodule": datamodule,
+        "model": model,
+        "trainer": trainer,
+        "ckpt_path": ckpt_path,
+        "output_dir": out,
+    }
+
+
+def describe(objects: dict[str, Any]) -> None:
+    cfg, model, trainer = objects["cfg"], objects["model"], objects["trainer"]
+    tokens_per_step = (
+        cfg.data.batch_size * cfg.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+    )
+    log.info(
+        "Model: %s, %.2fM parameters (%.2fM without embeddings), vocab %d",
+        cfg.model.name,
+        model.num_params(False) / 1e6,
+        model.num_params(True) / 1e6,
+        model.vocab_size,
+    )
+    log.info(
+        "Tokens per step: %d (batch %d x seq_len %d x accumulation %d x devices %d); max_steps %d",
+        tokens_per_step,
+        cfg.data.batch_size,
+        cfg.seq_len,
+        trainer.accumulate_grad_batches,
+        trainer.world_size,
+        trainer.max_steps,
+    )
+
+
+def write_summary(path: Path, metrics: dict[str, float]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        v = float(v.detach().cpu()) if isinstance(v, torch.Tensor) else v
+        if isinstance(v, int | float) and math.isfinite(v):
+            out[k.removesuffix("_step").removesuffix("_epoch")] = float(v)
+    return out
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run one training job; return (final metrics, objects). Writes summary.json to the run dir."""
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    objects = build_run(cfg)
+    model, trainer, dm = objects["model"], objects["trainer"], objects["datamodule"]
+    describe(objects)
+    log_config(trainer, cfg)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
+        metrics = _floats(trainer.callback_metrics)
+        if "val/loss" not in metrics or model.last_val_step != trainer.global_step:
+            trainer.validate(model, datamodule=dm, verbose=False)
+            metrics.update(_floats(trainer.callback_metrics))
+        metrics["trainer/global_step"] = float(trainer.global_step)
+        metrics["wall_s"] = time.perf_counter() - t0
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary.update(metrics)
+            write_summary(objects["output_dir"] / "summary.json", metrics)
+            log.info(
+                "Final: val/loss %.4f  val/ppl %.2f  val/bpb %.4f  (%d steps, %.0f s)",
+                metrics.get("val/loss", float("nan")),
+                metrics.get("val/ppl", float("nan")),
+                metrics.get("val/bpb", float("nan")),
+                trainer.global_step,
+                metrics["wall_s"],
+            )
+    finally:
+        finish_loggers(trainer)
+    return metrics, objects
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"n_layers": 4}} -> {"model.n_layers": 4}: the names users type as overrides."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """The resolved config, flat, to every logger but CSV (whose hparams.yaml holds the model's)."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.config.update(flat, allow_val_change=True)
+        elif not isinstance(logger, CSVLogger):
+            logger.log_hyperparams(flat)
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Always close W&B runs at job end, or a multirun would merge its jobs into one run."""
+    for logger in trainer.loggers:
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish()
+
+
+def with_output_dir(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
+    """Copy of ``cfg`` writing into ``output_dir`` (for calls outside a Hydra app)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from lmlab.paths import CONF_DIR
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+WORDS = [
+    "the",
+    "king",
+    "queen",
+    "love",
+    "night",
+    "day",
+    "sword",
+    "crown",
+    "blood",
+    "heart",
+    "lord",
+    "lady",
+    "speak",
+    "come",
+    "go",
+    "now",
+    "thou",
+    "art",
+    "my",
+    "good",
+    "sweet",
+    "fair",
+    "death",
+    "life",
+    "hath",
+    "doth",
+    "shall",
+]
+
+
+def make_text(n_words: int, seed: int) -> str:
+    """Deterministic pseudo-English: lines of words, so tokenizers have something to merge."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 8):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + ".")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def text_files(tmp_path: Path) -> list[Path]:
+    """Six small plain-text documents."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    paths = []
+    for i in range(6):
+        p = d / f"doc{i}.txt"
+        p.write_text(make_text(800, i))
+        paths.append(p)
+    return paths
+
+
+TINY = [
+    "seq_len=32",
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "data.batch_size=4",
+    "++tokenizer.vocab_size=400",
+    "++tokenizer.num_sentinels=4",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "trainer.accelerator=cpu",
+    "optim.warmup_steps=2",
+    "sample.max_new_tokens=8",
+]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path):
+    """compose_cfg(*overrides) -> a resolved-able training config writing into tmp_path."""
+
+    def _compose(*overrides: str, output_dir: Path | None = None):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
+            cfg.paths.cache_dir = str(tmp_path / "cache")
+        GlobalHydra.instance().clear()
+        return cfg
+
+    return _compose
+
+
+@pytest.fixture
+def tiny_cfg(compose_cfg, text_files):
+    """A seconds-long training config on the six-document corpus."""
+
+    def _tiny(*overrides: str, **kw):
+        files = ",".join(str(p) for p in text_files)
+        return compose_cfg("data=files", f"data.train=[{files}]", *TINY, *overrides, **kw)
+
+    return _tiny

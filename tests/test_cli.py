@@ -1,0 +1,105 @@
+"""The command lines a user types, run as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY
+
+
+def run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LMLAB_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+    p = subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(
+            f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
+    return p
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    from .conftest import make_text
+
+    tmp = tmp_path_factory.mktemp("cli")
+    for i in range(4):
+        (tmp / f"d{i}.txt").write_text(make_text(600, i))
+    out = tmp / "run"
+    p = run(["lmlab", "data=files", "data.train=d*.txt", *TINY, f"hydra.run.dir={out}"], tmp)
+    return tmp, out, p
+
+
+def test_train_command_writes_every_output(cli_run):
+    _tmp, out, p = cli_run
+    for name in (
+        ".hydra/config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "samples.txt",
+        "tokenizer.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+    ):
+        assert (out / name).is_file(), name
+    log = p.stdout + p.stderr
+    assert "Model: decoder" in log and "Tokens per step: 128" in log
+    assert "Final: val/loss" in log and "Sample at step 6" in log
+    assert "seq_len: 32" in log  # the composed config is printed
+
+
+def test_generate_and_evaluate_commands(cli_run):
+    tmp, out, _ = cli_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    g = run(
+        [
+            "lmlab.generate",
+            f"ckpt_path={ckpt}",
+            "prompt=The king",
+            "max_new_tokens=12",
+            "temperature=0",
+        ],
+        tmp,
+    )
+    assert g.stdout.startswith("The king") and len(g.stdout) > len("The king\n")
+    (tmp / "held.txt").write_text("Now is the winter of our discontent.\n" * 20)
+    e = run(["lmlab.evaluate", f"ckpt_path={ckpt}", "data=files", "data.val=held.txt"], tmp)
+    assert "bits/byte" in e.stdout
+    result = json.loads((out / "evaluate-files.json").read_text())
+    assert result["bytes"] == len("Now is the winter of our discontent.\n") * 20
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    p = run(
+        ["lmlab", "data=files", "data.train=missing/*.txt", f"hydra.run.dir={tmp_path}/r"],
+        tmp_path,
+        check=False,
+    )
+    assert p.returncode == 2
+    assert "data.train='missing/*.txt' matched no files" in p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    g = run(["lmlab.generate", f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path, check=False)
+    assert g.returncode == 2 and "checkpoint not found" in g.stderr
+
+
+def test_help_lists_config_groups(tmp_path):
+    p = run(["lmlab", "--help"], tmp_path)
+    for group in (
+        "model: decoder",
+        "objective: clm",
+        "data: files, shakespeare",
+        "tokenizer: bpe, byte, pretrained",
+    ):
+        assert group in p.stdout, group

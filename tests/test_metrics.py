@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity as ReferencePerplexity
+
+from lmlab.data.collate import causal_batch
+from lmlab.data.tokenizers import byte_tokenizer, train_bpe
+from lmlab.metrics import BitsPerByte, Perplexity
+from lmlab.models.decoder import DecoderLM
+
+from .conftest import make_text
+
+OPTIM = {"lr": 1e-3, "weight_decay": 0.1}
+
+
+def test_perplexity_matches_torchmetrics_reference_and_exp_mean_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    target = torch.randint(0, 11, (3, 7))
+    target[0, :2] = -100
+    ref = ReferencePerplexity(ignore_index=-100)
+    ref.update(logits, target)
+    nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+    count = (target != -100).sum()
+    ours = Perplexity()
+    # fed in two halves: states accumulate like the reference's
+    ours.update(nll / 2, count // 2)
+    ours.update(nll / 2, count - count // 2)
+    torch.testing.assert_close(ours.compute(), ref.compute(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours.compute(), (nll / count).exp(), rtol=1e-6, atol=0)
+
+
+def test_bits_per_byte_accumulates():
+    m = BitsPerByte()
+    m.update(torch.tensor(10.0), torch.tensor(4))
+    m.update(torch.tensor(6.0), torch.tensor(4))
+    assert m.compute().item() == pytest.approx(16 / (math.log(2) * 8))
+
+
+class Uniform(DecoderLM):
+    """Every position predicts the uniform distribution over the padded vocabulary."""
+
+    def forward(self, batch):
+        B, T = batch["input_ids"].shape
+        return torch.zeros(B, T, self.config.padded_vocab_size)
+
+
+@pytest.mark.parametrize("which", ["byte", "bpe"])
+def test_bpb_hand_computation_on_known_string(which):
+    text = "To be, or not to be: that is the question. Naïve ✓"
+    tok = byte_tokenizer(2) if which == "byte" else train_bpe([make_text(2000, 0)], 320, 2)
+    m = Uniform(
+        vocab_size=tok.vocab_size,
+        special_ids=tok.special,
+        optim=OPTIM,
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        max_seq_len=128,
+    )
+    m.set_token_bytes(tok.token_bytes())
+    ids = np.array(tok.encode(text))
+    batch = causal_batch([ids], seq_len=128, pad_id=tok.pad_id)
+    nll_sum, count, n_bytes = m.nll(batch)
+    V = m.config.padded_vocab_size
+    n_targets = len(ids) - 1
+    target_bytes = len(text.encode()) - tok.token_bytes()[ids[0]]  # first token is never a target
+    assert count.item() == n_targets and n_bytes.item() == target_bytes
+    # uniform prediction: each target costs ln V nats
+    bpb = nll_sum.item() / (math.log(2) * n_bytes.item())
+    assert bpb == pytest.approx(n_targets * math.log2(V) / target_bytes, rel=1e-6)
+    if which == "byte":
+        assert bpb == pytest.approx(math.log2(V), rel=1e-6)  # one token per byte

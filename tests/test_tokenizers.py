@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from lmlab.data.tokenizers import (
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    byte_tokenizer,
+    load_pretrained,
+    sentinel,
+    train_bpe,
+)
+from lmlab.errors import ConfigError
+
+from .conftest import make_text
+
+SAMPLE = "Thou art 'tis — naïve café ✓ 日本\n\n  spaced  out\t<|eos|> literally"
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe([make_text(3000, i) for i in range(4)], vocab_size=400, num_sentinels=8)
+
+
+def test_byte_tokenizer_round_trip_and_ids():
+    tok = byte_tokenizer(num_sentinels=4)
+    ids = tok.encode(SAMPLE)
+    assert ids == list(SAMPLE.encode("utf-8"))  # id = byte value
+    assert tok.decode(ids) == SAMPLE
+    assert tok.vocab_size == 256 + 6 + 4
+    assert [tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.cls_id, tok.sep_id] == list(
+        range(256, 262)
+    )
+    assert tok.sentinel_ids == [262, 263, 264, 265]
+
+
+def test_bpe_round_trip_specials_and_size(bpe):
+    assert bpe.vocab_size <= 400  # the tiny corpus may run out of pairs to merge first
+    ids = bpe.encode(SAMPLE)
+    assert bpe.decode(ids) == SAMPLE
+    # special tokens are never produced from plain text, even when the text spells them
+    assert bpe.eos_id not in ids
+    assert len(bpe.sentinel_ids) == 8
+    assert bpe.decode([bpe.sentinel_ids[3]]) == sentinel(3)
+    assert set(bpe.special.values()) | set(bpe.sentinel_ids) <= set(bpe.special_ids)
+    # merges were learnt: common words are shorter than their bytes
+    assert len(bpe.encode("the king and the queen")) < len("the king and the queen")
+
+
+@pytest.mark.parametrize("which", ["byte", "bpe"])
+def test_token_bytes_sum_to_utf8_length(which, bpe):
+    tok = bpe if which == "bpe" else byte_tokenizer(4)
+    tb = tok.token_bytes()
+    assert len(tb) == tok.vocab_size
+    assert sum(tb[i] for i in tok.encode(SAMPLE)) == len(SAMPLE.encode("utf-8"))
+    assert all(tb[i] == 0 for i in tok.special_ids)
+
+
+def test_pretrained_file_round_trip(tmp_path, bpe):
+    path = tmp_path / "tokenizer.json"
+    bpe.save(path)
+    tok = load_pretrained(path)
+    assert tok.special == bpe.special and tok.sentinel_ids == bpe.sentinel_ids
+    assert tok.encode(SAMPLE) == bpe.encode(SAMPLE)
+
+
+def test_pretrained_missing_specials_are_added(tmp_path):
+    tk = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2, "</s>": 3}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["</s>"])
+    path = tmp_path / "wl.json"
+    tk.save(str(path))
+    tok = load_pretrained(path)
+    assert tok.eos_id == tok.sep_id == 3  # found by their usual spelling (RoBERTa-style)
+    assert tok.vocab_size == 4 + 4  # pad, bos, mask, cls appended
+    assert tok.tk.id_to_token(tok.mask_id) == SPECIAL_TOKENS["mask"]
+
+
+def test_pretrained_errors(tmp_path):
+    with pytest.raises(ConfigError, match="tokenizer file not found"):
+        load_pretrained(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"is not a Hugging Face tokenizer\.json"):
+        load_pretrained(bad)
+    cfg = OmegaConf.create({"kind": "pretrained", "path": None})
+    with pytest.raises(ConfigError, match=r"needs tokenizer\.path"):
+        build_tokenizer(cfg, list, "fp", tmp_path)
+
+
+def test_bpe_vocab_too_small_is_refused():
+    with pytest.raises(ConfigError, match=r"tokenizer\.vocab_size=300 is too small"):
+        train_bpe(["abc"], vocab_size=300, num_sentinels=100)
+
+
+def test_trained_bpe_is_cached(tmp_path):
+    cfg = OmegaConf.create(
+        {"kind": "bpe", "vocab_size": 300, "num_sentinels": 2, "min_frequency": 2}
+    )
+    calls = []
+
+    def texts():
+        calls.append(1)
+        return [make_text(500, 0)]
+
+    a = build_tokenizer(cfg, texts, "corpus-1", tmp_path)
+    b = build_tokenizer(cfg, texts, "corpus-1", tmp_path)
+    assert len(calls) == 1 and a.to_str() == b.to_str()
+    build_tokenizer(cfg, texts, "corpus-2", tmp_path)  # another corpus trains again
+    assert len(calls) == 2

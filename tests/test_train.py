@@ -1,0 +1,202 @@
+"""Training end to end through ``train(cfg)``, then generate and evaluate from its checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lmlab.checkpoint import load_run
+from lmlab.errors import ConfigError
+from lmlab.evaluate import evaluate
+from lmlab.generate import generate
+from lmlab.train import train
+
+OUTPUTS = [
+    "metrics.csv",
+    "summary.json",
+    "samples.txt",
+    "tokenizer.json",
+    "checkpoints/last.ckpt",
+    "checkpoints/best.ckpt",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the tests below (about ten seconds)."""
+    from .conftest import TINY, make_text
+
+    root = tmp_path_factory.mktemp("train")
+    files = []
+    for i in range(6):
+        p = root / f"doc{i}.txt"
+        p.write_text(make_text(800, i))
+        files.append(str(p))
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab.paths import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=files", f"data.train=[{','.join(files)}]", *TINY])
+    GlobalHydra.instance().clear()
+    cfg.paths.output_dir = str(root / "run")
+    cfg.paths.cache_dir = str(root / "cache")
+    metrics, objects = train(cfg)
+    return cfg, metrics, objects, root / "run"
+
+
+def test_run_writes_every_output(trained):
+    cfg, metrics, _objects, out = trained
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "val/loss",
+        "val/ppl",
+        "val/bpb",
+        "train/loss",
+        "train/tokens_per_sec",
+        "trainer/global_step",
+        "wall_s",
+    ):
+        assert key in summary, key
+    assert summary["trainer/global_step"] == cfg.trainer.max_steps
+    assert summary["val/ppl"] == pytest.approx(math.exp(summary["val/loss"]), rel=1e-5)
+    assert summary == pytest.approx(metrics)
+    # the last validation row of metrics.csv is the summary's
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r.get("val/loss")]
+    assert [int(r["step"]) for r in rows] == [2, 5]  # after steps 3 and 6 (0-based step index)
+    assert float(rows[-1]["val/loss"]) == pytest.approx(summary["val/loss"])
+    samples = (out / "samples.txt").read_text()
+    assert samples.count("=== step 3 sample") == 2 and samples.count("=== step 6 sample") == 2
+    assert "ROMEO:" in samples
+
+
+def test_checkpoint_carries_tokenizer_and_config(trained):
+    cfg, _, objects, out = trained
+    module, tok, run_cfg = load_run(out / "checkpoints" / "last.ckpt")
+    assert tok.to_str() == objects["tokenizer"].to_str()
+    assert run_cfg.model.n_layers == cfg.model.n_layers
+    ref = objects["model"].backbone.state_dict()
+    for k, v in module.backbone.state_dict().items():
+        assert torch.equal(v, ref[k].cpu()), k
+
+
+def test_evaluate_reproduces_the_final_validation(trained):
+    cfg, metrics, _, out = trained
+    ecfg = OmegaConf.create(
+        {
+            "ckpt_path": str(out / "checkpoints" / "last.ckpt"),
+            "data": None,
+            "seq_len": None,
+            "batch_size": None,
+            "limit_batches": cfg.trainer.limit_val_batches,
+            "output_file": None,
+            "device": "cpu",
+            "paths": {"cache_dir": cfg.paths.cache_dir},
+        }
+    )
+    m = evaluate(ecfg)
+    assert m["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    assert m["bpb"] == pytest.approx(metrics["val/bpb"], rel=1e-5)
+    written = json.loads((out / "evaluate-files.json").read_text())
+    assert written["loss"] == pytest.approx(m["loss"])
+
+
+def test_evaluate_on_other_files(trained, tmp_path):
+    cfg, _, _, out = trained
+    other = tmp_path / "held_out.txt"
+    other.write_text("Good night, sweet prince.\n" * 50)
+    ecfg = OmegaConf.create(
+        {
+            "ckpt_path": str(out / "checkpoints" / "last.ckpt"),
+            "seq_len": None,
+            "batch_size": None,
+            "limit_batches": None,
+            "output_file": str(tmp_path / "e.json"),
+            "device": "cpu",
+            "paths": {"cache_dir": cfg.paths.cache_dir},
+            "data": {"name": "files", "source": "files", "train": None, "val": str(other)},
+        }
+    )
+    m = evaluate(ecfg)
+    assert m["bytes"] == len(other.read_bytes()) and m["documents"] == 1
+    assert m["ppl"] == pytest.approx(math.exp(m["loss"]), rel=1e-5)
+
+
+def test_generate_from_checkpoint_is_greedy_and_deterministic(trained):
+    _, _, objects, out = trained
+    gcfg = OmegaConf.create(
+        {
+            "ckpt_path": str(out / "checkpoints" / "last.ckpt"),
+            "prompt": "The king",
+            "max_new_tokens": 10,
+            "temperature": 0,
+            "top_k": None,
+            "top_p": None,
+            "num_samples": 2,
+            "seed": 0,
+            "device": "cpu",
+        }
+    )
+    a, b = generate(gcfg)
+    assert a == b and a.startswith("The king")
+    tok, model = objects["tokenizer"], objects["model"].cpu()
+    ids = torch.tensor([tok.encode("The king")])
+    ref = model.backbone.generate(ids, 10, temperature=0, eos_id=tok.eos_id)
+    assert a == "The king" + tok.decode(
+        [t for t in ref[0, ids.shape[1] :].tolist() if t != tok.eos_id]
+    )
+
+
+def test_bad_checkpoint_files_are_clear_errors(tmp_path, trained):
+    _, _, _, out = trained
+    with pytest.raises(ConfigError, match="checkpoint not found"):
+        load_run(tmp_path / "none.ckpt")
+    trunc = tmp_path / "trunc.ckpt"
+    trunc.write_bytes((out / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
+        load_run(trunc)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ConfigError, match="not an lmlab checkpoint"):
+        load_run(foreign)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.train=/nowhere/*.txt"], "matched no files"),
+        (["seq_len=5000", "model.max_seq_len=1024"], "exceeds model.max_seq_len"),
+        (
+            ["tokenizer=pretrained", "tokenizer.path=/nowhere/tokenizer.json"],
+            "tokenizer file not found",
+        ),
+        (["seq_len=60000", "model.max_seq_len=60000", "tokenizer=byte"], "fewer than one window"),
+    ],
+)
+def test_bad_input_fails_before_training(tiny_cfg, tmp_path, overrides, message):
+    out = tmp_path / "bad_run"
+    cfg = tiny_cfg(*overrides, output_dir=out)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not (out / "checkpoints").exists() and not (out / "metrics.csv").exists()
+
+
+def test_empty_and_binary_files_fail_before_training(tiny_cfg, tmp_path, text_files):
+    for content, message in ((b"   \n", "is empty"), (b"\x00\x00PK", "looks binary")):
+        bad = text_files[0].parent / "zz_bad.txt"
+        bad.write_bytes(content)
+        out = tmp_path / "bad"
+        cfg = tiny_cfg(output_dir=out)
+        cfg.data.train = str(text_files[0].parent / "*.txt")
+        with pytest.raises(ConfigError, match=message):
+            train(cfg)
+        assert not (out / "checkpoints").exists()
