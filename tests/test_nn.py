@@ -155,7 +155,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
-    assert all(a >= b for a, b in itertools.pairwise(f))
+    assert all(a >= b for a, b in itertools.pairwise(f[9:]))  # non-increasing after warmup
 
 
 def test_scaled_init_of_residual_projections():
