@@ -21,6 +21,10 @@ log = logging.getLogger("lmlab")
 def main(cfg: DictConfig) -> float | None:
     from lmlab.train import train
 
+    # Lightning attaches its own console handler at import; Hydra's root handler already prints
+    # (and writes <run dir>/__main__.log), so drop Lightning's to avoid every line appearing twice.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     try:
         metrics, _ = train(cfg)

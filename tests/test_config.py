@@ -68,7 +68,7 @@ def test_loggers_and_callbacks_instantiate(compose_cfg, logger, tmp_path, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_cfg(f"logger={logger}")
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    assert type(loggers[0]).__name__ == "CSVLogger"
+    assert type(loggers[0]).__name__ == "ResumableCSVLogger"
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "Throughput", "Samples"}
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)

@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lmlab.data import store as store_mod
-from lmlab.data.clm import CausalLMDataModule, RandomWindowSampler, eval_starts
+from lmlab.data.base import RandomWindowSampler, eval_starts
+from lmlab.data.clm import CausalLMDataModule
 from lmlab.data.collate import IGNORE, causal_batch
 from lmlab.data.corpus import Doc, make_corpus, split_documents
 from lmlab.data.store import TokenStore, build_store, store_key
@@ -166,20 +167,23 @@ def test_causal_batch_labels_are_shifted_inputs():
 def test_eval_windows_cover_every_target_once():
     n, T = 103, 10
     targets = []
-    for s in eval_starts(n, T):
+    for s in eval_starts(n, T + 1, T):
         targets += list(range(s + 1, min(s + T + 1, n)))
     assert targets == list(range(1, n))
 
 
 def test_train_sampler_epoch_permutation():
-    s = RandomWindowSampler(n_tokens=1000, seq_len=10, seed=3)
+    s = RandomWindowSampler(n_tokens=1000, window_len=11, stride=10, seed=3)
     e0 = list(s)
-    assert len(e0) == len(s) == 99 and len(set(e0)) == 99
-    phase = e0[0] % 10
-    assert all(x % 10 == phase and x + 11 <= 1000 for x in e0)
+    assert len(e0) == len(s) == 99 and len(set(e0)) == 99 and {e for _, e in e0} == {0}
+    phase = e0[0][0] % 10
+    assert all(x % 10 == phase and x + 11 <= 1000 for x, _ in e0)
     assert list(s) == e0  # same epoch, same order
     s.set_epoch(1)
-    assert list(s) != e0
+    assert list(s) != e0 and {e for _, e in s} == {1}
+    # non-overlapping windows (stride = window) for the other objectives
+    s2 = RandomWindowSampler(n_tokens=1000, window_len=10, stride=10, seed=0)
+    assert len(s2) == 99 and all(x + 10 <= 1000 for x, _ in s2)
 
 
 def test_datamodule_batches_and_too_short_corpus(tmp_path):
@@ -192,7 +196,7 @@ def test_datamodule_batches_and_too_short_corpus(tmp_path):
     assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1])
     n_val = sum(int((vb["labels"] != IGNORE).sum()) for vb in dm.val_dataloader())
     assert n_val == len(val) - 1
-    with pytest.raises(ConfigError, match="fewer than one window of seq_len\\+1=65"):
+    with pytest.raises(ConfigError, match="fewer than one window of 128"):
         CausalLMDataModule(
             tok, build_store(iter(["tiny"]), tok, tmp_path, "x"), val, seq_len=64, batch_size=2
         )

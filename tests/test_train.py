@@ -200,3 +200,59 @@ def test_empty_and_binary_files_fail_before_training(tiny_cfg, tmp_path, text_fi
         with pytest.raises(ConfigError, match=message):
             train(cfg)
         assert not (out / "checkpoints").exists()
+
+
+def test_resume_from_last_continues_and_keeps_the_log(tiny_cfg, tmp_path):
+    out = tmp_path / "resumed"
+    train(tiny_cfg(output_dir=out))
+    rows_before = list(csv.DictReader((out / "metrics.csv").open()))
+    metrics, _ = train(tiny_cfg("trainer.max_steps=9", "ckpt_path=last", output_dir=out))
+    assert metrics["trainer/global_step"] == 9
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows[: len(rows_before)] == [
+        {k: r.get(k, "") for k in rows[0]} for r in rows_before
+    ]  # nothing already logged is lost
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert steps == list(range(9))  # steps 0-5 from the first run, 6-8 from the resumed one
+
+
+def test_resume_last_without_checkpoint_is_an_error(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path=last but .*last\.ckpt does not exist"):
+        train(tiny_cfg("ckpt_path=last", output_dir=tmp_path / "fresh"))
+
+
+def test_wandb_offline_run_gets_config_tags_group_and_is_finished(tiny_cfg, tmp_path, monkeypatch):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    import lmlab.train as lmlab_train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seen = {}
+    finish = lmlab_train.finish_loggers
+
+    def spy(trainer):
+        (wb,) = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        run = wb.experiment
+        seen.update(
+            tags=set(run.tags),
+            group=run.group,
+            config=dict(run.config),
+            summary={k: run.summary[k] for k in ("val/loss", "val/bpb")},
+        )
+        finish(trainer)
+
+    monkeypatch.setattr(lmlab_train, "finish_loggers", spy)
+    out = tmp_path / "wb"
+    metrics, _ = lmlab_train.train(
+        tiny_cfg("logger=wandb", "wandb_group=sweep-7", "tags=[mine]", output_dir=out)
+    )
+    assert seen["tags"] == {"model:decoder", "objective:clm", "data:files", "tokenizer:bpe", "mine"}
+    assert seen["group"] == "sweep-7"
+    assert seen["config"]["model.n_layers"] == 2  # resolved and flat
+    assert seen["config"]["paths.output_dir"] == str(out)
+    assert seen["config"]["model.max_seq_len"] == 32  # ${seq_len} resolved
+    assert seen["summary"]["val/loss"] == pytest.approx(metrics["val/loss"])
+    assert wandb.run is None  # finished at the end of the job
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert (out / "metrics.csv").is_file()  # csv stays on

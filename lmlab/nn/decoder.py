@@ -147,7 +147,9 @@ class Decoder(nn.Module):
                 f"{self.config.max_seq_len}"
             )
         caches = self.new_caches(B, total)
-        logits = self(input_ids, caches=caches)[:, -1, : self.config.vocab_size]
+        # `self.forward`, not `self(...)`: after `module.compile()` the call path is compiled for
+        # training shapes; decoding with a growing cache would recompile at every length.
+        logits = self.forward(input_ids, caches=caches)[:, -1, : self.config.vocab_size]
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(total - T0):
@@ -160,5 +162,5 @@ class Decoder(nn.Module):
             out.append(nxt[:, None])
             if (eos_id is not None and bool(done.all())) or step == total - T0 - 1:
                 break
-            logits = self(nxt[:, None], caches=caches)[:, -1, : self.config.vocab_size]
+            logits = self.forward(nxt[:, None], caches=caches)[:, -1, : self.config.vocab_size]
         return torch.cat(out, dim=1)
