@@ -13,7 +13,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpoint import load_run
@@ -22,6 +21,7 @@ from lmlab.data.store import build_store, store_key
 from lmlab.errors import ConfigError
 from lmlab.generate import pick_device
 from lmlab.paths import CONF_DIR
+from lmlab.train import build
 
 log = logging.getLogger("lmlab")
 
@@ -35,12 +35,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     key = store_key(corpus.fingerprint(corpus.val), tokenizer)
     val = build_store(corpus.texts(corpus.val), tokenizer, cache, key, label="val")
     seq_len = cfg.seq_len or run_cfg.seq_len
-    dm = get_class(run_cfg.objective._target_)(
+    dm = build(  # the run's objective with its settings (mask rate, noise density, ...)
+        run_cfg.objective,
         tokenizer=tokenizer,
         train=None,
         val=val,
         seq_len=seq_len,
         batch_size=cfg.batch_size or run_cfg.data.batch_size,
+        num_workers=0,
         seed=run_cfg.seed,
     )
     trainer = L.Trainer(

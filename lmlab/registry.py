@@ -12,9 +12,15 @@ from lmlab.errors import ConfigError
 
 MODELS = {
     "decoder": "lmlab.models.decoder.DecoderLM",
+    "encoder": "lmlab.models.encoder.EncoderLM",
+    "encoder_decoder": "lmlab.models.encoder_decoder.EncoderDecoderLM",
 }
 OBJECTIVES = {
     "clm": "lmlab.data.clm.CausalLMDataModule",
+    "prefix_lm": "lmlab.data.prefix_lm.PrefixLMDataModule",
+    "mlm": "lmlab.data.mlm.MaskedLMDataModule",
+    "span": "lmlab.data.span.SpanCorruptionDataModule",
+    "denoise": "lmlab.data.denoise.DenoisingDataModule",
 }
 
 

@@ -28,3 +28,52 @@ def causal_batch(
         input_ids[b, :n] = w[:-1]
         labels[b, :n] = w[1:]
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+
+
+def mlm_mask(
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    special: np.ndarray,
+    mask_id: int,
+    random_ids: np.ndarray,
+    mask_prob: float = 0.15,
+    p_mask: float = 0.8,
+    p_random: float = 0.1,
+    word_start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BERT masking (Devlin et al., 2019, sec. 3.1) of one sequence.
+
+    Selects ``round(mask_prob * n)`` of the ``n`` non-special positions (at least one), as BERT's
+    ``create_pretraining_data`` does; with ``word_start`` it selects whole words instead, adding words
+    in random order while they fit the budget (whole-word masking). Each selected token becomes the mask
+    token with probability ``p_mask``, a random token from ``random_ids`` with ``p_random``, and stays
+    unchanged otherwise. Returns (inputs, labels with -100 off the selection, selected mask).
+    """
+    eligible = ~special[ids]
+    n = int(eligible.sum())
+    selected = np.zeros(len(ids), dtype=bool)
+    if n:
+        budget = max(1, round(n * mask_prob))
+        if word_start is None:
+            selected[rng.choice(np.flatnonzero(eligible), size=budget, replace=False)] = True
+        else:
+            word = np.cumsum(word_start) - 1  # word index of every position
+            words = np.unique(word[eligible])
+            taken = 0
+            for w in rng.permutation(words):
+                members = (word == w) & eligible
+                size = int(members.sum())
+                if taken + size <= budget:
+                    selected |= members
+                    taken += size
+                if taken == budget:
+                    break
+    labels = np.where(selected, ids, IGNORE)
+    inputs = ids.copy()
+    r = rng.random(len(ids))
+    to_mask = selected & (r < p_mask)
+    to_random = selected & (r >= p_mask) & (r < p_mask + p_random)
+    inputs[to_mask] = mask_id
+    inputs[to_random] = rng.choice(random_ids, size=int(to_random.sum()))
+    return inputs, labels, selected

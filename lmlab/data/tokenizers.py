@@ -42,6 +42,34 @@ PRETRAINED_ALIASES = {
 }
 
 
+def _byte_class(b: int) -> int:
+    """0 whitespace, 1 letter (ASCII letters and every non-ASCII byte), 2 digit, 3 other."""
+    if chr(b).isspace() and b < 0x80:
+        return 0
+    if b >= 0x80 or chr(b).isalpha():
+        return 1
+    return 2 if chr(b).isdigit() else 3
+
+
+def word_starts(ids: np.ndarray, table: np.ndarray, special: np.ndarray) -> np.ndarray:
+    """Bool per position: does this token begin a new word?
+
+    A token begins a word when it starts with whitespace, when its first character's class differs
+    from the previous token's last (letters -> punctuation, ...), after a special token, or at the
+    start. A single space attaches to the word that follows it (GPT-2's `` ?\\p{L}+``), and WordPiece
+    ``##`` pieces always continue.
+    """
+    t = table[ids]
+    starts = np.ones(len(ids), dtype=bool)
+    if len(ids) > 1:
+        prev_last, first = t[:-1, 2], t[1:, 1]
+        after_space = (t[:-1, 4] == 1) & (first != 0)
+        same_class = (first == prev_last) | after_space
+        starts[1:] = (t[1:, 0] == 1) | ~same_class | special[ids[:-1]]
+        starts[1:] &= t[1:, 3] == 0
+    return starts | special[ids]
+
+
 def sentinel(i: int) -> str:
     return f"<extra_id_{i}>"
 
@@ -112,8 +140,16 @@ class TextTokenizer:
         return sorted(ids)
 
     # -- text ------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``allow_special`` the special tokens it spells (``<|mask|>``,
+        ``<extra_id_0>``) become their ids (for prompts; corpora never get this)."""
+        if not allow_special:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        self.tk.encode_special_tokens = False
+        try:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tk.encode_special_tokens = True
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
@@ -144,6 +180,35 @@ class TextTokenizer:
                 out[i] = len(tok.replace("▁", " ").removeprefix("##").encode("utf-8"))
         self._token_bytes = out
         return out
+
+    def word_start_table(self) -> np.ndarray:
+        """Per token id, as int8 columns: [starts with whitespace, class of first byte, class of last
+        byte, is a continuation piece ("##…"), ends with a plain space]; classes 0 whitespace,
+        1 letter, 2 digit, 3 other.
+
+        :func:`word_starts` turns these into word boundaries that match the byte-level (GPT-2)
+        pre-tokenizer's pieces, so whole-word masking can work on token ids alone.
+        """
+        if getattr(self, "_word_table", None) is not None:
+            return self._word_table
+        table = np.zeros((self.vocab_size, 5), dtype=np.int8)
+        byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
+        for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
+            if byte_level and all(c in CHAR_TO_BYTE for c in tok):
+                raw = bytes(CHAR_TO_BYTE[c] for c in tok)
+            else:
+                raw = tok.replace("▁", " ").removeprefix("##").encode("utf-8")
+            if not raw:
+                continue
+            table[i] = (
+                _byte_class(raw[0]) == 0,
+                _byte_class(raw[0]),
+                _byte_class(raw[-1]),
+                tok.startswith("##"),
+                raw[-1] == 0x20,
+            )
+        self._word_table = table
+        return table
 
     # -- persistence -----------------------------------------------------------------------------
     def to_str(self) -> str:

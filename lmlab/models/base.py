@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -41,8 +42,16 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class LMModule(L.LightningModule):
+    """Subclasses set ``accepts``, ``config_class`` and ``backbone_class`` and implement ``forward``.
+
+    Keyword arguments other than the ones below are fields of ``config_class`` (the backbone's
+    config dataclass, which validates them); everything is saved as hyperparameters, so a checkpoint
+    rebuilds its module with ``cls(**checkpoint["hyper_parameters"])``.
+    """
+
     accepts: tuple[str, ...] = ()  # batch kinds this architecture can train on
-    name = "base"
+    config_class: type = object
+    backbone_class: type = object
 
     def __init__(
         self,
@@ -51,11 +60,17 @@ class LMModule(L.LightningModule):
         special_ids: dict[str, int],
         optim: dict,
         compile: bool = False,
+        name: str = "",
+        **backbone,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
         self.optim_cfg, self.compile_backbone = dict(optim), compile
+        self.config = self.config_class(vocab_size=vocab_size, **backbone)
+        self.backbone = self.backbone_class(self.config)
         self.val_loss, self.val_ppl, self.val_bpb = MeanMetric(), Perplexity(), BitsPerByte()
+        self.val_acc = MeanMetric()
         # UTF-8 bytes of each token id (0 for specials); set from the tokenizer by `set_token_bytes`.
         self.register_buffer(
             "token_bytes", torch.zeros(vocab_size, dtype=torch.long), persistent=False
@@ -81,21 +96,22 @@ class LMModule(L.LightningModule):
         return self.backbone.num_params(non_embedding)
 
     # -- loss and metrics ------------------------------------------------------------------------
-    def nll(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets)."""
+    def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets, correct
+        argmax predictions), over the positions whose label is not -100."""
         logits = self(batch)  # (B, T, V)
         labels = batch["labels"]
+        mask = labels != IGNORE
+        # Static shapes throughout (no boolean gathers), so the step compiles without graph breaks.
         nll_sum = F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
         )
-        mask = labels != IGNORE
-        n_bytes = self.token_bytes[labels[mask]].sum()
-        return nll_sum, mask.sum(), n_bytes
+        correct = ((logits.argmax(-1) == labels) & mask).sum()
+        n_bytes = (self.token_bytes[labels.clamp(min=0)] * mask).sum()
+        return nll_sum, mask.sum(), n_bytes, correct
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll_sum, count, n_bytes = self.nll(batch)
+        nll_sum, count, n_bytes, _ = self.nll(batch)
         loss = nll_sum / count.clamp(min=1)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
@@ -104,13 +120,15 @@ class LMModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll_sum, count, n_bytes = self.nll(batch)
+        nll_sum, count, n_bytes, correct = self.nll(batch)
         self.val_loss.update(nll_sum / count.clamp(min=1), count)
         self.val_ppl.update(nll_sum, count)
         self.val_bpb.update(nll_sum, n_bytes)
+        self.val_acc.update(correct / count.clamp(min=1), count)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/ppl", self.val_ppl)
         self.log("val/bpb", self.val_bpb, prog_bar=True)
+        self.log("val/acc", self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
         self.last_val_step = self.trainer.global_step
@@ -152,3 +170,14 @@ class LMModule(L.LightningModule):
     def samples(self, tokenizer, datamodule, **settings) -> list[str]:
         """Human-readable outputs (generations, reconstructions) for ``samples.txt``."""
         raise NotImplementedError
+
+    @contextmanager
+    def evaluating(self):
+        """Eval mode (and no grad) for a block, restoring the previous mode after it."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)

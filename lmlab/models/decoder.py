@@ -1,4 +1,4 @@
-"""Decoder-only language model (GPT family) as a LightningModule."""
+"""Decoder-only language model (GPT family) as a LightningModule: causal LM and prefix LM."""
 
 from __future__ import annotations
 
@@ -9,35 +9,18 @@ from lmlab.nn.decoder import Decoder, DecoderConfig
 
 
 class DecoderLM(LMModule):
-    accepts = ("causal",)
-    name = "decoder"
-
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        special_ids: dict[str, int],
-        optim: dict,
-        compile: bool = False,
-        name: str = "decoder",
-        **backbone,
-    ) -> None:
-        super().__init__(
-            vocab_size=vocab_size, special_ids=special_ids, optim=optim, compile=compile
-        )
-        self.save_hyperparameters()
-        self.config = DecoderConfig(vocab_size=vocab_size, **backbone)
-        self.backbone = Decoder(self.config)
+    accepts = ("causal", "prefix")
+    config_class = DecoderConfig
+    backbone_class = Decoder
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.backbone(batch["input_ids"])
+        return self.backbone(batch["input_ids"], prefix_len=batch.get("prefix_len"))
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6N + 12 L d T (PaLM, Chowdhery et al. 2022, appendix B)."""
         c = self.config
         return 6 * self.num_params(non_embedding=False) + 12 * c.n_layers * c.d_model * seq_len
 
-    @torch.no_grad()
     def generate_text(
         self,
         tokenizer,
@@ -50,26 +33,24 @@ class DecoderLM(LMModule):
         seed: int = 0,
     ) -> list[str]:
         """Continue each prompt; a prompt of "" starts from the end-of-document token."""
-        was_training = self.training
-        self.eval()
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = []
-        for prompt in prompts:
-            ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-            ids = ids[-(self.config.max_seq_len - 1) :]
-            x = torch.tensor([ids], device=self.device)
-            y = self.backbone.generate(
-                x,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_id=tokenizer.eos_id,
-                generator=gen,
-            )
-            new = [t for t in y[0, len(ids) :].tolist() if t != tokenizer.eos_id]
-            out.append(prompt + tokenizer.decode(new))
-        self.train(was_training)
+        with self.evaluating():
+            for prompt in prompts:
+                ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+                ids = ids[-(self.config.max_seq_len - 1) :]
+                x = torch.tensor([ids], device=self.device)
+                y = self.backbone.generate(
+                    x,
+                    max_new_tokens,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    eos_id=tokenizer.eos_id,
+                    generator=gen,
+                )
+                new = [t for t in y[0, len(ids) :].tolist() if t != tokenizer.eos_id]
+                out.append(prompt + tokenizer.decode(new))
         return out
 
     def samples(self, tokenizer, datamodule, *, prompts=(), **settings) -> list[str]:

@@ -153,6 +153,42 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention: queries from the decoder, keys and values from the encoder.
+
+    No rotary positions here: relative positions between two different sequences mean nothing, and the
+    encoder output already carries its positions. ``memory_kv`` computes the encoder's K/V once, so
+    incremental decoding reuses them at every step.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.q = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.kv = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        return k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, S, hd) each
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k, v = memory_kv
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=memory_mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
 class SwiGLU(nn.Module):
     """Gated feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
@@ -193,6 +229,44 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class CrossBlock(nn.Module):
+    """Encoder-decoder decoder block: causal self-attention, cross-attention, MLP, each pre-norm."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, norm_eps)
+        self.attn = Attention(d_model, n_heads, n_kv_heads)
+        self.cross_norm = RMSNorm(d_model, norm_eps)
+        self.cross = CrossAttention(d_model, n_heads, n_kv_heads)
+        self.mlp_norm = RMSNorm(d_model, norm_eps)
+        self.mlp = SwiGLU(d_model, mlp_hidden)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, is_causal=True, cache=cache)
+        x = x + self.cross(self.cross_norm(x), memory_kv, memory_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) bool, True = real token -> (B, 1, 1, S) mask that SDPA broadcasts over heads/queries.
+
+    A batch without padding gets ``None``: with an explicit mask SDPA falls back from the fused
+    (flash) kernels to the slower math path, and full windows are the common case in pre-training.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
 def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
     """GPT-2 style init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L).
 
@@ -202,11 +276,8 @@ def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
     for name, p in module.named_parameters():
         if p.dim() < 2:
             continue  # norm gains stay at one
-        scale = (
-            1 / math.sqrt(2 * n_layers)
-            if name.endswith(("attn.out.weight", "mlp.down.weight"))
-            else 1
-        )
+        residual_out = ("attn.out.weight", "cross.out.weight", "mlp.down.weight")
+        scale = 1 / math.sqrt(2 * n_layers) if name.endswith(residual_out) else 1
         nn.init.normal_(p, mean=0.0, std=std * scale)
 
 

@@ -70,6 +70,14 @@ class DecoderConfig:
         return d
 
 
+def prefix_lm_mask(prefix_len: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, T, T) bool: query q sees key k when k <= q or k is inside the row's prefix."""
+    pos = torch.arange(T, device=prefix_len.device)
+    causal = pos[None, :] <= pos[:, None]  # (T, T)
+    in_prefix = pos[None, None, :] < prefix_len[:, None, None]  # (B, 1, T)
+    return (causal[None] | in_prefix)[:, None]
+
+
 class Decoder(nn.Module):
     """Causal language model: ``forward(input_ids) -> logits`` of shape (B, T, padded_vocab)."""
 
@@ -104,14 +112,19 @@ class Decoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
+        prefix_len: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        _B, T = input_ids.shape
+        """Logits (B, T, V). ``prefix_len`` (B,): prefix-LM attention, bidirectional over each
+        row's first ``prefix_len`` positions and causal after them (Raffel et al., 2020, sec. 3.2)."""
+        T = input_ids.shape[1]
         start = caches[0].length if caches else 0
         rope = self.rotary(start, T)
+        mask = None if prefix_len is None else prefix_lm_mask(prefix_len, T)
         x = self.embed(input_ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, is_causal=True, cache=caches[i] if caches else None)
+            cache = caches[i] if caches else None
+            x = block(x, rope, is_causal=mask is None, attn_mask=mask, cache=cache)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:

@@ -1,0 +1,287 @@
+"""T5 span corruption (Raffel et al., 2020, "Exploring the Limits of Transfer Learning with a Unified
+Text-to-Text Transformer", §3.1.4 and §3.3): ``seq2seq`` batches.
+
+A window of raw tokens is split into alternating non-noise and noise spans (T5's
+``random_spans_noise_mask``: ``noise_density`` of the tokens are noise, in spans of mean length
+``mean_span_length``). The encoder input keeps the non-noise tokens and replaces each noise span by one
+sentinel ``<extra_id_i>``; the decoder target lists each sentinel followed by the tokens it replaced:
+
+    window  The quick brown fox jumps over the lazy dog
+    input   The quick <X0> jumps over <X1> dog <eos>
+    target  <X0> brown fox <X1> the lazy <eos>
+
+The span counts are fixed by the window length, so T5's ``compute_input_and_target_lengths`` arithmetic
+picks the window length whose corrupted input is exactly ``seq_len`` tokens: training batches carry no
+padding, and every target has at most ``target_len`` tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lmlab.data.base import Example, WindowDataModule, example_rng
+from lmlab.data.collate import IGNORE
+from lmlab.data.store import TokenStore
+from lmlab.data.tokenizers import TextTokenizer
+from lmlab.errors import ConfigError
+
+
+# -- arithmetic -----------------------------------------------------------------------------------
+def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) for a window of ``length`` raw tokens, with T5's arithmetic.
+
+    ``num_noise = round(length * noise_density)`` and ``num_spans = max(1, round(num_noise /
+    mean_span_length))`` (Python's ``round`` rounds half to even, like T5's ``tf.round``). As in T5
+    at least one token is noise and one is not; a 1-token window gets no noise (T5 pads it to two and
+    truncates, which leaves its only token unmasked).
+    """
+    if length < 2:
+        return 0, 0
+    num_noise = min(max(round(length * noise_density), 1), length - 1)
+    num_spans = max(round(num_noise / mean_span_length), 1)
+    # Every noise span and every non-noise span needs a token; binds only for tiny or very noisy windows.
+    num_spans = min(num_spans, num_noise, length - num_noise)
+    return num_noise, num_spans
+
+
+def corrupted_lengths(
+    length: int, noise_density: float, mean_span_length: float
+) -> tuple[int, int]:
+    """(input tokens, target tokens), both with their eos, of a corrupted ``length``-token window."""
+    num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
+    return length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def compute_lengths(seq_len: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(window_len, target_len): the most raw tokens whose corrupted input fits ``seq_len``.
+
+    T5's ``compute_input_and_target_lengths`` (e.g. 512 -> 568 raw tokens, 114 target tokens at the
+    defaults). One more raw token adds either a kept token (+1 input) or a noise token (+0, or +1 when
+    it makes one more span and so one more sentinel), so the input length never decreases and steps by
+    one: the largest fitting window corrupts to exactly ``seq_len`` tokens. (Only when a window is so
+    noisy that its non-noise tokens limit the span count can it step by two and leave one pad.) T5's
+    extra "noise_density == 0.5" tweak (one raw token fewer so that targets are no longer than inputs)
+    is not applied: the target length is simply reported.
+    """
+    if seq_len < 2:
+        raise ConfigError(f"span corruption needs seq_len >= 2 (one token and eos), got {seq_len}")
+    # Input length is at most length + 1 (each sentinel replaces at least one token), so seq_len - 1
+    # raw tokens always fit: scan up from there.
+    n = seq_len - 1
+    while corrupted_lengths(n + 1, noise_density, mean_span_length)[0] <= seq_len:
+        n += 1
+    return n, corrupted_lengths(n, noise_density, mean_span_length)[1]
+
+
+# -- corruption -----------------------------------------------------------------------------------
+def _random_composition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """``parts`` positive integers summing to ``total``, uniform over all such compositions.
+
+    Same distribution as T5's ``_random_segmentation``: distinct cut points among the ``total - 1``
+    places between items.
+    """
+    cuts = np.sort(rng.choice(total - 1, parts - 1, replace=False)) + 1
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Boolean (length,) mask, True on noise: ``num_spans`` non-noise runs alternating with
+    ``num_spans`` noise runs (counts from :func:`span_counts`), each of length >= 1, non-noise first.
+
+    Starting with non-noise, as T5 does, means the first token is always kept and the last is always
+    noise; the run lengths of each kind are an independent uniformly random composition.
+    """
+    num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
+    if num_spans == 0:
+        return np.zeros(length, dtype=bool)
+    noise = _random_composition(num_noise, num_spans, rng)
+    keep = _random_composition(length - num_noise, num_spans, rng)
+    runs = np.stack([keep, noise], axis=1).reshape(-1)  # keep, noise, keep, noise, ...
+    return np.repeat(np.tile([False, True], num_spans), runs)
+
+
+def corrupt_spans(
+    tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: Sequence[int], eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(input, target) of T5 span corruption, both ending with ``eos_id``.
+
+    Input: the non-noise tokens with each noise span replaced by the next sentinel. Target: each
+    span's sentinel followed by the span's tokens.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    noise_mask = np.asarray(noise_mask, dtype=bool)
+    starts = noise_mask & ~np.concatenate([[False], noise_mask[:-1]])
+    n_spans = int(starts.sum())
+    if n_spans > len(sentinel_ids):
+        raise ValueError(f"{n_spans} noise spans but only {len(sentinel_ids)} sentinel ids")
+    sentinels = np.asarray(sentinel_ids[:n_spans], dtype=np.int64)
+    with_sentinels = tokens.copy()
+    with_sentinels[starts] = sentinels
+    inputs = with_sentinels[~noise_mask | starts]  # a span's first position now holds its sentinel
+    # np.insert puts each sentinel before the first noise token of its span
+    targets = np.insert(tokens[noise_mask], np.flatnonzero(starts[noise_mask]), sentinels)
+    return np.append(inputs, eos_id), np.append(targets, eos_id)
+
+
+def fill_sentinels(
+    input_ids: Sequence[int],
+    target_ids: Sequence[int],
+    sentinel_ids: Sequence[int],
+    eos_id: int | None = None,
+) -> list[int]:
+    """Put each sentinel's span from the target back into the input (undo :func:`corrupt_spans`).
+
+    With ``eos_id``, one trailing eos is dropped from the input and from the target first (the ones
+    corruption appends; eos tokens inside the window are kept), so ``fill_sentinels(*corrupt_spans(w,
+    ...), sentinel_ids, eos_id)`` is exactly ``w``. Strip padding before calling. For model outputs:
+    target tokens before the first sentinel are ignored, a repeated sentinel keeps its first span, and
+    a sentinel missing from the target stays in the input, so a reconstruction shows what is missing.
+    """
+    inp, tgt = [int(t) for t in input_ids], [int(t) for t in target_ids]
+    if eos_id is not None:
+        if inp and inp[-1] == eos_id:
+            inp.pop()
+        if tgt and tgt[-1] == eos_id:
+            tgt.pop()
+    is_sentinel = set(int(s) for s in sentinel_ids)
+    spans: dict[int, list[int]] = {}
+    current: list[int] = []  # tokens before the first sentinel land here and are dropped
+    for t in tgt:
+        if t in is_sentinel:
+            current = []
+            spans.setdefault(t, current)  # a repeat's tokens go to a list nobody reads
+        else:
+            current.append(t)
+    out: list[int] = []
+    for t in inp:
+        out.extend(spans.get(t, [t]) if t in is_sentinel else [t])
+    return out
+
+
+# -- batches --------------------------------------------------------------------------------------
+def seq2seq_batch(
+    inputs: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    seq_len: int,
+    target_len: int,
+    pad_id: int,
+    bos_id: int,
+) -> dict[str, torch.Tensor]:
+    """``seq2seq`` batch of fixed shape from encoder inputs and decoder targets (each with its eos).
+
+    ``input_ids`` (B, seq_len) right-padded with ``pad_id``, ``attention_mask`` True on real tokens;
+    ``labels`` (B, target_len) = target, -100 on padding; ``decoder_input_ids`` = labels shifted right
+    with ``bos_id`` as the decoder start token (teacher forcing), ``pad_id`` on padding.
+    """
+    B = len(inputs)
+    input_ids = np.full((B, seq_len), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((B, seq_len), dtype=bool)
+    decoder_input_ids = np.full((B, target_len), pad_id, dtype=np.int64)
+    labels = np.full((B, target_len), IGNORE, dtype=np.int64)
+    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
+        if not 0 < len(x) <= seq_len or not 0 < len(y) <= target_len:
+            raise ValueError(
+                f"input of {len(x)} / target of {len(y)} tokens does not fit "
+                f"seq_len={seq_len} / target_len={target_len}"
+            )
+        input_ids[b, : len(x)] = x
+        attention_mask[b, : len(x)] = True
+        labels[b, : len(y)] = y
+        decoder_input_ids[b, 0] = bos_id
+        decoder_input_ids[b, 1 : len(y)] = y[:-1]
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "decoder_input_ids": torch.from_numpy(decoder_input_ids),
+        "labels": torch.from_numpy(labels),
+    }
+
+
+class SpanCorruptionDataModule(WindowDataModule):
+    """T5 span corruption over non-overlapping windows of :func:`compute_lengths` raw tokens."""
+
+    batch_kind = "seq2seq"
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        train: TokenStore | None,
+        val: TokenStore,
+        *,
+        seq_len: int,
+        batch_size: int,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        name: str = "span",
+        noise_density: float = 0.15,
+        mean_span_length: float = 3.0,
+    ) -> None:
+        if not 0.0 < noise_density < 1.0:
+            raise ConfigError(
+                f"objective.noise_density={noise_density} must be in (0, 1) (T5 uses 0.15)"
+            )
+        if mean_span_length < 1.0:
+            raise ConfigError(
+                f"objective.mean_span_length={mean_span_length} must be >= 1 (a span is at least "
+                "one token; T5 uses 3)"
+            )
+        self.noise_density, self.mean_span_length = float(noise_density), float(mean_span_length)
+        self._window_len, self._target_len = compute_lengths(
+            seq_len, self.noise_density, self.mean_span_length
+        )
+        # Span counts never decrease with the window length, so a full window needs the most.
+        _, max_spans = span_counts(self._window_len, self.noise_density, self.mean_span_length)
+        have = len(tokenizer.sentinel_ids)
+        if max_spans > have:
+            raise ConfigError(
+                f"span corruption with seq_len={seq_len}, noise_density={noise_density} and "
+                f"mean_span_length={mean_span_length} needs {max_spans} sentinel tokens per example, "
+                f"but the tokenizer has {have} (tokenizer.num_sentinels={have}); set "
+                f"tokenizer.num_sentinels>={max_spans}, or lower seq_len or noise_density, or raise "
+                "mean_span_length"
+            )
+        super().__init__(
+            tokenizer,
+            train,
+            val,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            name=name,
+        )
+
+    @property
+    def window_len(self) -> int:
+        return self._window_len
+
+    @property
+    def target_len(self) -> int:
+        """Decoder length: the target of a full window (shorter windows have shorter targets)."""
+        return self._target_len
+
+    def corrupt(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+        """(input, target) of one example, reproducible from (seed, epoch, start)."""
+        rng = example_rng(self.seed, ex)
+        mask = random_spans_noise_mask(
+            len(ex.tokens), self.noise_density, self.mean_span_length, rng
+        )
+        return corrupt_spans(ex.tokens, mask, self.tokenizer.sentinel_ids, self.tokenizer.eos_id)
+
+    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        pairs = [self.corrupt(ex) for ex in examples]
+        return seq2seq_batch(
+            [x for x, _ in pairs],
+            [y for _, y in pairs],
+            self.seq_len,
+            self.target_len,
+            self.tokenizer.pad_id,
+            self.tokenizer.bos_id,
+        )

@@ -1,0 +1,146 @@
+"""Encoder-decoder Transformer (T5 / BART family).
+
+A bidirectional encoder over the (corrupted) input and a causal decoder with cross-attention that
+writes the target, as in T5 (Raffel et al., 2020): one embedding shared by encoder, decoder and (when
+tied) the output head. Positions are rotary in both stacks (T5 uses a learned relative bias; RoPE
+also encodes relative positions and keeps the blocks shared with the other families). Decoding
+caches the decoder's self-attention keys/values and computes the encoder's cross-attention keys/values
+once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmlab.nn.blocks import (
+    Block,
+    CrossBlock,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    init_weights,
+    key_padding_mask,
+)
+from lmlab.nn.decoder import DecoderConfig
+from lmlab.nn.sampling import sample_next
+
+
+@dataclass
+class EncoderDecoderConfig(DecoderConfig):
+    # n_layers counts encoder layers; the decoder has its own depth
+    n_decoder_layers: int = 4
+    max_target_len: int = 512  # longest decoder sequence the rotary table must cover
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_decoder_layers < 1:
+            raise ValueError(f"model.n_decoder_layers must be >= 1, got {self.n_decoder_layers}")
+
+
+class EncoderDecoder(nn.Module):
+    block_class = (Block, CrossBlock)
+
+    def __init__(self, config: EncoderDecoderConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.padded_vocab_size, c.d_model)
+        self.rotary = Rotary(c.head_dim, max(c.max_seq_len, c.max_target_len), c.rope_theta)
+        self.enc_blocks = nn.ModuleList(
+            Block(c.d_model, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.norm_eps)
+            for _ in range(c.n_layers)
+        )
+        self.enc_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.dec_blocks = nn.ModuleList(
+            CrossBlock(c.d_model, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.norm_eps)
+            for _ in range(c.n_decoder_layers)
+        )
+        self.dec_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
+        init_weights(self, c.n_layers + c.n_decoder_layers, c.init_std)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.embed(input_ids)  # (B, S, C)
+        rope, mask = self.rotary(0, input_ids.shape[1]), key_padding_mask(attention_mask)
+        for block in self.enc_blocks:
+            x = block(x, rope, is_causal=False, attn_mask=mask)
+        return self.enc_norm(x)
+
+    def memory(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder layer's cross-attention keys/values of the encoder output."""
+        return [block.cross.memory_kv(enc) for block in self.dec_blocks]
+
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        memory: list[tuple[torch.Tensor, torch.Tensor]],
+        attention_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        T = decoder_input_ids.shape[1]
+        start = caches[0].length if caches else 0
+        rope, mask = self.rotary(start, T), key_padding_mask(attention_mask)
+        x = self.embed(decoder_input_ids)  # (B, T, C)
+        for i, block in enumerate(self.dec_blocks):
+            x = block(x, rope, memory[i], mask, cache=caches[i] if caches else None)
+        return self.lm_head(self.dec_norm(x))  # (B, T, V)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        memory = self.memory(self.encode(input_ids, attention_mask))
+        return self.decode(decoder_input_ids, memory, attention_mask)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        start_id: int,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode up to ``max_new_tokens`` after ``start_id``; returns (B, n) without the start."""
+        B = input_ids.shape[0]
+        c, p = self.config, self.embed.weight
+        steps = min(max_new_tokens, self.rotary.max_seq_len)
+        memory = self.memory(self.encode(input_ids, attention_mask))
+        caches = [
+            KVCache(B, c.n_kv_heads, steps, c.head_dim, device=p.device, dtype=p.dtype)
+            for _ in range(c.n_decoder_layers)
+        ]
+        nxt = torch.full((B,), start_id, dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        out = []
+        for _ in range(steps):
+            logits = self.decode(nxt[:, None], memory, attention_mask, caches)[
+                :, -1, : c.vocab_size
+            ]
+            nxt = sample_next(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt[:, None])
+            if eos_id is not None and bool(done.all()):
+                break
+        return torch.cat(out, dim=1)
