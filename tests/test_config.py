@@ -128,3 +128,11 @@ def test_settings_out_of_range(compose_cfg, override, message):
 def test_readme_shows_the_compatibility_table_of_the_code():
     readme = (CONF_DIR.parent / "README.md").read_text()
     assert compatibility_table() in readme
+
+
+def test_objective_step_budget_yields_to_the_command_line(compose_cfg):
+    cfg = compose_cfg("model=encoder_decoder", "objective=denoise")
+    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval) == (400, 200)
+    assert compose_cfg("model=encoder_decoder", "objective=span").trainer.max_steps == 500
+    cfg = compose_cfg("model=encoder_decoder", "objective=denoise", "trainer.max_steps=7")
+    assert cfg.trainer.max_steps == 7

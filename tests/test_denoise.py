@@ -252,7 +252,7 @@ def test_bad_settings_are_config_errors(tok, stores, kw, message):
 
 def test_loaders_from_config_and_validation_covers_every_token_once(tok, stores):
     train, val = stores
-    cfg = OmegaConf.load(CONF_DIR / "objective" / "denoise.yaml")
+    cfg = OmegaConf.load(CONF_DIR / "objective" / "denoise.yaml").objective  # a _global_ package
     assert cfg.name == "denoise" and cfg.mask_ratio == 0.3 and cfg.permute_sentences is True
     # as the trainer builds it: the YAML keys plus the runtime objects, passed as they are
     kwargs = OmegaConf.to_container(cfg)

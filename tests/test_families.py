@@ -323,3 +323,27 @@ def test_every_invalid_pair_is_refused(compose_cfg, model, objective):
         rf".*Valid objectives for model={model}: {valid}",
     ):
         check_compatible(cfg)
+
+
+def test_mlm_head_on_selected_positions_equals_full_logits(tmp_path):
+    from lmlab.models.base import LMModule
+    from lmlab.models.encoder import EncoderLM
+
+    tok = byte_tokenizer(2)
+    store = build_store(iter([make_text(300, 0)]), tok, tmp_path, "e")
+    dm = MaskedLMDataModule(tok, store, store, seq_len=32, batch_size=4)
+    batch = next(iter(dm.val_dataloader()))
+    torch.manual_seed(0)
+    m = EncoderLM(
+        vocab_size=tok.vocab_size,
+        special_ids=tok.special,
+        optim={},
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        max_seq_len=32,
+    )
+    m.set_token_bytes(tok.token_bytes())
+    fast, full = m.nll(batch), LMModule.nll(m, batch)  # head on selected rows vs on every row
+    torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
+    assert [int(x) for x in fast[1:]] == [int(x) for x in full[1:]]

@@ -77,3 +77,41 @@ def mlm_mask(
     inputs[to_mask] = mask_id
     inputs[to_random] = rng.choice(random_ids, size=int(to_random.sum()))
     return inputs, labels, selected
+
+
+def seq2seq_batch(
+    inputs: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    seq_len: int,
+    target_len: int,
+    pad_id: int,
+    bos_id: int,
+) -> dict[str, torch.Tensor]:
+    """``seq2seq`` batch of fixed shape from encoder inputs and decoder targets (each with its eos).
+
+    ``input_ids`` (B, seq_len) right-padded with ``pad_id``, ``attention_mask`` True on real tokens;
+    ``labels`` (B, target_len) = target, -100 on padding; ``decoder_input_ids`` = labels shifted right
+    with ``bos_id`` as the decoder start token (teacher forcing), ``pad_id`` on padding.
+    """
+    B = len(inputs)
+    input_ids = np.full((B, seq_len), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((B, seq_len), dtype=bool)
+    decoder_input_ids = np.full((B, target_len), pad_id, dtype=np.int64)
+    labels = np.full((B, target_len), IGNORE, dtype=np.int64)
+    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
+        if not 0 < len(x) <= seq_len or not 0 < len(y) <= target_len:
+            raise ValueError(
+                f"input of {len(x)} / target of {len(y)} tokens does not fit "
+                f"seq_len={seq_len} / target_len={target_len}"
+            )
+        input_ids[b, : len(x)] = x
+        attention_mask[b, : len(x)] = True
+        labels[b, : len(y)] = y
+        decoder_input_ids[b, 0] = bos_id
+        decoder_input_ids[b, 1 : len(y)] = y[:-1]
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "decoder_input_ids": torch.from_numpy(decoder_input_ids),
+        "labels": torch.from_numpy(labels),
+    }

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lmlab.data.base import Example, WindowDataModule, example_rng
-from lmlab.data.span import seq2seq_batch
+from lmlab.data.collate import seq2seq_batch
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lmlab.data.base import Example, WindowDataModule, example_rng
-from lmlab.data.collate import IGNORE
+from lmlab.data.collate import seq2seq_batch
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
@@ -161,45 +161,6 @@ def fill_sentinels(
     for t in inp:
         out.extend(spans.get(t, [t]) if t in is_sentinel else [t])
     return out
-
-
-# -- batches --------------------------------------------------------------------------------------
-def seq2seq_batch(
-    inputs: Sequence[np.ndarray],
-    targets: Sequence[np.ndarray],
-    seq_len: int,
-    target_len: int,
-    pad_id: int,
-    bos_id: int,
-) -> dict[str, torch.Tensor]:
-    """``seq2seq`` batch of fixed shape from encoder inputs and decoder targets (each with its eos).
-
-    ``input_ids`` (B, seq_len) right-padded with ``pad_id``, ``attention_mask`` True on real tokens;
-    ``labels`` (B, target_len) = target, -100 on padding; ``decoder_input_ids`` = labels shifted right
-    with ``bos_id`` as the decoder start token (teacher forcing), ``pad_id`` on padding.
-    """
-    B = len(inputs)
-    input_ids = np.full((B, seq_len), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((B, seq_len), dtype=bool)
-    decoder_input_ids = np.full((B, target_len), pad_id, dtype=np.int64)
-    labels = np.full((B, target_len), IGNORE, dtype=np.int64)
-    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
-        if not 0 < len(x) <= seq_len or not 0 < len(y) <= target_len:
-            raise ValueError(
-                f"input of {len(x)} / target of {len(y)} tokens does not fit "
-                f"seq_len={seq_len} / target_len={target_len}"
-            )
-        input_ids[b, : len(x)] = x
-        attention_mask[b, : len(x)] = True
-        labels[b, : len(y)] = y
-        decoder_input_ids[b, 0] = bos_id
-        decoder_input_ids[b, 1 : len(y)] = y[:-1]
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "decoder_input_ids": torch.from_numpy(decoder_input_ids),
-        "labels": torch.from_numpy(labels),
-    }
 
 
 class SpanCorruptionDataModule(WindowDataModule):

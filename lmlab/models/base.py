@@ -100,12 +100,13 @@ class LMModule(L.LightningModule):
         """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets, correct
         argmax predictions), over the positions whose label is not -100."""
         logits = self(batch)  # (B, T, V)
-        labels = batch["labels"]
+        return self.score(logits.flatten(0, 1), batch["labels"].flatten())
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The statistics of :meth:`nll` from flat logits (N, V) and labels (N,)."""
         mask = labels != IGNORE
-        # Static shapes throughout (no boolean gathers), so the step compiles without graph breaks.
-        nll_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
+        # Static shapes (no boolean gathers), so the step compiles without graph breaks.
+        nll_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
         correct = ((logits.argmax(-1) == labels) & mask).sum()
         n_bytes = (self.token_bytes[labels.clamp(min=0)] * mask).sum()
         return nll_sum, mask.sum(), n_bytes, correct

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmlab.data.collate import IGNORE
 from lmlab.models.base import LMModule
 from lmlab.nn.encoder import Encoder, EncoderConfig
 
@@ -15,6 +16,14 @@ class EncoderLM(LMModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.backbone(batch["input_ids"], batch.get("attention_mask"))
+
+    def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Like the base, but the output head runs only on the ~15% selected positions: the head is
+        a (d_model x vocab) matmul per position, the largest single cost of a small MLM model."""
+        hidden = self.backbone.encode(batch["input_ids"], batch.get("attention_mask"))
+        labels = batch["labels"]
+        selected = labels != IGNORE
+        return self.score(self.backbone.lm_head(hidden[selected]), labels[selected])
 
     def predict_masked(self, ids: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k token ids (and probabilities) at every position of ``ids``: (S, k) each.
