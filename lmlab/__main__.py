@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, NonFiniteLoss, Preempted
 from lmlab.paths import CONF_DIR
 
 log = logging.getLogger("lmlab")
@@ -31,6 +31,12 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        sys.exit(1)
+    except Preempted as e:
+        log.warning("%s", e)
+        sys.exit(0)  # a clean stop: the scheduler's requeue (or you) resumes it
     value = metrics.get(cfg.get("optimized_metric") or "")
     return value
 

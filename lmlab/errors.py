@@ -5,3 +5,11 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """Bad configuration or input; the message names the problem and the fix."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops, keeping its last good checkpoint."""
+
+
+class Preempted(RuntimeError):
+    """The run received SIGTERM, saved ``last.ckpt`` and stopped; ``ckpt_path=last`` resumes it."""

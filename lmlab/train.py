@@ -12,21 +12,27 @@ from __future__ import annotations
 import json
 import logging
 import math
+import netrc
+import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab import __version__
+from lmlab.checkpoint import read_checkpoint
+from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.corpus import make_corpus
 from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import TextTokenizer, build_tokenizer
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, Preempted
 
 log = logging.getLogger("lmlab")
 
@@ -59,6 +65,48 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")
+    check_wandb_login(cfg)
+
+
+def check_wandb_login(cfg: DictConfig) -> None:
+    """``logger=wandb`` online needs credentials; say so before any work, not after training."""
+    wb = (cfg.get("logger") or {}).get("wandb")
+    if not wb or wb.get("offline") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return
+    if os.environ.get("WANDB_API_KEY") or _wandb_key_saved():
+        return
+    raise ConfigError(
+        "logger=wandb is online but W&B has no credentials: run `wandb login` (or set "
+        "WANDB_API_KEY), or log offline with WANDB_MODE=offline / logger.wandb.offline=true"
+    )
+
+
+def _wandb_key_saved() -> bool:
+    """Whether `wandb login` stored a key (it writes ~/.netrc, or $NETRC), read without side effects
+    (``wandb.login`` would fix the W&B process settings for the rest of the process)."""
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> None:
+    """Refuse to resume a checkpoint trained with another tokenizer or model shape."""
+    ckpt = read_checkpoint(ckpt_path)
+    if ckpt["lmlab"].get("tokenizer") != tokenizer.to_str():
+        raise ConfigError(
+            f"{ckpt_path} was trained with a different tokenizer than this run's; resume with "
+            "the run's own: tokenizer=pretrained tokenizer.path=<run dir>/tokenizer.json"
+        )
+    saved, now = ckpt.get("hyper_parameters", {}), dict(model.hparams)
+    for key in sorted(set(saved) | set(now)):
+        if key in ("optim", "compile") or saved.get(key) == now.get(key):
+            continue  # optimizer settings and compile may change between runs
+        raise ConfigError(
+            f"{ckpt_path} does not fit this model: model.{key} is {saved.get(key)!r} in the "
+            f"checkpoint but {now.get(key)!r} now; use the checkpoint's settings to resume"
+        )
 
 
 def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
@@ -152,9 +200,16 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         "tokenizer": tokenizer.to_str(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if ckpt_path:
+        check_resume_compatible(ckpt_path, tokenizer, model)
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):
+        model.skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+    )
     return {
         "cfg": cfg,
         "tokenizer": tokenizer,
@@ -213,7 +268,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     describe(objects)
     log_config(trainer, cfg)
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
+        except SIGTERMException:
+            raise Preempted(
+                f"stopped by SIGTERM after step {trainer.global_step}; "
+                f"{objects['output_dir'] / 'checkpoints' / 'last.ckpt'} holds it: resume with "
+                f"ckpt_path=last hydra.run.dir={objects['output_dir']}"
+            ) from None
         metrics = _floats(trainer.callback_metrics)
         if "val/loss" not in metrics or model.last_val_step != trainer.global_step:
             trainer.validate(model, datamodule=dm, verbose=False)

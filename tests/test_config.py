@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lmlab.errors import ConfigError
 from lmlab.paths import CONF_DIR
@@ -76,6 +76,8 @@ def test_loggers_and_callbacks_instantiate(compose_cfg, logger, tmp_path, monkey
     assert type(loggers[0]).__name__ == "ResumableCSVLogger"
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "Throughput", "Samples"}
+    with open_dict(cfg):
+        assert cfg.trainer.pop("skip_nonfinite") is False  # lmlab's key, not the Trainer's
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     assert trainer.max_steps == cfg.trainer.max_steps
 

@@ -13,6 +13,7 @@ from collections import deque
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -71,3 +72,41 @@ class Samples(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_text("samples", columns=["step", "sample", "text"], data=self.rows)
+
+
+class Preemption(L.Callback):
+    """On SIGTERM (what schedulers and SLURM send before killing a job), write ``last.ckpt`` at the end
+    of the current optimizer step, then let Lightning stop the run.
+
+    Lightning's own handler only records the signal and raises ``SIGTERMException`` after the step;
+    this callback saves where ``ModelCheckpoint`` saves (``on_train_batch_end``), so a preempted
+    checkpoint resumes exactly like a periodic one. ``train()`` turns the exception into a clean exit.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm and self.saved_step is None:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+            log.warning(
+                "SIGTERM: saved %s at step %d; resume with ckpt_path=last",
+                self.path,
+                trainer.global_step,
+            )
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps, and at the end of training only when the final
+    step was not already saved by the validation-time checkpoint.
+
+    Lightning's ``on_train_end`` save comes after the run's last epoch is closed, and a run resumed
+    from it (to extend it) starts a new data epoch and labels its steps one higher; the save made at the
+    final step's validation resumes exactly, so it is kept whenever there is one.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "last_val_step", -1) != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

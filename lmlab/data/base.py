@@ -8,7 +8,9 @@ validation batches are identical at every validation, so validation metrics are 
 
 Training visits non-overlapping windows in a random order with a random phase each epoch (window
 boundaries move between epochs and every token is seen once per epoch). Validation uses deterministic
-windows that cover the whole validation split.
+windows that cover the whole validation split. The training loader is resumable mid-epoch
+(:class:`ResumableLoader`): a run resumed from a checkpoint trains on exactly the batches that it
+would have used had it never stopped.
 
 Subclasses set their own attributes *before* calling ``super().__init__``, which ends by checking that
 the splits hold at least one example (a clear error before any training otherwise).
@@ -16,15 +18,19 @@ the splits hold at least one example (a clear error before any training otherwis
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,12 +60,18 @@ class Windows(Dataset):
 
 
 class RandomWindowSampler(Sampler[tuple[int, int]]):
-    """Yields (start, epoch): starts ``phase + k * stride`` in random order, new phase every epoch."""
+    """Yields (start, epoch): starts ``phase + k * stride`` in random order, new phase every epoch.
+
+    The order depends only on (seed, epoch). ``skip`` leaves out the first ``skip`` windows of that
+    order (the ones a resumed run already trained on; set by :class:`ResumableLoader` before each
+    pass); ``len`` stays the whole epoch's, as Lightning counts an epoch's batches from its start.
+    """
 
     def __init__(self, n_tokens: int, window_len: int, stride: int, seed: int) -> None:
         self.window_len, self.stride, self.seed, self.epoch = window_len, stride, seed, 0
         # Same count for every phase: a window must end inside the stream whatever the phase.
         self.n = max(0, (n_tokens - window_len - (stride - 1)) // stride + 1)
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,10 +80,106 @@ class RandomWindowSampler(Sampler[tuple[int, int]]):
         return self.n
 
     def __iter__(self):
-        rng = np.random.default_rng((self.seed, self.epoch))
+        epoch = self.epoch
+        rng = np.random.default_rng((self.seed, epoch))
         phase = int(rng.integers(self.stride))
-        for k in rng.permutation(self.n):
-            yield phase + int(k) * self.stride, self.epoch
+        for k in rng.permutation(self.n)[self.skip :]:
+            yield phase + int(k) * self.stride, epoch
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: a ``DataLoader`` over a :class:`RandomWindowSampler` that remembers how
+    far into its epoch training got, so that a resumed run continues the epoch instead of restarting.
+
+    Lightning saves :meth:`state_dict` in every checkpoint (under
+    ``loops.fit_loop.state_dict.combined_loader``: having both methods makes the loader
+    ``_Stateful`` to its ``CombinedLoader``) and, on resume, hands it to :meth:`load_state_dict` in
+    ``FitLoop.setup_data``, before it iterates. The state is the epoch and the number of its windows
+    already trained on; the next pass over that epoch skips them at the index level (nothing is
+    loaded for them). The order and every example's randomness depend only on (seed, epoch, window
+    start), so the rest of the epoch is exactly the uninterrupted run's.
+
+    The position counts batches handed to Lightning, which equals batches trained on wherever
+    checkpoints are written (``on_train_batch_end``, ``on_validation_end``, lmlab's SIGTERM save at
+    the end of a step): Lightning's ``_PrefetchDataFetcher`` fetches no batch ahead when the loader
+    has a length (ours always has), and the workers' prefetching happens below this count. Lightning
+    relies on the same equality: on resume it sets its fetcher's count to the batches done in the
+    epoch (``_TrainingEpochLoop.on_run_start``) and expects the loader to yield the remaining ones.
+    A checkpoint written while a batch is in flight (Lightning's ``OnExceptionCheckpoint`` after an
+    error in ``training_step``; lmlab writes none such) counts that batch, which Lightning then
+    trains again: the resumed run would skip one batch.
+
+    Gradient accumulation: Lightning writes checkpoints after optimizer steps, so the position is a
+    whole number of accumulation windows (or the epoch's end) and no half-accumulated gradient is
+    lost. A checkpoint saved by hand between micro-batches would resume after the batches it
+    counted, without their gradients.
+
+    Why a stateful loader rather than ``train_dataloader()`` reading the restored progress: at that
+    call (``FitLoop.setup_data``) Lightning has not yet applied its restart adjustments (the
+    in-epoch ``completed`` count is one short for a checkpoint written in ``on_train_batch_end``
+    until ``_TrainingEpochLoop.reset``; a checkpoint at an epoch's last batch moves to the next
+    epoch only in ``FitLoop.reset``), so that route would copy private Lightning logic. The state
+    interface is Lightning's documented way, and it also silences its "dataloader is not resumable"
+    warning.
+    """
+
+    _resume: dict[str, int] | None = None  # loaded, not yet applied to a pass
+    _position: tuple[int, int] | None = None  # (epoch, windows handed out) of the current pass
+
+    def state_dict(self) -> dict[str, int]:
+        if self._resume is not None:  # restored but not iterated yet: keep the restored position
+            return dict(self._resume)
+        epoch, done = self._position or (getattr(self.sampler, "epoch", 0), 0)
+        n = len(self.sampler)
+        if done >= n:  # the epoch is finished: the next one starts from its beginning
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "windows": done, "epoch_windows": n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(self.sampler, RandomWindowSampler):
+            # Lightning wraps it in a DistributedSamplerWrapper on several devices; its windows are
+            # sharded after our order, so a position in our order does not apply.
+            _warn(
+                "the training sampler is a %s, not lmlab's own: the resumed epoch restarts from "
+                "its first batch",
+                type(self.sampler).__name__,
+            )
+            return
+        if state["epoch_windows"] != len(self.sampler):
+            _warn(
+                "the checkpoint's epoch had %d training windows, this run's has %d (data, seq_len "
+                "or objective changed): the resumed epoch's order differs from the original",
+                state["epoch_windows"],
+                len(self.sampler),
+            )
+        self._resume = dict(state)
+        self.sampler.set_epoch(state["epoch"])
+
+    def __iter__(self):
+        # A generator: its body runs at the first batch request, after Lightning's set_epoch,
+        # although Lightning makes the iterator before it (FitLoop.setup_data, then
+        # on_advance_start). Only then are the epoch and the skip final, and only then are workers
+        # started and fed indices.
+        sampler = self.sampler
+        epoch = getattr(sampler, "epoch", 0)
+        resume, self._resume = self._resume, None
+        skip = 0
+        if resume is not None and resume["epoch"] == epoch:
+            # Lightning may go on to the next epoch instead (the checkpoint was at the last batch of
+            # a `limit_train_batches`-shortened epoch): then this pass starts from the beginning.
+            skip = resume["windows"]
+        if isinstance(sampler, RandomWindowSampler):
+            sampler.skip = skip
+        self._position = (epoch, skip)
+        for batch in super().__iter__():
+            epoch, done = self._position
+            self._position = (epoch, min(done + self.batch_size, len(sampler)))
+            yield batch
+
+
+def _warn(msg: str, *args) -> None:
+    if rank_zero_only.rank == 0:
+        log.warning(msg, *args)
 
 
 def eval_starts(n_tokens: int, window_len: int, stride: int) -> list[int]:
@@ -135,8 +243,10 @@ class WindowDataModule(L.LightningDataModule):
         if len(self.val_store) < 2:
             raise ConfigError("the validation split has no targets; add validation text")
 
-    def _loader(self, store: TokenStore, sampler, batch_size: int) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, store: TokenStore, sampler, batch_size: int, cls: type[DataLoader] = DataLoader
+    ) -> DataLoader:
+        return cls(
             Windows(store, self.window_len),
             batch_size=batch_size,
             sampler=sampler,
@@ -145,11 +255,11 @@ class WindowDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         sampler = RandomWindowSampler(
             len(self.train_store), self.window_len, self.stride, self.seed
         )
-        return self._loader(self.train_store, sampler, self.batch_size)
+        return self._loader(self.train_store, sampler, self.batch_size, ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         starts = eval_starts(len(self.val_store), self.window_len, self.stride)

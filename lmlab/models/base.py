@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from lmlab.data.collate import IGNORE
+from lmlab.errors import NonFiniteLoss
 from lmlab.metrics import BitsPerByte, Perplexity
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class LMModule(L.LightningModule):
             "token_bytes", torch.zeros(vocab_size, dtype=torch.long), persistent=False
         )
         self.extra_checkpoint: dict = {}  # saved under checkpoint["lmlab"]: version, tokenizer, config
+        self.skip_nonfinite = False  # set from trainer.skip_nonfinite by train()
+        self.skipped_nonfinite = 0
         self.last_val_step = -1  # global step of the latest validation
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -114,6 +117,17 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll_sum, count, n_bytes, _ = self.nll(batch)
         loss = nll_sum / count.clamp(min=1)
+        if not torch.isfinite(loss):
+            if not self.skip_nonfinite:
+                raise NonFiniteLoss(
+                    f"training loss is {loss.item()} at step {self.global_step}: stopping. The run "
+                    "folder's checkpoints/last.ckpt holds the last good state. Lower optim.lr, "
+                    "raise optim.warmup_steps or use trainer.precision=32-true; or skip such "
+                    "batches with trainer.skip_nonfinite=true"
+                )
+            self.skipped_nonfinite += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+            return None  # Lightning skips backward and the optimizer step for this batch
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/bpb", nll_sum.detach() / (math.log(2) * n_bytes.clamp(min=1)))

@@ -1,0 +1,209 @@
+"""Preemption, safe checkpoints, non-finite losses, concurrent caches, refused resumes."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmlab.models.base as base_mod
+from lmlab.checkpoint import read_checkpoint
+from lmlab.checkpoint_io import AtomicCheckpointIO
+from lmlab.data.store import TokenStore, build_store
+from lmlab.data.tokenizers import byte_tokenizer
+from lmlab.errors import ConfigError, NonFiniteLoss, Preempted
+from lmlab.train import train
+
+from .conftest import TINY, make_text
+
+
+def losses_by_step(path: Path) -> dict[int, float]:
+    """train/loss per step; a step logged twice (killed run, then resumed) keeps its last value."""
+    out = {}
+    for row in csv.DictReader(path.open()):
+        if row.get("train/loss"):
+            out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+# -- SIGTERM ----------------------------------------------------------------------------------------
+def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
+    for i in range(3):
+        (tmp_path / f"d{i}.txt").write_text(make_text(600, i))
+    common = [
+        *TINY,
+        "data=files",
+        "data.train=d*.txt",
+        "trainer.precision=32-true",
+        "logger.csv.flush_logs_every_n_steps=1",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=40",
+        "callbacks.samples=null",
+    ]
+    env = dict(os.environ, LMLAB_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+
+    def start(run: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lmlab", *common, f"hydra.run.dir={tmp_path / run}", *extra],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    p = start("stopped")
+    metrics = tmp_path / "stopped" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.is_file() and max(losses_by_step(metrics), default=-1) >= 4:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    assert "stopped by SIGTERM after step" in out
+    ckpt = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
+    stopped_at = ckpt["global_step"]
+    assert 5 <= stopped_at < 40  # a fresh checkpoint: no periodic one was due (every 100 steps)
+    assert max(losses_by_step(metrics)) == stopped_at - 1  # saved after the last logged step
+
+    resumed = start("stopped", "ckpt_path=last")
+    reference = start("reference")
+    for q in (resumed, reference):
+        out, _ = q.communicate(timeout=300)
+        assert q.returncode == 0, out[-3000:]
+    got = losses_by_step(metrics)
+    want = losses_by_step(tmp_path / "reference" / "metrics.csv")
+    assert sorted(got) == sorted(want) == list(range(40))
+    # same process layout, fp32 on CPU: the resumed steps repeat the uninterrupted run exactly
+    assert [got[s] for s in range(40)] == [want[s] for s in range(40)]
+
+
+def test_preempted_is_raised_by_train_and_names_the_resume_command(tiny_cfg, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def sigterm_at_step_2(self, batch, batch_idx):
+        if self.global_step == 2:
+            self.trainer._signal_connector.received_sigterm = True
+        return original(self, batch, batch_idx)
+
+    original = base_mod.LMModule.training_step
+    monkeypatch.setattr(base_mod.LMModule, "training_step", sigterm_at_step_2)
+    cfg = tiny_cfg()
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM after step 3; .*ckpt_path=last"):
+        train(cfg)
+    assert (
+        read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"]
+        == 3
+    )
+    assert SIGTERMException  # the exception Lightning raises, turned into Preempted
+
+
+# -- safe checkpoints -------------------------------------------------------------------------------
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+
+    def dies_half_way(checkpoint, filepath):
+        Path(filepath).write_bytes(b"PK\x03\x04 half a zip")  # what a kill mid-write leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch_io, "_atomic_save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path)["global_step"] == 1  # the previous checkpoint is intact
+    assert list(tmp_path.iterdir()) == [path]  # and no temporary file is left behind
+
+
+def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
+        train(tiny_cfg(f"ckpt_path={bad}"))
+    torch.save({"model": 1}, bad)
+    with pytest.raises(ConfigError, match="not an lmlab checkpoint"):
+        train(tiny_cfg(f"ckpt_path={bad}"))
+
+
+def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(output_dir=out))
+    with pytest.raises(ConfigError, match=r"model\.n_layers is 2 in the checkpoint but 3 now"):
+        train(tiny_cfg("ckpt_path=last", "model.n_layers=3", output_dir=out))
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
+
+
+# -- non-finite losses ------------------------------------------------------------------------------
+@pytest.fixture
+def nan_at_step_4(monkeypatch):
+    original = base_mod.LMModule.nll
+
+    def nll(self, batch):
+        out = original(self, batch)
+        if self.training and self.global_step == 4:
+            return (out[0] * float("nan"), *out[1:])
+        return out
+
+    monkeypatch.setattr(base_mod.LMModule, "nll", nll)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_cfg, nan_at_step_4):
+    cfg = tiny_cfg()
+    with pytest.raises(NonFiniteLoss, match=r"training loss is nan at step 4: stopping"):
+        train(cfg)
+    ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3  # written at the step-3 validation, untouched since
+
+
+def test_nan_loss_skipped_and_counted(tiny_cfg, nan_at_step_4):
+    metrics, _ = train(tiny_cfg("trainer.skip_nonfinite=true"))
+    assert metrics["train/skipped_nonfinite"] == 1
+    assert metrics["trainer/global_step"] == 6 and np.isfinite(metrics["val/loss"])
+
+
+# -- concurrent caches ------------------------------------------------------------------------------
+def _build(cache: str, text: str) -> str:
+    store = build_store(iter([text] * 50), byte_tokenizer(2), cache, "same-key")
+    return store.tokens.tobytes().hex()[:64] + str(len(store))
+
+
+def test_two_processes_building_one_store(tmp_path):
+    text = make_text(20_000, 0)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        a, b = pool.starmap(_build, [(str(tmp_path), text), (str(tmp_path), text)])
+    assert a == b
+    stores = list((tmp_path / "stores").iterdir())
+    assert [s.name for s in stores] == ["same-key"]  # no half-written folder left over
+    s = TokenStore.open(stores[0])
+    assert len(s) == 50 * (len(text.encode()) + 1) and s.n_docs == 50
+
+
+# -- W&B credentials --------------------------------------------------------------------------------
+def test_wandb_online_without_credentials_is_refused(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no saved key
+    out = tmp_path / "wb"
+    with pytest.raises(ConfigError, match=r"run `wandb login`.*WANDB_MODE=offline"):
+        train(tiny_cfg("logger=wandb", output_dir=out))
+    assert not out.exists()  # refused before any work
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    os.chmod(tmp_path / "netrc", 0o600)
+    from lmlab.train import check_wandb_login
+
+    check_wandb_login(tiny_cfg("logger=wandb"))  # a saved key is enough

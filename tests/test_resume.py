@@ -1,0 +1,353 @@
+"""Exact resume: a run stopped after a checkpoint and resumed from it trains on the same batches, in
+the same order, as a run that never stopped (``lmlab.data.base.ResumableLoader``)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.utilities.types import _Stateful
+
+from lmlab.data.base import ResumableLoader, WindowDataModule
+from lmlab.data.store import TokenStore
+from lmlab.train import train
+
+from .conftest import TINY, make_text
+
+
+# -- the loader, driven the way Lightning's fit loop drives it -----------------------------------
+class StartsDataModule(WindowDataModule):
+    """Batches are the (start, epoch) pairs of their examples: what decides their content."""
+
+    batch_kind = "starts"
+
+    def make_batch(self, examples):
+        return [(ex.start, ex.epoch) for ex in examples]
+
+
+def token_store(n: int) -> TokenStore:
+    return TokenStore(Path("unused"), np.arange(n, dtype=np.int64), np.array([0, n]), n)
+
+
+BATCHES_PER_EPOCH = 5
+
+
+def datamodule(num_workers: int = 0, n_tokens: int = 170) -> StartsDataModule:
+    # 18 windows of 9 tokens (stride 9): 5 batches of 4 per epoch, the last one of 2.
+    return StartsDataModule(
+        None,
+        token_store(n_tokens),
+        token_store(20),
+        seq_len=9,
+        batch_size=4,
+        num_workers=num_workers,
+        seed=5,
+    )
+
+
+def uninterrupted(n_epochs: int) -> list[list]:
+    loader = datamodule().train_dataloader()
+    epochs = []
+    for epoch in range(n_epochs):
+        loader.sampler.set_epoch(epoch)  # FitLoop.on_advance_start
+        epochs.append(list(loader))
+    return epochs
+
+
+def stopped_after(epoch: int, k: int) -> dict:
+    """Train ``epoch`` full epochs and k batches of the next; return what a checkpoint holds."""
+    loader = datamodule().train_dataloader()
+    for e in range(epoch):
+        loader.sampler.set_epoch(e)
+        list(loader)
+    loader.sampler.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(k):
+        next(it)
+    return loader.state_dict()
+
+
+def resumed(state: dict, epoch: int, num_workers: int = 0) -> ResumableLoader:
+    """A fresh loader restored as Lightning restores it (FitLoop.setup_data: load_state_dict,
+    iter(); on_advance_start: set_epoch); returns it with its iterator for ``epoch`` in ``.it``."""
+    loader = datamodule(num_workers).train_dataloader()
+    loader.load_state_dict(state)
+    loader.it = iter(loader)
+    loader.sampler.set_epoch(epoch)
+    return loader
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+@pytest.mark.parametrize("k", range(BATCHES_PER_EPOCH))
+def test_restored_loader_yields_the_rest_of_the_epoch(epoch, k):
+    ref = uninterrupted(epoch + 2)
+    state = stopped_after(epoch, k)
+    assert state == {"epoch": epoch, "windows": 4 * k, "epoch_windows": 18}
+    loader = resumed(state, epoch)
+    assert loader.state_dict() == state  # restored, not iterated yet: saved again unchanged
+    assert list(loader.it) == ref[epoch][k:]
+    loader.sampler.set_epoch(epoch + 1)
+    assert list(loader) == ref[epoch + 1]  # and the next epoch is whole
+
+
+def test_stopped_at_the_end_of_an_epoch_resumes_at_the_next():
+    ref = uninterrupted(3)
+    state = stopped_after(1, BATCHES_PER_EPOCH)
+    assert state == {"epoch": 2, "windows": 0, "epoch_windows": 18}
+    loader = resumed(state, 2)  # Lightning's epoch counter also moves on to 2
+    assert list(loader.it) == ref[2]
+
+
+def test_position_of_an_epoch_lightning_leaves_is_dropped():
+    # A checkpoint at the last batch of a `limit_train_batches`-shortened epoch: Lightning starts
+    # the next epoch; the loader must not skip windows of that one.
+    ref = uninterrupted(2)
+    loader = resumed(stopped_after(0, 2), 1)
+    assert list(loader.it) == ref[1]
+
+
+def test_restored_loader_with_workers_yields_the_rest_of_the_epoch():
+    # Workers draw indices as soon as their iterator exists; Lightning makes it before set_epoch.
+    ref = uninterrupted(2)
+    loader = resumed(stopped_after(1, 3), 1, num_workers=2)
+    assert list(loader.it) == ref[1][3:]
+
+
+def test_only_the_training_loader_is_stateful():
+    dm = datamodule()
+    assert isinstance(dm.train_dataloader(), _Stateful)  # Lightning saves and restores its state
+    assert not isinstance(dm.val_dataloader(), _Stateful)
+
+
+def test_resuming_on_a_changed_split_warns(caplog):
+    loader = datamodule(n_tokens=200).train_dataloader()  # 21 windows per epoch
+    with caplog.at_level(logging.WARNING, logger="lmlab.data.base"):
+        loader.load_state_dict(stopped_after(0, 2))
+    assert "the checkpoint's epoch had 18 training windows, this run's has 21" in caplog.text
+
+
+def test_another_sampler_warns_and_restarts_the_epoch(caplog):
+    # What Lightning's DistributedSamplerWrapper (several devices) would be: not our order.
+    loader = ResumableLoader(list(range(10)), batch_size=4, sampler=range(10))
+    with caplog.at_level(logging.WARNING, logger="lmlab.data.base"):
+        loader.load_state_dict({"epoch": 0, "windows": 4, "epoch_windows": 10})
+    assert "the training sampler is a range, not lmlab's own" in caplog.text
+    assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# -- whole runs -----------------------------------------------------------------------------------
+MAX_STEPS = 12
+RUN_BATCHES_PER_EPOCH = 5
+# Three train documents of ~200 tokens: 18 windows of 33 tokens, 5 batches of 4 (the last of 2) per
+# epoch, so the runs cross epoch boundaries at steps 5 and 10. last.ckpt every 2 steps, and a
+# validation at step 7. Validation does not touch training: one batch, no samples, to save time.
+ARGS = [
+    *TINY,
+    "trainer.precision=32-true",
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.val_check_interval=7",
+    "trainer.limit_val_batches=1",
+    "callbacks.samples=null",
+    "callbacks.last_checkpoint.every_n_train_steps=2",
+    "++logger.csv.flush_logs_every_n_steps=1",
+]
+
+
+def write_corpus(d: Path) -> list[Path]:
+    paths = [d / f"d{i}.txt" for i in range(4)]  # three train documents, one validation document
+    for i, p in enumerate(paths):
+        p.write_text(make_text(160, i))
+    return paths
+
+
+def train_rows(path: Path) -> dict[int, tuple[str, str]]:
+    """step -> (epoch, train/loss) as written (the last row of each step: a resumed run appends)."""
+    with path.open(newline="") as f:
+        rows = csv.DictReader(f)
+        return {int(r["step"]): (r["epoch"], r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def assert_loader_state(path: Path, epoch: int, batches: int) -> None:
+    """The checkpoint holds the loader's position as Lightning's fit loop saved it: the epoch, and
+    the windows of it already trained on (4 per batch)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert (state["epoch"], state["windows"]) == (epoch, 4 * batches)
+
+
+def assert_continues_exactly(ref: Path, run: Path, step: int) -> None:
+    """Rows ``step`` .. MAX_STEPS-1 (the steps trained after a checkpoint at global step ``step``)
+    of the resumed run equal the uninterrupted run's, epoch and loss, bit for bit: same code and
+    inputs, same threads, fp32 on CPU; the checkpoint holds weights, optimizer and schedule exactly,
+    and nothing in training draws from the global RNG (no dropout; example_rng is per example)."""
+    expected, got = train_rows(ref / "metrics.csv"), train_rows(run / "metrics.csv")
+    assert sorted(expected) == list(range(MAX_STEPS))
+    after = range(step, MAX_STEPS)
+    assert {s: got.get(s) for s in after} == {s: expected[s] for s in after}
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAt(L.Callback):
+    """Stops the run (an exception, like a crash) when the next step would be step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Stop
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """(compose(out, *overrides) -> a config on the small corpus, an uninterrupted run's folder)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from lmlab.paths import CONF_DIR
+
+    tmp = tmp_path_factory.mktemp("resume")
+    files = ",".join(str(p) for p in write_corpus(tmp))
+
+    def _compose(out: Path, *overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(
+                "train", overrides=["data=files", f"data.train=[{files}]", *ARGS, *overrides]
+            )
+        GlobalHydra.instance().clear()
+        with open_dict(cfg):
+            cfg.paths.output_dir, cfg.paths.cache_dir = str(out), str(tmp / "cache")
+        return cfg
+
+    refs: dict[tuple[str, ...], Path] = {}
+
+    def _reference(*overrides: str) -> Path:
+        if overrides not in refs:
+            refs[overrides] = tmp / f"uninterrupted-{len(refs)}"
+            train(_compose(refs[overrides], *overrides))
+        return refs[overrides]
+
+    return _compose, _reference
+
+
+@pytest.mark.parametrize(
+    ("overrides", "step", "position"),
+    [
+        pytest.param((), 7, (1, 2), id="saved-by-validation-mid-epoch"),
+        pytest.param((), 10, (2, 0), id="saved-after-the-last-batch-of-an-epoch"),
+        # Optimizer steps after batches 2, 4 and 5 (the epoch's end) of each epoch: step 4 is after
+        # batch 2 of epoch 1.
+        pytest.param(("trainer.accumulate_grad_batches=2",), 4, (1, 2), id="gradient-accumulation"),
+    ],
+)
+def test_stop_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(
+    small_runs, overrides, step, position
+):
+    compose, reference = small_runs
+    ref = reference(*overrides)
+    if not overrides:  # the corpus gives the epoch boundaries described above ARGS
+        epochs = [epoch for epoch, _ in train_rows(ref / "metrics.csv").values()]
+        assert epochs.count("0") == RUN_BATCHES_PER_EPOCH
+    run = ref.parent / f"stopped-{ref.name}-{step}"
+    stop = [f"+callbacks.stop._target_={__name__}.StopAt", f"+callbacks.stop.step={step}"]
+    with pytest.raises(Stop):
+        train(compose(run, *overrides, *stop))
+    # The checkpoint written at `step`: last.ckpt after a periodic save; best.ckpt (and
+    # last-v1.ckpt) after the validation at 7: both ModelCheckpoint callbacks save a "last", and
+    # Lightning gives the second one to save a versioned name, so the validation's does not refresh
+    # last.ckpt.
+    (ckpt, *_) = [p for p in sorted((run / "checkpoints").glob("*.ckpt")) if ckpt_step(p) == step]
+    assert_loader_state(ckpt, *position)
+    train(compose(run, *overrides, f"ckpt_path={ckpt}"))
+    assert_continues_exactly(ref, run, step)
+
+
+class PauseAt(L.Callback):
+    """Writes ``<marker>`` and waits, when the next step would be step ``step``: the test kills the
+    run there, at a known point after its checkpoint, however fast or loaded the machine is."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.marker.touch()
+            time.sleep(600)
+
+
+def start(tmp: Path, out: Path, *extra: str) -> subprocess.Popen:
+    # One thread per run: the runs compute identically whatever the machine's load, and two of them
+    # fit side by side on a small CPU. PYTHONPATH: the run to kill imports PauseAt from this file.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, LMLAB_CACHE=str(tmp / "cache"), WANDB_MODE="offline")
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=path)
+    args = ["data=files", "data.train=d*.txt", *ARGS, *extra, f"hydra.run.dir={out}"]
+    with (tmp / f"{out.name}.log").open("a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lmlab", *args], cwd=tmp, env=env, stdout=log, stderr=log
+        )
+
+
+def finish(p: subprocess.Popen, tmp: Path, out: Path) -> str:
+    p.wait(timeout=300)
+    log = (tmp / f"{out.name}.log").read_text()
+    assert p.returncode == 0, log[-4000:]
+    return log
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tmp_path):
+    write_corpus(tmp_path)
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = run = start(tmp_path, ref_dir)
+    try:
+        # The run to kill starts once the first has cached the tokenizer and token stores (two runs
+        # writing the cache at once could race), then runs beside it.
+        deadline = time.monotonic() + 120
+        while not (ref_dir / "tokenizer.json").is_file():
+            assert ref.poll() is None, (tmp_path / "uninterrupted.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the first run did not start in time"
+            time.sleep(0.05)
+        # Paused before step 7: last.ckpt holds step 6 (every 2 steps); the run logged step 6 too.
+        marker = tmp_path / "paused"
+        pause = [f"+callbacks.pause._target_={__name__}.PauseAt", "+callbacks.pause.step=7"]
+        run = start(tmp_path, run_dir, *pause, f"+callbacks.pause.marker={marker}")
+        while not marker.is_file():
+            assert run.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run to kill did not reach step 7 in time"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGKILL)
+        assert run.wait(timeout=60) == -signal.SIGKILL
+    except BaseException:
+        for p in (ref, run):  # nothing left running (or sleeping) when the test fails here
+            p.kill()
+        raise
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = ckpt_step(last)  # 6; 7 if the validation at step 7 also refreshes last.ckpt
+    assert step in (6, 7)
+    assert_loader_state(last, *divmod(step, RUN_BATCHES_PER_EPOCH))
+
+    resumed_log = finish(start(tmp_path, run_dir, "ckpt_path=last"), tmp_path, run_dir)
+    finish(ref, tmp_path, ref_dir)
+    # The killed run logged step 6 after its checkpoint; train_rows keeps the resumed run's row.
+    assert_continues_exactly(ref_dir, run_dir, step)
+    assert "dataloader is not resumable" not in resumed_log
