@@ -66,6 +66,24 @@ def check_settings(cfg: DictConfig) -> None:
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")
     check_wandb_login(cfg)
+    check_devices(cfg.trainer)
+
+
+def check_devices(t: DictConfig) -> None:
+    """More devices than the machine has is refused here, with the count, not deep in a launcher."""
+    devices = t.get("devices")
+    if not isinstance(devices, int) or devices < 1:
+        return  # "auto", -1 or a list of ids: Lightning resolves and checks those
+    gpu = t.get("accelerator") in ("gpu", "cuda") or (
+        t.get("accelerator") == "auto" and torch.cuda.is_available()
+    )
+    have = torch.cuda.device_count() if gpu else os.cpu_count() or 1
+    if devices > have:
+        kind = "CUDA GPUs" if gpu else "CPU cores"
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {have} {kind}; lower trainer.devices"
+            + ("" if not gpu else " or use trainer=cpu")
+        )
 
 
 def check_wandb_login(cfg: DictConfig) -> None:
@@ -272,7 +290,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
         except SIGTERMException:
             raise Preempted(
-                f"stopped by SIGTERM after step {trainer.global_step}; "
+                f"stopped by a preemption signal after step {trainer.global_step}; "
                 f"{objects['output_dir'] / 'checkpoints' / 'last.ckpt'} holds it: resume with "
                 f"ckpt_path=last hydra.run.dir={objects['output_dir']}"
             ) from None

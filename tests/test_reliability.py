@@ -71,7 +71,7 @@ def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
-    assert "stopped by SIGTERM after step" in out
+    assert "stopped by a preemption signal after step" in out
     ckpt = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
     stopped_at = ckpt["global_step"]
     assert 5 <= stopped_at < 40  # a fresh checkpoint: no periodic one was due (every 100 steps)
@@ -100,7 +100,7 @@ def test_preempted_is_raised_by_train_and_names_the_resume_command(tiny_cfg, mon
     original = base_mod.LMModule.training_step
     monkeypatch.setattr(base_mod.LMModule, "training_step", sigterm_at_step_2)
     cfg = tiny_cfg()
-    with pytest.raises(Preempted, match=r"stopped by SIGTERM after step 3; .*ckpt_path=last"):
+    with pytest.raises(Preempted, match=r"signal after step 3; .*ckpt_path=last"):
         train(cfg)
     assert (
         read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"]
@@ -207,3 +207,48 @@ def test_wandb_online_without_credentials_is_refused(tiny_cfg, tmp_path, monkeyp
     from lmlab.train import check_wandb_login
 
     check_wandb_login(tiny_cfg("logger=wandb"))  # a saved key is enough
+
+
+def test_sigusr1_also_saves_and_stops(tiny_cfg, monkeypatch):
+    def usr1_at_step_2(self, batch, batch_idx):
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning before the time limit
+        return original(self, batch, batch_idx)
+
+    original = base_mod.LMModule.training_step
+    monkeypatch.setattr(base_mod.LMModule, "training_step", usr1_at_step_2)
+    cfg = tiny_cfg()
+    with pytest.raises(Preempted, match=r"signal after step 3"):
+        train(cfg)
+    ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["trainer.accelerator=cpu", "trainer.devices=4096"],
+            "trainer.devices=4096 but this machine has",
+        ),
+        (
+            ["trainer.accelerator=gpu", "trainer.devices=64"],
+            "trainer.devices=64 but this machine has",
+        ),
+    ],
+)
+def test_more_devices_than_the_machine_has(tiny_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_cfg(*overrides))
+
+
+def test_unknown_experiment_is_hydras_clear_message(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "lmlab", "experiment=nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert p.returncode != 0
+    assert "Could not find 'experiment/nope'" in p.stderr and "gpt2_124m" in p.stderr

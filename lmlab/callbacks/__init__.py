@@ -8,6 +8,8 @@ slash-named keys every run and report uses (``train/tokens_per_sec``).
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -16,6 +18,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +78,49 @@ class Samples(L.Callback):
 
 
 class Preemption(L.Callback):
-    """On SIGTERM (what schedulers and SLURM send before killing a job), write ``last.ckpt`` at the end
-    of the current optimizer step, then let Lightning stop the run.
+    """On SIGTERM (what schedulers send before killing a job) or SIGUSR1 (SLURM's advance warning,
+    ``#SBATCH --signal=USR1@120``), write ``last.ckpt`` at the end of the current optimizer step, then
+    stop the run; ``train()`` turns that into a clean exit and ``ckpt_path=last`` resumes exactly.
 
-    Lightning's own handler only records the signal and raises ``SIGTERMException`` after the step;
-    this callback saves where ``ModelCheckpoint`` saves (``on_train_batch_end``), so a preempted
-    checkpoint resumes exactly like a periodic one. ``train()`` turns the exception into a clean exit.
+    Lightning's own SIGTERM handler only records the signal and raises ``SIGTERMException`` after the
+    step; this callback saves where ``ModelCheckpoint`` saves (``on_train_batch_end``), so a preempted
+    checkpoint resumes like a periodic one. It also takes SIGUSR1 over from Lightning's SLURM
+    auto-requeue, so that one component owns preemption: requeueing is left to the job script.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
         self.path = Path(dirpath) / "last.ckpt"
+        self.signals = signals  # besides SIGTERM, which Lightning already records
+        self.requested: str | None = None
         self.saved_step: int | None = None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._previous = {}
+        for name in self.signals:
+            if hasattr(signal, name) and threading.current_thread() is threading.main_thread():
+                self._previous[name] = signal.signal(getattr(signal, name), self._request)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for name, handler in getattr(self, "_previous", {}).items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous = {}
+
+    def _request(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.received_sigterm and self.saved_step is None:
-            trainer.save_checkpoint(self.path)
-            self.saved_step = trainer.global_step
-            log.warning(
-                "SIGTERM: saved %s at step %d; resume with ckpt_path=last",
-                self.path,
-                trainer.global_step,
-            )
+        if not (trainer.received_sigterm or self.requested) or self.saved_step is not None:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+        log.warning(
+            "%s: saved %s at step %d; resume with ckpt_path=last",
+            self.requested or "SIGTERM",
+            self.path,
+            trainer.global_step,
+        )
+        if not trainer.received_sigterm:
+            raise SIGTERMException  # the same exit as Lightning's own SIGTERM path
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
