@@ -9,6 +9,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError, NonFiniteLoss, Preempted
@@ -26,6 +28,11 @@ def main(cfg: DictConfig) -> float | None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # In a sweep, errors must reach Hydra as exceptions: it records the job as failed and runs
+        # the others (sys.exit would end the whole sweep).
+        metrics, _ = train(cfg)
+        return metrics.get(cfg.get("optimized_metric") or "")
     try:
         metrics, _ = train(cfg)
     except ConfigError as e:

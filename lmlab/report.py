@@ -1,0 +1,586 @@
+"""``python -m lmlab.report <sweep_dir> [--out report.html] [--metric val/bpb]``: compare the runs of a sweep.
+
+Builds one self-contained HTML file (no network, no external JS/CSS; the plots are inline SVG written
+here) from every run folder under ``sweep_dir`` (Hydra's ``multirun/<date>/<time>/<job num>/``, at any
+depth): a table of final metrics sorted by the optimised metric, learning curves against tokens seen,
+and one scatter plot per swept parameter. A folder is a run when it holds ``summary.json`` (written at
+the end of training: finished) or ``metrics.csv`` (written while training: unfinished without a summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from lmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# keys whose product is the number of tokens one optimizer step consumes (1 where missing / not an int)
+TOKENS_PER_STEP_KEYS = (
+    "data.batch_size",
+    "seq_len",
+    "trainer.accumulate_grad_batches",
+    "trainer.devices",
+    "trainer.num_nodes",
+)
+CURVES = ("val/bpb", "train/loss")  # always plotted against tokens seen
+# matplotlib's tab10: distinguishable, colour-blind-friendlier than a rainbow
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading runs
+
+
+@dataclass
+class Run:
+    """One run folder of a sweep."""
+
+    name: str  # overrides joined by ", ", or the folder name when there are none
+    path: Path
+    overrides: dict[
+        str, str
+    ]  # key -> value as typed (``+``/``++``/``~`` prefixes dropped from keys)
+    summary: dict[str, float]  # summary.json; empty for an unfinished run
+    curves: dict[str, tuple[list[float], list[float]]]  # metric -> (tokens seen, values), by step
+    status: str  # "finished" (summary.json present) or "unfinished"
+    tokens_per_step: int = 1
+    notes: list[str] = field(default_factory=list)  # problems met while reading the folder
+
+
+def find_run_dirs(sweep_dir: Path) -> list[Path]:
+    """Folders under ``sweep_dir`` (itself included) holding ``summary.json`` or ``metrics.csv``.
+
+    A run folder's own subfolders (checkpoints, .hydra, ...) are not searched further."""
+    found = []
+    for root, dirs, files in os.walk(sweep_dir):
+        if "summary.json" in files or "metrics.csv" in files:
+            found.append(Path(root))
+            dirs.clear()
+        else:
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(found)
+
+
+def parse_overrides(lines: list) -> dict[str, str]:
+    """``["optim.lr=0.001", "+x=1", "~y"]`` -> ``{"optim.lr": "0.001", "x": "1", "y": ""}``."""
+    out = {}
+    for item in lines:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def read_tokens_per_step(config_path: Path) -> int:
+    """Product of the keys in ``TOKENS_PER_STEP_KEYS`` in the run's config (1 for each missing one)."""
+    if not config_path.is_file():
+        return 1
+    try:
+        cfg = OmegaConf.load(config_path)
+    except Exception as e:  # a truncated file must not stop the report
+        log.warning("cannot read %s: %s", config_path, e)
+        return 1
+    total = 1
+    for key in TOKENS_PER_STEP_KEYS:
+        try:  # the saved config may hold interpolations: resolve them, give up on custom resolvers
+            value = OmegaConf.select(cfg, key, default=None)
+        except Exception:
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            total *= value
+    return total
+
+
+def read_metrics_csv(path: Path) -> dict[str, dict[int, float]]:
+    """metric -> {step: value}. A step logged twice (a resumed run) keeps its last value; empty
+    cells (a row holds a subset of the metrics) and non-finite values are skipped."""
+    by_metric: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                step = int(float(row.get("step") or ""))
+            except ValueError:
+                continue
+            for key, cell in row.items():
+                if key in (None, "step", "epoch") or not cell:
+                    continue
+                try:
+                    value = float(cell)
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(value):
+                    by_metric.setdefault(key, {})[step] = value
+    return by_metric
+
+
+def read_run(path: Path, sweep_dir: Path) -> Run:
+    notes: list[str] = []
+    overrides: dict[str, str] = {}
+    ov_path = path / ".hydra" / "overrides.yaml"
+    if ov_path.is_file():
+        try:
+            overrides = parse_overrides(yaml.safe_load(ov_path.read_text()) or [])
+        except (yaml.YAMLError, TypeError) as e:
+            notes.append(f"unreadable .hydra/overrides.yaml: {e}")
+    summary: dict[str, float] = {}
+    status = "unfinished"
+    if (path / "summary.json").is_file():
+        try:
+            raw = json.loads((path / "summary.json").read_text())
+            summary = {
+                k: float(v)
+                for k, v in raw.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            status = "finished"
+        except (json.JSONDecodeError, AttributeError) as e:
+            notes.append(f"unreadable summary.json: {e}")
+    tokens_per_step = read_tokens_per_step(path / ".hydra" / "config.yaml")
+    curves = {}
+    if (path / "metrics.csv").is_file():
+        for metric, values in read_metrics_csv(path / "metrics.csv").items():
+            steps = sorted(values)
+            curves[metric] = (
+                [float((s + 1) * tokens_per_step) for s in steps],
+                [values[s] for s in steps],
+            )
+    rel = path.relative_to(sweep_dir).as_posix()
+    name = ", ".join(f"{k}={v}" for k, v in overrides.items()) or (path.name if rel == "." else rel)
+    return Run(name, path, overrides, summary, curves, status, tokens_per_step, notes)
+
+
+def collect_runs(sweep_dir: str | Path) -> list[Run]:
+    """Every run under ``sweep_dir``, in folder order. Raises ConfigError when there is none."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ConfigError(
+            f"sweep folder {sweep_dir} does not exist (or is not a folder): pass a sweep's output "
+            "folder such as multirun/<date>/<time>, holding one run folder per job"
+        )
+    runs = [read_run(p, sweep_dir) for p in find_run_dirs(sweep_dir)]
+    if not runs:
+        raise ConfigError(
+            f"sweep folder {sweep_dir} holds no runs: it should contain run folders (at any depth, "
+            "e.g. <job num>/) with a summary.json or a metrics.csv"
+        )
+    seen: dict[str, int] = {}
+    for run in runs:  # same overrides twice (e.g. two sweeps in one folder): add the folder
+        seen[run.name] = seen.get(run.name, 0) + 1
+    for run in runs:
+        if seen[run.name] > 1:
+            run.name = f"{run.name} ({run.path.relative_to(sweep_dir).as_posix()})"
+    return runs
+
+
+def swept_parameters(runs: list[Run]) -> list[str]:
+    """Override keys whose value differs between runs (a key missing from some runs differs)."""
+    keys = sorted({k for r in runs for k in r.overrides})
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def sort_runs(runs: list[Run], metric: str, maximize: bool = False) -> list[Run]:
+    """Best first by ``metric``; runs without it last (in their original order)."""
+
+    def key(r: Run) -> tuple[int, float]:
+        v = r.summary.get(metric)
+        if v is None or not math.isfinite(v):
+            return (1, 0.0)
+        return (0, -v if maximize else v)
+
+    return sorted(runs, key=key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SVG plots
+
+
+def _as_float(s: str) -> float | None:
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round ticks (1, 2, 5 x 10^k steps) within [lo, hi]."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks, t = [], first
+    while t <= hi + step * 1e-9:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten within [lo, hi] (the range spans more than 10x, so there is at least one)."""
+    return [10.0**e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
+
+
+def fmt_num(v: float) -> str:
+    """Short tick label: 1.5M, 20k, 0.001."""
+    a = abs(v)
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if a >= div:
+            return f"{v / div:.4g}{suffix}"
+    return f"{v:.4g}"
+
+
+class Axes:
+    """Maps data to pixels in a fixed-size plot area; x may be linear, log or categorical."""
+
+    W, H = 640, 340
+    LEFT, RIGHT, TOP, BOTTOM = 70, 620, 20, 290  # plot area in pixels
+
+    def __init__(
+        self,
+        xs: list[float],
+        ys: list[float],
+        *,
+        xlog: bool = False,
+        categories: list[str] | None = None,
+    ):
+        self.xlog, self.categories = xlog, categories
+        if categories is not None:
+            xs = [0.0, float(len(categories) - 1)]
+        tx = [math.log10(x) for x in xs] if xlog else xs
+        self.x0, self.x1 = min(tx), max(tx)
+        pad = (max(ys) - min(ys)) * 0.05 or abs(ys[0]) * 0.05 or 1.0
+        self.y0, self.y1 = min(ys) - pad, max(ys) + pad
+
+    def px(self, x: float) -> float:
+        if self.categories is not None:  # evenly spaced, half a slot in from the edges
+            n = len(self.categories)
+            return self.LEFT + (x + 0.5) / n * (self.RIGHT - self.LEFT)
+        t = math.log10(x) if self.xlog else x
+        if self.x1 == self.x0:
+            return (self.LEFT + self.RIGHT) / 2
+        return self.LEFT + (t - self.x0) / (self.x1 - self.x0) * (self.RIGHT - self.LEFT)
+
+    def py(self, y: float) -> float:
+        return self.BOTTOM - (y - self.y0) / (self.y1 - self.y0) * (self.BOTTOM - self.TOP)
+
+    def frame(self, xlabel: str, ylabel: str) -> list[str]:
+        """Axis lines, ticks, tick labels and axis titles."""
+        L, R, T, B = self.LEFT, self.RIGHT, self.TOP, self.BOTTOM
+        out = [
+            f'<line class="axis" x1="{L}" y1="{B}" x2="{R}" y2="{B}" stroke="#333"/>',
+            f'<line class="axis" x1="{L}" y1="{T}" x2="{L}" y2="{B}" stroke="#333"/>',
+        ]
+        if self.categories is not None:
+            xticks = [(self.px(i), c) for i, c in enumerate(self.categories)]
+        elif self.xlog:
+            xticks = [(self.px(t), fmt_num(t)) for t in log_ticks(10**self.x0, 10**self.x1)]
+        else:
+            xticks = [(self.px(t), fmt_num(t)) for t in nice_ticks(self.x0, self.x1)]
+        for x, label in xticks:
+            out.append(
+                f'<line class="xtick" x1="{x:.2f}" y1="{B}" x2="{x:.2f}" y2="{B + 5}" stroke="#333"/>'
+                f'<text x="{x:.2f}" y="{B + 18}" text-anchor="middle">{html.escape(label)}</text>'
+            )
+        for t in nice_ticks(self.y0, self.y1):
+            y = self.py(t)
+            out.append(
+                f'<line class="ytick" x1="{L - 5}" y1="{y:.2f}" x2="{R}" y2="{y:.2f}" '
+                f'stroke="#ddd"/><text x="{L - 8}" y="{y + 4:.2f}" text-anchor="end">'
+                f"{fmt_num(t)}</text>"
+            )
+        out.append(
+            f'<text class="xlabel" x="{(L + R) / 2}" y="{B + 38}" text-anchor="middle">'
+            f"{html.escape(xlabel)}</text>"
+            f'<text class="ylabel" transform="translate(16 {(T + B) / 2}) rotate(-90)" '
+            f'text-anchor="middle">{html.escape(ylabel)}</text>'
+        )
+        return out
+
+    def svg(self, plot_id: str, body: list[str], height: int | None = None) -> str:
+        h = height or self.H
+        return (
+            f'<svg id="{html.escape(plot_id)}" xmlns="http://www.w3.org/2000/svg" width="{self.W}" '
+            f'height="{h}" viewBox="0 0 {self.W} {h}" font-size="11" font-family="sans-serif" '
+            f'data-left="{self.LEFT}" data-right="{self.RIGHT}">' + "".join(body) + "</svg>"
+        )
+
+
+def legend(entries: list[tuple[str, str]], top: int) -> tuple[list[str], int]:
+    """One line per (name, colour) below the plot; returns the elements and the new height."""
+    out = []
+    for i, (name, colour) in enumerate(entries):
+        y = top + 16 * i
+        out.append(
+            f'<g class="legend-entry"><line x1="{Axes.LEFT}" y1="{y}" x2="{Axes.LEFT + 20}" '
+            f'y2="{y}" stroke="{colour}" stroke-width="2"/><text x="{Axes.LEFT + 26}" y="{y + 4}">'
+            f"{html.escape(name)}</text></g>"
+        )
+    return out, top + 16 * len(entries) + 4
+
+
+def curve_plot(runs: list[Run], colours: dict[str, str], metric: str) -> str:
+    """``metric`` against tokens seen: one polyline per run that logged it."""
+    plotted = [r for r in runs if r.curves.get(metric, ([], []))[0]]
+    if not plotted:
+        return f"<p>No run logged {html.escape(metric)}.</p>"
+    xs = [x for r in plotted for x in r.curves[metric][0]]
+    ys = [y for r in plotted for y in r.curves[metric][1]]
+    ax = Axes(xs, ys)
+    body = ax.frame("tokens seen", metric)
+    for r in plotted:
+        tokens, values = r.curves[metric]
+        points = " ".join(
+            f"{ax.px(x):.2f},{ax.py(y):.2f}" for x, y in zip(tokens, values, strict=True)
+        )
+        body.append(
+            f'<polyline data-run="{html.escape(r.name)}" points="{points}" fill="none" '
+            f'stroke="{colours[r.name]}" stroke-width="1.5"><title>{html.escape(r.name)}</title>'
+            "</polyline>"
+        )
+        if len(tokens) == 1:  # a one-point polyline draws nothing: mark the point
+            body.append(
+                f'<circle class="marker" cx="{ax.px(tokens[0]):.2f}" cy="{ax.py(values[0]):.2f}" '
+                f'r="3" fill="{colours[r.name]}"/>'
+            )
+    items, height = legend([(r.name, colours[r.name]) for r in plotted], ax.H + 10)
+    return ax.svg(f"curve-{metric}", body + items, height)
+
+
+def scatter_plot(runs: list[Run], colours: dict[str, str], param: str, metric: str) -> str:
+    """``metric`` against the swept ``param``: one circle per run holding both."""
+    points = [
+        (r, r.overrides[param], r.summary[metric])
+        for r in runs
+        if param in r.overrides and math.isfinite(r.summary.get(metric, math.nan))
+    ]
+    if not points:
+        return f"<p>No finished run with {html.escape(metric)} sets {html.escape(param)}.</p>"
+    numbers = [_as_float(v) for _, v, _ in points]
+    ys = [y for _, _, y in points]
+    if all(n is not None for n in numbers):
+        xs = [float(n) for n in numbers]  # type: ignore[arg-type]
+        xlog = min(xs) > 0 and max(xs) / min(xs) > 10
+        ax, scale = Axes(xs, ys, xlog=xlog), "log" if xlog else "linear"
+    else:
+        categories = sorted({v for _, v, _ in points})
+        xs = [float(categories.index(v)) for _, v, _ in points]
+        ax, scale = Axes(xs, ys, categories=categories), "categorical"
+    body = ax.frame(param, metric)
+    for (r, value, y), x in zip(points, xs, strict=True):
+        body.append(
+            f'<circle data-run="{html.escape(r.name)}" data-x="{html.escape(value)}" '
+            f'data-y="{y!r}" cx="{ax.px(x):.2f}" cy="{ax.py(y):.2f}" r="4" '
+            f'fill="{colours[r.name]}"><title>{html.escape(r.name)}: {y:.6g}</title></circle>'
+        )
+    svg = ax.svg(f"scatter-{param}", body)
+    return svg.replace("<svg ", f'<svg data-scale="{scale}" ', 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTML
+
+
+CSS = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; position: sticky; top: 0; }
+td.name, td.status { text-align: left; }
+tr.best { background: #d9f2d9; font-weight: bold; }
+tr.unfinished { color: #999; font-style: italic; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; }
+"""
+
+
+def _cell(kind: str, key: str, value: float | str | None) -> str:
+    """A table cell whose exact value is in data-value (repr for floats), shown rounded."""
+    if value is None:
+        return f'<td data-kind="{kind}" data-key="{html.escape(key)}"></td>'
+    if isinstance(value, float):
+        shown, exact = f"{value:.6g}", repr(value)
+    else:
+        shown = exact = value
+    return (
+        f'<td data-kind="{kind}" data-key="{html.escape(key)}" data-value="{html.escape(exact)}">'
+        f"{html.escape(shown)}</td>"
+    )
+
+
+def runs_table(runs: list[Run], metric: str) -> str:
+    """Runs (already sorted, best first) x overrides and final metrics."""
+    override_keys = sorted({k for r in runs for k in r.overrides})
+    summary_keys = sorted({k for r in runs for k in r.summary})
+    if metric in summary_keys:  # the optimised metric first
+        summary_keys.remove(metric)
+        summary_keys.insert(0, metric)
+    head = ['<th data-key="run">run</th>', '<th data-key="status">status</th>']
+    head += [
+        f'<th data-kind="override" data-key="{html.escape(k)}">{k}</th>' for k in override_keys
+    ]
+    head += [f'<th data-kind="metric" data-key="{html.escape(k)}">{k}</th>' for k in summary_keys]
+    rows = []
+    best = runs[0] if math.isfinite(runs[0].summary.get(metric, math.nan)) else None
+    for r in runs:
+        classes = [r.status] + (["best"] if r is best else [])
+        status = r.status + ("".join(f"; {n}" for n in r.notes))
+        cells = [
+            f'<td class="name" data-key="run" data-value="{html.escape(r.name)}" '
+            f'title="{html.escape(str(r.path))}">{html.escape(r.name)}</td>',
+            f'<td class="status" data-key="status" data-value="{r.status}">'
+            f"{html.escape(status)}</td>",
+        ]
+        cells += [_cell("override", k, r.overrides.get(k)) for k in override_keys]
+        cells += [_cell("metric", k, r.summary.get(k)) for k in summary_keys]
+        rows.append(f'<tr class="{" ".join(classes)}">' + "".join(cells) + "</tr>")
+    return (
+        '<table id="runs"><thead><tr>'
+        + "".join(head)
+        + "</tr></thead><tbody>"
+        + "\n".join(rows)
+        + "</tbody></table>"
+    )
+
+
+def render(runs: list[Run], sweep_dir: Path, metric: str, maximize: bool = False) -> str:
+    """The whole HTML page."""
+    runs = sort_runs(runs, metric, maximize)
+    colours = {r.name: PALETTE[i % len(PALETTE)] for i, r in enumerate(runs)}
+    swept = swept_parameters(runs)
+    unfinished = [r for r in runs if r.status != "finished"]
+    direction = "higher" if maximize else "lower"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>lmlab sweep report: {html.escape(str(sweep_dir))}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Sweep {html.escape(str(sweep_dir))}</h1>",
+        f"<p>{len(runs)} runs ({len(runs) - len(unfinished)} finished). Sorted by "
+        f"<code>{html.escape(metric)}</code> ({direction} is better); best run highlighted.</p>",
+    ]
+    if math.isfinite(runs[0].summary.get(metric, math.nan)):
+        parts.append(
+            f'<p id="best">Best: <b>{html.escape(runs[0].name)}</b> '
+            f"({html.escape(metric)} = {runs[0].summary[metric]:.6g})</p>"
+        )
+    if unfinished:
+        parts.append(
+            '<h2>Unfinished runs</h2><ul id="unfinished">'
+            + "".join(
+                f'<li data-run="{html.escape(r.name)}">{html.escape(r.name)} '
+                f"(<code>{html.escape(str(r.path))}</code>: no summary.json)</li>"
+                for r in unfinished
+            )
+            + "</ul>"
+        )
+    parts += ["<h2>Final metrics</h2>", runs_table(runs, metric), "<h2>Learning curves</h2>"]
+    if any(r.tokens_per_step == 1 for r in runs):
+        parts.append(
+            "<p>Some runs have no readable <code>.hydra/config.yaml</code> batch size / seq_len: "
+            "their x-axis counts steps, not tokens.</p>"
+        )
+    curve_metrics = list(CURVES) + ([metric] if metric not in CURVES else [])
+    parts.append('<div class="plots">')
+    for m in curve_metrics:
+        parts.append(
+            f"<figure><figcaption>{html.escape(m)} vs tokens seen</figcaption>"
+            f"{curve_plot(runs, colours, m)}</figure>"
+        )
+    parts += ["</div>", "<h2>Swept parameters</h2>"]
+    if not swept:
+        parts.append("<p>No override differs between runs.</p>")
+    parts.append('<div class="plots">')
+    for p in swept:
+        parts.append(
+            f"<figure><figcaption>{html.escape(metric)} vs {html.escape(p)}</figcaption>"
+            f"{scatter_plot(runs, colours, p, metric)}</figure>"
+        )
+    parts += ["</div>", "</body></html>", ""]
+    return "\n".join(parts)
+
+
+def build_report(
+    sweep_dir: str | Path,
+    out: str | Path | None = None,
+    metric: str = "val/bpb",
+    maximize: bool = False,
+) -> Path:
+    """Write the HTML report of the sweep (default ``<sweep_dir>/report.html``); return its path."""
+    sweep_dir = Path(sweep_dir)
+    runs = collect_runs(sweep_dir)
+    finished_keys = sorted({k for r in runs for k in r.summary})
+    if finished_keys and metric not in finished_keys:
+        raise ConfigError(
+            f"no run in {sweep_dir} has the metric {metric!r} in its summary.json; "
+            f"choose one of: {', '.join(finished_keys)}"
+        )
+    out = Path(out) if out is not None else sweep_dir / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(runs, sweep_dir, metric, maximize), encoding="utf-8")
+    log.info("wrote %s (%d runs)", out, len(runs))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmlab.report",
+        description="Write a self-contained HTML report (table of final metrics, learning curves "
+        "against tokens seen, metric vs each swept parameter) for the runs of a sweep.",
+        epilog="Example: python -m lmlab.report multirun/2025-01-31/12-00-00 --metric val/bpb",
+    )
+    parser.add_argument(
+        "sweep_dir",
+        type=Path,
+        help="folder holding the runs (any depth): each run folder has summary.json (finished) "
+        "or metrics.csv (unfinished), plus .hydra/overrides.yaml and .hydra/config.yaml",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output HTML file (default: <sweep_dir>/report.html)"
+    )
+    parser.add_argument(
+        "--metric",
+        default="val/bpb",
+        help="summary metric to sort by and plot against the swept parameters (default: val/bpb)",
+    )
+    parser.add_argument(
+        "--maximize",
+        action="store_true",
+        help="higher is better for --metric (e.g. val/acc); default: lower is better",
+    )
+    args = parser.parse_args(argv)
+    try:
+        path = build_report(args.sweep_dir, args.out, args.metric, args.maximize)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
