@@ -186,6 +186,10 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
             f"sweep folder {sweep_dir} holds no runs: it should contain run folders (at any depth, "
             "e.g. <job num>/) with a summary.json or a metrics.csv"
         )
+    swept = swept_parameters(runs)
+    if swept:  # name runs by what differs between them; the shared overrides are in the table
+        for run in runs:
+            run.name = ", ".join(f"{k}={v}" for k, v in run.overrides.items() if k in swept)
     seen: dict[str, int] = {}
     for run in runs:  # same overrides twice (e.g. two sweeps in one folder): add the folder
         seen[run.name] = seen.get(run.name, 0) + 1
@@ -241,7 +245,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """Powers of ten within [lo, hi] (the range spans more than 10x, so there is at least one)."""
+    """Powers of ten within [lo, hi] (the range spans at least 10x, so there is at least one)."""
     return [10.0**e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
 
 
@@ -384,7 +388,7 @@ def scatter_plot(runs: list[Run], colours: dict[str, str], param: str, metric: s
     ys = [y for _, _, y in points]
     if all(n is not None for n in numbers):
         xs = [float(n) for n in numbers]  # type: ignore[arg-type]
-        xlog = min(xs) > 0 and max(xs) / min(xs) > 10
+        xlog = min(xs) > 0 and max(xs) / min(xs) >= 10
         ax, scale = Axes(xs, ys, xlog=xlog), "log" if xlog else "linear"
     else:
         categories = sorted({v for _, v, _ in points})
