@@ -101,7 +101,7 @@ class LMModule(L.LightningModule):
     # -- loss and metrics ------------------------------------------------------------------------
     def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets, correct
-        argmax predictions), over the positions whose label is not -100."""
+        argmax predictions (counted in eval mode only)), over the positions whose label is not -100."""
         logits = self(batch)  # (B, T, V)
         return self.score(logits.flatten(0, 1), batch["labels"].flatten())
 
@@ -110,7 +110,10 @@ class LMModule(L.LightningModule):
         mask = labels != IGNORE
         # Static shapes (no boolean gathers), so the step compiles without graph breaks.
         nll_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-        correct = ((logits.argmax(-1) == labels) & mask).sum()
+        if self.training:  # accuracy is a validation metric: skip the argmax over (N, V) per step
+            correct = torch.zeros((), dtype=torch.long, device=labels.device)
+        else:
+            correct = ((logits.argmax(-1) == labels) & mask).sum()
         n_bytes = (self.token_bytes[labels.clamp(min=0)] * mask).sum()
         return nll_sum, mask.sum(), n_bytes, correct
 
