@@ -26,6 +26,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lmlab.data.collate import seq2seq_batch
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
@@ -269,3 +270,30 @@ class WindowDataModule(L.LightningDataModule):
         """The first ``n`` validation windows (for samples and reconstructions)."""
         ds = Windows(self.val_store, self.window_len)
         return [ds[s] for s in eval_starts(len(self.val_store), self.window_len, self.stride)[:n]]
+
+
+class Seq2SeqDataModule(WindowDataModule):
+    """Shared by encoder-decoder objectives: ``corrupt(example) -> (encoder input, decoder target)``
+    (each ending with eos) makes the example; batches have ``seq_len`` inputs and ``target_len``
+    targets (:func:`lmlab.data.collate.seq2seq_batch`)."""
+
+    batch_kind = "seq2seq"
+
+    @property
+    def target_len(self) -> int:
+        raise NotImplementedError
+
+    def corrupt(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def make_batch(self, examples: list[Example]) -> dict:
+        pairs = [self.corrupt(ex) for ex in examples]
+        tok = self.tokenizer
+        return seq2seq_batch(
+            [x for x, _ in pairs],
+            [y for _, y in pairs],
+            self.seq_len,
+            self.target_len,
+            tok.pad_id,
+            tok.bos_id,
+        )

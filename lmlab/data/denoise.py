@@ -20,10 +20,8 @@ from __future__ import annotations
 from itertools import pairwise
 
 import numpy as np
-import torch
 
-from lmlab.data.base import Example, WindowDataModule, example_rng
-from lmlab.data.collate import seq2seq_batch
+from lmlab.data.base import Example, Seq2SeqDataModule, example_rng
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
@@ -108,10 +106,8 @@ def text_infilling(tokens: np.ndarray, spans: np.ndarray, mask_id: int) -> np.nd
     return np.concatenate(pieces).astype(np.int64)
 
 
-class DenoisingDataModule(WindowDataModule):
+class DenoisingDataModule(Seq2SeqDataModule):
     """BART denoising over non-overlapping windows of ``seq_len - 1`` tokens (eos makes ``seq_len``)."""
-
-    batch_kind = "seq2seq"
 
     def __init__(
         self,
@@ -120,14 +116,10 @@ class DenoisingDataModule(WindowDataModule):
         val: TokenStore,
         *,
         seq_len: int,
-        batch_size: int,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        name: str = "denoise",
         mask_ratio: float = 0.3,
         poisson_lambda: float = 3.0,
         permute_sentences: bool = True,
+        **kwargs,  # batch_size, eval_batch_size, num_workers, seed, name: see WindowDataModule
     ) -> None:
         if seq_len < 2:
             raise ConfigError(f"denoising needs seq_len >= 2 (one token and eos), got {seq_len}")
@@ -142,17 +134,8 @@ class DenoisingDataModule(WindowDataModule):
         self.permute_sentences = bool(permute_sentences)
         # Decoding every token once costs a fraction of a second, not once per batch.
         self.is_sentence_end = sentence_end_table(tokenizer) if self.permute_sentences else None
-        super().__init__(
-            tokenizer,
-            train,
-            val,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            name=name,
-        )
+        kwargs.setdefault("name", "denoise")
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @property
     def window_len(self) -> int:
@@ -172,14 +155,3 @@ class DenoisingDataModule(WindowDataModule):
         x = text_infilling(x, spans, self.tokenizer.mask_id)
         eos = self.tokenizer.eos_id
         return np.append(x, eos), np.append(ex.tokens, eos)
-
-    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        pairs = [self.corrupt(ex) for ex in examples]
-        return seq2seq_batch(
-            [x for x, _ in pairs],
-            [y for _, y in pairs],
-            self.seq_len,
-            self.target_len,
-            self.tokenizer.pad_id,
-            self.tokenizer.bos_id,
-        )

@@ -20,10 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from lmlab.data.base import Example, WindowDataModule, example_rng
-from lmlab.data.collate import seq2seq_batch
+from lmlab.data.base import Example, Seq2SeqDataModule, example_rng
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
@@ -163,10 +161,8 @@ def fill_sentinels(
     return out
 
 
-class SpanCorruptionDataModule(WindowDataModule):
+class SpanCorruptionDataModule(Seq2SeqDataModule):
     """T5 span corruption over non-overlapping windows of :func:`compute_lengths` raw tokens."""
-
-    batch_kind = "seq2seq"
 
     def __init__(
         self,
@@ -175,13 +171,9 @@ class SpanCorruptionDataModule(WindowDataModule):
         val: TokenStore,
         *,
         seq_len: int,
-        batch_size: int,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        name: str = "span",
         noise_density: float = 0.15,
         mean_span_length: float = 3.0,
+        **kwargs,  # batch_size, eval_batch_size, num_workers, seed, name: see WindowDataModule
     ) -> None:
         if not 0.0 < noise_density < 1.0:
             raise ConfigError(
@@ -207,17 +199,8 @@ class SpanCorruptionDataModule(WindowDataModule):
                 f"tokenizer.num_sentinels>={max_spans}, or lower seq_len or noise_density, or raise "
                 "mean_span_length"
             )
-        super().__init__(
-            tokenizer,
-            train,
-            val,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            name=name,
-        )
+        kwargs.setdefault("name", "span")
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @property
     def window_len(self) -> int:
@@ -235,14 +218,3 @@ class SpanCorruptionDataModule(WindowDataModule):
             len(ex.tokens), self.noise_density, self.mean_span_length, rng
         )
         return corrupt_spans(ex.tokens, mask, self.tokenizer.sentinel_ids, self.tokenizer.eos_id)
-
-    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        pairs = [self.corrupt(ex) for ex in examples]
-        return seq2seq_batch(
-            [x for x, _ in pairs],
-            [y for _, y in pairs],
-            self.seq_len,
-            self.target_len,
-            self.tokenizer.pad_id,
-            self.tokenizer.bos_id,
-        )
