@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import csv
+import re
+import secrets
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+RUN_ID_FILE = "wandb_run_id"  # in the run dir: a resumed run continues the same W&B run
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -32,8 +37,49 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+def sweep_identity(sweep_dir: str, override_dirname: str) -> tuple[str, str | None]:
+    """(W&B group, run name) of a multirun job: the group is the sweep folder (fixed at launch,
+    shared by every job), the name the job's overrides (``optim.lr=0.001,model.n_layers=2``)."""
+    parts = [p for p in Path(sweep_dir).parts if p not in ("/", ".", "")]
+    group = re.sub(r"[^A-Za-z0-9_.=-]+", "-", "-".join(parts[-3:]))
+    return group, override_dirname or None
+
+
 def wandb_logger(
-    *, tags: Sequence[str] = (), extra_tags: Sequence[str] = (), **kwargs
+    *,
+    save_dir: str,
+    name: str | None = None,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    extra_tags: Sequence[str] = (),
+    **kwargs,
 ) -> WandbLogger:
-    """Lightning's ``WandbLogger`` with the automatic tags (model, objective, …) plus the user's."""
-    return WandbLogger(tags=list(dict.fromkeys([*tags, *extra_tags])), **kwargs)
+    """Lightning's ``WandbLogger`` with lmlab's conventions:
+
+    - tags: the automatic ones (model, objective, data, tokenizer) plus the user's;
+    - in a Hydra multirun, the group defaults to the sweep and the name to the job's overrides;
+    - the W&B run id is kept in ``<run dir>/wandb_run_id``, so resuming the run (``ckpt_path=last``
+      into the same folder) continues the same W&B run instead of starting a new one.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
+        hc = HydraConfig.get()
+        sweep_group, job_name = sweep_identity(hc.sweep.dir, hc.job.override_dirname)
+        group, name = group or sweep_group, job_name or name
+    id_file = Path(save_dir) / RUN_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    return WandbLogger(
+        save_dir=save_dir,
+        name=name,
+        group=group,
+        id=run_id,
+        resume="allow",
+        tags=list(dict.fromkeys([*tags, *extra_tags])),
+        **kwargs,
+    )

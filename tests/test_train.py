@@ -256,3 +256,32 @@ def test_wandb_offline_run_gets_config_tags_group_and_is_finished(tiny_cfg, tmp_
     assert wandb.run is None  # finished at the end of the job
     assert list((out / "wandb").glob("offline-run-*"))
     assert (out / "metrics.csv").is_file()  # csv stays on
+
+
+def test_wandb_resume_continues_the_same_run_and_sweep_identity(tiny_cfg, tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    import lmlab.train as lmlab_train
+    from lmlab.loggers import RUN_ID_FILE, sweep_identity
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ids = []
+    finish = lmlab_train.finish_loggers
+
+    def spy(trainer):
+        ids.extend(lg.experiment.id for lg in trainer.loggers if isinstance(lg, WandbLogger))
+        finish(trainer)
+
+    monkeypatch.setattr(lmlab_train, "finish_loggers", spy)
+    out = tmp_path / "wb"
+    lmlab_train.train(tiny_cfg("logger=wandb", output_dir=out))
+    lmlab_train.train(
+        tiny_cfg("logger=wandb", "ckpt_path=last", "trainer.max_steps=9", output_dir=out)
+    )
+    assert len(ids) == 2 and ids[0] == ids[1] == (out / RUN_ID_FILE).read_text().strip()
+    # a multirun job: group = the sweep folder (same for every job), name = the job's overrides
+    assert sweep_identity("multirun/2026-11-26/12-00-00", "optim.lr=0.001") == (
+        "multirun-2026-11-26-12-00-00",
+        "optim.lr=0.001",
+    )
+    assert sweep_identity("/abs/sweeps/a b", "")[1] is None
