@@ -1,0 +1,96 @@
+"""Both notebooks run top to bottom (tiny settings), with their outputs stripped in the repo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from .conftest import TINY, make_text
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def execute(name: str, parameters: str, cwd: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert first_code.source.startswith("# parameters")
+    first_code.source = parameters
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()
+    return nb
+
+
+def text_output(nb) -> str:
+    return "\n".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+
+
+def test_notebooks_are_stored_without_outputs():
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    (tmp_path / "d.txt").write_text(make_text(3000, 0))
+    overrides = ["data=files", f"data.train={tmp_path / 'd.txt'}", *TINY]
+    overrides = [
+        o
+        for o in overrides
+        if not o.startswith(
+            (
+                "trainer.max_steps",
+                "trainer.val_check",
+                "trainer.enable_progress",
+                "callbacks.progress",
+            )
+        )
+    ]
+    nb = execute("quickstart.ipynb", f"STEPS = 4\nOVERRIDES = {overrides!r}", tmp_path)
+    out = text_output(nb)
+    assert "val/bpb" in out and "ROMEO:" in out
+
+
+@pytest.mark.slow
+def test_compare_runs_runs_on_a_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    (tmp_path / "d.txt").write_text(make_text(3000, 0))
+    env = dict(os.environ, LMLAB_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmlab",
+            "-m",
+            "data=files",
+            "data.train=d.txt",
+            *TINY,
+            "callbacks.samples=null",
+            "optim.lr=1e-3,1e-2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    nb = execute(
+        "compare_runs.ipynb",
+        f"SWEEP_DIR = {str(tmp_path / 'sweep')!r}\nMETRIC = 'val/bpb'",
+        tmp_path,
+    )
+    out = text_output(nb)
+    assert "2 runs; swept: optim.lr" in out
+    assert out.count("finished") == 2
