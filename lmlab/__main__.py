@@ -28,6 +28,14 @@ def main(cfg: DictConfig) -> float | None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("hparams_search"):
+        from lmlab.search import run_search
+
+        try:
+            return run_search(cfg)["value"]
+        except ConfigError as e:
+            log.error("%s", e)
+            sys.exit(2)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # In a sweep, errors must reach Hydra as exceptions: it records the job as failed and runs
         # the others (sys.exit would end the whole sweep).

@@ -50,6 +50,7 @@ def test_groups_exist():
             "callbacks",
             "debug",
             "experiment",
+            "hparams_search",
         )
         for o in options(g)
     ],
