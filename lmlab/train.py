@@ -65,8 +65,32 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")
+    max_steps, warmup = cfg.trainer.get("max_steps", -1), cfg.optim.get("warmup_steps", 0)
+    if max_steps > 0 and warmup >= max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={warmup} must be below trainer.max_steps={max_steps}; lower it"
+        )
     check_wandb_login(cfg)
     check_devices(cfg.trainer)
+    accumulation(cfg)
+
+
+def accumulation(cfg: DictConfig) -> int:
+    """Gradient accumulation: derived from ``global_batch_size`` when it is set (sequences per
+    optimizer step = data.batch_size x accumulation x devices x nodes), else the trainer's own."""
+    gbs = cfg.get("global_batch_size")
+    if not gbs:
+        return int(cfg.trainer.get("accumulate_grad_batches", 1))
+    t = cfg.trainer
+    devices = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
+    per_pass = cfg.data.batch_size * devices * t.get("num_nodes", 1)
+    if gbs % per_pass:
+        raise ConfigError(
+            f"global_batch_size={gbs} is not a multiple of data.batch_size x trainer.devices x "
+            f"trainer.num_nodes = {cfg.data.batch_size} x {devices} x {t.get('num_nodes', 1)} = "
+            f"{per_pass}; change one of them (accumulation = global / that product)"
+        )
+    return gbs // per_pass
 
 
 def check_devices(t: DictConfig) -> None:
@@ -223,6 +247,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
         model.skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
+        trainer_cfg.accumulate_grad_batches = accumulation(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
@@ -313,6 +338,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 trainer.global_step,
                 metrics["wall_s"],
             )
+            if "train/tokens_per_sec" in metrics:
+                mfu = metrics.get("train/mfu")
+                log.info(
+                    "Throughput: %.0f tokens/s%s",
+                    metrics["train/tokens_per_sec"],
+                    "" if mfu is None else f", MFU {100 * mfu:.1f}%",
+                )
     finally:
         finish_loggers(trainer)
     return metrics, objects

@@ -56,7 +56,7 @@ def test_train_command_writes_every_output(cli_run):
         assert (out / name).is_file(), name
     log = p.stdout + p.stderr
     assert "Model: decoder" in log and "Tokens per step: 128" in log
-    assert "Final: val/loss" in log and "Sample at step 6" in log
+    assert "Final: val/loss" in log and "Sample at step 6" in log and "Throughput:" in log
     assert "seq_len: 32" in log  # the composed config is printed
 
 

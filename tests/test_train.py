@@ -285,3 +285,64 @@ def test_wandb_resume_continues_the_same_run_and_sweep_identity(tiny_cfg, tmp_pa
         "optim.lr=0.001",
     )
     assert sweep_identity("/abs/sweeps/a b", "")[1] is None
+
+
+def test_gradient_accumulation_gives_the_large_batch_update(tiny_cfg, tmp_path):
+    """One optimizer step on 8 sequences == two accumulated micro-batches of 4 (same windows)."""
+    common = [
+        "trainer.max_steps=1",
+        "optim.warmup_steps=0",
+        "trainer.precision=32-true",
+        "trainer.val_check_interval=1",
+        "trainer.gradient_clip_val=null",
+        "callbacks.samples=null",
+    ]
+    _, big = train(tiny_cfg(*common, "data.batch_size=8", output_dir=tmp_path / "big"))
+    _, acc = train(
+        tiny_cfg(*common, "data.batch_size=4", "global_batch_size=8", output_dir=tmp_path / "acc")
+    )
+    assert acc["trainer"].accumulate_grad_batches == 2
+    a, b = big["model"].state_dict(), acc["model"].state_dict()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(a[k], b[k]))
+    assert moved  # float summation order differs, so some weights differ in the last bits
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["global_batch_size=10", "data.batch_size=4"],
+            r"global_batch_size=10 is not a multiple of .* = 4 x 1 x 1 = 4",
+        )
+    ],
+)
+def test_impossible_global_batch_is_refused(tiny_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_cfg(*overrides))
+
+
+def test_flops_per_token_matches_a_hand_count_and_mfu():
+    from lmlab import flops
+    from lmlab.models.decoder import DecoderLM
+
+    m = DecoderLM(
+        vocab_size=100, special_ids={}, optim={}, n_layers=2, d_model=32, n_heads=4, max_seq_len=64
+    )
+    # by hand: per block qkv 32x96 + out 32x32 + gate_up 32x256 + down 128x32 + 2 norms x 32
+    block = 32 * 96 + 32 * 32 + 32 * 256 + 128 * 32 + 2 * 32
+    n = 2 * block + 32 + 128 * 32  # + final norm + tied embedding (vocab padded to 128)
+    assert m.num_params(non_embedding=False) == n == 37024
+    assert m.flops_per_token(64) == 6 * n + 12 * 2 * 32 * 64 == 271296
+    # 1M tokens/s of that model on 2 devices of 1 TFLOP/s each
+    assert flops.mfu(1e6, 271296, 1e12, world_size=2) == pytest.approx(0.135648)
+    assert flops.peak_flops(torch.device("cpu")) is None
+
+
+def test_mfu_is_logged_with_a_known_peak(tiny_cfg):
+    metrics, objects = train(tiny_cfg("callbacks.throughput.peak_flops=1e12"))
+    fpt = objects["model"].flops_per_token(objects["cfg"].seq_len)
+    expected = metrics["train/tokens_per_sec"] * fpt / 1e12
+    assert metrics["train/mfu"] == pytest.approx(expected, rel=1e-5)

@@ -20,17 +20,24 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lmlab import flops
+
 log = logging.getLogger(__name__)
 
 
 class Throughput(L.Callback):
-    """Logs ``train/tokens_per_sec`` (all devices together) over a sliding window of steps."""
+    """Logs ``train/tokens_per_sec`` (all devices together) over a sliding window of steps, and
+    ``train/mfu`` when the device's peak FLOP/s is known (:mod:`lmlab.flops`) or given."""
 
-    def __init__(self, window: int = 20) -> None:
-        self.window = window
+    def __init__(self, window: int = 20, peak_flops: float | None = None) -> None:
+        self.window, self.peak = window, peak_flops
         self._times: deque[float] = deque(maxlen=window + 1)
         self._tokens: deque[int] = deque(maxlen=window + 1)
         self.tokens_per_sec = float("nan")
+        self._flops_per_token: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.peak = self.peak or flops.peak_flops(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._times.append(time.perf_counter())
@@ -39,6 +46,13 @@ class Throughput(L.Callback):
             # Tokens of the batches that finished after the oldest timestamp, over the time between.
             self.tokens_per_sec = sum(list(self._tokens)[1:]) / (self._times[-1] - self._times[0])
             pl_module.log("train/tokens_per_sec", self.tokens_per_sec, prog_bar=False)
+            if self.peak:
+                if self._flops_per_token is None:
+                    self._flops_per_token = pl_module.flops_per_token(batch["input_ids"].shape[1])
+                value = flops.mfu(
+                    self.tokens_per_sec, self._flops_per_token, self.peak, trainer.world_size
+                )
+                pl_module.log("train/mfu", value, prog_bar=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         # Validation time is not training time: restart the window after it.

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from lmlab import flops
 from lmlab.data.collate import IGNORE
 from lmlab.errors import NonFiniteLoss
 from lmlab.metrics import BitsPerByte, Perplexity
@@ -97,6 +98,15 @@ class LMModule(L.LightningModule):
 
     def num_params(self, non_embedding: bool = True) -> int:
         return self.backbone.num_params(non_embedding)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (PaLM's 6N + 12 L d T, :mod:`lmlab.flops`); every layer, encoder
+        and decoder alike, is counted at ``seq_len`` (an upper bound for short decoder targets)."""
+        c = self.config
+        layers = c.n_layers + getattr(c, "n_decoder_layers", 0)
+        return flops.flops_per_token(
+            self.num_params(non_embedding=False), layers, c.d_model, seq_len
+        )
 
     # -- loss and metrics ------------------------------------------------------------------------
     def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -16,11 +16,6 @@ class DecoderLM(LMModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.backbone(batch["input_ids"], prefix_len=batch.get("prefix_len"))
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6N + 12 L d T (PaLM, Chowdhery et al. 2022, appendix B)."""
-        c = self.config
-        return 6 * self.num_params(non_embedding=False) + 12 * c.n_layers * c.d_model * seq_len
-
     def generate_text(
         self,
         tokenizer,
