@@ -63,13 +63,21 @@ class Windows(Dataset):
 class RandomWindowSampler(Sampler[tuple[int, int]]):
     """Yields (start, epoch): starts ``phase + k * stride`` in random order, new phase every epoch.
 
-    The order depends only on (seed, epoch). ``skip`` leaves out the first ``skip`` windows of that
+    The order depends only on (seed, epoch). With several processes, rank ``r`` of ``world`` takes
+    positions r, r + world, ... of that order (the epoch cut to a multiple of ``world``), so one step's
+    windows across all ranks are exactly one process's batch of ``world`` times the size: multi-device
+    training sees the same data as one device with the same global batch. (lmlab shards itself:
+    Lightning's ``DistributedSamplerWrapper`` would shuffle the order again; the trainer presets set
+    ``use_distributed_sampler: false``.) ``skip`` leaves out the first ``skip`` windows of this rank's
     order (the ones a resumed run already trained on; set by :class:`ResumableLoader` before each
     pass); ``len`` stays the whole epoch's, as Lightning counts an epoch's batches from its start.
     """
 
-    def __init__(self, n_tokens: int, window_len: int, stride: int, seed: int) -> None:
+    def __init__(
+        self, n_tokens: int, window_len: int, stride: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.window_len, self.stride, self.seed, self.epoch = window_len, stride, seed, 0
+        self.rank, self.world = rank, world
         # Same count for every phase: a window must end inside the stream whatever the phase.
         self.n = max(0, (n_tokens - window_len - (stride - 1)) // stride + 1)
         self.skip = 0
@@ -78,13 +86,14 @@ class RandomWindowSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
     def __iter__(self):
         epoch = self.epoch
         rng = np.random.default_rng((self.seed, epoch))
         phase = int(rng.integers(self.stride))
-        for k in rng.permutation(self.n)[self.skip :]:
+        order = rng.permutation(self.n)[: len(self) * self.world][self.rank :: self.world]
+        for k in order[self.skip :]:
             yield phase + int(k) * self.stride, epoch
 
 
@@ -256,14 +265,22 @@ class WindowDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process; (0, 1) outside a Trainer."""
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
     def train_dataloader(self) -> ResumableLoader:
         sampler = RandomWindowSampler(
-            len(self.train_store), self.window_len, self.stride, self.seed
+            len(self.train_store), self.window_len, self.stride, self.seed, *self._shard()
         )
         return self._loader(self.train_store, sampler, self.batch_size, ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
-        starts = eval_starts(len(self.val_store), self.window_len, self.stride)
+        # Each rank scores every world-th window (no padding, so no window counts twice); the
+        # torchmetrics states are summed across ranks, so the metrics cover the split exactly once.
+        rank, world = self._shard()
+        starts = eval_starts(len(self.val_store), self.window_len, self.stride)[rank::world]
         return self._loader(self.val_store, starts, self.eval_batch_size)
 
     def val_examples(self, n: int) -> list[Example]:
