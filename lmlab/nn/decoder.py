@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmlab.nn.blocks import Block, KVCache, RMSNorm, Rotary, init_weights, multiple_of
-from lmlab.nn.sampling import sample_next
+from lmlab.nn.sampling import next_tokens
 
 
 @dataclass
@@ -166,12 +166,15 @@ class Decoder(nn.Module):
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(total - T0):
-            nxt = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            nxt, done = next_tokens(
+                logits,
+                done,
+                eos_id,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
             )
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
             out.append(nxt[:, None])
             if (eos_id is not None and bool(done.all())) or step == total - T0 - 1:
                 break

@@ -25,7 +25,7 @@ from lmlab.nn.blocks import (
     key_padding_mask,
 )
 from lmlab.nn.decoder import DecoderConfig
-from lmlab.nn.sampling import sample_next
+from lmlab.nn.sampling import next_tokens
 
 
 @dataclass
@@ -134,12 +134,15 @@ class EncoderDecoder(nn.Module):
             logits = self.decode(nxt[:, None], memory, attention_mask, caches)[
                 :, -1, : c.vocab_size
             ]
-            nxt = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            nxt, done = next_tokens(
+                logits,
+                done,
+                eos_id,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
             )
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
             out.append(nxt[:, None])
             if eos_id is not None and bool(done.all()):
                 break

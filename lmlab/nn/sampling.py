@@ -39,3 +39,18 @@ def sample_next(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    done: torch.Tensor,
+    eos_id: int | None,
+    **sampling,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step for a batch: sample (see :func:`sample_next`), keep finished rows on
+    ``eos_id``; returns (tokens (B,), updated done mask (B,))."""
+    nxt = sample_next(logits, **sampling)
+    if eos_id is not None:
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        done = done | (nxt == eos_id)
+    return nxt, done
