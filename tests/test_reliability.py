@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -36,6 +37,21 @@ def losses_by_step(path: Path) -> dict[int, float]:
 
 
 # -- SIGTERM ----------------------------------------------------------------------------------------
+class PauseUntilSignal(L.Callback):
+    """Before step ``step``: writes ``marker`` and waits until the run has received SIGTERM, so the
+    signal lands at a known step however fast or loaded the machine is."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.marker.touch()
+            deadline = time.monotonic() + 120
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
 def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
     for i in range(3):
         (tmp_path / f"d{i}.txt").write_text(make_text(600, i))
@@ -49,7 +65,13 @@ def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
         "trainer.val_check_interval=40",
         "callbacks.samples=null",
     ]
-    env = dict(os.environ, LMLAB_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+    root = str(Path(__file__).resolve().parents[1])  # so the run can import PauseUntilSignal
+    env = dict(
+        os.environ,
+        LMLAB_CACHE=str(tmp_path / "cache"),
+        WANDB_MODE="offline",
+        PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+    )
 
     def start(run: str, *extra: str) -> subprocess.Popen:
         return subprocess.Popen(
@@ -61,21 +83,25 @@ def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
             text=True,
         )
 
-    p = start("stopped")
-    metrics = tmp_path / "stopped" / "metrics.csv"
+    marker = tmp_path / "paused"
+    p = start(
+        "stopped",
+        f"+callbacks.pause._target_={__name__}.PauseUntilSignal",
+        "+callbacks.pause.step=5",
+        f"+callbacks.pause.marker={marker}",
+    )
     deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        if metrics.is_file() and max(losses_by_step(metrics), default=-1) >= 4:
-            break
+    while not marker.is_file() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
-    assert "stopped by a preemption signal after step" in out
+    assert "stopped by a preemption signal after step 6" in out
     ckpt = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
-    stopped_at = ckpt["global_step"]
-    assert 5 <= stopped_at < 40  # a fresh checkpoint: no periodic one was due (every 100 steps)
-    assert max(losses_by_step(metrics)) == stopped_at - 1  # saved after the last logged step
+    # a fresh checkpoint: saved at the end of the step the signal interrupted (none was due before)
+    assert ckpt["global_step"] == 6
+    metrics = tmp_path / "stopped" / "metrics.csv"
+    assert max(losses_by_step(metrics)) == 5  # steps 0..5 logged, none after the checkpoint
 
     resumed = start("stopped", "ckpt_path=last")
     reference = start("reference")
