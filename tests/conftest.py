@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from lmlab.paths import CONF_DIR
 
@@ -113,3 +113,16 @@ def tiny_cfg(compose_cfg, text_files):
         return compose_cfg("data=files", f"data.train=[{files}]", *TINY, *overrides, **kw)
 
     return _tiny
+
+
+def command_cfg(name: str, **values):
+    """The shipped ``conf/<name>.yaml`` (generate or evaluate) composed as its command would, with
+    ``values`` set on top: tests run the commands with their real defaults."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=[f"ckpt_path={values.pop('ckpt_path')}"])
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    return cfg

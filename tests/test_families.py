@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from lmlab.data.base import Example
 from lmlab.data.collate import IGNORE, mlm_mask
@@ -24,7 +23,7 @@ from lmlab.nn.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmlab.registry import MODELS, OBJECTIVES, valid_objectives
 from lmlab.train import check_compatible, train
 
-from .conftest import make_text
+from .conftest import command_cfg, make_text
 
 SMALL = dict(vocab_size=100, n_layers=2, d_model=32, n_heads=4, max_seq_len=64)
 
@@ -262,17 +261,12 @@ def test_every_valid_pair_trains(tiny_cfg, model, objective):
     ckpt = str(objects["output_dir"] / "checkpoints" / "last.ckpt")
     cfg = objects["cfg"]
     m = evaluate(
-        OmegaConf.create(
-            {
-                "ckpt_path": ckpt,
-                "data": None,
-                "seq_len": None,
-                "batch_size": None,
-                "limit_batches": cfg.trainer.limit_val_batches,
-                "output_file": None,
-                "device": "cpu",
-                "paths": {"cache_dir": cfg.paths.cache_dir},
-            }
+        command_cfg(
+            "evaluate",
+            ckpt_path=ckpt,
+            limit_batches=cfg.trainer.limit_val_batches,
+            device="cpu",
+            **{"paths.cache_dir": cfg.paths.cache_dir},
         )
     )
     assert m["loss"] == pytest.approx(metrics["val/loss"], rel=1e-4)
@@ -285,18 +279,8 @@ def test_every_valid_pair_trains(tiny_cfg, model, objective):
         "denoise": "The <|mask|> king",
     }[objective]
     (text,) = generate(
-        OmegaConf.create(
-            {
-                "ckpt_path": ckpt,
-                "prompt": prompt,
-                "max_new_tokens": 5,
-                "temperature": 0,
-                "top_k": None,
-                "top_p": None,
-                "num_samples": 1,
-                "seed": 0,
-                "device": "cpu",
-            }
+        command_cfg(
+            "generate", ckpt_path=ckpt, prompt=prompt, max_new_tokens=5, temperature=0, device="cpu"
         )
     )
     if model == "decoder":

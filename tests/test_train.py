@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from lmlab.checkpoint import load_run
 from lmlab.errors import ConfigError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate
 from lmlab.train import train
+
+from .conftest import command_cfg
 
 OUTPUTS = [
     "metrics.csv",
@@ -91,17 +92,12 @@ def test_checkpoint_carries_tokenizer_and_config(trained):
 
 def test_evaluate_reproduces_the_final_validation(trained):
     cfg, metrics, _, out = trained
-    ecfg = OmegaConf.create(
-        {
-            "ckpt_path": str(out / "checkpoints" / "last.ckpt"),
-            "data": None,
-            "seq_len": None,
-            "batch_size": None,
-            "limit_batches": cfg.trainer.limit_val_batches,
-            "output_file": None,
-            "device": "cpu",
-            "paths": {"cache_dir": cfg.paths.cache_dir},
-        }
+    ecfg = command_cfg(
+        "evaluate",
+        ckpt_path=out / "checkpoints" / "last.ckpt",
+        limit_batches=cfg.trainer.limit_val_batches,
+        device="cpu",
+        **{"paths.cache_dir": cfg.paths.cache_dir},
     )
     m = evaluate(ecfg)
     assert m["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
@@ -114,17 +110,13 @@ def test_evaluate_on_other_files(trained, tmp_path):
     cfg, _, _, out = trained
     other = tmp_path / "held_out.txt"
     other.write_text("Good night, sweet prince.\n" * 50)
-    ecfg = OmegaConf.create(
-        {
-            "ckpt_path": str(out / "checkpoints" / "last.ckpt"),
-            "seq_len": None,
-            "batch_size": None,
-            "limit_batches": None,
-            "output_file": str(tmp_path / "e.json"),
-            "device": "cpu",
-            "paths": {"cache_dir": cfg.paths.cache_dir},
-            "data": {"name": "files", "source": "files", "train": None, "val": str(other)},
-        }
+    ecfg = command_cfg(
+        "evaluate",
+        ckpt_path=out / "checkpoints" / "last.ckpt",
+        output_file=str(tmp_path / "e.json"),
+        device="cpu",
+        data={"name": "files", "source": "files", "train": None, "val": str(other)},
+        **{"paths.cache_dir": cfg.paths.cache_dir},
     )
     m = evaluate(ecfg)
     assert m["bytes"] == len(other.read_bytes()) and m["documents"] == 1
@@ -133,18 +125,14 @@ def test_evaluate_on_other_files(trained, tmp_path):
 
 def test_generate_from_checkpoint_is_greedy_and_deterministic(trained):
     _, _, objects, out = trained
-    gcfg = OmegaConf.create(
-        {
-            "ckpt_path": str(out / "checkpoints" / "last.ckpt"),
-            "prompt": "The king",
-            "max_new_tokens": 10,
-            "temperature": 0,
-            "top_k": None,
-            "top_p": None,
-            "num_samples": 2,
-            "seed": 0,
-            "device": "cpu",
-        }
+    gcfg = command_cfg(
+        "generate",
+        ckpt_path=out / "checkpoints" / "last.ckpt",
+        prompt="The king",
+        max_new_tokens=10,
+        temperature=0,
+        num_samples=2,
+        device="cpu",
     )
     a, b = generate(gcfg)
     assert a == b and a.startswith("The king")
