@@ -379,11 +379,3 @@ def finish_loggers(trainer: L.Trainer) -> None:
             import wandb
 
             wandb.finish()
-
-
-def with_output_dir(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
-    """Copy of ``cfg`` writing into ``output_dir`` (for calls outside a Hydra app)."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
