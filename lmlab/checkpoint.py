@@ -13,24 +13,44 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
 
+SHARDED_META = (
+    "meta.pt"  # what Lightning's sharded (FSDP) checkpoint folder keeps besides the shards
+)
 
-def read_checkpoint(path: str | Path) -> dict:
+
+def is_sharded(path: str | Path) -> bool:
+    """A checkpoint written shard by shard (``trainer=fsdp``) is a folder with a ``meta.pt``."""
+    return (Path(path) / SHARDED_META).is_file()
+
+
+def read_checkpoint(path: str | Path, *, weights: bool = True) -> dict:
+    """The checkpoint at ``path`` (a file, or a sharded folder gathered into one dict on the CPU).
+    ``weights=False`` reads a sharded folder's metadata only (config, tokenizer, hyperparameters)."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if path.is_dir() and not is_sharded(path):
+        raise ConfigError(
+            f"{path} is a folder but not a sharded lmlab checkpoint (no {SHARDED_META}); pass a "
+            ".ckpt file or a sharded checkpoint folder"
+        )
+    if not path.exists():
         raise ConfigError(
             f"checkpoint not found: {path}; pass ckpt_path=<run dir>/checkpoints/last.ckpt"
         )
+    target = path / SHARDED_META if path.is_dir() else path
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(target, map_location="cpu", weights_only=False)
+        if path.is_dir() and weights:
+            ckpt.update(_load_shards(path))
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise ConfigError(
             f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it may be "
             "truncated by an interrupted save: use another checkpoint (e.g. best.ckpt)"
         ) from None
-    if not isinstance(ckpt, dict) or "lmlab" not in ckpt or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "lmlab" not in ckpt or ("state_dict" not in ckpt and weights):
         raise ConfigError(
             f"{path} is not an lmlab checkpoint (no 'lmlab' entry); pass a .ckpt written by "
             "`python -m lmlab`"
@@ -38,12 +58,42 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _load_shards(folder: Path) -> dict:
+    """Gather a ``torch.distributed.checkpoint`` folder into full tensors in this one process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(
+        state,
+        storage_reader=FileSystemReader(folder),
+        planner=_EmptyStateDictLoadPlanner(),
+        no_dist=True,
+    )
+    optimizers = sorted(k for k in state if k.startswith("optimizer_"))
+    if optimizers:
+        state["optimizer_states"] = [state.pop(k) for k in optimizers]
+    return state
+
+
+def consolidate(folder: str | Path, output: str | Path | None = None) -> Path:
+    """Write a sharded checkpoint folder as one ordinary ``.ckpt`` file (weights, optimizer state,
+    everything ``ckpt_path`` needs); the default output is ``<folder>.consolidated.ckpt``."""
+    folder = Path(folder)
+    if not is_sharded(folder):
+        raise ConfigError(f"{folder} is not a sharded checkpoint folder (no {SHARDED_META})")
+    output = Path(output) if output else folder.with_name(folder.name + ".consolidated.ckpt")
+    AtomicCheckpointIO().save_checkpoint(read_checkpoint(folder), output)
+    return output
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu"):
     """Return (LightningModule in eval mode, TextTokenizer, run config) from an lmlab checkpoint."""
     ckpt = read_checkpoint(path)
     info = ckpt["lmlab"]
     hp = dict(ckpt["hyper_parameters"])
-    hp["compile"] = False
+    hp["compile"] = hp["activation_checkpointing"] = False
     module = get_class(info["model_class"])(**hp)
     module.load_state_dict(ckpt["state_dict"])
     tokenizer = TextTokenizer.from_str(info["tokenizer"], kind="checkpoint")
@@ -51,3 +101,27 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     module.extra_checkpoint = info
     cfg: DictConfig = OmegaConf.create(info["config"])
     return module.to(device).eval(), tokenizer, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lmlab.checkpoint",
+        description="Checkpoint utilities. `consolidate`: one .ckpt file from a sharded "
+        "(trainer=fsdp) checkpoint folder, for sharing or for tools that want a single file "
+        "(lmlab's generate and evaluate also read the folder directly).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consolidate", help="sharded folder -> one .ckpt file")
+    c.add_argument("folder", help="e.g. <run dir>/checkpoints/last.ckpt (a folder under fsdp)")
+    c.add_argument("output", nargs="?", help="default: <folder>.consolidated.ckpt")
+    args = parser.parse_args(argv)
+    try:
+        print(consolidate(args.folder, args.output))
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

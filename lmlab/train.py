@@ -133,9 +133,14 @@ def _wandb_key_saved() -> bool:
         return False
 
 
+# Module arguments that may change between a run and its resumption: they change how the model is
+# optimised or executed, not the weights' shapes.
+RUNTIME_SETTINGS = ("optim", "compile", "activation_checkpointing")
+
+
 def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> None:
     """Refuse to resume a checkpoint trained with another tokenizer or model shape."""
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, weights=False)
     if ckpt["lmlab"].get("tokenizer") != tokenizer.to_str():
         raise ConfigError(
             f"{ckpt_path} was trained with a different tokenizer than this run's; resume with "
@@ -143,8 +148,8 @@ def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> 
         )
     saved, now = ckpt.get("hyper_parameters", {}), dict(model.hparams)
     for key in sorted(set(saved) | set(now)):
-        if key in ("optim", "compile") or saved.get(key) == now.get(key):
-            continue  # optimizer settings and compile may change between runs
+        if key in RUNTIME_SETTINGS or saved.get(key) == now.get(key):
+            continue
         raise ConfigError(
             f"{ckpt_path} does not fit this model: model.{key} is {saved.get(key)!r} in the "
             f"checkpoint but {now.get(key)!r} now; use the checkpoint's settings to resume"
@@ -179,17 +184,23 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last``: the run folder's ``checkpoints/last.ckpt`` (an error if missing). ``auto``: the same
+    when it exists, else a fresh start: what a requeued job (SLURM, submitit) passes so that its
+    first start and every restart run the same command. A sharded checkpoint is a folder."""
     if not ckpt_path:
         return None
-    if ckpt_path == "last":
+    if ckpt_path in ("last", "auto"):
         path = output_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise ConfigError(
-                f"ckpt_path=last but {path} does not exist; point hydra.run.dir (or paths.output_dir) "
-                "at the run to resume, or pass ckpt_path=<file>"
-            )
-        return str(path)
-    if not Path(ckpt_path).is_file():
+        if path.exists():
+            return str(path)
+        if ckpt_path == "auto":
+            return None
+        raise ConfigError(
+            f"ckpt_path=last but {path} does not exist; point hydra.run.dir (or paths.output_dir) "
+            "at the run to resume, pass ckpt_path=<file>, or ckpt_path=auto to start fresh when "
+            "there is none"
+        )
+    if not Path(ckpt_path).exists():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass an existing .ckpt file")
     return ckpt_path
 
@@ -228,13 +239,25 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
     )
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):
+        skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
+        trainer_cfg.accumulate_grad_batches = accumulation(cfg)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+    )
     model = build(
         cfg.model,
         vocab_size=tokenizer.vocab_size,
         special_ids=tokenizer.special,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=cfg.compile,
+        activation_checkpointing=cfg.activation_checkpointing,
+        init_device="meta" if getattr(trainer.strategy, "meta_init", False) else None,
     )
+    model.skip_nonfinite = skip_nonfinite
     model.set_token_bytes(tokenizer.token_bytes())
     model.extra_checkpoint = {
         "version": __version__,
@@ -244,15 +267,6 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     }
     if ckpt_path:
         check_resume_compatible(ckpt_path, tokenizer, model)
-    trainer_cfg = cfg.trainer.copy()
-    with open_dict(trainer_cfg):
-        model.skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
-        trainer_cfg.accumulate_grad_batches = accumulation(cfg)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
-    )
     return {
         "cfg": cfg,
         "tokenizer": tokenizer,

@@ -17,10 +17,10 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmlab import flops
+from lmlab.parallel import FSDP
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,18 @@ class Samples(L.Callback):
         self.rows: list[list] = []
         self.last: list[str] = []
 
-    @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
+        # Sharded weights are gathered collectively: every rank generates (the same text, from the
+        # same seed), rank 0 writes. Unsharded, rank 0 alone generates.
+        sharded = isinstance(trainer.strategy, FSDP)
+        if not (sharded or trainer.is_global_zero):
+            return
         dm = trainer.datamodule
         self.last = pl_module.samples(dm.tokenizer, dm, **self.settings)
+        if not trainer.is_global_zero:
+            return
         step = trainer.global_step
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:

@@ -7,6 +7,7 @@ perplexity, bits per byte, AdamW with decay / no-decay groups, warmup + cosine p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from lmlab import flops
 from lmlab.data.collate import IGNORE
 from lmlab.errors import NonFiniteLoss
 from lmlab.metrics import BitsPerByte, Perplexity
+from lmlab.parallel import FSDP, parallelize
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,20 @@ class LMModule(L.LightningModule):
         special_ids: dict[str, int],
         optim: dict,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         name: str = "",
+        init_device: str | None = None,
         **backbone,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["init_device"])
         self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
         self.optim_cfg, self.compile_backbone = dict(optim), compile
+        self.activation_checkpointing = activation_checkpointing
         self.config = self.config_class(vocab_size=vocab_size, **backbone)
-        self.backbone = self.backbone_class(self.config)
+        # init_device="meta": no memory until `configure_model` shards and materialises it (FSDP)
+        with torch.device(init_device) if init_device else contextlib.nullcontext():
+            self.backbone = self.backbone_class(self.config)
         self.val_loss, self.val_ppl, self.val_bpb = MeanMetric(), Perplexity(), BitsPerByte()
         self.val_acc = MeanMetric()
         # UTF-8 bytes of each token id (0 for specials); set from the tokenizer by `set_token_bytes`.
@@ -92,9 +99,19 @@ class LMModule(L.LightningModule):
         self.token_bytes = tb.to(self.token_bytes.device)
 
     def configure_model(self) -> None:
-        if self.compile_backbone and not getattr(self, "_compiled", False):
-            self.backbone.compile()  # in place: parameter names (and checkpoints) stay the same
-            self._compiled = True
+        """Activation checkpointing, compile and FSDP sharding (:func:`lmlab.parallel.parallelize`),
+        once, when the trainer sets up (Lightning calls this hook under every strategy)."""
+        if getattr(self, "_configured", False):
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        parallelize(
+            self.backbone,
+            activation_checkpointing=self.activation_checkpointing,
+            compile=self.compile_backbone,
+            fsdp=strategy if isinstance(strategy, FSDP) else None,
+            device=strategy.root_device if strategy is not None else None,
+        )
+        self._configured = True
 
     def num_params(self, non_embedding: bool = True) -> int:
         return self.backbone.num_params(non_embedding)

@@ -82,6 +82,7 @@ class Decoder(nn.Module):
     """Causal language model: ``forward(input_ids) -> logits`` of shape (B, T, padded_vocab)."""
 
     block_class = Block  # what strategies wrap (FSDP units, activation checkpointing)
+    fsdp_methods = ("generate",)  # entry points besides forward that FSDP must gather for
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()

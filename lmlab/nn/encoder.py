@@ -31,6 +31,7 @@ class Encoder(nn.Module):
     """``forward(input_ids, attention_mask) -> logits`` (B, S, V) at every position."""
 
     block_class = Block
+    fsdp_methods = ("encode",)  # entry points besides forward (lmlab.parallel)
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -46,9 +47,12 @@ class Encoder(nn.Module):
         )
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
-        init_weights(self, c.n_layers, c.init_std)
+        self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.config.n_layers, self.config.init_std)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -42,6 +42,7 @@ class EncoderDecoderConfig(DecoderConfig):
 
 class EncoderDecoder(nn.Module):
     block_class = (Block, CrossBlock)
+    fsdp_methods = ("encode", "generate")  # entry points besides forward (lmlab.parallel)
 
     def __init__(self, config: EncoderDecoderConfig) -> None:
         super().__init__()
@@ -59,9 +60,13 @@ class EncoderDecoder(nn.Module):
         )
         self.dec_norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
-        init_weights(self, c.n_layers + c.n_decoder_layers, c.init_std)
+        self.reset_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        c = self.config
+        init_weights(self, c.n_layers + c.n_decoder_layers, c.init_std)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,148 @@
+"""Parallelism applied to a backbone from outside: activation checkpointing, compile, FSDP2.
+
+Backbones (:mod:`lmlab.nn`) are single-device modules that name their repeated block class
+(``block_class``); this module wraps those blocks without renaming any parameter, so checkpoints are
+the same with and without these options. ``LMModule.configure_model`` calls :func:`parallelize` in
+the order that works for all three together (as in torchtitan): checkpointing, then compile, then
+sharding, then materialising a meta-device model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32}
+
+
+class FSDP(ModelParallelStrategy):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) over every process of the run, through
+    Lightning's ``ModelParallelStrategy``: each Transformer block is one sharding unit, the embedding,
+    final norm and (tied) head form the root unit.
+
+    Args:
+        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3, least
+            memory) instead of keeping them for the backward (ZeRO-2, one all-gather less per block).
+        param_dtype: ``bf16`` to gather weights and compute in bfloat16 while the sharded master
+            weights and the optimizer stay in fp32 (FSDP's mixed precision; use with
+            ``trainer.precision=32-true``, not on top of Lightning's autocast). ``null``: as stored.
+        meta_init: build the backbone on the meta device (no memory), shard it, then allocate and
+            initialise only this rank's shard, for models that do not fit one device unsharded.
+        save_distributed_checkpoint: ``true``: each rank writes its shard (a checkpoint is a
+            folder; ``python -m lmlab.checkpoint consolidate`` makes one file of it, and generate /
+            evaluate read the folder directly). ``false``: rank 0 gathers one ordinary file.
+    """
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        param_dtype: str | None = None,
+        meta_init: bool = False,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        if param_dtype is not None and param_dtype not in DTYPES:
+            raise ValueError(
+                f"trainer.strategy.param_dtype={param_dtype!r} is not one of {sorted(DTYPES)} or null"
+            )
+        self.reshard_after_forward = reshard_after_forward
+        self.param_dtype = param_dtype
+        self.meta_init = meta_init
+
+    def setup_environment(self) -> None:
+        # One data-parallel dimension over all processes (Lightning's "auto" would make it 2-D:
+        # data-parallel across nodes, tensor-parallel within one).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def shard(self, backbone: nn.Module) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy()
+        if self.param_dtype:
+            policy = MixedPrecisionPolicy(
+                param_dtype=DTYPES[self.param_dtype], reduce_dtype=torch.float32
+            )
+        for block in blocks(backbone):
+            fully_shard(
+                block, mesh=mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy
+            )
+        fully_shard(backbone, mesh=mesh, mp_policy=policy)
+        # Entry points other than forward must gather the root unit's weights too.
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        for method in getattr(backbone, "fsdp_methods", ()):
+            register_fsdp_forward_method(backbone, method)
+
+
+def blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's repeated Transformer blocks, in order (the units strategies wrap)."""
+    return [m for m in backbone.modules() if isinstance(m, backbone.block_class)]
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_blocks(backbone: nn.Module) -> None:
+    """Activation checkpointing: each block keeps only its input and recomputes its activations in
+    the backward pass (about a third more compute for a fraction of the activation memory). The
+    block's ``forward`` is wrapped in place, so parameter names do not change."""
+    for block in blocks(backbone):
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def materialize(backbone: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device (possibly sharded) backbone on ``device`` and initialise it: each
+    submodule's own ``reset_parameters`` (norm gains, rotary tables), then the backbone's."""
+    # Swap the tensors inside the existing Parameter objects rather than replacing them, so a
+    # parameter shared by two modules (tied embedding and head) stays one parameter.
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        backbone.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    for module in backbone.modules():
+        if module is not backbone and callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+    backbone.reset_parameters()
+
+
+def parallelize(
+    backbone: nn.Module,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    fsdp: FSDP | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Apply the options in place, in the order that composes (torchtitan's): checkpointing wraps
+    the blocks, compile compiles each block when sharding (the FSDP hooks stay outside the graphs)
+    or the whole backbone otherwise, FSDP shards, and a meta-device backbone is materialised last,
+    so only each rank's shard is ever allocated."""
+    if activation_checkpointing:
+        checkpoint_blocks(backbone)
+    if compile:
+        if fsdp is not None:
+            for block in blocks(backbone):
+                block.compile()
+        else:
+            backbone.compile()  # in place: parameter names (and checkpoints) stay the same
+    if fsdp is not None:
+        fsdp.shard(backbone)
+    if any(p.is_meta for p in backbone.parameters()):
+        materialize(backbone, device or torch.device("cpu"))

@@ -1,0 +1,146 @@
+"""lmlab.parallel in one process: activation checkpointing, meta-device init, compile, precision."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from lmlab.models.decoder import DecoderLM
+from lmlab.models.encoder_decoder import EncoderDecoderLM
+from lmlab.nn.blocks import Block, CrossBlock
+from lmlab.parallel import blocks
+from lmlab.train import resolve_ckpt_path
+
+SMALL = dict(n_layers=3, d_model=32, n_heads=2, max_seq_len=16)
+OPTIM = {"lr": 1e-3, "weight_decay": 0.1}
+
+
+def decoder(**kw) -> DecoderLM:
+    torch.manual_seed(0)
+    return DecoderLM(vocab_size=100, special_ids={"eos": 0}, optim=OPTIM, **SMALL, **kw)
+
+
+def batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (4, 17), generator=g)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+def loss_and_grads(model: DecoderLM) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.configure_model()
+    nll, count, *_ = model.nll(batch())
+    loss = nll / count
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_and_recomputes():
+    plain_loss, plain_grads = loss_and_grads(decoder())
+    model = decoder(activation_checkpointing=True)
+    calls = []
+    for block in blocks(model.backbone):
+        block.attn.register_forward_hook(lambda *_: calls.append(1))
+    loss, grads = loss_and_grads(model)
+    # The same operations in the same order: bit-identical on CPU.
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()  # parameter names unchanged (checkpoints match)
+    for name, g in grads.items():
+        assert torch.equal(g, plain_grads[name]), name
+    # Each block ran twice: once in the forward, once recomputed in the backward.
+    assert len(calls) == 2 * SMALL["n_layers"]
+    # No recomputation (and no checkpoint overhead) without gradients.
+    calls.clear()
+    with torch.no_grad():
+        model.nll(batch())
+    assert len(calls) == SMALL["n_layers"]
+
+
+def test_blocks_are_the_backbones_named_block_class():
+    m = EncoderDecoderLM(
+        vocab_size=100,
+        special_ids={"eos": 0, "pad": 1},
+        optim=OPTIM,
+        n_layers=2,
+        n_decoder_layers=3,
+        d_model=32,
+        n_heads=2,
+    )
+    kinds = [type(b) for b in blocks(m.backbone)]
+    assert kinds == [Block, Block, CrossBlock, CrossBlock, CrossBlock]
+
+
+def test_meta_init_materialises_the_same_initialisation():
+    ref = decoder().backbone
+    model = decoder(init_device="meta")
+    assert all(p.is_meta for p in model.backbone.parameters())
+    model.configure_model()  # no strategy: materialised on the CPU
+    bb = model.backbone
+    assert not any(p.is_meta for p in bb.parameters())
+    assert not any(b.is_meta for b in bb.buffers())
+    assert bb.lm_head.weight is bb.embed.weight  # the tie survives materialisation
+    for name, p in bb.named_parameters():
+        if p.dim() < 2:
+            assert torch.equal(p, torch.ones_like(p)), name  # norm gains start at one
+    for name, b in bb.named_buffers():
+        assert torch.equal(b, dict(ref.named_buffers())[name]), name  # rotary tables
+    # GPT-2 init: N(0, 0.02), residual output projections N(0, 0.02 / sqrt(2 L)); the sample std
+    # of >= 3072 draws is within 10% of sigma with overwhelming probability.
+    scaled = 0.02 / math.sqrt(2 * SMALL["n_layers"])
+    for name, p in bb.named_parameters():
+        if p.dim() >= 2:
+            expected = scaled if name.endswith(("attn.out.weight", "mlp.down.weight")) else 0.02
+            assert p.std().item() == pytest.approx(expected, rel=0.1), name
+            assert abs(p.mean().item()) < expected / 5, name
+    # Near-uniform predictions at the start, over the padded vocabulary, as an ordinary model's.
+    loss, _ = loss_and_grads(model)
+    assert loss.item() == pytest.approx(math.log(bb.config.padded_vocab_size), rel=0.02)
+
+
+def test_bf16_autocast_matches_fp32_within_bfloat16_precision():
+    model = decoder()
+    model.configure_model()
+    with torch.no_grad():
+        nll, count, *_ = model.nll(batch())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll16, count16, *_ = model.nll(batch())
+    assert count16 == count
+    # bfloat16 keeps 8 bits of mantissa (relative error 2^-8 per rounding); the loss is computed
+    # in fp32 from bf16 logits, so it agrees to well under 1%.
+    assert (nll16 / count16).item() == pytest.approx((nll / count).item(), rel=1e-2)
+    model_bf16 = decoder().to(torch.bfloat16)
+    with torch.no_grad():
+        nll_b, count_b, *_ = model_bf16.nll(batch())
+    assert (nll_b / count_b).item() == pytest.approx((nll / count).item(), rel=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="torch.compile on CPU (inductor) needs a C compiler",
+)
+def test_compiled_backbone_matches_eager():
+    eager_loss, eager_grads = loss_and_grads(decoder())
+    model = decoder(compile=True)
+    loss, grads = loss_and_grads(model)
+    assert model.backbone._compiled_call_impl is not None  # compiled in place, names unchanged
+    assert grads.keys() == eager_grads.keys()
+    # Inductor fuses and reorders float operations: equal to float32 rounding, not bit for bit.
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_ckpt_path_auto_resumes_when_last_exists_and_starts_fresh_otherwise(tmp_path):
+    assert resolve_ckpt_path("auto", tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    assert resolve_ckpt_path("auto", tmp_path) == str(last)
+    assert resolve_ckpt_path("last", tmp_path) == str(last)
+    # A sharded (fsdp) checkpoint is a folder.
+    last.unlink()
+    last.mkdir()
+    assert resolve_ckpt_path("auto", tmp_path) == str(last)
