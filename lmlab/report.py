@@ -5,6 +5,10 @@ here) from every run folder under ``sweep_dir`` (Hydra's ``multirun/<date>/<time
 depth): a table of final metrics sorted by the optimised metric, learning curves against tokens seen,
 and one scatter plot per swept parameter. A folder is a run when it holds ``summary.json`` (written at
 the end of training: finished) or ``metrics.csv`` (written while training: unfinished without a summary).
+
+``--wandb`` also creates a W&B Report (``wandb-workspaces``, ``pip install -e ".[wandb]"``) for the
+sweep's W&B group with the same panels: :func:`build_wandb_report` builds it without any network call,
+only ``Report.save()`` talks to the server.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -528,6 +534,16 @@ def render(runs: list[Run], sweep_dir: Path, metric: str, maximize: bool = False
     return "\n".join(parts)
 
 
+def check_metric(runs: list[Run], sweep_dir: Path, metric: str) -> None:
+    """ConfigError when finished runs exist and none has ``metric`` in its summary."""
+    finished_keys = sorted({k for r in runs for k in r.summary})
+    if finished_keys and metric not in finished_keys:
+        raise ConfigError(
+            f"no run in {sweep_dir} has the metric {metric!r} in its summary.json; "
+            f"choose one of: {', '.join(finished_keys)}"
+        )
+
+
 def build_report(
     sweep_dir: str | Path,
     out: str | Path | None = None,
@@ -537,17 +553,354 @@ def build_report(
     """Write the HTML report of the sweep (default ``<sweep_dir>/report.html``); return its path."""
     sweep_dir = Path(sweep_dir)
     runs = collect_runs(sweep_dir)
-    finished_keys = sorted({k for r in runs for k in r.summary})
-    if finished_keys and metric not in finished_keys:
-        raise ConfigError(
-            f"no run in {sweep_dir} has the metric {metric!r} in its summary.json; "
-            f"choose one of: {', '.join(finished_keys)}"
-        )
+    check_metric(runs, sweep_dir, metric)
     out = Path(out) if out is not None else sweep_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(runs, sweep_dir, metric, maximize), encoding="utf-8")
     log.info("wrote %s (%d runs)", out, len(runs))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# W&B Report (wandb-workspaces)
+
+WANDB_EXTRA_HINT = 'pip install -e ".[wandb]"'  # the extra that brings wandb-workspaces
+WANDB_X_AXIS = "trainer/global_step"  # logged with every row by Lightning's WandbLogger
+
+
+@dataclass
+class WandbTarget:
+    """Where a sweep's runs went on W&B: what a report needs to find them."""
+
+    entity: str | None
+    project: str
+    groups: list[str]  # the runs' W&B groups (one for one sweep)
+
+
+def _load_yaml_config(path: Path) -> Any:
+    """A saved Hydra file as an OmegaConf node, None when missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # a truncated file must not stop the report
+        log.warning("cannot read %s: %s", path, e)
+        return None
+
+
+def _select(cfg: Any, key: str) -> Any:
+    """``cfg.key`` resolved, None when missing or not resolvable outside the run (``${hydra:...}``)."""
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except Exception:
+        return None
+
+
+def logged_to_wandb(run_dir: Path) -> bool:
+    """Whether the run's config had a W&B logger (``logger=wandb``)."""
+    cfg = _load_yaml_config(run_dir / ".hydra" / "config.yaml")
+    return cfg is not None and OmegaConf.select(cfg, "logger.wandb", default=None) is not None
+
+
+def wandb_group(run_dir: Path) -> str | None:
+    """The W&B group ``lmlab.loggers.wandb_logger`` gave the run in ``run_dir``: ``logger.wandb.group``
+    (the ``wandb_group`` key) when set, else, in a multirun, :func:`lmlab.loggers.sweep_identity` of the
+    sweep folder; None for a single run without a group.
+
+    The sweep folder is ``hydra.sweep.dir`` as saved in ``.hydra/hydra.yaml`` when it is a plain path.
+    Hydra saves it unresolved, and the default one holds ``${now:...}``, which only meant the launch
+    time in the launching process: then the run folder on disk minus ``hydra.sweep.subdir`` is the
+    sweep folder (the group keeps its last three parts, the same whichever way it was spelt as long as
+    it has three)."""
+    from lmlab.loggers import sweep_identity  # imports Lightning: only for --wandb
+
+    cfg = _load_yaml_config(run_dir / ".hydra" / "config.yaml")
+    group = _select(cfg, "logger.wandb.group") if cfg is not None else None
+    if group is None and cfg is not None:
+        group = _select(cfg, "wandb_group")
+    if group:
+        return str(group)
+    hydra_cfg = _load_yaml_config(run_dir / ".hydra" / "hydra.yaml")
+    if (
+        hydra_cfg is None
+        or str(OmegaConf.select(hydra_cfg, "hydra.mode", default="")) != "MULTIRUN"
+    ):
+        return None
+    raw = OmegaConf.to_container(hydra_cfg.hydra.sweep, resolve=False).get("dir")  # type: ignore[union-attr]
+    if isinstance(raw, str) and raw and "${" not in raw:
+        return sweep_identity(raw, "")[0]
+    subdir = _select(hydra_cfg, "hydra.sweep.subdir")
+    depth = len(Path(str(subdir)).parts) if subdir not in (None, "") else 1
+    return sweep_identity(str(run_dir.resolve().parents[depth - 1]), "")[0]
+
+
+def _config_value(runs: list[Run], key: str) -> str | None:
+    """The one non-null value of ``key`` in the runs' configs; ConfigError when they disagree."""
+    values = set()
+    for run in runs:
+        cfg = _load_yaml_config(run.path / ".hydra" / "config.yaml")
+        value = _select(cfg, key) if cfg is not None else None
+        if value is not None:
+            values.add(str(value))
+    if len(values) > 1:
+        flag = "--" + key.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"the runs logged to different W&B {key} values ({', '.join(sorted(values))}): "
+            f"choose one with {flag}"
+        )
+    return values.pop() if values else None
+
+
+def wandb_target(
+    runs: list[Run],
+    entity: str | None = None,
+    project: str | None = None,
+    group: str | None = None,
+) -> WandbTarget:
+    """Entity, project and groups of the runs: the arguments when given, else the runs' configs
+    (``logger.wandb.entity`` / ``project``, as the runs were logged), else ``WANDB_ENTITY`` /
+    ``WANDB_PROJECT``; entity None means the account's default entity. Reads files only."""
+    logged = [r for r in runs if logged_to_wandb(r.path)]
+    if not logged and group is None:
+        raise ConfigError(
+            "no run of this sweep was logged to W&B (their .hydra/config.yaml has no logger.wandb): "
+            "run the sweep with logger=wandb, or name the W&B group with --group"
+        )
+    logged = logged or runs
+    entity = (
+        entity or _config_value(logged, "logger.wandb.entity") or os.environ.get("WANDB_ENTITY")
+    )
+    project = (
+        project or _config_value(logged, "logger.wandb.project") or os.environ.get("WANDB_PROJECT")
+    )
+    if not project:
+        raise ConfigError(
+            "cannot tell the runs' W&B project (no logger.wandb.project in their config): "
+            "pass --project or set WANDB_PROJECT"
+        )
+    if group is not None:
+        return WandbTarget(entity, project, [group])
+    groups = {r.path: wandb_group(r.path) for r in logged}
+    missing = [r.path for r, g in zip(logged, groups.values(), strict=True) if g is None]
+    if missing:
+        raise ConfigError(
+            f"cannot tell the W&B group of {', '.join(map(str, missing))}: not part of a multirun "
+            "and no wandb_group set; pass the group with --group"
+        )
+    return WandbTarget(entity, project, sorted({g for g in groups.values() if g is not None}))
+
+
+def require_wandb_credentials() -> None:
+    """Creating a report needs W&B credentials: say so before any network call (W&B's own check,
+    ``wandb.login``, would prompt or fix the process's W&B settings)."""
+    from lmlab.train import _wandb_key_saved
+
+    if not (os.environ.get("WANDB_API_KEY") or _wandb_key_saved()):
+        raise ConfigError(
+            "--wandb creates the report on the W&B server, but W&B has no credentials: run "
+            "`wandb login` (or set WANDB_API_KEY), or leave out --wandb for the HTML report alone"
+        )
+
+
+@cache
+def _workspaces() -> tuple[Any, Any, type, type]:
+    """``(wr, expr, ScatterPlot, ParallelCoordinatesPlotColumn)`` of wandb-workspaces, the two panel
+    classes reading ``wr.Config`` keys as lmlab logs them.
+
+    lmlab logs its config flat (``{"model.n_layers": 4}``), which W&B stores as
+    ``config["model.n_layers"].value``; wandb-workspaces (0.4.13) writes ``wr.Config("model.n_layers")``
+    as the nested key ``config:model.value.n_layers``, which such runs do not have. The subclasses write
+    ``config:model.n_layers.value`` instead."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        from wandb_workspaces import expr
+    except ImportError as e:
+        raise ConfigError(
+            f"--wandb needs the wandb-workspaces package ({e}): {WANDB_EXTRA_HINT}"
+        ) from None
+
+    class ScatterPlot(wr.ScatterPlot):
+        def _to_model(self):
+            model = super()._to_model()
+            for axis in ("x", "y", "z"):
+                metric = getattr(self, axis)
+                if isinstance(metric, wr.Config):
+                    setattr(model.config, f"{axis}_axis", f"config:{metric.name}.value")
+            return model
+
+    class ParallelCoordinatesPlotColumn(wr.ParallelCoordinatesPlotColumn):
+        def _to_model(self):
+            model = super()._to_model()
+            if isinstance(self.metric, wr.Config):
+                model.accessor = f"config:{self.metric.name}.value"
+            return model
+
+    return wr, expr, ScatterPlot, ParallelCoordinatesPlotColumn
+
+
+def group_filter_v2(groups: list[str]) -> dict:
+    """The run filter "group is one of ``groups``" in the form W&B stores (filterV2)."""
+    return {
+        "filterFormat": "filterV2",
+        "filters": [
+            {
+                "key": {"section": "run", "name": "group"},
+                "op": "IN",
+                "value": list(groups),
+                "disabled": False,
+            }
+        ],
+    }
+
+
+def saved_filters(runset: Any) -> dict:
+    """The filters ``runset`` sends when saved, computed as ``Runset._to_model`` does (no network)."""
+    _, expr, _, _ = _workspaces()
+    stash = getattr(runset, "_stashed_filters_v2", None)
+    if stash is not None and runset.filters == getattr(runset, "_stashed_filter_string", None):
+        return stash
+    return expr.filters_tree_to_v2(expr.expr_to_filters(runset.filters))
+
+
+def _group_runset(target: WandbTarget, columns: list[str], order: Any, hidden: bool = False) -> Any:
+    wr, expr, _, _ = _workspaces()
+    runset = wr.Runset(
+        entity=target.entity or "",
+        project=target.project,
+        name=f"group {', '.join(target.groups)}",
+        filters=[expr.Metric("Group").isin(list(target.groups))],
+        order=[order],
+        visible_columns=columns,
+        column_order=columns,
+    )
+    # wandb-workspaces keeps filters as a string and parses it again when saving, which turns an "="
+    # inside a value into "==" (sweep_identity keeps "=" in groups): then keep the exact filter
+    # beside the string, as the library does for a report it loaded.
+    exact = group_filter_v2(target.groups)
+    if saved_filters(runset) != exact:
+        runset._stashed_filters_v2 = exact
+        runset._stashed_filter_string = runset.filters
+    return runset
+
+
+def build_wandb_report(
+    runs: list[Run],
+    target: WandbTarget,
+    metric: str = "val/bpb",
+    maximize: bool = False,
+    title: str | None = None,
+    description: str = "",
+) -> Any:
+    """The W&B Report (a ``wandb_workspaces.reports.v2.Report``, not saved) with the HTML report's
+    panels for the runs of ``target.groups``: the runs table (the run set's table: swept parameters and
+    final metrics, sorted by ``metric``), ``val/bpb`` and ``train/loss`` (and ``metric``) against the
+    optimizer step, and ``metric`` against each swept parameter (one scatter plot each, plus a
+    parallel-coordinates plot of them all). No network call: ``target.entity`` must be known."""
+    wr, _, ScatterPlot, Column = _workspaces()
+    if not target.entity:
+        raise ConfigError("build_wandb_report needs the W&B entity (wandb_target found none)")
+    runs = sort_runs(runs, metric, maximize)
+    swept = swept_parameters(runs)
+    summary_keys = sorted({k for r in runs for k in r.summary} - {metric})
+    columns = (
+        [f"config:{k}.value" for k in swept]
+        + [f"summary:{metric}"]
+        + [f"summary:{k}" for k in summary_keys]
+    )
+    order = wr.OrderBy(wr.SummaryMetric(metric), ascending=not maximize)
+    tokens = sorted({r.tokens_per_step for r in runs})
+    x_title = "optimizer steps (trainer/global_step)" + (
+        f", {tokens[0]:,} tokens each" if len(tokens) == 1 and tokens[0] > 1 else ""
+    )
+    curve_metrics = list(CURVES) + ([metric] if metric not in CURVES else [])
+    curves = [
+        wr.LinePlot(
+            title=f"{m} vs optimizer steps",
+            x=WANDB_X_AXIS,
+            y=[m],
+            title_x=x_title,
+            title_y=m,
+            layout=wr.Layout(x=8 * (i % 3), y=8 * (i // 3), w=8, h=8),
+        )
+        for i, m in enumerate(curve_metrics)
+    ]
+    scatters = []
+    for i, p in enumerate(swept):
+        values = [_as_float(r.overrides[p]) for r in runs if p in r.overrides]
+        numbers = [v for v in values if v is not None]
+        log_x = (
+            len(numbers) == len(values) and min(numbers) > 0 and max(numbers) / min(numbers) >= 10
+        )
+        scatters.append(
+            ScatterPlot(
+                title=f"{metric} vs {p}",
+                x=wr.Config(p),
+                y=wr.SummaryMetric(metric),
+                log_x=log_x or None,
+                layout=wr.Layout(x=8 * (i % 3), y=8 * (i // 3), w=8, h=8),
+            )
+        )
+    if swept:
+        scatters.append(
+            wr.ParallelCoordinatesPlot(
+                title=f"{metric} vs swept parameters",
+                columns=[Column(wr.Config(p), display_name=p) for p in swept]
+                + [Column(wr.SummaryMetric(metric), display_name=metric)],
+                layout=wr.Layout(x=0, y=8 * ((len(swept) + 2) // 3), w=24, h=10),
+            )
+        )
+    direction = "higher" if maximize else "lower"
+    blocks = [
+        wr.P(
+            f"{len(runs)} runs of W&B group {', '.join(target.groups)}, sorted by {metric} "
+            f"({direction} is better). {description}".strip()
+        ),
+        wr.H2("Learning curves"),
+        wr.PanelGrid(runsets=[_group_runset(target, columns, order)], panels=curves),
+        wr.H2("Swept parameters"),
+    ]
+    if scatters:
+        blocks.append(
+            wr.PanelGrid(
+                runsets=[_group_runset(target, columns, order)],
+                panels=scatters,
+                hide_run_sets=True,  # the same table as above
+            )
+        )
+    else:
+        blocks.append(wr.P("No override differs between runs."))
+    return wr.Report(
+        entity=target.entity,
+        project=target.project,
+        title=title or f"lmlab sweep {', '.join(target.groups)}"[:128],
+        description=f"{metric} ({direction} is better)",
+        blocks=blocks,
+        width="fluid",
+    )
+
+
+def create_wandb_report(
+    sweep_dir: str | Path,
+    metric: str = "val/bpb",
+    maximize: bool = False,
+    entity: str | None = None,
+    project: str | None = None,
+    group: str | None = None,
+) -> str:
+    """Build the sweep's W&B Report and save it on the server; return its URL. Checks the package,
+    the credentials and the runs before the first network call."""
+    _workspaces()
+    require_wandb_credentials()
+    runs = collect_runs(sweep_dir)
+    check_metric(runs, Path(sweep_dir), metric)
+    target = wandb_target(runs, entity, project, group)
+    if target.entity is None:  # the account's default entity, as the runs were logged
+        import wandb
+
+        target.entity = wandb.Api().default_entity
+    report = build_wandb_report(runs, target, metric, maximize, description=f"Sweep {sweep_dir}.")
+    report.save()
+    return report.url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,13 +929,42 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="higher is better for --metric (e.g. val/acc); default: lower is better",
     )
+    wandb_args = parser.add_argument_group(
+        "W&B", f"--wandb also creates a W&B Report of the sweep's W&B group ({WANDB_EXTRA_HINT})"
+    )
+    wandb_args.add_argument(
+        "--wandb", action="store_true", help="also create a W&B Report (needs `wandb login`)"
+    )
+    wandb_args.add_argument(
+        "--entity",
+        default=None,
+        help="W&B entity (default: logger.wandb.entity of the runs, WANDB_ENTITY, your default)",
+    )
+    wandb_args.add_argument(
+        "--project",
+        default=None,
+        help="W&B project (default: logger.wandb.project of the runs, WANDB_PROJECT)",
+    )
+    wandb_args.add_argument(
+        "--group",
+        default=None,
+        help="W&B group of the runs (default: the one lmlab gave the sweep's runs)",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.wandb:  # fail before any work without the package or credentials
+            _workspaces()
+            require_wandb_credentials()
         path = build_report(args.sweep_dir, args.out, args.metric, args.maximize)
+        print(path)
+        if args.wandb:
+            url = create_wandb_report(
+                args.sweep_dir, args.metric, args.maximize, args.entity, args.project, args.group
+            )
+            print(url)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(path)
     return 0
 
 

@@ -308,3 +308,258 @@ def test_cli_writes_the_report_and_fails_cleanly(sweep: Path, tmp_path: Path) ->
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: sweep folder ") and str(tmp_path / "missing") in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# W&B Report (--wandb): built offline, inspected, never saved
+
+GROUP = (
+    "multirun-2025-01-31-12-00-00"  # sweep_identity of the fixture's multirun/2025-01-31/12-00-00
+)
+WANDB_CONFIG = """\
+wandb_group: null
+logger:
+  wandb:
+    project: lmlab
+    entity: team
+    group: ${wandb_group}
+"""
+HYDRA_MULTIRUN = """\
+hydra:
+  sweep:
+    dir: %s
+    subdir: ${hydra.job.num}
+  mode: MULTIRUN
+  job:
+    num: %d
+"""
+DEFAULT_SWEEP_DIR = "${paths.root_dir}/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"  # conf/hydra
+
+
+def as_wandb_sweep(root: Path, sweep_dir: str = DEFAULT_SWEEP_DIR, config: str = WANDB_CONFIG):
+    """Make the fixture's runs look like a ``logger=wandb`` multirun (config.yaml, hydra.yaml)."""
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        (run_dir / ".hydra" / "config.yaml").write_text(CONFIG + config)
+        (run_dir / ".hydra" / "hydra.yaml").write_text(
+            HYDRA_MULTIRUN % (sweep_dir, int(run_dir.name))
+        )
+    return root
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network call")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path: Path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+def report_spec(report, monkeypatch) -> dict:
+    """What ``report.save()`` would upload, without the network: the project-id look-ups of the run
+    sets (the only server calls before the upload) answered here."""
+    from wandb_workspaces.reports.v2 import interface
+
+    queries = []
+
+    def fake_graphql(api, query, variables):
+        queries.append(variables)
+        return {"project": {"internalId": "project-id"}}
+
+    monkeypatch.setattr(interface, "_get_api", lambda: None)
+    monkeypatch.setattr(interface, "execute_graphql", fake_graphql)
+    spec = json.loads(report._to_model().spec.model_dump_json(by_alias=True, exclude_none=True))
+    assert queries and all(q == {"entityName": "team", "projectName": "lmlab"} for q in queries)
+    return spec
+
+
+def test_wandb_report_filters_the_sweep_group_with_the_html_panels(
+    sweep: Path, no_network, monkeypatch
+) -> None:
+    pytest.importorskip("wandb_workspaces")
+    import wandb_workspaces.reports.v2 as wr
+
+    from lmlab.report import build_wandb_report, wandb_target
+
+    runs = collect_runs(as_wandb_sweep(sweep))
+    target = wandb_target(runs)
+    assert (target.entity, target.project, target.groups) == ("team", "lmlab", [GROUP])
+    report = build_wandb_report(runs, target, metric="val/bpb")
+    assert isinstance(report, wr.Report)
+    assert (report.entity, report.project) == ("team", "lmlab") and GROUP in report.title
+    grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
+    assert len(grids) == 2
+    lines = [p for p in grids[0].panels if isinstance(p, wr.LinePlot)]
+    assert [(p.x, p.y) for p in lines] == [
+        ("trainer/global_step", ["val/bpb"]),
+        ("trainer/global_step", ["train/loss"]),
+    ]
+    assert all(f"{TOKENS_PER_STEP:,} tokens each" in p.title_x for p in lines)
+    scatters = [p for p in grids[1].panels if isinstance(p, wr.ScatterPlot)]
+    assert [(p.x, p.y, p.log_x) for p in scatters] == [  # the HTML report's scatter plots
+        (wr.Config("model"), wr.SummaryMetric("val/bpb"), None),
+        (wr.Config("optim.lr"), wr.SummaryMetric("val/bpb"), True),
+    ]
+
+    spec = report_spec(report, monkeypatch)
+    grid_specs = [b["metadata"] for b in spec["blocks"] if b["type"] == "panel-grid"]
+    columns = ["config:model.value", "config:optim.lr.value", "summary:val/bpb"]
+    for grid in grid_specs:
+        (runset,) = grid["runSets"]
+        assert runset["filters"]["filters"] == [
+            {
+                "key": {"section": "run", "name": "group"},
+                "op": "IN",
+                "value": [GROUP],
+                "disabled": False,
+            }
+        ]
+        assert runset["sort"]["keys"] == [
+            {"key": {"section": "summary", "name": "val/bpb"}, "ascending": True}
+        ]
+        assert runset["runFeed"]["columnOrder"][:3] == columns
+        summary_keys = {k for r in runs for k in r.summary}
+        assert set(runset["runFeed"]["columnOrder"][2:]) == {f"summary:{k}" for k in summary_keys}
+    panels = [[p["config"] for p in g["panelBankSectionConfig"]["panels"]] for g in grid_specs]
+    assert [(c["xAxis"], c["metrics"]) for c in panels[0]] == [
+        ("trainer/global_step", ["val/bpb"]),
+        ("trainer/global_step", ["train/loss"]),
+    ]
+    # flat config keys as lmlab logs them: config["optim.lr"].value, not config["optim"].value.lr
+    assert [(c["xAxis"], c["yAxis"]) for c in panels[1][:2]] == [
+        ("config:model.value", "summary:val/bpb"),
+        ("config:optim.lr.value", "summary:val/bpb"),
+    ]
+    assert [c["accessor"] for c in panels[1][2]["columns"]] == columns
+
+
+def test_wandb_report_of_another_metric_adds_its_curve_and_order(sweep: Path, no_network) -> None:
+    pytest.importorskip("wandb_workspaces")
+    import wandb_workspaces.reports.v2 as wr
+
+    from lmlab.report import build_wandb_report, wandb_target
+
+    runs = collect_runs(as_wandb_sweep(sweep))
+    report = build_wandb_report(runs, wandb_target(runs), metric="val/loss", maximize=True)
+    grid = next(b for b in report.blocks if isinstance(b, wr.PanelGrid))
+    assert [p.y for p in grid.panels] == [["val/bpb"], ["train/loss"], ["val/loss"]]
+    (order,) = grid.runsets[0].order
+    assert (order.name, order.ascending) == (wr.SummaryMetric("val/loss"), False)
+
+
+@pytest.mark.parametrize(
+    ("sweep_dir", "config", "group"),
+    [
+        ("sweeps/lr=search", WANDB_CONFIG, "sweeps-lr=search"),  # a plain path: as typed
+        (DEFAULT_SWEEP_DIR, WANDB_CONFIG.replace("wandb_group: null", "wandb_group: mine"), "mine"),
+    ],
+)
+def test_wandb_group_follows_the_logger(
+    sweep: Path, no_network, sweep_dir: str, config: str, group: str
+) -> None:
+    pytest.importorskip("wandb_workspaces")
+    import wandb_workspaces.reports.v2 as wr
+
+    from lmlab.report import build_wandb_report, saved_filters, wandb_target
+
+    runs = collect_runs(as_wandb_sweep(sweep, sweep_dir, config))
+    target = wandb_target(runs)
+    assert target.groups == [group]
+    grid = next(b for b in build_wandb_report(runs, target).blocks if isinstance(b, wr.PanelGrid))
+    # wandb-workspaces would turn "lr=search" into "lr==search" when saving: the exact value is kept
+    assert saved_filters(grid.runsets[0])["filters"][0]["value"] == [group]
+
+
+def test_wandb_target_flags_config_and_environment(sweep: Path, monkeypatch) -> None:
+    from lmlab.report import wandb_target
+
+    as_wandb_sweep(sweep, config=WANDB_CONFIG.replace("entity: team", "entity: null"))
+    runs = collect_runs(sweep)
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    target = wandb_target(runs)
+    assert (target.entity, target.project) == ("env-team", "lmlab")  # the config's project wins
+    target = wandb_target(runs, entity="me", project="p", group="g")
+    assert (target.entity, target.project, target.groups) == ("me", "p", ["g"])
+    monkeypatch.delenv("WANDB_ENTITY")
+    assert wandb_target(runs).entity is None  # the account's default, looked up before saving
+    (sweep / "1" / ".hydra" / "config.yaml").write_text(
+        CONFIG + WANDB_CONFIG.replace("project: lmlab", "project: other")
+    )
+    with pytest.raises(ConfigError, match=r"different W&B logger.wandb.project.*--project"):
+        wandb_target(collect_runs(sweep))
+
+
+def test_wandb_target_needs_wandb_runs_or_a_group(sweep: Path, tmp_path: Path, monkeypatch) -> None:
+    from lmlab.report import wandb_target
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+
+    runs = collect_runs(sweep)  # logger=csv runs
+    with pytest.raises(ConfigError, match=r"no run of this sweep was logged to W&B.*--group"):
+        wandb_target(runs)
+    with pytest.raises(ConfigError, match=r"W&B project .*--project or set WANDB_PROJECT"):
+        wandb_target(runs, group="g")
+    assert wandb_target(runs, project="p", group="g").groups == ["g"]
+    single = write_run(tmp_path / "single", [], rows_for([0], 1, 1.0), None, CONFIG + WANDB_CONFIG)
+    with pytest.raises(ConfigError, match=r"cannot tell the W&B group of .*single.*--group"):
+        wandb_target(collect_runs(single))
+
+
+def test_wandb_without_credentials_fails_before_any_work(
+    sweep: Path, no_network, no_credentials, capsys
+) -> None:
+    pytest.importorskip("wandb_workspaces")
+    from lmlab.report import create_wandb_report
+
+    as_wandb_sweep(sweep)
+    assert main([str(sweep), "--wandb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --wandb creates the report on the W&B server")
+    assert "`wandb login`" in err and "WANDB_API_KEY" in err
+    assert not (sweep / "report.html").exists()  # nothing done
+    with pytest.raises(ConfigError, match="no credentials"):
+        create_wandb_report(sweep)
+
+
+def test_wandb_without_the_package_names_the_extra(sweep: Path, monkeypatch, capsys) -> None:
+    from lmlab import report
+
+    monkeypatch.setitem(sys.modules, "wandb_workspaces", None)  # import fails
+    report._workspaces.cache_clear()
+    try:
+        assert main([str(sweep), "--wandb"]) == 2
+        assert 'pip install -e ".[wandb]"' in capsys.readouterr().err
+    finally:
+        report._workspaces.cache_clear()
+
+
+def test_cli_wandb_saves_the_built_report(sweep: Path, no_network, monkeypatch, capsys) -> None:
+    pytest.importorskip("wandb_workspaces")
+    import wandb_workspaces.reports.v2 as wr
+
+    saved = []
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(wr.Report, "save", lambda self, **kw: saved.append(self) or self)
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.test/report"))
+    as_wandb_sweep(sweep)
+    assert main([str(sweep), "--wandb", "--project", "p2"]) == 0
+    assert capsys.readouterr().out.split() == [
+        str(sweep / "report.html"),
+        "https://wandb.test/report",
+    ]
+    (report,) = saved
+    assert (report.entity, report.project) == ("team", "p2")
+    grid = next(b for b in report.blocks if isinstance(b, wr.PanelGrid))
+    assert grid.runsets[0].project == "p2" and GROUP in grid.runsets[0].filters

@@ -5,18 +5,26 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import TINY, make_text
 
 
-def multirun(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+def multirun(
+    tmp_path, *overrides: str, sweep_dir: str | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    """A tiny multirun into ``sweep_dir`` (default ``<tmp_path>/sweep``; "" = conf/hydra's own)."""
     for i in range(3):
         (tmp_path / f"d{i}.txt").write_text(make_text(600, i))
-    env = dict(os.environ, LMLAB_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+    env = dict(os.environ, LMLAB_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", **env)
+    sweep_dir = str(tmp_path / "sweep") if sweep_dir is None else sweep_dir
     return subprocess.run(
         [
             sys.executable,
@@ -27,7 +35,7 @@ def multirun(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
             "data.train=d*.txt",
             *TINY,
             "callbacks.samples=null",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *([f"hydra.sweep.dir={sweep_dir}"] if sweep_dir else []),
             *overrides,
         ],
         cwd=tmp_path,
@@ -71,3 +79,83 @@ def test_a_failing_job_is_recorded_and_the_others_run(tmp_path):
     assert "data.batch_size must be >= 1" in rows["0"]["error"]
     assert rows["1"]["status"] == "completed" and float(rows["1"]["val/loss"]) > 0
     assert (tmp_path / "sweep" / "1" / "summary.json").is_file()
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run file (``run-<id>.wandb``).
+
+    wandb >= 0.2x writes it from its Go core and no longer ships a Python reader
+    (``wandb.sdk.internal.datastore``); the format is LevelDB's log: a 7-byte header (":W&B", 0xBEE1,
+    version 0), then 32 KiB blocks of chunks, each ``crc32 (4) | length (2, LE) | type (1)`` + data,
+    type 1 = a whole record, 2/3/4 = its first / middle / last piece."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:7] == b":W&B\xe1\xbe\x00", f"unknown W&B run file format: {data[:7]!r}"
+    block, pos, pieces, records = 32768, 7, [], []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or kind == 0:  # a block's zero padding
+            pos += left
+            continue
+        pieces.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(b"".join(pieces))
+            records.append(record)
+            pieces = []
+    return records
+
+
+@pytest.mark.slow  # about 20 s on 2 cores
+def test_offline_wandb_runs_of_one_sweep_share_the_group_and_the_resolved_config(tmp_path):
+    from lmlab.loggers import sweep_identity
+    from lmlab.report import collect_runs, wandb_group
+
+    # conf/hydra's default sweep folder (multirun/<date>/<time>, under LMLAB_ROOT): the group must be
+    # fixed at launch although ${now:...} is resolved in every job
+    p = multirun(
+        tmp_path,
+        "logger=wandb",
+        "model.n_layers=1,2",
+        sweep_dir="",
+        LMLAB_ROOT=str(tmp_path),
+        WANDB_DIR=str(tmp_path / "wandb"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    group = sweep_identity(str(sweep), "")[0]
+    assert re.fullmatch(r"multirun-\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d", group)
+    runs = {}
+    for job in ("0", "1"):
+        (run_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+        records = wandb_records(run_file)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        config = {  # every config update, in order: lmlab's flat resolved config, then Lightning's
+            u.key: json.loads(u.value_json)
+            for r in records
+            if r.WhichOneof("record_type") == "config"
+            for u in r.config.update
+        }
+        runs[job] = (run, config)
+        hydra_job = yaml.safe_load((sweep / job / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert run.run_group == group
+        assert run.run_id == (sweep / job / "wandb_run_id").read_text().strip()
+        assert run.display_name == hydra_job["job"]["override_dirname"]  # the job's overrides
+        assert f"model.n_layers={int(job) + 1}" in run.display_name.split(",")
+        assert run.project == "lmlab"
+        assert set(run.tags) >= {"model:decoder", "objective:clm", "data:files", "tokenizer:bpe"}
+        assert config["model.n_layers"] == int(job) + 1  # flat keys, resolved values
+        assert config["seq_len"] == 32 and config["data.batch_size"] == 4
+        assert config["optim.warmup_steps"] == 2 and config["trainer.max_steps"] == 6
+        assert config["paths.output_dir"] == str(sweep / job)  # ${hydra:runtime.output_dir}
+        assert config["logger.wandb.group"] is None and config["wandb_group"] is None
+        assert not [k for k, v in config.items() if "${" in json.dumps(v)]  # nothing unresolved
+        assert wandb_group(sweep / job) == group  # what lmlab.report looks for on W&B
+    assert runs["0"][0].display_name != runs["1"][0].display_name
+    assert runs["0"][0].run_id != runs["1"][0].run_id
+    assert {r.name for r in collect_runs(sweep)} == {"model.n_layers=1", "model.n_layers=2"}
