@@ -72,6 +72,7 @@ def check_settings(cfg: DictConfig) -> None:
         )
     check_wandb_login(cfg)
     check_devices(cfg.trainer)
+    check_launch(cfg.trainer)
     accumulation(cfg)
 
 
@@ -107,6 +108,45 @@ def check_devices(t: DictConfig) -> None:
         raise ConfigError(
             f"trainer.devices={devices} but this machine has {have} {kind}; lower trainer.devices"
             + ("" if not gpu else " or use trainer=cpu")
+        )
+
+
+def processes_per_node(t: DictConfig) -> int:
+    """How many processes Lightning would start on this machine for ``trainer.devices``."""
+    devices = t.get("devices")
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices)
+    if t.get("accelerator") == "cpu":
+        return 1  # "auto" / -1 on the CPU: one process
+    return max(1, torch.cuda.device_count())
+
+
+def check_launch(t: DictConfig) -> None:
+    """Refuse multi-process jobs in a sweep run by Hydra's in-process launcher.
+
+    Lightning starts a job's extra processes by re-running the command line; inside ``-m`` that
+    command is the whole sweep, so each process would launch every job again. Under
+    ``hydra/launcher=slurm`` every job is its own SLURM job with one task per device, and
+    ``torchrun`` starts the processes itself: both are fine."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or not str(hc.launcher.get("_target_", "")).endswith(
+        "BasicLauncher"
+    ):
+        return
+    if processes_per_node(t) * t.get("num_nodes", 1) > 1 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(
+            f"trainer.devices={t.get('devices')} (num_nodes={t.get('num_nodes', 1)}) starts one "
+            "process per device by re-running the command line, which inside a -m sweep with "
+            "Hydra's basic launcher would re-run the whole sweep. Sweep multi-process jobs with "
+            "hydra/launcher=slurm (each job its own SLURM job, one task per device; pip install -e "
+            "'.[sweeps]'), or run them one at a time without -m"
         )
 
 

@@ -250,6 +250,32 @@ def test_sigusr1_also_saves_and_stops(tiny_cfg, monkeypatch):
     assert ckpt["global_step"] == 3
 
 
+def test_sigusr2_saves_then_hands_over_to_the_earlier_handler(tiny_cfg, monkeypatch):
+    """submitit's USR2 handler (requeue, then exit) runs only once last.ckpt holds the step."""
+    cfg = tiny_cfg()
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    seen = []
+
+    def submitit_like(signum, frame):
+        seen.append((signum, read_checkpoint(last)["global_step"]))
+
+    def usr2_at_step_2(self, batch, batch_idx):
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return original(self, batch, batch_idx)
+
+    original = base_mod.LMModule.training_step
+    monkeypatch.setattr(base_mod.LMModule, "training_step", usr2_at_step_2)
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        with pytest.raises(Preempted, match=r"signal after step 3"):
+            train(cfg)
+        assert signal.getsignal(signal.SIGUSR2) is submitit_like  # restored after training
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [(signal.SIGUSR2, 3)]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -81,6 +81,67 @@ def test_a_failing_job_is_recorded_and_the_others_run(tmp_path):
     assert (tmp_path / "sweep" / "1" / "summary.json").is_file()
 
 
+@pytest.mark.slow
+def test_multi_process_jobs_are_refused_up_front_by_the_in_process_launcher(tmp_path):
+    p = multirun(tmp_path, "trainer=ddp_sim,cpu")
+    assert p.returncode != 0
+    rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "sweep_summary.csv").open())}
+    assert rows["0"]["status"] == "failed"
+    assert "hydra/launcher=slurm" in rows["0"]["error"]
+    assert "re-run the whole sweep" in rows["0"]["error"]
+    # Refused before any work: no tokenizer, store or checkpoint in the job's folder.
+    assert not (tmp_path / "sweep" / "0" / "tokenizer.json").exists()
+    assert rows["1"]["status"] == "completed"  # one-process jobs of the same sweep run
+
+
+def test_slurm_launcher_preset_is_sized_from_the_trainer(compose_cfg):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab.paths import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "trainer=ddp",
+                "trainer.devices=8",
+                "trainer.num_nodes=2",
+                "hydra.launcher.partition=gpu",
+            ],
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "lmlab.launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert launcher.partition == "gpu" and launcher.max_num_timeout > 0
+    assert launcher.signal_delay_s == 120  # submitit's USR2, which Preemption hands over
+
+
+def test_a_requeued_slurm_job_resumes_its_own_folder():
+    from lmlab.launcher import resume_overrides
+
+    out = "/scratch/multirun/2026-11-26/10-00-00/3"
+    got = resume_overrides(["optim.lr=1e-3", "ckpt_path=null", "model.n_layers=2"], out)
+    assert got == [
+        "optim.lr=1e-3",
+        "model.n_layers=2",
+        "hydra.sweep.dir='/scratch/multirun/2026-11-26/10-00-00'",
+        "hydra.sweep.subdir='3'",
+        "ckpt_path=auto",
+    ]
+    # The pinned values parse back as Hydra overrides, quotes and all.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(got)
+    assert parsed[2].value() == "/scratch/multirun/2026-11-26/10-00-00"
+    assert parsed[4].value() == "auto"
+
+
 def wandb_records(path: Path) -> list:
     """The protobuf records of an offline W&B run file (``run-<id>.wandb``).
 

@@ -98,19 +98,27 @@ class Samples(L.Callback):
 
 
 class Preemption(L.Callback):
-    """On SIGTERM (what schedulers send before killing a job) or SIGUSR1 (SLURM's advance warning,
-    ``#SBATCH --signal=USR1@120``), write ``last.ckpt`` at the end of the current optimizer step, then
-    stop the run; ``train()`` turns that into a clean exit and ``ckpt_path=last`` resumes exactly.
+    """On SIGTERM (what schedulers send before killing a job), SIGUSR1 (SLURM's advance warning,
+    ``#SBATCH --signal=USR1@120``) or SIGUSR2 (submitit's), write ``last.ckpt`` at the end of the
+    current optimizer step, then stop the run; ``train()`` turns that into a clean exit and ``ckpt_path=last`` resumes exactly.
 
     Lightning's own SIGTERM handler only records the signal and raises ``SIGTERMException`` after the
     step; this callback saves where ``ModelCheckpoint`` saves (``on_train_batch_end``), so a preempted
     checkpoint resumes like a periodic one. It also takes SIGUSR1 over from Lightning's SLURM
-    auto-requeue, so that one component owns preemption: requeueing is left to the job script.
+    auto-requeue, so that one component owns preemption: requeueing is left to the job script or to
+    a handler installed before training (submitit's, under ``hydra/launcher=slurm``), which is
+    called once the checkpoint is written.
     """
 
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2"),
+        hand_over: tuple[str, ...] = ("SIGUSR2",),
+    ) -> None:
         self.path = Path(dirpath) / "last.ckpt"
         self.signals = signals  # besides SIGTERM, which Lightning already records
+        self.hand_over = hand_over  # signals whose earlier handler runs after the save (submitit)
         self.requested: str | None = None
         self.saved_step: int | None = None
 
@@ -139,6 +147,12 @@ class Preemption(L.Callback):
             self.path,
             trainer.global_step,
         )
+        # A handler that was there before (submitit's USR2 handler requeues the SLURM job) runs
+        # now that the checkpoint is written.
+        previous = self._previous.get(self.requested) if self.requested in self.hand_over else None
+        if callable(previous):
+            log.warning("%s: handing over to %r (requeue)", self.requested, previous)
+            previous(getattr(signal, self.requested), None)
         if not trainer.received_sigterm:
             raise SIGTERMException  # the same exit as Lightning's own SIGTERM path
 
