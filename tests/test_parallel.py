@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import types
 
 import pytest
 import torch
@@ -114,6 +115,21 @@ def test_bf16_autocast_matches_fp32_within_bfloat16_precision():
     with torch.no_grad():
         nll_b, count_b, *_ = model_bf16.nll(batch())
     assert (nll_b / count_b).item() == pytest.approx((nll / count).item(), rel=2e-2)
+
+
+def test_bf16_runs_use_the_fused_adamw_and_still_clip_the_global_norm():
+    model = decoder()
+    model.configure_model()
+    model._trainer = types.SimpleNamespace(precision="bf16-mixed", max_steps=10)
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True
+    nll, count, *_ = model.nll(batch())
+    (1000 * nll / count).backward()  # gradients far above the clip value
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))  # noqa: E731
+    assert norm() > 10
+    model.configure_gradient_clipping(optimizer, 1.0, "norm")
+    assert norm().item() == pytest.approx(1.0, rel=1e-4)
 
 
 @pytest.mark.slow

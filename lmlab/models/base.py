@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from lmlab import flops
@@ -187,10 +188,14 @@ class LMModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim_cfg
-        device = next(self.parameters()).device
-        # Lightning's mixed-precision plugin refuses to clip gradients for fused optimizers (they could
-        # unscale fp16 gradients internally), so mixed precision uses the foreach implementation.
-        fused = device.type in ("cuda", "cpu") and "mixed" not in str(self.trainer.precision)
+        p = next(self.parameters())
+        # The fused (single-kernel) AdamW except for sharded (DTensor) weights, and fp16 mixed
+        # precision, whose gradient scaler Lightning will not combine with clipping a fused optimizer.
+        fused = (
+            p.device.type in ("cuda", "cpu")
+            and not isinstance(p, DTensor)
+            and str(self.trainer.precision) != "16-mixed"
+        )
         optimizer = torch.optim.AdamW(
             param_groups(self, o["weight_decay"]),
             lr=o["lr"],
@@ -210,6 +215,19 @@ class LMModule(L.LightningModule):
             lambda s: lr_lambda(s, warmup, total, o.get("min_lr_ratio", 0.1)),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # bf16 autocast has no gradient scaler, so clipping is the plain global-norm clip; doing it
+        # here lets it run with the fused AdamW (Lightning's mixed-precision plugin refuses any fused
+        # optimizer, for fp16's sake).
+        if gradient_clip_val and str(self.trainer.precision) == "bf16-mixed":
+            if gradient_clip_algorithm in (None, "norm"):
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- what to show at each validation ---------------------------------------------------------
     def samples(self, tokenizer, datamodule, **settings) -> list[str]:
