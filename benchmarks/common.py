@@ -1,0 +1,320 @@
+"""Shared pieces of the benchmarks: random batches, lmlab models and Trainer, timing, tables.
+
+Not a benchmark itself. The scripts next to it import it as ``common`` (Python puts the script's own
+folder first on ``sys.path``), so each stays runnable as ``python benchmarks/<name>.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lmlab.data.collate import IGNORE
+
+SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2, "mask": 3, "cls": 4, "sep": 5}  # token ids 0..5
+OPTIM = {  # lmlab's AdamW settings (conf/optim/adamw.yaml), the warmup shortened for short runs
+    "lr": 6e-4,
+    "weight_decay": 0.1,
+    "betas": [0.9, 0.95],
+    "eps": 1e-8,
+    "warmup_steps": 2,
+    "min_lr_ratio": 0.1,
+}
+
+
+def quiet() -> None:
+    """Keep Lightning's start-up chatter and known warnings out of the tables."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*GPU available but not used.*",
+        ".*exists and is not empty.*",
+        ".*LeafSpec.*",
+        ".*TensorFloat32.*",
+        ".*predict_dataloader.*",
+        ".*val_dataloader.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def random_batch(
+    kind: str,
+    batch: int,
+    seq_len: int,
+    vocab: int,
+    *,
+    target_len: int = 0,
+    mask_prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """A batch of the given kind (causal / masked / seq2seq) of uniformly random non-special tokens,
+    shaped like lmlab's collate functions make them (``lmlab/data/collate.py``), without padding."""
+    lo = len(SPECIAL_IDS)
+    ids = lambda *shape: torch.randint(lo, vocab, shape, generator=generator)
+    if kind == "causal":
+        return {"input_ids": ids(batch, seq_len), "labels": ids(batch, seq_len)}
+    if kind == "masked":
+        x = ids(batch, seq_len)
+        selected = torch.rand(batch, seq_len, generator=generator) < mask_prob
+        labels = torch.where(selected, x, IGNORE)
+        x = torch.where(selected, SPECIAL_IDS["mask"], x)
+        return {
+            "input_ids": x,
+            "attention_mask": torch.ones(batch, seq_len, dtype=torch.bool),
+            "labels": labels,
+        }
+    if kind == "seq2seq":
+        labels = ids(batch, target_len)
+        decoder_input_ids = torch.cat(
+            [torch.full((batch, 1), SPECIAL_IDS["bos"]), labels[:, :-1]], dim=1
+        )
+        return {
+            "input_ids": ids(batch, seq_len),
+            "attention_mask": torch.ones(batch, seq_len, dtype=torch.bool),
+            "decoder_input_ids": decoder_input_ids,
+            "labels": labels,
+        }
+    raise ValueError(f"unknown batch kind {kind!r}")
+
+
+class CycledBatches(Dataset):
+    """``length`` items cycling over a few pre-made batches (use with ``batch_size=None``)."""
+
+    def __init__(self, batches: Sequence[dict], length: int) -> None:
+        self.batches, self.length = list(batches), length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i % len(self.batches)]
+
+
+def loader(batches: Sequence[dict], steps: int) -> DataLoader:
+    """The same loader for every contender: an epoch of exactly ``steps`` ready-made batches."""
+    return DataLoader(CycledBatches(batches, steps), batch_size=None, shuffle=False)
+
+
+# -- lmlab's Lightning path ----------------------------------------------------------------------
+
+
+def lmlab_model(
+    family: str, *, vocab_size: int, compile: bool = False, **dims
+) -> L.LightningModule:
+    """The LightningModule of a family (decoder / encoder / encoder_decoder) with lmlab's optimizer."""
+    from lmlab.models.decoder import DecoderLM
+    from lmlab.models.encoder import EncoderLM
+    from lmlab.models.encoder_decoder import EncoderDecoderLM
+
+    cls = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}[family]
+    model = cls(
+        vocab_size=vocab_size,
+        special_ids=SPECIAL_IDS,
+        optim=dict(OPTIM),
+        compile=compile,
+        name=family,
+        **dims,
+    )
+    model.set_token_bytes(torch.ones(vocab_size, dtype=torch.long))  # bpb needs byte counts
+    return model
+
+
+# The callbacks of conf/callbacks/default.yaml that act during training steps. Left out: the two
+# checkpoint callbacks (they save at validation, every 100 steps and at the end of training:
+# outside the timed steps) and Samples (validation only). Validation itself is off.
+SPEED_CALLBACKS = "preemption, lr_monitor, throughput, progress_bar; logger: csv"
+
+
+def lmlab_trainer(
+    *,
+    accelerator: str,
+    precision: str,
+    max_steps: int,
+    output_dir: Path,
+    callbacks: Sequence[L.Callback] = (),
+    use_hydra: bool = True,
+) -> tuple[L.Trainer, str]:
+    """A Trainer as ``lmlab.train.build_run`` makes it: composed from ``conf/`` with Hydra's compose
+    API when Hydra is installed (trainer=cpu|gpu, callbacks=default, logger=csv), else built by hand
+    with the same settings (for machines without Hydra). Returns (trainer, how it was built)."""
+    from lmlab.checkpoint_io import AtomicCheckpointIO
+
+    try:
+        if not use_hydra:
+            raise ImportError
+        from hydra import compose, initialize_config_dir
+        from hydra.utils import instantiate
+        from omegaconf import open_dict
+
+        from lmlab.paths import CONF_DIR
+    except ImportError:
+        return _trainer_by_hand(
+            accelerator, precision, max_steps, output_dir, callbacks
+        ), "by hand (no Hydra)"
+
+    overrides = [
+        f"trainer={'gpu' if accelerator == 'gpu' else 'cpu'}",
+        f"trainer.precision={precision}",
+        f"trainer.max_steps={max_steps}",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint=null",
+        "callbacks.last_checkpoint=null",
+        "callbacks.samples=null",
+        "logger=csv",
+        f"paths.output_dir={output_dir}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):
+        trainer_cfg.pop("skip_nonfinite", None)
+    built = lambda group: [instantiate(c) for c in group.values() if c and "_target_" in c]
+    trainer = instantiate(
+        trainer_cfg,
+        callbacks=[*built(cfg.callbacks), *callbacks],
+        logger=built(cfg.logger),
+        plugins=[AtomicCheckpointIO()],
+    )
+    return trainer, "Hydra compose of conf/ (trainer, callbacks, logger)"
+
+
+def _trainer_by_hand(accelerator, precision, max_steps, output_dir, callbacks) -> L.Trainer:
+    """conf/trainer/default.yaml + cpu|gpu.yaml and the speed-relevant callbacks, without Hydra."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+
+    from lmlab.callbacks import Preemption, Throughput
+    from lmlab.checkpoint_io import AtomicCheckpointIO
+    from lmlab.loggers import ResumableCSVLogger
+
+    return L.Trainer(
+        default_root_dir=str(output_dir),
+        accelerator=accelerator,
+        devices=1,
+        num_nodes=1,
+        precision=precision,
+        max_steps=max_steps,
+        max_epochs=-1,
+        val_check_interval=250,
+        check_val_every_n_epoch=None,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        accumulate_grad_batches=1,
+        log_every_n_steps=10,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        deterministic=False,
+        use_distributed_sampler=False,
+        callbacks=[
+            Preemption(dirpath=str(output_dir / "checkpoints")),
+            LearningRateMonitor(logging_interval="step"),
+            Throughput(window=20),
+            TQDMProgressBar(refresh_rate=10),
+            *callbacks,
+        ],
+        logger=[
+            ResumableCSVLogger(
+                save_dir=str(output_dir), name="", version="", flush_logs_every_n_steps=100
+            )
+        ],
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+class StepTimer(L.Callback):
+    """Per-step wall times of the steps after ``warmup``, from one step's end to the next's (data,
+    forward, backward, clipping, optimizer, every callback and logging: all a step costs), and the
+    total of those steps bracketed by device synchronisations."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self.total = 0.0
+        self._last: float | None = None
+        self._start: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        done = trainer.global_step
+        if done == self.warmup:
+            sync(pl_module.device)
+            self._start = self._last = time.perf_counter()
+        elif done > self.warmup:
+            now = time.perf_counter()
+            self.times.append(now - self._last)
+            self._last = now
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        sync(pl_module.device)
+        if self._start is not None:
+            self.total = time.perf_counter() - self._start
+
+
+def timed_loop(
+    step: Callable[[dict], None], batches: DataLoader, warmup: int, device: torch.device
+) -> tuple[list[float], float]:
+    """Run ``step`` over ``batches``; (per-step times after ``warmup``, their synchronised total)."""
+    times, start, last = [], None, None
+    for i, batch in enumerate(batches, start=1):
+        step(batch)
+        if i == warmup:
+            sync(device)
+            start = last = time.perf_counter()
+        elif i > warmup:
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+    sync(device)
+    return times, time.perf_counter() - start
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(times: Sequence[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table (so it pastes into benchmarks/README.md as it is)."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule, *map(line, cells[1:])])
+
+
+def machine() -> str:
+    """CPU model and core count (and the GPU, if any) for the tables' captions."""
+    import os
+    import platform
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, lightning {L.__version__}"
+    if torch.cuda.is_available():
+        out += f", {torch.cuda.get_device_name()}"
+    return out

@@ -1,0 +1,209 @@
+"""The three GPU presets through lmlab's Lightning path: tokens/s and MFU on one GPU, bf16 + compile.
+
+For each family, ``DecoderLM`` / ``EncoderLM`` / ``EncoderDecoderLM`` at its preset's size is fitted by a
+Lightning Trainer built like ``lmlab.train.build_run`` (``common.lmlab_trainer``: Hydra compose when
+Hydra is installed, else the same settings by hand) on random tokens, for ``--warmup`` untimed steps
+(compilation happens there) and ``--steps`` timed ones, bracketed by device synchronisations.
+MFU is PaLM's ``6 N + 12 L d T`` FLOPs per token (``lmlab.flops``) over the device's bf16 peak.
+
+The preset sizes are copied from ``conf/experiment/{gpt2_124m,bert_base,t5_base}.yaml`` (this script
+does not need Hydra, which GPU images often lack). Tokens count input tokens (the encoder-decoder's
+encoder inputs; its FLOPs count every layer at the input length, an upper bound).
+
+    bash benchmarks/gpu.sh                                # on one H100: this script, then pytest -m gpu
+    python benchmarks/gpu.py --tiny --device cpu          # smoke run on a CPU (tiny sizes, no compile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import torch
+
+from lmlab import flops
+
+PRESETS = {
+    # conf/experiment/gpt2_124m.yaml: 12 x 768, 12 heads, vocab 50257 (padded to 50304), 16 x 1024
+    "decoder": dict(
+        kind="causal",
+        vocab=50257,
+        batch=16,
+        seq_len=1024,
+        dims=dict(n_layers=12, d_model=768, n_heads=12, max_seq_len=1024),
+    ),
+    # conf/experiment/bert_base.yaml: 12 x 768, 12 heads, learned positions, vocab 30522, 32 x 512
+    "encoder": dict(
+        kind="masked",
+        vocab=30522,
+        batch=32,
+        seq_len=512,
+        dims=dict(n_layers=12, d_model=768, n_heads=12, max_seq_len=512, positions="learned"),
+    ),
+    # conf/experiment/t5_base.yaml: 12 + 12 x 768, 12 heads, vocab 32100, 32 x 512 in, 114 out
+    "encoder_decoder": dict(
+        kind="seq2seq",
+        vocab=32100,
+        batch=32,
+        seq_len=512,
+        target_len=114,
+        dims=dict(
+            n_layers=12,
+            n_decoder_layers=12,
+            d_model=768,
+            n_heads=12,
+            max_seq_len=512,
+            max_target_len=114,
+        ),
+    ),
+}
+TINY = dict(n_layers=2, d_model=64, n_heads=2)  # --tiny: these dims, vocab 512, batch 2
+
+# Issue 4: reference figures on an H100 80GB HBM3 (2026-11-26) and lmlab's targets, tokens/s.
+REFERENCE = {
+    "decoder": ("nanoGPT compiled 470K (HF GPT-2 385K)", 520e3, 0.45),
+    "encoder": ("HF BERT-base MLM eager 347K", 450e3, None),
+    "encoder_decoder": ("HF T5-base compiled 235K", 300e3, None),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--family", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="bf16-mixed", help="Lightning precision")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, help="default: on, off with --tiny"
+    )
+    p.add_argument("--tiny", action="store_true", help="tiny dims and few steps (CPU smoke run)")
+    p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
+    p.add_argument("--steps", type=int, help="timed steps (default 30)")
+    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s (default: lmlab.flops)")
+    return p.parse_args(argv)
+
+
+def run_family(family: str, args, device: torch.device, out: Path) -> dict:
+    pre = PRESETS[family]
+    vocab, B, T = pre["vocab"], pre["batch"], pre["seq_len"]
+    target_len = pre.get("target_len", 0)
+    dims = dict(pre["dims"])
+    if args.tiny:
+        vocab, B, T, target_len = 512, 2, 64, 16 if target_len else 0
+        dims |= TINY | dict(max_seq_len=T)
+        if family == "encoder_decoder":
+            dims |= dict(n_decoder_layers=TINY["n_layers"], max_target_len=target_len)
+    torch.manual_seed(0)
+    model = common.lmlab_model(family, vocab_size=vocab, compile=args.compile, **dims)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        common.random_batch(pre["kind"], B, T, vocab, target_len=target_len, generator=gen)
+        for _ in range(4)
+    ]
+    timer = common.StepTimer(args.warmup)
+    total_steps = args.warmup + args.steps
+    trainer, how = common.lmlab_trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        precision=args.precision,
+        max_steps=total_steps,
+        output_dir=out / family,
+        callbacks=[timer],
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, train_dataloaders=common.loader(batches, total_steps))
+    wall = time.perf_counter() - t0
+    step_s = timer.total / args.steps
+    tokens_per_s = B * T / step_s
+    peak = args.peak_flops or flops.peak_flops(device)
+    mfu = None if not peak else flops.mfu(tokens_per_s, model.flops_per_token(T), peak)
+    return dict(
+        family=family,
+        shape=f"{B} x {T}" + (f" -> {target_len}" if target_len else ""),
+        params=model.num_params(False),
+        step_ms=1e3 * step_s,
+        median_ms=common.median_ms(timer.times),
+        tokens_per_s=tokens_per_s,
+        mfu=mfu,
+        wall=wall,
+        how=how,
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    common.quiet()
+    t_start = time.perf_counter()
+    if args.compile is None:
+        args.compile = not args.tiny
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
+    args.steps = args.steps if args.steps is not None else (3 if args.tiny else 30)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here; for a smoke run use --tiny --device cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    print(
+        f"gpu: lmlab presets, {args.precision}, compile={args.compile}, {args.warmup} warm-up + "
+        f"{args.steps} timed steps{' (tiny sizes)' if args.tiny else ''}"
+    )
+    print(f"machine: {common.machine()}")
+    out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
+    results = []
+    for family in args.family:
+        r = run_family(family, args, device, out)
+        results.append(r)
+        print(
+            f"  {family}: {r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
+            f"{time.perf_counter() - t_start:.0f} s so far)",
+            flush=True,
+        )
+    rows = []
+    for r in results:
+        ref, target, mfu_target = REFERENCE[r["family"]]
+        ok = r["tokens_per_s"] >= target and (
+            mfu_target is None or (r["mfu"] is not None and r["mfu"] >= mfu_target)
+        )
+        rows.append(
+            [
+                r["family"],
+                r["shape"],
+                f"{r['params'] / 1e6:.1f}M",
+                f"{r['step_ms']:.1f}",
+                f"{r['median_ms']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                ref,
+                f">= {target / 1e3:.0f}K"
+                + (f", {100 * mfu_target:.0f}% MFU" if mfu_target else ""),
+                "n/a (tiny)" if args.tiny else ("yes" if ok else "NO"),
+            ]
+        )
+    print()
+    print(
+        common.table(
+            [
+                "family",
+                "batch",
+                "parameters",
+                "mean step ms",
+                "median step ms",
+                "tokens/s",
+                "MFU",
+                "reference (H100, issue 4)",
+                "target",
+                "meets",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\nTrainer: {results[0]['how']}; callbacks on: {common.SPEED_CALLBACKS}. "
+        f"Elapsed {time.perf_counter() - t_start:.0f} s."
+    )
+
+
+if __name__ == "__main__":
+    main()
