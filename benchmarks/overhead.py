@@ -98,9 +98,9 @@ def main(argv=None) -> None:
     lit_model = common.lmlab_model("decoder", vocab_size=pre["vocab"], compile=compile_, **dims)
     torch.manual_seed(0)
     plain_model = common.lmlab_model("decoder", vocab_size=pre["vocab"], **dims).backbone.to(device)
-    if compile_:
-        plain_model.compile()  # what DecoderLM.configure_model does to its backbone
-    plain_step = make_plain_step(plain_model, lit_model.optim_cfg, device, precision, per_round)
+    plain_step = make_plain_step(
+        plain_model, lit_model.optim_cfg, device, precision, per_round, compile_
+    )
 
     out = Path(tempfile.mkdtemp(prefix="lmlab-overhead-"))
     accelerator = "gpu" if device.type == "cuda" else "cpu"
@@ -177,13 +177,21 @@ class make_plain_step:
     """nanoGPT's training step with lmlab's optimizer settings; ``reset()`` restarts the schedule
     and the optimizer state as a new ``trainer.fit`` does for lmlab."""
 
-    def __init__(self, model, optim: dict, device, precision: str, total_steps: int) -> None:
+    def __init__(
+        self, model, optim: dict, device, precision: str, total_steps: int, compile_: bool
+    ) -> None:
         self.model, self.o, self.device, self.total = model, optim, device, total_steps
+        # As LMModule.configure_model: forward and loss compiled together
+        self.loss = torch.compile(self._loss) if compile_ else self._loss
         self.autocast = precision == "bf16-mixed"
         # As LMModule.configure_optimizers: the fused AdamW on CPU and CUDA (bf16 included)
         self.fused = device.type in ("cuda", "cpu")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.reset()
+
+    def _loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     def reset(self) -> None:
         o = self.o
@@ -203,8 +211,7 @@ class make_plain_step:
         batch = common.to_device(batch, self.device)
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(batch["input_ids"])  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+            loss = self.loss(batch["input_ids"], batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()

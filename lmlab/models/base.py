@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from contextlib import contextmanager
 
 import lightning as L
@@ -25,6 +26,11 @@ from lmlab.metrics import BitsPerByte, Perplexity
 from lmlab.parallel import FSDP, parallelize
 
 log = logging.getLogger(__name__)
+# LMModule.on_before_batch_transfer is meant to run with any DataModule (Lightning warns that the
+# module's hook takes precedence over the DataModule's, which lmlab's DataModules do not define).
+warnings.filterwarnings(
+    "ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`"
+)
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -44,6 +50,31 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+class FiniteFlag:
+    """Whether a loss is finite, read later without draining the device's queue.
+
+    On a GPU the flag is copied to pinned host memory right after the loss is computed, behind an
+    event: reading it waits for that point of the stream only, not for the backward and optimizer
+    kernels queued since (``bool(torch.isfinite(loss))`` a step later would wait for all of them).
+    """
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        self.event = None
+        if finite.is_cuda:
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(finite, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = finite
+
+    def value(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 class LMModule(L.LightningModule):
@@ -105,13 +136,19 @@ class LMModule(L.LightningModule):
         if getattr(self, "_configured", False):
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
+        fsdp = strategy if isinstance(strategy, FSDP) else None
         parallelize(
             self.backbone,
             activation_checkpointing=self.activation_checkpointing,
-            compile=self.compile_backbone,
-            fsdp=strategy if isinstance(strategy, FSDP) else None,
+            compile=self.compile_backbone and fsdp is not None,  # per block, outside FSDP's hooks
+            fsdp=fsdp,
             device=strategy.root_device if strategy is not None else None,
         )
+        if self.compile_backbone and fsdp is None:
+            # The forward and the loss in one graph: the cross-entropy fuses with the head (no fp32
+            # copy of the logits) and every family's training path is covered (the encoder's runs
+            # through `encode`). Generation stays eager: its shapes change at every token.
+            self.nll = torch.compile(self.nll)
         self._configured = True
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -125,6 +162,15 @@ class LMModule(L.LightningModule):
         return flops.flops_per_token(
             self.num_params(non_embedding=False), layers, c.d_model, seq_len
         )
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # A padding mask without padding (full pre-training windows) is dropped while the batch is
+        # still on the host: the attention then takes its fused path without the device sync that
+        # asking the mask on the GPU would cost (lmlab.nn.blocks.key_padding_mask).
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        return batch
 
     # -- loss and metrics ------------------------------------------------------------------------
     def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -148,22 +194,40 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll_sum, count, n_bytes, _ = self.nll(batch)
         loss = nll_sum / count.clamp(min=1)
-        if not torch.isfinite(loss):
-            if not self.skip_nonfinite:
-                raise NonFiniteLoss(
-                    f"training loss is {loss.item()} at step {self.global_step}: stopping. The run "
-                    "folder's checkpoints/last.ckpt holds the last good state. Lower optim.lr, "
-                    "raise optim.warmup_steps or use trainer.precision=32-true; or skip such "
-                    "batches with trainer.skip_nonfinite=true"
-                )
-            self.skipped_nonfinite += 1
-            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
-            return None  # Lightning skips backward and the optimizer step for this batch
+        if self.skip_nonfinite:  # needs this step's value now: one host sync per step
+            if not torch.isfinite(loss):
+                self.skipped_nonfinite += 1
+                self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+                return None  # Lightning skips backward and the optimizer step for this batch
+        else:
+            # Checked one step late, so the host never waits for the device mid-step; the
+            # checkpoint and validation hooks check first, so no non-finite state is saved.
+            self.check_finite()
+            self._unchecked_loss = (self.global_step, loss.detach(), FiniteFlag(loss))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/bpb", nll_sum.detach() / (math.log(2) * n_bytes.clamp(min=1)))
         self.log("train/tokens", count.float(), reduce_fx="sum", on_step=False, on_epoch=True)
         return loss
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLoss` if the last unchecked training loss was NaN or infinite."""
+        pending, self._unchecked_loss = getattr(self, "_unchecked_loss", None), None
+        if pending is None or pending[2].value():
+            return
+        step, loss, _ = pending
+        raise NonFiniteLoss(
+            f"training loss is {loss.item()} at step {step}: stopping. The run folder's "
+            "checkpoints/last.ckpt holds the last good state. Lower optim.lr, raise "
+            "optim.warmup_steps or use trainer.precision=32-true; or skip such batches with "
+            "trainer.skip_nonfinite=true"
+        )
+
+    def on_validation_start(self) -> None:
+        self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         nll_sum, count, n_bytes, correct = self.nll(batch)
@@ -180,6 +244,7 @@ class LMModule(L.LightningModule):
         self.last_val_step = self.trainer.global_step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never save weights a non-finite loss has updated
         checkpoint["lmlab"] = self.extra_checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -222,11 +287,11 @@ class LMModule(L.LightningModule):
         # bf16 autocast has no gradient scaler, so clipping is the plain global-norm clip; doing it
         # here lets it run with the fused AdamW (Lightning's mixed-precision plugin refuses any fused
         # optimizer, for fp16's sake).
-        if gradient_clip_val and str(self.trainer.precision) == "bf16-mixed":
-            if gradient_clip_algorithm in (None, "norm"):
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-                return
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and str(self.trainer.precision) == "bf16-mixed":
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- what to show at each validation ---------------------------------------------------------
