@@ -226,7 +226,11 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """``last``: the run folder's ``checkpoints/last.ckpt`` (an error if missing). ``auto``: the same
     when it exists, else a fresh start: what a requeued job (SLURM, submitit) passes so that its
-    first start and every restart run the same command. A sharded checkpoint is a folder."""
+    first start and every restart run the same command; a requeued SLURM job (``SLURM_RESTART_COUNT``
+    above 0) without a ckpt_path is treated as ``auto``. A sharded checkpoint is a folder."""
+    if not ckpt_path and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        ckpt_path = "auto"  # a requeued SLURM job (hydra/launcher=slurm) continues its folder
+        log.info("SLURM requeue (SLURM_RESTART_COUNT>0): resuming from last.ckpt if there is one")
     if not ckpt_path:
         return None
     if ckpt_path in ("last", "auto"):

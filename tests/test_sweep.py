@@ -116,30 +116,25 @@ def test_slurm_launcher_preset_is_sized_from_the_trainer(compose_cfg):
         )
     GlobalHydra.instance().clear()
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "lmlab.launcher.SlurmLauncher"
+    assert launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
     assert launcher.partition == "gpu" and launcher.max_num_timeout > 0
     assert launcher.signal_delay_s == 120  # submitit's USR2, which Preemption hands over
 
 
-def test_a_requeued_slurm_job_resumes_its_own_folder():
-    from lmlab.launcher import resume_overrides
+def test_a_requeued_slurm_job_resumes_its_folder(tmp_path, monkeypatch):
+    """submitit requeues a job with the same overrides into the same folder (Hydra keeps the sweep's
+    resolved launch time in the pickled config); without a ckpt_path it continues from last.ckpt."""
+    from lmlab.train import resolve_ckpt_path
 
-    out = "/scratch/multirun/2026-11-26/10-00-00/3"
-    got = resume_overrides(["optim.lr=1e-3", "ckpt_path=null", "model.n_layers=2"], out)
-    assert got == [
-        "optim.lr=1e-3",
-        "model.n_layers=2",
-        "hydra.sweep.dir='/scratch/multirun/2026-11-26/10-00-00'",
-        "hydra.sweep.subdir='3'",
-        "ckpt_path=auto",
-    ]
-    # The pinned values parse back as Hydra overrides, quotes and all.
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(got)
-    assert parsed[2].value() == "/scratch/multirun/2026-11-26/10-00-00"
-    assert parsed[4].value() == "auto"
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    assert resolve_ckpt_path(None, tmp_path) is None  # a first start
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_ckpt_path(None, tmp_path) == str(last)
+    last.unlink()
+    assert resolve_ckpt_path(None, tmp_path) is None  # requeued before its first checkpoint
 
 
 def wandb_records(path: Path) -> list:
