@@ -171,3 +171,13 @@ def test_a_padding_mask_without_padding_is_dropped_on_the_host():
     mask = torch.tensor([[True] * 4, [True, True, False, False]])
     padded = model.on_before_batch_transfer({"input_ids": ids, "attention_mask": mask}, 0)
     assert padded["attention_mask"] is mask
+
+
+def test_bf16_true_trains_on_the_cpu(tiny_cfg):
+    from lmlab.train import train
+
+    metrics, objects = train(tiny_cfg("trainer.precision=bf16-true"))
+    weights = {p.dtype for p in objects["model"].backbone.parameters()}
+    assert weights == {torch.bfloat16}  # weights, activations and optimizer state in bfloat16
+    assert math.isfinite(metrics["val/loss"])
+    assert metrics["val/loss"] < math.log(objects["model"].config.padded_vocab_size)  # it learned
