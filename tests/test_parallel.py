@@ -181,3 +181,21 @@ def test_bf16_true_trains_on_the_cpu(tiny_cfg):
     assert weights == {torch.bfloat16}  # weights, activations and optimizer state in bfloat16
     assert math.isfinite(metrics["val/loss"])
     assert metrics["val/loss"] < math.log(objects["model"].config.padded_vocab_size)  # it learned
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_finite_flag_reads_the_loss_it_was_made_from(device):
+    from lmlab.models.base import FiniteFlag
+
+    values = [1.5, float("nan"), float("inf"), -float("inf")]
+    flags = [FiniteFlag(torch.tensor(v, device=device)) for v in values]
+    assert [f.value() for f in flags] == [True, False, False, False]

@@ -31,7 +31,7 @@ COMMON = [
     "++tokenizer.vocab_size=400",
     "++tokenizer.num_sentinels=4",
     "trainer.max_steps=6",
-    "trainer.val_check_interval=6",
+    "trainer.val_check_interval=2",  # the validation loss at steps 2, 4, 6: a trajectory
     "trainer.limit_val_batches=3",
     "optim.warmup_steps=2",
     "callbacks.samples=null",
@@ -84,11 +84,18 @@ class Runs:
         """One process, batch 4: the reference for the two-process runs (batch 2 each)."""
         return self("one", "trainer=cpu", "data.batch_size=4")
 
-    def train_losses(self, name: str) -> dict[int, float]:
+    def losses(self, name: str, key: str = "train/loss") -> dict[int, float]:
+        """step -> the value of ``key`` in the run's metrics.csv (the last row of each step)."""
         with (self.tmp / name / "metrics.csv").open(newline="") as f:
-            return {
-                int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]
-            }
+            return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+    def assert_same_trajectory(self, name: str, reference: str) -> None:
+        # Validation loss and bits per byte at steps 2, 4 and 6 (the whole trajectory, not only its
+        # end) equal to rel 1e-4; see the comment in the DDP test for the tolerance.
+        for key in ("val/loss", "val/bpb"):
+            want, got = self.losses(reference, key), self.losses(name, key)
+            assert sorted(want) == [1, 3, 5]  # Lightning logs validation at the last step's index
+            assert got == pytest.approx(want, rel=1e-4), key
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +119,7 @@ def test_ddp_sim_matches_one_process_with_the_same_global_batch(runs):
     assert two["trainer/global_step"] == one["trainer/global_step"] == 6
     for key in ("val/loss", "val/bpb", "val/acc"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    runs.assert_same_trajectory("ddp", "one")
     assert (runs.tmp / "ddp" / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -127,6 +135,7 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and
     assert two["trainer/global_step"] == 6
     for key in ("val/loss", "val/bpb", "val/acc"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    runs.assert_same_trajectory("fsdp", "one")
 
     folder = runs.tmp / "fsdp" / "checkpoints" / "last.ckpt"
     assert is_sharded(folder) and len(list(folder.glob("*.distcp"))) == 2  # one shard per rank
@@ -161,7 +170,7 @@ def test_fsdp_stopped_then_resumed_matches_the_uninterrupted_run(runs):
     assert step["global_step"] == 4  # saved every 2 steps
     runs.done.pop("fsdp-stopped")
     runs("fsdp-stopped", *FSDP, "ckpt_path=last")
-    want, got = runs.train_losses("fsdp"), runs.train_losses("fsdp-stopped")
+    want, got = runs.losses("fsdp"), runs.losses("fsdp-stopped")
     # Rank 0's loss at each step after the checkpoint: the same windows on every rank (the
     # sampler's position is restored per rank) and the same sharded weights and optimizer state.
     assert sorted(want) == list(range(6))
@@ -171,7 +180,7 @@ def test_fsdp_stopped_then_resumed_matches_the_uninterrupted_run(runs):
 @pytest.mark.slow
 def test_fsdp_meta_init_with_activation_checkpointing_trains_from_a_sane_start(runs):
     runs("fsdp-meta", *FSDP, "trainer.strategy.meta_init=true", "activation_checkpointing=true")
-    losses = runs.train_losses("fsdp-meta")
+    losses = runs.losses("fsdp-meta")
     # Weights initialised shard by shard as N(0, 0.02): near-uniform predictions over the padded
     # vocabulary (384 rows) at step 0, as an ordinary model's (memory left uninitialised would
     # give losses far from it, or NaN), then learning.
