@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +61,25 @@ class FSDP(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.meta_init = meta_init
 
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
+    ) -> None:
+        """Sharded saves go to a temporary folder beside the target, which then replaces it, so a
+        kill during the write leaves the previous checkpoint whole (single-file saves are atomic
+        through lmlab's AtomicCheckpointIO)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        self.barrier("lmlab_save_start")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("lmlab_save_written")
+        if self.global_rank == 0:
+            replace_folder(tmp, path)
+        self.barrier("lmlab_save_done")
+
     def setup_environment(self) -> None:
         # One data-parallel dimension over all processes (Lightning's "auto" would make it 2-D:
         # data-parallel across nodes, tensor-parallel within one).
@@ -84,6 +106,23 @@ class FSDP(ModelParallelStrategy):
 
         for method in getattr(backbone, "fsdp_methods", ()):
             register_fsdp_forward_method(backbone, method)
+
+
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move the folder ``src`` to ``dst``, replacing what is there. ``dst`` is missing only between
+    two renames (Linux cannot swap two folders atomically from Python); ``dst`` never holds a mix of
+    the two."""
+    if dst.is_dir():
+        old = dst.with_name(f".{dst.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        if dst.exists():
+            dst.unlink()
+        os.replace(src, dst)
 
 
 def blocks(backbone: nn.Module) -> list[nn.Module]:

@@ -199,3 +199,23 @@ def test_finite_flag_reads_the_loss_it_was_made_from(device):
     values = [1.5, float("nan"), float("inf"), -float("inf")]
     flags = [FiniteFlag(torch.tensor(v, device=device)) for v in values]
     assert [f.value() for f in flags] == [True, False, False, False]
+
+
+def test_replace_folder_swaps_a_sharded_checkpoint_whole(tmp_path):
+    from lmlab.parallel import replace_folder
+
+    dst, src = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.tmp"
+    for folder, text in ((dst, "old"), (src, "new")):
+        folder.mkdir()
+        (folder / "meta.pt").write_text(text)
+        (folder / f"__{text}.distcp").write_text(text)
+    replace_folder(src, dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in dst.iterdir()) == ["__new.distcp", "meta.pt"]  # no old shard
+    assert (dst / "meta.pt").read_text() == "new"
+    # A single-file checkpoint at the target (save_distributed_checkpoint was false before).
+    dst2, src2 = tmp_path / "best.ckpt", tmp_path / ".best.ckpt.tmp"
+    dst2.write_text("file")
+    src2.mkdir()
+    replace_folder(src2, dst2)
+    assert dst2.is_dir() and not src2.exists()

@@ -139,6 +139,8 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and
 
     folder = runs.tmp / "fsdp" / "checkpoints" / "last.ckpt"
     assert is_sharded(folder) and len(list(folder.glob("*.distcp"))) == 2  # one shard per rank
+    # Written into a temporary folder that then replaced the previous one: nothing left over.
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
     # The folder, its consolidated file and the single-process checkpoint hold the same model.
     single = runs.tmp / "one" / "checkpoints" / "last.ckpt"
     merged = consolidate(folder)
