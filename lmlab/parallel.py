@@ -88,7 +88,11 @@ class FSDP(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, backbone: nn.Module) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy()
@@ -102,8 +106,6 @@ class FSDP(ModelParallelStrategy):
             )
         fully_shard(backbone, mesh=mesh, mp_policy=policy)
         # Entry points other than forward must gather the root unit's weights too.
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
         for method in getattr(backbone, "fsdp_methods", ()):
             register_fsdp_forward_method(backbone, method)
 
