@@ -565,7 +565,7 @@ def build_report(
 # W&B Report (wandb-workspaces)
 
 WANDB_EXTRA_HINT = 'pip install -e ".[wandb]"'  # the extra that brings wandb-workspaces
-WANDB_X_AXIS = "trainer/global_step"  # logged with every row by Lightning's WandbLogger
+WANDB_X_AXIS = "train/tokens_seen"  # lmlab.callbacks.Throughput logs it with train and val rows
 
 
 @dataclass
@@ -793,8 +793,8 @@ def build_wandb_report(
 ) -> Any:
     """The W&B Report (a ``wandb_workspaces.reports.v2.Report``, not saved) with the HTML report's
     panels for the runs of ``target.groups``: the runs table (the run set's table: swept parameters and
-    final metrics, sorted by ``metric``), ``val/bpb`` and ``train/loss`` (and ``metric``) against the
-    optimizer step, and ``metric`` against each swept parameter (one scatter plot each, plus a
+    final metrics, sorted by ``metric``), ``val/bpb`` and ``train/loss`` (and ``metric``) against
+    ``train/tokens_seen``, and ``metric`` against each swept parameter (one scatter plot each, plus a
     parallel-coordinates plot of them all). No network call: ``target.entity`` must be known."""
     wr, _, ScatterPlot, Column = _workspaces()
     if not target.entity:
@@ -808,17 +808,13 @@ def build_wandb_report(
         + [f"summary:{k}" for k in summary_keys]
     )
     order = wr.OrderBy(wr.SummaryMetric(metric), ascending=not maximize)
-    tokens = sorted({r.tokens_per_step for r in runs})
-    x_title = "optimizer steps (trainer/global_step)" + (
-        f", {tokens[0]:,} tokens each" if len(tokens) == 1 and tokens[0] > 1 else ""
-    )
     curve_metrics = list(CURVES) + ([metric] if metric not in CURVES else [])
     curves = [
         wr.LinePlot(
-            title=f"{m} vs optimizer steps",
+            title=f"{m} vs tokens seen",
             x=WANDB_X_AXIS,
             y=[m],
-            title_x=x_title,
+            title_x="tokens seen (train/tokens_seen)",
             title_y=m,
             layout=wr.Layout(x=8 * (i % 3), y=8 * (i // 3), w=8, h=8),
         )

@@ -402,10 +402,10 @@ def test_wandb_report_filters_the_sweep_group_with_the_html_panels(
     assert len(grids) == 2
     lines = [p for p in grids[0].panels if isinstance(p, wr.LinePlot)]
     assert [(p.x, p.y) for p in lines] == [
-        ("trainer/global_step", ["val/bpb"]),
-        ("trainer/global_step", ["train/loss"]),
+        ("train/tokens_seen", ["val/bpb"]),
+        ("train/tokens_seen", ["train/loss"]),
     ]
-    assert all(f"{TOKENS_PER_STEP:,} tokens each" in p.title_x for p in lines)
+    assert all(p.title_x == "tokens seen (train/tokens_seen)" for p in lines)
     scatters = [p for p in grids[1].panels if isinstance(p, wr.ScatterPlot)]
     assert [(p.x, p.y, p.log_x) for p in scatters] == [  # the HTML report's scatter plots
         (wr.Config("model"), wr.SummaryMetric("val/bpb"), None),
@@ -433,8 +433,8 @@ def test_wandb_report_filters_the_sweep_group_with_the_html_panels(
         assert set(runset["runFeed"]["columnOrder"][2:]) == {f"summary:{k}" for k in summary_keys}
     panels = [[p["config"] for p in g["panelBankSectionConfig"]["panels"]] for g in grid_specs]
     assert [(c["xAxis"], c["metrics"]) for c in panels[0]] == [
-        ("trainer/global_step", ["val/bpb"]),
-        ("trainer/global_step", ["train/loss"]),
+        ("train/tokens_seen", ["val/bpb"]),
+        ("train/tokens_seen", ["train/loss"]),
     ]
     # flat config keys as lmlab logs them: config["optim.lr"].value, not config["optim"].value.lr
     assert [(c["xAxis"], c["yAxis"]) for c in panels[1][:2]] == [

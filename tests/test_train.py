@@ -334,3 +334,26 @@ def test_mfu_is_logged_with_a_known_peak(tiny_cfg):
     fpt = objects["model"].flops_per_token(objects["cfg"].seq_len)
     expected = metrics["train/tokens_per_sec"] * fpt / 1e12
     assert metrics["train/mfu"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_tokens_seen_counts_every_step_is_logged_with_validation_and_resumes(tiny_cfg, tmp_path):
+    out = tmp_path / "tokens"
+    metrics, _ = train(tiny_cfg(output_dir=out))  # 6 steps of 4 x 32 tokens, validation at 3 and 6
+    per_step = 4 * 32
+    assert metrics["train/tokens_seen"] == 6 * per_step
+
+    def rows():
+        with (out / "metrics.csv").open(newline="") as f:
+            return [r for r in csv.DictReader(f) if r["train/tokens_seen"]]
+
+    train_rows = {int(r["step"]): float(r["train/tokens_seen"]) for r in rows() if r["train/loss"]}
+    assert train_rows == {s: (s + 1) * per_step for s in range(6)}  # log_every_n_steps=1
+    # Each validation row carries the tokens trained on before it: the x axis of val/bpb curves.
+    val_rows = [(float(r["train/tokens_seen"])) for r in rows() if r["val/bpb"]]
+    assert val_rows == [3 * per_step, 6 * per_step]
+    resumed, _ = train(
+        tiny_cfg(
+            "ckpt_path=last", "trainer.max_steps=8", "trainer.val_check_interval=4", output_dir=out
+        )
+    )
+    assert resumed["train/tokens_seen"] == 8 * per_step  # continued from the checkpoint's count

@@ -26,15 +26,25 @@ log = logging.getLogger(__name__)
 
 
 class Throughput(L.Callback):
-    """Logs ``train/tokens_per_sec`` (all devices together) over a sliding window of steps, and
-    ``train/mfu`` when the device's peak FLOP/s is known (:mod:`lmlab.flops`) or given."""
+    """Logs ``train/tokens_per_sec`` (all devices together) over a sliding window of steps,
+    ``train/mfu`` when the device's peak FLOP/s is known (:mod:`lmlab.flops`) or given, and
+    ``train/tokens_seen`` (input tokens trained on so far, all devices; also logged with every
+    validation, so validation curves can be drawn against it: runs with different batch shapes compare
+    by tokens, not steps). ``tokens_seen`` is saved in checkpoints and continues on resume."""
 
     def __init__(self, window: int = 20, peak_flops: float | None = None) -> None:
         self.window, self.peak = window, peak_flops
         self._times: deque[float] = deque(maxlen=window + 1)
         self._tokens: deque[int] = deque(maxlen=window + 1)
         self.tokens_per_sec = float("nan")
+        self.tokens_seen = 0
         self._flops_per_token: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tokens_seen = int(state_dict.get("tokens_seen", 0))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.peak = self.peak or flops.peak_flops(pl_module.device)
@@ -42,6 +52,8 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._times.append(time.perf_counter())
         self._tokens.append(batch["input_ids"].numel() * trainer.world_size)
+        self.tokens_seen += self._tokens[-1]
+        pl_module.log("train/tokens_seen", float(self.tokens_seen))
         if len(self._times) > 1:
             # Tokens of the batches that finished after the oldest timestamp, over the time between.
             self.tokens_per_sec = sum(list(self._tokens)[1:]) / (self._times[-1] - self._times[0])
@@ -58,6 +70,10 @@ class Throughput(L.Callback):
         # Validation time is not training time: restart the window after it.
         self._times.clear()
         self._tokens.clear()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            pl_module.log("train/tokens_seen", float(self.tokens_seen))
 
 
 class Samples(L.Callback):
