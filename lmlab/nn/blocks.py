@@ -284,6 +284,36 @@ def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
         nn.init.normal_(p, mean=0.0, std=std * scale)
 
 
+class Backbone(nn.Module):
+    """What the three backbones share: a token embedding ``embed`` and an output head ``lm_head``
+    (tied to it when ``config.tie_embeddings``), GPT-2 initialisation over ``depth`` residual blocks,
+    and the names strategies use: ``block_class`` (the repeated blocks that activation checkpointing,
+    compile and FSDP wrap) and ``fsdp_methods`` (entry points besides ``forward`` that FSDP must
+    gather the root weights for)."""
+
+    block_class: type | tuple[type, ...] = Block
+    fsdp_methods: tuple[str, ...] = ()
+
+    @property
+    def depth(self) -> int:
+        """Residual blocks the init scales the output projections by."""
+        return self.config.n_layers
+
+    def init_and_tie(self) -> None:
+        """The end of every backbone's ``__init__``: initialise, then share embedding and head."""
+        self.reset_parameters()
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.depth, self.config.init_std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the embedding (and tied head), as in Kaplan et al."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+
 def multiple_of(n: int, k: int) -> int:
     """Round ``n`` up to a multiple of ``k``."""
     return -(-n // k) * k

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lmlab.nn.blocks import Block, KVCache, RMSNorm, Rotary, init_weights, multiple_of
+from lmlab.nn.blocks import Backbone, Block, KVCache, RMSNorm, Rotary, multiple_of
 from lmlab.nn.sampling import next_tokens
 
 
@@ -78,11 +78,10 @@ def prefix_lm_mask(prefix_len: torch.Tensor, T: int) -> torch.Tensor:
     return (causal[None] | in_prefix)[:, None]
 
 
-class Decoder(nn.Module):
+class Decoder(Backbone):
     """Causal language model: ``forward(input_ids) -> logits`` of shape (B, T, padded_vocab)."""
 
-    block_class = Block  # what strategies wrap (FSDP units, activation checkpointing)
-    fsdp_methods = ("generate",)  # entry points besides forward that FSDP must gather for
+    fsdp_methods = ("generate",)
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -95,19 +94,7 @@ class Decoder(nn.Module):
         )
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
-        self.reset_parameters()
-        if c.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-
-    def reset_parameters(self) -> None:
-        init_weights(self, self.config.n_layers, self.config.init_std)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the embedding (and tied head), as in Kaplan et al."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embed.weight.numel()
-        return n
+        self.init_and_tie()
 
     def forward(
         self,

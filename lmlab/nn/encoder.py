@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmlab.nn.blocks import Block, RMSNorm, Rotary, init_weights, key_padding_mask
+from lmlab.nn.blocks import Backbone, Block, RMSNorm, Rotary, key_padding_mask
 from lmlab.nn.decoder import DecoderConfig
 
 
@@ -27,11 +27,10 @@ class EncoderConfig(DecoderConfig):
             raise ValueError(f"model.positions must be rope or learned, got {self.positions!r}")
 
 
-class Encoder(nn.Module):
+class Encoder(Backbone):
     """``forward(input_ids, attention_mask) -> logits`` (B, S, V) at every position."""
 
-    block_class = Block
-    fsdp_methods = ("encode",)  # entry points besides forward (lmlab.parallel)
+    fsdp_methods = ("encode",)
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -47,16 +46,7 @@ class Encoder(nn.Module):
         )
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
-        self.reset_parameters()
-        if c.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-
-    def reset_parameters(self) -> None:
-        init_weights(self, self.config.n_layers, self.config.init_std)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        self.init_and_tie()
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

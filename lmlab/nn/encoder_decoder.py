@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from lmlab.nn.blocks import (
+    Backbone,
     Block,
     CrossBlock,
     KVCache,
     RMSNorm,
     Rotary,
-    init_weights,
     key_padding_mask,
 )
 from lmlab.nn.decoder import DecoderConfig
@@ -40,9 +40,9 @@ class EncoderDecoderConfig(DecoderConfig):
             raise ValueError(f"model.n_decoder_layers must be >= 1, got {self.n_decoder_layers}")
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(Backbone):
     block_class = (Block, CrossBlock)
-    fsdp_methods = ("encode", "generate")  # entry points besides forward (lmlab.parallel)
+    fsdp_methods = ("encode", "generate")
 
     def __init__(self, config: EncoderDecoderConfig) -> None:
         super().__init__()
@@ -60,17 +60,11 @@ class EncoderDecoder(nn.Module):
         )
         self.dec_norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
-        self.reset_parameters()
-        if c.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.init_and_tie()
 
-    def reset_parameters(self) -> None:
-        c = self.config
-        init_weights(self, c.n_layers + c.n_decoder_layers, c.init_std)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+    @property
+    def depth(self) -> int:
+        return self.config.n_layers + self.config.n_decoder_layers
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
