@@ -2,9 +2,9 @@
 
 Backbones (:mod:`lmlab.nn`) are single-device modules that name their repeated block class
 (``block_class``); this module wraps those blocks without renaming any parameter, so checkpoints are
-the same with and without these options. ``LMModule.configure_model`` calls :func:`parallelize` in
-the order that works for all three together (as in torchtitan): checkpointing, then compile, then
-sharding, then materialising a meta-device model.
+the same with and without these options. ``LMModule.configure_model`` calls :func:`parallelize`,
+which applies them in the order that works for all of them together (as in torchtitan):
+checkpointing, then per-block compile, then sharding, then materialising a meta-device model.
 """
 
 from __future__ import annotations
@@ -167,22 +167,19 @@ def parallelize(
     backbone: nn.Module,
     *,
     activation_checkpointing: bool = False,
-    compile: bool = False,
+    compile_blocks: bool = False,
     fsdp: FSDP | None = None,
     device: torch.device | None = None,
 ) -> None:
     """Apply the options in place, in the order that composes (torchtitan's): checkpointing wraps
-    the blocks, compile compiles each block when sharding (the FSDP hooks stay outside the graphs)
-    or the whole backbone otherwise, FSDP shards, and a meta-device backbone is materialised last,
-    so only each rank's shard is ever allocated."""
+    the blocks, each block is compiled (so FSDP's hooks stay outside the graphs), FSDP shards, and a
+    meta-device backbone is materialised last, so only each rank's shard is ever allocated. (Without
+    FSDP, ``LMModule`` compiles its whole loss computation instead of the blocks.)"""
     if activation_checkpointing:
         checkpoint_blocks(backbone)
-    if compile:
-        if fsdp is not None:
-            for block in blocks(backbone):
-                block.compile()
-        else:
-            backbone.compile()  # in place: parameter names (and checkpoints) stay the same
+    if compile_blocks:
+        for block in blocks(backbone):
+            block.compile()  # in place: parameter names (and checkpoints) stay the same
     if fsdp is not None:
         fsdp.shard(backbone)
     if any(p.is_meta for p in backbone.parameters()):

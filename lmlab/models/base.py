@@ -140,7 +140,7 @@ class LMModule(L.LightningModule):
         parallelize(
             self.backbone,
             activation_checkpointing=self.activation_checkpointing,
-            compile=self.compile_backbone and fsdp is not None,  # per block, outside FSDP's hooks
+            compile_blocks=self.compile_backbone and fsdp is not None,  # outside FSDP's hooks
             fsdp=fsdp,
             device=strategy.root_device if strategy is not None else None,
         )
