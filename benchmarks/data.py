@@ -69,22 +69,13 @@ def compose(objective: str, batch: int, seq_len: int, overrides: list[str]):
 
 
 def measure(objective: str, args) -> list:
-    from lmlab.train import build, prepare_data
+    from lmlab.train import build_datamodule, prepare_data
 
     batch, seq_len, target = SHAPES[objective]
     cfg = compose(objective, batch, seq_len, args.overrides)
     workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
     tokenizer, train, val = prepare_data(cfg)
-    dm = build(
-        cfg.objective,
-        tokenizer=tokenizer,
-        train=train,
-        val=val,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.data.batch_size,
-        num_workers=workers,
-        seed=cfg.seed,
-    )
+    dm = build_datamodule(cfg, tokenizer, train, val, num_workers=workers)
     loader = dm.train_dataloader()
 
     def batches():  # epochs one after another, as the fit loop does

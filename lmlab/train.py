@@ -257,6 +257,20 @@ def build(node: DictConfig, **runtime):
     return cls(**kwargs, **runtime)
 
 
+def build_datamodule(cfg: DictConfig, tokenizer, train, val, num_workers: int | None = None):
+    """The objective's DataModule over the token stores, with the run's shapes and seed."""
+    return build(
+        cfg.objective,
+        tokenizer=tokenizer,
+        train=train,
+        val=val,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+        seed=cfg.seed,
+    )
+
+
 def _instantiate_all(group: DictConfig | None) -> list:
     if not group:
         return []
@@ -273,16 +287,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
 
     tokenizer, train_store, val_store = prepare_data(cfg)
     tokenizer.save(out / "tokenizer.json")
-    datamodule = build(
-        cfg.objective,
-        tokenizer=tokenizer,
-        train=train_store,
-        val=val_store,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-    )
+    datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
         skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
