@@ -17,9 +17,8 @@ from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
 
-SHARDED_META = (
-    "meta.pt"  # what Lightning's sharded (FSDP) checkpoint folder keeps besides the shards
-)
+# What Lightning's sharded (FSDP) checkpoint folder keeps besides the shards.
+SHARDED_META = "meta.pt"
 
 
 def is_sharded(path: str | Path) -> bool:

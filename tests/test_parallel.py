@@ -197,7 +197,7 @@ def test_finite_flag_reads_the_loss_it_was_made_from(device):
     from lmlab.models.base import FiniteFlag
 
     values = [1.5, float("nan"), float("inf"), -float("inf")]
-    flags = [FiniteFlag(torch.tensor(v, device=device)) for v in values]
+    flags = [FiniteFlag(torch.tensor(v, device=device), step=0) for v in values]
     assert [f.value() for f in flags] == [True, False, False, False]
 
 

@@ -116,7 +116,8 @@ class Samples(L.Callback):
 class Preemption(L.Callback):
     """On SIGTERM (what schedulers send before killing a job), SIGUSR1 (SLURM's advance warning,
     ``#SBATCH --signal=USR1@120``) or SIGUSR2 (submitit's), write ``last.ckpt`` at the end of the
-    current optimizer step, then stop the run; ``train()`` turns that into a clean exit and ``ckpt_path=last`` resumes exactly.
+    current optimizer step, then stop the run; ``train()`` turns that into a clean exit and
+    ``ckpt_path=last`` resumes exactly.
 
     Lightning's own SIGTERM handler only records the signal and raises ``SIGTERMException`` after the
     step; this callback saves where ``ModelCheckpoint`` saves (``on_train_batch_end``), so a preempted

@@ -60,8 +60,9 @@ class FiniteFlag:
     kernels queued since (``bool(torch.isfinite(loss))`` a step later would wait for all of them).
     """
 
-    def __init__(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach())
+    def __init__(self, loss: torch.Tensor, step: int) -> None:
+        self.loss, self.step = loss.detach(), step  # for the message
+        finite = torch.isfinite(self.loss)
         self.event = None
         if finite.is_cuda:
             self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -120,6 +121,9 @@ class LMModule(L.LightningModule):
         self.skip_nonfinite = False  # set from trainer.skip_nonfinite by train()
         self.skipped_nonfinite = 0
         self.last_val_step = -1  # global step of the latest validation
+        self._unchecked_loss: FiniteFlag | None = (
+            None  # the last training loss, checked a step late
+        )
 
     # -- set-up ----------------------------------------------------------------------------------
     def set_token_bytes(self, token_bytes) -> None:
@@ -205,7 +209,7 @@ class LMModule(L.LightningModule):
             # Checked one step late, so the host never waits for the device mid-step; the
             # checkpoint and validation hooks check first, so no non-finite state is saved.
             self.check_finite()
-            self._unchecked_loss = (self.global_step, loss.detach(), FiniteFlag(loss))
+            self._unchecked_loss = FiniteFlag(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/bpb", nll_sum.detach() / (math.log(2) * n_bytes.clamp(min=1)))
@@ -214,12 +218,11 @@ class LMModule(L.LightningModule):
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLoss` if the last unchecked training loss was NaN or infinite."""
-        pending, self._unchecked_loss = getattr(self, "_unchecked_loss", None), None
-        if pending is None or pending[2].value():
+        pending, self._unchecked_loss = self._unchecked_loss, None
+        if pending is None or pending.value():
             return
-        step, loss, _ = pending
         raise NonFiniteLoss(
-            f"training loss is {loss.item()} at step {step}: stopping. The run folder's "
+            f"training loss is {pending.loss.item()} at step {pending.step}: stopping. The run folder's "
             "checkpoints/last.ckpt holds the last good state. Lower optim.lr, raise "
             "optim.warmup_steps or use trainer.precision=32-true; or skip such batches with "
             "trainer.skip_nonfinite=true"
