@@ -63,6 +63,11 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.get("loss_chunk_size", 0) < 0:
+        raise ConfigError(
+            f"loss_chunk_size must be >= 0 (tokens per chunk of the fused head + loss; 0 = off), "
+            f"got {cfg.loss_chunk_size}"
+        )
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")
     max_steps, warmup = cfg.trainer.get("max_steps", -1), cfg.optim.get("warmup_steps", 0)
@@ -175,7 +180,7 @@ def _wandb_key_saved() -> bool:
 
 # Module arguments that may change between a run and its resumption: they change how the model is
 # optimised or executed, not the weights' shapes.
-RUNTIME_SETTINGS = ("optim", "compile", "activation_checkpointing")
+RUNTIME_SETTINGS = ("optim", "compile", "activation_checkpointing", "loss_chunk_size")
 
 
 def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> None:
@@ -304,6 +309,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=cfg.compile,
         activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_size=cfg.loss_chunk_size,
         init_device="meta" if getattr(trainer.strategy, "meta_init", False) else None,
     )
     model.skip_nonfinite = skip_nonfinite

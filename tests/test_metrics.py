@@ -43,15 +43,17 @@ def test_bits_per_byte_accumulates():
 
 
 class Uniform(DecoderLM):
-    """Every position predicts the uniform distribution over the padded vocabulary."""
+    """Every position predicts the uniform distribution over the padded vocabulary (zero hidden
+    states: every logit is 0)."""
 
-    def forward(self, batch):
+    def hidden_states(self, batch):
         B, T = batch["input_ids"].shape
-        return torch.zeros(B, T, self.config.padded_vocab_size)
+        return torch.zeros(B, T, self.config.d_model), batch["labels"]
 
 
+@pytest.mark.parametrize("loss_chunk_size", [0, 16])
 @pytest.mark.parametrize("which", ["byte", "bpe"])
-def test_bpb_hand_computation_on_known_string(which):
+def test_bpb_hand_computation_on_known_string(which, loss_chunk_size):
     text = "To be, or not to be: that is the question. Naïve ✓"
     tok = byte_tokenizer(2) if which == "byte" else train_bpe([make_text(2000, 0)], 320, 2)
     m = Uniform(
@@ -62,6 +64,7 @@ def test_bpb_hand_computation_on_known_string(which):
         d_model=16,
         n_heads=2,
         max_seq_len=128,
+        loss_chunk_size=loss_chunk_size,
     )
     m.set_token_bytes(tok.token_bytes())
     ids = np.array(tok.encode(text))

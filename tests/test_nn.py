@@ -105,6 +105,31 @@ def test_rotary_is_a_rotation_and_relative():
         rot(30, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_kernel_equals_the_formula_forward_and_backward(dtype):
+    """The eager kernel (one output tensor, inverse rotation as gradient) against RoPE's formula,
+    on a strided view as attention passes it."""
+    rot = Rotary(16, 32)
+    cos, sin = rot(3, 10)
+    qkv = torch.randn(2, 10, 3, 16, dtype=dtype, requires_grad=True)
+    x = qkv[:, :, 1].unsqueeze(1)  # (2, 1, 10, 16), not contiguous
+    grad = torch.randn(2, 1, 10, 16)
+
+    def formula(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = cos[None, None], sin[None, None]
+        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).type_as(x)
+
+    want = formula(x)
+    (want.float() * grad).sum().backward()
+    want_grad, qkv.grad = qkv.grad, None
+    got = apply_rotary(x, cos, sin)
+    (got.float() * grad).sum().backward()
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(qkv.grad, want_grad, rtol=0, atol=1e-6)
+
+
 def test_attention_padding_mask_blocks_keys():
     torch.manual_seed(0)
     attn = Attention(16, 2, 2).eval()

@@ -1,8 +1,10 @@
 """What every lmlab LightningModule shares: loss, metrics, optimizer groups, learning-rate schedule.
 
-A subclass builds its backbone, declares the batch kinds it ``accepts`` and implements ``forward(batch)
--> logits`` aligned with ``batch["labels"]``. Everything else (cross-entropy with ``ignore_index=-100``,
-perplexity, bits per byte, AdamW with decay / no-decay groups, warmup + cosine per step, compile) is here.
+A subclass builds its backbone, declares the batch kinds it ``accepts`` and implements
+``hidden_states(batch) -> (hidden, labels)``: the backbone's final hidden states at the positions that
+``labels`` scores. Everything else (the output head and cross-entropy with ``ignore_index=-100``, fused
+chunk by chunk, perplexity, bits per byte, AdamW with decay / no-decay groups, warmup + cosine per step,
+compile) is here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lmlab import flops
 from lmlab.data.collate import IGNORE
 from lmlab.errors import NonFiniteLoss
 from lmlab.metrics import BitsPerByte, Perplexity
+from lmlab.nn.loss import linear_cross_entropy
 from lmlab.parallel import FSDP, parallelize
 
 log = logging.getLogger(__name__)
@@ -79,7 +82,13 @@ class FiniteFlag:
 
 
 class LMModule(L.LightningModule):
-    """Subclasses set ``accepts``, ``config_class`` and ``backbone_class`` and implement ``forward``.
+    """Subclasses set ``accepts``, ``config_class`` and ``backbone_class`` and implement
+    ``hidden_states``.
+
+    ``loss_chunk_size`` > 0 computes the output head and the cross-entropy together over chunks of
+    that many tokens (:func:`lmlab.nn.loss.linear_cross_entropy`), so the (tokens x vocab) logits
+    never exist whole; 0 runs the head on all positions, then ``F.cross_entropy``. Same loss and
+    gradients either way.
 
     Keyword arguments other than the ones below are fields of ``config_class`` (the backbone's
     config dataclass, which validates them); everything is saved as hyperparameters, so a checkpoint
@@ -98,6 +107,7 @@ class LMModule(L.LightningModule):
         optim: dict,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        loss_chunk_size: int = 512,
         name: str = "",
         init_device: str | None = None,
         **backbone,
@@ -107,6 +117,11 @@ class LMModule(L.LightningModule):
         self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
         self.optim_cfg, self.compile_backbone = dict(optim), compile
         self.activation_checkpointing = activation_checkpointing
+        if loss_chunk_size < 0:
+            raise ValueError(
+                f"loss_chunk_size must be >= 0 (0 = plain head + cross-entropy), got {loss_chunk_size}"
+            )
+        self.loss_chunk_size = loss_chunk_size
         self.config = self.config_class(vocab_size=vocab_size, **backbone)
         # init_device="meta": no memory until `configure_model` shards and materialises it (FSDP)
         with torch.device(init_device) if init_device else contextlib.nullcontext():
@@ -179,21 +194,36 @@ class LMModule(L.LightningModule):
         return batch
 
     # -- loss and metrics ------------------------------------------------------------------------
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (..., C), labels (...)): the backbone's final hidden states and the label each
+        position is scored against (-100: not a target)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (..., V) aligned with the labels of :meth:`hidden_states`."""
+        return self.backbone.lm_head(self.hidden_states(batch)[0])
+
     def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets, correct
         argmax predictions (counted in eval mode only)), over the positions whose label is not -100."""
-        logits = self(batch)  # (B, T, V)
-        return self.score(logits.flatten(0, 1), batch["labels"].flatten())
-
-    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The statistics of :meth:`nll` from flat logits (N, V) and labels (N,)."""
+        hidden, labels = self.hidden_states(batch)
+        labels = labels.flatten()
+        hidden = hidden.reshape(labels.shape[0], -1)
         mask = labels != IGNORE
-        # Static shapes (no boolean gathers), so the step compiles without graph breaks.
-        nll_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-        if self.training:  # accuracy is a validation metric: skip the argmax over (N, V) per step
-            correct = torch.zeros((), dtype=torch.long, device=labels.device)
+        # Static shapes (no boolean gathers), so the step compiles without graph breaks. Accuracy
+        # is a validation metric: no argmax over (N, V) in training steps.
+        count_correct = not self.training
+        if self.loss_chunk_size:
+            weight = self.backbone.lm_head.weight
+            nll_sum, correct = linear_cross_entropy(
+                hidden, weight, labels, chunk_size=self.loss_chunk_size, count_correct=count_correct
+            )
         else:
-            correct = ((logits.argmax(-1) == labels) & mask).sum()
+            logits = self.backbone.lm_head(hidden)
+            nll_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+            correct = ((logits.argmax(-1) == labels) & mask).sum() if count_correct else None
+        if correct is None:
+            correct = torch.zeros((), dtype=torch.long, device=labels.device)
         n_bytes = (self.token_bytes[labels.clamp(min=0)] * mask).sum()
         return nll_sum, mask.sum(), n_bytes, correct
 

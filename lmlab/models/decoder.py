@@ -13,8 +13,9 @@ class DecoderLM(LMModule):
     config_class = DecoderConfig
     backbone_class = Decoder
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.backbone(batch["input_ids"], prefix_len=batch.get("prefix_len"))
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.backbone(batch["input_ids"], prefix_len=batch.get("prefix_len"), head=False)
+        return hidden, batch["labels"]
 
     def generate_text(
         self,

@@ -14,16 +14,13 @@ class EncoderLM(LMModule):
     config_class = EncoderConfig
     backbone_class = Encoder
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.backbone(batch["input_ids"], batch.get("attention_mask"))
-
-    def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Like the base, but the output head runs only on the ~15% selected positions: the head is
-        a (d_model x vocab) matmul per position, the largest single cost of a small MLM model."""
-        hidden = self.backbone.encode(batch["input_ids"], batch.get("attention_mask"))
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ~15% selected positions only, so the output head (a d_model x vocab matmul per
+        position, the largest single cost of a small MLM model) runs on those alone."""
+        hidden = self.backbone(batch["input_ids"], batch.get("attention_mask"), head=False)
         labels = batch["labels"]
         selected = labels != IGNORE
-        return self.score(self.backbone.lm_head(hidden[selected]), labels[selected])
+        return hidden[selected], labels[selected]
 
     def predict_masked(self, ids: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k token ids (and probabilities) at every position of ``ids``: (S, k) each.

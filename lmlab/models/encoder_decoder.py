@@ -13,10 +13,11 @@ class EncoderDecoderLM(LMModule):
     config_class = EncoderDecoderConfig
     backbone_class = EncoderDecoder
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.backbone(
-            batch["input_ids"], batch["decoder_input_ids"], batch.get("attention_mask")
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.backbone(
+            batch["input_ids"], batch["decoder_input_ids"], batch.get("attention_mask"), head=False
         )
+        return hidden, batch["labels"]
 
     def decode_greedy(self, tokenizer, input_ids, attention_mask=None, max_new_tokens=128, **kw):
         """Generated target ids per row (eos and what follows removed)."""

@@ -102,9 +102,12 @@ class Decoder(Backbone):
         *,
         prefix_len: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Logits (B, T, V). ``prefix_len`` (B,): prefix-LM attention, bidirectional over each
-        row's first ``prefix_len`` positions and causal after them (Raffel et al., 2020, sec. 3.2)."""
+        """Logits (B, T, V), or with ``head=False`` the final normalised hidden states (B, T, C)
+        (the training loss applies the head itself, :mod:`lmlab.nn.loss`). ``prefix_len`` (B,):
+        prefix-LM attention, bidirectional over each row's first ``prefix_len`` positions and causal
+        after them (Raffel et al., 2020, sec. 3.2)."""
         T = input_ids.shape[1]
         start = caches[0].length if caches else 0
         rope = self.rotary(start, T)
@@ -113,7 +116,8 @@ class Decoder(Backbone):
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches else None
             x = block(x, rope, is_causal=mask is None, attn_mask=mask, cache=cache)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        return self.lm_head(x) if head else x  # (B, T, V) or (B, T, C)
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
         c, p = self.config, self.embed.weight
@@ -148,9 +152,7 @@ class Decoder(Backbone):
                 f"{self.config.max_seq_len}"
             )
         caches = self.new_caches(B, total)
-        # `self.forward`, not `self(...)`: after `module.compile()` the call path is compiled for
-        # training shapes; decoding with a growing cache would recompile at every length.
-        logits = self.forward(input_ids, caches=caches)[:, -1, : self.config.vocab_size]
+        logits = self.next_logits(input_ids, caches)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(total - T0):
@@ -166,5 +168,13 @@ class Decoder(Backbone):
             out.append(nxt[:, None])
             if (eos_id is not None and bool(done.all())) or step == total - T0 - 1:
                 break
-            logits = self.forward(nxt[:, None], caches=caches)[:, -1, : self.config.vocab_size]
+            logits = self.next_logits(nxt[:, None], caches)
         return torch.cat(out, dim=1)
+
+    def next_logits(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Logits (B, vocab_size) after the last position of ``input_ids``, through the caches; the
+        head runs on that position only. (`self.forward`, not `self(...)`: after `module.compile()`
+        the call path is compiled for training shapes; decoding with a growing cache would
+        recompile at every length.)"""
+        hidden = self.forward(input_ids, caches=caches, head=False)[:, -1]
+        return self.lm_head(hidden)[:, : self.config.vocab_size]

@@ -30,8 +30,6 @@ class EncoderConfig(DecoderConfig):
 class Encoder(Backbone):
     """``forward(input_ids, attention_mask) -> logits`` (B, S, V) at every position."""
 
-    fsdp_methods = ("encode",)
-
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -65,6 +63,12 @@ class Encoder(Backbone):
         return self.norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        head: bool = True,
     ) -> torch.Tensor:
-        return self.lm_head(self.encode(input_ids, attention_mask))  # (B, S, V)
+        """Logits (B, S, V), or with ``head=False`` the final hidden states (B, S, C)."""
+        x = self.encode(input_ids, attention_mask)
+        return self.lm_head(x) if head else x

@@ -86,22 +86,28 @@ class EncoderDecoder(Backbone):
         attention_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
+        """The decoder's final normalised hidden states (B, T, C)."""
         T = decoder_input_ids.shape[1]
         start = caches[0].length if caches else 0
         rope, mask = self.rotary(start, T), key_padding_mask(attention_mask)
         x = self.embed(decoder_input_ids)  # (B, T, C)
         for i, block in enumerate(self.dec_blocks):
             x = block(x, rope, memory[i], mask, cache=caches[i] if caches else None)
-        return self.lm_head(self.dec_norm(x))  # (B, T, V)
+        return self.dec_norm(x)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         decoder_input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        *,
+        head: bool = True,
     ) -> torch.Tensor:
+        """Logits (B, T, V) of the target positions, or with ``head=False`` the decoder's final
+        hidden states (B, T, C)."""
         memory = self.memory(self.encode(input_ids, attention_mask))
-        return self.decode(decoder_input_ids, memory, attention_mask)
+        x = self.decode(decoder_input_ids, memory, attention_mask)
+        return self.lm_head(x) if head else x
 
     @torch.inference_mode()
     def generate(
@@ -130,9 +136,8 @@ class EncoderDecoder(Backbone):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         out = []
         for _ in range(steps):
-            logits = self.decode(nxt[:, None], memory, attention_mask, caches)[
-                :, -1, : c.vocab_size
-            ]
+            hidden = self.decode(nxt[:, None], memory, attention_mask, caches)
+            logits = self.lm_head(hidden[:, -1])[:, : c.vocab_size]
             nxt, done = next_tokens(
                 logits,
                 done,

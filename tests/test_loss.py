@@ -1,0 +1,155 @@
+"""lmlab.nn.loss.linear_cross_entropy equals the head + F.cross_entropy it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.nn.loss import linear_cross_entropy
+
+N, C, V = 37, 16, 50  # a token count no chunk size below divides
+
+
+def inputs(dtype=torch.float32, ignored=(0, 5, 6, 36)):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, C, generator=g, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(V, C, generator=g) * 0.3).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[list(ignored)] = -100
+    return hidden, weight, labels
+
+
+def reference(hidden, weight, labels):
+    logits = (hidden @ weight.t()).float()
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 37, 1000])
+def test_loss_and_gradients_equal_the_unfused_head_and_cross_entropy(chunk_size):
+    h1, w1, labels = inputs()
+    want = reference(h1, w1, labels)
+    (want * 0.7).backward()  # a non-unit upstream gradient: backward must scale by it
+    h2, w2, _ = inputs()
+    got, correct = linear_cross_entropy(h2, w2, labels, chunk_size=chunk_size)
+    (got * 0.7).backward()
+    assert correct is None
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-6)
+    assert h2.grad[[0, 5, 6, 36]].abs().max() == 0  # ignored positions get no gradient
+
+
+def test_counts_correct_argmax_predictions_with_and_without_gradients():
+    hidden, weight, labels = inputs()
+    logits = hidden @ weight.t()
+    labels[1:4] = logits[1:4].argmax(-1)  # three targets certainly right
+    want = int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+    assert want >= 3
+    with torch.no_grad():
+        nll, correct = linear_cross_entropy(
+            hidden, weight, labels, chunk_size=8, count_correct=True
+        )
+        torch.testing.assert_close(nll, reference(hidden, weight, labels))
+    assert int(correct) == want
+    nll, correct = linear_cross_entropy(hidden, weight, labels, chunk_size=8, count_correct=True)
+    assert int(correct) == want and nll.requires_grad
+
+
+def test_tied_weight_also_receives_the_embedding_gradient():
+    g = torch.Generator().manual_seed(1)
+    emb = torch.nn.Embedding(V, C)
+    ids = torch.randint(0, V, (N,), generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    reference(emb(ids), emb.weight, labels).backward()
+    want = emb.weight.grad.clone()
+    emb.weight.grad = None
+    linear_cross_entropy(emb(ids), emb.weight, labels, chunk_size=5)[0].backward()
+    torch.testing.assert_close(emb.weight.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_matches_the_unfused_path_within_bf16_rounding():
+    h1, w1, labels = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(h1, w1, labels)
+    want.backward()
+    h2, w2, _ = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = linear_cross_entropy(h2, w2, labels, chunk_size=8)
+    got.backward()
+    assert got.dtype == torch.float32 and w2.grad.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=0.02, atol=0.01)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=0.02, atol=0.01)
+
+
+def test_bad_chunk_size_is_an_error():
+    hidden, weight, labels = inputs()
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+
+
+def test_no_tokens_gives_zero_loss_and_zero_gradients():
+    hidden, weight, labels = inputs()
+    nll, _ = linear_cross_entropy(hidden[:0], weight, labels[:0])
+    nll.backward()
+    assert float(nll.detach()) == 0 and weight.grad.abs().max() == 0
+
+
+def test_a_second_backward_through_the_same_forward_is_refused():
+    hidden, weight, labels = inputs()
+    nll, _ = linear_cross_entropy(hidden, weight, labels)
+    nll.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        nll.backward()
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+def test_every_family_trains_the_same_with_and_without_the_fused_head(family):
+    """LMModule.nll with loss_chunk_size=0 (head, then F.cross_entropy) and 7 (fused, in chunks
+    that do not divide the token count): same loss, count, accuracy and gradients."""
+    from lmlab.models.decoder import DecoderLM
+    from lmlab.models.encoder import EncoderLM
+    from lmlab.models.encoder_decoder import EncoderDecoderLM
+
+    cls = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}[family]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (2, 12), generator=g)
+    labels = torch.randint(3, 90, (2, 12), generator=g)
+    labels[0, :5] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    if family == "encoder":
+        batch["attention_mask"] = torch.ones_like(ids, dtype=torch.bool)
+    if family == "encoder_decoder":
+        batch |= {"decoder_input_ids": labels.clamp(min=0), "attention_mask": ids > 4}
+
+    def run(chunk, train):
+        torch.manual_seed(0)
+        m = cls(
+            vocab_size=90,
+            special_ids={},
+            optim={},
+            n_layers=1,
+            d_model=16,
+            n_heads=2,
+            max_seq_len=16,
+            loss_chunk_size=chunk,
+        ).train(train)
+        m.set_token_bytes(torch.ones(90, dtype=torch.long))
+        stats = m.nll(batch)
+        stats[0].backward()
+        return stats, {n: p.grad for n, p in m.named_parameters()}
+
+    for train in (True, False):
+        (want, want_grads), (got, got_grads) = run(0, train), run(7, train)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-5)
+        assert [int(x) for x in got[1:]] == [int(x) for x in want[1:]]  # count, bytes, correct
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_negative_loss_chunk_size_is_refused_by_the_module():
+    from lmlab.models.decoder import DecoderLM
+
+    with pytest.raises(ValueError, match="loss_chunk_size must be >= 0"):
+        DecoderLM(vocab_size=90, special_ids={}, optim={}, loss_chunk_size=-1)
