@@ -17,6 +17,7 @@ encoder inputs; its FLOPs count every layer at the input length, an upper bound)
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -82,10 +83,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
     p.add_argument("--steps", type=int, help="timed steps (default 30)")
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s (default: lmlab.flops)")
+    p.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="module's loss_chunk_size, one run per value (default: the module's, off on GPUs);\n"
+        "e.g. 0 4096 to compare the plain head with the fused head + loss",
+    )
     return p.parse_args(argv)
 
 
-def run_family(family: str, args, device: torch.device, out: Path) -> dict:
+def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -> dict:
     pre = PRESETS[family]
     vocab, B, T = pre["vocab"], pre["batch"], pre["seq_len"]
     target_len = pre.get("target_len", 0)
@@ -96,7 +105,9 @@ def run_family(family: str, args, device: torch.device, out: Path) -> dict:
         if family == "encoder_decoder":
             dims |= dict(n_decoder_layers=TINY["n_layers"], max_target_len=target_len)
     torch.manual_seed(0)
-    model = common.lmlab_model(family, vocab_size=vocab, compile=args.compile, **dims)
+    model = common.lmlab_model(
+        family, vocab_size=vocab, compile=args.compile, loss_chunk_size=loss_chunk, **dims
+    )
     gen = torch.Generator().manual_seed(0)
     batches = [
         common.random_batch(pre["kind"], B, T, vocab, target_len=target_len, generator=gen)
@@ -108,7 +119,7 @@ def run_family(family: str, args, device: torch.device, out: Path) -> dict:
         accelerator="gpu" if device.type == "cuda" else "cpu",
         precision=args.precision,
         max_steps=total_steps,
-        output_dir=out / family,
+        output_dir=out / f"{family}-{loss_chunk}",
         callbacks=[timer],
     )
     t0 = time.perf_counter()
@@ -120,6 +131,7 @@ def run_family(family: str, args, device: torch.device, out: Path) -> dict:
     mfu = None if not peak else flops.mfu(tokens_per_s, model.flops_per_token(T), peak)
     return dict(
         family=family,
+        loss_chunk="default" if loss_chunk is None else loss_chunk,
         shape=f"{B} x {T}" + (f" -> {target_len}" if target_len else ""),
         params=model.num_params(False),
         step_ms=1e3 * step_s,
@@ -152,11 +164,11 @@ def main(argv=None) -> None:
     print(f"machine: {common.machine()}")
     out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
     results = []
-    for family in args.family:
-        r = run_family(family, args, device, out)
+    for family, loss_chunk in itertools.product(args.family, args.loss_chunk_size):
+        r = run_family(family, args, device, out, loss_chunk)
         results.append(r)
         print(
-            f"  {family}: {r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
+            f"  {family} (loss chunk {r['loss_chunk']}): {r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
             f"{time.perf_counter() - t_start:.0f} s so far)",
             flush=True,
         )
@@ -170,6 +182,7 @@ def main(argv=None) -> None:
             [
                 r["family"],
                 r["shape"],
+                r["loss_chunk"],
                 f"{r['params'] / 1e6:.1f}M",
                 f"{r['step_ms']:.1f}",
                 f"{r['median_ms']:.1f}",
@@ -187,6 +200,7 @@ def main(argv=None) -> None:
             [
                 "family",
                 "batch",
+                "loss chunk",
                 "parameters",
                 "mean step ms",
                 "median step ms",

@@ -63,10 +63,10 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    if cfg.get("loss_chunk_size", 0) < 0:
+    if (cfg.get("loss_chunk_size") or 0) < 0:
         raise ConfigError(
-            f"loss_chunk_size must be >= 0 (tokens per chunk of the fused head + loss; 0 = off), "
-            f"got {cfg.loss_chunk_size}"
+            f"loss_chunk_size must be >= 0 (tokens per chunk of the fused head + loss; 0 = off; "
+            f"null = by device), got {cfg.loss_chunk_size}"
         )
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")

@@ -48,6 +48,38 @@ def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path):
     assert compiled["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-3)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_head_and_loss_match_the_plain_head_under_bf16(compile):
+    """lmlab.nn.loss on CUDA with bf16 autocast, eager and compiled: loss and gradients equal the
+    plain head + cross-entropy to bf16 rounding."""
+    from lmlab.nn.loss import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(3000, 256, device="cuda", generator=g)
+    weight = torch.randn(50304, 256, device="cuda", generator=g) * 0.05
+    labels = torch.randint(0, 50257, (3000,), device="cuda", generator=g)
+    labels[::7] = -100
+
+    def plain(h, w):
+        return torch.nn.functional.cross_entropy((h @ w.t()).float(), labels, reduction="sum")
+
+    def fused(h, w):
+        return linear_cross_entropy(h, w, labels, chunk_size=1024)[0]
+
+    results = []
+    for fn in (plain, torch.compile(fused) if compile else fused):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (want, want_h, want_w), (got, got_h, got_w) = results
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
+    # bf16 products round each at 2^-8 relative: compare to 1% of the gradient's scale
+    for got_grad, want_grad in ((got_h, want_h), (got_w, want_w)):
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0.01 * want_grad.abs().max())
+
+
 def test_bf16_true_trains(tiny_cfg):
     metrics, objects = train(tiny_cfg(*GPU, "trainer.precision=bf16-true"))
     assert next(objects["model"].backbone.parameters()).dtype == torch.bfloat16

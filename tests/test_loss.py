@@ -153,3 +153,22 @@ def test_a_negative_loss_chunk_size_is_refused_by_the_module():
 
     with pytest.raises(ValueError, match="loss_chunk_size must be >= 0"):
         DecoderLM(vocab_size=90, special_ids={}, optim={}, loss_chunk_size=-1)
+
+
+@pytest.mark.parametrize(("setting", "fused"), [(None, True), (0, False), (64, True)])
+def test_loss_chunk_size_none_fuses_on_a_cpu(monkeypatch, setting, fused):
+    import lmlab.models.base as base
+    from lmlab.models.decoder import DecoderLM
+
+    calls = []
+    real = base.linear_cross_entropy
+    monkeypatch.setattr(
+        base, "linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    m = DecoderLM(vocab_size=90, special_ids={}, optim={}, n_layers=1, d_model=16, n_heads=2,
+                  max_seq_len=16, loss_chunk_size=setting)  # fmt: skip
+    m.set_token_bytes(torch.ones(90, dtype=torch.long))
+    ids = torch.randint(3, 90, (2, 12))
+    m.nll({"input_ids": ids, "labels": ids})
+    want = setting or base.CPU_LOSS_CHUNK
+    assert [k["chunk_size"] for k in calls] == ([want] if fused else [])
