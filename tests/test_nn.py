@@ -4,9 +4,10 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmlab.models.base import lr_lambda, param_groups
-from lmlab.nn.blocks import Attention, KVCache, Rotary, apply_rotary
+from lmlab.nn.blocks import Attention, KVCache, RMSNorm, Rotary, apply_rotary
 from lmlab.nn.decoder import Decoder, DecoderConfig
 from lmlab.nn.sampling import sample_next
 
@@ -128,6 +129,30 @@ def test_rotary_kernel_equals_the_formula_forward_and_backward(dtype):
     assert got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(qkv.grad, want_grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_kernel_equals_pytorchs_forward_and_backward(dtype):
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 24))
+    x = (3 * torch.randn(2, 5, 24)).to(dtype).requires_grad_()
+    grad = torch.randn(2, 5, 24)
+
+    def reference(x, weight):
+        return F.rms_norm(x.float(), (24,), weight.float(), 1e-5).type_as(x)
+
+    want = reference(x, norm.weight)
+    (want.float() * grad).sum().backward()
+    want_grads = x.grad, norm.weight.grad
+    x.grad = norm.weight.grad = None
+    got = norm(x)
+    (got.float() * grad).sum().backward()
+    assert got.dtype == dtype
+    exact = dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6 if exact else 0.01, atol=1e-6)
+    for g, w in zip((x.grad, norm.weight.grad), want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5 if exact else 0.01, atol=1e-5)
 
 
 def test_attention_padding_mask_blocks_keys():
