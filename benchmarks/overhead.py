@@ -8,7 +8,10 @@ warmup + cosine schedule, gradient clipping at 1.0 and the same precision:
 * lmlab: a ``lightning.Trainer`` fitting ``DecoderLM``, built like ``lmlab.train.build_run`` from
   ``conf/`` (trainer=cpu|gpu, callbacks=default, logger=csv) with validation and the callbacks that act
   only at validation / checkpoint time turned off; see ``common.SPEED_CALLBACKS``.
-* plain: forward, cross entropy, backward, clip, step, schedule, zero_grad (nanoGPT's loop).
+* plain: forward, cross entropy, backward, clip, step, schedule, zero_grad (nanoGPT's loop). The
+  loss is computed as ``LMModule.nll`` computes it on that device: the head and the cross-entropy
+  fused in chunks on a CPU (``lmlab.nn.loss``, ``CPU_LOSS_CHUNK``), the plain head elsewhere; this
+  script compares the loops around the same arithmetic (``vs_hf.py`` compares the arithmetic).
 
 Rounds alternate which contender runs first; each round warms up and then times every step (end of
 one step to the end of the next). The table gives the median step time over all timed steps.
@@ -28,7 +31,8 @@ import common
 import torch
 import torch.nn.functional as F
 
-from lmlab.models.base import lr_lambda, param_groups
+from lmlab.models.base import CPU_LOSS_CHUNK, lr_lambda, param_groups
+from lmlab.nn.loss import linear_cross_entropy
 
 PRESETS = {
     # conf/model/decoder.yaml with conf/train.yaml's seq_len and conf/data/shakespeare.yaml's batch;
@@ -190,8 +194,13 @@ class make_plain_step:
         self.reset()
 
     def _loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        labels = labels.flatten()
+        hidden = self.model(input_ids, head=False).flatten(0, 1)  # (B*T, C)
+        if hidden.device.type == "cpu":  # as LMModule.nll with loss_chunk_size=None
+            weight = self.model.lm_head.weight
+            nll = linear_cross_entropy(hidden, weight, labels, chunk_size=CPU_LOSS_CHUNK)[0]
+            return nll / labels.numel()
+        return F.cross_entropy(self.model.lm_head(hidden).float(), labels)
 
     def reset(self) -> None:
         o = self.o
