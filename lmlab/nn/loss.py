@@ -26,6 +26,7 @@ from lmlab.data.collate import IGNORE
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The matrix products' dtype: autocast's when it is on for the weight's device."""
     device = weight.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -71,9 +72,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h)
                 else:  # accumulate the chunks' bf16 products in float32
                     grad_w += torch.mm(g.t(), h)
-        if grads and grad_w is None:  # no tokens at all
-            grad_h, grad_w = [torch.zeros_like(hidden)], torch.zeros_like(weight)
         if grads:
+            if grad_w is None:  # no tokens at all
+                grad_h, grad_w = [torch.zeros_like(hidden)], torch.zeros_like(weight)
             ctx.save_for_backward(torch.cat(grad_h), grad_w.to(weight.dtype))
             ctx.used = False
         ctx.mark_non_differentiable(correct)
