@@ -141,38 +141,119 @@ def masking():
     return tok, special, np.flatnonzero(~special)
 
 
+def keys_for(n: int, seed: int = 0) -> np.ndarray:
+    """n per-example keys of the counter-based generator (as example_keys makes them)."""
+    return np.random.default_rng(seed).integers(0, 2**64, size=n, dtype=np.uint64)
+
+
 def test_mlm_selection_statistics(masking):
     tok, special, random_ids = masking
     rng = np.random.default_rng(0)
-    n_draws, L = 400, 130
-    counts = {"selected": 0, "eligible": 0, "mask": 0, "other": 0, "same": 0}
-    for _ in range(n_draws):
-        ids = rng.choice(random_ids, size=L)
-        ids[rng.choice(L, 10, replace=False)] = tok.eos_id  # specials sprinkled in
-        ids[0], ids[-1] = tok.cls_id, tok.sep_id
-        inputs, labels, sel = mlm_mask(
-            ids, rng, special=special, mask_id=tok.mask_id, random_ids=random_ids
-        )
-        eligible = ~special[ids]
-        assert not (sel & ~eligible).any()  # special tokens are never selected
-        assert (labels[~sel] == IGNORE).all() and (labels[sel] == ids[sel]).all()
-        assert (inputs[~sel] == ids[~sel]).all()
-        # exact count per sequence: round(0.15 * n) of the n eligible positions
-        assert sel.sum() == round(0.15 * eligible.sum())
-        counts["selected"] += int(sel.sum())
-        counts["eligible"] += int(eligible.sum())
-        counts["mask"] += int((inputs[sel] == tok.mask_id).sum())
-        counts["same"] += int((inputs[sel] == ids[sel]).sum())
-        counts["other"] += int(((inputs[sel] != ids[sel]) & (inputs[sel] != tok.mask_id)).sum())
-    n = counts["selected"]
-    # per sequence the count is round(0.15 n), off by at most 0.5 token: |frac - 0.15| <= 0.5 / n_min
-    assert abs(counts["selected"] / counts["eligible"] - 0.15) <= 0.5 / (L - 12)
+    n_draws, L = 4000, 130
+    ids = rng.choice(random_ids, size=(n_draws, L))
+    for row in ids:
+        row[rng.choice(L, int(rng.integers(0, 20)), replace=False)] = tok.eos_id  # specials
+    ids[:, 0], ids[:, -1] = tok.cls_id, tok.sep_id
+    ids[-1, 1:-1] = tok.pad_id  # a row with nothing to mask
+    inputs, labels, sel = mlm_mask(
+        ids, keys_for(n_draws), special=special, mask_id=tok.mask_id, random_ids=random_ids
+    )
+    eligible = ~special[ids]
+    assert not (sel & ~eligible).any()  # special tokens are never selected
+    assert (labels[~sel] == IGNORE).all() and (labels[sel] == ids[sel]).all()
+    assert (inputs[~sel] == ids[~sel]).all()
+    # exact count per sequence: round(0.15 * n) of the n eligible positions, at least one, none of 0
+    n = eligible.sum(axis=1)
+    assert sel.sum(axis=1).tolist() == [max(1, round(0.15 * int(m))) if m else 0 for m in n]
+    assert n[-1] == 0  # the empty row is exercised
     # 80/10/10: each selected token is an independent categorical draw, so each share is a binomial
     # proportion with standard deviation sqrt(p (1 - p) / n); allow 5 of them (false alarm < 1e-6).
     # A random replacement equals the original with probability 1/256, counted as "same".
+    x, orig = inputs[sel], ids[sel]
+    counts = {
+        "mask": int((x == tok.mask_id).sum()),
+        "same": int((x == orig).sum()),
+        "other": int(((x != orig) & (x != tok.mask_id)).sum()),
+    }
+    total = len(x)
+    assert total > 70_000
     p_same = 0.1 + 0.1 / len(random_ids)
     for key, p in (("mask", 0.8), ("other", 0.1 - 0.1 / len(random_ids)), ("same", p_same)):
-        assert abs(counts[key] / n - p) <= 5 * math.sqrt(p * (1 - p) / n), key
+        assert abs(counts[key] / total - p) <= 5 * math.sqrt(p * (1 - p) / total), key
+    assert not special[x[x != tok.mask_id]].any()  # replacements are never special
+
+
+def test_mlm_selection_is_uniform_over_positions_and_subsets(masking):
+    tok, special, random_ids = masking
+    # 128 maskable positions between cls and sep: 19 selected (round(19.2)), so each position is
+    # selected with probability 19/128. Over R = 6000 rows a position's count is Binomial(R, 19/128):
+    # mean 890.6, sd 27.5; 5 sd bounds every one of the 128.
+    R = 6000
+    ids = np.random.default_rng(1).choice(random_ids, size=(R, 130))
+    ids[:, 0], ids[:, -1] = tok.cls_id, tok.sep_id
+    _, _, sel = mlm_mask(
+        ids, keys_for(R, 1), special=special, mask_id=tok.mask_id, random_ids=random_ids
+    )
+    per_position = sel[:, 1:-1].sum(axis=0)
+    assert np.abs(per_position - R * 19 / 128).max() <= 5 * math.sqrt(R * 19 / 128 * 109 / 128)
+    # Whole subsets: 2 of 4 maskable tokens (mask_prob 0.5), C(4, 2) = 6 subsets, each Binomial(R, 1/6)
+    # (mean 1000, sd 28.9): a uniform choice of subset, not just of positions.
+    ids = np.array([[tok.cls_id, 65, 66, tok.eos_id, 67, 68, tok.sep_id]] * R)
+    _, _, sel = mlm_mask(
+        ids,
+        keys_for(R, 2),
+        special=special,
+        mask_id=tok.mask_id,
+        random_ids=random_ids,
+        mask_prob=0.5,
+    )
+    codes = sel[:, [1, 2, 4, 5]] @ np.array([1, 2, 4, 8])
+    counts = np.bincount(codes, minlength=16)
+    assert sorted(np.flatnonzero(counts).tolist()) == [3, 5, 6, 9, 10, 12]  # the 2-subsets
+    assert np.abs(counts[counts > 0] - 1000).max() <= 5 * 28.9
+
+
+def test_mlm_random_replacements_are_uniform(masking):
+    tok, special, random_ids = masking
+    # p_random = 1: every selected token is replaced, by a uniformly random id of random_ids. Over
+    # ~76,000 draws each of the 256 ids is expected ~297 times; the counts' chi-square (255 degrees
+    # of freedom: mean 255, sd 22.6) stays below 255 + 6 sd.
+    R = 4000
+    ids = np.full((R, 130), 65)
+    ids[:, 0], ids[:, -1] = tok.cls_id, tok.sep_id
+    inputs, _, sel = mlm_mask(
+        ids,
+        keys_for(R, 3),
+        special=special,
+        mask_id=tok.mask_id,
+        random_ids=random_ids,
+        p_mask=0.0,
+        p_random=1.0,
+    )
+    counts = np.bincount(inputs[sel], minlength=tok.vocab_size)
+    assert counts[special].sum() == 0
+    expected = sel.sum() / len(random_ids)
+    chi2 = ((counts[random_ids] - expected) ** 2 / expected).sum()
+    assert chi2 <= 255 + 6 * 22.6
+
+
+def test_mlm_budget_rounds_half_to_even(masking):
+    tok, special, random_ids = masking
+    # mask_prob 0.25 of 2, 6, 10 and 0 maskable tokens: round(0.5) = 0 -> at least 1, round(1.5) = 2,
+    # round(2.5) = 2 (half to even, as Python's round), and nothing to mask -> 0.
+    ids = np.full((4, 12), tok.eos_id)
+    ids[:, 0], ids[:, -1] = tok.cls_id, tok.sep_id
+    for row, n in enumerate([2, 6, 10, 0]):
+        ids[row, 1 : 1 + n] = 70 + np.arange(n)
+    _, _, sel = mlm_mask(
+        ids,
+        keys_for(4),
+        special=special,
+        mask_id=tok.mask_id,
+        random_ids=random_ids,
+        mask_prob=0.25,
+    )
+    assert sel.sum(axis=1).tolist() == [1, 2, 2, 0]
 
 
 def test_word_starts_match_the_pre_tokenizer():
@@ -193,23 +274,61 @@ def test_whole_word_masking_selects_whole_words(masking):
     special = np.zeros(tok.vocab_size, dtype=bool)
     special[tok.special_ids] = True
     table = tok.word_start_table()
-    rng = np.random.default_rng(1)
     ids = np.array([tok.cls_id, *tok.encode(make_text(200, 5)), tok.sep_id])
     starts = word_starts(ids, table, special)
     word = np.cumsum(starts)
     assert len(np.unique(word)) < len(ids)  # some words span several tokens
-    for _ in range(50):
-        _, _, sel = mlm_mask(
-            ids,
-            rng,
-            special=special,
-            mask_id=tok.mask_id,
-            random_ids=np.flatnonzero(~special),
-            word_start=starts,
-        )
-        assert sel.sum() <= round(0.15 * (~special[ids]).sum())
-        for w in np.unique(word[sel]):
-            assert sel[word == w].all()  # all of a selected word's tokens are selected
+    budget = round(0.15 * (~special[ids]).sum())
+    kw = dict(special=special, mask_id=tok.mask_id, random_ids=np.flatnonzero(~special))
+    batch = np.tile(ids, (50, 1))
+    _, _, sel = mlm_mask(batch, keys_for(50), word_start=np.tile(starts, (50, 1)), **kw)
+    eligible = ~special[ids]
+    sizes = {w: int(((word == w) & eligible).sum()) for w in np.unique(word[eligible])}
+    for row in sel:
+        for w in np.unique(word[row]):
+            assert row[word == w].all()  # all of a selected word's tokens are selected
+        # the greedy fill stops short of the budget only when no word left out would still fit
+        short = budget - int(row.sum())
+        assert short >= 0
+        assert all(size > short for w, size in sizes.items() if not row[word == w].any())
+    assert len({row.tobytes() for row in sel}) == 50
+    # With every token its own word, the greedy fill takes the budget's smallest keys: plain masking.
+    one_each = mlm_mask(batch, keys_for(50), word_start=np.ones_like(batch, dtype=bool), **kw)
+    plain = mlm_mask(batch, keys_for(50), **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(one_each, plain, strict=True))
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_mlm_example_masks_the_same_in_any_batch(tmp_path, whole_word):
+    # Per-example randomness: a row depends only on (seed, epoch, start) and the tokens, never on
+    # the batch it is in, its place there or the padding (what makes resumed and multi-process runs
+    # exact); mask_example gives that same row without padding.
+    tok = byte_tokenizer(2)
+    store = build_store(iter([make_text(400, 0), make_text(300, 1)]), tok, tmp_path, "m")
+    dm = MaskedLMDataModule(tok, store, store, seq_len=32, batch_size=4, whole_word=whole_word)
+    exs = [
+        Example(s, np.asarray(store.tokens[s : s + 30], dtype=np.int64), epoch=s % 2)
+        for s in range(0, 300, 30)
+    ]
+    exs += [Example(900, np.asarray(store.tokens[900:905], dtype=np.int64))]  # a short one
+
+    def rows(batch) -> list[tuple[list[int], list[int]]]:
+        real = batch["attention_mask"]
+        return [
+            (batch["input_ids"][r][real[r]].tolist(), batch["labels"][r][real[r]].tolist())
+            for r in range(len(real))
+        ]
+
+    alone = {id(ex): rows(dm.make_batch([ex]))[0] for ex in exs}
+    for ex in exs:
+        inputs, labels = dm.mask_example(ex)
+        assert (inputs.tolist(), labels.tolist()) == alone[id(ex)]
+    for batch in (exs[:4], exs[::-1], [exs[-1], *exs[3:7]]):
+        b = dm.make_batch(batch)
+        assert rows(b) == [alone[id(ex)] for ex in batch]
+        pad = ~b["attention_mask"]
+        assert (b["input_ids"][pad] == tok.pad_id).all() and (b["labels"][pad] == IGNORE).all()
+    assert len({str(r) for r in alone.values()}) == len(alone)
 
 
 def test_mlm_datamodule_batches_and_errors(tmp_path):

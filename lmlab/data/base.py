@@ -3,7 +3,9 @@
 An objective subclasses :class:`WindowDataModule`, declares its ``batch_kind``, says how many raw tokens
 one example needs (``window_len``) and how far apart windows start (``stride``), and turns a list of
 :class:`Example` into a batch in ``make_batch``. Randomness inside ``make_batch`` (masking, noise) is
-drawn from :func:`example_rng`, seeded by (seed, epoch, window start): batches are reproducible, and
+drawn per example from (seed, epoch, window start) only, with :func:`example_keys` (a counter-based
+generator, vectorized over a batch) or :func:`example_rng` (a numpy generator, per example): batches
+are reproducible, an example's randomness does not depend on its batch, worker or process, and
 validation batches are identical at every validation, so validation metrics are comparable over time.
 
 Training visits non-overlapping windows in a random order with a random phase each epoch (window
@@ -19,6 +21,7 @@ the splits hold at least one example (a clear error before any training otherwis
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -26,7 +29,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lmlab.data.collate import seq2seq_batch
+from lmlab.data.collate import GOLDEN_GAMMA, mix64, seq2seq_batch
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
@@ -42,7 +45,22 @@ class Example:
 
 
 def example_rng(seed: int, ex: Example) -> np.random.Generator:
+    """A numpy generator for one example, seeded by (seed, epoch, start): for per-example code
+    (prefix lengths, BART noise); ~20 us to make, so batched objectives use :func:`example_keys`."""
     return np.random.default_rng((seed, ex.epoch, ex.start))
+
+
+def example_keys(seed: int, examples: Sequence[Example]) -> np.ndarray:
+    """(B,) uint64 keys of the counter-based generator (:func:`lmlab.data.collate.random_bits`), one
+    per example, a hash of (seed, epoch, start) only: the key, and so every draw made with it, is the
+    same in any batch, worker or process."""
+    epoch = np.array([ex.epoch for ex in examples], dtype=np.uint64)
+    start = np.array([ex.start for ex in examples], dtype=np.uint64)
+    # Chained splitmix64 steps: each mixes in one part; mix64 is a bijection, so for one (seed,
+    # epoch) distinct starts always get distinct keys.
+    key = mix64(np.full(len(examples), seed % 2**64, dtype=np.uint64) + GOLDEN_GAMMA)
+    key = mix64((key ^ epoch) + GOLDEN_GAMMA)
+    return mix64((key ^ start) + GOLDEN_GAMMA)
 
 
 class Windows(Dataset):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmlab.data.base import Example, WindowDataModule, example_rng
-from lmlab.data.collate import IGNORE, mlm_mask
+from lmlab.data.base import Example, WindowDataModule, example_keys
+from lmlab.data.collate import mlm_mask
 from lmlab.data.tokenizers import word_starts
 from lmlab.errors import ConfigError
 
@@ -56,33 +56,53 @@ class MaskedLMDataModule(WindowDataModule):
         return self.seq_len - 2
 
     def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels) of one example: exactly its row of any batch :meth:`make_batch` puts it
+        in, without the padding."""
+        inputs, labels, _ = self._mask(self._sequences([ex]), example_keys(self.seed, [ex]))
+        return inputs[0], labels[0]
+
+    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        ids = self._sequences(examples, self.seq_len)
+        inputs, labels, _ = self._mask(ids, example_keys(self.seed, examples))
+        lengths = np.array([len(ex.tokens) + 2 for ex in examples])
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
+            "labels": torch.from_numpy(labels),
+        }
+
+    def _sequences(self, examples: list[Example], width: int | None = None) -> np.ndarray:
+        """(B, width) int64: cls, the example's tokens, sep, then pad (``width``: the longest)."""
         tok = self.tokenizer
-        ids = np.concatenate(([tok.cls_id], ex.tokens, [tok.sep_id]))
-        starts = word_starts(ids, self.word_table, self.special) if self.whole_word else None
-        inputs, labels, _ = mlm_mask(
+        width = width or max(len(ex.tokens) for ex in examples) + 2
+        ids = np.full((len(examples), width), tok.pad_id, dtype=np.int64)
+        ids[:, 0] = tok.cls_id
+        if examples and all(len(ex.tokens) == width - 2 for ex in examples):  # one copy
+            ids[:, 1:-1] = np.stack([ex.tokens for ex in examples])
+            ids[:, -1] = tok.sep_id
+            return ids
+        for b, ex in enumerate(examples):
+            n = len(ex.tokens)
+            ids[b, 1 : n + 1] = ex.tokens
+            ids[b, n + 1] = tok.sep_id
+        return ids
+
+    def _mask(self, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, ...]:
+        """:func:`mlm_mask` with this objective's settings. Padding is special, so never selected."""
+        starts = None
+        if self.whole_word:
+            # One call over the whole batch: every row starts with cls, a special token, which
+            # begins a word whatever precedes it, so this equals word_starts row by row.
+            flat = ids.reshape(-1)
+            starts = word_starts(flat, self.word_table, self.special).reshape(ids.shape)
+        return mlm_mask(
             ids,
-            example_rng(self.seed, ex),
+            keys,
             special=self.special,
-            mask_id=tok.mask_id,
+            mask_id=self.tokenizer.mask_id,
             random_ids=self.random_ids,
             mask_prob=self.mask_prob,
             p_mask=self.p_mask,
             p_random=self.p_random,
             word_start=starts,
         )
-        return inputs, labels
-
-    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        B, S = len(examples), self.seq_len
-        input_ids = np.full((B, S), self.tokenizer.pad_id, dtype=np.int64)
-        labels = np.full((B, S), IGNORE, dtype=np.int64)
-        attention_mask = np.zeros((B, S), dtype=bool)
-        for b, ex in enumerate(examples):
-            inputs, lab = self.mask_example(ex)
-            n = len(inputs)
-            input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = inputs, lab, True
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
-            "labels": torch.from_numpy(labels),
-        }

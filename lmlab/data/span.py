@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lmlab.data.base import Example, Seq2SeqDataModule, example_rng
+from lmlab.data.base import Example, Seq2SeqDataModule, example_keys
+from lmlab.data.collate import random_bits, seq2seq_batch, smallest
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
@@ -75,41 +76,60 @@ def compute_lengths(seq_len: int, noise_density: float, mean_span_length: float)
 
 
 # -- corruption -----------------------------------------------------------------------------------
-def _random_composition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
-    """``parts`` positive integers summing to ``total``, uniform over all such compositions.
+# random streams of a window's noise mask: one independent draw each
+NOISE_RUNS, KEEP_RUNS = 0, 1
 
-    Same distribution as T5's ``_random_segmentation``: distinct cut points among the ``total - 1``
-    places between items.
+
+def _random_composition(total: int, parts: int, keys: np.ndarray, stream: int) -> np.ndarray:
+    """(B, parts) int64: per key, ``parts`` positive integers summing to ``total``, uniform over all
+    such compositions.
+
+    Same distribution as T5's ``_random_segmentation``: ``parts - 1`` distinct cut points among the
+    ``total - 1`` places between items, a uniformly random subset (the places with the smallest
+    :func:`random_bits`).
     """
-    cuts = np.sort(rng.choice(total - 1, parts - 1, replace=False)) + 1
-    return np.diff(np.concatenate([[0], cuts, [total]]))
+    B = len(keys)
+    if parts == 1:
+        return np.full((B, 1), total, dtype=np.int64)
+    # (B, total - 1): a random value per place, place i being the cut before item i + 1
+    order = random_bits(np.asarray(keys)[:, None], stream, np.arange(total - 1))
+    cut = smallest(order, np.full(B, parts - 1))
+    # row-major, so each row's places in order
+    cuts = np.flatnonzero(cut).reshape(B, parts - 1) % (total - 1) + 1
+    edges = np.concatenate([np.zeros((B, 1), np.int64), cuts, np.full((B, 1), total)], axis=1)
+    return np.diff(edges, axis=1)
 
 
 def random_spans_noise_mask(
-    length: int, noise_density: float, mean_span_length: float, rng: np.random.Generator
+    length: int, noise_density: float, mean_span_length: float, keys: np.ndarray
 ) -> np.ndarray:
-    """Boolean (length,) mask, True on noise: ``num_spans`` non-noise runs alternating with
-    ``num_spans`` noise runs (counts from :func:`span_counts`), each of length >= 1, non-noise first.
+    """Boolean (B, length) masks, one per key of the counter-based generator
+    (:func:`lmlab.data.base.example_keys`), True on noise: ``num_spans`` non-noise runs alternating
+    with ``num_spans`` noise runs (counts from :func:`span_counts`), each of length >= 1, non-noise
+    first.
 
     Starting with non-noise, as T5 does, means the first token is always kept and the last is always
-    noise; the run lengths of each kind are an independent uniformly random composition.
+    noise; the run lengths of each kind are an independent uniformly random composition. Row ``b``
+    depends only on ``keys[b]``.
     """
+    B = len(keys)
     num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
     if num_spans == 0:
-        return np.zeros(length, dtype=bool)
-    noise = _random_composition(num_noise, num_spans, rng)
-    keep = _random_composition(length - num_noise, num_spans, rng)
-    runs = np.stack([keep, noise], axis=1).reshape(-1)  # keep, noise, keep, noise, ...
-    return np.repeat(np.tile([False, True], num_spans), runs)
+        return np.zeros((B, length), dtype=bool)
+    noise = _random_composition(num_noise, num_spans, keys, NOISE_RUNS)
+    keep = _random_composition(length - num_noise, num_spans, keys, KEEP_RUNS)
+    runs = np.stack([keep, noise], axis=2).reshape(-1)  # per row: keep, noise, keep, noise, ...
+    return np.repeat(np.tile([False, True], B * num_spans), runs).reshape(B, length)
 
 
 def corrupt_spans(
     tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: Sequence[int], eos_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(input, target) of T5 span corruption, both ending with ``eos_id``.
+    """(input, target) of T5 span corruption of one sequence, both ending with ``eos_id``.
 
     Input: the non-noise tokens with each noise span replaced by the next sentinel. Target: each
-    span's sentinel followed by the span's tokens.
+    span's sentinel followed by the span's tokens. (The definition; batches go through
+    :func:`corrupt_spans_batch`, which gives the same rows.)
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     noise_mask = np.asarray(noise_mask, dtype=bool)
@@ -124,6 +144,49 @@ def corrupt_spans(
     # np.insert puts each sentinel before the first noise token of its span
     targets = np.insert(tokens[noise_mask], np.flatnonzero(starts[noise_mask]), sentinels)
     return np.append(inputs, eos_id), np.append(targets, eos_id)
+
+
+def corrupt_spans_batch(
+    tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: Sequence[int], eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`corrupt_spans` of every row of ``tokens`` (B, L) at once: (inputs, targets), (B, ·).
+
+    Every row of ``noise_mask`` must hold the same number of noise tokens and of spans (as
+    :func:`random_spans_noise_mask` makes them for one window length), so that all inputs and all
+    targets have one length and the rows are gathered by boolean masks and reshaped, without a
+    Python loop.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    noise_mask = np.asarray(noise_mask, dtype=bool)
+    B, L = tokens.shape
+    inner = np.zeros_like(noise_mask)  # noise that continues a span: dropped from the input
+    inner[:, 1:] = noise_mask[:, 1:] & noise_mask[:, :-1]
+    starts = noise_mask ^ inner  # the first token of each span
+    num_noise, num_spans = noise_mask.sum(axis=1), starts.sum(axis=1)
+    if B == 0 or (num_noise != num_noise[0]).any() or (num_spans != num_spans[0]).any():
+        raise ValueError(
+            "corrupt_spans_batch needs the same noise and span counts in every row, got "
+            f"{num_noise.tolist()} noise tokens in {num_spans.tolist()} spans"
+        )
+    N, S = int(num_noise[0]), int(num_spans[0])
+    if len(sentinel_ids) < S:
+        raise ValueError(f"{S} noise spans but only {len(sentinel_ids)} sentinel ids")
+    sentinels = np.asarray(sentinel_ids[:S], dtype=np.int64)
+    with_sentinels = tokens.copy()
+    with_sentinels[starts] = np.tile(sentinels, B)  # row-major: each row's spans in order
+    inputs = np.empty((B, L - N + S + 1), dtype=np.int64)
+    inputs[:, :-1] = with_sentinels[~inner].reshape(B, L - N + S)
+    inputs[:, -1] = eos_id
+
+    # In window order, a position contributes its span's sentinel if it starts a span, then itself if
+    # it is noise: slots (B, L, 2) read row-major, as boolean indexing reads them.
+    slots = np.empty((B, L, 2), dtype=np.int64)
+    slots[..., 0] = with_sentinels
+    slots[..., 1] = tokens
+    targets = np.empty((B, N + S + 1), dtype=np.int64)
+    targets[:, :-1] = slots[np.stack([starts, noise_mask], axis=2)].reshape(B, N + S)
+    targets[:, -1] = eos_id
+    return inputs, targets
 
 
 def fill_sentinels(
@@ -212,9 +275,35 @@ class SpanCorruptionDataModule(Seq2SeqDataModule):
         return self._target_len
 
     def corrupt(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
-        """(input, target) of one example, reproducible from (seed, epoch, start)."""
-        rng = example_rng(self.seed, ex)
+        """(input, target) of one example, reproducible from (seed, epoch, start): exactly its row
+        of any batch :meth:`make_batch` puts it in, without the padding."""
+        inputs, targets = self._corrupt_windows(ex.tokens[None], example_keys(self.seed, [ex]))
+        return inputs[0], targets[0]
+
+    def make_batch(self, examples: list[Example]) -> dict:
+        """Windows of one length (all training windows; the last validation window of a split is
+        shorter) are corrupted together."""
+        keys = example_keys(self.seed, examples)
+        lengths = np.array([len(ex.tokens) for ex in examples])
+        groups = []  # (batch rows, their inputs, their targets) per window length
+        for length in np.unique(lengths):
+            rows = np.flatnonzero(lengths == length)
+            windows = np.stack([examples[b].tokens for b in rows])
+            groups.append((rows, *self._corrupt_windows(windows, keys[rows])))
+        if len(groups) == 1:  # every training batch: (B, ·) arrays, in batch order
+            _, inputs, targets = groups[0]
+        else:
+            by_row = sorted(
+                (b, x, y) for rows, xs, ys in groups for b, x, y in zip(rows, xs, ys, strict=True)
+            )
+            _, inputs, targets = zip(*by_row, strict=True)
+        tok = self.tokenizer
+        return seq2seq_batch(inputs, targets, self.seq_len, self.target_len, tok.pad_id, tok.bos_id)
+
+    def _corrupt_windows(self, windows: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(inputs, targets), (B, ·), of windows (B, L) of one length, row b drawn with key b."""
         mask = random_spans_noise_mask(
-            len(ex.tokens), self.noise_density, self.mean_span_length, rng
+            windows.shape[1], self.noise_density, self.mean_span_length, keys
         )
-        return corrupt_spans(ex.tokens, mask, self.tokenizer.sentinel_ids, self.tokenizer.eos_id)
+        tok = self.tokenizer
+        return corrupt_spans_batch(windows, mask, tok.sentinel_ids, tok.eos_id)
