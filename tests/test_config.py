@@ -141,3 +141,11 @@ def test_objective_step_budget_yields_to_the_command_line(compose_cfg):
     assert compose_cfg("model=encoder_decoder", "objective=span").trainer.max_steps == 500
     cfg = compose_cfg("model=encoder_decoder", "objective=denoise", "trainer.max_steps=7")
     assert cfg.trainer.max_steps == 7
+
+
+def test_mlm_learning_rate_yields_to_the_command_line_and_to_experiments(compose_cfg):
+    assert compose_cfg("model=encoder", "objective=mlm").optim.lr == 3e-3
+    assert compose_cfg("model=encoder", "objective=mlm", "optim.lr=1e-3").optim.lr == 1e-3
+    assert compose_cfg().optim.lr == 6e-3  # other objectives keep the shared default
+    bert = compose_cfg("experiment=bert_base")
+    assert bert.objective.name == "mlm" and bert.optim.lr != 3e-3
