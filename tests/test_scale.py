@@ -164,6 +164,25 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "family", [("model=encoder", "objective=mlm"), ("model=encoder_decoder", "objective=span")]
+)
+def test_fsdp_matches_one_process_for_the_encoder_and_the_encoder_decoder(runs, family):
+    """The output head and loss run outside the backbone's forward (on the MLM's selected positions;
+    fused in chunks on a CPU) and generation at validation gathers the weights: both under FSDP."""
+    name = family[0].split("=")[1]
+    one = runs(f"one-{name}", *family, "trainer=cpu", "data.batch_size=4")
+    samples = "{_target_:lmlab.callbacks.Samples,output_dir:${paths.output_dir},max_new_tokens:8}"
+    samples = f"callbacks.samples={samples}"
+    runs(f"fsdp-{name}", *family, *FSDP, samples)
+    runs.assert_same_trajectory(f"fsdp-{name}", f"one-{name}")
+    assert one["trainer/global_step"] == 6
+    written = (runs.tmp / f"fsdp-{name}" / "samples.txt").read_text()
+    # Every rank generates (the gathered weights), rank 0 alone writes: one block per validation.
+    assert [written.count(f"=== step {s} sample 0 ===") for s in (2, 4, 6)] == [1, 1, 1]
+
+
+@pytest.mark.slow
 def test_fsdp_stopped_then_resumed_matches_the_uninterrupted_run(runs):
     runs("fsdp", *FSDP)
     stop = ["+callbacks.stop._target_=tests.test_resume.StopAt", "+callbacks.stop.step=4"]

@@ -149,6 +149,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.length = 0  # number of positions filled
+        # A decoder layer of an encoder-decoder also keeps its cross-attention keys/values of the
+        # encoder output here, computed at the first decoding step (CrossAttention.forward).
+        self.memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
@@ -220,8 +223,9 @@ class CrossAttention(nn.Module):
     """Decoder-to-encoder attention: queries from the decoder, keys and values from the encoder.
 
     No rotary positions here: relative positions between two different sequences mean nothing, and the
-    encoder output already carries its positions. ``memory_kv`` computes the encoder's K/V once, so
-    incremental decoding reuses them at every step.
+    encoder output already carries its positions. The keys/values of the encoder output are computed
+    inside ``forward`` (so that a sharded layer has its weights gathered) and, during incremental
+    decoding, once: the layer's cache keeps them for the later steps.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
@@ -240,12 +244,18 @@ class CrossAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory: torch.Tensor,
         memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k, v = memory_kv
+        if cache is None:
+            k, v = self.memory_kv(memory)
+        else:
+            if cache.memory_kv is None:
+                cache.memory_kv = self.memory_kv(memory)
+            k, v = cache.memory_kv
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=memory_mask, enable_gqa=self.n_kv_heads != self.n_heads
         )
@@ -310,12 +320,13 @@ class CrossBlock(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory: torch.Tensor,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """``memory``: the encoder output (B, S, C); ``cache``: this layer's decoding cache."""
         x = x + self.attn(self.attn_norm(x), rope, is_causal=True, cache=cache)
-        x = x + self.cross(self.cross_norm(x), memory_kv, memory_mask)
+        x = x + self.cross(self.cross_norm(x), memory, memory_mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -42,7 +42,7 @@ class EncoderDecoderConfig(DecoderConfig):
 
 class EncoderDecoder(Backbone):
     block_class = (Block, CrossBlock)
-    fsdp_methods = ("encode", "generate")
+    fsdp_methods = ("generate",)
 
     def __init__(self, config: EncoderDecoderConfig) -> None:
         super().__init__()
@@ -75,24 +75,21 @@ class EncoderDecoder(Backbone):
             x = block(x, rope, is_causal=False, attn_mask=mask)
         return self.enc_norm(x)
 
-    def memory(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each decoder layer's cross-attention keys/values of the encoder output."""
-        return [block.cross.memory_kv(enc) for block in self.dec_blocks]
-
     def decode(
         self,
         decoder_input_ids: torch.Tensor,
-        memory: list[tuple[torch.Tensor, torch.Tensor]],
+        memory: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        """The decoder's final normalised hidden states (B, T, C)."""
+        """The decoder's final normalised hidden states (B, T, C), attending to the encoder output
+        ``memory`` (B, S, C) whose padding ``attention_mask`` marks."""
         T = decoder_input_ids.shape[1]
         start = caches[0].length if caches else 0
         rope, mask = self.rotary(start, T), key_padding_mask(attention_mask)
         x = self.embed(decoder_input_ids)  # (B, T, C)
         for i, block in enumerate(self.dec_blocks):
-            x = block(x, rope, memory[i], mask, cache=caches[i] if caches else None)
+            x = block(x, rope, memory, mask, cache=caches[i] if caches else None)
         return self.dec_norm(x)
 
     def forward(
@@ -105,7 +102,7 @@ class EncoderDecoder(Backbone):
     ) -> torch.Tensor:
         """Logits (B, T, V) of the target positions, or with ``head=False`` the decoder's final
         hidden states (B, T, C)."""
-        memory = self.memory(self.encode(input_ids, attention_mask))
+        memory = self.encode(input_ids, attention_mask)
         x = self.decode(decoder_input_ids, memory, attention_mask)
         return self.lm_head(x) if head else x
 
@@ -127,7 +124,7 @@ class EncoderDecoder(Backbone):
         B = input_ids.shape[0]
         c, p = self.config, self.embed.weight
         steps = min(max_new_tokens, self.rotary.max_seq_len)
-        memory = self.memory(self.encode(input_ids, attention_mask))
+        memory = self.encode(input_ids, attention_mask)
         caches = [
             KVCache(B, c.n_kv_heads, steps, c.head_dim, device=p.device, dtype=p.dtype)
             for _ in range(c.n_decoder_layers)
