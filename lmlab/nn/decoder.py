@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmlab.nn.blocks import Backbone, Block, KVCache, RMSNorm, Rotary, multiple_of
-from lmlab.nn.sampling import next_tokens
+from lmlab.nn.sampling import decode_loop
 
 
 @dataclass
@@ -152,24 +152,17 @@ class Decoder(Backbone):
                 f"{self.config.max_seq_len}"
             )
         caches = self.new_caches(B, total)
-        logits = self.next_logits(input_ids, caches)
-        out = [input_ids]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for step in range(total - T0):
-            nxt, done = next_tokens(
-                logits,
-                done,
-                eos_id,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
-            out.append(nxt[:, None])
-            if (eos_id is not None and bool(done.all())) or step == total - T0 - 1:
-                break
-            logits = self.next_logits(nxt[:, None], caches)
-        return torch.cat(out, dim=1)
+        new = decode_loop(
+            self.next_logits(input_ids, caches),
+            lambda tokens: self.next_logits(tokens, caches),
+            total - T0,
+            eos_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+        return torch.cat([input_ids, new], dim=1)
 
     def next_logits(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """Logits (B, vocab_size) after the last position of ``input_ids``, through the caches; the

@@ -25,7 +25,7 @@ from lmlab.nn.blocks import (
     key_padding_mask,
 )
 from lmlab.nn.decoder import DecoderConfig
-from lmlab.nn.sampling import next_tokens
+from lmlab.nn.sampling import decode_loop
 
 
 @dataclass
@@ -129,22 +129,19 @@ class EncoderDecoder(Backbone):
             KVCache(B, c.n_kv_heads, steps, c.head_dim, device=p.device, dtype=p.dtype)
             for _ in range(c.n_decoder_layers)
         ]
-        nxt = torch.full((B,), start_id, dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        out = []
-        for _ in range(steps):
-            hidden = self.decode(nxt[:, None], memory, attention_mask, caches)
-            logits = self.lm_head(hidden[:, -1])[:, : c.vocab_size]
-            nxt, done = next_tokens(
-                logits,
-                done,
-                eos_id,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
-            out.append(nxt[:, None])
-            if eos_id is not None and bool(done.all()):
-                break
-        return torch.cat(out, dim=1)
+        start = torch.full((B, 1), start_id, dtype=torch.long, device=input_ids.device)
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            hidden = self.decode(tokens, memory, attention_mask, caches)
+            return self.lm_head(hidden[:, -1])[:, : c.vocab_size]
+
+        return decode_loop(
+            step(start),
+            step,
+            steps,
+            eos_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )

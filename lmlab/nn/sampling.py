@@ -6,6 +6,8 @@ set of tokens whose probability mass reaches ``top_p``; the most likely token is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -54,3 +56,25 @@ def next_tokens(
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         done = done | (nxt == eos_id)
     return nxt, done
+
+
+def decode_loop(
+    logits: torch.Tensor,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    max_steps: int,
+    eos_id: int | None,
+    **sampling,
+) -> torch.Tensor:
+    """Incremental decoding shared by the generating backbones: ``logits`` (B, V) give the first
+    token, ``step(tokens (B, 1)) -> logits (B, V)`` each next one (through the model's caches).
+    Rows that emitted ``eos_id`` keep emitting it, and decoding stops early once all have; no step
+    is taken after the last token. Returns the tokens (B, n), n <= ``max_steps``."""
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    out = []
+    for i in range(max_steps):
+        nxt, done = next_tokens(logits, done, eos_id, **sampling)
+        out.append(nxt[:, None])
+        if i == max_steps - 1 or (eos_id is not None and bool(done.all())):
+            break
+        logits = step(nxt[:, None])
+    return torch.cat(out, dim=1)
