@@ -145,9 +145,8 @@ class LMModule(L.LightningModule):
         self.skip_nonfinite = False  # set from trainer.skip_nonfinite by train()
         self.skipped_nonfinite = 0
         self.last_val_step = -1  # global step of the latest validation
-        self._unchecked_loss: FiniteFlag | None = (
-            None  # the last training loss, checked a step late
-        )
+        # the last training loss, checked a step late
+        self._unchecked_loss: FiniteFlag | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     def set_token_bytes(self, token_bytes) -> None:
@@ -174,10 +173,10 @@ class LMModule(L.LightningModule):
         )
         if self.compile_backbone and fsdp is None:
             # The forward and the loss in one graph: the fp32 upcast and the cross-entropy can fuse
-            # with the head's output, and every family's training path is covered (the encoder's
-            # runs through `encode`, which compiling the backbone's forward missed: 335K -> 449K
-            # tokens/s on an H100 together with the other changes of that commit). Generation stays
-            # eager: its shapes change at every token.
+            # with the head's output, and the head, which runs outside the backbone's forward, is
+            # covered (compiling only the backbone's forward missed the encoder's: 335K -> 449K
+            # tokens/s on an H100 with the other changes of that commit). Generation stays eager:
+            # its shapes change at every token.
             self.nll = torch.compile(self.nll)
         self._configured = True
 
@@ -219,8 +218,8 @@ class LMModule(L.LightningModule):
         labels = labels.flatten()
         hidden = hidden.reshape(labels.shape[0], -1)
         mask = labels != IGNORE
-        # Static shapes (no boolean gathers), so the step compiles without graph breaks. Accuracy
-        # is a validation metric: no argmax over (N, V) in training steps.
+        # Ignored labels are masked, not gathered: the loss has static shapes and compiles without
+        # graph breaks. Accuracy is a validation metric: no argmax over (N, V) in training steps.
         count_correct = not self.training
         chunk = self.loss_chunk_size
         if chunk is None:
