@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.models.base import lr_lambda, param_groups
-from lmlab.nn.blocks import Attention, KVCache, RMSNorm, Rotary, apply_rotary
+from lmlab.nn.blocks import Attention, KVCache, RMSNorm, Rotary, SwiGLU, apply_rotary
 from lmlab.nn.decoder import Decoder, DecoderConfig
 from lmlab.nn.sampling import sample_next
 
@@ -153,6 +153,32 @@ def test_rmsnorm_kernel_equals_pytorchs_forward_and_backward(dtype):
     torch.testing.assert_close(got, want, rtol=1e-6 if exact else 0.01, atol=1e-6)
     for g, w in zip((x.grad, norm.weight.grad), want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5 if exact else 0.01, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_equals_the_formula_forward_and_backward(dtype):
+    """The eager gate (gradients written into one buffer, silu recomputed) against autograd through
+    ``silu(gate) * up``: the same operations in the same dtype, so equal to the bit."""
+    mlp = SwiGLU(16, 24).to(dtype)
+    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 5, 16, dtype=dtype)
+
+    def formula(x):
+        gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+        return mlp.down(F.silu(gate) * up)
+
+    want = formula(x)
+    want.backward(grad)
+    want_grads = [t.grad for t in (x, mlp.gate_up.weight, mlp.down.weight)]
+    x.grad = mlp.gate_up.weight.grad = mlp.down.weight.grad = None
+    got = mlp(x)
+    got.backward(grad)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(
+        (x.grad, mlp.gate_up.weight.grad, mlp.down.weight.grad), want_grads, strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def test_attention_padding_mask_blocks_keys():
