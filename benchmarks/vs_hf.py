@@ -21,7 +21,7 @@ issue's T5 reference figure does). Steps alternate between contenders in rounds 
 median step time is reported.
 
     pip install -e .[bench]      # transformers, the optional `bench` extra
-    python benchmarks/vs_hf.py   # CPU, ~2-3 minutes on 2 cores
+    python benchmarks/vs_hf.py   # CPU, about a minute on 2 cores
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both (default fp32)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="timed steps per contender per round")
     return p.parse_args(argv)
 
