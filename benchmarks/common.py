@@ -111,7 +111,7 @@ def loader(batches: Sequence[dict], steps: int) -> DataLoader:
 
 
 def lmlab_model(
-    family: str, *, vocab_size: int, compile: bool = False, **dims
+    family: str, *, vocab_size: int, compile: bool | str = False, **dims
 ) -> L.LightningModule:
     """The LightningModule of a family (decoder / encoder / encoder_decoder) with lmlab's optimizer."""
     from lmlab.models.decoder import DecoderLM

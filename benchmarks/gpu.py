@@ -26,6 +26,7 @@ import common
 import torch
 
 from lmlab import flops
+from lmlab.parallel import COMPILE_MODES
 
 PRESETS = {
     # conf/experiment/gpt2_124m.yaml: 12 x 768, 12 heads, vocab 50257 (padded to 50304), 16 x 1024
@@ -79,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, help="default: on, off with --tiny"
     )
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode when compiling (lmlab's compile=<mode>)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny dims and few steps (CPU smoke run)")
     p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
     p.add_argument("--steps", type=int, help="timed steps (default 30)")
@@ -106,7 +113,11 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -
             dims |= dict(n_decoder_layers=TINY["n_layers"], max_target_len=target_len)
     torch.manual_seed(0)
     model = common.lmlab_model(
-        family, vocab_size=vocab, compile=args.compile, loss_chunk_size=loss_chunk, **dims
+        family,
+        vocab_size=vocab,
+        compile=args.compile and args.compile_mode,
+        loss_chunk_size=loss_chunk,
+        **dims,
     )
     gen = torch.Generator().manual_seed(0)
     batches = [
@@ -158,7 +169,8 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
         torch.backends.cudnn.allow_tf32 = True
     print(
-        f"gpu: lmlab presets, {args.precision}, compile={args.compile}, {args.warmup} warm-up + "
+        f"gpu: lmlab presets, {args.precision}, "
+        f"compile={args.compile and args.compile_mode}, {args.warmup} warm-up + "
         f"{args.steps} timed steps{' (tiny sizes)' if args.tiny else ''}"
     )
     print(f"machine: {common.machine()}")

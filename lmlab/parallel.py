@@ -24,6 +24,24 @@ from torch.utils.checkpoint import checkpoint
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32}
+# torch.compile's modes: "reduce-overhead" adds CUDA graphs, "max-autotune" also searches kernel
+# configurations (long first steps), "max-autotune-no-cudagraphs" the search alone.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: bool | str | None) -> str | None:
+    """The ``compile`` setting as a ``torch.compile`` mode: ``None`` (off) for false / null,
+    ``"default"`` for true, a mode name as itself. Anything else is an error naming the choices."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(
+        f"compile={value!r} is not a setting; use false, true (= default) or a torch.compile mode: "
+        f"{', '.join(COMPILE_MODES)}"
+    )
 
 
 class FSDP(ModelParallelStrategy):
@@ -167,19 +185,20 @@ def parallelize(
     backbone: nn.Module,
     *,
     activation_checkpointing: bool = False,
-    compile_blocks: bool = False,
+    compile_blocks: str | None = None,
     fsdp: FSDP | None = None,
     device: torch.device | None = None,
 ) -> None:
     """Apply the options in place, in the order that composes (torchtitan's): checkpointing wraps
-    the blocks, each block is compiled (so FSDP's hooks stay outside the graphs), FSDP shards, and a
-    meta-device backbone is materialised last, so only each rank's shard is ever allocated. (Without
-    FSDP, ``LMModule`` compiles its whole loss computation instead of the blocks.)"""
+    the blocks, each block is compiled with the ``torch.compile`` mode ``compile_blocks`` (so FSDP's
+    hooks stay outside the graphs), FSDP shards, and a meta-device backbone is materialised last, so
+    only each rank's shard is ever allocated. (Without FSDP, ``LMModule`` compiles its whole loss
+    computation instead of the blocks.)"""
     if activation_checkpointing:
         checkpoint_blocks(backbone)
     if compile_blocks:
         for block in blocks(backbone):
-            block.compile()  # in place: parameter names (and checkpoints) stay the same
+            block.compile(mode=compile_blocks)  # in place: parameter names stay the same
     if fsdp is not None:
         fsdp.shard(backbone)
     if any(p.is_meta for p in backbone.parameters()):

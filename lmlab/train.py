@@ -33,6 +33,7 @@ from lmlab.data.corpus import make_corpus
 from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import TextTokenizer, build_tokenizer
 from lmlab.errors import ConfigError, Preempted
+from lmlab.parallel import compile_mode
 
 log = logging.getLogger("lmlab")
 
@@ -68,6 +69,10 @@ def check_settings(cfg: DictConfig) -> None:
             f"loss_chunk_size must be >= 0 (tokens per chunk of the fused head + loss; 0 = off; "
             f"null = by device), got {cfg.loss_chunk_size}"
         )
+    try:
+        compile_mode(cfg.get("compile"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")
     max_steps, warmup = cfg.trainer.get("max_steps", -1), cfg.optim.get("warmup_steps", 0)

@@ -120,6 +120,7 @@ def test_compatibility_table_rows():
         ("seq_len=2048", "seq_len=2048 exceeds model.max_seq_len=256"),
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("loss_chunk_size=-1", "loss_chunk_size must be >= 0"),
+        ("compile=fast", "compile='fast' is not a setting; use false, true .* max-autotune"),
         ("optim.lr=3", "optim.lr=3"),
         ("optim.warmup_steps=600", r"optim\.warmup_steps=600 must be below trainer\.max_steps=500"),
     ],

@@ -12,7 +12,7 @@ import torch
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.encoder_decoder import EncoderDecoderLM
 from lmlab.nn.blocks import Block, CrossBlock
-from lmlab.parallel import blocks
+from lmlab.parallel import COMPILE_MODES, blocks, compile_mode, parallelize
 from lmlab.train import resolve_ckpt_path
 
 SMALL = dict(n_layers=3, d_model=32, n_heads=2, max_seq_len=16)
@@ -148,6 +148,37 @@ def test_compiled_training_step_matches_eager():
     assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compile_setting_names_a_torch_compile_mode():
+    assert compile_mode(False) is None and compile_mode(None) is None
+    assert compile_mode(True) == "default"
+    for mode in COMPILE_MODES:
+        assert compile_mode(mode) == mode
+    for bad in ("fast", 1, "true"):
+        with pytest.raises(ValueError, match="is not a setting; use false, true"):
+            compile_mode(bad)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """The loss computation (one process) and each block (FSDP's per-block compile) are compiled in
+    the configured mode."""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append((getattr(fn, "__name__", None), kwargs.get("mode")))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = decoder(compile="max-autotune-no-cudagraphs")
+    model.configure_model()
+    assert calls == [("nll", "max-autotune-no-cudagraphs")]
+    calls.clear()
+    parallelize(decoder().backbone, compile_blocks="reduce-overhead")
+    assert calls == [("_call_impl", "reduce-overhead")] * SMALL["n_layers"]
+    calls.clear()
+    decoder(compile=False).configure_model()
+    assert calls == []
 
 
 def test_ckpt_path_auto_resumes_when_last_exists_and_starts_fresh_otherwise(tmp_path):

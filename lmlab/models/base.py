@@ -26,7 +26,7 @@ from lmlab.data.collate import IGNORE
 from lmlab.errors import NonFiniteLoss
 from lmlab.metrics import BitsPerByte, Perplexity
 from lmlab.nn.loss import linear_cross_entropy
-from lmlab.parallel import FSDP, parallelize
+from lmlab.parallel import FSDP, compile_mode, parallelize
 
 log = logging.getLogger(__name__)
 # LMModule.on_before_batch_transfer is meant to run with any DataModule (Lightning warns that the
@@ -98,6 +98,9 @@ class LMModule(L.LightningModule):
     never exist whole; 0 runs the head on all positions, then ``F.cross_entropy``. Same loss and
     gradients either way. ``None`` picks by device: :data:`CPU_LOSS_CHUNK` on a CPU, 0 elsewhere.
 
+    ``compile``: false, true or a ``torch.compile`` mode name (:data:`lmlab.parallel.COMPILE_MODES`;
+    true is ``"default"``); the loss computation is compiled in that mode (each block under FSDP).
+
     Keyword arguments other than the ones below are fields of ``config_class`` (the backbone's
     config dataclass, which validates them); everything is saved as hyperparameters, so a checkpoint
     rebuilds its module with ``cls(**checkpoint["hyper_parameters"])``.
@@ -113,7 +116,7 @@ class LMModule(L.LightningModule):
         vocab_size: int,
         special_ids: dict[str, int],
         optim: dict,
-        compile: bool = False,
+        compile: bool | str = False,
         activation_checkpointing: bool = False,
         loss_chunk_size: int | None = None,
         name: str = "",
@@ -123,7 +126,7 @@ class LMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["init_device"])
         self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
-        self.optim_cfg, self.compile_backbone = dict(optim), compile
+        self.optim_cfg, self.compile_mode = dict(optim), compile_mode(compile)
         self.activation_checkpointing = activation_checkpointing
         if loss_chunk_size is not None and loss_chunk_size < 0:
             raise ValueError(
@@ -167,17 +170,17 @@ class LMModule(L.LightningModule):
         parallelize(
             self.backbone,
             activation_checkpointing=self.activation_checkpointing,
-            compile_blocks=self.compile_backbone and fsdp is not None,  # outside FSDP's hooks
+            compile_blocks=self.compile_mode if fsdp is not None else None,  # outside FSDP's hooks
             fsdp=fsdp,
             device=strategy.root_device if strategy is not None else None,
         )
-        if self.compile_backbone and fsdp is None:
+        if self.compile_mode and fsdp is None:
             # The forward and the loss in one graph: the fp32 upcast and the cross-entropy can fuse
             # with the head's output, and the head, which runs outside the backbone's forward, is
             # covered (compiling only the backbone's forward missed the encoder's: 335K -> 449K
             # tokens/s on an H100 with the other changes of that commit). Generation stays eager:
             # its shapes change at every token.
-            self.nll = torch.compile(self.nll)
+            self.nll = torch.compile(self.nll, mode=self.compile_mode)
         self._configured = True
 
     def num_params(self, non_embedding: bool = True) -> int:
