@@ -17,6 +17,7 @@ encoder inputs; its FLOPs count every layer at the input length, an upper bound)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import tempfile
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import common
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmlab import flops
 from lmlab.parallel import COMPILE_MODES
@@ -62,6 +64,12 @@ PRESETS = {
         ),
     ),
 }
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 TINY = dict(n_layers=2, d_model=64, n_heads=2)  # --tiny: these dims, vocab 512, batch 2
 
 # Issue 4: reference figures on an H100 80GB HBM3 (2026-11-26) and lmlab's targets, tokens/s.
@@ -85,6 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=COMPILE_MODES,
         default="default",
         help="torch.compile mode when compiling (lmlab's compile=<mode>)",
+    )
+    p.add_argument(
+        "--sdpa-backend",
+        choices=["auto", *SDPA_BACKENDS],
+        default="auto",
+        help="attention kernel for F.scaled_dot_product_attention (auto: PyTorch's choice)",
     )
     p.add_argument("--tiny", action="store_true", help="tiny dims and few steps (CPU smoke run)")
     p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
@@ -133,8 +147,12 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -
         output_dir=out / f"{family}-{loss_chunk}",
         callbacks=[timer],
     )
+    backend = contextlib.nullcontext()
+    if args.sdpa_backend != "auto":  # compile traces the kernel chosen here
+        backend = sdpa_kernel(SDPA_BACKENDS[args.sdpa_backend])
     t0 = time.perf_counter()
-    trainer.fit(model, train_dataloaders=common.loader(batches, total_steps))
+    with backend:
+        trainer.fit(model, train_dataloaders=common.loader(batches, total_steps))
     wall = time.perf_counter() - t0
     step_s = timer.total / args.steps
     tokens_per_s = B * T / step_s
@@ -170,7 +188,8 @@ def main(argv=None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     print(
         f"gpu: lmlab presets, {args.precision}, "
-        f"compile={args.compile and args.compile_mode}, {args.warmup} warm-up + "
+        f"compile={args.compile and args.compile_mode}, attention={args.sdpa_backend}, "
+        f"{args.warmup} warm-up + "
         f"{args.steps} timed steps{' (tiny sizes)' if args.tiny else ''}"
     )
     print(f"machine: {common.machine()}")

@@ -1,0 +1,117 @@
+"""The benchmark scripts run end to end at tiny sizes and their tables are consistent with themselves.
+
+Speed targets are measured by the scripts (benchmarks/README.md), never asserted here: these machines
+are noisy. What is checked: each script runs with its options, and the derived columns follow from the
+measured ones (tokens/s from step time and batch shape, ratios from the two contenders' times).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """Run a benchmark script's ``main`` with a command line; returns what it printed. The script
+    is imported as its own folder's module, as ``python benchmarks/<name>.py`` runs it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def run(name: str, command_line: str) -> str:
+        sys.modules.pop(name, None)
+        importlib.import_module(name).main(command_line.split())
+        return capsys.readouterr().out
+
+    return run
+
+
+def tables(text: str) -> list[list[dict[str, str]]]:
+    """The markdown tables printed in ``text``, each a list of {header: cell} rows."""
+    found, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|--"):
+            header = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            for row in lines[i + 2 :]:
+                if not row.startswith("|"):
+                    break
+                cells = [c.strip() for c in row.strip("|").split("|")]
+                rows.append(dict(zip(header, cells, strict=True)))
+            found.append(rows)
+    return found
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("x%"))
+
+
+def test_gpu_script_smoke_run_on_cpu(run):
+    out = run(
+        "gpu",
+        "--tiny --device cpu --family decoder encoder_decoder --compile-mode max-autotune "
+        "--sdpa-backend math --loss-chunk-size 0 8",
+    )
+    assert "compile=False, attention=math" in out  # --tiny turns compile off
+    (rows,) = tables(out)
+    assert [(r["family"], r["loss chunk"]) for r in rows] == [
+        ("decoder", "0"),
+        ("decoder", "8"),
+        ("encoder_decoder", "0"),
+        ("encoder_decoder", "8"),
+    ]
+    for r in rows:  # tiny: batch 2 x 64 input tokens
+        want = 2 * 64 / (number(r["mean step ms"]) / 1e3)
+        assert number(r["tokens/s"]) == pytest.approx(want, rel=0.02)
+        assert r["meets"] == "n/a (tiny)"
+
+
+def test_overhead_script_ratio_is_the_step_time_ratio(run):
+    out = run(
+        "overhead", "--rounds 2 --warmup 1 --steps 2 --layers 1 --d-model 32 --batch 2 --seq-len 16"
+    )
+    (rows,) = tables(out)
+    plain, lmlab = rows
+    assert plain["contender"] == "plain PyTorch loop" and lmlab["contender"] == "lmlab (Lightning)"
+    ratio = number(lmlab["step time vs plain"])
+    assert ratio == pytest.approx(
+        number(lmlab["median step ms"]) / number(plain["median step ms"]), abs=2e-3
+    )
+    assert f"lmlab overhead: {100 * (ratio - 1):+.1f}%" in out
+
+
+def test_data_script_supply_over_demand(run):
+    out = run("data", "--seconds 0.3 --warmup 1 --objective clm span")
+    (rows,) = tables(out)
+    assert [r["objective"] for r in rows] == ["clm", "span"]
+    for r in rows:
+        rate, demand = number(r["batches/s"]), number(r["H100 demand (batches/s)"])
+        assert number(r["supply / demand"]) == pytest.approx(rate / demand, rel=0.01)
+        b, t = (int(x) for x in r["batch"].split(" x "))
+        assert number(r["tokens/s"].rstrip("M")) * 1e6 == pytest.approx(rate * b * t, rel=0.01)
+
+
+def test_vs_hf_script_matches_sizes_and_reports_the_time_ratio(run):
+    pytest.importorskip("transformers", reason="vs_hf.py needs the optional `bench` extra")
+    out = run(
+        "vs_hf",
+        "--layers 1 --d-model 32 --heads 2 --vocab 256 --batch 1 --seq-len 16 --target-len 8 "
+        "--rounds 2 --warmup 1",
+    )
+    (rows,) = tables(out)
+    by_family = {}
+    for r in rows:
+        by_family.setdefault(r["family"], []).append(r)
+    assert set(by_family) == {"decoder", "encoder", "encoder_decoder"}
+    for family, (ours, theirs) in by_family.items():
+        assert ours["model"].startswith("lmlab") and theirs["model"].startswith("HF")
+        if family != "encoder":  # BERT has biases and learned positions: a few % more
+            assert ours["parameters"] == theirs["parameters"], family
+        # the times are printed to 0.1 ms, the ratio to 0.01: it lies within their rounding
+        t, o = number(theirs["median step ms"]), number(ours["median step ms"])
+        low, high = (t - 0.05) / (o + 0.05) - 0.005, (t + 0.05) / (o - 0.05) + 0.005
+        assert low <= number(ours["lmlab / HF speed"]) <= high, (family, t, o)
