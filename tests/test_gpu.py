@@ -1,16 +1,19 @@
 """GPU-only checks (marker ``gpu``): skipped without CUDA; ``benchmarks/gpu.sh`` runs them on a GPU.
 
-bf16 autocast with the fused AdamW, ``compile=true``, ``bf16-true``, MFU on a known device, and FSDP on
-one GPU with FSDP's own bf16 mixed precision, compile and activation checkpointing together.
+bf16 autocast with the fused AdamW, ``compile=true``, ``bf16-true``, MFU on a known device, no host-device
+synchronisation between logging steps, and FSDP on one GPU with FSDP's own bf16 mixed precision,
+compile and activation checkpointing together.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
+from lmlab.callbacks import Throughput
 from lmlab.flops import peak_flops
 from lmlab.train import train
 
@@ -33,6 +36,31 @@ def test_bf16_compile_trains_with_the_fused_optimizer_and_logs_mfu(tiny_cfg):
     assert math.isfinite(metrics["val/loss"]) and metrics["val/loss"] < metrics["train/loss"] + 1
     if peak_flops(trainer.strategy.root_device):  # a device of lmlab.flops' table: MFU logged
         assert 0 < metrics["train/mfu"] < 1
+
+
+def test_training_steps_let_the_host_run_ahead_between_log_steps(tiny_cfg, monkeypatch):
+    """No step waits for the GPU except where metrics are written (every log_every_n_steps; the
+    tests run without a progress bar): CUDA's sync debug mode reports each synchronising call
+    (not event waits, which FiniteFlag uses). Steps 5..39, written at 19 and 39, must make far
+    fewer than one per step; `log` of a Python number at every step made three per step."""
+    trace = {"start": 5, "stop": 40}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in trace.values():
+            torch.cuda.set_sync_debug_mode("warn" if trainer.global_step == trace["start"] else 0)
+
+    monkeypatch.setattr(Throughput, "on_train_batch_start", on_train_batch_start, raising=False)
+    overrides = ["trainer.max_steps=45", "trainer.val_check_interval=45"]
+    overrides += ["trainer.log_every_n_steps=20"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(tiny_cfg(*GPU, *overrides))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    steps = trace["stop"] - trace["start"]
+    assert len(syncs) < steps / 2, [f"{w.filename}:{w.lineno}" for w in syncs]
 
 
 def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path):

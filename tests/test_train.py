@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
+from lmlab.callbacks import Throughput
 from lmlab.checkpoint import load_run
 from lmlab.errors import ConfigError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate
+from lmlab.models.base import LMModule
 from lmlab.train import train
 
 from .conftest import command_cfg
@@ -334,6 +336,39 @@ def test_mfu_is_logged_with_a_known_peak(tiny_cfg):
     fpt = objects["model"].flops_per_token(objects["cfg"].seq_len)
     expected = metrics["train/tokens_per_sec"] * fpt / 1e12
     assert metrics["train/mfu"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_throughput_logs_only_on_the_steps_lightning_writes(tiny_cfg, tmp_path, monkeypatch):
+    """`log` of a number makes a device tensor, which on a GPU waits for the queued kernels: the
+    callback calls it only on the steps whose metrics the loggers receive, and they lose nothing."""
+    logged = []
+    real_log = LMModule.log
+
+    def log(self, name, value, *args, **kwargs):
+        if name in ("train/tokens_seen", "train/tokens_per_sec", "train/mfu"):
+            logged.append((self.trainer.validating, self.global_step, name))
+        return real_log(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(LMModule, "log", log)
+    out = tmp_path / "every2"
+    metrics, objects = train(
+        tiny_cfg(
+            "trainer.log_every_n_steps=2", "callbacks.throughput.peak_flops=1e12", output_dir=out
+        )
+    )
+    # Steps 0..5 are written at 1, 3, 5 (Lightning's (step + 1) % 2 == 0), when 2, 4, 6 optimizer
+    # steps are done. The rate needs two steps in its window, which validation (after step 2)
+    # restarts: none is computed at step 3 (Lightning writes the last one again there).
+    seen, rate, mfu = "train/tokens_seen", "train/tokens_per_sec", "train/mfu"
+    train_logs = [(step, name) for validating, step, name in logged if not validating]
+    assert train_logs == [(2, seen), (2, rate), (2, mfu), (4, seen), (6, seen), (6, rate), (6, mfu)]
+    with (out / "metrics.csv").open(newline="") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f) if r["train/loss"]}
+    assert sorted(rows) == [1, 3, 5]
+    assert [float(rows[s][seen]) for s in (1, 3, 5)] == [2 * 128, 4 * 128, 6 * 128]
+    assert all(rows[s][rate] and rows[s][mfu] for s in (1, 3, 5))
+    throughput = next(c for c in objects["trainer"].callbacks if isinstance(c, Throughput))
+    assert throughput.tokens_seen == 6 * 128 == metrics["train/tokens_seen"]
 
 
 def test_tokens_seen_counts_every_step_is_logged_with_validation_and_resumes(tiny_cfg, tmp_path):

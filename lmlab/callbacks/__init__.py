@@ -53,10 +53,17 @@ class Throughput(L.Callback):
         self._times.append(time.perf_counter())
         self._tokens.append(batch["input_ids"].numel() * trainer.world_size)
         self.tokens_seen += self._tokens[-1]
-        pl_module.log("train/tokens_seen", float(self.tokens_seen))
         if len(self._times) > 1:
             # Tokens of the batches that finished after the oldest timestamp, over the time between.
             self.tokens_per_sec = sum(list(self._tokens)[1:]) / (self._times[-1] - self._times[0])
+        # Logged only on the steps whose metrics Lightning writes (every trainer.log_every_n_steps,
+        # as its own LearningRateMonitor and ThroughputMonitor do): `log` turns a number into a
+        # device tensor, and on a GPU that copy waits for every kernel queued so far, so logging
+        # at every step would stop the host from running ahead of the device.
+        if not trainer._logger_connector.should_update_logs:
+            return
+        pl_module.log("train/tokens_seen", float(self.tokens_seen))
+        if len(self._times) > 1:
             pl_module.log("train/tokens_per_sec", self.tokens_per_sec, prog_bar=False)
             if self.peak:
                 if self._flops_per_token is None:
