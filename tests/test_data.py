@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -184,6 +185,19 @@ def test_train_sampler_epoch_permutation():
     # non-overlapping windows (stride = window) for the other objectives
     s2 = RandomWindowSampler(n_tokens=1000, window_len=10, stride=10, seed=0)
     assert len(s2) == 99 and all(x + 10 <= 1000 for x, _ in s2)
+
+
+def test_loaders_pin_host_memory_for_cuda_devices_only(tmp_path):
+    tok = byte_tokenizer(2)
+    train = build_store(iter([make_text(400, 0)]), tok, tmp_path, "t")
+    val = build_store(iter([make_text(100, 1)]), tok, tmp_path, "v")
+    dm = CausalLMDataModule(tok, train, val, seq_len=16, batch_size=4)
+    assert not dm.train_dataloader().pin_memory  # outside a Trainer
+    for device, pinned in (("cpu", False), ("cuda:0", True)):
+        strategy = types.SimpleNamespace(root_device=torch.device(device))
+        dm.trainer = types.SimpleNamespace(strategy=strategy, global_rank=0, world_size=1)
+        assert dm.train_dataloader().pin_memory is pinned  # built, not iterated: no GPU here
+        assert dm.val_dataloader().pin_memory is pinned
 
 
 def test_datamodule_batches_and_too_short_corpus(tmp_path):

@@ -281,7 +281,14 @@ class WindowDataModule(L.LightningDataModule):
             collate_fn=self.make_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._on_cuda(),
         )
+
+    def _on_cuda(self) -> bool:
+        """Whether batches go to a CUDA device: they are then built in pinned host memory, so that
+        Lightning's non-blocking transfer neither waits for the GPU nor stages through a copy."""
+        t = self.trainer
+        return t is not None and t.strategy.root_device.type == "cuda"
 
     def _shard(self) -> tuple[int, int]:
         """(rank, world size) of this process; (0, 1) outside a Trainer."""
