@@ -428,6 +428,48 @@ def test_every_invalid_pair_is_refused(compose_cfg, model, objective):
         check_compatible(cfg)
 
 
+def test_mlm_targets_counted_on_the_host_select_what_a_boolean_mask_selects():
+    """The count taken in on_before_batch_transfer gives the same targets, in the same order, as
+    boolean indexing (so the same loss and gradients), and one graph without breaks to compile."""
+    import torch._dynamo
+
+    from lmlab.models.encoder import EncoderLM
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 90, (3, 16), generator=g)
+    labels = torch.where(torch.rand(3, 16, generator=g) < 0.3, ids, IGNORE)
+    batch = {"input_ids": ids, "labels": labels}
+    torch.manual_seed(0)
+    m = EncoderLM(
+        vocab_size=90, special_ids={}, optim={}, n_layers=1, d_model=16, n_heads=2, max_seq_len=16
+    )
+    m.set_token_bytes(torch.ones(90, dtype=torch.long))
+    prepared = m.on_before_batch_transfer(dict(batch), 0)
+    assert prepared["n_targets"] == int((labels != IGNORE).sum()) > 0
+
+    hidden = m.backbone(ids, head=False)
+    selected = labels != IGNORE
+    for b in (batch, prepared):
+        got_hidden, got_labels = m.hidden_states(b)
+        torch.testing.assert_close(got_hidden, hidden[selected], rtol=0, atol=0)
+        assert torch.equal(got_labels, labels[selected])
+
+    def loss_and_grads(b):
+        m.zero_grad()
+        nll, count, *_ = m.nll(b)
+        (nll / count).backward()
+        return nll.detach(), [p.grad.clone() for p in m.parameters()]
+
+    (want, want_grads), (got, got_grads) = loss_and_grads(batch), loss_and_grads(prepared)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+
+    m.loss_chunk_size = 0  # as on a GPU: the plain head and F.cross_entropy
+    explained = torch._dynamo.explain(m.nll)(prepared)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    assert torch._dynamo.explain(m.nll)(batch).graph_break_count > 0  # counting on the device
+
+
 def test_mlm_head_on_selected_positions_equals_full_logits(tmp_path):
     from lmlab.models.base import LMModule
     from lmlab.models.encoder import EncoderLM

@@ -14,13 +14,32 @@ class EncoderLM(LMModule):
     config_class = EncoderConfig
     backbone_class = Encoder
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        labels = batch["labels"]
+        if labels.device.type == "cpu":
+            # Counted while the labels are on the host (a Python int, which Lightning leaves as it
+            # is): `hidden_states` then selects the targets without asking the device how many.
+            batch["n_targets"] = int((labels != IGNORE).sum())
+        return batch
+
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The ~15% selected positions only, so the output head (a d_model x vocab matmul per
-        position, the largest single cost of a small MLM model) runs on those alone."""
+        position, the largest single cost of a small MLM model) runs on those alone.
+
+        They are gathered in order by a stable sort that puts the targets first, cut at the count
+        ``on_before_batch_transfer`` took on the host: boolean indexing would ask the device for
+        the count (on a GPU, a wait for every queued kernel at each step) and break the compiled
+        graph there. Called on a batch without the count (``nll`` used directly), it is computed
+        here."""
         hidden = self.backbone(batch["input_ids"], batch.get("attention_mask"), head=False)
-        labels = batch["labels"]
-        selected = labels != IGNORE
-        return hidden[selected], labels[selected]
+        labels = batch["labels"].flatten()
+        ignored = labels == IGNORE
+        n = batch.get("n_targets")
+        if n is None:
+            n = int(labels.numel() - ignored.sum())
+        index = torch.argsort(ignored.to(torch.uint8), stable=True)[:n]
+        return hidden.flatten(0, -2).index_select(0, index), labels.index_select(0, index)
 
     def predict_masked(self, ids: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k token ids (and probabilities) at every position of ``ids``: (S, k) each.
