@@ -192,9 +192,9 @@ def lmlab_trainer(
 
 def _trainer_by_hand(accelerator, precision, max_steps, output_dir, callbacks) -> L.Trainer:
     """conf/trainer/default.yaml + cpu|gpu.yaml and the speed-relevant callbacks, without Hydra."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from lmlab.callbacks import Preemption, Throughput
+    from lmlab.callbacks import Preemption, ProgressBar, Throughput
     from lmlab.checkpoint_io import AtomicCheckpointIO
     from lmlab.loggers import ResumableCSVLogger
 
@@ -221,7 +221,7 @@ def _trainer_by_hand(accelerator, precision, max_steps, output_dir, callbacks) -
             Preemption(dirpath=str(output_dir / "checkpoints")),
             LearningRateMonitor(logging_interval="step"),
             Throughput(window=20),
-            TQDMProgressBar(refresh_rate=10),
+            ProgressBar(refresh_rate=10),
             *callbacks,
         ],
         logger=[

@@ -331,6 +331,82 @@ def test_flops_per_token_matches_a_hand_count_and_mfu():
     assert flops.peak_flops(torch.device("cpu")) is None
 
 
+def test_training_steps_read_no_device_values_between_redraws_and_logs(tiny_cfg, monkeypatch):
+    """Reading a tensor's value (`item`, `bool`, ...) is where a GPU run waits for the device.
+    Between logging steps, training reads only host tensors (the batch before its transfer, the
+    pinned NaN flag) and, at each progress-bar redraw, the bar's metrics. Counted on the CPU as the
+    aten calls behind every such read; the GPU test counts real synchronisations."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmlab.callbacks import ProgressBar
+
+    reads, redraws = [], []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == "aten::_local_scalar_dense":
+                names = {f.name for f in traceback.extract_stack()}
+                if names & {"on_before_batch_transfer", "value"}:
+                    reads.append("host")
+                else:
+                    reads.append("bar" if "get_metrics" in names else "other")
+            return func(*args, **(kwargs or {}))
+
+    mode = Reads()
+    window = (3, 11)  # global steps: from the start of the 4th batch to the end of the 11th
+
+    def start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == window[0]:
+            mode.__enter__()
+
+    def end(
+        self, trainer, pl_module, outputs, batch, batch_idx, _end=Throughput.on_train_batch_end
+    ):
+        _end(self, trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == window[1]:
+            mode.__exit__(None, None, None)
+
+    def get_metrics(self, trainer, pl_module, _get=ProgressBar.get_metrics):
+        if window[0] <= trainer.global_step <= window[1]:
+            redraws.append(trainer.global_step)
+        return _get(self, trainer, pl_module)
+
+    monkeypatch.setattr(Throughput, "on_train_batch_start", start, raising=False)
+    monkeypatch.setattr(Throughput, "on_train_batch_end", end)
+    monkeypatch.setattr(ProgressBar, "get_metrics", get_metrics)
+    train(
+        tiny_cfg(
+            "trainer.max_steps=12",
+            "trainer.val_check_interval=12",
+            "trainer.log_every_n_steps=50",
+            "trainer.enable_progress_bar=true",
+            "callbacks.progress_bar={_target_:lmlab.callbacks.ProgressBar,refresh_rate:4}",
+            "callbacks.samples=null",
+        )
+    )
+    assert redraws == [4, 8]  # after batches 4 and 8
+    assert reads.count("other") == 0
+    assert reads.count("bar") == len(redraws)  # train/loss (MFU is logged on logging steps)
+
+
+def test_progress_bar_shows_the_latest_training_metrics_first():
+    import types
+
+    from lmlab.callbacks import ProgressBar
+
+    bar = ProgressBar(metrics=("train/loss", "train/mfu", "train/absent"))
+    trainer = types.SimpleNamespace(
+        callback_metrics={"train/loss": torch.tensor(2.5), "train/mfu": torch.tensor(0.25)},
+        progress_bar_metrics={"val/loss": 3.0},
+        loggers=[],
+    )
+    shown = bar.get_metrics(trainer, None)
+    assert shown == {"train/loss": 2.5, "train/mfu": 0.25, "val/loss": 3.0}
+    assert list(shown) == ["train/loss", "train/mfu", "val/loss"]
+
+
 def test_mfu_is_logged_with_a_known_peak(tiny_cfg):
     metrics, objects = train(tiny_cfg("callbacks.throughput.peak_flops=1e12"))
     fpt = objects["model"].flops_per_token(objects["cfg"].seq_len)

@@ -1,8 +1,9 @@
-"""lmlab's own callbacks; the rest (checkpoints, learning-rate monitor, progress bar) are Lightning's.
+"""lmlab's own callbacks; the rest (checkpoints, learning-rate monitor) are Lightning's.
 
 ``Throughput`` is written here rather than taken from Lightning's ``ThroughputMonitor`` because the
 latter names its metrics ``train|...`` / ``device|...`` per sample; lmlab reports tokens, under the
-slash-named keys every run and report uses (``train/tokens_per_sec``).
+slash-named keys every run and report uses (``train/tokens_per_sec``). ``ProgressBar`` is
+Lightning's TQDM bar reading the training metrics only when it redraws (see its docstring).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -64,14 +66,14 @@ class Throughput(L.Callback):
             return
         pl_module.log("train/tokens_seen", float(self.tokens_seen))
         if len(self._times) > 1:
-            pl_module.log("train/tokens_per_sec", self.tokens_per_sec, prog_bar=False)
+            pl_module.log("train/tokens_per_sec", self.tokens_per_sec)
             if self.peak:
                 if self._flops_per_token is None:
                     self._flops_per_token = pl_module.flops_per_token(batch["input_ids"].shape[1])
                 value = flops.mfu(
                     self.tokens_per_sec, self._flops_per_token, self.peak, trainer.world_size
                 )
-                pl_module.log("train/mfu", value, prog_bar=True)
+                pl_module.log("train/mfu", value)  # shown by ProgressBar, not prog_bar=True
 
     def on_validation_start(self, trainer, pl_module) -> None:
         # Validation time is not training time: restart the window after it.
@@ -81,6 +83,28 @@ class Throughput(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             pl_module.log("train/tokens_seen", float(self.tokens_seen))
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM progress bar, also showing the latest ``metrics`` of training (by default
+    the loss and MFU), read when the bar redraws: every ``refresh_rate`` steps.
+
+    Training metrics are therefore logged without ``prog_bar=True``: Lightning turns every
+    progress-bar metric into a Python number after every step, and on a GPU reading a number
+    waits for all the work queued so far, so the host could never run ahead of the device. Here
+    that wait happens once per redraw (raise ``refresh_rate`` to make it rarer).
+    """
+
+    def __init__(
+        self, refresh_rate: int = 10, metrics: Sequence[str] = ("train/loss", "train/mfu"), **kwargs
+    ) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+        self.metrics = tuple(metrics)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        latest = trainer.callback_metrics  # tensors, as logged
+        shown = {name: float(latest[name]) for name in self.metrics if name in latest}
+        return {**shown, **super().get_metrics(trainer, pl_module)}
 
 
 class Samples(L.Callback):

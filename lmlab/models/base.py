@@ -254,7 +254,7 @@ class LMModule(L.LightningModule):
             # checkpoint and validation hooks check first, so no non-finite state is saved.
             self.check_finite()
             self._unchecked_loss = FiniteFlag(loss, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # no prog_bar=True: lmlab.callbacks.ProgressBar shows it
         self.log("train/ppl", loss.detach().exp())
         self.log("train/bpb", nll_sum.detach() / (math.log(2) * n_bytes.clamp(min=1)))
         self.log("train/tokens", count.float(), reduce_fx="sum", on_step=False, on_epoch=True)
