@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.models.base import lr_lambda, param_groups
-from lmlab.nn.blocks import Attention, KVCache, RMSNorm, Rotary, SwiGLU, apply_rotary
+from lmlab.nn.blocks import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    SwiGLU,
+    apply_rotary,
+    key_padding_mask,
+)
 from lmlab.nn.decoder import Decoder, DecoderConfig
 from lmlab.nn.sampling import sample_next
 
@@ -192,6 +200,17 @@ def test_attention_padding_mask_blocks_keys():
     a = attn(x, rope, is_causal=False, attn_mask=mask)
     b = attn(y, rope, is_causal=False, attn_mask=mask)
     torch.testing.assert_close(a[:, :4], b[:, :4])
+
+
+def test_key_padding_mask_reads_mask_values_on_the_host_only():
+    assert key_padding_mask(None) is None
+    assert key_padding_mask(torch.ones(2, 3, dtype=torch.bool)) is None  # no padding: fused kernels
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert torch.equal(key_padding_mask(mask), mask[:, None, None, :])
+    # Elsewhere (a GPU) the mask is used as it is, without reading it: a meta tensor has no values
+    # to read, so a read would raise here.
+    on_device = key_padding_mask(torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    assert on_device.shape == (2, 1, 1, 3) and on_device.device.type == "meta"
 
 
 def test_kv_cache_overflow_is_an_error():

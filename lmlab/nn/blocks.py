@@ -366,8 +366,14 @@ def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None
 
     A batch without padding gets ``None``: with an explicit mask SDPA falls back from the fused
     (flash) kernels to the slower math path, and full windows are the common case in pre-training.
+    That is checked only where it is free, on a host tensor outside compilation: on a GPU, reading
+    the answer would wait for every queued kernel (``LMModule.on_before_batch_transfer`` drops such
+    masks while batches are still on the host), and under compile it would break the graph.
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
+        return None
+    on_host = attention_mask.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_host and bool(attention_mask.all()):
         return None
     return attention_mask.bool()[:, None, None, :]
 
