@@ -331,11 +331,22 @@ def test_flops_per_token_matches_a_hand_count_and_mfu():
     assert flops.peak_flops(torch.device("cpu")) is None
 
 
-def test_training_steps_read_no_device_values_between_redraws_and_logs(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize(
+    "family",
+    [
+        ("model=decoder", "objective=clm"),
+        ("model=encoder", "objective=mlm"),
+        ("model=encoder_decoder", "objective=span"),
+    ],
+)
+def test_training_steps_read_no_device_values_between_redraws_and_logs(
+    tiny_cfg, monkeypatch, family
+):
     """Reading a tensor's value (`item`, `bool`, ...) is where a GPU run waits for the device.
     Between logging steps, training reads only host tensors (the batch before its transfer, the
     pinned NaN flag) and, at each progress-bar redraw, the bar's metrics. Counted on the CPU as the
-    aten calls behind every such read; the GPU test counts real synchronisations."""
+    aten calls behind every such read; the GPU test counts real synchronisations. (Padded batches,
+    as denoise makes, also read their mask on the host in `key_padding_mask`: test_nn.py.)"""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -378,6 +389,7 @@ def test_training_steps_read_no_device_values_between_redraws_and_logs(tiny_cfg,
     monkeypatch.setattr(ProgressBar, "get_metrics", get_metrics)
     train(
         tiny_cfg(
+            *family,
             "trainer.max_steps=12",
             "trainer.val_check_interval=12",
             "trainer.log_every_n_steps=50",
