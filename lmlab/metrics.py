@@ -3,6 +3,10 @@
 All of them are fed the summed target negative log-likelihood (in nats) that the loss already computed,
 never the logits again: a second softmax over (B*T, V) would cost as much as the loss itself.
 
+- ``TargetMean``: a per-target mean from per-batch sums (loss = summed NLL / targets, accuracy =
+  correct / targets). Used instead of torchmetrics' ``MeanMetric``, whose NaN check reads a value
+  at every update (on a GPU, a wait for the device) and drops NaN batches from the mean with a
+  warning: here a NaN loss makes the mean NaN, as it should.
 - ``Perplexity``: torchmetrics' own, fed through :meth:`update` with (nll_sum, count) = exp(mean NLL).
 - ``BitsPerByte``: summed NLL / (ln 2 * UTF-8 bytes of the target tokens). Unlike loss or perplexity it
   does not depend on how the text was tokenized, so it compares runs with different tokenizers.
@@ -15,6 +19,26 @@ import math
 import torch
 import torchmetrics
 from torchmetrics.text import Perplexity as _Perplexity
+
+
+class TargetMean(torchmetrics.Metric):
+    """``sum(total) / sum(count)`` over the updates (0 while no target was seen)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state(
+            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, total: torch.Tensor, count: torch.Tensor) -> None:
+        self.total += total.detach().to(self.total)
+        self.count += count.to(self.count)
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
 
 
 class Perplexity(_Perplexity):

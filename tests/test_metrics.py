@@ -10,7 +10,7 @@ from torchmetrics.text import Perplexity as ReferencePerplexity
 
 from lmlab.data.collate import causal_batch
 from lmlab.data.tokenizers import byte_tokenizer, train_bpe
-from lmlab.metrics import BitsPerByte, Perplexity
+from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.models.decoder import DecoderLM
 
 from .conftest import make_text
@@ -33,6 +33,18 @@ def test_perplexity_matches_torchmetrics_reference_and_exp_mean_loss():
     ours.update(nll / 2, count - count // 2)
     torch.testing.assert_close(ours.compute(), ref.compute(), rtol=1e-5, atol=0)
     torch.testing.assert_close(ours.compute(), (nll / count).exp(), rtol=1e-6, atol=0)
+
+
+def test_target_mean_weights_batches_by_targets_and_keeps_nan():
+    m = TargetMean()
+    with pytest.warns(UserWarning, match="called before the ``update``"):
+        assert m.compute() == 0  # no targets yet
+    m.update(torch.tensor(6.0), torch.tensor(4))  # a batch of 4 targets with mean 1.5
+    m.update(torch.tensor(1.0), torch.tensor(1))  # and one of 1 target
+    assert m.compute().item() == pytest.approx(7 / 5)  # not (1.5 + 1) / 2
+    assert m.compute().dtype == torch.float32
+    m.update(torch.tensor(float("nan")), torch.tensor(3))
+    assert math.isnan(m.compute().item())  # a NaN batch is not dropped from the mean
 
 
 def test_bits_per_byte_accumulates():

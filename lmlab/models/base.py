@@ -19,12 +19,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from torchmetrics import MeanMetric
 
 from lmlab import flops
 from lmlab.data.collate import IGNORE
 from lmlab.errors import NonFiniteLoss
-from lmlab.metrics import BitsPerByte, Perplexity
+from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
 from lmlab.parallel import FSDP, compile_mode, parallelize
 
@@ -138,8 +137,8 @@ class LMModule(L.LightningModule):
         # init_device="meta": no memory until `configure_model` shards and materialises it (FSDP)
         with torch.device(init_device) if init_device else contextlib.nullcontext():
             self.backbone = self.backbone_class(self.config)
-        self.val_loss, self.val_ppl, self.val_bpb = MeanMetric(), Perplexity(), BitsPerByte()
-        self.val_acc = MeanMetric()
+        self.val_loss, self.val_ppl, self.val_bpb = TargetMean(), Perplexity(), BitsPerByte()
+        self.val_acc = TargetMean()
         # UTF-8 bytes of each token id (0 for specials); set from the tokenizer by `set_token_bytes`.
         self.register_buffer(
             "token_bytes", torch.zeros(vocab_size, dtype=torch.long), persistent=False
@@ -280,10 +279,10 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         nll_sum, count, n_bytes, correct = self.nll(batch)
-        self.val_loss.update(nll_sum / count.clamp(min=1), count)
+        self.val_loss.update(nll_sum, count)
         self.val_ppl.update(nll_sum, count)
         self.val_bpb.update(nll_sum, n_bytes)
-        self.val_acc.update(correct / count.clamp(min=1), count)
+        self.val_acc.update(correct, count)
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/ppl", self.val_ppl)
         self.log("val/bpb", self.val_bpb, prog_bar=True)
