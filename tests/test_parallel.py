@@ -132,6 +132,37 @@ def test_bf16_runs_use_the_fused_adamw_and_still_clip_the_global_norm():
     assert norm().item() == pytest.approx(1.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+@pytest.mark.parametrize("loss_chunk_size", [0, 5])
+def test_training_loss_traces_to_one_graph(family, loss_chunk_size):
+    """What compile=true compiles (LMModule.nll, the batch as on_before_batch_transfer leaves it)
+    is one graph without breaks for every family, padded encoder inputs and MLM targets included:
+    a break splits the compiled step and usually means a value read from the device."""
+    import torch._dynamo
+
+    from lmlab.models.encoder import EncoderLM
+
+    cls = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}[family]
+    torch.manual_seed(0)
+    model = cls(
+        vocab_size=100, special_ids={}, optim=OPTIM, loss_chunk_size=loss_chunk_size, **SMALL
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 100, (2, 16), generator=g)
+    raw = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
+    if family == "encoder":
+        raw["labels"] = torch.where(torch.rand(2, 16, generator=g) < 0.3, ids, -100)
+    if family == "encoder_decoder":
+        mask = torch.ones(2, 16, dtype=torch.bool)
+        mask[1, 12:] = False  # padding: the mask stays and reaches the attention
+        raw |= {"decoder_input_ids": ids[:, :8], "labels": ids[:, 1:9], "attention_mask": mask}
+    batch = model.on_before_batch_transfer(raw, 0)
+    explained = torch._dynamo.explain(model.nll)(batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [
+        r.reason for r in explained.break_reasons
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None,
