@@ -132,7 +132,7 @@ def test_bf16_runs_use_the_fused_adamw_and_still_clip_the_global_norm():
     assert norm().item() == pytest.approx(1.0, rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+@pytest.mark.parametrize("family", ["decoder", "prefix_lm", "encoder", "encoder_decoder"])
 @pytest.mark.parametrize("loss_chunk_size", [0, 5])
 def test_training_loss_traces_to_one_graph(family, loss_chunk_size):
     """What compile=true compiles (LMModule.nll, the batch as on_before_batch_transfer leaves it)
@@ -142,7 +142,7 @@ def test_training_loss_traces_to_one_graph(family, loss_chunk_size):
 
     from lmlab.models.encoder import EncoderLM
 
-    cls = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}[family]
+    cls = {"encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}.get(family, DecoderLM)
     torch.manual_seed(0)
     model = cls(
         vocab_size=100, special_ids={}, optim=OPTIM, loss_chunk_size=loss_chunk_size, **SMALL
@@ -150,6 +150,8 @@ def test_training_loss_traces_to_one_graph(family, loss_chunk_size):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(6, 100, (2, 16), generator=g)
     raw = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
+    if family == "prefix_lm":
+        raw["prefix_len"] = torch.tensor([3, 7])
     if family == "encoder":
         raw["labels"] = torch.where(torch.rand(2, 16, generator=g) < 0.3, ids, -100)
     if family == "encoder_decoder":
