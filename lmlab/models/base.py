@@ -71,7 +71,9 @@ class FiniteFlag:
     """
 
     def __init__(self, loss: torch.Tensor, step: int) -> None:
-        self.loss, self.step = loss.detach(), step  # for the message
+        # A copy for the message: under compile="reduce-overhead" the loss lives in a CUDA graph's
+        # output buffer, which the next step's replay overwrites.
+        self.loss, self.step = loss.detach().clone(), step
         finite = torch.isfinite(self.loss)
         self.event = None
         if finite.is_cuda:
