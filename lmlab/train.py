@@ -33,6 +33,7 @@ from lmlab.data.corpus import make_corpus
 from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import TextTokenizer, build_tokenizer
 from lmlab.errors import ConfigError, Preempted
+from lmlab.models.base import check_loss_chunk_size
 from lmlab.parallel import compile_mode
 
 log = logging.getLogger("lmlab")
@@ -64,12 +65,8 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    if (cfg.get("loss_chunk_size") or 0) < 0:
-        raise ConfigError(
-            f"loss_chunk_size must be >= 0 (tokens per chunk of the fused head + loss; 0 = off; "
-            f"null = by device), got {cfg.loss_chunk_size}"
-        )
-    try:
+    try:  # the module's own checks, before any work
+        check_loss_chunk_size(cfg.get("loss_chunk_size"))
         compile_mode(cfg.get("compile"))
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -43,6 +43,15 @@ warnings.filterwarnings(
 CPU_LOSS_CHUNK = 512
 
 
+def check_loss_chunk_size(value: int | None) -> None:
+    """Refuse a negative ``loss_chunk_size`` (the module at construction, ``train`` before any work)."""
+    if value is not None and value < 0:
+        raise ValueError(
+            f"loss_chunk_size must be >= 0 (tokens per chunk of the fused head + loss; 0 = plain "
+            f"head + cross-entropy; null = by device), got {value}"
+        )
+
+
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate: linear warmup, then cosine decay to ``min_lr_ratio``."""
     if step < warmup_steps:
@@ -129,11 +138,7 @@ class LMModule(L.LightningModule):
         self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
         self.optim_cfg, self.compile_mode = dict(optim), compile_mode(compile)
         self.activation_checkpointing = activation_checkpointing
-        if loss_chunk_size is not None and loss_chunk_size < 0:
-            raise ValueError(
-                f"loss_chunk_size must be >= 0 (0 = plain head + cross-entropy; null = by device), "
-                f"got {loss_chunk_size}"
-            )
+        check_loss_chunk_size(loss_chunk_size)
         self.loss_chunk_size = loss_chunk_size
         self.config = self.config_class(vocab_size=vocab_size, **backbone)
         # init_device="meta": no memory until `configure_model` shards and materialises it (FSDP)
