@@ -32,7 +32,8 @@ class Throughput(L.Callback):
     ``train/mfu`` when the device's peak FLOP/s is known (:mod:`lmlab.flops`) or given, and
     ``train/tokens_seen`` (input tokens trained on so far, all devices; also logged with every
     validation, so validation curves can be drawn against it: runs with different batch shapes compare
-    by tokens, not steps). ``tokens_seen`` is saved in checkpoints and continues on resume."""
+    by tokens, not steps), on the steps whose metrics Lightning writes (every
+    ``trainer.log_every_n_steps``). ``tokens_seen`` is saved in checkpoints and continues on resume."""
 
     def __init__(self, window: int = 20, peak_flops: float | None = None) -> None:
         self.window, self.peak = window, peak_flops
