@@ -2,7 +2,7 @@
 
 bf16 autocast with the fused AdamW, ``compile=true``, ``bf16-true``, MFU on a known device, no host-device
 synchronisation between logging steps, and FSDP on one GPU with FSDP's own bf16 mixed precision,
-compile and activation checkpointing together.
+compile and activation checkpointing together, and the preemption vote of multi-process runs.
 """
 
 from __future__ import annotations
@@ -146,3 +146,17 @@ def test_fsdp_bf16_params_compile_and_checkpointing_together(tiny_cfg, tmp_path)
     )
     assert math.isfinite(metrics["val/loss"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+
+
+def test_stop_vote_on_the_gpu_answers_two_steps_late_and_reads_only_finished_copies():
+    """The multi-process preemption vote (lmlab.callbacks.StopVote) on a CUDA device: each answer is
+    the vote cast two calls earlier, read from pinned host memory after its event completed."""
+    from lmlab.callbacks import StopVote
+
+    vote = StopVote(torch.device("cuda"))
+    assert vote.lag == 2
+    answers = []
+    for flag in (False, True, False, False, False):
+        torch.cuda._sleep(10_000_000)  # keep the device busy: the vote is queued behind this
+        answers.append(vote(flag))
+    assert answers == [False, False, False, True, False]

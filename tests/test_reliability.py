@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import lmlab.models.base as base_mod
+from lmlab.callbacks import Preemption
 from lmlab.checkpoint import read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.store import TokenStore, build_store
@@ -38,21 +39,28 @@ def losses_by_step(path: Path) -> dict[int, float]:
 
 # -- SIGTERM ----------------------------------------------------------------------------------------
 class PauseUntilSignal(L.Callback):
-    """Before step ``step``: writes ``marker`` and waits until the run has received SIGTERM, so the
-    signal lands at a known step however fast or loaded the machine is."""
+    """Before step ``step``: writes its process id to ``marker`` and waits until the run's
+    ``Preemption`` callback has recorded a signal, so the signal lands at a known step however fast
+    or loaded the machine is. With ``rank``, only that process pauses."""
 
-    def __init__(self, step: int, marker: str) -> None:
-        self.step, self.marker = step, Path(marker)
+    def __init__(self, step: int, marker: str, rank: int | None = None) -> None:
+        self.step, self.marker, self.rank = step, Path(marker), rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            self.marker.touch()
-            deadline = time.monotonic() + 120
-            while not trainer.received_sigterm and time.monotonic() < deadline:
-                time.sleep(0.02)
+        if trainer.global_step != self.step or self.rank not in (None, trainer.global_rank):
+            return
+        (preemption,) = (c for c in trainer.callbacks if isinstance(c, Preemption))
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while preemption.requested is None and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
-def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
+def sigterm_run(tmp_path, *overrides: str, pause_rank: int | None = None, steps: int = 40):
+    """A ``python -m lmlab`` run of ``steps`` steps (TINY, 3 files) that gets SIGTERM before step 5
+    in the process of ``pause_rank`` (the only one when None); then the same run resumed, and an
+    uninterrupted reference. Returns the stopped run's output, the step of the checkpoint it left,
+    and the losses by step of the resumed run and of the reference."""
     for i in range(3):
         (tmp_path / f"d{i}.txt").write_text(make_text(600, i))
     common = [
@@ -61,9 +69,10 @@ def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
         "data.train=d*.txt",
         "trainer.precision=32-true",
         "logger.csv.flush_logs_every_n_steps=1",
-        "trainer.max_steps=40",
-        "trainer.val_check_interval=40",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
         "callbacks.samples=null",
+        *overrides,
     ]
     root = str(Path(__file__).resolve().parents[1])  # so the run can import PauseUntilSignal
     env = dict(
@@ -89,30 +98,104 @@ def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
         f"+callbacks.pause._target_={__name__}.PauseUntilSignal",
         "+callbacks.pause.step=5",
         f"+callbacks.pause.marker={marker}",
+        f"+callbacks.pause.rank={'null' if pause_rank is None else pause_rank}",
     )
     deadline = time.time() + 240
-    while not marker.is_file() and p.poll() is None and time.time() < deadline:
+    while not (marker.is_file() and marker.read_text()) and p.poll() is None:
+        assert time.time() < deadline, "the run never reached step 5"
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
+    os.kill(int(marker.read_text()), signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
-    assert "stopped by a preemption signal after step 6" in out
-    ckpt = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
-    # a fresh checkpoint: saved at the end of the step the signal interrupted (none was due before)
-    assert ckpt["global_step"] == 6
+    saved_step = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.ckpt")["global_step"]
     metrics = tmp_path / "stopped" / "metrics.csv"
     assert max(losses_by_step(metrics)) == 5  # steps 0..5 logged, none after the checkpoint
-
     resumed = start("stopped", "ckpt_path=last")
     reference = start("reference")
     for q in (resumed, reference):
-        out, _ = q.communicate(timeout=300)
-        assert q.returncode == 0, out[-3000:]
-    got = losses_by_step(metrics)
-    want = losses_by_step(tmp_path / "reference" / "metrics.csv")
+        q_out, _ = q.communicate(timeout=300)
+        assert q.returncode == 0, q_out[-3000:]
+    return (
+        out,
+        saved_step,
+        losses_by_step(metrics),
+        losses_by_step(tmp_path / "reference" / "metrics.csv"),
+    )
+
+
+def test_sigterm_saves_a_fresh_checkpoint_exits_cleanly_and_resumes(tmp_path):
+    out, saved_step, got, want = sigterm_run(tmp_path)
+    assert "stopped by a preemption signal after step 6" in out
+    # a fresh checkpoint: saved at the end of the step the signal interrupted (none was due before)
+    assert saved_step == 6
     assert sorted(got) == sorted(want) == list(range(40))
     # same process layout, fp32 on CPU: the resumed steps repeat the uninterrupted run exactly
     assert [got[s] for s in range(40)] == [want[s] for s in range(40)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resumes(tmp_path):
+    """A signal that reaches one rank only (a preempted node; here rank 1, the process Lightning
+    started) stops every rank after the same step, with one checkpoint, and the resumed run repeats
+    the uninterrupted one: each rank skips the windows of its shard it had trained on. Lightning's
+    own handler ends this in mismatched collectives and no checkpoint."""
+    out, saved_step, got, want = sigterm_run(tmp_path, "trainer=ddp_sim", pause_rank=1, steps=24)
+    assert out.count("stopped by a preemption signal after step 6") == 2, out[-3000:]
+    assert "SIGTERM: saved" in out and "another process's signal: saved" in out
+    assert saved_step == 6
+    assert sorted(got) == sorted(want) == list(range(24))
+    assert [got[s] for s in range(24)] == [want[s] for s in range(24)]
+
+
+def test_stop_vote_answers_with_the_vote_lag_calls_earlier():
+    from lmlab.callbacks import StopVote
+
+    late = StopVote(torch.device("cpu"), lag=2)  # as on a GPU: read two steps after it was cast
+    assert [late(f) for f in (False, True, False, False, False)] == [
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
+    now = StopVote(torch.device("cpu"))  # on a CPU the collective runs on the host: no lag
+    assert now.lag == 0 and [now(False), now(True), now(False)] == [False, True, False]
+
+
+def test_preemption_switches_off_lightnings_per_step_sigterm_broadcast_for_the_run():
+    """With several processes, Lightning's epoch loop broadcasts a SIGTERM flag and reads it back at
+    every step (a wait for the device); the vote replaces it during training, and the loop gets its
+    own method back afterwards."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert hasattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor")  # what is switched off
+
+    class Loop:
+        calls = 0
+
+        def _broadcast_sigterm_tensor(self):
+            Loop.calls += 1
+
+    loop = Loop()
+    trainer = SimpleNamespace(
+        world_size=2,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        fit_loop=SimpleNamespace(epoch_loop=loop),
+        received_sigterm=False,
+    )
+    callback = Preemption("unused")
+    before = signal.getsignal(signal.SIGTERM)
+    callback.on_train_start(trainer, None)
+    try:
+        loop._broadcast_sigterm_tensor()
+        assert Loop.calls == 0 and callback._vote is not None
+        assert signal.getsignal(signal.SIGTERM) == callback._request
+    finally:
+        callback.on_train_end(trainer, None)
+    loop._broadcast_sigterm_tensor()
+    assert Loop.calls == 1 and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_preempted_is_raised_by_train_and_names_the_resume_command(tiny_cfg, monkeypatch):
@@ -267,10 +350,12 @@ def test_sigusr2_saves_then_hands_over_to_the_earlier_handler(tiny_cfg, monkeypa
     original = base_mod.LMModule.training_step
     monkeypatch.setattr(base_mod.LMModule, "training_step", usr2_at_step_2)
     previous = signal.signal(signal.SIGUSR2, submitit_like)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(Preempted, match=r"signal after step 3"):
             train(cfg)
         assert signal.getsignal(signal.SIGUSR2) is submitit_like  # restored after training
+        assert signal.getsignal(signal.SIGTERM) is sigterm
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert seen == [(signal.SIGUSR2, 3)]

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmlab import flops
 from lmlab.parallel import FSDP
@@ -145,65 +146,135 @@ class Samples(L.Callback):
                 logger.log_text("samples", columns=["step", "sample", "text"], data=self.rows)
 
 
+class StopVote:
+    """Whether any process of a multi-process run asked to stop, answered alike on all of them.
+
+    Each call all-reduces (max) this process's flag and answers with the result of the call ``lag``
+    calls earlier (``False`` until there is one), so every process gets the same answer from the
+    same call. On a GPU the collective and the copy of its answer to pinned host memory are queued
+    behind the step's kernels and read ``lag`` steps later, when the device has finished them: the
+    host does not wait for the device. (Lightning's own per-step SIGTERM broadcast reads its answer
+    at once, a wait for the whole queued step every step: Lightning-AI/pytorch-lightning#21487.)
+    Elsewhere the collective (gloo) runs on the host and ``lag`` is 0.
+    """
+
+    def __init__(self, device: torch.device, lag: int | None = None) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.lag = (2 if self.cuda else 0) if lag is None else lag
+        self._pending: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+
+    def __call__(self, flag: bool) -> bool:
+        vote = torch.tensor([int(flag)], dtype=torch.int32)
+        if self.cuda:
+            vote = vote.pin_memory().to(self.device, non_blocking=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        done = None
+        if self.cuda:
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(vote, non_blocking=True)
+            vote, done = host, torch.cuda.Event()
+            done.record()
+        self._pending.append((vote, done))
+        if len(self._pending) <= self.lag:
+            return False
+        vote, done = self._pending.popleft()
+        if done is not None:
+            done.synchronize()  # recorded `lag` steps ago: long finished unless the device is behind
+        return bool(vote[0])
+
+
 class Preemption(L.Callback):
     """On SIGTERM (what schedulers send before killing a job), SIGUSR1 (SLURM's advance warning,
     ``#SBATCH --signal=USR1@120``) or SIGUSR2 (submitit's), write ``last.ckpt`` at the end of the
     current optimizer step, then stop the run; ``train()`` turns that into a clean exit and
     ``ckpt_path=last`` resumes exactly.
 
-    Lightning's own SIGTERM handler only records the signal and raises ``SIGTERMException`` after the
-    step; this callback saves where ``ModelCheckpoint`` saves (``on_train_batch_end``), so a preempted
-    checkpoint resumes like a periodic one. It also takes SIGUSR1 over from Lightning's SLURM
+    It saves where ``ModelCheckpoint`` saves (``on_train_batch_end``, after an optimizer step), so a
+    preempted checkpoint resumes like a periodic one. It takes SIGUSR1 over from Lightning's SLURM
     auto-requeue, so that one component owns preemption: requeueing is left to the job script or to
     a handler installed before training (submitit's, under ``hydra/launcher=slurm``), which is
     called once the checkpoint is written.
+
+    During training it also takes SIGTERM over from Lightning, whose handler is unsafe with several
+    processes: it broadcasts from inside the signal handler and stops only the process that got the
+    signal, so a signal that reaches one rank (a preempted node) or reaches the ranks at different
+    steps ends in mismatched collectives and no checkpoint. Here every process records its signal,
+    and with several processes they vote after each optimizer step (:class:`StopVote`): when any
+    asked, all save the same step together and stop. Lightning's per-step SIGTERM broadcast, which
+    the vote replaces, is switched off for the run.
     """
 
     def __init__(
         self,
         dirpath: str,
-        signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2"),
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
         hand_over: tuple[str, ...] = ("SIGUSR2",),
     ) -> None:
         self.path = Path(dirpath) / "last.ckpt"
-        self.signals = signals  # besides SIGTERM, which Lightning already records
+        self.signals = signals
         self.hand_over = hand_over  # signals whose earlier handler runs after the save (submitit)
         self.requested: str | None = None
         self.saved_step: int | None = None
+        self._previous: dict = {}
+        self._vote: StopVote | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._previous = {}
-        for name in self.signals:
-            if hasattr(signal, name) and threading.current_thread() is threading.main_thread():
-                self._previous[name] = signal.signal(getattr(signal, name), self._request)
+        if threading.current_thread() is threading.main_thread():
+            for name in self.signals:
+                if hasattr(signal, name):
+                    self._previous[name] = signal.signal(getattr(signal, name), self._request)
+        if trainer.world_size > 1:
+            self._vote = StopVote(trainer.strategy.root_device)
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning >= 2.5.3
+                loop._broadcast_sigterm_tensor = lambda: None  # instance attribute, removed below
+        if trainer.received_sigterm and "SIGTERM" in self._previous:
+            # a SIGTERM before training started, caught by Lightning's handler: ours from now on
+            self.requested = "SIGTERM"
+            trainer._signal_connector.received_sigterm = False
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        for name, handler in getattr(self, "_previous", {}).items():
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore(trainer)
+
+    def _restore(self, trainer) -> None:
+        """Give the signals back before Lightning restores its own originals (``trainer._teardown``
+        runs before the callbacks' ``teardown``)."""
+        for name, handler in self._previous.items():
             signal.signal(getattr(signal, name), handler)
         self._previous = {}
+        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
     def _request(self, signum, frame) -> None:
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not (trainer.received_sigterm or self.requested) or self.saved_step is not None:
+        if self.saved_step is not None or trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # saved already, or inside a gradient accumulation (no optimizer step yet)
+        local = self.requested or ("SIGTERM" if trainer.received_sigterm else None)
+        stop = self._vote(local is not None) if self._vote is not None else local is not None
+        if not stop:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path)  # collective: every process is here at this step
         self.saved_step = trainer.global_step
         log.warning(
             "%s: saved %s at step %d; resume with ckpt_path=last",
-            self.requested or "SIGTERM",
+            local or "another process's signal",
             self.path,
             trainer.global_step,
         )
         # A handler that was there before (submitit's USR2 handler requeues the SLURM job) runs
         # now that the checkpoint is written.
-        previous = self._previous.get(self.requested) if self.requested in self.hand_over else None
+        previous = self._previous.get(local) if local in self.hand_over else None
         if callable(previous):
-            log.warning("%s: handing over to %r (requeue)", self.requested, previous)
-            previous(getattr(signal, self.requested), None)
-        if not trainer.received_sigterm:
-            raise SIGTERMException  # the same exit as Lightning's own SIGTERM path
+            log.warning("%s: handing over to %r (requeue)", local, previous)
+            previous(getattr(signal, local), None)
+        # Lightning's own SIGTERM exit: SIGTERMException once this step's metrics are written
+        trainer._signal_connector.received_sigterm = True
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
