@@ -4,7 +4,8 @@ Builds the run's data exactly as ``python -m lmlab`` does (``lmlab.train.prepare
 composed from ``conf/``: the bundled Shakespeare corpus, the trained BPE tokenizer and the token
 stores, cached under ``LMLAB_CACHE``), then iterates the training ``DataLoader`` that Lightning would
 get (``datamodule.train_dataloader()``: random windows, the objective's ``make_batch`` as collate
-function, ``num_workers`` as configured) for a fixed time, at the GPU presets' batch shapes:
+function, ``num_workers`` as configured, pinned host memory where a GPU is present, as training on
+it builds them) for a fixed time, at the GPU presets' batch shapes:
 
 * clm  16 x 1024 (conf/experiment/gpt2_124m.yaml): demand of the decoder target, 520K tokens/s
 * mlm  32 x 512  (conf/experiment/bert_base.yaml): demand of the encoder target, 450K tokens/s
@@ -25,6 +26,7 @@ import tempfile
 import time
 
 import common
+import torch
 
 # objective: (batch, seq_len, the family's H100 target in tokens/s from issue 4)
 SHAPES = {
@@ -76,6 +78,7 @@ def measure(objective: str, args) -> list:
     workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
     tokenizer, train, val = prepare_data(cfg)
     dm = build_datamodule(cfg, tokenizer, train, val, num_workers=workers)
+    dm.pin_memory = torch.cuda.is_available()  # as training on a GPU builds them
     loader = dm.train_dataloader()
 
     def batches():  # epochs one after another, as the fit loop does

@@ -198,6 +198,8 @@ def test_loaders_pin_host_memory_for_cuda_devices_only(tmp_path):
         dm.trainer = types.SimpleNamespace(strategy=strategy, global_rank=0, world_size=1)
         assert dm.train_dataloader().pin_memory is pinned  # built, not iterated: no GPU here
         assert dm.val_dataloader().pin_memory is pinned
+    dm.pin_memory = False  # set by hand (benchmarks/data.py: as on the GPU, without a Trainer)
+    assert not dm.train_dataloader().pin_memory
 
 
 def test_datamodule_batches_and_too_short_corpus(tmp_path):

@@ -445,11 +445,10 @@ def test_throughput_logs_only_on_the_steps_lightning_writes(tiny_cfg, tmp_path, 
         )
     )
     # Steps 0..5 are written at 1, 3, 5 (Lightning's (step + 1) % 2 == 0), when 2, 4, 6 optimizer
-    # steps are done. The rate needs two steps in its window, which validation (after step 2)
-    # restarts: none is computed at step 3 (Lightning writes the last one again there).
+    # steps are done.
     seen, rate, mfu = "train/tokens_seen", "train/tokens_per_sec", "train/mfu"
     train_logs = [(step, name) for validating, step, name in logged if not validating]
-    assert train_logs == [(2, seen), (2, rate), (2, mfu), (4, seen), (6, seen), (6, rate), (6, mfu)]
+    assert train_logs == [(s, name) for s in (2, 4, 6) for name in (seen, rate, mfu)]
     with (out / "metrics.csv").open(newline="") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f) if r["train/loss"]}
     assert sorted(rows) == [1, 3, 5]
@@ -457,6 +456,34 @@ def test_throughput_logs_only_on_the_steps_lightning_writes(tiny_cfg, tmp_path, 
     assert all(rows[s][rate] and rows[s][mfu] for s in (1, 3, 5))
     throughput = next(c for c in objects["trainer"].callbacks if isinstance(c, Throughput))
     assert throughput.tokens_seen == 6 * 128 == metrics["train/tokens_seen"]
+
+
+def test_tokens_per_sec_leaves_out_the_time_spent_validating(monkeypatch):
+    import types
+
+    import lmlab.callbacks as callbacks_mod
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(callbacks_mod.time, "perf_counter", lambda: clock.now)
+    trainer = types.SimpleNamespace(
+        world_size=2, _logger_connector=types.SimpleNamespace(should_update_logs=False)
+    )
+    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}  # 32 tokens per device
+    meter = Throughput(window=3)
+
+    def step(seconds: float) -> None:
+        clock.now += seconds
+        meter.on_train_batch_end(trainer, None, None, batch, 0)
+
+    for _ in range(3):
+        step(0.5)  # 64 tokens per 0.5 s
+    meter.on_validation_start(trainer, None)
+    clock.now += 100.0
+    meter.on_validation_end(trainer, None)
+    step(0.5)
+    assert meter.tokens_per_sec == pytest.approx(128.0)  # 3 x 64 tokens over 1.5 s of training
+    step(0.25)
+    assert meter.tokens_per_sec == pytest.approx(3 * 64 / 1.25)  # the window keeps 3 intervals
 
 
 def test_tokens_seen_counts_every_step_is_logged_with_validation_and_resumes(tiny_cfg, tmp_path):

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 class Throughput(L.Callback):
     """Logs ``train/tokens_per_sec`` (all devices together) over a sliding window of steps,
-    ``train/mfu`` when the device's peak FLOP/s is known (:mod:`lmlab.flops`) or given, and
+    ``train/mfu`` when the device's peak FLOP/s is known (:mod:`lmlab.flops`) or given (the time
+    spent validating is left out of the window), and
     ``train/tokens_seen`` (input tokens trained on so far, all devices; also logged with every
     validation, so validation curves can be drawn against it: runs with different batch shapes compare
     by tokens, not steps), on the steps whose metrics Lightning writes (every
@@ -41,6 +42,7 @@ class Throughput(L.Callback):
         self._times: deque[float] = deque(maxlen=window + 1)
         self._tokens: deque[int] = deque(maxlen=window + 1)
         self.tokens_per_sec = float("nan")
+        self._validation_start = 0.0
         self.tokens_seen = 0
         self._flops_per_token: int | None = None
 
@@ -78,9 +80,12 @@ class Throughput(L.Callback):
                 pl_module.log("train/mfu", value)  # shown by ProgressBar, not prog_bar=True
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        # Validation time is not training time: restart the window after it.
-        self._times.clear()
-        self._tokens.clear()
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Validation time is not training time: the window's timestamps move forward by it.
+        spent = time.perf_counter() - self._validation_start
+        self._times = deque((t + spent for t in self._times), maxlen=self.window + 1)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":

@@ -241,6 +241,8 @@ class WindowDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size, self.seed, self.name = seq_len, batch_size, seed, name
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        # Build batches in pinned host memory: None = when the trainer's device is CUDA
+        self.pin_memory: bool | None = None
         self.check()
 
     # -- what a subclass defines -----------------------------------------------------------------
@@ -281,12 +283,15 @@ class WindowDataModule(L.LightningDataModule):
             collate_fn=self.make_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self._on_cuda(),
+            pin_memory=self._pinned(),
         )
 
-    def _on_cuda(self) -> bool:
-        """Whether batches go to a CUDA device: they are then built in pinned host memory, so that
-        Lightning's non-blocking transfer neither waits for the GPU nor stages through a copy."""
+    def _pinned(self) -> bool:
+        """Whether batches are built in pinned host memory: by default when they go to a CUDA
+        device, so that Lightning's non-blocking transfer neither waits for the GPU nor stages
+        through a copy."""
+        if self.pin_memory is not None:
+            return self.pin_memory
         t = self.trainer
         return t is not None and t.strategy.root_device.type == "cuda"
 
