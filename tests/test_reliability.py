@@ -333,6 +333,29 @@ def test_sigusr1_also_saves_and_stops(tiny_cfg, monkeypatch):
     assert ckpt["global_step"] == 3
 
 
+def test_a_signal_inside_gradient_accumulation_saves_after_the_optimizer_step(
+    tiny_cfg, monkeypatch
+):
+    """With two micro-batches per step, a signal during the first one is acted on after the second,
+    when the optimizer has stepped: the checkpoint never holds half an accumulated gradient."""
+    micro_batches = []
+
+    def usr1_in_step_2(self, batch, batch_idx):
+        micro_batches.append(self.global_step)
+        if micro_batches.count(2) == 1 and self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # during the first of step 2's micro-batches
+        return original(self, batch, batch_idx)
+
+    original = base_mod.LMModule.training_step
+    monkeypatch.setattr(base_mod.LMModule, "training_step", usr1_in_step_2)
+    cfg = tiny_cfg("data.batch_size=2", "global_batch_size=4")
+    with pytest.raises(Preempted, match=r"signal after step 3"):
+        train(cfg)
+    assert micro_batches == [0, 0, 1, 1, 2, 2]
+    ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+
+
 def test_sigusr2_saves_then_hands_over_to_the_earlier_handler(tiny_cfg, monkeypatch):
     """submitit's USR2 handler (requeue, then exit) runs only once last.ckpt holds the step."""
     cfg = tiny_cfg()
