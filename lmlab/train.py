@@ -90,7 +90,7 @@ def accumulation(cfg: DictConfig) -> int:
     if not gbs:
         return int(cfg.trainer.get("accumulate_grad_batches", 1))
     t = cfg.trainer
-    devices = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
+    devices = processes_per_node(t)  # "auto" is every visible GPU, as Lightning resolves it
     per_pass = cfg.data.batch_size * devices * t.get("num_nodes", 1)
     if gbs % per_pass:
         raise ConfigError(
@@ -102,13 +102,21 @@ def accumulation(cfg: DictConfig) -> int:
 
 
 def check_devices(t: DictConfig) -> None:
-    """More devices than the machine has is refused here, with the count, not deep in a launcher."""
-    devices = t.get("devices")
-    if not isinstance(devices, int) or devices < 1:
-        return  # "auto", -1 or a list of ids: Lightning resolves and checks those
+    """GPUs asked of a machine without any, or more devices than the machine has, are refused
+    here, with the count, not deep in Lightning or a launcher after the data is prepared."""
     gpu = t.get("accelerator") in ("gpu", "cuda") or (
         t.get("accelerator") == "auto" and torch.cuda.is_available()
     )
+    if gpu and torch.cuda.device_count() == 0:
+        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(
+            f"trainer.accelerator={t.get('accelerator')} but this machine has no CUDA GPU (torch "
+            f"{torch.__version__} is {build}); use trainer=cpu, or trainer=ddp_sim for several "
+            "CPU processes"
+        )
+    devices = t.get("devices")
+    if not isinstance(devices, int) or devices < 1:
+        return  # "auto", -1 or a list of ids: Lightning resolves and checks those
     have = torch.cuda.device_count() if gpu else os.cpu_count() or 1
     if devices > have:
         kind = "CUDA GPUs" if gpu else "CPU cores"
@@ -119,10 +127,15 @@ def check_devices(t: DictConfig) -> None:
 
 
 def processes_per_node(t: DictConfig) -> int:
-    """How many processes Lightning would start on this machine for ``trainer.devices``."""
+    """How many processes Lightning would start on this machine for ``trainer.devices``: a count,
+    a list of ids (or ``"0,1"``), or ``"auto"`` / -1 (every visible GPU; one process on a CPU)."""
     devices = t.get("devices")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
     if isinstance(devices, int) and devices > 0:
         return devices
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
     if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
         return len(devices)
     if t.get("accelerator") == "cpu":

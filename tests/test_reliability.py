@@ -391,15 +391,30 @@ def test_sigusr2_saves_then_hands_over_to_the_earlier_handler(tiny_cfg, monkeypa
             ["trainer.accelerator=cpu", "trainer.devices=4096"],
             "trainer.devices=4096 but this machine has",
         ),
-        (
+        pytest.param(
             ["trainer.accelerator=gpu", "trainer.devices=64"],
             "trainer.devices=64 but this machine has",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
         ),
     ],
 )
 def test_more_devices_than_the_machine_has(tiny_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(tiny_cfg(*overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA GPUs")
+@pytest.mark.parametrize("preset", ["gpu", "ddp", "fsdp"])
+def test_gpu_presets_without_a_gpu_are_refused_before_any_work(tiny_cfg, preset):
+    """trainer=ddp and trainer=fsdp ask for every GPU (devices=auto): on a machine with none, the
+    refusal names the setting and the CPU presets, before a tokenizer or token store is built."""
+    cfg = tiny_cfg(f"trainer={preset}", "trainer.accelerator=gpu")  # the preset's (TINY pins cpu)
+    with pytest.raises(
+        ConfigError, match=r"trainer.accelerator=gpu but this machine has no CUDA GPU"
+    ) as e:
+        train(cfg)
+    assert "use trainer=cpu, or trainer=ddp_sim" in str(e.value)
+    assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
 
 
 def test_unknown_experiment_is_hydras_clear_message(tmp_path):

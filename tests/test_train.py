@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lmlab.callbacks import Throughput
 from lmlab.checkpoint import load_run
@@ -312,6 +313,21 @@ def test_gradient_accumulation_gives_the_large_batch_update(tiny_cfg, tmp_path):
 def test_impossible_global_batch_is_refused(tiny_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(tiny_cfg(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("devices", "gpus", "expected"),
+    [(2, 0, 4), ("2", 0, 4), ("auto", 4, 2), (-1, 4, 2), ("0,1", 4, 4), ([0, 1, 2, 3], 4, 2)],
+)
+def test_global_batch_counts_the_devices_lightning_will_start(monkeypatch, devices, gpus, expected):
+    """trainer=ddp's devices=auto is every visible GPU: 32 sequences of 4 per process on 4 GPUs is
+    2 micro-batches each, not the 8 a count of one device would give (an 4x larger batch)."""
+    from lmlab.train import accumulation
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    trainer = {"accelerator": "gpu" if gpus else "cpu", "devices": devices, "num_nodes": 1}
+    cfg = OmegaConf.create({"global_batch_size": 32, "data": {"batch_size": 4}, "trainer": trainer})
+    assert accumulation(cfg) == expected
 
 
 def test_flops_per_token_matches_a_hand_count_and_mfu():
