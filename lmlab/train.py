@@ -79,6 +79,7 @@ def check_settings(cfg: DictConfig) -> None:
         )
     check_wandb_login(cfg)
     check_devices(cfg.trainer)
+    check_nodes(cfg.trainer)
     check_launch(cfg.trainer)
     accumulation(cfg)
 
@@ -108,7 +109,9 @@ def check_devices(t: DictConfig) -> None:
         t.get("accelerator") == "auto" and torch.cuda.is_available()
     )
     if gpu and torch.cuda.device_count() == 0:
-        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        build = (
+            "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        )
         raise ConfigError(
             f"trainer.accelerator={t.get('accelerator')} but this machine has no CUDA GPU (torch "
             f"{torch.__version__} is {build}); use trainer=cpu, or trainer=ddp_sim for several "
@@ -141,6 +144,38 @@ def processes_per_node(t: DictConfig) -> int:
     if t.get("accelerator") == "cpu":
         return 1  # "auto" / -1 on the CPU: one process
     return max(1, torch.cuda.device_count())
+
+
+def check_nodes(t: DictConfig) -> None:
+    """Refuse ``trainer.num_nodes`` > 1 in a process that no multi-node launcher started: Lightning
+    would start this machine's processes and wait for the other nodes' forever."""
+    nodes = t.get("num_nodes") or 1
+    if nodes <= 1:
+        return
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    env = os.environ
+    if (
+        "NODE_RANK" in env  # the same command started on every node by hand (Lightning's own)
+        or {"WORLD_SIZE", "RANK", "MASTER_ADDR"} <= env.keys()  # Kubeflow, other launchers
+        or "OMPI_COMM_WORLD_SIZE" in env
+        or "PMI_SIZE" in env  # mpirun
+        or TorchElasticEnvironment.detect()  # torchrun
+        or SLURMEnvironment.detect()  # srun
+        or LSFEnvironment.detect()  # jsrun
+    ):
+        return
+    raise ConfigError(
+        f"trainer.num_nodes={nodes} but no multi-node launcher started this process (no torchrun, "
+        "SLURM srun, LSF or MPI variables, no NODE_RANK): it would wait for the other nodes forever. "
+        f"Start it on every node with torchrun --nnodes={nodes} --nproc-per-node=<GPUs per node> "
+        "--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 -m lmlab ..., or srun (commands in "
+        "conf/trainer/ddp.yaml), or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each node"
+    )
 
 
 def check_launch(t: DictConfig) -> None:

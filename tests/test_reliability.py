@@ -417,6 +417,31 @@ def test_gpu_presets_without_a_gpu_are_refused_before_any_work(tiny_cfg, preset)
     assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
 
 
+def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting_forever(
+    tiny_cfg, monkeypatch
+):
+    from lmlab.train import check_nodes
+
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "TORCHELASTIC_", "LSB_", "OMPI_", "PMI_")) or name in (
+            "NODE_RANK",
+            "WORLD_SIZE",
+            "RANK",
+            "MASTER_ADDR",
+        ):
+            monkeypatch.delenv(name)
+    cfg = tiny_cfg("trainer.num_nodes=2")
+    with pytest.raises(ConfigError, match=r"trainer.num_nodes=2 but no multi-node launcher") as e:
+        train(cfg)
+    assert "torchrun --nnodes=2" in str(e.value)
+    assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()  # before any work
+    monkeypatch.setenv("NODE_RANK", "1")  # started by hand on each node: Lightning's own launch
+    check_nodes(cfg.trainer)
+    monkeypatch.delenv("NODE_RANK")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun
+    check_nodes(cfg.trainer)
+
+
 def test_unknown_experiment_is_hydras_clear_message(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "lmlab", "experiment=nope"],
