@@ -28,7 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmlab import flops
-from lmlab.parallel import COMPILE_MODES
+from lmlab.parallel import COMPILE_MODES, use_tf32
 
 PRESETS = {
     # conf/experiment/gpt2_124m.yaml: 12 x 768, 12 heads, vocab 50257 (padded to 50304), 16 x 1024
@@ -183,9 +183,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here; for a smoke run use --tiny --device cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(True)  # as `python -m lmlab` does by default (tf32=true): fp32 leftovers of autocast
     print(
         f"gpu: lmlab presets, {args.precision}, "
         f"compile={args.compile and args.compile_mode}, attention={args.sdpa_backend}, "

@@ -44,6 +44,15 @@ def compile_mode(value: bool | str | None) -> str | None:
     )
 
 
+def use_tf32(enabled: bool) -> None:
+    """Float32 matrix products and convolutions on NVIDIA GPUs on TF32 tensor cores (float32's
+    range, a 10-bit mantissa; several times faster from Ampere on): what bf16-mixed leaves in fp32
+    and all of 32-true. CUDA only: CPU numerics are untouched (``set_float32_matmul_precision``
+    would also switch oneDNN's float32 matmuls to TF32 where the CPU has it)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 class FSDP(ModelParallelStrategy):
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) over every process of the run, through
     Lightning's ``ModelParallelStrategy``: each Transformer block is one sharding unit, the embedding,

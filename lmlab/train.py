@@ -34,7 +34,7 @@ from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import TextTokenizer, build_tokenizer
 from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
-from lmlab.parallel import compile_mode
+from lmlab.parallel import compile_mode, use_tf32
 
 log = logging.getLogger("lmlab")
 
@@ -425,6 +425,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one training job; return (final metrics, objects). Writes summary.json to the run dir."""
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    use_tf32(cfg.get("tf32", True))
     objects = build_run(cfg)
     model, trainer, dm = objects["model"], objects["trainer"], objects["datamodule"]
     describe(objects)

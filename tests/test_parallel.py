@@ -283,3 +283,20 @@ def test_replace_folder_swaps_a_sharded_checkpoint_whole(tmp_path):
     src2.mkdir()
     replace_folder(src2, dst2)
     assert dst2.is_dir() and not src2.exists()
+
+
+def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg):
+    """tf32 (default true) switches CUDA's float32 matmuls and convolutions to TF32; false keeps
+    full fp32; oneDNN's CPU matmuls keep their precision either way."""
+    from lmlab.train import train
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    cpu = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        for setting in (True, False):
+            train(tiny_cfg(f"tf32={str(setting).lower()}", "trainer.max_steps=3"))
+            assert torch.backends.cuda.matmul.allow_tf32 is setting
+            assert torch.backends.cudnn.allow_tf32 is setting
+            assert torch.backends.mkldnn.matmul.fp32_precision == cpu
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
