@@ -20,6 +20,7 @@ from lmlab.data.corpus import make_corpus
 from lmlab.data.store import build_store, store_key
 from lmlab.errors import ConfigError
 from lmlab.generate import pick_device
+from lmlab.parallel import use_tf32
 from lmlab.paths import CONF_DIR
 from lmlab.train import build
 
@@ -45,6 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_workers=0,
         seed=run_cfg.seed,
     )
+    use_tf32(run_cfg.get("tf32", False))  # as the run validated (runs from before the key: fp32)
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,

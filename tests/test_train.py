@@ -102,7 +102,13 @@ def test_evaluate_reproduces_the_final_validation(trained):
         device="cpu",
         **{"paths.cache_dir": cfg.paths.cache_dir},
     )
-    m = evaluate(ecfg)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        m = evaluate(ecfg)
+        assert torch.backends.cuda.matmul.allow_tf32  # the run's tf32=true, as it validated
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert m["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert m["bpb"] == pytest.approx(metrics["val/bpb"], rel=1e-5)
     written = json.loads((out / "evaluate-files.json").read_text())
