@@ -6,7 +6,8 @@ never the logits again: a second softmax over (B*T, V) would cost as much as the
 - ``TargetMean``: a per-target mean from per-batch sums (loss = summed NLL / targets, accuracy =
   correct / targets). Used instead of torchmetrics' ``MeanMetric``, whose NaN check reads a value
   at every update (on a GPU, a wait for the device) and drops NaN batches from the mean with a
-  warning: here a NaN loss makes the mean NaN, as it should.
+  warning: here a NaN loss makes the mean NaN, as it should. (Its ``nan_strategy="disable"``,
+  which skips the check, also drops the weights in torchmetrics 1.9: Lightning-AI/torchmetrics#3434.)
 - ``Perplexity``: torchmetrics' own, fed through :meth:`update` with (nll_sum, count) = exp(mean NLL).
 - ``BitsPerByte``: summed NLL / (ln 2 * UTF-8 bytes of the target tokens). Unlike loss or perplexity it
   does not depend on how the text was tokenized, so it compares runs with different tokenizers.
