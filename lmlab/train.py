@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -340,18 +341,22 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
 
-    tokenizer, train_store, val_store = prepare_data(cfg)
-    tokenizer.save(out / "tokenizer.json")
-    datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)
+    # The trainer first: Lightning and the strategy refuse their settings here, before any data work
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
         skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
         trainer_cfg.accumulate_grad_batches = accumulation(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
-    )
+    try:
+        trainer: L.Trainer = instantiate(
+            trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+        )
+    except InstantiationException as e:
+        raise ConfigError(f"the trainer settings are refused: {e.__cause__ or e}") from e
+    tokenizer, train_store, val_store = prepare_data(cfg)
+    tokenizer.save(out / "tokenizer.json")
+    datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)
     model = build(
         cfg.model,
         vocab_size=tokenizer.vocab_size,

@@ -417,6 +417,25 @@ def test_gpu_presets_without_a_gpu_are_refused_before_any_work(tiny_cfg, preset)
     assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.param_dtype=fp8"],
+            r"param_dtype='fp8' is not one of",
+        ),
+        (["trainer.precision=fp7"], r"Precision 'fp7' is invalid"),
+    ],
+)
+def test_trainer_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message):
+    """Lightning's and the strategy's own checks run when the Trainer is built, which comes before
+    the tokenizer and the token stores (minutes on a real corpus)."""
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(ConfigError, match=r"the trainer settings are refused: .*" + message):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
+
+
 def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting_forever(
     tiny_cfg, monkeypatch
 ):
