@@ -1,10 +1,11 @@
 """``train(cfg)``: one training run from a composed config, callable from the CLI, tests and notebooks.
 
 Order of work (cheap checks first, so bad input fails before anything expensive):
-  1. model/objective compatibility, seq_len against the model   (no data touched)
-  2. corpus listing and validation -> tokenizer -> token stores  (cached)
-  3. DataModule, LightningModule, callbacks, loggers, Trainer
-  4. fit, a final validation if the last step was not validated, summary.json
+  1. model/objective compatibility, settings, devices, launcher  (no data touched)
+  2. callbacks, loggers, Trainer (Lightning checks its own settings here)
+  3. corpus listing and validation -> tokenizer -> token stores  (cached)
+  4. DataModule, LightningModule
+  5. fit, a final validation if the last step was not validated, summary.json
 """
 
 from __future__ import annotations
