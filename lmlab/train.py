@@ -10,6 +10,7 @@ Order of work (cheap checks first, so bad input fails before anything expensive)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -56,7 +57,29 @@ def check_compatible(cfg: DictConfig) -> None:
         )
 
 
+def check_model(cfg: DictConfig) -> None:
+    """The model's config dataclass refuses unknown keys and checks its sizes (heads dividing
+    d_model, ...) here, before any data work; the tokenizer's vocabulary size, known only later,
+    is stood in for by 1."""
+    config_class = get_class(cfg.model._target_).config_class
+    settings = OmegaConf.to_container(cfg.model, resolve=True)
+    settings.pop("_target_", None)
+    settings.pop("name", None)
+    known = {f.name for f in dataclasses.fields(config_class) if f.init} - {"vocab_size"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.{unknown[0]} is not a setting of model={cfg.model.name}; its settings are "
+            f"{', '.join(sorted(known))}"
+        )
+    try:
+        config_class(**settings, vocab_size=1)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_settings(cfg: DictConfig) -> None:
+    check_model(cfg)
     if cfg.seq_len < 1:
         raise ConfigError(f"seq_len must be >= 1, got {cfg.seq_len}")
     max_len = cfg.model.get("max_seq_len")

@@ -420,6 +420,24 @@ def test_gpu_presets_without_a_gpu_are_refused_before_any_work(tiny_cfg, preset)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["model.n_heads=3"], r"model.d_model=32 must be divisible by model.n_heads=3"),
+        (["+model.n_layer=3"], r"model.n_layer is not a setting of model=decoder; .*n_layers"),
+        (
+            ["model=encoder_decoder", "objective=span", "model.n_decoder_layers=0"],
+            r"model.n_decoder_layers must be >= 1",
+        ),
+    ],
+)
+def test_model_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message):
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
         (
             ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.param_dtype=fp8"],
             r"param_dtype='fp8' is not one of",
