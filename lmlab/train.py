@@ -11,6 +11,7 @@ Order of work (cheap checks first, so bad input fails before anything expensive)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -78,8 +79,32 @@ def check_model(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_objective(cfg: DictConfig) -> None:
+    """The objective refuses unknown keys and settings that are wrong whatever the data (its
+    ``check_settings``) here, before any data work."""
+    objective = get_class(cfg.objective._target_)
+    settings = OmegaConf.to_container(cfg.objective, resolve=True)
+    settings.pop("_target_", None)
+    known = objective.settings()
+    # seq_len and the loader sizes come from the top level and data.*, not from objective.*
+    own = sorted(set(known) - {"seq_len", "batch_size", "eval_batch_size", "num_workers", "seed"})
+    unknown = sorted(set(settings) - set(own))
+    if unknown:
+        raise ConfigError(
+            f"objective.{unknown[0]} is not a setting of objective={cfg.objective.name}; its "
+            f"settings are {', '.join(own)}"
+        )
+    tok = cfg.get("tokenizer") or {}
+    sentinels = tok.get("num_sentinels") if tok.get("kind") in ("bpe", "byte") else None
+    values = {k: v for k, v in known.items() if v is not inspect.Parameter.empty}
+    objective.check_settings(
+        **{**values, **settings, "seq_len": cfg.seq_len, "num_sentinels": sentinels}
+    )
+
+
 def check_settings(cfg: DictConfig) -> None:
     check_model(cfg)
+    check_objective(cfg)
     if cfg.seq_len < 1:
         raise ConfigError(f"seq_len must be >= 1, got {cfg.seq_len}")
     max_len = cfg.model.get("max_seq_len")

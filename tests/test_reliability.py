@@ -420,6 +420,41 @@ def test_gpu_presets_without_a_gpu_are_refused_before_any_work(tiny_cfg, preset)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["model=encoder", "objective=mlm", "objective.mask_prob=2"], r"mask_prob must be in"),
+        (
+            ["model=encoder", "objective=mlm", "+objective.mask_rate=0.2"],
+            r"objective.mask_rate is not a setting of objective=mlm; .*mask_prob",
+        ),
+        (
+            ["model=encoder_decoder", "objective=span", "objective.noise_density=1.5"],
+            r"noise_density=1.5 must be in \(0, 1\)",
+        ),
+        (  # 32 raw tokens at density 0.5 and spans of 1 need 10 sentinels; TINY's tokenizer has 4
+            [
+                "model=encoder_decoder",
+                "objective=span",
+                "objective.noise_density=0.5",
+                "objective.mean_span_length=1",
+            ],
+            r"needs \d+ sentinel tokens per example, but the tokenizer has 4",
+        ),
+        (
+            ["model=encoder_decoder", "objective=denoise", "objective.poisson_lambda=0"],
+            r"poisson_lambda=0 must be > 0",
+        ),
+    ],
+)
+def test_objective_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message):
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
+    assert not Path(cfg.paths.cache_dir).exists() or not any(Path(cfg.paths.cache_dir).iterdir())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
         (["model.n_heads=3"], r"model.d_model=32 must be divisible by model.n_heads=3"),
         (["+model.n_layer=3"], r"model.n_layer is not a setting of model=decoder; .*n_layers"),
         (

@@ -20,6 +20,7 @@ the splits hold at least one example (a clear error before any training otherwis
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -244,6 +245,26 @@ class WindowDataModule(L.LightningDataModule):
         # Build batches in pinned host memory: None = when the trainer's device is CUDA
         self.pin_memory: bool | None = None
         self.check()
+
+    @classmethod
+    def settings(cls) -> dict:
+        """The objective's keyword settings (the ``objective.*`` keys, ``seq_len`` and the loader
+        sizes) with their defaults (``inspect.Parameter.empty`` where required), gathered over the
+        constructors of the class and its bases."""
+        out = {}
+        for klass in reversed(cls.__mro__):
+            init = vars(klass).get("__init__")
+            if init is not None and issubclass(klass, WindowDataModule):
+                params = inspect.signature(init).parameters.values()
+                out.update({p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY})
+        return out
+
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        """Refuse settings that are wrong whatever the data. Called by the constructor, and by
+        ``lmlab.train`` before any data work with every setting (defaults filled in), ``seq_len``
+        and ``num_sentinels`` (the tokenizer's; None when not known before it is built).
+        Subclasses check their own keys and pass the rest on."""
 
     # -- what a subclass defines -----------------------------------------------------------------
     @property

@@ -121,6 +121,18 @@ class DenoisingDataModule(Seq2SeqDataModule):
         permute_sentences: bool = True,
         **kwargs,  # batch_size, eval_batch_size, num_workers, seed, name: see WindowDataModule
     ) -> None:
+        self.check_settings(seq_len=seq_len, mask_ratio=mask_ratio, poisson_lambda=poisson_lambda)
+        self.mask_ratio, self.poisson_lambda = float(mask_ratio), float(poisson_lambda)
+        self.permute_sentences = bool(permute_sentences)
+        # Decoding every token once costs a fraction of a second, not once per batch.
+        self.is_sentence_end = sentence_end_table(tokenizer) if self.permute_sentences else None
+        kwargs.setdefault("name", "denoise")
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+
+    @classmethod
+    def check_settings(
+        cls, *, seq_len: int, mask_ratio: float, poisson_lambda: float, **rest
+    ) -> None:
         if seq_len < 2:
             raise ConfigError(f"denoising needs seq_len >= 2 (one token and eos), got {seq_len}")
         if not 0.0 <= mask_ratio <= 1.0:
@@ -130,12 +142,7 @@ class DenoisingDataModule(Seq2SeqDataModule):
             raise ConfigError(
                 f"objective.poisson_lambda={poisson_lambda} must be > 0 (BART uses 3)"
             )
-        self.mask_ratio, self.poisson_lambda = float(mask_ratio), float(poisson_lambda)
-        self.permute_sentences = bool(permute_sentences)
-        # Decoding every token once costs a fraction of a second, not once per batch.
-        self.is_sentence_end = sentence_end_table(tokenizer) if self.permute_sentences else None
-        kwargs.setdefault("name", "denoise")
-        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+        super().check_settings(**rest)
 
     @property
     def window_len(self) -> int:

@@ -32,13 +32,7 @@ class MaskedLMDataModule(WindowDataModule):
         whole_word: bool = False,
         **kwargs,
     ) -> None:
-        if not 0 < mask_prob < 1:
-            raise ConfigError(f"objective.mask_prob must be in (0, 1), got {mask_prob}")
-        if p_mask < 0 or p_random < 0 or p_mask + p_random > 1:
-            raise ConfigError(
-                f"objective.p_mask={p_mask} and objective.p_random={p_random} must be >= 0 and "
-                "sum to at most 1 (the rest stays unchanged)"
-            )
+        self.check_settings(mask_prob=mask_prob, p_mask=p_mask, p_random=p_random)
         self.mask_prob, self.p_mask, self.p_random = mask_prob, p_mask, p_random
         self.whole_word = whole_word
         self.special = np.zeros(tokenizer.vocab_size, dtype=bool)
@@ -46,6 +40,17 @@ class MaskedLMDataModule(WindowDataModule):
         self.random_ids = np.flatnonzero(~self.special)
         self.word_table = tokenizer.word_start_table() if whole_word else None
         super().__init__(tokenizer, train, val, **kwargs)
+
+    @classmethod
+    def check_settings(cls, *, mask_prob: float, p_mask: float, p_random: float, **rest) -> None:
+        if not 0 < mask_prob < 1:
+            raise ConfigError(f"objective.mask_prob must be in (0, 1), got {mask_prob}")
+        if p_mask < 0 or p_random < 0 or p_mask + p_random > 1:
+            raise ConfigError(
+                f"objective.p_mask={p_mask} and objective.p_random={p_random} must be >= 0 and "
+                "sum to at most 1 (the rest stays unchanged)"
+            )
+        super().check_settings(**rest)
 
     @property
     def window_len(self) -> int:

@@ -238,6 +238,29 @@ class SpanCorruptionDataModule(Seq2SeqDataModule):
         mean_span_length: float = 3.0,
         **kwargs,  # batch_size, eval_batch_size, num_workers, seed, name: see WindowDataModule
     ) -> None:
+        self.check_settings(
+            seq_len=seq_len,
+            noise_density=noise_density,
+            mean_span_length=mean_span_length,
+            num_sentinels=len(tokenizer.sentinel_ids),
+        )
+        self.noise_density, self.mean_span_length = float(noise_density), float(mean_span_length)
+        self._window_len, self._target_len = compute_lengths(
+            seq_len, self.noise_density, self.mean_span_length
+        )
+        kwargs.setdefault("name", "span")
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+
+    @classmethod
+    def check_settings(
+        cls,
+        *,
+        seq_len: int,
+        noise_density: float,
+        mean_span_length: float,
+        num_sentinels: int | None = None,
+        **rest,
+    ) -> None:
         if not 0.0 < noise_density < 1.0:
             raise ConfigError(
                 f"objective.noise_density={noise_density} must be in (0, 1) (T5 uses 0.15)"
@@ -247,23 +270,18 @@ class SpanCorruptionDataModule(Seq2SeqDataModule):
                 f"objective.mean_span_length={mean_span_length} must be >= 1 (a span is at least "
                 "one token; T5 uses 3)"
             )
-        self.noise_density, self.mean_span_length = float(noise_density), float(mean_span_length)
-        self._window_len, self._target_len = compute_lengths(
-            seq_len, self.noise_density, self.mean_span_length
-        )
+        window_len, _ = compute_lengths(seq_len, float(noise_density), float(mean_span_length))
         # Span counts never decrease with the window length, so a full window needs the most.
-        _, max_spans = span_counts(self._window_len, self.noise_density, self.mean_span_length)
-        have = len(tokenizer.sentinel_ids)
-        if max_spans > have:
+        _, max_spans = span_counts(window_len, float(noise_density), float(mean_span_length))
+        if num_sentinels is not None and max_spans > num_sentinels:
             raise ConfigError(
                 f"span corruption with seq_len={seq_len}, noise_density={noise_density} and "
                 f"mean_span_length={mean_span_length} needs {max_spans} sentinel tokens per example, "
-                f"but the tokenizer has {have} (tokenizer.num_sentinels={have}); set "
-                f"tokenizer.num_sentinels>={max_spans}, or lower seq_len or noise_density, or raise "
-                "mean_span_length"
+                f"but the tokenizer has {num_sentinels} (tokenizer.num_sentinels={num_sentinels}); "
+                f"set tokenizer.num_sentinels>={max_spans}, or lower seq_len or noise_density, or "
+                "raise mean_span_length"
             )
-        kwargs.setdefault("name", "span")
-        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+        super().check_settings(**rest)
 
     @property
     def window_len(self) -> int:
