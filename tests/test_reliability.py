@@ -356,6 +356,26 @@ def test_a_signal_inside_gradient_accumulation_saves_after_the_optimizer_step(
     assert ckpt["global_step"] == 3
 
 
+def test_a_signal_during_the_sanity_check_stops_after_the_first_step(tiny_cfg, monkeypatch):
+    handlers = []
+
+    def term_in_sanity_check(self, batch, batch_idx):
+        if self.trainer.sanity_checking and batch_idx == 0:
+            handlers.append(signal.getsignal(signal.SIGTERM))
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    original = base_mod.LMModule.validation_step
+    monkeypatch.setattr(base_mod.LMModule, "validation_step", term_in_sanity_check)
+    cfg = tiny_cfg("trainer.num_sanity_val_steps=1")
+    with pytest.raises(Preempted, match=r"signal after step 1"):
+        train(cfg)
+    # Preemption's handler, not Lightning's (which broadcasts from inside the handler)
+    assert isinstance(getattr(handlers[0], "__self__", None), Preemption)
+    ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 1
+
+
 def test_sigusr2_saves_then_hands_over_to_the_earlier_handler(tiny_cfg, monkeypatch):
     """submitit's USR2 handler (requeue, then exit) runs only once last.ckpt holds the step."""
     cfg = tiny_cfg()

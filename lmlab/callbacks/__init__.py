@@ -202,13 +202,13 @@ class Preemption(L.Callback):
     a handler installed before training (submitit's, under ``hydra/launcher=slurm``), which is
     called once the checkpoint is written.
 
-    During training it also takes SIGTERM over from Lightning, whose handler is unsafe with several
-    processes: it broadcasts from inside the signal handler and stops only the process that got the
-    signal, so a signal that reaches one rank (a preempted node) or reaches the ranks at different
-    steps ends in mismatched collectives and no checkpoint. Here every process records its signal,
-    and with several processes they vote after each optimizer step (:class:`StopVote`): when any
-    asked, all save the same step together and stop. Lightning's per-step SIGTERM broadcast, which
-    the vote replaces, is switched off for the run.
+    From the sanity check to the end of training it also takes SIGTERM over from Lightning, whose
+    handler is unsafe with several processes: it broadcasts from inside the signal handler and
+    stops only the process that got the signal, so a signal that reaches one rank (a preempted
+    node) or reaches the ranks at different steps ends in mismatched collectives and no checkpoint.
+    Here every process records its signal, and with several processes they vote after each
+    optimizer step (:class:`StopVote`): when any asked, all save the same step together and stop.
+    Lightning's per-step SIGTERM broadcast, which the vote replaces, is switched off for the run.
     """
 
     def __init__(
@@ -225,11 +225,11 @@ class Preemption(L.Callback):
         self._previous: dict = {}
         self._vote: StopVote | None = None
 
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._take_signals()  # a signal during the sanity check is acted on after the first step
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.signals:
-                if hasattr(signal, name):
-                    self._previous[name] = signal.signal(getattr(signal, name), self._request)
+        self._take_signals()
         if trainer.world_size > 1:
             self._vote = StopVote(trainer.strategy.root_device)
             loop = trainer.fit_loop.epoch_loop
@@ -239,6 +239,13 @@ class Preemption(L.Callback):
             # a SIGTERM before training started, caught by Lightning's handler: ours from now on
             self.requested = "SIGTERM"
             trainer._signal_connector.received_sigterm = False
+
+    def _take_signals(self) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signals:
+            if hasattr(signal, name):
+                self._previous[name] = signal.signal(getattr(signal, name), self._request)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore(trainer)
