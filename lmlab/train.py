@@ -158,6 +158,8 @@ def check_devices(t: DictConfig) -> None:
     gpu = t.get("accelerator") in ("gpu", "cuda") or (
         t.get("accelerator") == "auto" and torch.cuda.is_available()
     )
+    if gpu and torch.cuda.device_count() == 0 and torch.backends.mps.is_available():
+        return  # accelerator=gpu means Apple's MPS there (one device), which Lightning checks
     if gpu and torch.cuda.device_count() == 0:
         build = (
             "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"

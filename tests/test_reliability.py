@@ -437,6 +437,16 @@ def test_gpu_presets_without_a_gpu_are_refused_before_any_work(tiny_cfg, preset)
     assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
 
 
+def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lmlab.train import check_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 1}))  # no error
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
