@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -398,6 +399,8 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
         trainer_cfg.accumulate_grad_batches = accumulation(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBarBase)]
     loggers = _instantiate_all(cfg.get("logger"))
     try:
         trainer: L.Trainer = instantiate(

@@ -425,6 +425,20 @@ def test_training_steps_read_no_device_values_between_redraws_and_logs(
     assert reads.count("bar") == len(redraws)  # train/loss (MFU is logged on logging steps)
 
 
+def test_enable_progress_bar_false_alone_turns_the_bar_off(tiny_cfg):
+    """TINY drops the bar callback itself; here it is back, and the trainer flag alone suffices
+    (Lightning refuses a progress-bar callback with enable_progress_bar=False)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    cfg = tiny_cfg(
+        "callbacks.progress_bar={_target_:lmlab.callbacks.ProgressBar}",
+        "trainer.enable_progress_bar=false",
+    )
+    assert cfg.callbacks.progress_bar._target_ == "lmlab.callbacks.ProgressBar"
+    _, objects = train(cfg)
+    assert not any(isinstance(c, ProgressBar) for c in objects["trainer"].callbacks)
+
+
 def test_progress_bar_shows_the_latest_training_metrics_first():
     import types
 
