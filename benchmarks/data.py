@@ -89,13 +89,14 @@ def measure(objective: str, args) -> list:
     it = batches()
     for _ in range(args.warmup):
         next(it)
-    n, t0 = 0, time.perf_counter()
+    n, tokens, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < args.seconds:
         b = next(it)
         n += 1
+        # a full batch's input tokens (an epoch's last batch can be short: not the one to count)
+        tokens = max(tokens, b["input_ids"].numel())
     elapsed = time.perf_counter() - t0
     per_s = n / elapsed
-    tokens = b["input_ids"].numel()
     demand = target / tokens
     return [
         objective,
