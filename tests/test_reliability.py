@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -374,6 +375,27 @@ def test_a_signal_during_the_sanity_check_stops_after_the_first_step(tiny_cfg, m
     assert isinstance(getattr(handlers[0], "__self__", None), Preemption)
     ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 1
+
+
+def test_a_signal_during_the_final_validation_lets_the_run_finish(tiny_cfg, monkeypatch):
+    """train() validates once more after fit when the last step was not validated; a SIGTERM then
+    meets Preemption's handler (Lightning's would broadcast from inside it) and the run ends as it
+    would have, a moment later."""
+    handlers = []
+
+    def term_in_final_validation(self, batch, batch_idx):
+        if self.trainer.state.fn == "validate" and batch_idx == 0:
+            handlers.append(signal.getsignal(signal.SIGTERM))
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    original = base_mod.LMModule.validation_step
+    monkeypatch.setattr(base_mod.LMModule, "validation_step", term_in_final_validation)
+    before = signal.getsignal(signal.SIGTERM)
+    metrics, _ = train(tiny_cfg("trainer.val_check_interval=4"))  # 6 steps: step 6 not validated
+    assert metrics["trainer/global_step"] == 6 and math.isfinite(metrics["val/loss"])
+    assert isinstance(getattr(handlers[0], "__self__", None), Preemption)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_sigusr2_saves_then_hands_over_to_the_earlier_handler(tiny_cfg, monkeypatch):

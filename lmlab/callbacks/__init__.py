@@ -202,7 +202,8 @@ class Preemption(L.Callback):
     a handler installed before training (submitit's, under ``hydra/launcher=slurm``), which is
     called once the checkpoint is written.
 
-    From the sanity check to the end of training it also takes SIGTERM over from Lightning, whose
+    From the sanity check to the end of training (and during a validation run after it) it also
+    takes SIGTERM over from Lightning, whose
     handler is unsafe with several processes: it broadcasts from inside the signal handler and
     stops only the process that got the signal, so a signal that reaches one rank (a preempted
     node) or reaches the ranks at different steps ends in mismatched collectives and no checkpoint.
@@ -246,6 +247,14 @@ class Preemption(L.Callback):
         for name in self.signals:
             if hasattr(signal, name):
                 self._previous[name] = signal.signal(getattr(signal, name), self._request)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":  # train()'s final validation, after fit: the signal is
+            self._take_signals()  # only recorded, and the run ends normally once it is done
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._restore(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore(trainer)
