@@ -148,9 +148,9 @@ def test_fsdp_bf16_params_compile_and_checkpointing_together(tiny_cfg, tmp_path)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
 
 
-def test_stop_vote_on_the_gpu_answers_two_steps_late_and_reads_only_finished_copies():
+def test_stop_vote_on_the_gpu_answers_two_steps_late():
     """The multi-process preemption vote (lmlab.callbacks.StopVote) on a CUDA device: each answer is
-    the vote cast two calls earlier, read from pinned host memory after its event completed."""
+    the vote cast two calls earlier (read from pinned host memory once its event completed)."""
     from lmlab.callbacks import StopVote
 
     vote = StopVote(torch.device("cuda"))

@@ -472,6 +472,7 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        # the objective's check_settings
         (["model=encoder", "objective=mlm", "objective.mask_prob=2"], r"mask_prob must be in"),
         (
             ["model=encoder", "objective=mlm", "+objective.mask_rate=0.2"],
@@ -494,51 +495,32 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
             ["model=encoder_decoder", "objective=denoise", "objective.poisson_lambda=0"],
             r"poisson_lambda=0 must be > 0",
         ),
-    ],
-)
-def test_objective_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message):
-    cfg = tiny_cfg(*overrides)
-    with pytest.raises(ConfigError, match=message):
-        train(cfg)
-    assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
-    assert not Path(cfg.paths.cache_dir).exists() or not any(Path(cfg.paths.cache_dir).iterdir())
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
+        # the model's config dataclass
         (["model.n_heads=3"], r"model.d_model=32 must be divisible by model.n_heads=3"),
         (["+model.n_layer=3"], r"model.n_layer is not a setting of model=decoder; .*n_layers"),
         (
             ["model=encoder_decoder", "objective=span", "model.n_decoder_layers=0"],
             r"model.n_decoder_layers must be >= 1",
         ),
+        # Lightning's and the strategy's own checks, when the Trainer is built
+        (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.param_dtype=fp8"],
+            r"the trainer settings are refused: .*param_dtype='fp8' is not one of",
+        ),
+        (
+            ["trainer.precision=fp7"],
+            r"the trainer settings are refused: Precision 'fp7' is invalid",
+        ),
     ],
 )
-def test_model_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message):
+def test_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message):
+    """Refused before the tokenizer and the token stores are built (minutes on a real corpus):
+    nothing is written to the run folder or the cache."""
     cfg = tiny_cfg(*overrides)
     with pytest.raises(ConfigError, match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (
-            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.param_dtype=fp8"],
-            r"param_dtype='fp8' is not one of",
-        ),
-        (["trainer.precision=fp7"], r"Precision 'fp7' is invalid"),
-    ],
-)
-def test_trainer_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message):
-    """Lightning's and the strategy's own checks run when the Trainer is built, which comes before
-    the tokenizer and the token stores (minutes on a real corpus)."""
-    cfg = tiny_cfg(*overrides)
-    with pytest.raises(ConfigError, match=r"the trainer settings are refused: .*" + message):
-        train(cfg)
-    assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
+    assert not Path(cfg.paths.cache_dir).exists() or not any(Path(cfg.paths.cache_dir).iterdir())
 
 
 def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting_forever(

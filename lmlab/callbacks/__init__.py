@@ -203,13 +203,13 @@ class Preemption(L.Callback):
     called once the checkpoint is written.
 
     From the sanity check to the end of training (and during a validation run after it) it also
-    takes SIGTERM over from Lightning, whose
-    handler is unsafe with several processes: it broadcasts from inside the signal handler and
-    stops only the process that got the signal, so a signal that reaches one rank (a preempted
-    node) or reaches the ranks at different steps ends in mismatched collectives and no checkpoint.
-    Here every process records its signal, and with several processes they vote after each
-    optimizer step (:class:`StopVote`): when any asked, all save the same step together and stop.
-    Lightning's per-step SIGTERM broadcast, which the vote replaces, is switched off for the run.
+    takes SIGTERM over from Lightning, whose handler is unsafe with several processes: it
+    broadcasts from inside the signal handler and stops only the process that got the signal, so a
+    signal that reaches one rank (a preempted node) or reaches the ranks at different steps ends in
+    mismatched collectives and no checkpoint. Here every process records its signal, and with
+    several processes they vote after each optimizer step (:class:`StopVote`): when any asked, all
+    save the same step together and stop. Lightning's per-step SIGTERM broadcast, which the vote
+    replaces, is switched off for the run.
     """
 
     def __init__(
