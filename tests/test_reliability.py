@@ -40,14 +40,25 @@ def losses_by_step(path: Path) -> dict[int, float]:
 
 # -- SIGTERM ----------------------------------------------------------------------------------------
 class PauseUntilSignal(L.Callback):
-    """Before step ``step``: writes its process id to ``marker`` and waits until the run's
-    ``Preemption`` callback has recorded a signal, so the signal lands at a known step however fast
-    or loaded the machine is. With ``rank``, only that process pauses."""
+    """Before step ``step`` (or with ``validation``, before the first batch of the validation
+    after ``step`` steps): writes its process id to ``marker`` and waits until the run's
+    ``Preemption`` callback has recorded a signal, so the signal lands at a known point however
+    fast or loaded the machine is. With ``rank``, only that process pauses."""
 
-    def __init__(self, step: int, marker: str, rank: int | None = None) -> None:
-        self.step, self.marker, self.rank = step, Path(marker), rank
+    def __init__(
+        self, step: int, marker: str, rank: int | None = None, validation: bool = False
+    ) -> None:
+        self.step, self.marker, self.rank, self.validation = step, Path(marker), rank, validation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.validation:
+            self._pause(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.validation and batch_idx == 0 and not trainer.sanity_checking:
+            self._pause(trainer)
+
+    def _pause(self, trainer) -> None:
         if trainer.global_step != self.step or self.rank not in (None, trainer.global_rank):
             return
         (preemption,) = (c for c in trainer.callbacks if isinstance(c, Preemption))
@@ -57,11 +68,18 @@ class PauseUntilSignal(L.Callback):
             time.sleep(0.02)
 
 
-def sigterm_run(tmp_path, *overrides: str, pause_rank: int | None = None, steps: int = 40):
+def sigterm_run(
+    tmp_path,
+    *overrides: str,
+    pause_rank: int | None = None,
+    steps: int = 40,
+    validation: bool = False,
+):
     """A ``python -m lmlab`` run of ``steps`` steps (TINY, 3 files) that gets SIGTERM before step 5
-    in the process of ``pause_rank`` (the only one when None); then the same run resumed, and an
-    uninterrupted reference. Returns the stopped run's output, the step of the checkpoint it left,
-    and the losses by step of the resumed run and of the reference."""
+    (with ``validation``: during the validation after step 5, one every 5 steps) in the process of
+    ``pause_rank`` (the only one when None); then the same run resumed, and an uninterrupted
+    reference. Returns the stopped run's output, the step of the checkpoint it left, and the losses
+    by step of the resumed run and of the reference."""
     for i in range(3):
         (tmp_path / f"d{i}.txt").write_text(make_text(600, i))
     common = [
@@ -71,7 +89,7 @@ def sigterm_run(tmp_path, *overrides: str, pause_rank: int | None = None, steps:
         "trainer.precision=32-true",
         "logger.csv.flush_logs_every_n_steps=1",
         f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={steps}",
+        f"trainer.val_check_interval={5 if validation else steps}",
         "callbacks.samples=null",
         *overrides,
     ]
@@ -100,6 +118,7 @@ def sigterm_run(tmp_path, *overrides: str, pause_rank: int | None = None, steps:
         "+callbacks.pause.step=5",
         f"+callbacks.pause.marker={marker}",
         f"+callbacks.pause.rank={'null' if pause_rank is None else pause_rank}",
+        f"+callbacks.pause.validation={validation}",
     )
     deadline = time.time() + 240
     while not (marker.is_file() and marker.read_text()) and p.poll() is None:
@@ -110,7 +129,8 @@ def sigterm_run(tmp_path, *overrides: str, pause_rank: int | None = None, steps:
     assert p.returncode == 0, out[-3000:]
     saved_step = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.ckpt")["global_step"]
     metrics = tmp_path / "stopped" / "metrics.csv"
-    assert max(losses_by_step(metrics)) == 5  # steps 0..5 logged, none after the checkpoint
+    # steps 0..5 logged (0..4 when stopped in the validation after 5 steps), none after the save
+    assert max(losses_by_step(metrics)) == saved_step - 1
     resumed = start("stopped", "ckpt_path=last")
     reference = start("reference")
     for q in (resumed, reference):
@@ -146,6 +166,27 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resumes
     assert saved_step == 6
     assert sorted(got) == sorted(want) == list(range(24))
     assert [got[s] for s in range(24)] == [want[s] for s in range(24)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_during_a_validation_saves_its_step_and_stops_before_the_next(tmp_path, processes):
+    """A signal that lands in the validation after step 5 (with two processes: in rank 1's) saves
+    step 5 during that validation, lets it finish and stops without training step 6; the resumed
+    run repeats the uninterrupted one."""
+    ddp = ["trainer=ddp_sim"] if processes == 2 else []
+    out, saved_step, got, want = sigterm_run(
+        tmp_path, *ddp, pause_rank=processes - 1, steps=12, validation=True
+    )
+    assert out.count("stopped by a preemption signal after step 5") == processes, out[-3000:]
+    assert saved_step == 5
+    stopped, reference = (
+        [float(r["val/loss"]) for r in csv.DictReader(path.open()) if r.get("val/loss")]
+        for path in (tmp_path / "stopped" / "metrics.csv", tmp_path / "reference" / "metrics.csv")
+    )
+    assert stopped[0] == reference[0]  # the interrupted validation was finished and logged
+    assert sorted(got) == sorted(want) == list(range(12))
+    assert [got[s] for s in range(12)] == [want[s] for s in range(12)]
 
 
 def test_stop_vote_answers_with_the_vote_lag_calls_earlier():
@@ -396,6 +437,39 @@ def test_a_signal_during_the_final_validation_lets_the_run_finish(tiny_cfg, monk
     assert metrics["trainer/global_step"] == 6 and math.isfinite(metrics["val/loss"])
     assert isinstance(getattr(handlers[0], "__self__", None), Preemption)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_during_a_validation_saves_at_once_and_stops_when_it_ends(tiny_cfg, monkeypatch):
+    """SIGTERM in the first batch of the validation after step 3: last.ckpt holds step 3 while the
+    validation goes on, its metrics are logged, and no fourth training step runs."""
+    cfg = tiny_cfg()  # validation every 3 steps, 3 batches
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved_during, steps = [], []
+
+    def term_in_validation(self, batch, batch_idx):
+        if self.trainer.state.fn == "fit" and self.global_step == 3:
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                saved_during.append(read_checkpoint(last)["global_step"])
+        return original_val(self, batch, batch_idx)
+
+    def count_steps(self, batch, batch_idx):
+        steps.append(self.global_step)
+        return original_train(self, batch, batch_idx)
+
+    original_val = base_mod.LMModule.validation_step
+    original_train = base_mod.LMModule.training_step
+    monkeypatch.setattr(base_mod.LMModule, "validation_step", term_in_validation)
+    monkeypatch.setattr(base_mod.LMModule, "training_step", count_steps)
+    with pytest.raises(Preempted, match=r"signal after step 3;"):
+        train(cfg)
+    assert saved_during == [3, 3]  # written after the validation's first batch
+    assert steps == [0, 1, 2]
+    rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()))
+    # logged, under the index of the step it follows (step 2 is the third), as every validation
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2]
+    assert read_checkpoint(last)["global_step"] == 3
 
 
 def test_sigusr2_saves_then_hands_over_to_the_earlier_handler(tiny_cfg, monkeypatch):

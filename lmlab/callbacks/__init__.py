@@ -210,6 +210,13 @@ class Preemption(L.Callback):
     several processes they vote after each optimizer step (:class:`StopVote`): when any asked, all
     save the same step together and stop. Lightning's per-step SIGTERM broadcast, which the vote
     replaces, is switched off for the run.
+
+    A signal during a validation inside training is acted on at once: the step the validation
+    belongs to is saved after the current validation batch (with several processes, after each
+    batch that every process runs, and at the end), the validation goes on so that its metrics
+    are logged if the scheduler leaves time, and the run stops when it ends, without another
+    training step. A validation that outlasts the grace period thus costs no training, and the
+    resumed run goes on from the next step (that step's validation is not repeated).
     """
 
     def __init__(
@@ -225,6 +232,7 @@ class Preemption(L.Callback):
         self.saved_step: int | None = None
         self._previous: dict = {}
         self._vote: StopVote | None = None
+        self._val_votes = 0  # validation batches every process runs (votes during a validation)
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
         self._take_signals()  # a signal during the sanity check is acted on after the first step
@@ -251,10 +259,29 @@ class Preemption(L.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":  # train()'s final validation, after fit: the signal is
             self._take_signals()  # only recorded, and the run ends normally once it is done
+        elif self._vote is not None and not trainer.sanity_checking:
+            # Ranks may hold one validation batch more than others: vote at those all of them run.
+            n = min(sum(trainer.num_val_batches), 2**31 - 1)
+            fewest = torch.tensor([n], dtype=torch.int64, device=trainer.strategy.root_device)
+            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+            self._val_votes = int(fewest.item())  # once per validation
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self._in_fit_validation(trainer) and (self._vote is None or batch_idx < self._val_votes):
+            self._save_if_asked(trainer)  # the stop comes when the validation ends
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
             self._restore(trainer)
+        elif self._in_fit_validation(trainer):
+            self._save_if_asked(trainer)
+            if self.saved_step == trainer.global_step:
+                self._stop(trainer)  # after the validation, before another training step
+
+    def _in_fit_validation(self, trainer) -> bool:
+        return trainer.state.fn == "fit" and not trainer.sanity_checking
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore(trainer)
@@ -274,12 +301,20 @@ class Preemption(L.Callback):
         self.requested = self.requested or signal.Signals(signum).name
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.saved_step is not None or trainer.fit_loop.epoch_loop._should_accumulate():
-            return  # saved already, or inside a gradient accumulation (no optimizer step yet)
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # inside a gradient accumulation: no optimizer step yet
+        if self._save_if_asked(trainer):
+            self._stop(trainer)
+
+    def _save_if_asked(self, trainer) -> bool:
+        """Save ``last.ckpt`` if this process was signalled or (with several processes, all of
+        which call this at the same point) any was; True when it saved now."""
+        if self.saved_step is not None:
+            return False
         local = self.requested or ("SIGTERM" if trainer.received_sigterm else None)
         stop = self._vote(local is not None) if self._vote is not None else local is not None
         if not stop:
-            return
+            return False
         trainer.save_checkpoint(self.path)  # collective: every process is here at this step
         self.saved_step = trainer.global_step
         log.warning(
@@ -294,7 +329,12 @@ class Preemption(L.Callback):
         if callable(previous):
             log.warning("%s: handing over to %r (requeue)", local, previous)
             previous(getattr(signal, local), None)
-        # Lightning's own SIGTERM exit: SIGTERMException once this step's metrics are written
+        return True
+
+    @staticmethod
+    def _stop(trainer) -> None:
+        """Lightning's own SIGTERM exit: SIGTERMException once this step's metrics are written (or
+        once the current validation batch is done)."""
         trainer._signal_connector.received_sigterm = True
 
 
