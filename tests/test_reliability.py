@@ -439,32 +439,38 @@ def test_a_signal_during_the_final_validation_lets_the_run_finish(tiny_cfg, monk
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_signal_during_a_validation_saves_at_once_and_stops_when_it_ends(tiny_cfg, monkeypatch):
-    """SIGTERM in the first batch of the validation after step 3: last.ckpt holds step 3 while the
-    validation goes on, its metrics are logged, and no fourth training step runs."""
+@pytest.mark.parametrize("signalled_in", ["validation", "step before it"])
+def test_a_signal_before_or_during_a_validation_saves_at_once_and_stops_when_it_ends(
+    tiny_cfg, monkeypatch, signalled_in
+):
+    """SIGTERM in the first batch of the validation after step 3, or in step 3 itself: last.ckpt
+    holds step 3 while the validation goes on, the validation's metrics are logged, and no fourth
+    training step runs."""
     cfg = tiny_cfg()  # validation every 3 steps, 3 batches
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     saved_during, steps = [], []
 
-    def term_in_validation(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx):
         if self.trainer.state.fn == "fit" and self.global_step == 3:
-            if batch_idx == 0:
+            if batch_idx == 0 and signalled_in == "validation":
                 os.kill(os.getpid(), signal.SIGTERM)
-            else:
+            elif batch_idx > 0:
                 saved_during.append(read_checkpoint(last)["global_step"])
         return original_val(self, batch, batch_idx)
 
-    def count_steps(self, batch, batch_idx):
+    def training_step(self, batch, batch_idx):
         steps.append(self.global_step)
+        if self.global_step == 2 and signalled_in == "step before it":
+            os.kill(os.getpid(), signal.SIGTERM)
         return original_train(self, batch, batch_idx)
 
     original_val = base_mod.LMModule.validation_step
     original_train = base_mod.LMModule.training_step
-    monkeypatch.setattr(base_mod.LMModule, "validation_step", term_in_validation)
-    monkeypatch.setattr(base_mod.LMModule, "training_step", count_steps)
+    monkeypatch.setattr(base_mod.LMModule, "validation_step", validation_step)
+    monkeypatch.setattr(base_mod.LMModule, "training_step", training_step)
     with pytest.raises(Preempted, match=r"signal after step 3;"):
         train(cfg)
-    assert saved_during == [3, 3]  # written after the validation's first batch
+    assert saved_during == [3, 3]  # written before the validation's second batch
     assert steps == [0, 1, 2]
     rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()))
     # logged, under the index of the step it follows (step 2 is the third), as every validation

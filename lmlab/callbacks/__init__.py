@@ -215,8 +215,9 @@ class Preemption(L.Callback):
     belongs to is saved after the current validation batch (with several processes, after each
     batch that every process runs, and at the end), the validation goes on so that its metrics
     are logged if the scheduler leaves time, and the run stops when it ends, without another
-    training step. A validation that outlasts the grace period thus costs no training, and the
-    resumed run goes on from the next step (that step's validation is not repeated).
+    training step; so does a validation that follows a step saved for a signal. A validation
+    that outlasts the grace period thus costs no training, and the resumed run goes on from the
+    next step (that step's validation is not repeated).
     """
 
     def __init__(
@@ -259,7 +260,11 @@ class Preemption(L.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":  # train()'s final validation, after fit: the signal is
             self._take_signals()  # only recorded, and the run ends normally once it is done
-        elif self._vote is not None and not trainer.sanity_checking:
+            return
+        if self._in_fit_validation(trainer) and self.saved_step == trainer.global_step:
+            # saved at the end of this step: Lightning would cut the validation after one batch
+            trainer._signal_connector.received_sigterm = False  # stop when it ends instead
+        if self._vote is not None and not trainer.sanity_checking:
             # Ranks may hold one validation batch more than others: vote at those all of them run.
             n = min(sum(trainer.num_val_batches), 2**31 - 1)
             fewest = torch.tensor([n], dtype=torch.int64, device=trainer.strategy.root_device)
