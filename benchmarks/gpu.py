@@ -17,7 +17,6 @@ encoder inputs; its FLOPs count every layer at the input length, an upper bound)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import tempfile
 import time
@@ -25,10 +24,9 @@ from pathlib import Path
 
 import common
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmlab import flops
-from lmlab.parallel import COMPILE_MODES, use_tf32
+from lmlab.parallel import ATTENTION_KERNELS, COMPILE_MODES, attention_kernel, use_tf32
 
 PRESETS = {
     # conf/experiment/gpt2_124m.yaml: 12 x 768, 12 heads, vocab 50257 (padded to 50304), 16 x 1024
@@ -64,12 +62,6 @@ PRESETS = {
         ),
     ),
 }
-SDPA_BACKENDS = {
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
 TINY = dict(n_layers=2, d_model=64, n_heads=2)  # --tiny: these dims, vocab 512, batch 2
 
 # Issue 4: reference figures on an H100 80GB HBM3 (2026-11-26) and lmlab's targets, tokens/s.
@@ -96,9 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sdpa-backend",
-        choices=["auto", *SDPA_BACKENDS],
+        choices=["auto", *ATTENTION_KERNELS],
         default="auto",
-        help="attention kernel for F.scaled_dot_product_attention (auto: PyTorch's choice)",
+        help="attention kernel (auto: PyTorch's choice); training's `attention=<kernel>` key",
     )
     p.add_argument("--tiny", action="store_true", help="tiny dims and few steps (CPU smoke run)")
     p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
@@ -147,9 +139,8 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -
         output_dir=out / f"{family}-{loss_chunk}",
         callbacks=[timer],
     )
-    backend = contextlib.nullcontext()
-    if args.sdpa_backend != "auto":  # compile traces the kernel chosen here
-        backend = sdpa_kernel(SDPA_BACKENDS[args.sdpa_backend])
+    # what training's `attention` key applies; compile traces the kernel chosen here
+    backend = attention_kernel(args.sdpa_backend, device.type == "cuda")
     t0 = time.perf_counter()
     with backend:
         trainer.fit(model, train_dataloaders=common.loader(batches, total_steps))

@@ -9,6 +9,7 @@ checkpointing, then per-block compile, then sharding, then materialising a meta-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,54 @@ def compile_mode(value: bool | str | None) -> str | None:
         f"compile={value!r} is not a setting; use false, true (= default) or a torch.compile mode: "
         f"{', '.join(COMPILE_MODES)}"
     )
+
+
+# F.scaled_dot_product_attention's kernels under the names the `attention` key takes. CPUs have two.
+ATTENTION_KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+CPU_ATTENTION_KERNELS = ("flash", "math")
+
+
+def attention_kernels(value: Any, cuda: bool) -> list[str] | None:
+    """The ``attention`` setting as kernel names in the order to try them: ``None`` for auto
+    (PyTorch's own order), else the name or list given. Unknown names, and kernels the device does
+    not have (``cuda`` false: only flash and math), are errors naming the choices."""
+    if value is None or value == "auto":
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    unknown = [n for n in names if n not in ATTENTION_KERNELS]
+    if unknown or not names:
+        raise ValueError(
+            f"attention={value!r}: {unknown[0] if unknown else 'an empty list'} is not a kernel; "
+            f"use auto, one of {', '.join(ATTENTION_KERNELS)}, or a list of them in the order to "
+            "try, e.g. [cudnn, flash]"
+        )
+    if not cuda:
+        missing = [n for n in names if n not in CPU_ATTENTION_KERNELS]
+        if missing:
+            raise ValueError(
+                f"attention={value!r}: {missing[0]} attention needs a CUDA GPU; on CPUs use auto, "
+                f"{' or '.join(CPU_ATTENTION_KERNELS)}"
+            )
+    return names
+
+
+@contextlib.contextmanager
+def attention_kernel(value: Any, cuda: bool):
+    """Within the block, ``F.scaled_dot_product_attention`` uses only the kernels of the
+    ``attention`` setting, on CUDA in its order (the first that supports a call wins; CPUs keep
+    their own order, flash before math); auto changes nothing. The choice is process-wide while it
+    lasts, and ``torch.compile`` traces it."""
+    names = attention_kernels(value, cuda)
+    if names is None:
+        yield
+        return
+    with sdpa_kernel([ATTENTION_KERNELS[n] for n in names], set_priority=True):
+        yield
 
 
 def use_tf32(enabled: bool) -> None:

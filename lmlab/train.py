@@ -39,7 +39,7 @@ from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import TextTokenizer, build_tokenizer
 from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
-from lmlab.parallel import compile_mode, use_tf32
+from lmlab.parallel import attention_kernel, attention_kernels, compile_mode, use_tf32
 
 log = logging.getLogger("lmlab")
 
@@ -119,6 +119,7 @@ def check_settings(cfg: DictConfig) -> None:
     try:  # the module's own checks, before any work
         check_loss_chunk_size(cfg.get("loss_chunk_size"))
         compile_mode(cfg.get("compile"))
+        attention_kernels(cfg.get("attention"), uses_cuda(cfg.trainer))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not 0 < cfg.optim.lr < 1:
@@ -153,12 +154,16 @@ def accumulation(cfg: DictConfig) -> int:
     return gbs // per_pass
 
 
+def uses_cuda(t: DictConfig) -> bool:
+    """Whether the trainer settings ``t`` run on CUDA GPUs (as Lightning would pick them)."""
+    accelerator = t.get("accelerator")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def check_devices(t: DictConfig) -> None:
     """GPUs asked of a machine without any, or more devices than the machine has, are refused
     here, with the count, not deep in Lightning or a launcher after the data is prepared."""
-    gpu = t.get("accelerator") in ("gpu", "cuda") or (
-        t.get("accelerator") == "auto" and torch.cuda.is_available()
-    )
+    gpu = uses_cuda(t)
     if gpu and torch.cuda.device_count() == 0 and torch.backends.mps.is_available():
         return  # accelerator=gpu means Apple's MPS there (one device), which Lightning checks
     if gpu and torch.cuda.device_count() == 0:
@@ -490,18 +495,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     describe(objects)
     log_config(trainer, cfg)
     try:
-        try:
-            trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
-        except SIGTERMException:
-            raise Preempted(
-                f"stopped by a preemption signal after step {trainer.global_step}; "
-                f"{objects['output_dir'] / 'checkpoints' / 'last.ckpt'} holds it: resume with "
-                f"ckpt_path=last hydra.run.dir={objects['output_dir']}"
-            ) from None
-        metrics = _floats(trainer.callback_metrics)
-        if "val/loss" not in metrics or model.last_val_step != trainer.global_step:
-            trainer.validate(model, datamodule=dm, verbose=False)
-            metrics.update(_floats(trainer.callback_metrics))
+        with attention_kernel(cfg.get("attention"), uses_cuda(cfg.trainer)):
+            try:
+                trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
+            except SIGTERMException:
+                raise Preempted(
+                    f"stopped by a preemption signal after step {trainer.global_step}; "
+                    f"{objects['output_dir'] / 'checkpoints' / 'last.ckpt'} holds it: resume with "
+                    f"ckpt_path=last hydra.run.dir={objects['output_dir']}"
+                ) from None
+            metrics = _floats(trainer.callback_metrics)
+            if "val/loss" not in metrics or model.last_val_step != trainer.global_step:
+                trainer.validate(model, datamodule=dm, verbose=False)
+                metrics.update(_floats(trainer.callback_metrics))
         metrics["trainer/global_step"] = float(trainer.global_step)
         metrics["wall_s"] = time.perf_counter() - t0
         if trainer.is_global_zero:

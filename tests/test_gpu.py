@@ -2,7 +2,8 @@
 
 bf16 autocast with the fused AdamW, ``compile=true``, ``bf16-true``, MFU on a known device, no host-device
 synchronisation between logging steps, and FSDP on one GPU with FSDP's own bf16 mixed precision,
-compile and activation checkpointing together, and the preemption vote of multi-process runs.
+compile and activation checkpointing together, the preemption vote of multi-process runs, and the
+cuDNN attention kernel.
 """
 
 from __future__ import annotations
@@ -113,6 +114,14 @@ def test_fused_head_and_loss_match_the_plain_head_under_bf16(compile):
     # bf16 products round each at 2^-8 relative: compare to 1% of the gradient's scale
     for got_grad, want_grad in ((got_h, want_h), (got_w, want_w)):
         torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0.01 * want_grad.abs().max())
+
+
+def test_cudnn_attention_trains_like_the_default_kernel(tiny_cfg):
+    """attention=cudnn alone (no fallback: SDPA raises if cuDNN cannot take a call) trains to the
+    validation loss of PyTorch's own choice, up to bf16 kernel differences."""
+    auto, _ = train(tiny_cfg(*GPU))
+    cudnn, _ = train(tiny_cfg(*GPU, "attention=cudnn"))
+    assert abs(cudnn["val/loss"] - auto["val/loss"]) < 0.05
 
 
 def test_bf16_true_trains(tiny_cfg):

@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.encoder_decoder import EncoderDecoderLM
@@ -300,3 +301,45 @@ def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg):
             assert torch.backends.mkldnn.matmul.fp32_precision == cpu
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_attention_setting_parses_and_refuses_unknown_or_missing_kernels():
+    from lmlab.parallel import attention_kernels
+
+    assert attention_kernels("auto", cuda=False) is None and attention_kernels(None, False) is None
+    assert attention_kernels("math", cuda=False) == ["math"]
+    assert attention_kernels(["cudnn", "flash"], cuda=True) == ["cudnn", "flash"]
+    with pytest.raises(ValueError, match=r"fast is not a kernel; use auto, one of cudnn, flash"):
+        attention_kernels(["flash", "fast"], cuda=True)
+    with pytest.raises(ValueError, match=r"an empty list is not a kernel"):
+        attention_kernels([], cuda=True)
+    with pytest.raises(ValueError, match=r"efficient attention needs a CUDA GPU; on CPUs use auto"):
+        attention_kernels(["flash", "efficient"], cuda=False)
+
+
+@pytest.mark.parametrize("setting", ["math", "flash", "[flash,math]"])
+def test_attention_setting_picks_the_kernel_during_training_only(tiny_cfg, monkeypatch, setting):
+    """The kernel SDPA picks for attention inputs like the run's, asked inside a training step and
+    a validation step, is the one set (or the first of the list); afterwards PyTorch's own choice
+    is back."""
+    import lmlab.models.base as base_mod
+    from lmlab.train import train
+
+    q = torch.randn(2, 2, 8, 16)  # what the blocks pass: (B, H, T, head_dim), no mask
+    picked = []
+
+    def wrap(original):
+        def step(self, batch, batch_idx):
+            picked.append(SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)))
+            return original(self, batch, batch_idx)
+
+        return step
+
+    for name in ("training_step", "validation_step"):
+        monkeypatch.setattr(base_mod.LMModule, name, wrap(getattr(base_mod.LMModule, name)))
+    auto = SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True))
+    assert auto == SDPBackend.FLASH_ATTENTION  # the CPU's own first choice
+    train(tiny_cfg(f"attention={setting}", "trainer.max_steps=3"))
+    first = SDPBackend.MATH if setting == "math" else SDPBackend.FLASH_ATTENTION
+    assert len(picked) > 3 and set(picked) == {first}
+    assert SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)) == auto

@@ -575,6 +575,9 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
             ["model=encoder_decoder", "objective=denoise", "objective.poisson_lambda=0"],
             r"poisson_lambda=0 must be > 0",
         ),
+        # module settings checked by their own parsers
+        (["attention=cudnn"], r"attention='cudnn': cudnn attention needs a CUDA GPU"),
+        (["attention=[flash,fast]"], r"fast is not a kernel; use auto, one of cudnn"),
         # the model's config dataclass
         (["model.n_heads=3"], r"model.d_model=32 must be divisible by model.n_heads=3"),
         (["+model.n_layer=3"], r"model.n_layer is not a setting of model=decoder; .*n_layers"),
