@@ -187,6 +187,34 @@ def test_train_sampler_epoch_permutation():
     assert len(s2) == 99 and all(x + 10 <= 1000 for x, _ in s2)
 
 
+def test_train_epochs_are_whole_batches_with_the_left_out_windows_changing():
+    s = RandomWindowSampler(n_tokens=1000, window_len=11, stride=10, seed=3, batch_size=8)
+    epochs = []
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        epochs.append({x // 10 for x, _ in s})  # window index (the phase changes per epoch)
+    assert len(s) == 96 == 99 // 8 * 8 and all(len(e) == 96 for e in epochs)
+    assert len({frozenset(set(range(99)) - e) for e in epochs}) == 3  # other windows left out
+
+
+def test_a_split_smaller_than_one_steps_batch_is_refused(tmp_path):
+    tok = byte_tokenizer(2)
+    train = build_store(iter([make_text(40, 0)]), tok, tmp_path, "t")
+    val = build_store(iter([make_text(100, 1)]), tok, tmp_path, "v")
+    windows = RandomWindowSampler(len(train), 16, 15, 0).n  # clm: seq_len + 1 tokens, stride 15
+    assert 4 < windows < 40
+    with pytest.raises(
+        ConfigError, match=rf"makes {windows} windows of 16 tokens, fewer than one "
+    ):
+        CausalLMDataModule(tok, train, val, seq_len=15, batch_size=windows + 1)
+    dm = CausalLMDataModule(tok, train, val, seq_len=15, batch_size=windows // 2 + 1)
+    assert len(dm.train_dataloader()) == 1  # one process: one batch per epoch
+    strategy = types.SimpleNamespace(root_device=torch.device("cpu"))
+    dm.trainer = types.SimpleNamespace(strategy=strategy, global_rank=0, world_size=2)
+    with pytest.raises(ConfigError, match=r"data.batch_size=\d+ x 2 processes; add text"):
+        dm.train_dataloader()
+
+
 def test_loaders_pin_host_memory_for_cuda_devices_only(tmp_path):
     tok = byte_tokenizer(2)
     train = build_store(iter([make_text(400, 0)]), tok, tmp_path, "t")

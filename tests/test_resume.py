@@ -42,8 +42,9 @@ def token_store(n: int) -> TokenStore:
 BATCHES_PER_EPOCH = 5
 
 
-def datamodule(num_workers: int = 0, n_tokens: int = 170) -> StartsDataModule:
-    # 18 windows of 9 tokens (stride 9): 5 batches of 4 per epoch, the last one of 2.
+def datamodule(num_workers: int = 0, n_tokens: int = 200) -> StartsDataModule:
+    # 21 windows of 9 tokens (stride 9): 5 batches of 4 per epoch (whole batches only: one window
+    # is left out of each epoch, another one every time).
     return StartsDataModule(
         None,
         token_store(n_tokens),
@@ -92,7 +93,7 @@ def resumed(state: dict, epoch: int, num_workers: int = 0) -> ResumableLoader:
 def test_restored_loader_yields_the_rest_of_the_epoch(epoch, k):
     ref = uninterrupted(epoch + 2)
     state = stopped_after(epoch, k)
-    assert state == {"epoch": epoch, "windows": 4 * k, "epoch_windows": 18}
+    assert state == {"epoch": epoch, "windows": 4 * k, "epoch_windows": 20}
     loader = resumed(state, epoch)
     assert loader.state_dict() == state  # restored, not iterated yet: saved again unchanged
     assert list(loader.it) == ref[epoch][k:]
@@ -103,7 +104,7 @@ def test_restored_loader_yields_the_rest_of_the_epoch(epoch, k):
 def test_stopped_at_the_end_of_an_epoch_resumes_at_the_next():
     ref = uninterrupted(3)
     state = stopped_after(1, BATCHES_PER_EPOCH)
-    assert state == {"epoch": 2, "windows": 0, "epoch_windows": 18}
+    assert state == {"epoch": 2, "windows": 0, "epoch_windows": 20}
     loader = resumed(state, 2)  # Lightning's epoch counter also moves on to 2
     assert list(loader.it) == ref[2]
 
@@ -130,10 +131,10 @@ def test_only_the_training_loader_is_stateful():
 
 
 def test_resuming_on_a_changed_split_warns(caplog):
-    loader = datamodule(n_tokens=200).train_dataloader()  # 21 windows per epoch
+    loader = datamodule(n_tokens=240).train_dataloader()  # 24 windows per epoch
     with caplog.at_level(logging.WARNING, logger="lmlab.data.base"):
         loader.load_state_dict(stopped_after(0, 2))
-    assert "the checkpoint's epoch had 18 training windows, this run's has 21" in caplog.text
+    assert "the checkpoint's epoch had 20 training windows, this run's has 24" in caplog.text
 
 
 def test_another_sampler_warns_and_restarts_the_epoch(caplog):
@@ -148,8 +149,8 @@ def test_another_sampler_warns_and_restarts_the_epoch(caplog):
 # -- whole runs -----------------------------------------------------------------------------------
 MAX_STEPS = 12
 RUN_BATCHES_PER_EPOCH = 5
-# Three train documents of ~200 tokens: 18 windows of 33 tokens, 5 batches of 4 (the last of 2) per
-# epoch, so the runs cross epoch boundaries at steps 5 and 10. last.ckpt every 2 steps, and a
+# Three train documents of 185 words: 20 to 23 windows of 33 tokens, so 5 whole batches of 4 per
+# epoch (the test checks it), and the runs cross epoch boundaries at steps 5 and 10. last.ckpt every 2 steps, and a
 # validation at step 7. Validation does not touch training: one batch, no samples, to save time.
 ARGS = [
     *TINY,
@@ -166,7 +167,7 @@ ARGS = [
 def write_corpus(d: Path) -> list[Path]:
     paths = [d / f"d{i}.txt" for i in range(4)]  # three train documents, one validation document
     for i, p in enumerate(paths):
-        p.write_text(make_text(160, i))
+        p.write_text(make_text(185, i))
     return paths
 
 

@@ -82,10 +82,13 @@ class Windows(Dataset):
 class RandomWindowSampler(Sampler[tuple[int, int]]):
     """Yields (start, epoch): starts ``phase + k * stride`` in random order, new phase every epoch.
 
-    The order depends only on (seed, epoch). With several processes, rank ``r`` of ``world`` takes
-    positions r, r + world, ... of that order (the epoch cut to a multiple of ``world``), so one step's
-    windows across all ranks are exactly one process's batch of ``world`` times the size: multi-device
-    training sees the same data as one device with the same global batch. (lmlab shards itself:
+    The order depends only on (seed, epoch). The epoch is cut to whole batches of ``batch_size``
+    per rank, so every step trains on the same number of windows (no short batch at an epoch's end,
+    which would also make ``torch.compile`` recompile for a dynamic batch size); the windows left
+    out differ from epoch to epoch. With several processes, rank ``r`` of ``world`` takes positions
+    r, r + world, ... of that order, so one step's windows across all ranks are exactly one
+    process's batch of ``world`` times the size: multi-device training sees the same data as one
+    device with the same global batch. (lmlab shards itself:
     Lightning's ``DistributedSamplerWrapper`` would shuffle the order again; the trainer presets set
     ``use_distributed_sampler: false``.) ``skip`` leaves out the first ``skip`` windows of this rank's
     order (the ones a resumed run already trained on; set by :class:`ResumableLoader` before each
@@ -93,10 +96,17 @@ class RandomWindowSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(
-        self, n_tokens: int, window_len: int, stride: int, seed: int, rank: int = 0, world: int = 1
+        self,
+        n_tokens: int,
+        window_len: int,
+        stride: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        batch_size: int = 1,
     ) -> None:
         self.window_len, self.stride, self.seed, self.epoch = window_len, stride, seed, 0
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.batch_size = rank, world, batch_size
         # Same count for every phase: a window must end inside the stream whatever the phase.
         self.n = max(0, (n_tokens - window_len - (stride - 1)) // stride + 1)
         self.skip = 0
@@ -105,7 +115,8 @@ class RandomWindowSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n // self.world
+        """Windows of this rank per epoch: whole batches only."""
+        return self.n // self.world // self.batch_size * self.batch_size
 
     def __iter__(self):
         epoch = self.epoch
@@ -291,6 +302,9 @@ class WindowDataModule(L.LightningDataModule):
                 f"{self.window_len + self.stride - 1} (objective={self.name}, seq_len={self.seq_len}); "
                 "add text or lower seq_len"
             )
+        if self.train_store is not None:  # one process here; train_dataloader checks them all
+            windows = RandomWindowSampler(len(self.train_store), self.window_len, self.stride, 0).n
+            self._check_batches(windows, 1)
         if len(self.val_store) < 2:
             raise ConfigError("the validation split has no targets; add validation text")
 
@@ -322,10 +336,22 @@ class WindowDataModule(L.LightningDataModule):
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
     def train_dataloader(self) -> ResumableLoader:
+        rank, world = self._shard()
         sampler = RandomWindowSampler(
-            len(self.train_store), self.window_len, self.stride, self.seed, *self._shard()
+            len(self.train_store), self.window_len, self.stride, self.seed, rank, world
         )
+        self._check_batches(sampler.n, world)
+        sampler.batch_size = self.batch_size
         return self._loader(self.train_store, sampler, self.batch_size, ResumableLoader)
+
+    def _check_batches(self, windows: int, world: int) -> None:
+        if windows < self.batch_size * world:
+            processes = f" x {world} processes" if world > 1 else ""
+            raise ConfigError(
+                f"the training split makes {windows} windows of {self.window_len} tokens, fewer "
+                f"than one step's batch of data.batch_size={self.batch_size}{processes}; add text, "
+                "or lower data.batch_size or seq_len"
+            )
 
     def val_dataloader(self) -> DataLoader:
         # Each rank scores every world-th window (no padding, so no window counts twice); the
