@@ -90,7 +90,12 @@ def attention_kernel(value: Any, cuda: bool):
     if names is None:
         yield
         return
-    with sdpa_kernel([ATTENTION_KERNELS[n] for n in names], set_priority=True):
+    kernels = [ATTENTION_KERNELS[n] for n in names]
+    try:
+        chosen = sdpa_kernel(kernels, set_priority=True)
+    except TypeError:  # torch < 2.6: these kernels only, tried in PyTorch's own order
+        chosen = sdpa_kernel(kernels)
+    with chosen:
         yield
 
 
