@@ -148,7 +148,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -
     step_s = timer.total / args.steps
     tokens_per_s = B * T / step_s
     peak = args.peak_flops or flops.peak_flops(device)
-    mfu = None if not peak else flops.mfu(tokens_per_s, model.flops_per_token(T), peak)
+    mfu = None if not peak else flops.mfu(tokens_per_s, model.flops_per_token(batches[0]), peak)
     return dict(
         family=family,
         loss_chunk="default" if loss_chunk is None else loss_chunk,

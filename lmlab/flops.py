@@ -1,13 +1,18 @@
 """Model FLOPs utilisation (MFU): achieved training FLOP/s over the device's peak.
 
 Training FLOPs per token follow PaLM (Chowdhery et al., 2022, appendix B): ``6 N + 12 L H Q T`` with
-N the parameters (a tied embedding counted once, as the output matmul), L layers, H heads of size Q
-(H Q = d_model) and T the sequence length; the second term is attention's score and value matmuls.
+N the weights of the matrix products a token goes through (the output head once, tied to the
+embedding or not; embedding lookups and norm gains do no matrix work), L layers, H heads of size Q
+(H Q = d_model) and T the sequence length; the second term is attention's score and value matmuls
+(forward and backward, every query-key pair, causal or not). Each family's module applies it to
+the tokens each part really sees (``LMModule.step_flops``): an MLM head only on the selected
+positions, an encoder-decoder's decoder on the target length with cross-attention to the input.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_BF16 = {
@@ -26,7 +31,16 @@ PEAK_BF16 = {
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> int:
+    """PaLM's count for one token of a sequence of ``seq_len`` through ``n_layers`` layers."""
     return 6 * n_params + 12 * n_layers * d_model * seq_len
+
+
+def matmul_weights(*modules: nn.Module) -> int:
+    """Weights of the matrix products (``nn.Linear`` layers) in ``modules``: PaLM's N for them.
+    Under FSDP a sharded weight counts whole (a DTensor's ``numel`` is its global size)."""
+    return sum(
+        m.weight.numel() for module in modules for m in module.modules() if isinstance(m, nn.Linear)
+    )
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -340,17 +340,51 @@ def test_flops_per_token_matches_a_hand_count_and_mfu():
     from lmlab import flops
     from lmlab.models.decoder import DecoderLM
 
-    m = DecoderLM(
-        vocab_size=100, special_ids={}, optim={}, n_layers=2, d_model=32, n_heads=4, max_seq_len=64
-    )
-    # by hand: per block qkv 32x96 + out 32x32 + gate_up 32x256 + down 128x32 + 2 norms x 32
-    block = 32 * 96 + 32 * 32 + 32 * 256 + 128 * 32 + 2 * 32
-    n = 2 * block + 32 + 128 * 32  # + final norm + tied embedding (vocab padded to 128)
-    assert m.num_params(non_embedding=False) == n == 37024
-    assert m.flops_per_token(64) == 6 * n + 12 * 2 * 32 * 64 == 271296
+    dims = dict(vocab_size=100, special_ids={}, optim={}, n_layers=2, d_model=32, n_heads=4)
+    m = DecoderLM(**dims, max_seq_len=64)
+    # by hand: per block the matmul weights qkv 32x96 + out 32x32 + gate_up 32x256 + down 128x32,
+    # and the output head 128x32 once (vocab padded to 128); norms and the lookup do no matmul
+    n = 2 * (32 * 96 + 32 * 32 + 32 * 256 + 128 * 32) + 128 * 32
+    batch = {"input_ids": torch.zeros(3, 64, dtype=torch.long)}
+    assert m.flops_per_token(batch) == 6 * n + 12 * 2 * 32 * 64 == 270336
+    # an untied embedding is a lookup: the same count (it was counted as a second head)
+    untied = DecoderLM(**dims, max_seq_len=64, tie_embeddings=False)
+    assert untied.flops_per_token(batch) == 270336
     # 1M tokens/s of that model on 2 devices of 1 TFLOP/s each
-    assert flops.mfu(1e6, 271296, 1e12, world_size=2) == pytest.approx(0.135648)
+    assert flops.mfu(1e6, 270336, 1e12, world_size=2) == pytest.approx(0.135168)
     assert flops.peak_flops(torch.device("cpu")) is None
+
+
+def test_flops_follow_the_tokens_each_part_sees():
+    """MLM: the head only at the selected positions. Encoder-decoder: the encoder and the
+    cross-attention keys/values over the S inputs, the rest of the decoder and the head over the T
+    targets, attention over S x S (encoder) and T x T + T x S (decoder) pairs."""
+    from lmlab.data.collate import IGNORE
+    from lmlab.models.encoder import EncoderLM
+    from lmlab.models.encoder_decoder import EncoderDecoderLM
+
+    dims = dict(vocab_size=100, special_ids={}, optim={}, n_layers=2, d_model=32, n_heads=4)
+    block = 32 * 96 + 32 * 32 + 32 * 256 + 128 * 32  # as in the decoder's hand count
+    head = 128 * 32
+    labels = torch.full((3, 64), IGNORE)
+    labels[:, :5] = 7  # 15 targets
+    mlm = EncoderLM(**dims, max_seq_len=64)
+    batch = {"input_ids": torch.zeros(3, 64, dtype=torch.long), "labels": labels}
+    want = 3 * 64 * (6 * 2 * block + 12 * 2 * 32 * 64) + 6 * head * 15
+    assert mlm.step_flops(batch) == want
+    assert mlm.step_flops({**batch, "n_targets": 15}) == want  # the count taken on the host
+
+    s2s = EncoderDecoderLM(**dims, max_seq_len=64, n_decoder_layers=3, max_target_len=16)
+    cross = 32 * 32 + 32 * 64 + 32 * 32  # q, kv, out of the decoder's cross-attention
+    kv = 32 * 64
+    batch = {
+        "input_ids": torch.zeros(2, 64, dtype=torch.long),
+        "decoder_input_ids": torch.zeros(2, 16, dtype=torch.long),
+    }
+    encoder = 2 * 64 * (6 * (2 * block + 3 * kv) + 12 * 2 * 32 * 64)
+    decoder = 2 * 16 * (6 * (3 * (block + cross - kv) + head) + 12 * 3 * 32 * (16 + 64))
+    assert s2s.step_flops(batch) == encoder + decoder
+    assert s2s.flops_per_token(batch) == (encoder + decoder) / (2 * 64)
 
 
 @pytest.mark.parametrize(
@@ -457,7 +491,8 @@ def test_progress_bar_shows_the_latest_training_metrics_first():
 
 def test_mfu_is_logged_with_a_known_peak(tiny_cfg):
     metrics, objects = train(tiny_cfg("callbacks.throughput.peak_flops=1e12"))
-    fpt = objects["model"].flops_per_token(objects["cfg"].seq_len)
+    B, T = objects["cfg"].data.batch_size, objects["cfg"].seq_len
+    fpt = objects["model"].flops_per_token({"input_ids": torch.zeros(B, T)})
     expected = metrics["train/tokens_per_sec"] * fpt / 1e12
     assert metrics["train/mfu"] == pytest.approx(expected, rel=1e-5)
 

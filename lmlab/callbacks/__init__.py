@@ -72,8 +72,8 @@ class Throughput(L.Callback):
         if len(self._times) > 1:
             pl_module.log("train/tokens_per_sec", self.tokens_per_sec)
             if self.peak:
-                if self._flops_per_token is None:
-                    self._flops_per_token = pl_module.flops_per_token(batch["input_ids"].shape[1])
+                if self._flops_per_token is None:  # batch shapes repeat: counted once
+                    self._flops_per_token = pl_module.flops_per_token(batch)
                 value = flops.mfu(
                     self.tokens_per_sec, self._flops_per_token, self.peak, trainer.world_size
                 )

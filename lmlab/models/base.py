@@ -192,14 +192,19 @@ class LMModule(L.LightningModule):
     def num_params(self, non_embedding: bool = True) -> int:
         return self.backbone.num_params(non_embedding)
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (PaLM's 6N + 12 L d T, :mod:`lmlab.flops`); every layer, encoder
-        and decoder alike, is counted at ``seq_len`` (an upper bound for short decoder targets)."""
-        c = self.config
-        layers = c.n_layers + getattr(c, "n_decoder_layers", 0)
-        return flops.flops_per_token(
-            self.num_params(non_embedding=False), layers, c.d_model, seq_len
-        )
+    def step_flops(self, batch: dict) -> int:
+        """Training FLOPs (forward and backward) of one micro-batch, by PaLM's count
+        (:mod:`lmlab.flops`): here every token through every block and the output head, with
+        attention over the whole window; families whose parts see other token counts override it."""
+        B, T = batch["input_ids"].shape
+        b = self.backbone
+        n = flops.matmul_weights(b.blocks) + b.lm_head.weight.numel()
+        return B * T * flops.flops_per_token(n, self.config.n_layers, self.config.d_model, T)
+
+    def flops_per_token(self, batch: dict) -> float:
+        """Training FLOPs per input token of ``batch`` (what ``train/tokens_per_sec`` counts), for
+        ``train/mfu``."""
+        return self.step_flops(batch) / batch["input_ids"].numel()
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # A padding mask without padding (full pre-training windows) is dropped while the batch is

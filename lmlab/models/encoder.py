@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmlab import flops
 from lmlab.data.collate import IGNORE
 from lmlab.models.base import LMModule
 from lmlab.nn.encoder import Encoder, EncoderConfig
@@ -22,6 +23,17 @@ class EncoderLM(LMModule):
             # is): `hidden_states` then selects the targets without asking the device how many.
             batch["n_targets"] = int((labels != IGNORE).sum())
         return batch
+
+    def step_flops(self, batch: dict) -> int:
+        """The blocks at every position, the output head at the selected ones only (as
+        ``hidden_states`` runs it)."""
+        B, S = batch["input_ids"].shape
+        targets = batch.get("n_targets")
+        if targets is None:
+            targets = int((batch["labels"] != IGNORE).sum())
+        b, c = self.backbone, self.config
+        blocks = flops.flops_per_token(flops.matmul_weights(b.blocks), c.n_layers, c.d_model, S)
+        return B * S * blocks + 6 * b.lm_head.weight.numel() * targets
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The ~15% selected positions only, so the output head (a d_model x vocab matmul per

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmlab import flops
 from lmlab.models.base import LMModule
 from lmlab.nn.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 
@@ -12,6 +13,21 @@ class EncoderDecoderLM(LMModule):
     accepts = ("seq2seq",)
     config_class = EncoderDecoderConfig
     backbone_class = EncoderDecoder
+
+    def step_flops(self, batch: dict) -> int:
+        """The encoder over the S input tokens; the decoder and the head over the T target tokens,
+        except the cross-attention keys and values, which are projections of the S encoder
+        outputs; attention over S x S pairs per encoder layer and T x T + T x S per decoder layer."""
+        B, S = batch["input_ids"].shape
+        T = batch["decoder_input_ids"].shape[1]
+        b, c = self.backbone, self.config
+        kv = sum(block.cross.kv.weight.numel() for block in b.dec_blocks)
+        per_input = flops.flops_per_token(
+            flops.matmul_weights(b.enc_blocks) + kv, c.n_layers, c.d_model, S
+        )
+        decoder = flops.matmul_weights(b.dec_blocks) - kv + b.lm_head.weight.numel()
+        per_target = flops.flops_per_token(decoder, c.n_decoder_layers, c.d_model, T + S)
+        return B * (S * per_input + T * per_target)
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.backbone(
