@@ -125,11 +125,16 @@ def check_settings(cfg: DictConfig) -> None:
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is out of range; use a value in (0, 1)")
     max_steps, warmup = cfg.trainer.get("max_steps", -1), cfg.optim.get("warmup_steps", 0)
+    fast_dev_run = cfg.trainer.get("fast_dev_run", False)
+    if fast_dev_run:  # Lightning then runs that many steps (true: one)
+        max_steps = 1 if fast_dev_run is True else int(fast_dev_run)
     if max_steps > 0 and warmup >= max_steps:
+        steps = "fast_dev_run" if fast_dev_run else "max_steps"
         raise ConfigError(
-            f"optim.warmup_steps={warmup} must be below trainer.max_steps={max_steps}; lower it"
+            f"optim.warmup_steps={warmup} must be below trainer.{steps}={max_steps}; lower it"
         )
     check_wandb_login(cfg)
+    check_sampler(cfg.trainer)
     check_devices(cfg.trainer)
     check_nodes(cfg.trainer)
     check_launch(cfg.trainer)
@@ -152,6 +157,19 @@ def accumulation(cfg: DictConfig) -> int:
             f"{per_pass}; change one of them (accumulation = global / that product)"
         )
     return gbs // per_pass
+
+
+def check_sampler(t: DictConfig) -> None:
+    """lmlab's samplers deal the windows to the ranks themselves (lmlab/data/base.py); Lightning's
+    distributed sampler on top would deal each rank's share again, and every rank would train on
+    1/N of it without any error."""
+    processes = processes_per_node(t) * t.get("num_nodes", 1)
+    if processes > 1 and t.get("use_distributed_sampler", True):
+        raise ConfigError(
+            f"trainer.use_distributed_sampler=true with {processes} processes would shard lmlab's "
+            "already sharded data again (each rank would see 1/N of its share); set "
+            "trainer.use_distributed_sampler=false, as every trainer preset does"
+        )
 
 
 def uses_cuda(t: DictConfig) -> bool:
@@ -403,6 +421,9 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(trainer_cfg):
         skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
         trainer_cfg.accumulate_grad_batches = accumulation(cfg)
+        if isinstance(trainer_cfg.get("val_check_interval"), int):
+            # lmlab counts it in optimizer steps (conf/trainer), Lightning in micro-batches
+            trainer_cfg.val_check_interval *= trainer_cfg.accumulate_grad_batches
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBarBase)]

@@ -253,10 +253,8 @@ def test_preempted_is_raised_by_train_and_names_the_resume_command(tiny_cfg, mon
     cfg = tiny_cfg()
     with pytest.raises(Preempted, match=r"signal after step 3; .*ckpt_path=last"):
         train(cfg)
-    assert (
-        read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"]
-        == 3
-    )
+    ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
     assert SIGTERMException  # the exception Lightning raises, turned into Preempted
 
 
@@ -373,6 +371,26 @@ def test_sigusr1_also_saves_and_stops(tiny_cfg, monkeypatch):
         train(cfg)
     ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
+
+
+def test_the_preemption_checkpoint_holds_the_other_callbacks_state_of_its_step(
+    tiny_cfg, monkeypatch
+):
+    """Saved after Throughput counted the step's tokens (step 4: no validation-time save follows)."""
+
+    def usr1_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, batch, batch_idx)
+
+    original = base_mod.LMModule.training_step
+    monkeypatch.setattr(base_mod.LMModule, "training_step", usr1_at_step_3)
+    cfg = tiny_cfg()
+    with pytest.raises(Preempted, match=r"signal after step 4"):
+        train(cfg)
+    ckpt = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4
+    assert ckpt["callbacks"]["Throughput"]["tokens_seen"] == 4 * 4 * 32  # 4 batches of 4 x 32
 
 
 def test_a_signal_inside_gradient_accumulation_saves_after_the_optimizer_step(
@@ -574,6 +592,14 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
         (
             ["model=encoder_decoder", "objective=denoise", "objective.poisson_lambda=0"],
             r"poisson_lambda=0 must be > 0",
+        ),
+        (  # fast_dev_run trains one step (debug=default sets no warmup)
+            ["+trainer.fast_dev_run=true", "optim.warmup_steps=2"],
+            r"optim.warmup_steps=2 must be below trainer.fast_dev_run=1",
+        ),
+        (
+            ["trainer=ddp_sim", "trainer.use_distributed_sampler=true"],
+            r"use_distributed_sampler=true with 2 processes would shard lmlab's already sharded",
         ),
         # module settings checked by their own parsers
         (["attention=cudnn"], r"attention='cudnn': cudnn attention needs a CUDA GPU"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -578,3 +579,40 @@ def test_tokens_seen_counts_every_step_is_logged_with_validation_and_resumes(tin
         )
     )
     assert resumed["train/tokens_seen"] == 8 * per_step  # continued from the checkpoint's count
+
+
+def test_val_check_interval_counts_optimizer_steps_under_gradient_accumulation(
+    tiny_cfg, monkeypatch
+):
+    """Lightning counts val_check_interval in micro-batches; lmlab's configs mean optimizer steps
+    (a validation inside an accumulation would also checkpoint half a gradient)."""
+    seen = []
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0 and self.trainer.state.fn == "fit":
+            seen.append(self.global_step)
+        return original(self, batch, batch_idx)
+
+    original = LMModule.validation_step
+    monkeypatch.setattr(LMModule, "validation_step", validation_step)
+    metrics, _ = train(tiny_cfg("data.batch_size=2", "global_batch_size=4"))  # 2 micro-batches
+    assert seen == [3, 6] and metrics["trainer/global_step"] == 6
+
+
+def test_debug_default_trains_one_step(tiny_cfg, compose_cfg):
+    from lmlab.train import check_settings
+
+    check_settings(compose_cfg("debug=default"))  # as shipped (it set a 50-step warmup for 1 step)
+    metrics, _ = train(tiny_cfg("debug=default", "optim.warmup_steps=0"))  # TINY sets 2
+    assert metrics["trainer/global_step"] == 1 and math.isfinite(metrics["val/loss"])
+
+
+def test_the_final_validation_after_training_is_logged_with_the_tokens_seen(tiny_cfg):
+    """train() validates once more when the last step was not validated; that row carries
+    train/tokens_seen like the others, so curves against tokens include the final point."""
+    cfg = tiny_cfg("trainer.val_check_interval=4")  # 6 steps: step 6 validated after fit
+    train(cfg)
+    rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()))
+    val = [r for r in rows if r.get("val/loss")]
+    assert len(val) == 2
+    assert [float(r["train/tokens_seen"]) for r in val] == [4 * 4 * 32, 6 * 4 * 32]

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from lmlab import flops
@@ -88,7 +88,8 @@ class Throughput(L.Callback):
         self._times = deque((t + spent for t in self._times), maxlen=self.window + 1)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
+        # in training, and in train()'s final validation after it (the same Trainer)
+        if not trainer.sanity_checking and (trainer.state.fn == "fit" or self.tokens_seen):
             pl_module.log("train/tokens_seen", float(self.tokens_seen))
 
 
@@ -190,14 +191,16 @@ class StopVote:
         return bool(vote[0])
 
 
-class Preemption(L.Callback):
+class Preemption(Checkpoint):
     """On SIGTERM (what schedulers send before killing a job), SIGUSR1 (SLURM's advance warning,
     ``#SBATCH --signal=USR1@120``) or SIGUSR2 (submitit's), write ``last.ckpt`` at the end of the
     current optimizer step, then stop the run; ``train()`` turns that into a clean exit and
     ``ckpt_path=last`` resumes exactly.
 
     It saves where ``ModelCheckpoint`` saves (``on_train_batch_end``, after an optimizer step), so a
-    preempted checkpoint resumes like a periodic one. It takes SIGUSR1 over from Lightning's SLURM
+    preempted checkpoint resumes like a periodic one; being a ``Checkpoint``, Lightning runs it after
+    the other callbacks, so the state it saves includes their updates for the step (``Throughput``'s
+    token count). It takes SIGUSR1 over from Lightning's SLURM
     auto-requeue, so that one component owns preemption: requeueing is left to the job script or to
     a handler installed before training (submitit's, under ``hydra/launcher=slurm``), which is
     called once the checkpoint is written.
@@ -286,7 +289,13 @@ class Preemption(L.Callback):
                 self._stop(trainer)  # after the validation, before another training step
 
     def _in_fit_validation(self, trainer) -> bool:
-        return trainer.state.fn == "fit" and not trainer.sanity_checking
+        """A validation inside training, after an optimizer step (not inside a gradient
+        accumulation, where a checkpoint would lose the part-accumulated gradient)."""
+        return (
+            trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and not trainer.fit_loop.epoch_loop._should_accumulate()
+        )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore(trainer)
