@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import types
 
@@ -13,9 +14,10 @@ from lmlab.data import store as store_mod
 from lmlab.data.base import RandomWindowSampler, eval_starts
 from lmlab.data.clm import CausalLMDataModule
 from lmlab.data.collate import IGNORE, causal_batch
-from lmlab.data.corpus import Doc, make_corpus, split_documents
+from lmlab.data.corpus import BUNDLED, Corpus, Doc, _bundled_members, make_corpus, split_documents
+from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.store import TokenStore, build_store, store_key
-from lmlab.data.tokenizers import byte_tokenizer
+from lmlab.data.tokenizers import TextTokenizer, byte_tokenizer
 from lmlab.errors import ConfigError
 
 from .conftest import make_text
@@ -33,6 +35,8 @@ def test_bundled_split_is_deterministic_and_disjoint():
     assert [d.key for d in a.val] == [d.key for d in b.val]
     assert len(a.train) + len(a.val) == 42 and len(a.val) == 5  # ceil(4.2)
     assert not {d.key for d in a.train} & {d.key for d in a.val}
+    # named by the archive, not by where lmlab is installed: the same split on every machine
+    assert all(d.key == f"shakespeare.tar.xz:{d.member}" for d in a.train + a.val)
     text = next(a.texts([a.val[0]]))
     assert len(text) > 10_000
 
@@ -79,7 +83,7 @@ def test_bad_text_files_are_clear_errors(tmp_path, content, kw, message):
     p = tmp_path / "bad.txt"
     if content is not None:
         p.write_bytes(content)
-    cfg = files_cfg(train=kw.get("train", str(p)), val=str(p))
+    cfg = files_cfg(train=kw.get("train", str(p)))
     with pytest.raises(ConfigError, match=message):
         c = make_corpus(cfg)
         list(c.texts(c.train))
@@ -88,8 +92,8 @@ def test_bad_text_files_are_clear_errors(tmp_path, content, kw, message):
 def test_encoding_errors_replace(tmp_path):
     p = tmp_path / "latin.txt"
     p.write_bytes(b"caf\xe9 au lait")
-    c = make_corpus(files_cfg(train=str(p), val=str(p), encoding_errors="replace"))
-    assert next(c.texts(c.train)) == "caf\ufffd au lait"
+    c = make_corpus(files_cfg(val=str(p), encoding_errors="replace"), need_train=False)
+    assert next(c.texts(c.val)) == "caf\ufffd au lait"
 
 
 @pytest.mark.parametrize(
@@ -99,9 +103,99 @@ def test_encoding_errors_replace(tmp_path):
 def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "fine"}\n' + line + "\n")
-    c = make_corpus(files_cfg(train=str(p), val=str(p)))
+    c = make_corpus(files_cfg(val=str(p)), need_train=False)
     with pytest.raises(ConfigError, match=message):
-        list(c.texts(c.train))
+        list(c.texts(c.val))
+
+
+def test_a_lone_document_of_any_kind_is_cut_between_the_splits(tmp_path):
+    # JSONL lines and bundled members get the head/tail cut too, never their whole text in both
+    # splits; text without a line start near the end is cut at a word, so validation is not empty.
+    lines = "".join(f"line {i} of the only document\n" for i in range(40))
+    one_line = "word " * 1000
+    for name, content, text in [
+        ("one.jsonl", json.dumps({"text": lines}) + "\n", lines),
+        ("para.jsonl", json.dumps({"text": one_line}) + "\n", one_line),
+        ("one_line.txt", one_line, one_line),
+    ]:
+        (tmp_path / name).write_text(content)
+        c = make_corpus(files_cfg(train=str(tmp_path / name), val_fraction=0.1))
+        head, tail = next(c.texts(c.train)), next(c.texts(c.val))
+        assert head + tail == text, name
+        assert 0.9 * len(text) <= len(head) < 0.9 * len(text) + 30, name
+        assert tail.startswith(("line ", "word ")), name
+    path = str(BUNDLED["shakespeare"])
+    member, whole = next(iter(_bundled_members(path).items()))
+    train, val = split_documents([Doc(path, member=member, name="shakespeare.tar.xz")], 0.1)
+    c = Corpus("shakespeare", train, val, val_fraction=0.1)
+    head, tail = next(c.texts(train)), next(c.texts(val))
+    assert head + tail == whole and 0 < len(tail) < 0.11 * len(whole)
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw inside strings, where
+    # str.splitlines would break the line; "\r\n" line ends are fine.
+    rows = ["para one\u2028para two", "a\u2029b", "nel\u0085here", "last"]
+    p = tmp_path / "web.jsonl"
+    lines = [json.dumps({"text": r}, ensure_ascii=False) for r in rows] + ['{"body": 1}']
+    p.write_bytes("\r\n".join(lines).encode() + b"\n")
+    c = make_corpus(files_cfg(val=str(p)), need_train=False)
+    assert [d.line for d in c.val] == [1, 2, 3, 4, 5]
+    got = []
+    with pytest.raises(ConfigError, match=r"web.jsonl:5 has no string field 'text'"):
+        got.extend(c.texts(c.val))
+    assert got == rows
+
+
+def test_validation_files_are_left_out_of_training(text_files, monkeypatch, caplog):
+    d = text_files[0].parent
+    monkeypatch.chdir(d.parent)
+    with caplog.at_level(logging.WARNING, logger="lmlab.data.corpus"):
+        c = make_corpus(files_cfg(train=str(d / "*.txt"), val="corpus/doc3.txt"))  # other spelling
+    assert [os.path.basename(x.path) for x in c.train] == [f"doc{i}.txt" for i in (0, 1, 2, 4, 5)]
+    assert [x.path for x in c.val] == ["corpus/doc3.txt"]
+    assert "are data.val files and are left out of training: " in caplog.text
+    # nothing left to train on
+    with pytest.raises(
+        ConfigError, match=r"every file that data\.train matches is also a data\.val"
+    ):
+        make_corpus(files_cfg(train="corpus/doc[34].txt", val=str(d / "*.txt")))
+    # one file named twice, spelled two ways, is one document
+    c = make_corpus(files_cfg(train=[str(d / "doc0.txt"), "corpus/doc0.txt", "corpus/doc1.txt"]))
+    assert len(c.train) + len(c.val) == 2
+
+
+def test_held_out_documents_do_not_depend_on_how_the_path_is_spelled(text_files, monkeypatch):
+    d = text_files[0].parent  # <tmp>/corpus
+    (d / "sub").mkdir()
+    (d / "sub" / "doc9.txt").write_text(make_text(100, 9))
+    splits = []
+    for cwd, pattern in [
+        (d.parent, "corpus/**/*.txt"),
+        (d.parent, "./corpus/**/*.txt"),
+        (d, "**/*.txt"),
+        (d / "sub", "../**/*.txt"),
+        (d / "sub", str(d / "**" / "*.txt")),
+    ]:
+        monkeypatch.chdir(cwd)
+        c = make_corpus(files_cfg(train=pattern))
+        splits.append(([x.key for x in c.train], [x.key for x in c.val], c.fingerprint(c.val)))
+    assert all(split == splits[0] for split in splits)
+    train, val, _ = splits[0]
+    assert sorted(train + val) == [f"doc{i}.txt" for i in range(6)] + ["sub/doc9.txt"]
+
+
+def test_equally_named_files_in_two_folders_do_not_share_caches(tmp_path):
+    corpora = []
+    for folder, letter in (("a", "x"), ("b", "y")):
+        f = tmp_path / folder / "doc.txt"
+        f.parent.mkdir()
+        f.write_text(letter * 100)
+        os.utime(f, ns=(10**18, 10**18))  # same name, size and mtime; other text
+        corpora.append(make_corpus(files_cfg(val=str(f)), need_train=False))
+    a, b = corpora
+    assert [x.key for x in a.val] == [x.key for x in b.val] == ["doc.txt"]
+    assert a.fingerprint(a.val) != b.fingerprint(b.val)
 
 
 # -- token store ----------------------------------------------------------------------------------
@@ -153,6 +247,27 @@ def test_long_documents_split_exactly(monkeypatch):
     pieces = store_mod._pieces(text)
     assert len(pieces) > 10 and "".join(pieces) == text
     assert [t for p in tok.encode_batch(pieces) for t in p] == tok.encode(text)
+    assert tok.encodes_lines_apart
+    # the byte tokenizer too, also when it comes back from a checkpoint (no regex, but no merges)
+    assert TextTokenizer.from_str(byte_tokenizer(2).to_str(), "checkpoint").encodes_lines_apart
+
+
+def test_long_documents_are_encoded_whole_for_other_tokenizers(tmp_path, monkeypatch):
+    # A SentencePiece-style tokenizer.json (Metaspace) puts a "▁" at the start of every piece.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = "".join(f"Line number {i} says hello.\nAnd more text here\n" for i in range(200))
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    tk.train_from_iterator([text], trainer)
+    tok = TextTokenizer(tk, "pretrained")
+    monkeypatch.setattr(store_mod, "CHUNK_CHARS", 1000)  # stands for 1 MiB: text is 10 pieces
+    assert len(store_mod._pieces(text)) == 10
+    s = build_store(iter([text]), tok, tmp_path, "k")
+    assert s.tokens.tolist() == [*tok.encode(text), tok.eos_id]
+    assert not tok.encodes_lines_apart
 
 
 # -- CLM batches ----------------------------------------------------------------------------------
@@ -244,3 +359,18 @@ def test_datamodule_batches_and_too_short_corpus(tmp_path):
         CausalLMDataModule(
             tok, build_store(iter(["tiny"]), tok, tmp_path, "x"), val, seq_len=64, batch_size=2
         )
+
+
+# -- MLM --------------------------------------------------------------------------------------------
+def test_mlm_too_short_seq_len_is_refused_before_any_data_work(compose_cfg, tmp_path):
+    from lmlab.train import check_objective
+
+    with pytest.raises(
+        ConfigError, match=r"objective=mlm needs seq_len >= 3 .*got 2; raise seq_len"
+    ):
+        check_objective(compose_cfg("objective=mlm", "seq_len=2"))
+    check_objective(compose_cfg("objective=mlm", "seq_len=3"))  # the shortest that works
+    tok = byte_tokenizer(2)
+    store = build_store(iter([make_text(100, 0)]), tok, tmp_path, "s")
+    with pytest.raises(ConfigError, match=r"needs seq_len >= 3"):
+        MaskedLMDataModule(tok, store, store, seq_len=2, batch_size=1)

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from lmlab.data.store import build_store
 from lmlab.data.tokenizers import (
     SPECIAL_TOKENS,
+    TextTokenizer,
     build_tokenizer,
     byte_tokenizer,
     load_pretrained,
     sentinel,
     train_bpe,
+    word_starts,
 )
 from lmlab.errors import ConfigError
 
@@ -64,6 +68,59 @@ def test_pretrained_file_round_trip(tmp_path, bpe):
     tok = load_pretrained(path)
     assert tok.special == bpe.special and tok.sentinel_ids == bpe.sentinel_ids
     assert tok.encode(SAMPLE) == bpe.encode(SAMPLE)
+
+
+def test_pretrained_truncation_and_padding_are_switched_off(tmp_path, bpe):
+    # Common in tokenizer.json files exported from transformers: kept, they would cut every
+    # document of the token store to max_length and pad the short ones.
+    tk = Tokenizer.from_str(bpe.to_str())
+    tk.enable_truncation(max_length=8)
+    tk.enable_padding(pad_id=bpe.pad_id, pad_token=SPECIAL_TOKENS["pad"])
+    path = tmp_path / "tokenizer.json"
+    tk.save(str(path))
+    tok = load_pretrained(path)
+    assert tok.tk.truncation is None and tok.tk.padding is None
+    texts = ["a", SAMPLE]
+    assert tok.encode_batch(texts) == [bpe.encode(t) for t in texts]
+    store = build_store(iter(texts), tok, tmp_path, "k")
+    assert store.tokens.tolist() == [i for t in texts for i in (*bpe.encode(t), bpe.eos_id)]
+
+
+def test_wordpiece_word_starts_are_the_pieces_without_hashes():
+    # BERT-style: every piece not continuing a word ("##...") begins one, even between two words
+    # of letters, which hold no space to tell them apart.
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "the",
+        "quick",
+        "fox",
+        "jump",
+        "##s",
+        ".",
+    ]
+    tk = Tokenizer(models.WordPiece({t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer()
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    tk.add_special_tokens(words[:5])
+    tok = TextTokenizer(tk, "pretrained")
+    ids = np.array([tok.cls_id, *tok.encode("the quick fox jumps."), tok.sep_id])
+    assert [tk.id_to_token(int(i)) for i in ids[1:-1]] == [
+        "the",
+        "quick",
+        "fox",
+        "jump",
+        "##s",
+        ".",
+    ]
+    special = np.zeros(tok.vocab_size, dtype=bool)
+    special[tok.special_ids] = True
+    got = word_starts(ids, tok.word_start_table(), special)
+    assert got.astype(int).tolist() == [1, 1, 1, 1, 1, 0, 1, 1]
 
 
 def test_pretrained_missing_specials_are_added(tmp_path):

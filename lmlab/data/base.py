@@ -8,11 +8,14 @@ generator, vectorized over a batch) or :func:`example_rng` (a numpy generator, p
 are reproducible, an example's randomness does not depend on its batch, worker or process, and
 validation batches are identical at every validation, so validation metrics are comparable over time.
 
-Training visits non-overlapping windows in a random order with a random phase each epoch (window
-boundaries move between epochs and every token is seen once per epoch). Validation uses deterministic
-windows that cover the whole validation split. The training loader is resumable mid-epoch
-(:class:`ResumableLoader`): a run resumed from a checkpoint trains on exactly the batches that it
-would have used had it never stopped.
+Training visits windows ``stride`` apart in a random order with a random phase each epoch, so window
+boundaries move between epochs. Within an epoch no token is trained on twice (a causal LM's windows
+share only the token that is one's last label and the next one's first input), but not every token is
+seen: the tokens before the phase and after the last whole window, and the windows cut so that every
+step gets a whole batch (:class:`RandomWindowSampler`), are left out, different ones each epoch.
+Validation uses deterministic windows that cover the whole validation split. The training loader is
+resumable mid-epoch (:class:`ResumableLoader`): a run resumed from a checkpoint trains on exactly the
+batches that it would have used had it never stopped.
 
 Subclasses set their own attributes *before* calling ``super().__init__``, which ends by checking that
 the splits hold at least one example (a clear error before any training otherwise).

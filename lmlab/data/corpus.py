@@ -1,8 +1,11 @@
 """Where text comes from: the bundled Shakespeare corpus or the user's own files (plain text, JSONL).
 
 A corpus is a list of documents, split deterministically into train and validation *by document*, so no
-validation text is ever trained on. Every problem with the input (a glob that matches nothing, an empty,
-binary or wrongly encoded file, a bad JSONL line) is a :class:`ConfigError` naming the file and the fix.
+validation text is ever trained on: a lone document is cut into a head (train) and a tail (validation),
+and files that ``data.val`` names are left out of ``data.train``'s matches. Which documents are held out
+depends only on their names relative to the glob that found them, not on the working directory or on how
+the path was spelled. Every problem with the input (a glob that matches nothing, an empty, binary or
+wrongly encoded file, a bad JSONL line) is a :class:`ConfigError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -10,31 +13,50 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import json
+import logging
 import math
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from lmlab.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+# Part of every fingerprint: bump it when the text or the identity a Doc stands for changes, so caches
+# built from the old meaning (token stores, trained tokenizers) are not reused. 2: JSONL lines split on
+# "\n" only, the head/tail cut applied to JSONL and bundled documents, names independent of the path's
+# spelling.
+DOC_VERSION = 2
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED = {"shakespeare": ASSETS / "shakespeare.tar.xz"}
 
 
 @dataclass(frozen=True)
 class Doc:
-    """One document: a whole file, one JSONL line, a bundled member, or the head/tail of one file."""
+    """One document: a whole file, one JSONL line, a bundled member, or the head/tail of one of these."""
 
-    path: str
+    path: str  # the file, as the glob found it (read from here, named in errors)
     line: int | None = None  # 1-based JSONL line
     member: str | None = None  # member of a bundled archive
     part: str | None = None  # "head" / "tail" when a lone document is split for validation
+    name: str | None = None  # the file's name relative to its glob's base folder (None: ``path``)
 
     @property
     def key(self) -> str:
-        return ":".join(str(x) for x in (self.path, self.member, self.line, self.part) if x)
+        """The document's identity, hashed to choose the validation documents. It uses ``name``, not
+        ``path``, so the same files give the same split however the glob was spelled (relative,
+        absolute, ``./``) and from any working directory."""
+        ident = (self.name or self.path, self.member, self.line, self.part)
+        return ":".join(str(x) for x in ident if x)
+
+    def with_part(self, part: str) -> Doc:
+        return Doc(self.path, self.line, self.member, part, self.name)
 
 
 @dataclass
@@ -47,11 +69,20 @@ class Corpus:
     val_fraction: float = 0.0  # used to cut a lone document into head (train) and tail (val)
 
     def fingerprint(self, docs: Sequence[Doc]) -> str:
-        """Changes when any document's identity, size or modification time changes."""
-        h = hashlib.sha256(f"{self.text_field}|{self.encoding_errors}|{self.val_fraction}".encode())
+        """Changes when any document's identity, file, size or modification time changes.
+
+        The file enters as its resolved path: ``key`` alone is the same for equally named files in
+        two folders, whose caches must not be shared."""
+        h = hashlib.sha256(
+            f"v{DOC_VERSION}|{self.text_field}|{self.encoding_errors}|{self.val_fraction}".encode()
+        )
+        files: dict[str, str] = {}  # path -> "resolved|size|mtime", one stat per file
         for d in docs:
-            st = Path(d.path).stat()
-            h.update(f"{d.key}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            if d.path not in files:
+                p = Path(d.path)
+                st = p.stat()
+                files[d.path] = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+            h.update(f"{d.key}|{files[d.path]}\n".encode())
         return h.hexdigest()[:16]
 
     def texts(self, docs: Sequence[Doc]) -> Iterator[str]:
@@ -65,29 +96,41 @@ class Corpus:
             i = j
 
     def _file_texts(self, docs: Sequence[Doc]) -> Iterator[str]:
+        """The texts of ``docs`` (all of one file), each cut to its head or tail where it has one,
+        whatever kind of document it is: a lone document never gives its whole text to both splits."""
+        for d, text in zip(docs, self._whole_texts(docs), strict=True):
+            if d.part is not None:
+                cut = _cut_point(text, 1 - self.val_fraction)
+                text = text[:cut] if d.part == "head" else text[cut:]
+            yield text
+
+    def _whole_texts(self, docs: Sequence[Doc]) -> Iterator[str]:
         path = docs[0].path
         if docs[0].member is not None:
             members = _bundled_members(path)
             yield from (members[d.member] for d in docs)
         elif docs[0].line is not None:
-            wanted = {d.line for d in docs}
-            for n, line in enumerate(_read_text(path, self.encoding_errors).splitlines(), 1):
-                if n in wanted:
-                    yield _jsonl_text(line, path, n, self.text_field)
-        else:
+            lines = _jsonl_lines(_read_text(path, self.encoding_errors))
             for d in docs:
-                text = _read_text(path, self.encoding_errors)
-                if d.part is not None:
-                    cut = _cut_point(text, 1 - self.val_fraction)
-                    text = text[:cut] if d.part == "head" else text[cut:]
-                yield text
+                yield _jsonl_text(lines[d.line - 1], path, d.line, self.text_field)
+        else:
+            for _ in docs:
+                yield _read_text(path, self.encoding_errors)
+
+
+_SPACE = re.compile(r"\s")
 
 
 def _cut_point(text: str, frac: float) -> int:
-    """Index of the first line start at or after ``frac`` of the text."""
+    """Where a lone document is cut, at or after ``frac`` of the text: the first line start there,
+    or, in text without one (a one-line file, a JSONL paragraph), the first word start, or else
+    exactly there, so the tail is never left empty for want of a newline."""
     at = int(len(text) * frac)
     nl = text.find("\n", at)
-    return len(text) if nl < 0 else nl + 1
+    if nl >= 0:
+        return nl + 1
+    space = _SPACE.search(text, at)
+    return space.end() if space else at
 
 
 @lru_cache(maxsize=2)
@@ -117,6 +160,13 @@ def _read_text(path: str, errors: str) -> str:
         ) from None
 
 
+def _jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL file: split on "\\n" only (a "\\r" before it dropped), as JSON Lines
+    defines them. ``str.splitlines`` would also split on U+2028, U+2029 and U+0085, which
+    ``json.dumps(ensure_ascii=False)`` leaves unescaped inside strings, and refuse valid files."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _jsonl_text(line: str, path: str, n: int, field: str) -> str:
     try:
         obj = json.loads(line)
@@ -132,12 +182,29 @@ def _jsonl_text(line: str, path: str, n: int, field: str) -> str:
     return obj[field]
 
 
-def _expand(spec, what: str) -> list[str]:
-    """Resolve a glob or a list of globs/paths into a sorted list of files."""
+Files = dict[Path, tuple[str, str]]  # resolved file -> (path as the glob found it, name)
+_MAGIC = re.compile(r"[*?[]")  # the characters that make a path component a glob (as in glob)
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder a glob's matches are named from: its components before the first wildcard, or a
+    plain path's folder."""
+    parts = Path(pattern).parts
+    k = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), None)
+    return Path(*parts[:k]) if k is not None else Path(pattern).parent
+
+
+def _expand(spec, what: str) -> Files:
+    """Resolve a glob or a list of globs/paths into {resolved file: (path as found, name)}, sorted
+    per pattern, each file once however often or however spelled it is matched.
+
+    ``name`` is the file's path relative to its pattern's base folder (:func:`_glob_base`), so it is
+    the same for ``data/*.txt``, ``./data/*.txt`` and ``/abs/data/*.txt`` (see :attr:`Doc.key`).
+    """
     if spec is None:
-        return []
+        return {}
     patterns = [spec] if isinstance(spec, str) else list(spec)
-    files: list[str] = []
+    files: Files = {}
     for pat in patterns:
         pat = str(Path(pat).expanduser())
         hits = sorted(p for p in globlib.glob(pat, recursive=True) if Path(p).is_file())
@@ -146,19 +213,46 @@ def _expand(spec, what: str) -> list[str]:
                 f"{what}={pat!r} matched no files (relative paths start from {Path.cwd()}); "
                 "check the path or glob"
             )
-        files.extend(hits)
-    return list(dict.fromkeys(files))
+        base = _glob_base(pat)
+        for hit in hits:
+            files.setdefault(Path(hit).resolve(), (hit, Path(hit).relative_to(base).as_posix()))
+    return files
 
 
-def _documents(files: list[str], fmt: str, errors: str) -> list[Doc]:
+def _without_val(train: Files, val: Files) -> Files:
+    """``train`` less the files that are also validation files.
+
+    Left out with a warning rather than refused: a glob cannot say "all but one file", so
+    ``data.train='data/*.jsonl' data.val=data/val.jsonl`` can only mean "train on the others", and
+    refusing it would make users list every training file by hand.
+    """
+    both = [train[p][0] for p in train if p in val]
+    if not both:
+        return train
+    if len(both) == len(train):
+        raise ConfigError(
+            "every file that data.train matches is also a data.val file, so nothing is left to "
+            "train on; point data.train at the training files (or leave data.val unset to hold "
+            "out data.val_fraction of the data.train documents)"
+        )
+    if rank_zero_only.rank == 0:
+        log.warning(
+            "%d file(s) matched by data.train are data.val files and are left out of training: %s",
+            len(both),
+            ", ".join(both[:5]) + (", ..." if len(both) > 5 else ""),
+        )
+    return {p: f for p, f in train.items() if p not in val}
+
+
+def _documents(files: Files, fmt: str, errors: str) -> list[Doc]:
     docs: list[Doc] = []
-    for f in files:
+    for f, name in files.values():
         kind = fmt if fmt != "auto" else ("jsonl" if f.endswith((".jsonl", ".json")) else "text")
         if kind == "jsonl":
-            lines = _read_text(f, errors).splitlines()
-            docs.extend(Doc(f, line=n) for n, s in enumerate(lines, 1) if s.strip())
+            lines = _jsonl_lines(_read_text(f, errors))
+            docs.extend(Doc(f, line=n, name=name) for n, s in enumerate(lines, 1) if s.strip())
         elif kind == "text":
-            docs.append(Doc(f))
+            docs.append(Doc(f, name=name))
         else:
             raise ConfigError(f"unknown data.format={fmt!r}; choose auto, text or jsonl")
     return docs
@@ -170,7 +264,7 @@ def split_documents(docs: list[Doc], val_fraction: float) -> tuple[list[Doc], li
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     if len(docs) == 1:
         (d,) = docs
-        return [Doc(d.path, d.line, d.member, "head")], [Doc(d.path, d.line, d.member, "tail")]
+        return [d.with_part("head")], [d.with_part("tail")]
     n_val = min(len(docs) - 1, max(1, math.ceil(round(val_fraction * len(docs), 6))))
     ranked = sorted(docs, key=lambda d: hashlib.sha1(d.key.encode()).hexdigest())
     val = set(ranked[:n_val])
@@ -190,18 +284,21 @@ def make_corpus(cfg, need_train: bool = True) -> Corpus:
         if cfg.name not in BUNDLED:
             raise ConfigError(f"no bundled corpus {cfg.name!r}; bundled: {', '.join(BUNDLED)}")
         path = str(BUNDLED[cfg.name])
-        docs = [Doc(path, member=m) for m in _bundled_members(path)]
+        # named by the archive, not its path: the split is the same wherever lmlab is installed
+        docs = [Doc(path, member=m, name=BUNDLED[cfg.name].name) for m in _bundled_members(path)]
         train, val = split_documents(docs, cfg.val_fraction)
     elif cfg.source == "files" and not need_train and cfg.get("val"):
         train, val = [], _documents(_expand(cfg.val, "data.val"), fmt, errors)
     elif cfg.source == "files":
         if not cfg.get("train"):
             raise ConfigError("data=files needs data.train='<glob or list of files>'")
-        train = _documents(_expand(cfg.train, "data.train"), fmt, errors)
+        train_files = _expand(cfg.train, "data.train")
         if cfg.get("val"):
-            val = _documents(_expand(cfg.val, "data.val"), fmt, errors)
+            val_files = _expand(cfg.val, "data.val")
+            train = _documents(_without_val(train_files, val_files), fmt, errors)
+            val = _documents(val_files, fmt, errors)
         else:
-            train, val = split_documents(train, cfg.val_fraction)
+            train, val = split_documents(_documents(train_files, fmt, errors), cfg.val_fraction)
     else:
         raise ConfigError(f"unknown data.source={cfg.source!r}; choose bundled or files")
     return Corpus(cfg.name, train, val, field, errors, cfg.get("val_fraction", 0.0))

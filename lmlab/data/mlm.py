@@ -26,23 +26,30 @@ class MaskedLMDataModule(WindowDataModule):
         train,
         val,
         *,
+        seq_len: int,
         mask_prob: float = 0.15,
         p_mask: float = 0.8,
         p_random: float = 0.1,
         whole_word: bool = False,
         **kwargs,
     ) -> None:
-        self.check_settings(mask_prob=mask_prob, p_mask=p_mask, p_random=p_random)
+        self.check_settings(seq_len=seq_len, mask_prob=mask_prob, p_mask=p_mask, p_random=p_random)
         self.mask_prob, self.p_mask, self.p_random = mask_prob, p_mask, p_random
         self.whole_word = whole_word
         self.special = np.zeros(tokenizer.vocab_size, dtype=bool)
         self.special[tokenizer.special_ids] = True
         self.random_ids = np.flatnonzero(~self.special)
         self.word_table = tokenizer.word_start_table() if whole_word else None
-        super().__init__(tokenizer, train, val, **kwargs)
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @classmethod
-    def check_settings(cls, *, mask_prob: float, p_mask: float, p_random: float, **rest) -> None:
+    def check_settings(
+        cls, *, seq_len: int, mask_prob: float, p_mask: float, p_random: float, **rest
+    ) -> None:
+        if seq_len < 3:
+            raise ConfigError(
+                f"objective=mlm needs seq_len >= 3 (cls + tokens + sep), got {seq_len}; raise seq_len"
+            )
         if not 0 < mask_prob < 1:
             raise ConfigError(f"objective.mask_prob must be in (0, 1), got {mask_prob}")
         if p_mask < 0 or p_random < 0 or p_mask + p_random > 1:
@@ -54,11 +61,7 @@ class MaskedLMDataModule(WindowDataModule):
 
     @property
     def window_len(self) -> int:
-        if self.seq_len < 3:
-            raise ConfigError(
-                f"objective=mlm needs seq_len >= 3 (cls + tokens + sep), got {self.seq_len}"
-            )
-        return self.seq_len - 2
+        return self.seq_len - 2  # check_settings made sure it is at least 1
 
     def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, labels) of one example: exactly its row of any batch :meth:`make_batch` puts it

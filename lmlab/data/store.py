@@ -29,7 +29,9 @@ from lmlab.data.tokenizers import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+# 2: long documents are cut into pieces only for tokenizers that encode them exactly so (1 cut them
+# for every tokenizer, which put a "▁" at every piece's start with SentencePiece-style ones)
+STORE_VERSION = 2
 CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces so every core gets work
 BATCH_CHARS = 8 << 20  # texts handed to the tokenizer's parallel batch encoder at once
 
@@ -66,7 +68,8 @@ def _pieces(text: str) -> list[str]:
     """Cut a long text at line starts that begin a non-space character.
 
     With the GPT-2 pre-tokenizer regex a pre-token never spans such a boundary, so encoding the pieces
-    separately gives exactly the ids of encoding the whole text.
+    separately gives exactly the ids of encoding the whole text. Only for tokenizers where that holds
+    (:attr:`TextTokenizer.encodes_lines_apart`); :func:`_encode_stream` encodes others whole.
     """
     if len(text) <= CHUNK_CHARS:
         return [text]
@@ -86,6 +89,9 @@ def _encode_stream(
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Yield (ids of one document with eos appended, UTF-8 bytes of that document)."""
     eos = tokenizer.eos_id
+    # Cutting is only for speed (the batch encoder spreads pieces over the cores): never at the
+    # price of different ids.
+    cut = _pieces if tokenizer.encodes_lines_apart else lambda text: [text]
     batch: list[tuple[int, list[str]]] = []  # (bytes, pieces) per document
     size = 0
     bar = tqdm(
@@ -108,7 +114,7 @@ def _encode_stream(
             yield np.asarray(doc, dtype=np.int64), nbytes
 
     for text in texts:
-        pieces = _pieces(text)
+        pieces = cut(text)
         batch.append((len(text.encode("utf-8")), pieces))
         size += len(text)
         if size >= BATCH_CHARS:

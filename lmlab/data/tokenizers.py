@@ -9,6 +9,7 @@ the bits-per-byte metric divides by so runs with different tokenizers compare fa
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -54,10 +55,11 @@ def _byte_class(b: int) -> int:
 def word_starts(ids: np.ndarray, table: np.ndarray, special: np.ndarray) -> np.ndarray:
     """Bool per position: does this token begin a new word?
 
-    A token begins a word when it starts with whitespace, when its first character's class differs
-    from the previous token's last (letters -> punctuation, ...), after a special token, or at the
-    start. A single space attaches to the word that follows it (GPT-2's `` ?\\p{L}+``), and WordPiece
-    ``##`` pieces always continue.
+    A token begins a word when its table row says it always does (it starts with whitespace, or it
+    is a WordPiece piece without ``##``), when its first character's class differs from the previous
+    token's last (letters -> punctuation, ...), after a special token, or at the start. A single space
+    attaches to the word that follows it (GPT-2's `` ?\\p{L}+``), and WordPiece ``##`` pieces always
+    continue.
     """
     t = table[ids]
     starts = np.ones(len(ids), dtype=bool)
@@ -116,9 +118,24 @@ class TextTokenizer:
             for r in missing:
                 self.special[r] = self.tk.token_to_id(SPECIAL_TOKENS[r])
         self._token_bytes: np.ndarray | None = None
+        self._no_length_limits()
         # Text that happens to spell a special token ("<|eos|>") is encoded as plain text: only lmlab
         # itself inserts special ids, so corpora cannot forge document boundaries or masks.
         self.tk.encode_special_tokens = True
+
+    def _no_length_limits(self) -> None:
+        """Switch off the truncation and padding a tokenizer.json may carry (common in exports from
+        ``transformers``): lmlab encodes whole documents into the token store and cuts and pads
+        windows itself, so either would silently cut every document or fill the store with pads."""
+        for setting, switch_off in (
+            ("truncation", self.tk.no_truncation),
+            ("padding", self.tk.no_padding),
+        ):
+            if getattr(self.tk, setting) is not None:
+                log.info(
+                    "Tokenizer: switched off the file's %s (lmlab makes its own windows)", setting
+                )
+                switch_off()
 
     # -- ids -------------------------------------------------------------------------------------
     @property
@@ -182,17 +199,20 @@ class TextTokenizer:
         return out
 
     def word_start_table(self) -> np.ndarray:
-        """Per token id, as int8 columns: [starts with whitespace, class of first byte, class of last
+        """Per token id, as int8 columns: [always begins a word, class of first byte, class of last
         byte, is a continuation piece ("##…"), ends with a plain space]; classes 0 whitespace,
         1 letter, 2 digit, 3 other.
 
         :func:`word_starts` turns these into word boundaries that match the byte-level (GPT-2)
-        pre-tokenizer's pieces, so whole-word masking can work on token ids alone.
+        pre-tokenizer's pieces, so whole-word masking can work on token ids alone. A token always
+        begins a word when it starts with whitespace; with a WordPiece model (BERT), whose pieces
+        hold no spaces, when it is not a ``##`` continuation: its pre-tokenizer cut the text there.
         """
         if getattr(self, "_word_table", None) is not None:
             return self._word_table
         table = np.zeros((self.vocab_size, 5), dtype=np.int8)
         byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
+        wordpiece = isinstance(self.tk.model, models.WordPiece)
         for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
             if byte_level and all(c in CHAR_TO_BYTE for c in tok):
                 raw = bytes(CHAR_TO_BYTE[c] for c in tok)
@@ -201,7 +221,7 @@ class TextTokenizer:
             if not raw:
                 continue
             table[i] = (
-                _byte_class(raw[0]) == 0,
+                _byte_class(raw[0]) == 0 or (wordpiece and not tok.startswith("##")),
                 _byte_class(raw[0]),
                 _byte_class(raw[-1]),
                 tok.startswith("##"),
@@ -209,6 +229,32 @@ class TextTokenizer:
             )
         self._word_table = table
         return table
+
+    @property
+    def encodes_lines_apart(self) -> bool:
+        """Whether encoding a text cut at line starts that begin a non-space character, piece by
+        piece, gives exactly the ids of encoding it whole (:func:`lmlab.data.store._pieces`).
+
+        True for a GPT-2 style byte-level pre-tokenizer without a normalizer or a prefix space (its
+        regex never makes a pre-token span such a cut) and for lmlab's byte tokenizer (no regex, no
+        merges: one token per byte). Not for others: a SentencePiece-style ``Metaspace`` adds a
+        "▁" at the start of every piece, a prepending normalizer likewise, and merges across lines
+        are possible without the regex. Non-special added tokens that hold a newline could also be
+        cut apart.
+        """
+        pre = self.tk.pre_tokenizer
+        if self.tk.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel):
+            return False
+        if pre.add_prefix_space:
+            return False
+        added = self.tk.get_added_tokens_decoder().values()
+        if any("\n" in t.content for t in added if not t.special):
+            return False
+        return pre.use_regex or self._has_no_merges()
+
+    def _has_no_merges(self) -> bool:
+        model = json.loads(self.to_str())["model"]
+        return model.get("type") == "BPE" and not model.get("merges")
 
     # -- persistence -----------------------------------------------------------------------------
     def to_str(self) -> str:
