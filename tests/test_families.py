@@ -62,6 +62,13 @@ def test_encoder_padding_never_changes_real_outputs(positions):
     torch.testing.assert_close(a[:, :8], m(x[:, :8]), rtol=1e-4, atol=1e-5)  # = no padding at all
 
 
+def test_learned_positions_are_embedding_parameters():
+    """Kaplan et al.'s non-embedding N leaves out position embeddings as well as token ones."""
+    rope, learned = encoder(positions="rope"), encoder(positions="learned")
+    assert learned.num_params(False) == rope.num_params(False) + 64 * 32  # max_seq_len x d_model
+    assert learned.num_params(True) == rope.num_params(True)
+
+
 # -- encoder-decoder --------------------------------------------------------------------------------
 def test_encoder_decoder_decoder_is_causal_and_uses_the_encoder():
     m = encdec()
@@ -93,6 +100,24 @@ def test_encoder_decoder_padding_and_cached_decoding():
         nxt = m(src, seq, mask)[:, -1, :100].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq[:, 1:])
+
+
+def test_encoder_decoder_generates_at_most_max_target_len_tokens():
+    m = encdec(max_seq_len=16, max_target_len=4)  # the rotary table covers 16 positions
+    src = torch.randint(0, 100, (2, 16))
+    assert m.generate(src, 10, start_id=1, temperature=0).shape == (2, 4)
+    none = m.generate(src, 0, start_id=1)
+    assert none.shape == (2, 0) and none.dtype == torch.long
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        m.generate(src, -1, start_id=1)
+
+
+def test_decoder_generates_nothing_for_zero_new_tokens():
+    m = Decoder(DecoderConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 100, (2, 5))
+    assert torch.equal(m.generate(prompt, 0), prompt)  # the prompt, not an error about room
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        m.generate(prompt, -1)
 
 
 # -- prefix LM --------------------------------------------------------------------------------------

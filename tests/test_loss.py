@@ -56,6 +56,25 @@ def test_counts_correct_argmax_predictions_with_and_without_gradients():
     assert int(correct) == want and nll.requires_grad
 
 
+def test_non_finite_hidden_states_at_ignored_rows_add_nothing():
+    """As in F.cross_entropy, an ignored row's loss is dropped, not multiplied by 0 (NaN * 0 = NaN);
+    its gradients are zero and it adds nothing to the weight's gradient either."""
+    h1, w1, labels = inputs()
+    want = reference(h1, w1, labels)
+    want.backward()
+    h2, w2, _ = inputs()
+    with torch.no_grad():
+        h2[5], h2[36, 3] = float("nan"), float("inf")  # both ignored rows
+        torch.testing.assert_close(reference(h2, w2, labels), want)  # what F.cross_entropy does
+        nll, _ = linear_cross_entropy(h2, w2, labels, chunk_size=8)
+        torch.testing.assert_close(nll, want, rtol=1e-6, atol=1e-5)
+    got, _ = linear_cross_entropy(h2, w2, labels, chunk_size=8)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_tied_weight_also_receives_the_embedding_gradient():
     g = torch.Generator().manual_seed(1)
     emb = torch.nn.Embedding(V, C)

@@ -35,6 +35,43 @@ def test_perplexity_matches_torchmetrics_reference_and_exp_mean_loss():
     torch.testing.assert_close(ours.compute(), (nll / count).exp(), rtol=1e-6, atol=0)
 
 
+def test_perplexity_stays_exact_over_a_hundred_million_targets():
+    """float32 states (torchmetrics') are off by 1e-6 here; float64 / int64 only round the result."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(80_000, 160_000, (1000,), generator=g)  # 1.2e8 targets in all
+    nll_sums = (counts * (3.3 + 0.1 * torch.rand(1000, generator=g))).float()
+    ppl = Perplexity()
+    for nll_sum, count in zip(nll_sums, counts, strict=True):
+        ppl.update(nll_sum, count)
+    assert int(ppl.count) == int(counts.sum())
+    want = torch.exp(nll_sums.double().sum() / counts.sum())
+    torch.testing.assert_close(ppl.compute().double(), want, rtol=1e-7, atol=0)
+    # states merge by the sum that distributed sync uses, and reset to exact zeros
+    a, b = Perplexity(), Perplexity()
+    a.update(nll_sums[:500].sum(), counts[:500].sum())
+    b.update(nll_sums[500:].sum(), counts[500:].sum())
+    a.merge_state(b)
+    assert int(a.count) == int(counts.sum())
+    torch.testing.assert_close(a.compute().double(), want, rtol=1e-7, atol=0)
+    ppl.reset()
+    assert ppl.total_log_probs.dtype == torch.float64 and ppl.count.dtype == torch.int64
+    assert ppl.total_log_probs == 0 and ppl.count == 0
+
+
+def test_metric_states_keep_their_dtype_in_a_bf16_true_module():
+    """Lightning's bf16-true casts the whole LightningModule, metrics included."""
+    metrics = torch.nn.ModuleList([TargetMean(), Perplexity(), BitsPerByte()]).to(torch.bfloat16)
+    loss, ppl, bpb = metrics
+    assert (loss.total.dtype, ppl.total_log_probs.dtype, bpb.nll.dtype) == (torch.float64,) * 3
+    assert (loss.count.dtype, ppl.count.dtype, bpb.bytes.dtype) == (torch.int64,) * 3
+    for _ in range(3):  # 1000.0 + 1.0 is 1000.0 in bf16
+        loss.update(torch.tensor(1000.0), torch.tensor(1000))
+        loss.update(torch.tensor(1.0), torch.tensor(1))
+    assert loss.total == 3003.0
+    loss.reset()
+    assert loss.total.dtype == torch.float64  # the defaults were not cast either
+
+
 def test_target_mean_weights_batches_by_targets_and_keeps_nan():
     m = TargetMean()
     with pytest.warns(UserWarning, match="called before the ``update``"):

@@ -139,6 +139,27 @@ def test_rotary_kernel_equals_the_formula_forward_and_backward(dtype):
     torch.testing.assert_close(qkv.grad, want_grad, rtol=0, atol=1e-6)
 
 
+def test_rotary_tables_stay_float32_in_a_bf16_model():
+    """``model.to(bf16)`` (Lightning's bf16-true) must not round the tables: RoPE of bf16
+    activations is then the exact rotation rounded once to bf16, almost everywhere."""
+    m = tiny(n_heads=1, max_seq_len=512).to(torch.bfloat16)
+    fresh = Rotary(32, 512)
+    assert m.rotary.cos.dtype == m.rotary.sin.dtype == torch.float32
+    assert torch.equal(m.rotary.cos, fresh.cos) and torch.equal(m.rotary.sin, fresh.sin)
+    assert m.embed.weight.dtype == torch.bfloat16 and "rotary.cos" not in m.state_dict()
+
+    x = torch.randn(1, 1, 512, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    inv_freq = 1.0 / 10_000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    angles = torch.outer(torch.arange(512, dtype=torch.float64), inv_freq)
+    x1, x2 = x.double().chunk(2, dim=-1)
+    c, s = angles.cos(), angles.sin()
+    exact = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    got = apply_rotary(x, *m.rotary(0, 512)).double()
+    with_bf16_tables = apply_rotary(x, *(t.bfloat16() for t in m.rotary(0, 512))).double()
+    assert (got != exact.bfloat16().double()).float().mean() < 0.01  # bf16 tables: 26%
+    assert (got - exact).abs().mean() < 0.9 * (with_bf16_tables - exact).abs().mean()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_kernel_equals_pytorchs_forward_and_backward(dtype):
     norm = RMSNorm(24, eps=1e-5)
@@ -234,6 +255,16 @@ def test_sampling_top_k_and_top_p():
     assert abs(freq - probs[0].item()) < 0.05
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, top_p=0)
+
+
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    g = torch.Generator().manual_seed(0)
+    # all equal: top_k=1 is one fixed token, not a uniform draw over the vocabulary
+    assert len(set(sample_next(torch.zeros(1000, 5), top_k=1, generator=g).tolist())) == 1
+    # bf16 logits where 6 tokens tie for first place: 3 of them stay (each drawn ~1/3 of the time)
+    logits = torch.tensor([[1.0] * 6 + [0.0] * 4], dtype=torch.bfloat16).repeat(2000, 1)
+    drawn = set(sample_next(logits, top_k=3, generator=g).tolist())
+    assert len(drawn) == 3 and drawn <= set(range(6))
 
 
 def test_param_groups_decay_only_matrices():

@@ -92,6 +92,15 @@ class Rotary(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to the tables, dtype casts do not: ``module.to(torch.bfloat16)`` (what
+        Lightning's ``bf16-true`` does) would round the angles' cos/sin to bf16 (errors up to 2e-3)
+        while :func:`apply_rotary` rotates in float32. Cast tables are recomputed, not cast back."""
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = self._tables(self.cos.device)
+        return self
+
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start + length > self.max_seq_len:
             raise ValueError(
@@ -417,9 +426,14 @@ class Backbone(nn.Module):
         init_weights(self, self.depth, self.config.init_std)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the embedding (and tied head), as in Kaplan et al."""
+        """Parameter count; by default without the token embedding (and tied head) and a learned
+        position embedding (the encoder's ``pos_embed``), as Kaplan et al. (2020) count N."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        if not non_embedding:
+            return n
+        pos_embed = getattr(self, "pos_embed", None)
+        n -= self.embed.weight.numel()
+        return n - pos_embed.weight.numel() if pos_embed is not None else n
 
 
 def multiple_of(n: int, k: int) -> int:

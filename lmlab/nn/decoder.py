@@ -145,6 +145,10 @@ class Decoder(Backbone):
         The vocabulary padding rows are never sampled.
         """
         B, T0 = input_ids.shape
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return input_ids
         total = min(T0 + max_new_tokens, self.config.max_seq_len)
         if total <= T0:
             raise ValueError(

@@ -120,10 +120,16 @@ class EncoderDecoder(Backbone):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Decode up to ``max_new_tokens`` after ``start_id``; returns (B, n) without the start."""
+        """Decode up to ``max_new_tokens`` after ``start_id``; returns (B, n) without the start,
+        n <= ``config.max_target_len`` (the longest target the decoder is trained on; the shared
+        rotary table may be longer, for the encoder)."""
         B = input_ids.shape[0]
         c, p = self.config, self.embed.weight
-        steps = min(max_new_tokens, self.rotary.max_seq_len)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:  # no decoder step at all (a cache of 0 positions would refuse one)
+            return torch.empty(B, 0, dtype=torch.long, device=input_ids.device)
+        steps = min(max_new_tokens, c.max_target_len)
         memory = self.encode(input_ids, attention_mask)
         caches = [
             KVCache(B, c.n_kv_heads, steps, c.head_dim, device=p.device, dtype=p.dtype)

@@ -50,13 +50,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 y = labels[start : start + chunk_size]
                 target = y.clamp(min=0)[:, None]  # any class for ignored rows; masked below
                 valid = (y != IGNORE)[:, None]
+                if grads:
+                    # An ignored row must add exactly nothing, as in F.cross_entropy, even where its
+                    # hidden state is not finite (NaN * 0 is NaN): zeroed (N x C, not N x V), its
+                    # logits are finite, the masks below zero its loss and softmax gradient, and it
+                    # adds 0 * 0 to the weight's gradient, not 0 * NaN.
+                    h = torch.where(valid, h, 0)
                 z = torch.mm(h, w.t()).float()  # this chunk's logits
                 if count_correct:
                     correct += ((z.argmax(1, keepdim=True) == target) & valid).sum()
                 top = z.amax(1, keepdim=True)
                 nll = top - z.gather(1, target)
-                if not grads:
-                    total += ((nll + (z - top).exp().sum(1, keepdim=True).log()) * valid).sum()
+                if not grads:  # no gradients: dropping the ignored rows' (N, 1) losses is enough
+                    lse = (z - top).exp().sum(1, keepdim=True).log()
+                    total += torch.where(valid, nll + lse, 0).sum()
                     continue
                 # softmax(z) - onehot(y) in place of z; rows of ignored tokens are zero
                 z.sub_(top).exp_()

@@ -30,8 +30,10 @@ def sample_next(
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Exactly k survive: masking by ``logits < k-th value`` would keep every token tied with
+        # the k-th (all of them for equal logits, and common with bf16 logits).
+        values, ids = torch.topk(logits, top_k, dim=-1)  # (B, k)
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, ids, values)
     if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
