@@ -23,6 +23,7 @@ PEAK_BF16 = {
     "H100": 989e12,  # other H100 names (e.g. "H100 80GB HBM3" is the SXM part)
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,  # before "L4", which "NVIDIA L40" also contains
     "L4": 121e12,
     "A10G": 70e12,
     "RTX 4090": 165e12,

@@ -18,6 +18,7 @@ import math
 import netrc
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -74,10 +75,52 @@ def check_model(cfg: DictConfig) -> None:
             f"model.{unknown[0]} is not a setting of model={cfg.model.name}; its settings are "
             f"{', '.join(sorted(known))}"
         )
+    hints = typing.get_type_hints(config_class)
+    for key, value in settings.items():
+        if hints.get(key) in (int, float) and not _is_number(value, hints[key]):
+            raise ConfigError(f"model.{key}={value!r} is not {_A_NUMBER[hints[key]]}")
     try:
         config_class(**settings, vocab_size=1)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+_A_NUMBER = {int: "an integer", float: "a number"}
+# Numeric keys the early checks compare, and null where the key may be unset.
+NUMBERS = {
+    "seq_len": int,
+    "data.batch_size": int,
+    "global_batch_size": int | None,
+    "optim.lr": float,
+    "optim.warmup_steps": int,
+    "trainer.max_steps": int,
+}
+
+
+def _is_number(value, kind) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind is int else isinstance(value, int | float)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """A typed value given as text (``optim.lr=abc``) is named here, not met as a TypeError
+    inside a later check; ``trainer.max_steps`` must end the run (the schedule needs a length)."""
+    for key, kind in NUMBERS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and kind == int | None:
+            continue
+        base = int if kind in (int, int | None) else float
+        if not _is_number(value, base):
+            raise ConfigError(f"{key}={value!r} is not {_A_NUMBER[base]}")
+    if cfg.trainer.max_steps < 1 and not cfg.trainer.get("fast_dev_run"):
+        raise ConfigError(
+            f"trainer.max_steps={cfg.trainer.max_steps}: training needs a length (the learning-rate "
+            "schedule decays over it); set trainer.max_steps to a number of optimizer steps"
+        )
+    gbs = cfg.get("global_batch_size")
+    if gbs is not None and gbs < 1:
+        raise ConfigError(f"global_batch_size={gbs} must be >= 1 (or null: no accumulation)")
 
 
 def check_objective(cfg: DictConfig) -> None:
@@ -104,6 +147,7 @@ def check_objective(cfg: DictConfig) -> None:
 
 
 def check_settings(cfg: DictConfig) -> None:
+    check_numbers(cfg)
     check_model(cfg)
     check_objective(cfg)
     if cfg.seq_len < 1:
@@ -515,11 +559,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model, trainer, dm = objects["model"], objects["trainer"], objects["datamodule"]
     describe(objects)
     log_config(trainer, cfg)
+    status = "failed"  # what the loggers are told at the end, unless the run gets further
     try:
         with attention_kernel(cfg.get("attention"), uses_cuda(cfg.trainer)):
             try:
                 trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
             except SIGTERMException:
+                status = "preempted"
                 raise Preempted(
                     f"stopped by a preemption signal after step {trainer.global_step}; "
                     f"{objects['output_dir'] / 'checkpoints' / 'last.ckpt'} holds it: resume with "
@@ -551,8 +597,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     metrics["train/tokens_per_sec"],
                     "" if mfu is None else f", MFU {100 * mfu:.1f}%",
                 )
+        status = "success"
     finally:
-        finish_loggers(trainer)
+        finish_loggers(trainer, status)
     return metrics, objects
 
 
@@ -577,11 +624,14 @@ def log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
             logger.log_hyperparams(flat)
 
 
-def finish_loggers(trainer: L.Trainer) -> None:
-    """Always close W&B runs at job end, or a multirun would merge its jobs into one run."""
+def finish_loggers(trainer: L.Trainer, status: str = "success") -> None:
+    """Always close W&B runs at job end, or a multirun would merge its jobs into one run.
+    ``status``: success, preempted (ends as success: the run resumes under the same W&B id) or
+    failed (a crash or a non-finite loss: W&B marks the run failed)."""
+    failed = status == "failed"
     for logger in trainer.loggers:
-        logger.finalize("success")
+        logger.finalize("failed" if failed else "success")
         if isinstance(logger, WandbLogger):
             import wandb
 
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else 0)

@@ -601,6 +601,11 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
             ["trainer=ddp_sim", "trainer.use_distributed_sampler=true"],
             r"use_distributed_sampler=true with 2 processes would shard lmlab's already sharded",
         ),
+        # values of the wrong type or range, named instead of met as a TypeError later
+        (["optim.lr=abc"], r"optim.lr='abc' is not a number"),
+        (["model.n_layers=two"], r"model.n_layers='two' is not an integer"),
+        (["global_batch_size=-16"], r"global_batch_size=-16 must be >= 1"),
+        (["trainer.max_steps=-1"], r"trainer.max_steps=-1: training needs a length"),
         # module settings checked by their own parsers
         (["attention=cudnn"], r"attention='cudnn': cudnn attention needs a CUDA GPU"),
         (["attention=[flash,fast]"], r"fast is not a kernel; use auto, one of cudnn"),

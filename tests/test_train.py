@@ -229,7 +229,7 @@ def test_wandb_offline_run_gets_config_tags_group_and_is_finished(tiny_cfg, tmp_
     seen = {}
     finish = lmlab_train.finish_loggers
 
-    def spy(trainer):
+    def spy(trainer, status):
         (wb,) = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         run = wb.experiment
         seen.update(
@@ -237,8 +237,9 @@ def test_wandb_offline_run_gets_config_tags_group_and_is_finished(tiny_cfg, tmp_
             group=run.group,
             config=dict(run.config),
             summary={k: run.summary[k] for k in ("val/loss", "val/bpb")},
+            status=status,
         )
-        finish(trainer)
+        finish(trainer, status)
 
     monkeypatch.setattr(lmlab_train, "finish_loggers", spy)
     out = tmp_path / "wb"
@@ -246,7 +247,7 @@ def test_wandb_offline_run_gets_config_tags_group_and_is_finished(tiny_cfg, tmp_
         tiny_cfg("logger=wandb", "wandb_group=sweep-7", "tags=[mine]", output_dir=out)
     )
     assert seen["tags"] == {"model:decoder", "objective:clm", "data:files", "tokenizer:bpe", "mine"}
-    assert seen["group"] == "sweep-7"
+    assert seen["group"] == "sweep-7" and seen["status"] == "success"
     assert seen["config"]["model.n_layers"] == 2  # resolved and flat
     assert seen["config"]["paths.output_dir"] == str(out)
     assert seen["config"]["model.max_seq_len"] == 32  # ${seq_len} resolved
@@ -254,6 +255,36 @@ def test_wandb_offline_run_gets_config_tags_group_and_is_finished(tiny_cfg, tmp_
     assert wandb.run is None  # finished at the end of the job
     assert list((out / "wandb").glob("offline-run-*"))
     assert (out / "metrics.csv").is_file()  # csv stays on
+
+
+def test_a_crashed_run_is_finished_as_failed_in_wandb(tiny_cfg, tmp_path, monkeypatch):
+    """A run that stops on an error (here a NaN loss) ends its W&B run with a failing exit code,
+    not as a success."""
+    import wandb
+
+    from lmlab.errors import NonFiniteLoss
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    codes, real_finish = [], wandb.finish
+
+    def finish(*args, exit_code=None, **kw):
+        codes.append(exit_code)
+        return real_finish(*args, exit_code=exit_code, **kw)
+
+    def nan_at_step_2(self, batch):
+        out = original(self, batch)
+        if self.training and self.global_step == 2:
+            return (out[0] * float("nan"), *out[1:])
+        return out
+
+    original = LMModule.nll
+    monkeypatch.setattr(wandb, "finish", finish)
+    monkeypatch.setattr(LMModule, "nll", nan_at_step_2)
+    with pytest.raises(NonFiniteLoss):
+        train(tiny_cfg("logger=wandb", output_dir=tmp_path / "nan"))
+    monkeypatch.setattr(LMModule, "nll", original)
+    train(tiny_cfg("logger=wandb", output_dir=tmp_path / "fine"))
+    assert codes == [1, 0]
 
 
 def test_wandb_resume_continues_the_same_run_and_sweep_identity(tiny_cfg, tmp_path, monkeypatch):
@@ -266,9 +297,9 @@ def test_wandb_resume_continues_the_same_run_and_sweep_identity(tiny_cfg, tmp_pa
     ids = []
     finish = lmlab_train.finish_loggers
 
-    def spy(trainer):
+    def spy(trainer, status):
         ids.extend(lg.experiment.id for lg in trainer.loggers if isinstance(lg, WandbLogger))
-        finish(trainer)
+        finish(trainer, status)
 
     monkeypatch.setattr(lmlab_train, "finish_loggers", spy)
     out = tmp_path / "wb"
