@@ -1,6 +1,8 @@
 """``python -m lmlab [group=option ...] [key=value ...]``: train one model (or a sweep with ``-m``).
 
-Returns the value of ``optimized_metric`` (default ``val/bpb``) so Hydra sweepers can minimise it.
+Returns the value of ``optimized_metric`` (default ``val/bpb``) so Hydra sweepers can minimise it; a
+name that lmlab does not report (``lmlab.sweep.METRICS``) is refused before any training. A
+preemption stops a run, a search, or a whole sweep, with status 0 and how to resume it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger("lmlab")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lmlab.sweep import check_optimized_metric, finished_job, record_preempted
     from lmlab.train import train
 
     # Lightning attaches its own console handler at import; Hydra's root handler already prints
@@ -28,6 +31,7 @@ def main(cfg: DictConfig) -> float | None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    metric = cfg.get("optimized_metric")
     if cfg.get("hparams_search"):
         from lmlab.search import run_search
 
@@ -36,12 +40,28 @@ def main(cfg: DictConfig) -> float | None:
         except ConfigError as e:
             log.error("%s", e)
             sys.exit(2)
+        except Preempted as e:
+            log.warning("%s", e)
+            sys.exit(0)  # a clean stop, as for one run: re-running the search resumes it
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # In a sweep, errors must reach Hydra as exceptions: it records the job as failed and runs
-        # the others (sys.exit would end the whole sweep).
-        metrics, _ = train(cfg)
-        return metrics.get(cfg.get("optimized_metric") or "")
+        # the others (sys.exit would end the whole sweep). A bad metric name fails every job at
+        # once, before any training.
+        check_optimized_metric(metric)
+        done = finished_job(cfg)
+        if done is not None:  # a resumed sweep (ckpt_path=auto): this job had finished
+            log.info("Already trained to step %d: skipped", done["trainer/global_step"])
+            return done.get(metric or "")
+        try:
+            metrics, _ = train(cfg)
+        except Preempted as e:
+            # ... except a preemption, which must end the whole sweep: the scheduler kills the
+            # process soon, so a next job would die mid-step, and nothing would resume this one.
+            log.warning("%s", record_preempted(e))
+            sys.exit(0)  # a clean stop, as for one run: re-running the sweep resumes it
+        return metrics.get(metric or "")
     try:
+        check_optimized_metric(metric)
         metrics, _ = train(cfg)
     except ConfigError as e:
         log.error("%s", e)
@@ -52,8 +72,7 @@ def main(cfg: DictConfig) -> float | None:
     except Preempted as e:
         log.warning("%s", e)
         sys.exit(0)  # a clean stop: the scheduler's requeue (or you) resumes it
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return value
+    return metrics.get(metric or "")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import secrets
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 RUN_ID_FILE = "wandb_run_id"  # in the run dir: a resumed run continues the same W&B run
 
@@ -35,6 +37,49 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    @rank_zero_only
+    def drop_rows_from(self, step: int) -> int:
+        """Remove the rows of metrics.csv (and of the writer's unsaved buffer) whose ``step`` is
+        ``step`` or later; returns how many rows of the file went.
+
+        A run that crashed after its last checkpoint logged steps that the resumed run trains and
+        logs again: without this, metrics.csv holds both copies. Lightning's ``step`` column is the
+        number of optimizer steps finished *before* the row's step (the rows of global step k+1,
+        train and validation, say ``step`` k), so after a restore at ``trainer.global_step`` k the
+        crashed run's rows from ``step`` k on are the ones to drop. The file is rewritten to a
+        temporary name and renamed (a crash leaves the old file or the new one, never half of
+        one), keeping its header; rows without a readable step are kept. Works before and after
+        the writer was created (it is created lazily, at the first metrics)."""
+        if self._experiment is not None:
+            self._experiment.metrics = [
+                m for m in self._experiment.metrics if not _at_or_after(m.get("step"), step)
+            ]
+        path = os.path.join(self.log_dir, _AppendingWriter.NAME_METRICS_FILE)
+        if not os.path.isfile(path):
+            return 0
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fieldnames = list(reader.fieldnames or [])
+            rows = list(reader)
+        kept = [r for r in rows if not _at_or_after(r.get("step"), step)]
+        if len(kept) == len(rows):
+            return 0
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+        return len(rows) - len(kept)
+
+
+def _at_or_after(value, step: int) -> bool:
+    """Whether a CSV row's ``step`` cell (a string in the file, an int in the buffer) is >= step."""
+    try:
+        return int(float(value)) >= step
+    except (TypeError, ValueError):
+        return False
 
 
 def sweep_identity(sweep_dir: str, override_dirname: str) -> tuple[str, str | None]:

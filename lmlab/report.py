@@ -33,7 +33,12 @@ from lmlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# keys whose product is the number of tokens one optimizer step consumes (1 where missing / not an int)
+# the x axis of the learning curves: input tokens trained on, logged by lmlab.callbacks.Throughput
+# on the training rows it writes and with every validation
+TOKENS_SEEN = "train/tokens_seen"
+# Runs from before that column: keys whose product is the number of tokens one optimizer step
+# consumes (1 where missing / not an int). Only an estimate: wrong where the accumulation is derived
+# at run time (global_batch_size) or the device count is not an int (trainer.devices=auto).
 TOKENS_PER_STEP_KEYS = (
     "data.batch_size",
     "seq_len",
@@ -73,7 +78,8 @@ class Run:
     summary: dict[str, float]  # summary.json; empty for an unfinished run
     curves: dict[str, tuple[list[float], list[float]]]  # metric -> (tokens seen, values), by step
     status: str  # "finished" (summary.json present) or "unfinished"
-    tokens_per_step: int = 1
+    tokens_per_step: int = 1  # from the config: the x axis where train/tokens_seen is missing
+    tokens_logged: bool = False  # metrics.csv has train/tokens_seen: the x axis is exact
     notes: list[str] = field(default_factory=list)  # problems met while reading the folder
 
 
@@ -123,13 +129,19 @@ def read_tokens_per_step(config_path: Path) -> int:
 def read_metrics_csv(path: Path) -> dict[str, dict[int, float]]:
     """metric -> {step: value}. A step logged twice (a resumed run) keeps its last value; empty
     cells (a row holds a subset of the metrics) and non-finite values are skipped."""
-    by_metric: dict[str, dict[int, float]] = {}
+    return {m: {s: v for s, (_, v) in by_step.items()} for m, by_step in _read_rows(path).items()}
+
+
+def _read_rows(path: Path) -> dict[str, dict[int, tuple[float | None, float]]]:
+    """metric -> {step: (train/tokens_seen of the same row or None, value)}, as read_metrics_csv."""
+    by_metric: dict[str, dict[int, tuple[float | None, float]]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             try:
                 step = int(float(row.get("step") or ""))
             except ValueError:
                 continue
+            values = {}
             for key, cell in row.items():
                 if key in (None, "step", "epoch") or not cell:
                     continue
@@ -138,8 +150,37 @@ def read_metrics_csv(path: Path) -> dict[str, dict[int, float]]:
                 except (TypeError, ValueError):
                     continue
                 if math.isfinite(value):
-                    by_metric.setdefault(key, {})[step] = value
+                    values[key] = value
+            tokens = values.get(TOKENS_SEEN)
+            for key, value in values.items():
+                by_metric.setdefault(key, {})[step] = (tokens, value)
     return by_metric
+
+
+def read_curves(
+    path: Path, tokens_per_step: int
+) -> tuple[dict[str, tuple[list[float], list[float]]], bool]:
+    """(metric -> (tokens seen, values) by step, whether tokens seen were logged) from metrics.csv.
+
+    Each value is placed at the ``train/tokens_seen`` logged in its own row (Lightning writes a
+    validation's metrics and tokens seen in one row); a row without it (the learning rate, the
+    validation after training) takes the last one logged at its step or before. Only runs that
+    never logged it (older runs) fall back to ``(step + 1) * tokens_per_step`` from the config:
+    Lightning's ``step`` counts the optimizer steps finished before the row's step."""
+    rows = _read_rows(path)
+    logged = sorted((s, t) for s, (t, _) in rows.get(TOKENS_SEEN, {}).items() if t is not None)
+    curves = {}
+    for metric, by_step in rows.items():
+        steps = sorted(by_step)
+        xs = []
+        for s in steps:
+            tokens = by_step[s][0]
+            if tokens is None:
+                before = [t for ls, t in logged if ls <= s]
+                tokens = before[-1] if before else float((s + 1) * tokens_per_step)
+            xs.append(float(tokens))
+        curves[metric] = (xs, [by_step[s][1] for s in steps])
+    return curves, bool(logged)
 
 
 def read_run(path: Path, sweep_dir: Path) -> Run:
@@ -165,17 +206,14 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
         except (json.JSONDecodeError, AttributeError) as e:
             notes.append(f"unreadable summary.json: {e}")
     tokens_per_step = read_tokens_per_step(path / ".hydra" / "config.yaml")
-    curves = {}
+    curves, tokens_logged = {}, False
     if (path / "metrics.csv").is_file():
-        for metric, values in read_metrics_csv(path / "metrics.csv").items():
-            steps = sorted(values)
-            curves[metric] = (
-                [float((s + 1) * tokens_per_step) for s in steps],
-                [values[s] for s in steps],
-            )
+        curves, tokens_logged = read_curves(path / "metrics.csv", tokens_per_step)
     rel = path.relative_to(sweep_dir).as_posix()
     name = ", ".join(f"{k}={v}" for k, v in overrides.items()) or (path.name if rel == "." else rel)
-    return Run(name, path, overrides, summary, curves, status, tokens_per_step, notes)
+    return Run(
+        name, path, overrides, summary, curves, status, tokens_per_step, tokens_logged, notes
+    )
 
 
 def collect_runs(sweep_dir: str | Path) -> list[Run]:
@@ -509,7 +547,7 @@ def render(runs: list[Run], sweep_dir: Path, metric: str, maximize: bool = False
             + "</ul>"
         )
     parts += ["<h2>Final metrics</h2>", runs_table(runs, metric), "<h2>Learning curves</h2>"]
-    if any(r.tokens_per_step == 1 for r in runs):
+    if any(r.tokens_per_step == 1 and not r.tokens_logged for r in runs):
         parts.append(
             "<p>Some runs have no readable <code>.hydra/config.yaml</code> batch size / seq_len: "
             "their x-axis counts steps, not tokens.</p>"

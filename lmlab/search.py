@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, Preempted
 from lmlab.sweep import append_row
 
 log = logging.getLogger("lmlab")
@@ -35,16 +35,32 @@ def suggest(trial, name: str, spec: dict) -> Any:
     raise ConfigError(f"hparams_search.params.{name}.type={kind!r}; use float, int or categorical")
 
 
+class _TrialFailed(Exception):
+    """A trial's training failed (recorded in sweep_summary.csv): the search goes on. Everything
+    else the objective raises (a preemption, a bug of the search itself) stops it."""
+
+
 def run_search(cfg: DictConfig) -> dict[str, Any]:
-    """Run the study described by ``cfg.hparams_search``; returns the best trial's value and params."""
+    """Run the study described by ``cfg.hparams_search``; returns the best trial's value and params.
+
+    A preemption (:class:`~lmlab.errors.Preempted`: the trial saved ``last.ckpt`` and stopped)
+    stops the whole search at once: the scheduler kills the process soon, and a next trial would
+    die mid-step. The preempted trial is recorded as ``preempted`` in sweep_summary.csv and, in the
+    study, as failed with the user attribute ``preempted``; it does not count towards ``n_trials``.
+    Re-running the search (same command and run dir) first resumes it: a new trial with the same
+    parameters (enqueued, user attribute ``resumes``: the folder's number) continues in the
+    preempted trial's folder from its ``last.ckpt``, and its row replaces the preempted one.
+    """
     import optuna
 
+    from lmlab.sweep import check_optimized_metric
     from lmlab.train import train
 
     hs = cfg.hparams_search
     root = Path(cfg.paths.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     metric = cfg.optimized_metric
+    check_optimized_metric(metric, required=True)  # before any trial trains
     for key in hs.params:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"hparams_search.params has {key!r}, which is not a config key")
@@ -55,41 +71,63 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         sampler=optuna.samplers.TPESampler(seed=hs.sampler_seed),
         load_if_exists=True,
     )
+    if hs.sampler_seed is not None and study.trials:
+        # A resumed search: a sampler seeded as at the start would draw the first trials' random
+        # values again (TPE samples at random until it has enough trials); offset by the trials
+        # so far, it stays reproducible and draws new ones.
+        study.sampler = optuna.samplers.TPESampler(seed=hs.sampler_seed + len(study.trials))
 
     def objective(trial) -> float:
         values = {k: suggest(trial, k, dict(spec)) for k, spec in hs.params.items()}
-        out = root / "trials" / str(trial.number)
+        folder = trial.user_attrs.get("resumes", trial.number)  # a preempted trial's, resumed
+        out = root / "trials" / str(folder)
+        trial.set_user_attr("output_dir", str(out))
         trial_cfg = cfg.copy()
         with open_dict(trial_cfg):
             del trial_cfg["hparams_search"]
             for k, v in values.items():
                 OmegaConf.update(trial_cfg, k, v, merge=False)
             trial_cfg.paths.output_dir = str(out)
+            if "resumes" in trial.user_attrs and (out / "checkpoints" / "last.ckpt").exists():
+                trial_cfg.ckpt_path = "last"
         overrides = [f"{k}={v}" for k, v in values.items()]
         (out / ".hydra").mkdir(parents=True, exist_ok=True)
         (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
         OmegaConf.save(trial_cfg, out / ".hydra" / "config.yaml")
-        t0, row = time.perf_counter(), {"job": trial.number, "overrides": " ".join(overrides)}
+        t0, row = time.perf_counter(), {"job": folder, "overrides": " ".join(overrides)}
         try:
             metrics, _ = train(trial_cfg)
-        except Exception as e:  # a failed trial is recorded and the search goes on
+        except Exception as e:  # a failed trial is recorded; the search goes on unless preempted
+            preempted = isinstance(e, Preempted)
             append_row(
                 root / "sweep_summary.csv",
                 row
                 | {
-                    "status": "failed",
+                    "status": "preempted" if preempted else "failed",
                     "error": f"{type(e).__name__}: {e}",
                     "wall_s": round(time.perf_counter() - t0, 3),
                     "output_dir": str(out),
                 },
             )
-            raise
+            if preempted:
+                trial.set_user_attr("preempted", True)
+                raise Preempted(
+                    f"search stopped: trial {trial.number} ({out}) {str(e).split('; ', 1)[0]}; "
+                    f"{out / 'checkpoints' / 'last.ckpt'} holds it: resume the search by re-running "
+                    f"the same command with hydra.run.dir={root} (the trial continues from its "
+                    "last.ckpt, then the remaining trials run)"
+                ) from e
+            raise _TrialFailed(f"{type(e).__name__}: {e}") from e
+        metrics = dict(metrics)
+        if "wall_s" in metrics:  # train() alone: kept apart from the trial's wall time below
+            metrics["train_wall_s"] = metrics.pop("wall_s")
         append_row(
             root / "sweep_summary.csv",
             row
             | metrics
             | {
                 "status": "completed",
+                "wall_s": round(time.perf_counter() - t0, 3),
                 "output_dir": str(out),
             },
         )
@@ -98,17 +136,33 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             raise optuna.TrialPruned(f"{metric} is {value}")
         return value
 
-    done = sum(t.state.is_finished() for t in study.trials)
-    study.optimize(objective, n_trials=max(0, hs.n_trials - done), catch=(Exception,))
+    resume_preempted(study)
+    done = sum(t.state.is_finished() and not t.user_attrs.get("preempted") for t in study.trials)
+    study.optimize(objective, n_trials=max(0, hs.n_trials - done), catch=(_TrialFailed,))
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise ConfigError(f"no trial of the search completed; see {root / 'sweep_summary.csv'}")
     best = {
         "value": study.best_value,
         "params": study.best_params,
         "trial": study.best_trial.number,
+        "output_dir": study.best_trial.user_attrs.get("output_dir"),
         "metric": metric,
         "n_trials": len(study.trials),
     }
     (root / "best.json").write_text(json.dumps(best, indent=2))
     log.info("Best %s = %.4f (trial %d): %s", metric, best["value"], best["trial"], best["params"])
     return best
+
+
+def resume_preempted(study) -> None:
+    """Enqueue a resumption of every preempted trial not resumed yet: Optuna runs enqueued trials
+    first, with their parameters fixed; ``resumes`` names the folder (the first trial's number,
+    also when a resumption was preempted in turn)."""
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if not t.user_attrs.get("preempted"):
+            continue
+        folder = t.user_attrs.get("resumes", t.number)
+        if not any(u.number > t.number and u.user_attrs.get("resumes") == folder for u in trials):
+            study.enqueue_trial(t.params, user_attrs={"resumes": folder})
+            log.info("Resuming preempted trial %d (folder trials/%d) first", t.number, folder)

@@ -172,6 +172,63 @@ def test_tokens_per_step_defaults_to_one_for_missing_or_non_int_keys(tmp_path: P
     assert b.curves["train/loss"][0] == [1.0, 2.0]
 
 
+def test_curves_use_the_logged_tokens_seen_not_the_config(tmp_path: Path) -> None:
+    """global_batch_size derives the accumulation at run time and trainer.devices=auto the device
+    count: the config's product (4 x 32 = 128 per step here) is wrong, the logged count is not."""
+    config = (
+        "seq_len: 32\nglobal_batch_size: 24\ndata:\n  batch_size: 4\n"
+        "trainer:\n  devices: auto\n  accumulate_grad_batches: 1\n"
+    )
+    per_step = 24 * 32  # what Throughput counted: 3 micro-batches x 2 devices x 4 x 32
+    rows = []
+    for s in range(6):
+        rows.append({"step": s, "lr-AdamW": 1e-3})  # LearningRateMonitor: no tokens seen
+        rows.append(
+            {
+                "epoch": 0,
+                "step": s,
+                "train/loss": 5 / (s + 1),
+                "train/tokens_seen": per_step * (s + 1),
+            }
+        )
+        if s in (2, 5):
+            rows.append(
+                {
+                    "epoch": 0,
+                    "step": s,
+                    "val/bpb": 1 / (s + 1),
+                    "train/tokens_seen": per_step * (s + 1),
+                }
+            )
+    rows.append({"epoch": 0, "step": 6, "val/bpb": 0.125})  # the validation after training
+    rows += [  # a resumed run logs steps 4 and 5 again: the last value of a step wins
+        {"epoch": 0, "step": 4, "train/loss": 0.4, "train/tokens_seen": per_step * 5},
+        {"epoch": 0, "step": 5, "train/loss": 0.3, "train/tokens_seen": per_step * 6},
+    ]
+    run_dir = tmp_path / "run"
+    write_run(run_dir, [], [], None, config=config)
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(
+            f,
+            fieldnames=["epoch", "lr-AdamW", "step", "train/loss", "train/tokens_seen", "val/bpb"],
+        )
+        w.writeheader()
+        w.writerows(rows)
+    (run,) = collect_runs(run_dir)
+    assert run.tokens_per_step == 4 * 32 and run.tokens_logged
+    tokens, values = run.curves["train/loss"]
+    assert tokens == [float(per_step * (s + 1)) for s in range(6)]
+    assert values == [5.0, 2.5, 5 / 3, 1.25, 0.4, 0.3]
+    # the final validation has no tokens of its own: the last ones logged (all 6 steps)
+    assert run.curves["val/bpb"] == (
+        [per_step * 3.0, per_step * 6.0, per_step * 6.0],
+        [1 / 3, 1 / 6, 0.125],
+    )
+    assert run.curves["lr-AdamW"][0] == [float(per_step * (s + 1)) for s in range(6)]
+    page = build_report(run_dir).read_text()
+    assert "their x-axis counts steps" not in page
+
+
 def test_swept_parameters_are_the_keys_that_differ(sweep: Path) -> None:
     runs = collect_runs(sweep)
     assert swept_parameters(runs) == ["model", "optim.lr"]

@@ -328,13 +328,14 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tm
             assert ref.poll() is None, (tmp_path / "uninterrupted.log").read_text()[-4000:]
             assert time.monotonic() < deadline, "the first run did not start in time"
             time.sleep(0.05)
-        # Paused before step 7: last.ckpt holds step 6 (every 2 steps); the run logged step 6 too.
+        # Paused before step 10: last.ckpt holds step 8 (every 2 steps), and the run logged step 9
+        # too (its row says step 8: Lightning's step column counts the steps done before it).
         marker = tmp_path / "paused"
-        pause = [f"+callbacks.pause._target_={__name__}.PauseAt", "+callbacks.pause.step=7"]
+        pause = [f"+callbacks.pause._target_={__name__}.PauseAt", "+callbacks.pause.step=9"]
         run = start(tmp_path, run_dir, *pause, f"+callbacks.pause.marker={marker}")
         while not marker.is_file():
             assert run.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the run to kill did not reach step 7 in time"
+            assert time.monotonic() < deadline, "the run to kill did not reach step 9 in time"
             time.sleep(0.05)
         run.send_signal(signal.SIGKILL)
         assert run.wait(timeout=60) == -signal.SIGKILL
@@ -343,12 +344,16 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tm
             p.kill()
         raise
     last = run_dir / "checkpoints" / "last.ckpt"
-    step = ckpt_step(last)  # 6; 7 if the validation at step 7 also refreshes last.ckpt
-    assert step in (6, 7)
+    step = ckpt_step(last)
+    assert step == 8
     assert_loader_state(last, *divmod(step, RUN_BATCHES_PER_EPOCH))
 
     resumed_log = finish(start(tmp_path, run_dir, "ckpt_path=last"), tmp_path, run_dir)
     finish(ref, tmp_path, ref_dir)
-    # The killed run logged step 6 after its checkpoint; train_rows keeps the resumed run's row.
+    # The killed run logged a step after its checkpoint; the resumed run dropped that row before
+    # logging the step again: one row per step, as in the uninterrupted run.
     assert_continues_exactly(ref_dir, run_dir, step)
+    for d in (ref_dir, run_dir):
+        steps = [r["step"] for r in csv.DictReader((d / "metrics.csv").open()) if r["train/loss"]]
+        assert len(steps) == len(set(steps)) == MAX_STEPS
     assert "dataloader is not resumable" not in resumed_log

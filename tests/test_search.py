@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, Preempted
 from lmlab.search import run_search
 
 
@@ -57,3 +57,85 @@ def test_unknown_search_key_is_refused(tiny_cfg):
     )
     with pytest.raises(ConfigError, match=r"'optim\.lrr', which is not a config key"):
         run_search(cfg)
+
+
+class FakeTrain:
+    """Stands in for lmlab.train.train: the first call is preempted after saving last.ckpt (as
+    train() raises it), later calls finish at once with val/bpb = the sampled lr."""
+
+    def __init__(self, preempt_first: bool = True):
+        self.calls: list = []
+        self.preempt_first = preempt_first
+
+    def __call__(self, cfg):
+        out = Path(cfg.paths.output_dir)
+        self.calls.append((out, cfg.get("ckpt_path"), cfg.optim.lr))
+        if self.preempt_first and len(self.calls) == 1:
+            (out / "checkpoints").mkdir(parents=True)
+            (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
+            raise Preempted(
+                f"stopped by a preemption signal after step 3; {out}/checkpoints/last.ckpt holds "
+                f"it: resume with ckpt_path=last hydra.run.dir={out}"
+            )
+        return {"val/bpb": cfg.optim.lr, "wall_s": 1000.0}, {}
+
+
+LR_SPACE = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
+
+def test_a_preempted_trial_stops_the_search_and_is_resumed_first(tiny_cfg, monkeypatch):
+    import optuna
+
+    fake = FakeTrain()
+    monkeypatch.setattr("lmlab.train.train", fake)
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=2"), LR_SPACE)
+    root = Path(cfg.paths.output_dir)
+    with pytest.raises(Preempted, match=rf"trial 0 .*hydra\.run\.dir={root} "):
+        run_search(cfg)
+    assert len(fake.calls) == 1  # no next trial was started
+    (row,) = csv.DictReader((root / "sweep_summary.csv").open())
+    assert (row["job"], row["status"]) == ("0", "preempted")
+    assert row["output_dir"] == str(root / "trials" / "0")
+    study = optuna.load_study(study_name="lmlab", storage=f"sqlite:///{root / 'optuna.db'}")
+    (t0,) = study.trials
+    assert t0.state == optuna.trial.TrialState.FAIL and t0.user_attrs["preempted"] is True
+
+    best = run_search(cfg)  # the same command again: resumes the search
+    first_lr = fake.calls[0][2]
+    # the preempted trial continues in its folder from last.ckpt with its parameters, then the
+    # one trial still owed runs: the preempted attempt counts towards nothing
+    assert fake.calls[1] == (root / "trials" / "0", "last", first_lr)
+    assert fake.calls[2][:2] == (root / "trials" / "2", None) and len(fake.calls) == 3
+    assert fake.calls[2][2] != first_lr  # a resumed search samples anew, not trial 0's values
+    assert not (root / "trials" / "1").exists()
+    rows = list(csv.DictReader((root / "sweep_summary.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("2", "completed")]
+    assert float(rows[0]["val/bpb"]) == first_lr  # the resumed trial's row replaced the preempted
+    states = [t.state for t in optuna.load_study(study_name="lmlab", storage=study._storage).trials]
+    assert states == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 2
+    assert best["n_trials"] == 3 and best["value"] == min(first_lr, fake.calls[2][2])
+    assert run_search(cfg)["n_trials"] == 3  # nothing left to resume or run
+
+
+def test_trial_rows_measure_wall_time_alike_whatever_the_status(tiny_cfg, monkeypatch):
+    fake = FakeTrain(preempt_first=False)
+    monkeypatch.setattr("lmlab.train.train", fake)
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=1"), LR_SPACE)
+    run_search(cfg)
+    (row,) = csv.DictReader((Path(cfg.paths.output_dir) / "sweep_summary.csv").open())
+    # wall_s: the trial as the search timed it (a failed trial's too); summary.json's own is apart
+    assert float(row["train_wall_s"]) == 1000.0 and 0 <= float(row["wall_s"]) < 60
+
+
+@pytest.mark.parametrize("name", ["val/bpbb", "bpb", None])
+def test_an_unknown_optimized_metric_is_refused_before_any_trial(tiny_cfg, monkeypatch, name):
+    def train(cfg):
+        raise AssertionError("no trial may train")
+
+    monkeypatch.setattr("lmlab.train.train", train)
+    cfg = small_space(tiny_cfg("hparams_search=optuna"), LR_SPACE)
+    with open_dict(cfg):
+        cfg.optimized_metric = name
+    with pytest.raises(ConfigError, match=r"optimized_metric.*one of val/loss, .*val/bpb, "):
+        run_search(cfg)
+    assert not (Path(cfg.paths.output_dir) / "optuna.db").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import re
 import struct
@@ -65,9 +66,12 @@ def test_two_by_two_sweep_writes_four_runs_and_the_summary(tmp_path):
             job_dir / "metrics.csv"
         ).is_file()
         summary = json.loads((job_dir / "summary.json").read_text())
-        assert r["status"] == "completed" and float(r["wall_s"]) > 0
+        assert r["status"] == "completed"
+        # wall_s: the whole job, timed like a failed job's; summary.json's (train() alone) apart
+        assert float(r["wall_s"]) >= float(r["train_wall_s"]) == pytest.approx(summary["wall_s"])
         for key, value in summary.items():
-            assert float(r[key]) == pytest.approx(value, rel=1e-12), key
+            if key != "wall_s":
+                assert float(r[key]) == pytest.approx(value, rel=1e-12), key
 
 
 @pytest.mark.slow
@@ -215,3 +219,245 @@ def test_offline_wandb_runs_of_one_sweep_share_the_group_and_the_resolved_config
     assert runs["0"][0].display_name != runs["1"][0].display_name
     assert runs["0"][0].run_id != runs["1"][0].run_id
     assert {r.name for r in collect_runs(sweep)} == {"model.n_layers=1", "model.n_layers=2"}
+
+
+# --- sweep_summary.csv bookkeeping, optimized_metric, preemption ------------------------------------
+
+
+def _append_many(path: str, writer: int, n: int) -> None:
+    from lmlab.sweep import append_row
+
+    for k in range(n):
+        append_row(Path(path), {"job": writer * 1000 + k, "status": "completed", f"m{writer}": k})
+
+
+def test_concurrent_jobs_lose_no_summary_row(tmp_path):
+    """Jobs of a SLURM sweep are separate processes that finish together: every row must stay."""
+    path = tmp_path / "sweep_summary.csv"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(path), w, 25)) for w in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [int(r["job"]) for r in rows] == sorted(
+        w * 1000 + k for w in range(6) for k in range(25)
+    )
+    for r in rows:  # every writer's column made it into the header, each value in its own row
+        w, k = divmod(int(r["job"]), 1000)
+        assert r[f"m{w}"] == str(k) and all(r[f"m{o}"] == "" for o in range(6) if o != w)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_job_run_again_replaces_its_row(tmp_path):
+    from lmlab.sweep import append_row
+
+    path = tmp_path / "s.csv"
+    append_row(path, {"job": 1, "status": "preempted", "output_dir": "/s/1"})
+    append_row(path, {"job": 0, "status": "completed", "output_dir": "/s/0", "val/bpb": 2})
+    append_row(path, {"job": 1, "status": "completed", "output_dir": "/s/1", "val/bpb": 3})
+    append_row(path, {"job": 0, "status": "completed", "output_dir": "/s/0"}, replace=False)
+    append_row(path, {"job": 1, "status": "failed", "output_dir": "/other/1"})  # another folder
+    rows = [
+        (r["job"], r["status"], r["output_dir"], r["val/bpb"]) for r in csv.DictReader(path.open())
+    ]
+    assert rows == [
+        ("0", "completed", "/s/0", "2"),
+        ("1", "completed", "/s/1", "3"),
+        ("1", "failed", "/other/1", ""),
+    ]
+
+
+def job_config(sweep: Path, num: int):
+    from omegaconf import OmegaConf
+
+    out = sweep / str(num)
+    out.mkdir(parents=True, exist_ok=True)
+    return OmegaConf.create(
+        {
+            "hydra": {
+                "mode": "RunMode.MULTIRUN",
+                "job": {"num": num},
+                "runtime": {"output_dir": str(out)},
+                "sweep": {"dir": str(sweep)},
+            }
+        }
+    )
+
+
+def test_summary_rows_time_every_job_alike_and_mark_preemptions(tmp_path):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from lmlab.errors import Preempted
+    from lmlab.sweep import SweepSummary
+
+    cb, sweep = SweepSummary(), tmp_path / "sweep"
+    for num in (0, 1):
+        cb.on_job_start(job_config(sweep, num))
+    (sweep / "0" / "summary.json").write_text(json.dumps({"val/bpb": 1.5, "wall_s": 1000.0}))
+    done = JobReturn(overrides=["a=1"], status=JobStatus.COMPLETED)
+    done.return_value = 1.5
+    cb.on_job_end(job_config(sweep, 0), done)
+    stopped = JobReturn(overrides=["a=2"], status=JobStatus.FAILED)
+    stopped._return_value = Preempted("stopped by a preemption signal after step 3")
+    cb.on_job_end(job_config(sweep, 1), stopped)
+    r0, r1 = csv.DictReader((sweep / "sweep_summary.csv").open())
+    # wall_s is the job's own time for both; summary.json's train() time is train_wall_s
+    assert (r0["status"], r0["train_wall_s"], r0["val/bpb"]) == ("completed", "1000.0", "1.5")
+    assert 0 <= float(r0["wall_s"]) < 60 and 0 <= float(r1["wall_s"]) < 60
+    assert r1["status"] == "preempted" and r1["error"].startswith("Preempted: stopped by")
+
+
+def test_a_skipped_finished_job_keeps_its_row_and_a_failed_rerun_replaces_it(tmp_path):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from lmlab.sweep import SweepSummary
+
+    cb, sweep = SweepSummary(), tmp_path / "sweep"
+    cb.on_job_start(job_config(sweep, 0))
+    summary = sweep / "0" / "summary.json"
+    summary.write_text(json.dumps({"val/bpb": 1.5, "wall_s": 1000.0}))
+    done = JobReturn(overrides=["a=1"], status=JobStatus.COMPLETED)
+    cb.on_job_end(job_config(sweep, 0), done)
+    (first,) = csv.DictReader((sweep / "sweep_summary.csv").open())
+    os.utime(summary, (summary.stat().st_mtime - 100,) * 2)  # written before the next start
+    cb.on_job_start(job_config(sweep, 0))  # the resumed sweep skips it: summary.json is old
+    cb.on_job_end(
+        job_config(sweep, 0),
+        JobReturn(overrides=["a=1", "ckpt_path=auto"], status=JobStatus.COMPLETED),
+    )
+    assert list(csv.DictReader((sweep / "sweep_summary.csv").open())) == [first]
+    cb.on_job_start(job_config(sweep, 0))
+    failed = JobReturn(overrides=["a=1"], status=JobStatus.FAILED)
+    failed._return_value = RuntimeError("boom")
+    cb.on_job_end(job_config(sweep, 0), failed)
+    (row,) = csv.DictReader((sweep / "sweep_summary.csv").open())
+    assert (row["status"], row["error"], row.get("val/bpb")) == (
+        "failed",
+        "RuntimeError: boom",
+        None,
+    )
+
+
+def test_metric_list_is_what_lmlab_logs():
+    """sweep.METRICS is kept by hand: it must name exactly the val/ and train/ metrics that the
+    model and the callbacks log (the names check_optimized_metric accepts)."""
+    from lmlab.paths import CONF_DIR
+    from lmlab.sweep import METRICS
+
+    pkg = Path(CONF_DIR).parent / "lmlab"
+    sources = [pkg / "models" / "base.py", pkg / "callbacks" / "__init__.py"]
+    logged = {
+        m
+        for src in sources
+        for m in re.findall(r"\.log\(\s*\"((?:val|train)/[a-z_]+)\"", src.read_text())
+    }
+    assert logged and set(METRICS) == logged
+
+
+@pytest.mark.parametrize("name", ["val/bpbb", "loss", "lr-AdamW"])
+def test_check_optimized_metric_names_the_choices(name):
+    from lmlab.errors import ConfigError
+    from lmlab.sweep import METRICS, check_optimized_metric
+
+    with pytest.raises(ConfigError, match=rf"optimized_metric='{name}' is not .*val/loss, val/ppl"):
+        check_optimized_metric(name)
+    for ok in METRICS:
+        check_optimized_metric(ok)
+    check_optimized_metric(None)  # nothing to optimise: a plain run
+
+
+def test_finished_job_is_found_only_when_resuming_a_sweep(compose_cfg, tmp_path):
+    from lmlab.sweep import finished_job
+
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"val/bpb": 2.0, "trainer/global_step": 6.0}))
+    assert finished_job(compose_cfg("trainer.max_steps=6", "ckpt_path=auto", output_dir=out)) == {
+        "val/bpb": 2.0,
+        "trainer/global_step": 6.0,
+    }
+    assert finished_job(compose_cfg("trainer.max_steps=6", output_dir=out)) is None
+    assert (
+        finished_job(compose_cfg("trainer.max_steps=9", "ckpt_path=auto", output_dir=out)) is None
+    )
+    assert (
+        finished_job(compose_cfg("trainer.max_steps=-1", "ckpt_path=auto", output_dir=out)) is None
+    )
+
+
+def test_a_misspelt_optimized_metric_is_refused_before_training(tmp_path):
+    p = multirun(tmp_path, "optimized_metric=val/bpbb", "model.n_layers=1,2")
+    assert p.returncode != 0
+    rows = list(csv.DictReader((tmp_path / "sweep" / "sweep_summary.csv").open()))
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    for r in rows:
+        assert "optimized_metric='val/bpbb' is not a metric lmlab reports" in r["error"]
+        assert "val/bpb" in r["error"].split("use one of")[1]
+        assert not (Path(r["output_dir"]) / "tokenizer.json").exists()  # no work was done
+    env = dict(os.environ, LMLAB_CACHE=str(tmp_path / "cache"))
+    single = subprocess.run(
+        [sys.executable, "-m", "lmlab", "optimized_metric=val/bpbb", f"hydra.run.dir={tmp_path}/r"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 2 and "Traceback" not in single.stdout + single.stderr
+    assert "optimized_metric='val/bpbb' is not a metric" in single.stdout + single.stderr
+    assert not (tmp_path / "r" / "tokenizer.json").exists()
+
+
+SIGNAL_ONCE = """
+import os, signal
+import lightning as L
+
+
+class SignalOnce(L.Callback):
+    \"\"\"SIGTERM to this process at the start of global step `step`, once (marker file).\"\"\"
+
+    def __init__(self, step, marker):
+        self.step, self.marker = step, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+@pytest.mark.slow  # three tiny trainings, about 40 s on 2 cores
+def test_a_preemption_stops_the_sweep_and_ckpt_path_auto_resumes_it(tmp_path):
+    (tmp_path / "sigcb.py").write_text(SIGNAL_ONCE)
+    signal = [  # job 1 is signalled at step 3 (the others' steps are never reached), once
+        "+callbacks.sig._target_=sigcb.SignalOnce",
+        "+callbacks.sig.step=98,3,99",
+        f"+callbacks.sig.marker={tmp_path / 'signalled'}",
+    ]
+    sweep = tmp_path / "sweep"
+    p = multirun(tmp_path, *signal)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (sweep / "2").exists()  # the sweep stopped: no job started after the preemption
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
+    assert not (sweep / "1" / "summary.json").exists()
+    before = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert [(r["job"], r["status"]) for r in before] == [("0", "completed"), ("1", "preempted")]
+    assert before[1]["error"].startswith("Preempted: stopped by a preemption signal after step 4")
+    assert f"ckpt_path=auto hydra.sweep.dir={sweep}" in p.stdout + p.stderr
+    summary0 = (sweep / "0" / "summary.json").read_bytes()
+
+    p = multirun(tmp_path, *signal, "ckpt_path=auto")  # the same command, resumed
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [(str(n), "completed") for n in range(3)]
+    assert rows[0] == {k: before[0].get(k, "") for k in rows[0]}  # job 0 was skipped
+    assert (sweep / "0" / "summary.json").read_bytes() == summary0
+    for n in (1, 2):
+        summary = json.loads((sweep / str(n) / "summary.json").read_text())
+        assert (
+            summary["trainer/global_step"] == 6 and float(rows[n]["val/bpb"]) == summary["val/bpb"]
+        )
+    assert "Restoring states from the checkpoint" in (sweep / "1" / "__main__.log").read_text()

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from lmlab import flops
 from lmlab.data.collate import IGNORE
 from lmlab.errors import NonFiniteLoss
+from lmlab.loggers import ResumableCSVLogger
 from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
 from lmlab.parallel import FSDP, compile_mode, parallelize
@@ -282,6 +283,14 @@ class LMModule(L.LightningModule):
             "optim.warmup_steps or use trainer.precision=32-true; or skip such batches with "
             "trainer.skip_nonfinite=true"
         )
+
+    def on_train_start(self) -> None:
+        # A run resumed after a crash: its metrics.csv holds the rows the crashed run logged after
+        # the checkpoint, which this run logs again; they go (lmlab.loggers).
+        if self.trainer.ckpt_path:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    logger.drop_rows_from(self.trainer.global_step)
 
     def on_validation_start(self) -> None:
         self.check_finite()

@@ -1,0 +1,74 @@
+"""lmlab.loggers.ResumableCSVLogger on real metrics.csv files (no training)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lmlab.loggers import ResumableCSVLogger
+
+
+def csv_logger(run_dir: Path) -> ResumableCSVLogger:
+    return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")  # as conf/logger/csv.yaml
+
+
+def log_steps(logger: ResumableCSVLogger, steps: range, scale: float, val_every: int = 3) -> None:
+    """What a run logs: lr, then train rows at each step, a val row (with tokens seen) at every
+    ``val_every``-th; Lightning's ``step`` is the number of optimizer steps finished before."""
+    for s in steps:
+        logger.log_metrics({"lr-AdamW": 1e-3}, step=s)
+        logger.log_metrics({"epoch": 0, "train/loss": scale / (s + 1)}, step=s)
+        if (s + 1) % val_every == 0:
+            logger.log_metrics(
+                {"epoch": 0, "val/bpb": scale / (s + 2), "train/tokens_seen": 128.0 * (s + 1)},
+                step=s,
+            )
+    logger.save()
+
+
+def read(run_dir: Path) -> tuple[list[str], list[dict]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_drop_rows_from_before_the_writer_exists_leaves_no_duplicate_after_a_resume(tmp_path):
+    log_steps(csv_logger(tmp_path), range(8), 9.0)  # the crashed run: steps 0..7
+    header, crashed = read(tmp_path)
+    resumed = csv_logger(tmp_path)  # a new process, restored at global_step 4
+    assert resumed._experiment is None
+    assert resumed.drop_rows_from(4) == sum(int(r["step"]) >= 4 for r in crashed)
+    assert resumed._experiment is None  # nothing created: the writer adopts the file when it starts
+    kept_header, kept = read(tmp_path)
+    assert kept_header == header and kept == [r for r in crashed if int(r["step"]) < 4]
+    assert {r["step"] for r in kept if r["val/bpb"]} == {"2"}  # the val row of step 3 stays
+    log_steps(resumed, range(4, 8), 1.0)
+    header_after, rows = read(tmp_path)
+    assert header_after == header
+    train = [(int(r["step"]), float(r["train/loss"])) for r in rows if r["train/loss"]]
+    assert train == [(s, 9.0 / (s + 1)) for s in range(4)] + [
+        (s, 1.0 / (s + 1)) for s in range(4, 8)
+    ]
+    val = [(int(r["step"]), float(r["val/bpb"])) for r in rows if r["val/bpb"]]
+    assert val == [(2, 9.0 / 4), (5, 1.0 / 7)]
+    assert len(rows) == len(crashed)  # the same rows as an uninterrupted run
+
+
+def test_drop_rows_from_with_a_started_writer_drops_unsaved_rows_too(tmp_path):
+    logger = csv_logger(tmp_path)
+    log_steps(logger, range(6), 1.0)
+    logger.log_metrics({"train/loss": 0.5}, step=6)  # buffered, not yet saved
+    logger.log_metrics({"train/loss": 0.25}, step=1)  # a buffered row before the cut stays
+    assert logger.drop_rows_from(3) == 7  # steps 3, 4, 5: lr + train each, one val row at 5
+    assert [m["step"] for m in logger.experiment.metrics] == [1]
+    logger.save()
+    header, rows = read(tmp_path)
+    assert header == ["epoch", "lr-AdamW", "step", "train/loss", "train/tokens_seen", "val/bpb"]
+    assert [int(r["step"]) for r in rows] == [0, 0, 1, 1, 2, 2, 2, 1]
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed over metrics.csv
+
+
+def test_drop_rows_from_without_a_file_does_nothing(tmp_path):
+    logger = csv_logger(tmp_path / "run")
+    assert logger.drop_rows_from(0) == 0
+    assert not (tmp_path / "run" / "metrics.csv").exists()
