@@ -58,11 +58,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     (raw,) = trainer.validate(module, dataloaders=dm.val_dataloader(), verbose=False)
     metrics = {k.removeprefix("val/"): float(v) for k, v in raw.items()}
-    metrics.update(
+    metrics.update(  # the split's size; with limit_batches only the first `batches` were scored
         tokens=float(len(val)),
         bytes=float(val.n_bytes),
         documents=float(val.n_docs),
         seq_len=float(seq_len),
+        batches=float(trainer.num_val_batches[0]),
+        whole_split=float(not cfg.limit_batches),
     )
     out = cfg.output_file or Path(cfg.ckpt_path).resolve().parent.parent / (
         f"evaluate-{data_cfg.name}.json"
@@ -81,9 +83,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    scored = "" if m["whole_split"] else f"first {int(m['batches'])} batches of "
     print(
         f"loss {m['loss']:.4f}  perplexity {m['ppl']:.3f}  bits/byte {m['bpb']:.4f}  "
-        f"({int(m['tokens'])} tokens, {int(m['bytes'])} bytes) -> {m['output_file']}"
+        f"({scored}{int(m['tokens'])} tokens, {int(m['bytes'])} bytes) -> {m['output_file']}"
     )
     log.debug(OmegaConf.to_yaml(cfg))
 

@@ -112,6 +112,8 @@ def test_evaluate_reproduces_the_final_validation(trained):
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert m["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert m["bpb"] == pytest.approx(metrics["val/bpb"], rel=1e-5)
+    # TINY scores 3 batches: the result says so (tokens and bytes are the split's)
+    assert m["batches"] == cfg.trainer.limit_val_batches == 3 and m["whole_split"] == 0
     written = json.loads((out / "evaluate-files.json").read_text())
     assert written["loss"] == pytest.approx(m["loss"])
 
