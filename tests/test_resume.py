@@ -93,7 +93,8 @@ def resumed(state: dict, epoch: int, num_workers: int = 0) -> ResumableLoader:
 def test_restored_loader_yields_the_rest_of_the_epoch(epoch, k):
     ref = uninterrupted(epoch + 2)
     state = stopped_after(epoch, k)
-    assert state == {"epoch": epoch, "windows": 4 * k, "epoch_windows": 20}
+    layout = {"world": 1, "batch_size": 4}
+    assert state == {"epoch": epoch, "windows": 4 * k, "epoch_windows": 20, **layout}
     loader = resumed(state, epoch)
     assert loader.state_dict() == state  # restored, not iterated yet: saved again unchanged
     assert list(loader.it) == ref[epoch][k:]
@@ -104,7 +105,7 @@ def test_restored_loader_yields_the_rest_of_the_epoch(epoch, k):
 def test_stopped_at_the_end_of_an_epoch_resumes_at_the_next():
     ref = uninterrupted(3)
     state = stopped_after(1, BATCHES_PER_EPOCH)
-    assert state == {"epoch": 2, "windows": 0, "epoch_windows": 20}
+    assert state == {"epoch": 2, "windows": 0, "epoch_windows": 20, "world": 1, "batch_size": 4}
     loader = resumed(state, 2)  # Lightning's epoch counter also moves on to 2
     assert list(loader.it) == ref[2]
 
@@ -135,6 +136,21 @@ def test_resuming_on_a_changed_split_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="lmlab.data.base"):
         loader.load_state_dict(stopped_after(0, 2))
     assert "the checkpoint's epoch had 20 training windows, this run's has 24" in caplog.text
+
+
+def test_resuming_with_another_process_count_or_batch_size_warns_so(caplog):
+    state = stopped_after(0, 2)
+    for changed in ({"world": 2}, {"batch_size": 8}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lmlab.data.base"):
+            datamodule().train_dataloader().load_state_dict({**state, **changed})
+        assert "continues only approximately" in caplog.text
+        assert "training windows" not in caplog.text  # not blamed on the data
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmlab.data.base"):
+        old = {k: v for k, v in state.items() if k not in ("world", "batch_size")}
+        datamodule().train_dataloader().load_state_dict(old)  # checkpoints from before the keys
+    assert caplog.text == ""
 
 
 def test_another_sampler_warns_and_restarts_the_epoch(caplog):

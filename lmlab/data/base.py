@@ -176,7 +176,14 @@ class ResumableLoader(DataLoader):
         n = len(self.sampler)
         if done >= n:  # the epoch is finished: the next one starts from its beginning
             epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "windows": done, "epoch_windows": n}
+        world = getattr(self.sampler, "world", 1)
+        return {
+            "epoch": epoch,
+            "windows": done,
+            "epoch_windows": n,
+            "world": world,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not isinstance(self.sampler, RandomWindowSampler):
@@ -188,7 +195,20 @@ class ResumableLoader(DataLoader):
                 type(self.sampler).__name__,
             )
             return
-        if state["epoch_windows"] != len(self.sampler):
+        layout = (state.get("world", self.sampler.world), state.get("batch_size", self.batch_size))
+        if layout != (self.sampler.world, self.batch_size):
+            # Positions count this rank's windows and batches, and Lightning's restored batch
+            # count sets where gradient accumulation steps: neither carries over exactly.
+            _warn(
+                "the checkpoint was written by %d process(es) with data.batch_size=%d, this run has "
+                "%d with %d: the resumed epoch continues only approximately (some of its windows "
+                "may be trained twice or skipped); resume with the same process count and batch "
+                "size to continue exactly",
+                *layout,
+                self.sampler.world,
+                self.batch_size,
+            )
+        elif state["epoch_windows"] != len(self.sampler):
             _warn(
                 "the checkpoint's epoch had %d training windows, this run's has %d (data, seq_len "
                 "or objective changed): the resumed epoch's order differs from the original",
