@@ -353,8 +353,9 @@ def _wandb_key_saved() -> bool:
 RUNTIME_SETTINGS = ("optim", "compile", "activation_checkpointing", "loss_chunk_size")
 
 
-def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> None:
-    """Refuse to resume a checkpoint trained with another tokenizer or model shape."""
+def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> int:
+    """Refuse to resume a checkpoint trained with another tokenizer or model shape; returns the
+    checkpoint's global step."""
     ckpt = read_checkpoint(ckpt_path, weights=False)
     if ckpt["lmlab"].get("tokenizer") != tokenizer.to_str():
         raise ConfigError(
@@ -369,6 +370,7 @@ def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> 
             f"{ckpt_path} does not fit this model: model.{key} is {saved.get(key)!r} in the "
             f"checkpoint but {now.get(key)!r} now; use the checkpoint's settings to resume"
         )
+    return int(ckpt.get("global_step", 0))
 
 
 def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
@@ -499,8 +501,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         "tokenizer": tokenizer.to_str(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    if ckpt_path:
-        check_resume_compatible(ckpt_path, tokenizer, model)
+    ckpt_step = check_resume_compatible(ckpt_path, tokenizer, model) if ckpt_path else None
     return {
         "cfg": cfg,
         "tokenizer": tokenizer,
@@ -508,6 +509,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         "model": model,
         "trainer": trainer,
         "ckpt_path": ckpt_path,
+        "ckpt_step": ckpt_step,
         "output_dir": out,
     }
 
@@ -557,6 +559,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     use_tf32(cfg.get("tf32", True))
     objects = build_run(cfg)
     model, trainer, dm = objects["model"], objects["trainer"], objects["datamodule"]
+    summary = objects["output_dir"] / "summary.json"
+    if (objects["ckpt_step"] or 0) >= cfg.trainer.max_steps and summary.is_file():
+        # A finished run started again (a requeue, ckpt_path=auto): nothing to train, and
+        # validating again would replace summary.json with one that lacks the training metrics.
+        log.warning(
+            "%s is at step %d = trainer.max_steps: nothing to train (raise trainer.max_steps to "
+            "continue); the run's summary.json is kept",
+            objects["ckpt_path"],
+            objects["ckpt_step"],
+        )
+        return json.loads(summary.read_text()), objects
     describe(objects)
     log_config(trainer, cfg)
     status = "failed"  # what the loggers are told at the end, unless the run gets further

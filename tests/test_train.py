@@ -649,3 +649,15 @@ def test_the_final_validation_after_training_is_logged_with_the_tokens_seen(tiny
     val = [r for r in rows if r.get("val/loss")]
     assert len(val) == 2
     assert [float(r["train/tokens_seen"]) for r in val] == [4 * 4 * 32, 6 * 4 * 32]
+
+
+def test_a_finished_run_started_again_trains_nothing_and_keeps_its_summary(tiny_cfg, tmp_path):
+    out = tmp_path / "done"
+    train(tiny_cfg(output_dir=out))
+    summary, rows = (out / "summary.json").read_text(), (out / "metrics.csv").read_text()
+    again, _ = train(tiny_cfg("ckpt_path=auto", output_dir=out))  # e.g. a requeued job
+    assert again == json.loads(summary) and "train/loss" in again
+    assert (out / "summary.json").read_text() == summary
+    assert (out / "metrics.csv").read_text() == rows  # no validation run again
+    more, _ = train(tiny_cfg("ckpt_path=last", "trainer.max_steps=8", output_dir=out))
+    assert more["trainer/global_step"] == 8  # a larger max_steps still continues
