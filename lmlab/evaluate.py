@@ -46,6 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_workers=0,
         seed=run_cfg.seed,
     )
+    module.set_token_bytes(tokenizer.token_bytes(), val.byte_scale(tokenizer.token_bytes()))
     use_tf32(run_cfg.get("tf32", False))  # as the run validated (runs from before the key: fp32)
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",

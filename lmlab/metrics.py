@@ -90,7 +90,10 @@ class BitsPerByte(_ExactStates, torchmetrics.Metric):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("bytes", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        # float: byte counts are scaled to the text's bytes (TokenStore.byte_scale)
+        self.add_state(
+            "bytes", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, nll_sum: torch.Tensor, n_bytes: torch.Tensor) -> None:
         self.nll += nll_sum.detach().to(self.nll)

@@ -494,7 +494,13 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         init_device="meta" if getattr(trainer.strategy, "meta_init", False) else None,
     )
     model.skip_nonfinite = skip_nonfinite
-    model.set_token_bytes(tokenizer.token_bytes())
+    model.set_token_bytes(tokenizer.token_bytes(), val_store.byte_scale(tokenizer.token_bytes()))
+    if abs(model.byte_scale - 1) > 1e-9:
+        log.info(
+            "Bits per byte: the tokens' byte counts are scaled by %.4f to the validation text's "
+            "bytes (this tokenizer's pieces do not spell the text exactly)",
+            model.byte_scale,
+        )
     model.extra_checkpoint = {
         "version": __version__,
         "model_class": cfg.model._target_,

@@ -63,7 +63,8 @@ def test_metric_states_keep_their_dtype_in_a_bf16_true_module():
     metrics = torch.nn.ModuleList([TargetMean(), Perplexity(), BitsPerByte()]).to(torch.bfloat16)
     loss, ppl, bpb = metrics
     assert (loss.total.dtype, ppl.total_log_probs.dtype, bpb.nll.dtype) == (torch.float64,) * 3
-    assert (loss.count.dtype, ppl.count.dtype, bpb.bytes.dtype) == (torch.int64,) * 3
+    assert (loss.count.dtype, ppl.count.dtype) == (torch.int64,) * 2
+    assert bpb.bytes.dtype == torch.float64  # scaled byte counts (TokenStore.byte_scale)
     for _ in range(3):  # 1000.0 + 1.0 is 1000.0 in bf16
         loss.update(torch.tensor(1000.0), torch.tensor(1000))
         loss.update(torch.tensor(1.0), torch.tensor(1))
@@ -126,6 +127,9 @@ def test_bpb_hand_computation_on_known_string(which, loss_chunk_size):
     # uniform prediction: each target costs ln V nats
     bpb = nll_sum.item() / (math.log(2) * n_bytes.item())
     assert bpb == pytest.approx(n_targets * math.log2(V) / target_bytes, rel=1e-6)
+    m.set_token_bytes(tok.token_bytes(), scale=1.25)  # a tokenizer whose pieces miss bytes
+    assert m.nll(batch)[2].item() == pytest.approx(1.25 * target_bytes)
+    m.set_token_bytes(tok.token_bytes())
     if which == "byte":
         assert bpb == pytest.approx(math.log2(V), rel=1e-6)  # one token per byte
     # all logits tie, so argmax is id 0 (pad), never a target of this text

@@ -167,3 +167,26 @@ def test_trained_bpe_is_cached(tmp_path):
     assert len(calls) == 1 and a.to_str() == b.to_str()
     build_tokenizer(cfg, texts, "corpus-2", tmp_path)  # another corpus trains again
     assert len(calls) == 2
+
+
+def test_byte_scale_is_one_when_the_pieces_spell_the_text_and_corrects_wordpiece(tmp_path):
+    """Bits per byte divide by counted bytes x TokenStore.byte_scale: over the whole split, the
+    text's own bytes. Byte-level BPE and the byte tokenizer spell the text exactly (scale 1);
+    WordPiece pieces hold no spaces, so their counts fall short by the spaces."""
+    texts = [make_text(300, i) for i in range(3)]
+    for name, tok in (
+        ("bpe", train_bpe(texts, vocab_size=400, num_sentinels=0)),
+        ("byte", byte_tokenizer(0)),
+    ):
+        store = build_store(iter(texts), tok, tmp_path, name)
+        assert store.byte_scale(tok.token_bytes()) == 1.0
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "##s", "."]
+    tk = Tokenizer(models.WordPiece({t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    tk.add_special_tokens(words[:5])
+    tok = TextTokenizer(tk, "pretrained")
+    text = "the cats sat. the cat sat."  # 26 bytes; the pieces spell 21 of them (no spaces)
+    store = build_store(iter([text]), tok, tmp_path, "wordpiece")
+    assert int(tok.token_bytes()[store.tokens].sum()) == 21
+    assert store.byte_scale(tok.token_bytes(), chunk=4) == pytest.approx(26 / 21)

@@ -50,6 +50,19 @@ class TokenStore:
     def n_docs(self) -> int:
         return len(self.offsets) - 1
 
+    def byte_scale(self, token_bytes: np.ndarray, chunk: int = 1 << 24) -> float:
+        """The text's UTF-8 bytes over the bytes its tokens count (``token_bytes``, per id): 1.0
+        when the pieces spell the text exactly (byte-level BPE, the byte tokenizer); above 1 when
+        they drop bytes (WordPiece pieces hold no spaces; normalizers strip accents). Bits per byte
+        divide by the counted bytes times this, so over a whole split they divide by the text's
+        bytes whatever the tokenizer. Counted in chunks (a histogram of ids): no copy of the
+        store in memory."""
+        counts = np.zeros(len(token_bytes), dtype=np.int64)
+        for i in range(0, len(self.tokens), chunk):
+            counts += np.bincount(self.tokens[i : i + chunk], minlength=len(token_bytes))
+        counted = int(counts @ token_bytes.astype(np.int64))
+        return self.n_bytes / counted if counted else 1.0
+
     @classmethod
     def open(cls, path: str | os.PathLike) -> TokenStore:
         path = Path(path)

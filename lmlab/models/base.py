@@ -152,6 +152,7 @@ class LMModule(L.LightningModule):
             "token_bytes", torch.zeros(vocab_size, dtype=torch.long), persistent=False
         )
         self.extra_checkpoint: dict = {}  # saved under checkpoint["lmlab"]: version, tokenizer, config
+        self.byte_scale = 1.0  # text bytes per counted token byte (set_token_bytes)
         self.skip_nonfinite = False  # set from trainer.skip_nonfinite by train()
         self.skipped_nonfinite = 0
         self.last_val_step = -1  # global step of the latest validation
@@ -159,13 +160,17 @@ class LMModule(L.LightningModule):
         self._unchecked_loss: FiniteFlag | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
-    def set_token_bytes(self, token_bytes) -> None:
+    def set_token_bytes(self, token_bytes, scale: float = 1.0) -> None:
+        """UTF-8 bytes per token id, for bits per byte, and ``scale``: the text's bytes per counted
+        byte (:meth:`lmlab.data.store.TokenStore.byte_scale` of the validation split; 1.0 for
+        tokenizers whose pieces spell the text exactly)."""
         tb = torch.as_tensor(token_bytes, dtype=torch.long)
         if tb.shape != (self.vocab_size,):
             raise ValueError(
                 f"token_bytes has shape {tuple(tb.shape)}, expected ({self.vocab_size},)"
             )
         self.token_bytes = tb.to(self.token_bytes.device)
+        self.byte_scale = float(scale)
 
     def configure_model(self) -> None:
         """Activation checkpointing, compile and FSDP sharding (:func:`lmlab.parallel.parallelize`),
@@ -250,7 +255,7 @@ class LMModule(L.LightningModule):
             correct = ((logits.argmax(-1) == labels) & mask).sum() if count_correct else None
         if correct is None:
             correct = torch.zeros((), dtype=torch.long, device=labels.device)
-        n_bytes = (self.token_bytes[labels.clamp(min=0)] * mask).sum()
+        n_bytes = (self.token_bytes[labels.clamp(min=0)] * mask).sum() * self.byte_scale
         return nll_sum, mask.sum(), n_bytes, correct
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
