@@ -65,7 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         documents=float(val.n_docs),
         seq_len=float(seq_len),
         batches=float(trainer.num_val_batches[0]),
-        whole_split=float(not cfg.limit_batches),
+        whole_split=float(trainer.num_val_batches[0] >= len(dm.val_dataloader())),
     )
     out = cfg.output_file or Path(cfg.ckpt_path).resolve().parent.parent / (
         f"evaluate-{data_cfg.name}.json"

@@ -161,7 +161,7 @@ def finished_job(cfg: DictConfig) -> dict[str, Any] | None:
     """The ``summary.json`` of a job that a resumed sweep (``ckpt_path=auto``, see
     :func:`record_preempted`) finds already trained to ``trainer.max_steps``; None when the job is
     to run. Run again, it would resume at its last step, only validate, and rewrite summary.json
-    without its training metrics. A run bounded by epochs (``max_steps`` -1) always runs."""
+    without its training metrics."""
     if cfg.get("ckpt_path") != "auto":
         return None
     max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
@@ -189,7 +189,10 @@ def append_row(path: Path, row: dict[str, Any], replace: bool = True) -> None:
     lock = path.with_name(f".{path.name}.lock")
     with lock.open("a") as held:
         if fcntl is not None:
-            fcntl.flock(held, fcntl.LOCK_EX)  # released when the file is closed
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX)  # released when the file is closed
+            except OSError as e:  # a file system without locks (some Lustre mounts): unlocked
+                log.warning("sweep summary %s written without a lock (%s)", path, e)
         rows = []
         if path.is_file():
             with path.open(newline="") as f:

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -359,8 +360,10 @@ def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> 
     ckpt = read_checkpoint(ckpt_path, weights=False)
     if ckpt["lmlab"].get("tokenizer") != tokenizer.to_str():
         raise ConfigError(
-            f"{ckpt_path} was trained with a different tokenizer than this run's; resume with "
-            "the run's own: tokenizer=pretrained tokenizer.path=<run dir>/tokenizer.json"
+            f"{ckpt_path} was trained with a different tokenizer than this run's (a BPE is trained "
+            "on the training split: other data, or a checkpoint from before lmlab's split change "
+            "of 2026-11-26, gives another); resume with the run's own: tokenizer=pretrained "
+            "tokenizer.path=<run dir>/tokenizer.json, and check the data is the same"
         )
     saved, now = ckpt.get("hyper_parameters", {}), dict(model.hparams)
     for key in sorted(set(saved) | set(now)):
@@ -473,6 +476,8 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBarBase)]
+    if not trainer_cfg.get("enable_checkpointing", True):  # and checkpoint callbacks, likewise
+        callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
     loggers = _instantiate_all(cfg.get("logger"))
     try:
         trainer: L.Trainer = instantiate(
@@ -592,7 +597,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 ) from None
             metrics = _floats(trainer.callback_metrics)
             if "val/loss" not in metrics or model.last_val_step != trainer.global_step:
-                trainer.validate(model, datamodule=dm, verbose=False)
+                # Logged under the last step's index, as the validations inside training are
+                # (Lightning's counter of steps done moves on after them): one convention for the
+                # rows, and a resumed run's clean-up (ResumableCSVLogger.drop_rows_from) keeps it.
+                loop = trainer.fit_loop.epoch_loop
+                shift = int(loop._batches_that_stepped > 0)
+                loop._batches_that_stepped -= shift
+                try:
+                    trainer.validate(model, datamodule=dm, verbose=False)
+                finally:
+                    loop._batches_that_stepped += shift
                 metrics.update(_floats(trainer.callback_metrics))
         metrics["trainer/global_step"] = float(trainer.global_step)
         metrics["wall_s"] = time.perf_counter() - t0

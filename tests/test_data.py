@@ -374,3 +374,32 @@ def test_mlm_too_short_seq_len_is_refused_before_any_data_work(compose_cfg, tmp_
     store = build_store(iter([make_text(100, 0)]), tok, tmp_path, "s")
     with pytest.raises(ConfigError, match=r"needs seq_len >= 3"):
         MaskedLMDataModule(tok, store, store, seq_len=2, batch_size=1)
+
+
+def test_a_one_line_file_ending_in_a_newline_still_gets_a_validation_tail():
+    from lmlab.data.corpus import _cut_point
+
+    for text in ("word " * 50 + "\n", "word " * 50, "a\nb " * 3 + "c" * 40 + "\n\n"):
+        cut = _cut_point(text, 0.9)
+        assert 0 < cut < len(text.rstrip()), text  # both parts hold text
+
+
+def test_train_epochs_are_whole_optimizer_steps_under_gradient_accumulation(tmp_path):
+    """5 micro-batches' worth of windows with 3 micro-batches per step: the epoch is 3 batches
+    (one step), not 5 (a second step of 2 that Lightning would take early at the epoch's end)."""
+    tok = byte_tokenizer(2)
+    train = build_store(iter([make_text(400, 0)]), tok, tmp_path, "t")
+    val = build_store(iter([make_text(100, 1)]), tok, tmp_path, "v")
+    windows = RandomWindowSampler(len(train), 16, 15, 0).n
+    batch = windows // 5
+    dm = CausalLMDataModule(tok, train, val, seq_len=15, batch_size=batch)
+    strategy = types.SimpleNamespace(root_device=torch.device("cpu"))
+    dm.trainer = types.SimpleNamespace(
+        strategy=strategy, global_rank=0, world_size=1, accumulate_grad_batches=3
+    )
+    assert len(dm.train_dataloader()) == 3
+    dm.trainer.accumulate_grad_batches = 6
+    with pytest.raises(
+        ConfigError, match=r"one optimizer step's batch of data.batch_size=\d+ x 6 "
+    ):
+        dm.train_dataloader()

@@ -271,9 +271,9 @@ def small_runs(tmp_path_factory):
     [
         pytest.param((), 7, (1, 2), id="saved-by-validation-mid-epoch"),
         pytest.param((), 10, (2, 0), id="saved-after-the-last-batch-of-an-epoch"),
-        # Optimizer steps after batches 2, 4 and 5 (the epoch's end) of each epoch: step 4 is after
-        # batch 2 of epoch 1.
-        pytest.param(("trainer.accumulate_grad_batches=2",), 4, (1, 2), id="gradient-accumulation"),
+        # Epochs cut to whole optimizer steps (4 of the 5 batches): steps after batches 2 and 4 of
+        # each epoch; the validation's checkpoint at step 7 is after batch 2 of epoch 3.
+        pytest.param(("trainer.accumulate_grad_batches=2",), 7, (3, 2), id="gradient-accumulation"),
     ],
 )
 def test_stop_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(

@@ -507,6 +507,15 @@ def test_enable_progress_bar_false_alone_turns_the_bar_off(tiny_cfg):
     assert not any(isinstance(c, ProgressBar) for c in objects["trainer"].callbacks)
 
 
+def test_enable_checkpointing_false_alone_turns_checkpoints_off(tiny_cfg):
+    """Lightning refuses Checkpoint callbacks (lmlab's ModelCheckpoints and Preemption) with
+    enable_checkpointing=False: the flag alone drops them, and nothing is written."""
+    cfg = tiny_cfg("+trainer.enable_checkpointing=false")
+    metrics, _ = train(cfg)
+    assert metrics["trainer/global_step"] == 6
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
 def test_progress_bar_shows_the_latest_training_metrics_first():
     import types
 
@@ -649,6 +658,12 @@ def test_the_final_validation_after_training_is_logged_with_the_tokens_seen(tiny
     val = [r for r in rows if r.get("val/loss")]
     assert len(val) == 2
     assert [float(r["train/tokens_seen"]) for r in val] == [4 * 4 * 32, 6 * 4 * 32]
+    # under the last step's index, as in training (the validation after 4 steps is at 3)
+    assert [int(r["step"]) for r in val] == [3, 5]
+    # extending the finished run keeps that row (the resumed run drops rows from its step on)
+    train(tiny_cfg("trainer.val_check_interval=4", "trainer.max_steps=8", "ckpt_path=last"))
+    rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [3, 5, 7]
 
 
 def test_a_finished_run_started_again_trains_nothing_and_keeps_its_summary(tiny_cfg, tmp_path):

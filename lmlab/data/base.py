@@ -85,8 +85,9 @@ class Windows(Dataset):
 class RandomWindowSampler(Sampler[tuple[int, int]]):
     """Yields (start, epoch): starts ``phase + k * stride`` in random order, new phase every epoch.
 
-    The order depends only on (seed, epoch). The epoch is cut to whole batches of ``batch_size``
-    per rank, so every step trains on the same number of windows (no short batch at an epoch's end,
+    The order depends only on (seed, epoch). The epoch is cut to whole multiples of ``batch_size``
+    per rank (the loader sets it to one optimizer step's micro-batches), so every step trains on
+    the same number of windows (no short batch at an epoch's end,
     which would also make ``torch.compile`` recompile for a dynamic batch size); the windows left
     out differ from epoch to epoch. With several processes, rank ``r`` of ``world`` takes positions
     r, r + world, ... of that order, so one step's windows across all ranks are exactly one
@@ -363,17 +364,22 @@ class WindowDataModule(L.LightningDataModule):
         sampler = RandomWindowSampler(
             len(self.train_store), self.window_len, self.stride, self.seed, rank, world
         )
-        self._check_batches(sampler.n, world)
-        sampler.batch_size = self.batch_size
+        # Whole optimizer steps: with gradient accumulation an epoch of whole micro-batches could
+        # still end inside a step, which Lightning would then take early on fewer sequences.
+        accumulation = getattr(self.trainer, "accumulate_grad_batches", 1)
+        self._check_batches(sampler.n, world, accumulation)
+        sampler.batch_size = self.batch_size * accumulation
         return self._loader(self.train_store, sampler, self.batch_size, ResumableLoader)
 
-    def _check_batches(self, windows: int, world: int) -> None:
-        if windows < self.batch_size * world:
-            processes = f" x {world} processes" if world > 1 else ""
+    def _check_batches(self, windows: int, world: int, accumulation: int = 1) -> None:
+        if windows < self.batch_size * accumulation * world:
+            per_step = f"data.batch_size={self.batch_size}"
+            per_step += f" x {accumulation} accumulated" if accumulation > 1 else ""
+            per_step += f" x {world} processes" if world > 1 else ""
             raise ConfigError(
                 f"the training split makes {windows} windows of {self.window_len} tokens, fewer "
-                f"than one step's batch of data.batch_size={self.batch_size}{processes}; add text, "
-                "or lower data.batch_size or seq_len"
+                f"than one optimizer step's batch of {per_step}; add text, or lower "
+                "data.batch_size, global_batch_size or seq_len"
             )
 
     def val_dataloader(self) -> DataLoader:

@@ -126,11 +126,12 @@ def _cut_point(text: str, frac: float) -> int:
     or, in text without one (a one-line file, a JSONL paragraph), the first word start, or else
     exactly there, so the tail is never left empty for want of a newline."""
     at = int(len(text) * frac)
-    nl = text.find("\n", at)
+    end = len(text.rstrip())  # a line break at the very end (one-line files have one) cuts nothing
+    nl = text.find("\n", at, end)
     if nl >= 0:
         return nl + 1
-    space = _SPACE.search(text, at)
-    return space.end() if space else at
+    space = _SPACE.search(text, at, end)
+    return space.end() if space else min(at, end)
 
 
 @lru_cache(maxsize=2)
