@@ -220,7 +220,9 @@ class Preemption(Checkpoint):
     are logged if the scheduler leaves time, and the run stops when it ends, without another
     training step; so does a validation that follows a step saved for a signal. A validation
     that outlasts the grace period thus costs no training, and the resumed run goes on from the
-    next step (that step's validation is not repeated).
+    next step (that step's validation is not repeated). With several GPU processes the vote's
+    answers come two calls late, so a signal in a validation's last two batches is acted on after
+    the next training step.
     """
 
     def __init__(
