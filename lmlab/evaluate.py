@@ -22,7 +22,7 @@ from lmlab.errors import ConfigError
 from lmlab.generate import pick_device
 from lmlab.parallel import use_tf32
 from lmlab.paths import CONF_DIR
-from lmlab.train import build
+from lmlab.train import build, check_val_docs
 
 log = logging.getLogger("lmlab")
 
@@ -32,6 +32,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module, tokenizer, run_cfg = load_run(cfg.ckpt_path, "cpu")
     data_cfg = cfg.data if cfg.get("data") is not None else run_cfg.data
     corpus = make_corpus(data_cfg, need_train=False)
+    if cfg.get("data") is None:  # the run's own data: its held-out documents, unless they changed
+        check_val_docs(module.extra_checkpoint, corpus.identity(corpus.val), cfg.ckpt_path)
     cache = Path(cfg.paths.cache_dir)
     key = store_key(corpus.fingerprint(corpus.val), tokenizer)
     val = build_store(corpus.texts(corpus.val), tokenizer, cache, key, label="val")

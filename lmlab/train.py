@@ -354,10 +354,13 @@ def _wandb_key_saved() -> bool:
 RUNTIME_SETTINGS = ("optim", "compile", "activation_checkpointing", "loss_chunk_size")
 
 
-def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> int:
-    """Refuse to resume a checkpoint trained with another tokenizer or model shape; returns the
-    checkpoint's global step."""
+def check_resume_compatible(
+    ckpt_path: str, tokenizer: TextTokenizer, model, val_docs: str | None = None
+) -> int:
+    """Refuse to resume a checkpoint trained with other validation documents, another tokenizer
+    or model shape; returns the checkpoint's global step."""
     ckpt = read_checkpoint(ckpt_path, weights=False)
+    check_val_docs(ckpt["lmlab"], val_docs, str(ckpt_path), resume=True)
     if ckpt["lmlab"].get("tokenizer") != tokenizer.to_str():
         raise ConfigError(
             f"{ckpt_path} was trained with a different tokenizer than this run's (a BPE is trained "
@@ -376,6 +379,38 @@ def check_resume_compatible(ckpt_path: str, tokenizer: TextTokenizer, model) -> 
     return int(ckpt.get("global_step", 0))
 
 
+def check_val_docs(
+    info: dict, val_docs: str | None, ckpt_path: str, *, resume: bool = False
+) -> None:
+    """The checkpoint's held-out documents against this run's (``Corpus.identity``): resuming on
+    other ones would validate on other text and may train on text it validated on (refused);
+    evaluating a run's own data on other ones may score text it trained on (a warning).
+    Checkpoints from before the record (lmlab changed its held-out choice on 2026-11-26) are
+    only warned about."""
+    saved = info.get("val_docs")
+    if val_docs is None:
+        return
+    if saved is None:
+        log.warning(
+            "%s does not record its validation documents (it predates the record, added when "
+            "lmlab's choice of held-out documents changed on 2026-11-26): if it was trained "
+            "before that change, these documents may include text it trained on",
+            ckpt_path,
+        )
+    elif saved != val_docs and resume:
+        raise ConfigError(
+            f"{ckpt_path} held out other validation documents than this run's data settings "
+            "give: resumed, it would validate on other text and could train on text it "
+            "validated on; resume with the run's own data settings"
+        )
+    elif saved != val_docs:
+        log.warning(
+            "the evaluated documents are not the ones %s held out: scores may include text the "
+            "model trained on",
+            ckpt_path,
+        )
+
+
 def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     """Corpus -> tokenizer -> (train, val) token stores, all cached under ``paths.cache_dir``."""
     corpus = make_corpus(cfg.data)
@@ -391,6 +426,7 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
             build_store(corpus.texts(docs), tok, cache, key, total_bytes=total, label=split)
         )
     train, val = stores
+    val.docs_id = corpus.identity(corpus.val)
     log.info(
         "Data: %s, %d train / %d val documents, %d / %d tokens (%.1f s)",
         corpus.name,
@@ -511,8 +547,11 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         "model_class": cfg.model._target_,
         "tokenizer": tokenizer.to_str(),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "val_docs": val_store.docs_id,
     }
-    ckpt_step = check_resume_compatible(ckpt_path, tokenizer, model) if ckpt_path else None
+    ckpt_step = None
+    if ckpt_path:
+        ckpt_step = check_resume_compatible(ckpt_path, tokenizer, model, val_store.docs_id)
     return {
         "cfg": cfg,
         "tokenizer": tokenizer,

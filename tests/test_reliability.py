@@ -296,6 +296,40 @@ def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
         train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
 
 
+def test_resume_and_evaluate_check_the_held_out_documents(tiny_cfg, tmp_path, caplog):
+    """Checkpoints record which documents were held out. Resuming with data settings that hold
+    out others is refused (it would validate on other text, and could train on what it validated
+    on); evaluating the run's data when they differ, or a checkpoint from before the record,
+    warns."""
+    import logging
+
+    from omegaconf import open_dict
+
+    from lmlab.evaluate import evaluate
+
+    from .conftest import command_cfg
+
+    out = tmp_path / "run"
+    byte = ["tokenizer=byte"]  # the same tokenizer whatever the split: the documents decide
+    train(tiny_cfg(*byte, output_dir=out))
+    with pytest.raises(ConfigError, match="held out other validation documents"):
+        train(tiny_cfg(*byte, "ckpt_path=last", "data.val_fraction=0.6", output_dir=out))
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    del ckpt["lmlab"]["val_docs"]  # as written before the record
+    torch.save(ckpt, last)
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        train(tiny_cfg(*byte, "ckpt_path=last", "trainer.max_steps=7", output_dir=out))
+    assert "does not record its validation documents" in caplog.text
+    caplog.clear()
+    ecfg = command_cfg("evaluate", ckpt_path=last, device="cpu", limit_batches=1)
+    with open_dict(ecfg):
+        ecfg.paths.cache_dir = str(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        evaluate(ecfg)  # the resumed run's checkpoint records them again: no warning
+    assert "validation documents" not in caplog.text and "not the ones" not in caplog.text
+
+
 # -- non-finite losses ------------------------------------------------------------------------------
 @pytest.fixture
 def nan_at_step_4(monkeypatch):

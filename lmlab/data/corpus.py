@@ -68,6 +68,13 @@ class Corpus:
     encoding_errors: str = "strict"
     val_fraction: float = 0.0  # used to cut a lone document into head (train) and tail (val)
 
+    def identity(self, docs: Sequence[Doc]) -> str:
+        """Which documents ``docs`` are, by name only (not file times or places): saved in
+        checkpoints as the validation documents, so a resume or an evaluation on other ones (other
+        data settings, or lmlab's older choice of held-out documents) is noticed."""
+        keys = "\n".join(sorted(d.key for d in docs))
+        return hashlib.sha256(f"v{DOC_VERSION}\n{keys}".encode()).hexdigest()[:16]
+
     def fingerprint(self, docs: Sequence[Doc]) -> str:
         """Changes when any document's identity, file, size or modification time changes.
 

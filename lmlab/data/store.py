@@ -42,6 +42,7 @@ class TokenStore:
     tokens: np.ndarray  # memmap, (n_tokens,)
     offsets: np.ndarray  # (n_docs + 1,)
     n_bytes: int  # UTF-8 bytes of the text (eos excluded)
+    docs_id: str | None = None  # which documents it holds (Corpus.identity), set by prepare_data
 
     def __len__(self) -> int:
         return len(self.tokens)

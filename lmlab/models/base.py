@@ -322,7 +322,10 @@ class LMModule(L.LightningModule):
         checkpoint["lmlab"] = self.extra_checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.extra_checkpoint = checkpoint.get("lmlab", self.extra_checkpoint)
+        # A resumed run keeps what train() recorded for it (this version, config and held-out
+        # documents; the tokenizer was checked to be the checkpoint's); a bare module takes the
+        # checkpoint's.
+        self.extra_checkpoint = self.extra_checkpoint or checkpoint.get("lmlab", {})
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
