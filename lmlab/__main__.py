@@ -23,7 +23,7 @@ log = logging.getLogger("lmlab")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from lmlab.sweep import check_optimized_metric, finished_job, record_preempted
+    from lmlab.sweep import check_optimized_metric, record_preempted
     from lmlab.train import train
 
     # Lightning attaches its own console handler at import; Hydra's root handler already prints
@@ -48,11 +48,7 @@ def main(cfg: DictConfig) -> float | None:
         # the others (sys.exit would end the whole sweep). A bad metric name fails every job at
         # once, before any training.
         check_optimized_metric(metric)
-        done = finished_job(cfg)
-        if done is not None:  # a resumed sweep (ckpt_path=auto): this job had finished
-            log.info("Already trained to step %d: skipped", done["trainer/global_step"])
-            return done.get(metric or "")
-        try:
+        try:  # a job a resumed sweep finds finished (ckpt_path=auto) returns its summary at once
             metrics, _ = train(cfg)
         except Preempted as e:
             # ... except a preemption, which must end the whole sweep: the scheduler kills the

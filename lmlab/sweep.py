@@ -4,7 +4,7 @@ One row per job, written as soon as the job ends (so an interrupted sweep still 
 job number, overrides, status (completed / failed / preempted), the error of a failed or preempted
 job, wall time, and the final metrics of the job's ``summary.json``. A job that runs again into the
 same folder (a resumed sweep, a requeued SLURM job) replaces its earlier row: the row is the job's
-latest outcome; a finished job that a resumed sweep skips (:func:`finished_job`) keeps its row.
+latest outcome; a finished job that a resumed sweep finds (``train`` trains nothing) keeps its row.
 
 A preemption stops the whole sweep (:func:`record_preempted`); re-running the same command with
 ``ckpt_path=auto`` and the sweep's ``hydra.sweep.dir`` resumes it: the preempted job continues from
@@ -36,7 +36,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lmlab.errors import ConfigError, Preempted
 
@@ -101,7 +101,7 @@ class SweepSummary(Callback):
         num, out = _job_num(config), Path(config.hydra.runtime.output_dir)
         started = _started.get(num, (0.0, 0.0))[1]
         summary = out / "summary.json"
-        # a finished job that a resumed sweep skipped (finished_job) trained nothing: its row stays
+        # a finished job that a resumed sweep found (train() trained nothing) keeps its row
         trained = error is not None or not summary.is_file() or summary.stat().st_mtime >= started
         row = job_row(num, out, job_return.overrides or [], error)
         append_row(Path(config.hydra.sweep.dir) / self.filename, row, replace=trained)
@@ -155,21 +155,6 @@ def record_preempted(error: Preempted) -> str:
         f"re-running the same command with ckpt_path=auto hydra.sweep.dir={hc.sweep.dir} (this "
         "job continues from its last.ckpt, finished jobs are skipped, the others run)"
     )
-
-
-def finished_job(cfg: DictConfig) -> dict[str, Any] | None:
-    """The ``summary.json`` of a job that a resumed sweep (``ckpt_path=auto``, see
-    :func:`record_preempted`) finds already trained to ``trainer.max_steps``; None when the job is
-    to run. Run again, it would resume at its last step, only validate, and rewrite summary.json
-    without its training metrics."""
-    if cfg.get("ckpt_path") != "auto":
-        return None
-    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
-    summary = Path(cfg.paths.output_dir) / "summary.json"
-    if not (isinstance(max_steps, int) and max_steps > 0 and summary.is_file()):
-        return None
-    metrics = json.loads(summary.read_text())
-    return metrics if metrics.get("trainer/global_step", -1) >= max_steps else None
 
 
 def _job_num(config: DictConfig) -> int:

@@ -87,11 +87,11 @@ def check_model(cfg: DictConfig) -> None:
 
 
 _A_NUMBER = {int: "an integer", float: "a number"}
-# Numeric keys the early checks compare, and null where the key may be unset.
+# Numeric keys the early checks compare (global_batch_size may also be null: no accumulation).
 NUMBERS = {
     "seq_len": int,
     "data.batch_size": int,
-    "global_batch_size": int | None,
+    "global_batch_size": int,
     "optim.lr": float,
     "optim.warmup_steps": int,
     "trainer.max_steps": int,
@@ -109,11 +109,10 @@ def check_numbers(cfg: DictConfig) -> None:
     inside a later check; ``trainer.max_steps`` must end the run (the schedule needs a length)."""
     for key, kind in NUMBERS.items():
         value = OmegaConf.select(cfg, key)
-        if value is None and kind == int | None:
+        if value is None and key == "global_batch_size":
             continue
-        base = int if kind in (int, int | None) else float
-        if not _is_number(value, base):
-            raise ConfigError(f"{key}={value!r} is not {_A_NUMBER[base]}")
+        if not _is_number(value, kind):
+            raise ConfigError(f"{key}={value!r} is not {_A_NUMBER[kind]}")
     if cfg.trainer.max_steps < 1 and not cfg.trainer.get("fast_dev_run"):
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps}: training needs a length (the learning-rate "

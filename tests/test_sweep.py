@@ -369,22 +369,6 @@ def test_check_optimized_metric_names_the_choices(name):
     check_optimized_metric(None)  # nothing to optimise: a plain run
 
 
-def test_finished_job_is_found_only_when_resuming_a_sweep(compose_cfg, tmp_path):
-    from lmlab.sweep import finished_job
-
-    out = tmp_path / "job"
-    out.mkdir()
-    (out / "summary.json").write_text(json.dumps({"val/bpb": 2.0, "trainer/global_step": 6.0}))
-    assert finished_job(compose_cfg("trainer.max_steps=6", "ckpt_path=auto", output_dir=out)) == {
-        "val/bpb": 2.0,
-        "trainer/global_step": 6.0,
-    }
-    assert finished_job(compose_cfg("trainer.max_steps=6", output_dir=out)) is None
-    assert (
-        finished_job(compose_cfg("trainer.max_steps=9", "ckpt_path=auto", output_dir=out)) is None
-    )
-
-
 def test_a_misspelt_optimized_metric_is_refused_before_training(tmp_path):
     p = multirun(tmp_path, "optimized_metric=val/bpbb", "model.n_layers=1,2")
     assert p.returncode != 0

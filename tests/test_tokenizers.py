@@ -86,6 +86,17 @@ def test_pretrained_truncation_and_padding_are_switched_off(tmp_path, bpe):
     assert store.tokens.tolist() == [i for t in texts for i in (*bpe.encode(t), bpe.eos_id)]
 
 
+def wordpiece(words: list[str], normalize: bool = False) -> tuple[Tokenizer, TextTokenizer]:
+    """A BERT-style tokenizer over ``words`` (the first five are its specials)."""
+    tk = Tokenizer(models.WordPiece({t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
+    if normalize:
+        tk.normalizer = normalizers.BertNormalizer()
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    tk.add_special_tokens(words[:5])
+    return tk, TextTokenizer(tk, "pretrained")
+
+
 def test_wordpiece_word_starts_are_the_pieces_without_hashes():
     # BERT-style: every piece not continuing a word ("##...") begins one, even between two words
     # of letters, which hold no space to tell them apart.
@@ -102,12 +113,7 @@ def test_wordpiece_word_starts_are_the_pieces_without_hashes():
         "##s",
         ".",
     ]
-    tk = Tokenizer(models.WordPiece({t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer()
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.decoder = decoders.WordPiece()
-    tk.add_special_tokens(words[:5])
-    tok = TextTokenizer(tk, "pretrained")
+    tk, tok = wordpiece(words, normalize=True)
     ids = np.array([tok.cls_id, *tok.encode("the quick fox jumps."), tok.sep_id])
     assert [tk.id_to_token(int(i)) for i in ids[1:-1]] == [
         "the",
@@ -181,11 +187,7 @@ def test_byte_scale_is_one_when_the_pieces_spell_the_text_and_corrects_wordpiece
         store = build_store(iter(texts), tok, tmp_path, name)
         assert store.byte_scale(tok.token_bytes()) == 1.0
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "##s", "."]
-    tk = Tokenizer(models.WordPiece({t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.decoder = decoders.WordPiece()
-    tk.add_special_tokens(words[:5])
-    tok = TextTokenizer(tk, "pretrained")
+    _, tok = wordpiece(words)
     text = "the cats sat. the cat sat."  # 26 bytes; the pieces spell 21 of them (no spaces)
     store = build_store(iter([text]), tok, tmp_path, "wordpiece")
     assert int(tok.token_bytes()[store.tokens].sum()) == 21

@@ -361,14 +361,19 @@ class WindowDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = self._shard()
-        sampler = RandomWindowSampler(
-            len(self.train_store), self.window_len, self.stride, self.seed, rank, world
-        )
         # Whole optimizer steps: with gradient accumulation an epoch of whole micro-batches could
         # still end inside a step, which Lightning would then take early on fewer sequences.
         accumulation = getattr(self.trainer, "accumulate_grad_batches", 1)
+        sampler = RandomWindowSampler(
+            len(self.train_store),
+            self.window_len,
+            self.stride,
+            self.seed,
+            rank,
+            world,
+            batch_size=self.batch_size * accumulation,
+        )
         self._check_batches(sampler.n, world, accumulation)
-        sampler.batch_size = self.batch_size * accumulation
         return self._loader(self.train_store, sampler, self.batch_size, ResumableLoader)
 
     def _check_batches(self, windows: int, world: int, accumulation: int = 1) -> None:
