@@ -8,7 +8,8 @@ MFU is PaLM's ``6 N + 12 L d T`` FLOPs per token (``lmlab.flops``) over the devi
 
 The preset sizes are copied from ``conf/experiment/{gpt2_124m,bert_base,t5_base}.yaml`` (this script
 does not need Hydra, which GPU images often lack). Tokens count input tokens (the encoder-decoder's
-encoder inputs; its FLOPs count every layer at the input length, an upper bound).
+encoder inputs); FLOPs are what each part computes (``LMModule.step_flops``: the MLM head on the
+selected positions, the encoder-decoder's decoder and head at the target length).
 
     bash benchmarks/gpu.sh                                # on one H100: this script, then pytest -m gpu
     python benchmarks/gpu.py --tiny --device cpu          # smoke run on a CPU (tiny sizes, no compile)
