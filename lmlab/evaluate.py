@@ -36,7 +36,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         check_val_docs(module.extra_checkpoint, corpus.identity(corpus.val), cfg.ckpt_path)
     cache = Path(cfg.paths.cache_dir)
     key = store_key(corpus.fingerprint(corpus.val), tokenizer)
-    val = build_store(corpus.texts(corpus.val), tokenizer, cache, key, label="val")
+    total = corpus.total_bytes(corpus.val)
+    val = build_store(
+        corpus.texts(corpus.val), tokenizer, cache, key, total_bytes=total, label="val"
+    )
     seq_len = cfg.seq_len or run_cfg.seq_len
     dm = build(  # the run's objective with its settings (mask rate, noise density, ...)
         run_cfg.objective,

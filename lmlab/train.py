@@ -420,7 +420,7 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     stores = []
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         key = store_key(corpus.fingerprint(docs), tok)
-        total = sum(Path(p).stat().st_size for p in {d.path for d in docs})
+        total = corpus.total_bytes(docs)
         stores.append(
             build_store(corpus.texts(docs), tok, cache, key, total_bytes=total, label=split)
         )

@@ -13,6 +13,9 @@ from lmlab.paths import CONF_DIR
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# data=hf tests read local files only: the Hub is never asked (no network needed, none used)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDS = [
     "the",

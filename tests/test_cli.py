@@ -99,7 +99,7 @@ def test_help_lists_config_groups(tmp_path):
     for group in (
         "model: decoder",
         "objective: clm",
-        "data: files, shakespeare",
+        "data: files, hf, shakespeare",
         "tokenizer: bpe, byte, pretrained",
     ):
         assert group in p.stdout, group

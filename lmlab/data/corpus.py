@@ -1,4 +1,5 @@
-"""Where text comes from: the bundled Shakespeare corpus or the user's own files (plain text, JSONL).
+"""Where text comes from: the bundled Shakespeare corpus or the user's own files (plain text, JSONL);
+Hugging Face datasets are in :mod:`lmlab.data.hf`.
 
 A corpus is a list of documents, split deterministically into train and validation *by document*, so no
 validation text is ever trained on: a lone document is cut into a head (train) and a tail (validation),
@@ -91,6 +92,10 @@ class Corpus:
                 files[d.path] = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
             h.update(f"{d.key}|{files[d.path]}\n".encode())
         return h.hexdigest()[:16]
+
+    def total_bytes(self, docs: Sequence[Doc]) -> int:
+        """The size of the files ``docs`` are read from (for the progress bar)."""
+        return sum(Path(p).stat().st_size for p in {d.path for d in docs})
 
     def texts(self, docs: Sequence[Doc]) -> Iterator[str]:
         """Yield each document's text, reading every file once."""
@@ -279,11 +284,16 @@ def split_documents(docs: list[Doc], val_fraction: float) -> tuple[list[Doc], li
     return [d for d in docs if d not in val], [d for d in docs if d in val]
 
 
-def make_corpus(cfg, need_train: bool = True) -> Corpus:
-    """Build the corpus described by the ``data`` config group (validated, nothing tokenized yet).
+def make_corpus(cfg, need_train: bool = True):
+    """Build the corpus described by the ``data`` config group (validated, nothing tokenized yet):
+    a :class:`Corpus` of files, or for ``data.source=hf`` an :class:`lmlab.data.hf.HFCorpus`.
 
     ``need_train=False`` (evaluation) accepts ``data=files`` with only ``data.val``.
     """
+    if cfg.source == "hf":
+        from lmlab.data.hf import HFCorpus  # imports datasets, an optional dependency
+
+        return HFCorpus(cfg, need_train)
     errors = cfg.get("encoding_errors", "strict")
     if errors not in ("strict", "replace", "ignore"):
         raise ConfigError(f"data.encoding_errors must be strict, replace or ignore, got {errors!r}")
@@ -308,5 +318,5 @@ def make_corpus(cfg, need_train: bool = True) -> Corpus:
         else:
             train, val = split_documents(_documents(train_files, fmt, errors), cfg.val_fraction)
     else:
-        raise ConfigError(f"unknown data.source={cfg.source!r}; choose bundled or files")
+        raise ConfigError(f"unknown data.source={cfg.source!r}; choose bundled, files or hf")
     return Corpus(cfg.name, train, val, field, errors, cfg.get("val_fraction", 0.0))

@@ -113,7 +113,7 @@ def _encode_stream(
         unit="B",
         unit_scale=True,
         desc="tokenizing",
-        disable=not total_bytes or total_bytes < 32 << 20,
+        disable=total_bytes is not None and total_bytes < 32 << 20,  # None: unknown, maybe large
     )
 
     def flush():
@@ -145,10 +145,13 @@ def build_store(
     cache_dir: str | os.PathLike,
     key: str,
     *,
-    total_bytes: int | None = None,
+    total_bytes: int | None = 0,
     label: str = "",
 ) -> TokenStore:
-    """Return the store for ``key``, tokenizing ``texts`` only when it is not cached yet."""
+    """Return the store for ``key``, tokenizing ``texts`` only when it is not cached yet.
+
+    ``total_bytes``, the texts' approximate size, sets the progress bar: shown from 32 MB, and
+    when it is None (unknown: a streamed dataset); the default 0 shows none."""
     root = Path(cache_dir) / "stores"
     final = root / key
     if (final / "meta.json").is_file():

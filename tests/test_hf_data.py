@@ -1,0 +1,209 @@
+"""data=hf: documents from Hugging Face datasets (lmlab/data/hf.py), on local files only (no Hub)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from lmlab.data.corpus import make_corpus
+from lmlab.data.hf import held_out
+from lmlab.errors import ConfigError
+from lmlab.paths import CONF_DIR
+from tests.conftest import TINY, command_cfg, make_text
+
+datasets = pytest.importorskip("datasets")
+
+
+def write_jsonl(path: Path, texts: list, field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: t, "n": i}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def hf_cfg(tmp_path: Path, **values):
+    cfg = OmegaConf.load(CONF_DIR / "data" / "hf.yaml")
+    cfg.cache_dir = str(tmp_path / "hf_cache")
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+TEXTS = [f"Row {i}: " + make_text(16 + i % 7, i) for i in range(200)]
+
+
+def side(texts: list[str], fraction: float, val: bool = True) -> list[str]:
+    """The rows of ``texts`` that the hash hold-out puts in validation (or, val=False, training)."""
+    held = held_out(np.arange(len(texts)), fraction)
+    return [t for t, h in zip(texts, held, strict=True) if h == val]
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "rows.jsonl", TEXTS)
+
+
+def test_held_out_rows_are_a_fixed_independent_draw_per_row():
+    rows = np.arange(200_000)
+    held = held_out(rows, 0.01)
+    # Binomial(200000, 0.01): mean 2000, sd 44.5
+    assert abs(int(held.sum()) - 2000) < 4 * 44.5
+    # a threshold on one hash per row: nested in the fraction, the same whatever rows are asked
+    assert not (held & ~held_out(rows, 0.02)).any()
+    assert (held_out(rows[::7], 0.01) == held[::7]).all()
+    # no pattern in the index: every residue class mod 10 gets its share
+    per_class = [int(held[rows % 10 == r].sum()) for r in range(10)]
+    assert max(per_class) - min(per_class) < 8 * math.sqrt(200)
+
+
+def test_rows_split_into_disjoint_train_and_validation_in_row_order(tmp_path, jsonl):
+    corpus = make_corpus(hf_cfg(tmp_path, path="json", data_files=str(jsonl), val_fraction=0.1))
+    train, val = list(corpus.texts(corpus.train)), list(corpus.texts(corpus.val))
+    assert val == side(TEXTS, 0.1)
+    assert train == side(TEXTS, 0.1, val=False)
+    assert 5 <= len(val) <= 40
+    assert corpus.total_bytes(corpus.train) > corpus.total_bytes(corpus.val) > 0
+
+
+def test_streaming_and_a_save_to_disk_folder_give_the_same_documents(tmp_path, jsonl):
+    base = dict(path="json", data_files=str(jsonl), val_fraction=0.1)
+    loaded = make_corpus(hf_cfg(tmp_path, **base))
+    streamed = make_corpus(hf_cfg(tmp_path, **base, streaming=True))
+    folder = tmp_path / "saved"
+    datasets.load_dataset("json", data_files=str(jsonl), split="train").save_to_disk(str(folder))
+    saved = make_corpus(hf_cfg(tmp_path, path=str(folder), val_fraction=0.1))
+    for part in ("train", "val"):
+        want = list(loaded.texts(getattr(loaded, part)))
+        assert list(streamed.texts(getattr(streamed, part))) == want
+        assert list(saved.texts(getattr(saved, part))) == want
+    assert streamed.total_bytes(streamed.train) is None  # unknown: the progress bar counts up
+    # the same rows: checkpoints recording the held-out rows accept any of the three
+    assert loaded.identity(loaded.val) == streamed.identity(streamed.val)
+    assert loaded.identity(loaded.val) != loaded.identity(loaded.train)
+
+
+def test_max_documents_reads_the_first_rows_of_the_training_split(tmp_path, jsonl):
+    cfg = dict(path="json", data_files=str(jsonl), val_fraction=0.2, max_documents=50)
+    for streaming in (False, True):
+        corpus = make_corpus(hf_cfg(tmp_path, **cfg, streaming=streaming))
+        train, val = list(corpus.texts(corpus.train)), list(corpus.texts(corpus.val))
+        assert sorted(train + val) == sorted(TEXTS[:50])
+        assert val == side(TEXTS[:50], 0.2)
+
+
+def test_a_validation_split_is_read_whole_and_blank_rows_are_skipped(tmp_path):
+    folder = tmp_path / "dict"
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"body": TEXTS[:30]}),
+        validation=datasets.Dataset.from_dict({"body": ["  ", *TEXTS[30:40], ""]}),
+    ).save_to_disk(str(folder))
+    corpus = make_corpus(
+        hf_cfg(
+            tmp_path, path=str(folder), val_split="validation", text_field="body", max_documents=5
+        )
+    )
+    assert list(corpus.texts(corpus.train)) == TEXTS[:5]  # max_documents: the training split's
+    assert list(corpus.texts(corpus.val)) == TEXTS[30:40]
+
+
+def test_fingerprint_follows_the_data_and_the_settings(tmp_path, jsonl):
+    cfg = dict(path="json", data_files=str(jsonl), val_fraction=0.1)
+    corpus = make_corpus(hf_cfg(tmp_path, **cfg))
+    before = corpus.fingerprint(corpus.train)
+    assert make_corpus(hf_cfg(tmp_path, **cfg)).fingerprint(corpus.train) == before
+    assert corpus.fingerprint(corpus.val) != before
+    other = make_corpus(hf_cfg(tmp_path, **{**cfg, "val_fraction": 0.2}))
+    assert other.fingerprint(other.train) != before
+    write_jsonl(jsonl, [*TEXTS[:-1], "changed"])
+    os.utime(jsonl, ns=(1, 1))  # a new time even on coarse file-system clocks
+    changed = make_corpus(hf_cfg(tmp_path, **cfg))
+    assert changed.fingerprint(changed.train) != before
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"path": None}, "data=hf needs data.path"),
+        ({"val_fraction": 0}, "data.val_fraction must be in (0, 1)"),
+        ({"val_fraction": 1.5}, "data.val_fraction must be in (0, 1)"),
+        ({"val_split": "train"}, "is the training split too"),
+        ({"max_documents": 0}, "data.max_documents=0 must be a whole number"),
+        ({"max_documents": "ten"}, "data.max_documents='ten' must be a whole number"),
+        ({"text_field": "body"}, "no column data.text_field='body'; its columns are text, n"),
+        ({"split": "nope"}, "could not load data.path='json', split 'nope' (ValueError: Unknown"),
+        ({"data_files": "/no/such/*.jsonl"}, "data.data_files='/no/such/*.jsonl' matched no files"),
+        ({"path": "someone/dataset", "data_files": None}, "Couldn't reach 'someone/dataset'"),
+        ({"val_fraction": 0.001, "max_documents": 20}, "holds out 0 of the 20 rows"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_tokenizing(tmp_path, jsonl, values, message):
+    cfg = hf_cfg(tmp_path, **{"path": "json", "data_files": str(jsonl), **values})
+    with pytest.raises(ConfigError) as e:
+        make_corpus(cfg)
+    assert message in str(e.value)
+
+
+def test_unknown_split_of_a_saved_folder_lists_its_splits(tmp_path):
+    folder = tmp_path / "dict"
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": TEXTS[:10]})).save_to_disk(
+        str(folder)
+    )
+    with pytest.raises(ConfigError, match="has no split 'validation'; its splits are train"):
+        make_corpus(hf_cfg(tmp_path, path=str(folder), val_split="validation"))
+
+
+def test_a_row_without_text_is_named(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*TEXTS[:7], None, *TEXTS[:3]]))
+    corpus = make_corpus(hf_cfg(tmp_path, path="json", data_files=str(path), val_fraction=0.3))
+    with pytest.raises(ConfigError, match=r"row 7 of split 'train' .* has NoneType"):
+        list(corpus.texts(corpus.train)) + list(corpus.texts(corpus.val))
+
+
+def test_without_datasets_installed_the_error_says_how_to_install(tmp_path, jsonl, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    with pytest.raises(
+        ConfigError,
+        match=r"pip install datasets \(in a checkout of lmlab: pip install -e \"\.\[hf\]\"\)",
+    ):
+        make_corpus(hf_cfg(tmp_path, path="json", data_files=str(jsonl)))
+
+
+def test_training_on_a_dataset_end_to_end(compose_cfg, tmp_path, jsonl, caplog):
+    from lmlab.evaluate import evaluate
+    from lmlab.train import train
+
+    cfg = compose_cfg(
+        "data=hf",
+        "data.path=json",
+        f"data.data_files={jsonl}",
+        f"data.cache_dir={tmp_path / 'hf_cache'}",
+        "data.val_fraction=0.1",
+        *TINY,
+        "tokenizer=byte",
+    )
+    metrics, objects = train(cfg)
+    assert math.isfinite(metrics["val/loss"]) and metrics["trainer/global_step"] == 6
+    # the validation store holds exactly the held-out rows, each followed by eos
+    val = objects["datamodule"].val_store
+    held = side(TEXTS, 0.1)
+    assert val.n_docs == len(held)
+    assert val.n_bytes == sum(len(t.encode()) for t in held)
+    # evaluating the run's own data finds the same held-out rows (no warning) and scores as it did
+    ecfg = command_cfg(
+        "evaluate",
+        ckpt_path=str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+        device="cpu",
+        limit_batches=3,  # as the run's validations (TINY: trainer.limit_val_batches=3)
+        **{"paths.cache_dir": cfg.paths.cache_dir},
+    )
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        scores = evaluate(ecfg)
+    assert "not the ones" not in caplog.text
+    assert scores["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
