@@ -27,11 +27,6 @@ import logging
 import os
 import time
 from pathlib import Path
-
-try:
-    import fcntl  # POSIX: sweeps run on Linux clusters; elsewhere rows are written unlocked
-except ImportError:  # pragma: no cover (Windows)
-    fcntl = None
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -39,6 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lmlab.errors import ConfigError, Preempted
+from lmlab.paths import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +167,7 @@ def append_row(path: Path, row: dict[str, Any], replace: bool = True) -> None:
     ``flock`` on ``.<name>.lock`` beside it (locks work on local disks and, on Linux, on NFS). The
     file is rewritten to a temporary name and renamed, so a reader never sees half of it."""
     new = {k: str(v) for k, v in row.items()}
-    lock = path.with_name(f".{path.name}.lock")
-    with lock.open("a") as held:
-        if fcntl is not None:
-            try:
-                fcntl.flock(held, fcntl.LOCK_EX)  # released when the file is closed
-            except OSError as e:  # a file system without locks (some Lustre mounts): unlocked
-                log.warning("sweep summary %s written without a lock (%s)", path, e)
+    with file_lock(path.with_name(f".{path.name}.lock"), f"sweep summary {path} written"):
         rows = []
         if path.is_file():
             with path.open(newline="") as f:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import types
 
 import numpy as np
@@ -210,6 +211,56 @@ def test_store_contents_offsets_and_bytes(tmp_path):
     assert s.offsets.tolist() == [0, 6, 14] and s.n_bytes == 12
     reopened = TokenStore.open(s.path)
     assert reopened.tokens.tolist() == expected
+
+
+def test_concurrent_builds_of_one_store_tokenize_once(tmp_path):
+    """Two builders of one key at once (the ranks of a torchrun launch): the second waits for the
+    first's lock and opens its store without reading its own texts. flock locks belong to open
+    files, so two threads contend for one as two processes do."""
+    tok = byte_tokenizer(2)
+    first_started, release = threading.Event(), threading.Event()
+    read_by_second = []
+
+    def first_texts():
+        first_started.set()
+        release.wait(10)  # still tokenizing while the second asks
+        yield "hello"
+
+    def second_texts():
+        read_by_second.append(1)
+        yield "hello"
+
+    stores = {}
+    a = threading.Thread(
+        target=lambda: stores.update(a=build_store(first_texts(), tok, tmp_path, "k"))
+    )
+    a.start()
+    assert first_started.wait(10)
+    b = threading.Thread(
+        target=lambda: stores.update(b=build_store(second_texts(), tok, tmp_path, "k"))
+    )
+    b.start()
+    b.join(0.5)
+    assert b.is_alive()  # waiting for the lock
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert not read_by_second
+    assert stores["a"].tokens.tolist() == stores["b"].tokens.tolist() == [*b"hello", tok.eos_id]
+
+
+def test_without_file_locks_stores_are_built_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A file system that refuses flock (some Lustre mounts): the build goes on, and says so."""
+    import lmlab.paths
+
+    def refuse(fd, op):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(lmlab.paths.fcntl, "flock", refuse)
+    with caplog.at_level(logging.WARNING, logger="lmlab.paths"):
+        store = build_store(iter(["hi"]), byte_tokenizer(2), tmp_path, "k", label="train")
+    assert store.tokens.tolist()[:2] == [*b"hi"]
+    assert "token store train k built without a lock" in caplog.text
 
 
 def test_store_cache_hit_and_invalidation(tmp_path, text_files):

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmlab.data.tokenizers import TextTokenizer
+from lmlab.paths import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +152,25 @@ def build_store(
     """Return the store for ``key``, tokenizing ``texts`` only when it is not cached yet.
 
     ``total_bytes``, the texts' approximate size, sets the progress bar: shown from 32 MB, and
-    when it is None (unknown: a streamed dataset); the default 0 shows none."""
+    when it is None (unknown: a streamed dataset); the default 0 shows none. Processes that ask
+    for the same store at once (the ranks of a ``torchrun`` / SLURM launch, each preparing the
+    data) build it once: the first holds a lock while it tokenizes, the others wait and open it."""
     root = Path(cache_dir) / "stores"
     final = root / key
     if (final / "meta.json").is_file():
         log.info("Token store %s: cached %s", label, final)
         return TokenStore.open(final)
+    with file_lock(root / f".{key}.lock", f"token store {label} {key} built"):
+        if (final / "meta.json").is_file():
+            log.info("Token store %s: built by another process, %s", label, final)
+            return TokenStore.open(final)
+        _build(texts, tokenizer, root, key, total_bytes, label)
+    return TokenStore.open(final)
+
+
+def _build(texts, tokenizer, root: Path, key: str, total_bytes, label: str) -> None:
+    """Tokenize ``texts`` into ``root/key``: written in a temporary folder, renamed into place."""
+    final = root / key
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
@@ -193,4 +207,3 @@ def build_store(
         n_bytes / max(n_tokens, 1),
         final,
     )
-    return TokenStore.open(final)
