@@ -259,6 +259,21 @@ def test_wandb_offline_run_gets_config_tags_group_and_is_finished(tiny_cfg, tmp_
     assert (out / "metrics.csv").is_file()  # csv stays on
 
 
+def test_several_loggers_at_once_each_get_the_metrics(tiny_cfg, tmp_path, monkeypatch):
+    """logger=[wandb,tensorboard]: Hydra merges both choices (each with the CSV logger); every
+    backend records the run, TensorBoard the same final validation loss as summary.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "many"
+    metrics, objects = train(tiny_cfg("logger=[wandb,tensorboard]", output_dir=out))
+    kinds = sorted(type(x).__name__ for x in objects["trainer"].loggers)
+    assert kinds == ["ResumableCSVLogger", "TensorBoardLogger", "WandbLogger"]
+    assert (out / "metrics.csv").is_file() and list((out / "wandb").glob("offline-run-*"))
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert events.Scalars("val/loss")[-1].value == pytest.approx(metrics["val/loss"])
+
+
 def test_a_crashed_run_is_finished_as_failed_in_wandb(tiny_cfg, tmp_path, monkeypatch):
     """A run that stops on an error (here a NaN loss) ends its W&B run with a failing exit code,
     not as a success."""
