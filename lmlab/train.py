@@ -38,7 +38,7 @@ from lmlab.checkpoint import read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.corpus import make_corpus
 from lmlab.data.store import build_store, store_key
-from lmlab.data.tokenizers import TextTokenizer, build_tokenizer
+from lmlab.data.tokenizers import TextTokenizer, build_tokenizer, check_tokenizer
 from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
 from lmlab.parallel import attention_kernel, attention_kernels, compile_mode, use_tf32
@@ -160,6 +160,7 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    check_tokenizer(cfg.tokenizer)
     try:  # the module's own checks, before any work
         check_loss_chunk_size(cfg.get("loss_chunk_size"))
         compile_mode(cfg.get("compile"))

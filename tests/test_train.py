@@ -190,6 +190,30 @@ def test_bad_input_fails_before_training(tiny_cfg, tmp_path, overrides, message)
     assert not (out / "checkpoints").exists() and not (out / "metrics.csv").exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["tokenizer.vocab_size=200"], r"tokenizer\.vocab_size=200 is too small"),
+        (["tokenizer=pretrained", "tokenizer.path=/nowhere/t.json"], "tokenizer file not found"),
+        (["tokenizer=pretrained", "tokenizer.path=null"], "needs tokenizer.path"),
+        (["tokenizer.kind=wordpiece"], "unknown tokenizer.kind='wordpiece'"),
+    ],
+)
+def test_tokenizer_settings_are_refused_before_the_data_is_read(
+    tiny_cfg, tmp_path, monkeypatch, overrides, message
+):
+    """A corpus can take hours to read (a streamed dataset): tokenizer errors come first."""
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the corpus was opened")
+
+    monkeypatch.setattr("lmlab.train.make_corpus", no_data)
+    out = tmp_path / "bad_tokenizer"
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_cfg(*overrides, output_dir=out))
+    assert not out.exists()
+
+
 def test_empty_and_binary_files_fail_before_training(tiny_cfg, tmp_path, text_files):
     for content, message in ((b"   \n", "is empty"), (b"\x00\x00PK", "looks binary")):
         bad = text_files[0].parent / "zz_bad.txt"

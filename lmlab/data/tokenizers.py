@@ -291,17 +291,21 @@ def byte_tokenizer(num_sentinels: int = 100) -> TextTokenizer:
     return TextTokenizer(tk, "byte")
 
 
+def _check_bpe_vocab(vocab_size: int, num_sentinels: int) -> None:
+    need = 256 + len(_special_list(num_sentinels))
+    if vocab_size < need:
+        raise ConfigError(
+            f"tokenizer.vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+            f"plus {need - 256} special tokens; use at least {need} (or fewer tokenizer.num_sentinels)"
+        )
+
+
 def train_bpe(
     texts: Iterable[str], vocab_size: int, num_sentinels: int = 100, min_frequency: int = 2
 ) -> TextTokenizer:
     """Train a GPT-2 style byte-level BPE; ``vocab_size`` includes the 256 bytes and the specials."""
     specials = _special_list(num_sentinels)
-    if vocab_size < 256 + len(specials):
-        raise ConfigError(
-            f"tokenizer.vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens "
-            f"plus {len(specials)} special tokens; use at least {256 + len(specials)} "
-            "(or fewer tokenizer.num_sentinels)"
-        )
+    _check_bpe_vocab(vocab_size, num_sentinels)
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -333,6 +337,26 @@ def load_pretrained(path: str | os.PathLike) -> TextTokenizer:
     return TextTokenizer(tk, "pretrained")
 
 
+def check_tokenizer(cfg) -> None:
+    """The tokenizer settings' own errors, raised before any data is read (``lmlab.train`` calls
+    this with the other settings checks): an unknown kind, a pretrained tokenizer without a
+    readable file, a BPE vocabulary too small for the bytes and the special tokens."""
+    if cfg.kind == "pretrained":
+        _pretrained(cfg)
+    elif cfg.kind == "bpe":
+        _check_bpe_vocab(cfg.vocab_size, cfg.num_sentinels)
+    elif cfg.kind != "byte":
+        raise ConfigError(
+            f"unknown tokenizer.kind={cfg.kind!r}; choose one of bpe, byte, pretrained"
+        )
+
+
+def _pretrained(cfg) -> TextTokenizer:
+    if not cfg.get("path"):
+        raise ConfigError("tokenizer=pretrained needs tokenizer.path=<path to tokenizer.json>")
+    return load_pretrained(cfg.path)
+
+
 def build_tokenizer(
     cfg, train_texts: Callable[[], Iterable[str]], corpus_fingerprint: str, cache_dir: str | Path
 ) -> TextTokenizer:
@@ -341,11 +365,8 @@ def build_tokenizer(
     if kind == "byte":
         return byte_tokenizer(cfg.num_sentinels)
     if kind == "pretrained":
-        if not cfg.get("path"):
-            raise ConfigError("tokenizer=pretrained needs tokenizer.path=<path to tokenizer.json>")
-        return load_pretrained(cfg.path)
-    if kind != "bpe":
-        raise ConfigError(f"unknown tokenizer.kind={kind!r}; choose one of bpe, byte, pretrained")
+        return _pretrained(cfg)
+    check_tokenizer(cfg)  # an unknown kind, a vocabulary too small: before any training
     key = hashlib.sha256(
         f"bpe|{corpus_fingerprint}|{cfg.vocab_size}|{cfg.num_sentinels}|{cfg.min_frequency}".encode()
     ).hexdigest()[:16]
