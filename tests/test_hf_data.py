@@ -132,7 +132,10 @@ def test_fingerprint_follows_the_data_and_the_settings(tmp_path, jsonl):
         ({"path": None}, "data=hf needs data.path"),
         ({"val_fraction": 0}, "data.val_fraction must be in (0, 1)"),
         ({"val_fraction": 1.5}, "data.val_fraction must be in (0, 1)"),
-        ({"val_split": "train"}, "is the training split too"),
+        ({"val_split": "train"}, "reads the training split 'train' too"),
+        ({"val_split": "train[:10%]"}, "reads the training split 'train' too"),
+        ({"val_fraction": "abc"}, "data.val_fraction must be in (0, 1), got 'abc'"),
+        ({"data_files": 5}, "data.data_files=5 is not a path or glob"),
         ({"max_documents": 0}, "data.max_documents=0 must be a whole number"),
         ({"max_documents": "ten"}, "data.max_documents='ten' must be a whole number"),
         ({"text_field": "body"}, "no column data.text_field='body'; its columns are text, n"),
@@ -158,12 +161,105 @@ def test_unknown_split_of_a_saved_folder_lists_its_splits(tmp_path):
         make_corpus(hf_cfg(tmp_path, path=str(folder), val_split="validation"))
 
 
-def test_a_row_without_text_is_named(tmp_path):
+def test_rows_without_text_are_skipped_and_a_column_of_other_values_refused(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*TEXTS[:7], None, *TEXTS[:3]]))
-    corpus = make_corpus(hf_cfg(tmp_path, path="json", data_files=str(path), val_fraction=0.3))
-    with pytest.raises(ConfigError, match=r"row 7 of split 'train' .* has NoneType"):
-        list(corpus.texts(corpus.train)) + list(corpus.texts(corpus.val))
+    rows = [*TEXTS[:7], None, *TEXTS[7:10]]
+    path.write_text("".join(json.dumps({"text": t, "tags": [1, 2]}) + "\n" for t in rows))
+    for streaming in (False, True):
+        cfg = hf_cfg(
+            tmp_path, path="json", data_files=str(path), val_fraction=0.3, streaming=streaming
+        )
+        corpus = make_corpus(cfg)
+        got = list(corpus.texts(corpus.train)) + list(corpus.texts(corpus.val))
+        assert sorted(got) == sorted(TEXTS[:10])
+    with pytest.raises(ConfigError, match=r"column data.text_field='tags' .* holds List"):
+        make_corpus(hf_cfg(tmp_path, path="json", data_files=str(path), text_field="tags"))
+
+
+def test_bad_files_are_refused_when_opened(tmp_path):
+    empty, broken = tmp_path / "empty.jsonl", tmp_path / "broken.jsonl"
+    empty.write_text("")
+    broken.write_text('{"text": "a"}\n{not json\n')
+    with pytest.raises(
+        ConfigError, match=r"could not load data.path='json', split 'train' .*no rows"
+    ):
+        make_corpus(hf_cfg(tmp_path, path="json", data_files=str(empty)))
+    for streaming in (False, True):
+        cfg = hf_cfg(tmp_path, path="json", data_files=str(broken), streaming=streaming)
+        with pytest.raises(ConfigError, match=r"could not load data\.path='json'"):
+            make_corpus(cfg)
+
+
+def test_data_files_are_found_where_datasets_looks_for_them(tmp_path, jsonl, monkeypatch):
+    """Relative to the working directory for a builder, to the folder for a local folder, and
+    not checked for a Hub dataset (they name files of its repository)."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "jsondir"
+    folder.mkdir()
+    write_jsonl(folder / "part.jsonl", TEXTS)
+    corpus = make_corpus(hf_cfg(tmp_path, path=str(folder), data_files="part.jsonl"))
+    assert len(list(corpus.texts(corpus.train))) + len(list(corpus.texts(corpus.val))) == 200
+    make_corpus(hf_cfg(tmp_path, path="json", data_files="rows.jsonl"))  # from the cwd
+    with pytest.raises(ConfigError, match="Couldn't reach 'allenai/c4'"):  # asked of the Hub
+        make_corpus(hf_cfg(tmp_path, path="allenai/c4", data_files="en/c4-train.00000.json.gz"))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(saved))
+    with pytest.raises(ConfigError, match=r"read whole: leave data\.data_files unset"):
+        make_corpus(hf_cfg(tmp_path, path=str(saved), data_files="x.jsonl"))
+
+
+def test_validation_files_without_val_split_are_named_in_a_warning(tmp_path, jsonl, caplog):
+    other = write_jsonl(tmp_path / "other.jsonl", TEXTS[:20])
+    files = {"train": str(jsonl), "validation": str(other)}
+    with caplog.at_level(logging.WARNING, logger="lmlab.data.hf"):
+        make_corpus(hf_cfg(tmp_path, path="json", data_files=files))
+    assert "set data.val_split=validation" in caplog.text
+    corpus = make_corpus(hf_cfg(tmp_path, path="json", data_files=files, val_split="validation"))
+    assert list(corpus.texts(corpus.val)) == TEXTS[:20]
+
+
+def test_a_side_left_without_text_is_refused_and_not_cached(tmp_path):
+    """A short stream (its length unknown up front) whose hold-out took no row."""
+    from lmlab.data.store import build_store, store_key
+    from lmlab.data.tokenizers import byte_tokenizer
+
+    path = write_jsonl(tmp_path / "short.jsonl", TEXTS[:30])
+    cfg = hf_cfg(tmp_path, path="json", data_files=str(path), val_fraction=0.01, streaming=True)
+    corpus, tok = make_corpus(cfg), byte_tokenizer(2)
+    assert corpus.total_bytes(corpus.val) is None and not list(corpus.texts(corpus.val))
+    key = store_key(corpus.fingerprint(corpus.val), tok)
+    for _ in range(2):  # the second try is refused the same way: nothing was cached
+        with pytest.raises(ConfigError, match="the val split has no text"):
+            build_store(corpus.texts(corpus.val), tok, tmp_path / "cache", key, label="val")
+    assert not (tmp_path / "cache" / "stores" / key).exists()
+
+
+def test_identity_names_the_rows_not_where_they_are(tmp_path, jsonl, monkeypatch):
+    """Checkpoints record it: other files, another column or other rows are other documents (a
+    resume is refused); a setting that does not choose the validation rows is not."""
+    base = dict(path="json", data_files=str(jsonl), val_fraction=0.1)
+    ident = lambda **kw: (c := make_corpus(hf_cfg(tmp_path, **{**base, **kw}))).identity(c.val)
+    small = write_jsonl(tmp_path / "small.jsonl", TEXTS[:50])
+    assert ident() != ident(data_files=str(small))
+    titled = tmp_path / "titled.jsonl"
+    titled.write_text("".join(json.dumps({"text": t, "title": t[:12]}) + "\n" for t in TEXTS))
+    assert ident(data_files=str(titled)) != ident(data_files=str(titled), text_field="title")
+    assert ident() != ident(revision="abc123") and ident() != ident(max_documents=100)
+    # the same file under another folder and spelling: the same documents
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "rows.jsonl").write_text(jsonl.read_text())
+    monkeypatch.chdir(moved)
+    assert ident(data_files="rows.jsonl") == ident()
+    # with a validation split, max_documents (of the training split) leaves it alone
+    folder = tmp_path / "dict"
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"text": TEXTS[:100]}),
+        validation=datasets.Dataset.from_dict({"text": TEXTS[100:150]}),
+    ).save_to_disk(str(folder))
+    monkeypatch.chdir(folder)
+    split = dict(path=str(folder), data_files=None, val_split="validation")
+    assert ident(**split) == ident(**split, max_documents=10) == ident(**{**split, "path": "."})
 
 
 def test_without_datasets_installed_the_error_says_how_to_install(tmp_path, jsonl, monkeypatch):

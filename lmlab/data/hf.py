@@ -1,12 +1,13 @@
 """Documents from a Hugging Face dataset (``data=hf``): a Hub dataset, streamed or downloaded, a folder
 written by ``save_to_disk``, or local files read by one of ``datasets``' builders (json, csv, parquet,
-text). Each row is one document; its text is the ``data.text_field`` column.
+text). Each row is one document; its text is the ``data.text_field`` column (rows without text, null
+or blank, are skipped).
 
 The validation documents are a split of their own (``data.val_split``) or rows of the training split
 held out by a hash of their index (``data.val_fraction``), so the choice needs no pass over the data,
 is the same in every process and every run, and works while streaming. ``data.max_documents`` reads
-the first rows only (a streamed corpus is tokenized as it arrives, and can be far larger than a run
-needs).
+the first rows of the training split only (a streamed corpus is tokenized as it arrives, and can be
+far larger than a run needs).
 
 :class:`HFCorpus` answers what ``lmlab.train.prepare_data`` asks of a corpus (texts, fingerprint,
 identity and size of each split), like :class:`lmlab.data.corpus.Corpus` for files. ``datasets`` is an
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # that other tools might share (and so correlate with, e.g. "every 100th row").
 HOLD_OUT_SALT = 0x6C6D6C6162  # "lmlab"
 READ_BATCH = 1024  # rows read per batch from the dataset
+COUNT_CHUNK = 1 << 22  # row indices hashed at once when counting the held-out rows
+BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders for local files
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,14 @@ def held_out(index: np.ndarray, fraction: float) -> np.ndarray:
     return bits < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
 
+def count_held_out(n: int, fraction: float) -> int:
+    """How many of the rows 0..n-1 are held out (in chunks: no n-sized arrays)."""
+    return sum(
+        int(held_out(np.arange(i, min(i + COUNT_CHUNK, n)), fraction).sum())
+        for i in range(0, n, COUNT_CHUNK)
+    )
+
+
 def _datasets():
     try:
         import datasets
@@ -70,23 +81,42 @@ def _is_saved_folder(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
 
 
+def _base_split(split: str) -> str:
+    """The split a split expression reads from: ``train`` for ``train[:10%]``."""
+    return split.split("[", 1)[0].strip()
+
+
+def _data_files(files) -> Any:
+    """``data.data_files`` as plain Python (a path or glob, a list of them, or {split: those}),
+    refused in any other shape."""
+    files = OmegaConf.to_container(files) if OmegaConf.is_config(files) else files
+    is_list = lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)
+    ok = files is None or isinstance(files, str) or is_list(files)
+    if isinstance(files, dict):
+        ok = all(isinstance(v, str) or is_list(v) for v in files.values())
+    if not ok:
+        raise ConfigError(
+            f"data.data_files={files!r} is not a path or glob, a list of them, or a mapping of "
+            "split names to those (data.data_files='{train: a/*.jsonl, validation: b.jsonl}')"
+        )
+    return files
+
+
 class HFCorpus:
     """The corpus described by a ``data=hf`` config: checked and opened at construction (the
     datasets are loaded, so a wrong path, split or column stops the run before any tokenizing)."""
 
     def __init__(self, cfg, need_train: bool = True) -> None:
         self.name = cfg.name
-        self.path = cfg.get("path")
-        if not self.path:
+        if not cfg.get("path"):
             raise ConfigError(
                 "data=hf needs data.path: a Hub dataset id (data.path=HuggingFaceFW/fineweb-edu), a "
                 "folder written by save_to_disk, or a builder with files (data.path=json "
                 "data.data_files='corpus/*.jsonl')"
             )
-        self.path = str(self.path)
+        self.path = str(cfg.path)
         self.subset, self.revision = cfg.get("subset"), cfg.get("revision")
-        files = cfg.get("data_files")
-        self.data_files = OmegaConf.to_container(files) if OmegaConf.is_config(files) else files
+        self.data_files = _data_files(cfg.get("data_files"))
         self.field = cfg.get("text_field", "text")
         self.streaming = bool(cfg.get("streaming", False))
         self.cache_dir = cfg.get("cache_dir")
@@ -98,27 +128,38 @@ class HFCorpus:
                 f"data.max_documents={self.limit!r} must be a whole number >= 1 (or null: every row)"
             )
         split, val_split = str(cfg.get("split") or "train"), cfg.get("val_split")
-        self.fraction = float(cfg.get("val_fraction", 0.0)) if not val_split else 0.0
-        if not val_split and not 0 < self.fraction < 1:
+        self.fraction = 0.0 if val_split else self._fraction(cfg.get("val_fraction"))
+        if val_split and _base_split(str(val_split)) == _base_split(split):
             raise ConfigError(
-                f"data.val_fraction must be in (0, 1), got {cfg.get('val_fraction')!r} (or name a "
-                "validation split: data.val_split=validation)"
+                f"data.val_split={val_split!r} reads the training split {split!r} too, so its rows "
+                "could be trained on; name another split, or leave data.val_split unset to hold "
+                "out data.val_fraction of the training split's rows"
             )
-        if val_split and str(val_split) == split:
+        local = Path(self.path).expanduser()
+        if _is_saved_folder(local) and self.data_files is not None:
             raise ConfigError(
-                f"data.val_split={val_split!r} is the training split too: name another split, or "
-                "leave data.val_split unset to hold out data.val_fraction of its rows"
+                f"{self.path} is a folder written by save_to_disk, which is read whole: leave "
+                "data.data_files unset"
             )
+        self._check_files_exist(local)
         self._opened: dict[str, Any] = {}
         if val_split:
             self.train, self.val = Rows(split), Rows(str(val_split))
         else:
             self.train, self.val = Rows(split, "train"), Rows(split, "val")
-        for spec in self._file_specs():
-            if "://" not in spec and not glob.glob(str(Path(spec).expanduser()), recursive=True):
-                raise ConfigError(
-                    f"data.data_files={spec!r} matched no files (relative paths start from "
-                    f"{Path.cwd()}); check the path or glob"
+            other = (
+                sorted(k for k in self.data_files if k != split)
+                if isinstance(self.data_files, dict)
+                else []
+            )
+            if other:
+                log.warning(
+                    "data.data_files names split(s) %s but data.val_split is not set: validation "
+                    "rows are held out of %r by data.val_fraction instead; set data.val_split=%s "
+                    "to validate on those files",
+                    ", ".join(other),
+                    split,
+                    other[0],
                 )
         for rows in (self.train, self.val) if need_train else (self.val,):
             self._open(rows.split)
@@ -127,23 +168,25 @@ class HFCorpus:
 
     # -- what prepare_data asks ------------------------------------------------------------------
     def texts(self, rows: Rows) -> Iterator[str]:
-        """The texts of ``rows``, in row order; rows whose text is blank are skipped."""
-        ds, indices = self._rows(rows)
-        ds = ds.select_columns([self.field])
+        """The texts of ``rows``, in row order; rows without text (null or blank) are skipped.
+
+        The rows are read in order, whichever side of the hold-out is asked for (reading through
+        an index of the chosen rows is ~20x slower), and each batch is masked."""
+        ds = self._read(rows).select_columns([self.field])
         start = 0
         for batch in ds.iter(batch_size=READ_BATCH):
             texts = batch[self.field]
-            keep = None
-            if indices is None and rows.side != "all":  # streaming: decide row by row
+            keep = np.ones(len(texts), dtype=bool)
+            if rows.side != "all":
                 held = held_out(np.arange(start, start + len(texts)), self.fraction)
                 keep = held if rows.side == "val" else ~held
-            for j, text in enumerate(texts):
-                if keep is not None and not keep[j]:
+            for j in np.flatnonzero(keep):
+                text = texts[j]
+                if text is None:
                     continue
                 if not isinstance(text, str):
-                    row = start + j if indices is None else int(indices[start + j])
                     raise ConfigError(
-                        f"row {row} of split {rows.split!r} of {self.path} has "
+                        f"row {start + j} of split {rows.split!r} of {self.path} has "
                         f"{type(text).__name__} in data.text_field={self.field!r}, not text; "
                         "choose the column that holds the text"
                     )
@@ -154,10 +197,12 @@ class HFCorpus:
     def fingerprint(self, rows: Rows) -> str:
         """Changes with the dataset's settings, the rows chosen, and the data: the Arrow cache's own
         fingerprint for downloaded / saved datasets, size and time of every local file. A streamed
-        Hub dataset has neither: pin ``data.revision`` so that an update on the Hub is not
-        tokenized under the old key."""
+        Hub dataset has neither: pin ``data.revision`` to a commit, so that an update on the Hub is
+        not tokenized under the old key."""
         ds = self._open(rows.split)
-        h = hashlib.sha256(self._settings(rows).encode())
+        h = hashlib.sha256(
+            f"v{DOC_VERSION}|hf|{self.path}|{self.data_files!r}|{self._choice(rows)}".encode()
+        )
         h.update(f"|{getattr(ds, '_fingerprint', None)}".encode())
         for f in self._local_files():
             st = f.stat()
@@ -165,42 +210,76 @@ class HFCorpus:
         return h.hexdigest()[:16]
 
     def identity(self, rows: Rows) -> str:
-        """Which rows ``rows`` are, by the dataset's name and the settings that choose them (not its
-        files' places or times): saved in checkpoints as the validation documents."""
-        name = Path(self.path).name if Path(self.path).expanduser().exists() else self.path
-        ident = f"v{DOC_VERSION}|hf|{name}|{self._choice(rows)}"
+        """Which rows ``rows`` are, by names and the settings that choose them (not the files'
+        places or times): saved in checkpoints as the validation documents."""
+        local = Path(self.path).expanduser()
+        name = local.resolve().name if local.exists() else self.path
+        files = sorted({f.name for f in self._local_files()}) or self.data_files
+        ident = f"v{DOC_VERSION}|hf|{name}|{files!r}|{self._choice(rows)}"
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     def total_bytes(self, rows: Rows) -> int | None:
         """About how many bytes the texts of ``rows`` are (for the progress bar), or None when
         unknown (a streamed dataset)."""
-        ds, _ = self._rows(rows)
+        ds = self._read(rows)
         if not isinstance(ds, self._datasets.Dataset):
             return None
-        size = self._open(rows.split).data.nbytes  # the Arrow table, every column
-        whole = len(self._open(rows.split))
-        return int(size * len(ds) / max(whole, 1))
+        whole = self._open(rows.split)
+        share = {"all": 1.0, "val": self.fraction, "train": 1 - self.fraction}[rows.side]
+        return int(whole.data.nbytes * share * len(ds) / max(len(whole), 1))
 
     # -- internals -------------------------------------------------------------------------------
     @property
     def _datasets(self):
         return _datasets()
 
-    def _choice(self, rows: Rows) -> str:
-        rule = f"{rows.side}:{self.fraction!r}" if rows.side != "all" else "all"
-        return f"{self.subset}|{rows.split}|{rule}|{self.limit}"
+    @staticmethod
+    def _fraction(value) -> float:
+        try:
+            fraction = float(value)
+        except (TypeError, ValueError):
+            fraction = float("nan")
+        if not 0 < fraction < 1:
+            raise ConfigError(
+                f"data.val_fraction must be in (0, 1), got {value!r} (or name a validation split: "
+                "data.val_split=validation)"
+            )
+        return fraction
 
-    def _settings(self, rows: Rows) -> str:
-        return (
-            f"v{DOC_VERSION}|hf|{self.path}|{self.data_files!r}|{self.revision}|{self.field}|"
-            f"{self._choice(rows)}"
-        )
+    def _limit(self, rows: Rows) -> int | None:
+        """``data.max_documents`` applies to the training split only (both sides of a hold-out)."""
+        return self.limit if rows.split == self.train.split else None
+
+    def _choice(self, rows: Rows) -> str:
+        """What chooses the rows of ``rows``, besides the dataset."""
+        rule = f"{rows.side}:{self.fraction!r}" if rows.side != "all" else "all"
+        return f"{self.subset}|{self.revision}|{self.field}|{rows.split}|{rule}|{self._limit(rows)}"
+
+    def _check_files_exist(self, local: Path) -> None:
+        """``data_files`` of a builder (json, parquet, ...) name local files, relative to the
+        working directory, and must match some; for a folder they are relative to it, and for a
+        Hub dataset they name files in the repository (checked by datasets)."""
+        if self.path in BUILDERS:
+            base = Path.cwd()
+        elif local.is_dir():
+            base = local
+        else:
+            return
+        for spec in self._file_specs():
+            pattern = Path(spec).expanduser()
+            if "://" not in spec and not glob.glob(str(base / pattern), recursive=True):
+                raise ConfigError(
+                    f"data.data_files={spec!r} matched no files (relative paths start from "
+                    f"{base}); check the path or glob"
+                )
 
     def _local_files(self) -> list[Path]:
-        """The local files the dataset is read from: a saved folder's, or ``data_files``'."""
+        """The local files the dataset is read from: a folder's, or a builder's ``data_files``."""
         path = Path(self.path).expanduser()
         if path.is_dir():
             return sorted(p.resolve() for p in path.rglob("*") if p.is_file())
+        if self.path not in BUILDERS:
+            return []
         found = {
             Path(f).resolve()
             for spec in self._file_specs()
@@ -214,8 +293,8 @@ class HFCorpus:
         if specs is None:
             return []
         if isinstance(specs, dict):
-            return [str(s) for v in specs.values() for s in ([v] if isinstance(v, str) else v)]
-        return [specs] if isinstance(specs, str) else [str(s) for s in specs]
+            return [s for v in specs.values() for s in ([v] if isinstance(v, str) else v)]
+        return [specs] if isinstance(specs, str) else list(specs)
 
     def _open(self, split: str):
         """The dataset split ``split`` (loaded once), its text column checked."""
@@ -225,19 +304,7 @@ class HFCorpus:
         local = Path(self.path).expanduser()
         try:
             if _is_saved_folder(local):
-                ds = datasets.load_from_disk(str(local))
-                if isinstance(ds, datasets.DatasetDict):
-                    if split not in ds:
-                        raise ConfigError(
-                            f"{self.path} has no split {split!r}; its splits are "
-                            f"{', '.join(ds)} (set data.split / data.val_split)"
-                        )
-                    ds = ds[split]
-                elif split != "train":
-                    raise ConfigError(
-                        f"{self.path} holds one dataset, not splits: leave data.split at train and "
-                        "data.val_split unset (rows are held out by data.val_fraction)"
-                    )
+                ds = self._load_saved(local, split)
             else:
                 ds = datasets.load_dataset(
                     self.path,
@@ -248,51 +315,69 @@ class HFCorpus:
                     streaming=self.streaming,
                     cache_dir=self.cache_dir,
                 )
+            columns = ds.column_names
+            if columns is None:  # a streamed dataset may only know its columns from a row
+                columns = list(next(iter(ds), {}))
         except ConfigError:
             raise
         except Exception as e:  # datasets raises many kinds; all mean the settings are wrong here
             subset = f", subset {self.subset!r}" if self.subset else ""
+            why = "no rows" if isinstance(e, StopIteration) else str(e).rstrip(".")
             raise ConfigError(
                 f"could not load data.path={self.path!r}{subset}, split {split!r} "
-                f"({type(e).__name__}: {str(e).rstrip('.')}); data.path takes a Hub dataset id "
-                "(the Hub needs a network; offline, a copy in the datasets cache), a folder written "
-                "by save_to_disk, or a builder such as json / parquet / text with data.data_files"
+                f"({type(e).__name__}: {why}); data.path takes a Hub dataset id (the Hub needs a "
+                "network; offline, a copy in the datasets cache), a folder written by "
+                "save_to_disk, or a builder such as json / parquet / text with data.data_files"
             ) from None
-        columns = ds.column_names
-        if columns is None:  # a streamed dataset may only know its columns from a row
-            columns = list(next(iter(ds), {}))
         if self.field not in columns:
             raise ConfigError(
                 f"split {split!r} of {self.path} has no column data.text_field={self.field!r}; its "
                 f"columns are {', '.join(columns) or '(none)'}"
             )
+        feature = (ds.features or {}).get(self.field)
+        dtype = getattr(feature, "dtype", None)
+        if feature is not None and dtype not in ("string", "large_string"):
+            raise ConfigError(
+                f"column data.text_field={self.field!r} of split {split!r} of {self.path} holds "
+                f"{feature}, not text; choose the column that holds the text"
+            )
         self._opened[split] = ds
         return ds
 
-    def _rows(self, rows: Rows):
-        """(dataset limited to the rows read, the row indices of ``rows`` in it or None when they
-        are decided while reading: a streamed hold-out)."""
-        ds = self._open(rows.split)
-        limit = self.limit if rows.split == self.train.split else None  # not a val_split's
+    def _load_saved(self, local: Path, split: str):
+        ds = self._datasets.load_from_disk(str(local))
+        if isinstance(ds, self._datasets.DatasetDict):
+            if split not in ds:
+                raise ConfigError(
+                    f"{self.path} has no split {split!r}; its splits are {', '.join(ds)} (set "
+                    "data.split / data.val_split; a saved folder takes whole split names)"
+                )
+            return ds[split]
+        if split != "train":
+            raise ConfigError(
+                f"{self.path} holds one dataset, not splits: leave data.split at train and "
+                "data.val_split unset (rows are held out by data.val_fraction)"
+            )
+        return ds
+
+    def _read(self, rows: Rows):
+        """The dataset of ``rows``' split, cut to the rows read (``data.max_documents``)."""
+        ds, limit = self._open(rows.split), self._limit(rows)
         if not isinstance(ds, self._datasets.Dataset):  # streamed
-            return (ds.take(limit) if limit else ds), None
-        n = len(ds) if limit is None else min(limit, len(ds))
-        if rows.side == "all":
-            return (ds.select(range(n)) if n < len(ds) else ds), None
-        held = held_out(np.arange(n), self.fraction)
-        indices = np.flatnonzero(held if rows.side == "val" else ~held)
-        return ds.select(indices), indices
+            return ds.take(limit) if limit else ds
+        return ds.select(range(limit)) if limit is not None and limit < len(ds) else ds
 
     def _check_hold_out(self, need_train: bool) -> None:
-        """Both sides of the hash hold-out get rows, where the row count is known before reading."""
+        """Both sides of the hash hold-out get rows, where the row count is known before reading
+        (a split whose documents all turn out blank is refused when its store is built)."""
         ds = self._open(self.train.split)
         if isinstance(ds, self._datasets.Dataset):
             n = len(ds) if self.limit is None else min(self.limit, len(ds))
         elif self.limit is not None:
-            n = self.limit  # at most: a shorter stream is noticed when its store is empty
+            n = self.limit  # at most: a shorter stream is noticed when its store is built
         else:
             return
-        n_val = int(held_out(np.arange(n), self.fraction).sum())
+        n_val = count_held_out(n, self.fraction)
         if n_val == 0 or (need_train and n_val == n):
             raise ConfigError(
                 f"data.val_fraction={self.fraction} holds out {n_val} of the {n} rows read from "

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmlab.data.tokenizers import TextTokenizer
+from lmlab.errors import ConfigError
 from lmlab.paths import file_lock
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,12 @@ def _build(texts, tokenizer, root: Path, key: str, total_bytes, label: str) -> N
                 n_tokens += len(ids)
                 n_bytes += nbytes
                 offsets.append(n_tokens)
+        if n_tokens == 0:  # refused, not cached: every later run would open an empty store
+            raise ConfigError(
+                f"the {label or key} split has no text: no document was selected, or every one was "
+                "blank; check the data settings (with data=hf: raise data.val_fraction or "
+                "data.max_documents, or name a data.val_split)"
+            )
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         meta = {
             "version": STORE_VERSION,
