@@ -88,6 +88,27 @@ def test_streaming_and_a_save_to_disk_folder_give_the_same_documents(tmp_path, j
     assert loaded.identity(loaded.val) != loaded.identity(loaded.train)
 
 
+def test_a_stream_is_read_once_for_both_sides_of_the_hold_out(tmp_path, jsonl, monkeypatch):
+    from lmlab.data.hf import HFCorpus
+
+    reads = []
+    real_read = HFCorpus._read
+    monkeypatch.setattr(
+        HFCorpus, "_read", lambda self, rows: reads.append(rows) or real_read(self, rows)
+    )
+    cfg = dict(path="json", data_files=str(jsonl), val_fraction=0.1, max_documents=150)
+    streamed = make_corpus(hf_cfg(tmp_path, **cfg, streaming=True))
+    partial = streamed.texts(streamed.train)
+    next(partial)
+    partial.close()  # an abandoned pass keeps nothing
+    assert streamed._spill is None
+    train = list(streamed.texts(streamed.train))
+    val = list(streamed.texts(streamed.val))  # from the training pass's spill
+    assert len(reads) == 2 and all(r.side == "train" for r in reads)
+    assert (train, val) == (side(TEXTS[:150], 0.1, val=False), side(TEXTS[:150], 0.1))
+    assert list(streamed.texts(streamed.val)) == val  # and again
+
+
 def test_max_documents_reads_the_first_rows_of_the_training_split(tmp_path, jsonl):
     cfg = dict(path="json", data_files=str(jsonl), val_fraction=0.2, max_documents=50)
     for streaming in (False, True):

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +145,7 @@ class HFCorpus:
             )
         self._check_files_exist(local)
         self._opened: dict[str, Any] = {}
+        self._spill = None  # a stream's held-out texts, kept by a whole pass over its other side
         if val_split:
             self.train, self.val = Rows(split), Rows(str(val_split))
         else:
@@ -171,28 +174,48 @@ class HFCorpus:
         """The texts of ``rows``, in row order; rows without text (null or blank) are skipped.
 
         The rows are read in order, whichever side of the hold-out is asked for (reading through
-        an index of the chosen rows is ~20x slower), and each batch is masked."""
-        ds = self._read(rows).select_columns([self.field])
+        an index of the chosen rows is ~20x slower), and each batch is masked. A stream is read
+        once for both sides: a whole pass over the training side keeps the held-out texts in a
+        temporary file, from which the validation side is then read."""
+        if rows.side == "val" and self._spill is not None:
+            yield from self._spilled()
+            return
+        spill = None
+        if rows.side == "train" and not isinstance(self._open(rows.split), self._datasets.Dataset):
+            spill = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 (outlives this)
         start = 0
-        for batch in ds.iter(batch_size=READ_BATCH):
+        for batch in self._read(rows).select_columns([self.field]).iter(batch_size=READ_BATCH):
             texts = batch[self.field]
-            keep = np.ones(len(texts), dtype=bool)
+            held = np.zeros(len(texts), dtype=bool)
             if rows.side != "all":
                 held = held_out(np.arange(start, start + len(texts)), self.fraction)
-                keep = held if rows.side == "val" else ~held
-            for j in np.flatnonzero(keep):
-                text = texts[j]
-                if text is None:
+            for j, text in enumerate(texts):
+                if not self._has_text(text, start + j, rows.split):
                     continue
-                if not isinstance(text, str):
-                    raise ConfigError(
-                        f"row {start + j} of split {rows.split!r} of {self.path} has "
-                        f"{type(text).__name__} in data.text_field={self.field!r}, not text; "
-                        "choose the column that holds the text"
-                    )
-                if text.strip():
+                if held[j] == (rows.side == "val"):
                     yield text
+                elif spill is not None:
+                    spill.write(json.dumps(text) + "\n")  # escaped: one line per text
             start += len(texts)
+        if spill is not None:
+            self._spill = spill
+
+    def _has_text(self, text, row: int, split: str) -> bool:
+        """Whether a row's text is a document: a string with more than white space (null and
+        blank rows are skipped); any other value is refused."""
+        if text is None:
+            return False
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"row {row} of split {split!r} of {self.path} has {type(text).__name__} in "
+                f"data.text_field={self.field!r}, not text; choose the column that holds the text"
+            )
+        return bool(text.strip())
+
+    def _spilled(self) -> Iterator[str]:
+        self._spill.seek(0)
+        for line in self._spill:
+            yield json.loads(line)
 
     def fingerprint(self, rows: Rows) -> str:
         """Changes with the dataset's settings, the rows chosen, and the data: the Arrow cache's own
