@@ -11,6 +11,7 @@ Order of work (cheap checks first, so bad input fails before anything expensive)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
@@ -42,6 +43,7 @@ from lmlab.data.tokenizers import TextTokenizer, build_tokenizer, check_tokenize
 from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
 from lmlab.parallel import attention_kernel, attention_kernels, compile_mode, use_tf32
+from lmlab.paths import file_lock
 
 log = logging.getLogger("lmlab")
 
@@ -415,16 +417,23 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     """Corpus -> tokenizer -> (train, val) token stores, all cached under ``paths.cache_dir``."""
     corpus = make_corpus(cfg.data)
     cache = Path(cfg.paths.cache_dir)
-    train_fp = corpus.fingerprint(corpus.train)
+    train_fp, val_fp = corpus.fingerprint(corpus.train), corpus.fingerprint(corpus.val)
     t0 = time.perf_counter()
-    tok = build_tokenizer(cfg.tokenizer, lambda: corpus.texts(corpus.train), train_fp, cache)
-    stores = []
-    for split, docs in (("train", corpus.train), ("val", corpus.val)):
-        key = store_key(corpus.fingerprint(docs), tok)
-        total = corpus.total_bytes(docs)
-        stores.append(
-            build_store(corpus.texts(docs), tok, cache, key, total_bytes=total, label=split)
-        )
+    # One process prepares, others starting at once (the ranks of a launch) wait and open its
+    # results: the tokenizer and both stores under one lock, so the process that reads the
+    # training side also builds the validation store (a stream's held-out rows are kept by that
+    # read: lmlab.data.hf); each entry also has its own lock, for other callers.
+    tok_settings = json.dumps(OmegaConf.to_container(cfg.tokenizer, resolve=True), sort_keys=True)
+    job = hashlib.sha256(f"{train_fp}|{val_fp}|{tok_settings}".encode()).hexdigest()[:16]
+    with file_lock(cache / f".prepare-{job}.lock", "data preparation"):
+        tok = build_tokenizer(cfg.tokenizer, lambda: corpus.texts(corpus.train), train_fp, cache)
+        stores = []
+        for split, docs in (("train", corpus.train), ("val", corpus.val)):
+            key = store_key(corpus.fingerprint(docs), tok)
+            total = corpus.total_bytes(docs)
+            stores.append(
+                build_store(corpus.texts(docs), tok, cache, key, total_bytes=total, label=split)
+            )
     train, val = stores
     val.docs_id = corpus.identity(corpus.val)
     log.info(

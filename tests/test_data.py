@@ -213,7 +213,7 @@ def test_store_contents_offsets_and_bytes(tmp_path):
     assert reopened.tokens.tolist() == expected
 
 
-def test_concurrent_builds_of_one_store_tokenize_once(tmp_path):
+def test_concurrent_builds_of_one_store_tokenize_once(tmp_path, caplog):
     """Two builders of one key at once (the ranks of a torchrun launch): the second waits for the
     first's lock and opens its store without reading its own texts. flock locks belong to open
     files, so two threads contend for one as two processes do."""
@@ -239,9 +239,11 @@ def test_concurrent_builds_of_one_store_tokenize_once(tmp_path):
     b = threading.Thread(
         target=lambda: stores.update(b=build_store(second_texts(), tok, tmp_path, "k"))
     )
-    b.start()
-    b.join(0.5)
-    assert b.is_alive()  # waiting for the lock
+    with caplog.at_level(logging.INFO, logger="lmlab.paths"):
+        b.start()
+        b.join(0.5)
+        assert b.is_alive()  # waiting for the lock, and saying so
+        assert "Waiting for another process: token store k built" in caplog.text
     release.set()
     a.join(10)
     b.join(10)
@@ -260,7 +262,36 @@ def test_without_file_locks_stores_are_built_unlocked_with_a_warning(tmp_path, m
     with caplog.at_level(logging.WARNING, logger="lmlab.paths"):
         store = build_store(iter(["hi"]), byte_tokenizer(2), tmp_path, "k", label="train")
     assert store.tokens.tolist()[:2] == [*b"hi"]
-    assert "token store train k built without a lock" in caplog.text
+    assert "token store k (train) built without a lock" in caplog.text
+
+
+def test_lock_files_are_shared_and_taken_read_only_when_not_writable(tmp_path, monkeypatch):
+    """A cache shared by several users: lock files are left writable by all, and one that is
+    not writable (made by another user before) is locked through a read-only descriptor."""
+    import fcntl
+
+    import lmlab.paths
+    from lmlab.paths import file_lock
+
+    lock = tmp_path / "stores" / ".k.lock"
+    with file_lock(lock, "test"):
+        pass
+    assert lock.stat().st_mode & 0o777 == 0o666
+    real_open, flags_seen = os.open, []
+
+    def no_write(path, flags, *args):
+        flags_seen.append(flags)
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(lmlab.paths.os, "open", no_write)
+    with file_lock(lock, "test"):
+        other = real_open(lock, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):  # held: another open file cannot take it
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(other)
+    assert flags_seen[-1] == os.O_RDONLY
 
 
 def test_store_cache_hit_and_invalidation(tmp_path, text_files):

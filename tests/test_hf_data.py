@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import sys
 from pathlib import Path
@@ -239,7 +240,7 @@ def test_validation_files_without_val_split_are_named_in_a_warning(tmp_path, jso
     assert list(corpus.texts(corpus.val)) == TEXTS[:20]
 
 
-def test_a_side_left_without_text_is_refused_and_not_cached(tmp_path):
+def test_a_side_left_without_text_is_refused_once_and_not_cached(tmp_path):
     """A short stream (its length unknown up front) whose hold-out took no row."""
     from lmlab.data.store import build_store, store_key
     from lmlab.data.tokenizers import byte_tokenizer
@@ -248,11 +249,18 @@ def test_a_side_left_without_text_is_refused_and_not_cached(tmp_path):
     cfg = hf_cfg(tmp_path, path="json", data_files=str(path), val_fraction=0.01, streaming=True)
     corpus, tok = make_corpus(cfg), byte_tokenizer(2)
     assert corpus.total_bytes(corpus.val) is None and not list(corpus.texts(corpus.val))
-    key = store_key(corpus.fingerprint(corpus.val), tok)
-    for _ in range(2):  # the second try is refused the same way: nothing was cached
+    key, reads = store_key(corpus.fingerprint(corpus.val), tok), []
+
+    def texts():
+        reads.append(1)
+        yield from corpus.texts(corpus.val)
+
+    # Refused, and again (a waiting rank, a rerun) without another read of the data: no empty
+    # store was cached, but the refusal was recorded under the key, which hashes the data.
+    for _ in range(2):
         with pytest.raises(ConfigError, match="the val split has no text"):
-            build_store(corpus.texts(corpus.val), tok, tmp_path / "cache", key, label="val")
-    assert not (tmp_path / "cache" / "stores" / key).exists()
+            build_store(texts(), tok, tmp_path / "cache", key, label="val")
+    assert len(reads) == 1 and not (tmp_path / "cache" / "stores" / key).exists()
 
 
 def test_identity_names_the_rows_not_where_they_are(tmp_path, jsonl, monkeypatch):
@@ -324,3 +332,57 @@ def test_training_on_a_dataset_end_to_end(compose_cfg, tmp_path, jsonl, caplog):
         scores = evaluate(ecfg)
     assert "not the ones" not in caplog.text
     assert scores["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+
+
+def _prepare_counting_reads(cfg_yaml: str, out: str, barrier) -> None:
+    """A rank of a launch preparing the data (spawned): which sides of the corpus it read."""
+    import time
+
+    import lmlab.train
+    from lmlab.data.hf import HFCorpus
+
+    reads, real_read, real_build = [], HFCorpus._read, lmlab.train.build_store
+
+    def read(self, rows):
+        reads.append(rows.side)
+        return real_read(self, rows)
+
+    def build(texts, tok, cache, key, **kw):
+        store = real_build(texts, tok, cache, key, **kw)
+        if kw.get("label") == "train" and reads:  # this rank read the stream for it
+            time.sleep(1)  # so the other rank reaches the validation store first
+        return store
+
+    HFCorpus._read, lmlab.train.build_store = read, build
+    barrier.wait()  # both ranks start preparing together
+    lmlab.train.prepare_data(OmegaConf.create(cfg_yaml))
+    Path(out).write_text(json.dumps(reads))
+
+
+def test_ranks_preparing_together_read_a_stream_once(compose_cfg, tmp_path, jsonl):
+    """Two ranks of a launch on one cache: the rank that reads the training side also builds the
+    validation store from what that read held out; the other waits and opens both."""
+    cfg = compose_cfg(
+        "data=hf",
+        "data.path=json",
+        f"data.data_files={jsonl}",
+        f"data.cache_dir={tmp_path / 'hf_cache'}",
+        "data.val_fraction=0.1",
+        "data.streaming=true",
+        "tokenizer=byte",
+    )
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(2)
+        outs = [str(tmp_path / f"reads{r}.json") for r in range(2)]
+        procs = [
+            ctx.Process(target=_prepare_counting_reads, args=(OmegaConf.to_yaml(cfg), o, barrier))
+            for o in outs
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0, 0]
+    reads = sorted(json.loads(Path(o).read_text()) for o in outs)
+    assert reads == [[], ["train"]]  # one pass over the stream in all

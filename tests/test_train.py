@@ -197,6 +197,8 @@ def test_bad_input_fails_before_training(tiny_cfg, tmp_path, overrides, message)
         (["tokenizer=pretrained", "tokenizer.path=/nowhere/t.json"], "tokenizer file not found"),
         (["tokenizer=pretrained", "tokenizer.path=null"], "needs tokenizer.path"),
         (["tokenizer.kind=wordpiece"], "unknown tokenizer.kind='wordpiece'"),
+        (["tokenizer.vocab_size=abc"], "tokenizer.vocab_size='abc' is not a whole number"),
+        (["tokenizer=byte", "tokenizer.num_sentinels=-1"], "tokenizer.num_sentinels=-1 is not"),
     ],
 )
 def test_tokenizer_settings_are_refused_before_the_data_is_read(

@@ -244,12 +244,13 @@ class HFCorpus:
     def total_bytes(self, rows: Rows) -> int | None:
         """About how many bytes the texts of ``rows`` are (for the progress bar), or None when
         unknown (a streamed dataset)."""
-        ds = self._read(rows)
-        if not isinstance(ds, self._datasets.Dataset):
-            return None
         whole = self._open(rows.split)
+        if not isinstance(whole, self._datasets.Dataset):
+            return None
+        n, limit = len(whole), self._limit(rows)
+        read = n if limit is None else min(limit, n)
         share = {"all": 1.0, "val": self.fraction, "train": 1 - self.fraction}[rows.side]
-        return int(whole.data.nbytes * share * len(ds) / max(len(whole), 1))
+        return int(whole.data.nbytes * share * read / max(n, 1))
 
     # -- internals -------------------------------------------------------------------------------
     @property

@@ -161,12 +161,26 @@ def build_store(
     if (final / "meta.json").is_file():
         log.info("Token store %s: cached %s", label, final)
         return TokenStore.open(final)
-    with file_lock(root / f".{key}.lock", f"token store {label} {key} built"):
+    refused = root / f".{key}.empty"  # a build that found no text, for the processes waiting
+    what = f"token store {key}" + (f" ({label})" if label else "") + " built"
+    with file_lock(root / f".{key}.lock", what):
         if (final / "meta.json").is_file():
             log.info("Token store %s: built by another process, %s", label, final)
             return TokenStore.open(final)
-        _build(texts, tokenizer, root, key, total_bytes, label)
+        if refused.is_file():  # the key hashes the data: another read would find none again
+            raise EmptySplit(refused.read_text())
+        try:
+            _build(texts, tokenizer, root, key, total_bytes, label)
+        except EmptySplit as e:
+            tmp = refused.with_name(f"{refused.name}.{os.getpid()}.tmp")
+            tmp.write_text(str(e))
+            os.replace(tmp, refused)
+            raise
     return TokenStore.open(final)
+
+
+class EmptySplit(ConfigError):
+    """A split without any text: refused, and remembered under its key, not cached as a store."""
 
 
 def _build(texts, tokenizer, root: Path, key: str, total_bytes, label: str) -> None:
@@ -184,7 +198,7 @@ def _build(texts, tokenizer, root: Path, key: str, total_bytes, label: str) -> N
                 n_bytes += nbytes
                 offsets.append(n_tokens)
         if n_tokens == 0:  # refused, not cached: every later run would open an empty store
-            raise ConfigError(
+            raise EmptySplit(
                 f"the {label or key} split has no text: no document was selected, or every one was "
                 "blank; check the data settings (with data=hf: raise data.val_fraction or "
                 "data.max_documents, or name a data.val_split)"

@@ -341,6 +341,11 @@ def check_tokenizer(cfg) -> None:
     """The tokenizer settings' own errors, raised before any data is read (``lmlab.train`` calls
     this with the other settings checks): an unknown kind, a pretrained tokenizer without a
     readable file, a BPE vocabulary too small for the bytes and the special tokens."""
+    whole = {"bpe": ("vocab_size", "num_sentinels", "min_frequency"), "byte": ("num_sentinels",)}
+    for key in whole.get(cfg.kind, ()):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"tokenizer.{key}={value!r} is not a whole number >= 0")
     if cfg.kind == "pretrained":
         _pretrained(cfg)
     elif cfg.kind == "bpe":
