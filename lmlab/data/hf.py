@@ -150,20 +150,7 @@ class HFCorpus:
             self.train, self.val = Rows(split), Rows(str(val_split))
         else:
             self.train, self.val = Rows(split, "train"), Rows(split, "val")
-            other = (
-                sorted(k for k in self.data_files if k != split)
-                if isinstance(self.data_files, dict)
-                else []
-            )
-            if other:
-                log.warning(
-                    "data.data_files names split(s) %s but data.val_split is not set: validation "
-                    "rows are held out of %r by data.val_fraction instead; set data.val_split=%s "
-                    "to validate on those files",
-                    ", ".join(other),
-                    split,
-                    other[0],
-                )
+            self._warn_unused_split_files(split)
         for rows in (self.train, self.val) if need_train else (self.val,):
             self._open(rows.split)
         if not val_split:
@@ -278,6 +265,21 @@ class HFCorpus:
         """What chooses the rows of ``rows``, besides the dataset."""
         rule = f"{rows.side}:{self.fraction!r}" if rows.side != "all" else "all"
         return f"{self.subset}|{self.revision}|{self.field}|{rows.split}|{rule}|{self._limit(rows)}"
+
+    def _warn_unused_split_files(self, split: str) -> None:
+        """``data_files`` for other splits than the training one, while rows are held out of it."""
+        if not isinstance(self.data_files, dict):
+            return
+        other = sorted(k for k in self.data_files if k != split)
+        if other:
+            log.warning(
+                "data.data_files names split(s) %s but data.val_split is not set: validation rows "
+                "are held out of %r by data.val_fraction instead; set data.val_split=%s to "
+                "validate on those files",
+                ", ".join(other),
+                split,
+                other[0],
+            )
 
     def _check_files_exist(self, local: Path) -> None:
         """``data_files`` of a builder (json, parquet, ...) name local files, relative to the
