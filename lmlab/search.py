@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.errors import ConfigError, Preempted
+from lmlab.paths import file_lock
 from lmlab.sweep import append_row
 
 log = logging.getLogger("lmlab")
@@ -136,7 +137,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             raise optuna.TrialPruned(f"{metric} is {value}")
         return value
 
-    resume_preempted(study)
+    resume_preempted(study, root)
     done = sum(t.state.is_finished() and not t.user_attrs.get("preempted") for t in study.trials)
     study.optimize(objective, n_trials=max(0, hs.n_trials - done), catch=(_TrialFailed,))
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
@@ -154,15 +155,20 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     return best
 
 
-def resume_preempted(study) -> None:
+def resume_preempted(study, root: Path) -> None:
     """Enqueue a resumption of every preempted trial not resumed yet: Optuna runs enqueued trials
     first, with their parameters fixed; ``resumes`` names the folder (the first trial's number,
-    also when a resumption was preempted in turn)."""
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        if not t.user_attrs.get("preempted"):
-            continue
-        folder = t.user_attrs.get("resumes", t.number)
-        if not any(u.number > t.number and u.user_attrs.get("resumes") == folder for u in trials):
-            study.enqueue_trial(t.params, user_attrs={"resumes": folder})
-            log.info("Resuming preempted trial %d (folder trials/%d) first", t.number, folder)
+    also when a resumption was preempted in turn). Processes sharing the study (SLURM jobs of one
+    search) take turns under a lock in the search folder ``root``, so a trial is queued once."""
+    with file_lock(root / ".resume_preempted.lock", "preempted trials queued"):
+        trials = study.get_trials(deepcopy=False)
+        for t in trials:
+            if not t.user_attrs.get("preempted"):
+                continue
+            folder = t.user_attrs.get("resumes", t.number)
+            resumed = (
+                u.number > t.number and u.user_attrs.get("resumes") == folder for u in trials
+            )
+            if not any(resumed):
+                study.enqueue_trial(t.params, user_attrs={"resumes": folder})
+                log.info("Resuming preempted trial %d (folder trials/%d) first", t.number, folder)

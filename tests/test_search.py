@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,39 @@ def test_an_unknown_optimized_metric_is_refused_before_any_trial(tiny_cfg, monke
     with pytest.raises(ConfigError, match=r"optimized_metric.*one of val/loss, .*val/bpb, "):
         run_search(cfg)
     assert not (Path(cfg.paths.output_dir) / "optuna.db").exists()
+
+
+def test_processes_sharing_a_study_queue_a_preempted_trial_once(tmp_path, monkeypatch):
+    """Two jobs of one search starting together: each looks for preempted trials to resume, and
+    only one queues the resumption (each enqueue here takes 0.3 s, so without the lock both would
+    find none queued yet)."""
+    import threading
+
+    import optuna
+
+    from lmlab.search import resume_preempted
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
+    trial.set_user_attr("preempted", True)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    enqueue = optuna.Study.enqueue_trial
+
+    def slow_enqueue(self, *args, **kwargs):
+        time.sleep(0.3)
+        return enqueue(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", slow_enqueue)
+    jobs = [
+        threading.Thread(
+            target=resume_preempted,
+            args=(optuna.load_study(study_name=study.study_name, storage=study._storage), tmp_path),
+        )
+        for _ in range(2)
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(30)
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs["resumes"] for t in waiting] == [0]
