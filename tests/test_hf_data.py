@@ -221,6 +221,10 @@ def test_data_files_are_found_where_datasets_looks_for_them(tmp_path, jsonl, mon
     write_jsonl(folder / "part.jsonl", TEXTS)
     corpus = make_corpus(hf_cfg(tmp_path, path=str(folder), data_files="part.jsonl"))
     assert len(list(corpus.texts(corpus.train))) + len(list(corpus.texts(corpus.val))) == 200
+    before = corpus.fingerprint(corpus.val), corpus.identity(corpus.val)
+    (folder / "notes.txt").write_text("not read")  # other files of the folder change nothing
+    again = make_corpus(hf_cfg(tmp_path, path=str(folder), data_files="part.jsonl"))
+    assert (again.fingerprint(again.val), again.identity(again.val)) == before
     make_corpus(hf_cfg(tmp_path, path="json", data_files="rows.jsonl"))  # from the cwd
     with pytest.raises(ConfigError, match="Couldn't reach 'allenai/c4'"):  # asked of the Hub
         make_corpus(hf_cfg(tmp_path, path="allenai/c4", data_files="en/c4-train.00000.json.gz"))

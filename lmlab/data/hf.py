@@ -300,16 +300,18 @@ class HFCorpus:
                 )
 
     def _local_files(self) -> list[Path]:
-        """The local files the dataset is read from: a folder's, or a builder's ``data_files``."""
+        """The local files the dataset is read from: a builder's ``data_files``, those of a folder
+        (relative to it), or all of a folder's files."""
         path = Path(self.path).expanduser()
-        if path.is_dir():
+        if path.is_dir() and not self._file_specs():
             return sorted(p.resolve() for p in path.rglob("*") if p.is_file())
-        if self.path not in BUILDERS:
-            return []
+        if not path.is_dir() and self.path not in BUILDERS:
+            return []  # a Hub dataset
+        base = path if path.is_dir() else Path.cwd()
         found = {
             Path(f).resolve()
             for spec in self._file_specs()
-            for f in glob.glob(str(Path(spec).expanduser()), recursive=True)
+            for f in glob.glob(str(base / Path(spec).expanduser()), recursive=True)
         }
         return sorted(p for p in found if p.is_file())
 
