@@ -119,6 +119,7 @@ def test_ddp_sim_matches_one_process_with_the_same_global_batch(runs):
     assert two["trainer/global_step"] == one["trainer/global_step"] == 6
     for key in ("val/loss", "val/bpb", "val/acc"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    assert two["train/tokens"] == one["train/tokens"] == 6 * 4 * 32  # every process's targets
     runs.assert_same_trajectory("ddp", "one")
     assert (runs.tmp / "ddp" / "checkpoints" / "last.ckpt").is_file()
 

@@ -274,7 +274,15 @@ class LMModule(L.LightningModule):
         self.log("train/loss", loss)  # no prog_bar=True: lmlab.callbacks.ProgressBar shows it
         self.log("train/ppl", loss.detach().exp())
         self.log("train/bpb", nll_sum.detach() / (math.log(2) * n_bytes.clamp(min=1)))
-        self.log("train/tokens", count.float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        # the epoch's target tokens, all processes (summed across them once, at the epoch's end)
+        self.log(
+            "train/tokens",
+            count.float(),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
         return loss
 
     def check_finite(self) -> None:
