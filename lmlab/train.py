@@ -422,7 +422,7 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     # One process prepares, others starting at once (the ranks of a launch) wait and open its
     # results: the tokenizer and both stores under one lock, so the process that reads the
     # training side also builds the validation store (a stream's held-out rows are kept by that
-    # read: lmlab.data.hf); each entry also has its own lock, for other callers.
+    # read: lmlab.data.hf). Each store also has its own lock (evaluate builds one alone).
     tok_settings = json.dumps(OmegaConf.to_container(cfg.tokenizer, resolve=True), sort_keys=True)
     job = hashlib.sha256(f"{train_fp}|{val_fp}|{tok_settings}".encode()).hexdigest()[:16]
     with file_lock(cache / f".prepare-{job}.lock", "data preparation"):

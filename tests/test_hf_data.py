@@ -293,6 +293,9 @@ def test_identity_names_the_rows_not_where_they_are(tmp_path, jsonl, monkeypatch
     monkeypatch.chdir(folder)
     split = dict(path=str(folder), data_files=None, val_split="validation")
     assert ident(**split) == ident(**split, max_documents=10) == ident(**{**split, "path": "."})
+    # and the cache key does not depend on how the folder is spelled either
+    fp = lambda **kw: (c := make_corpus(hf_cfg(tmp_path, **kw))).fingerprint(c.val)
+    assert fp(**split) == fp(**{**split, "path": "."})
 
 
 def test_without_datasets_installed_the_error_says_how_to_install(tmp_path, jsonl, monkeypatch):
@@ -304,19 +307,22 @@ def test_without_datasets_installed_the_error_says_how_to_install(tmp_path, json
         make_corpus(hf_cfg(tmp_path, path="json", data_files=str(jsonl)))
 
 
-def test_training_on_a_dataset_end_to_end(compose_cfg, tmp_path, jsonl, caplog):
-    from lmlab.evaluate import evaluate
-    from lmlab.train import train
-
-    cfg = compose_cfg(
+def run_overrides(tmp_path: Path, jsonl: Path) -> list[str]:
+    """A run's data=hf settings for the rows of ``jsonl`` (10% held out)."""
+    return [
         "data=hf",
         "data.path=json",
         f"data.data_files={jsonl}",
         f"data.cache_dir={tmp_path / 'hf_cache'}",
         "data.val_fraction=0.1",
-        *TINY,
-        "tokenizer=byte",
-    )
+    ]
+
+
+def test_training_on_a_dataset_end_to_end(compose_cfg, tmp_path, jsonl, caplog):
+    from lmlab.evaluate import evaluate
+    from lmlab.train import train
+
+    cfg = compose_cfg(*run_overrides(tmp_path, jsonl), *TINY, "tokenizer=byte")
     metrics, objects = train(cfg)
     assert math.isfinite(metrics["val/loss"]) and metrics["trainer/global_step"] == 6
     # the validation store holds exactly the held-out rows, each followed by eos
@@ -366,15 +372,7 @@ def _prepare_counting_reads(cfg_yaml: str, out: str, barrier) -> None:
 def test_ranks_preparing_together_read_a_stream_once(compose_cfg, tmp_path, jsonl):
     """Two ranks of a launch on one cache: the rank that reads the training side also builds the
     validation store from what that read held out; the other waits and opens both."""
-    cfg = compose_cfg(
-        "data=hf",
-        "data.path=json",
-        f"data.data_files={jsonl}",
-        f"data.cache_dir={tmp_path / 'hf_cache'}",
-        "data.val_fraction=0.1",
-        "data.streaming=true",
-        "tokenizer=byte",
-    )
+    cfg = compose_cfg(*run_overrides(tmp_path, jsonl), "data.streaming=true", "tokenizer=byte")
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(2)

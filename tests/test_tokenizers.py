@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -117,14 +115,7 @@ def test_wordpiece_word_starts_are_the_pieces_without_hashes():
     ]
     tk, tok = wordpiece(words, normalize=True)
     ids = np.array([tok.cls_id, *tok.encode("the quick fox jumps."), tok.sep_id])
-    assert [tk.id_to_token(int(i)) for i in ids[1:-1]] == [
-        "the",
-        "quick",
-        "fox",
-        "jump",
-        "##s",
-        ".",
-    ]
+    assert [tk.id_to_token(int(i)) for i in ids[1:-1]] == words[5:]  # the pieces after the specials
     special = np.zeros(tok.vocab_size, dtype=bool)
     special[tok.special_ids] = True
     got = word_starts(ids, tok.word_start_table(), special)
@@ -175,38 +166,6 @@ def test_trained_bpe_is_cached(tmp_path):
     assert len(calls) == 1 and a.to_str() == b.to_str()
     build_tokenizer(cfg, texts, "corpus-2", tmp_path)  # another corpus trains again
     assert len(calls) == 2
-
-
-def test_concurrent_builds_of_one_bpe_train_once(tmp_path):
-    """Ranks starting together: the second waits for the first's lock and loads its tokenizer."""
-    cfg = OmegaConf.create(
-        {"kind": "bpe", "vocab_size": 300, "num_sentinels": 2, "min_frequency": 2}
-    )
-    first_started, release, second_calls, built = threading.Event(), threading.Event(), [], {}
-
-    def first_texts():
-        first_started.set()
-        release.wait(10)
-        return [make_text(500, 0)]
-
-    def second_texts():
-        second_calls.append(1)
-        return [make_text(500, 1)]
-
-    def build(name, texts):
-        built[name] = build_tokenizer(cfg, texts, "corpus", tmp_path)
-
-    a = threading.Thread(target=build, args=("a", first_texts))
-    a.start()
-    assert first_started.wait(10)
-    b = threading.Thread(target=build, args=("b", second_texts))
-    b.start()
-    b.join(0.5)
-    assert b.is_alive()
-    release.set()
-    a.join(10)
-    b.join(10)
-    assert not second_calls and built["a"].to_str() == built["b"].to_str()
 
 
 def test_byte_scale_is_one_when_the_pieces_spell_the_text_and_corrects_wordpiece(tmp_path):

@@ -209,9 +209,10 @@ class HFCorpus:
         fingerprint for downloaded / saved datasets, size and time of every local file. A streamed
         Hub dataset has neither: pin ``data.revision`` to a commit, so that an update on the Hub is
         not tokenized under the old key."""
-        ds = self._open(rows.split)
+        ds, local = self._open(rows.split), Path(self.path).expanduser()
+        where = local.resolve() if local.exists() else self.path  # however the folder is spelled
         h = hashlib.sha256(
-            f"v{DOC_VERSION}|hf|{self.path}|{self.data_files!r}|{self._choice(rows)}".encode()
+            f"v{DOC_VERSION}|hf|{where}|{self.data_files!r}|{self._choice(rows)}".encode()
         )
         h.update(f"|{getattr(ds, '_fingerprint', None)}".encode())
         for f in self._local_files():

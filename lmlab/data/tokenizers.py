@@ -20,7 +20,6 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmlab.errors import ConfigError
-from lmlab.paths import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -379,14 +378,7 @@ def build_tokenizer(
     if path.is_file():
         log.info("Tokenizer: cached BPE %s", path)
         return TextTokenizer(Tokenizer.from_file(str(path)), "bpe")
-    # one process trains, others starting at once (the ranks of a launch) wait and load its result
-    with file_lock(path.with_name(f".{path.name}.lock"), f"BPE tokenizer {path.name} trained"):
-        if path.is_file():
-            log.info("Tokenizer: BPE trained by another process, %s", path)
-            return TextTokenizer(Tokenizer.from_file(str(path)), "bpe")
-        log.info(
-            "Tokenizer: training byte-level BPE (vocab %d) on the training split", cfg.vocab_size
-        )
-        tok = train_bpe(train_texts(), cfg.vocab_size, cfg.num_sentinels, cfg.min_frequency)
-        tok.save(path)
+    log.info("Tokenizer: training byte-level BPE (vocab %d) on the training split", cfg.vocab_size)
+    tok = train_bpe(train_texts(), cfg.vocab_size, cfg.num_sentinels, cfg.min_frequency)
+    tok.save(path)  # processes starting together wait for it: lmlab.train.prepare_data's lock
     return tok
