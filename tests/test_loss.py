@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,25 @@ def test_loss_and_gradients_equal_the_unfused_head_and_cross_entropy(chunk_size)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-6)
     assert h2.grad[[0, 5, 6, 36]].abs().max() == 0  # ignored positions get no gradient
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="torch.compile on CPU (inductor) needs a C compiler",
+)
+def test_compiled_loss_and_gradients_equal_the_unfused_head():
+    """Inside torch.compile (as compile=true traces it): torch 2.11 gave every input a zero gradient
+    while forward summed its outputs in place (pytorch/pytorch#180642)."""
+    h1, w1, labels = inputs()
+    want = reference(h1, w1, labels)
+    (want * 0.7).backward()
+    h2, w2, _ = inputs()
+    fused = torch.compile(lambda h, w: linear_cross_entropy(h, w, labels, chunk_size=8)[0])
+    got = fused(h2, w2)
+    (got * 0.7).backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_counts_correct_argmax_predictions_with_and_without_gradients():

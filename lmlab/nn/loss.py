@@ -43,6 +43,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(weight.device.type, enabled=False):
             w = weight.to(dtype)
             grad_h, grad_w = [], None
+            # The totals are summed out of place: under torch.compile, torch 2.11 sends the gradient
+            # of an output that forward changed in place to the wrong output, and the inputs got
+            # zero gradients (pytorch/pytorch#180642; seen on an H100 and a CPU, 2026-11-27).
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_size):
@@ -58,17 +61,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     h = torch.where(valid, h, 0)
                 z = torch.mm(h, w.t()).float()  # this chunk's logits
                 if count_correct:
-                    correct += ((z.argmax(1, keepdim=True) == target) & valid).sum()
+                    correct = correct + ((z.argmax(1, keepdim=True) == target) & valid).sum()
                 top = z.amax(1, keepdim=True)
                 nll = top - z.gather(1, target)
                 if not grads:  # no gradients: dropping the ignored rows' (N, 1) losses is enough
                     lse = (z - top).exp().sum(1, keepdim=True).log()
-                    total += torch.where(valid, nll + lse, 0).sum()
+                    total = total + torch.where(valid, nll + lse, 0).sum()
                     continue
                 # softmax(z) - onehot(y) in place of z; rows of ignored tokens are zero
                 z.sub_(top).exp_()
                 norm = z.sum(1, keepdim=True)
-                total += ((nll + norm.log()) * valid).sum()
+                total = total + ((nll + norm.log()) * valid).sum()
                 z.mul_(valid / norm)
                 z.scatter_add_(1, target, -valid.float())
                 g = z.to(dtype)
