@@ -99,6 +99,16 @@ def attention_kernel(value: Any, cuda: bool):
         yield
 
 
+@contextlib.contextmanager
+def any_attention_kernel():
+    """Within the block every SDPA kernel is allowed again, PyTorch taking the first that supports a
+    call: for work outside the training steps inside an ``attention`` setting, such as the samples
+    generated at validation (float32, with a KV cache), which the chosen kernel may not take
+    (cuDNN's needs bf16 or fp16)."""
+    with sdpa_kernel(list(ATTENTION_KERNELS.values())):
+        yield
+
+
 def use_tf32(enabled: bool) -> None:
     """Float32 matrix products and convolutions on NVIDIA GPUs on TF32 tensor cores (float32's
     range, a 10-bit mantissa; several times faster from Ampere on): what bf16-mixed leaves in fp32

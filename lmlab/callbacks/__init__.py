@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, TQDMProgres
 from lightning.pytorch.loggers import WandbLogger
 
 from lmlab import flops
-from lmlab.parallel import FSDP
+from lmlab.parallel import FSDP, any_attention_kernel
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ class Samples(L.Callback):
         if not (sharded or trainer.is_global_zero):
             return
         dm = trainer.datamodule
-        self.last = pl_module.samples(dm.tokenizer, dm, **self.settings)
+        with any_attention_kernel():  # not a training step: `attention=` does not apply
+            self.last = pl_module.samples(dm.tokenizer, dm, **self.settings)
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
