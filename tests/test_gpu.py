@@ -14,7 +14,6 @@ import warnings
 import pytest
 import torch
 
-from lmlab.callbacks import Throughput
 from lmlab.flops import peak_flops
 from lmlab.train import train
 
@@ -43,18 +42,26 @@ def test_training_steps_let_the_host_run_ahead_between_log_steps(tiny_cfg, monke
     """No step waits for the GPU except those whose metrics Lightning writes (every
     log_every_n_steps; the tests run without a progress bar). CUDA's sync debug mode reports each
     synchronising call (not event waits, which FiniteFlag uses); it is on during steps 5..39
-    except the writing ones (19 and 39), and must report nothing. Before the fixes it reported
+    except the writing ones (19 and 39) and the epoch's end, and must report nothing. Before the fixes it reported
     four per step: three `log` calls of Python numbers and the progress-bar `.item()`."""
+    from lightning.pytorch.trainer import call
+
     traced = []
+    call_hooks = call._call_callback_hooks
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # (Lightning's check is meant for this hook too: it looks one step ahead.)
-        on = 5 <= trainer.global_step < 40 and not trainer._logger_connector.should_update_logs
-        torch.cuda.set_sync_debug_mode("warn" if on else 0)
-        if on:
-            traced.append(trainer.global_step)
+    def call_callback_hooks(trainer, hook_name, *args, **kwargs):
+        # Set before any callback's hook runs (lr_monitor, first in the list, writes the learning
+        # rate to the device on the writing steps). Lightning's check looks one step ahead here.
+        if hook_name == "on_train_batch_start":
+            on = 5 <= trainer.global_step < 40 and not trainer._logger_connector.should_update_logs
+            torch.cuda.set_sync_debug_mode("warn" if on else 0)
+            if on:
+                traced.append(trainer.global_step)
+        elif hook_name == "on_train_epoch_end":  # the epoch's metrics are written: a wait, once
+            torch.cuda.set_sync_debug_mode(0)  # an epoch (38 steps of this corpus: after step 37)
+        return call_hooks(trainer, hook_name, *args, **kwargs)
 
-    monkeypatch.setattr(Throughput, "on_train_batch_start", on_train_batch_start, raising=False)
+    monkeypatch.setattr(call, "_call_callback_hooks", call_callback_hooks)
     overrides = ["trainer.max_steps=45", "trainer.val_check_interval=45"]
     overrides += ["trainer.log_every_n_steps=20"]
     try:
