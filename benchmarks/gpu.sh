@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# On one GPU (H100: about 6 minutes): the three GPU presets through lmlab's Lightning path with bf16 +
-# compile (benchmarks/gpu.py), lmlab's overhead over a plain loop on GPT-2 124M (benchmarks/overhead.py
-# --preset gpt2), then the GPU-only tests (pytest -m gpu).
-#   bash benchmarks/gpu.sh                 # extra arguments go to gpu.py, e.g. --family decoder
+# On one GPU (H100: about 4.5 minutes): the three GPU presets through lmlab's Lightning path with
+# bf16 + compile (benchmarks/gpu.py), then the GPU-only tests (pytest -m gpu). --overhead adds
+# lmlab's overhead over a plain loop on GPT-2 124M (benchmarks/overhead.py --preset gpt2, 1 minute).
+#   bash benchmarks/gpu.sh                      # extra arguments go to gpu.py, e.g. --family decoder
+#   bash benchmarks/gpu.sh --overhead
 # Needs torch (CUDA), lightning, torchmetrics, tokenizers, numpy; pytest -m gpu also needs the dev
 # dependencies (pip install -e .[dev]: pytest, hydra-core, omegaconf). gpu.py does not need Hydra.
 set -uo pipefail
@@ -11,18 +12,27 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's lmlab, in
 PY=${PYTHON:-python}
 start=$SECONDS
 
-"$PY" benchmarks/gpu.py "$@"
+with_overhead=0
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--overhead" ]; then with_overhead=1; else args+=("$arg"); fi
+done
+
+"$PY" benchmarks/gpu.py ${args[@]+"${args[@]}"}
 bench=$?
 
-echo
-echo "== overhead.py --preset gpt2"
-"$PY" benchmarks/overhead.py --preset gpt2 --rounds 2 --steps 15
-overhead=$?
+overhead=0
+if [ "$with_overhead" -eq 1 ]; then
+  echo
+  echo "== overhead.py --preset gpt2"
+  "$PY" benchmarks/overhead.py --preset gpt2 --rounds 2 --steps 15
+  overhead=$?
+fi
 
 echo
 echo "== pytest -m gpu"
 if "$PY" -c "import pytest, hydra, omegaconf" 2>/dev/null; then
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs
   tests=$?
   if [ "$tests" -eq 5 ]; then
     echo "pytest -m gpu: no GPU tests collected (ok)"
