@@ -114,6 +114,17 @@ def test_rotary_is_a_rotation_and_relative():
         rot(30, 5)
 
 
+def test_rotary_attention_depends_on_relative_positions_only():
+    """The same tokens at positions 0.. and 9..: the output is the same (q and k rotated by their
+    own positions along T, whatever the number of heads), and not the output without RoPE."""
+    torch.manual_seed(0)
+    attn, rot = Attention(24, 3, 3), Rotary(8, 32)
+    x = torch.randn(2, 6, 24)
+    at0, at9 = attn(x, rot(0, 6)), attn(x, rot(9, 6))
+    torch.testing.assert_close(at9, at0, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(attn(x, None), at0, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_kernel_equals_the_formula_forward_and_backward(dtype):
     """The eager kernel (one output tensor, inverse rotation as gradient) against RoPE's formula,
@@ -121,12 +132,12 @@ def test_rotary_kernel_equals_the_formula_forward_and_backward(dtype):
     rot = Rotary(16, 32)
     cos, sin = rot(3, 10)
     qkv = torch.randn(2, 10, 3, 16, dtype=dtype, requires_grad=True)
-    x = qkv[:, :, 1].unsqueeze(1)  # (2, 1, 10, 16), not contiguous
-    grad = torch.randn(2, 1, 10, 16)
+    x = qkv[:, :, 1:2]  # (2, 10, 1, 16): (B, T, H, hd), not contiguous
+    grad = torch.randn(2, 10, 1, 16)
 
     def formula(x):
         x1, x2 = x.float().chunk(2, dim=-1)
-        c, s = cos[None, None], sin[None, None]
+        c, s = cos[None, :, None], sin[None, :, None]
         return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).type_as(x)
 
     want = formula(x)
@@ -148,11 +159,11 @@ def test_rotary_tables_stay_float32_in_a_bf16_model():
     assert torch.equal(m.rotary.cos, fresh.cos) and torch.equal(m.rotary.sin, fresh.sin)
     assert m.embed.weight.dtype == torch.bfloat16 and "rotary.cos" not in m.state_dict()
 
-    x = torch.randn(1, 1, 512, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = torch.randn(1, 512, 1, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
     inv_freq = 1.0 / 10_000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
     angles = torch.outer(torch.arange(512, dtype=torch.float64), inv_freq)
     x1, x2 = x.double().chunk(2, dim=-1)
-    c, s = angles.cos(), angles.sin()
+    c, s = angles.cos()[:, None], angles.sin()[:, None]  # (T, 1, hd/2): x is (B, T, H, hd)
     exact = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
     got = apply_rotary(x, *m.rotary(0, 512)).double()
     with_bf16_tables = apply_rotary(x, *(t.bfloat16() for t in m.rotary(0, 512))).double()

@@ -111,9 +111,13 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of ``x`` (B, H, T, hd) by the position angles,
-    in float32; returns a contiguous tensor of ``x``'s dtype."""
-    cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, hd/2)
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of ``x`` (B, T, H, hd) by the position angles,
+    in float32; returns a contiguous tensor of ``x``'s dtype.
+
+    Applied before the heads are transposed to (B, H, T, hd) for attention: the rotated tensors stay
+    in the projection's (B, T, H, hd) order, the layout flash attention kernels read natively, and
+    their gradients come back in it (no transposing copies around attention)."""
+    cos, sin = cos[None, :, None], sin[None, :, None]  # (1, T, 1, hd/2)
     if torch.compiler.is_compiling():  # the plain formula, which the compiler fuses into one kernel
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
@@ -201,11 +205,13 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(
             [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1
         )
-        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        q = q.view(B, T, self.n_heads, hd)
+        k = k.view(B, T, self.n_kv_heads, hd)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q = q.transpose(1, 2)  # (B, H, T, hd)
+        k = k.transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
         past = 0
         if cache is not None:
             past = cache.length
