@@ -291,14 +291,21 @@ def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg):
     full fp32; oneDNN's CPU matmuls keep their precision either way."""
     from lmlab.train import train
 
+    def onednn_precision():  # its own setting from torch 2.9 on
+        onednn = getattr(torch.backends.mkldnn, "matmul", None)
+        return onednn and onednn.fp32_precision
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
+    product = a @ b  # bf16 products (`set_float32_matmul_precision("medium")`) change it here
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    cpu = torch.backends.mkldnn.matmul.fp32_precision
+    cpu = onednn_precision()
     try:
         for setting in (True, False):
             train(tiny_cfg(f"tf32={str(setting).lower()}", "trainer.max_steps=3"))
             assert torch.backends.cuda.matmul.allow_tf32 is setting
             assert torch.backends.cudnn.allow_tf32 is setting
-            assert torch.backends.mkldnn.matmul.fp32_precision == cpu
+            assert onednn_precision() == cpu and torch.equal(a @ b, product)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
