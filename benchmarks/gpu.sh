@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On one GPU (H100: about 4.5 minutes): the three GPU presets through lmlab's Lightning path with
 # bf16 + compile (benchmarks/gpu.py), then the GPU-only tests (pytest -m gpu). --overhead adds
-# lmlab's overhead over a plain loop on GPT-2 124M (benchmarks/overhead.py --preset gpt2, 1 minute).
+# lmlab's overhead over a plain loop on GPT-2 124M (benchmarks/overhead.py --preset gpt2, ~70 s).
 #   bash benchmarks/gpu.sh                      # extra arguments go to gpu.py, e.g. --family decoder
 #   bash benchmarks/gpu.sh --overhead
 # Needs torch (CUDA), lightning, torchmetrics, tokenizers, numpy; pytest -m gpu also needs the dev
@@ -22,11 +22,13 @@ done
 bench=$?
 
 overhead=0
+overhead_said="skipped (--overhead runs it)"
 if [ "$with_overhead" -eq 1 ]; then
   echo
   echo "== overhead.py --preset gpt2"
   "$PY" benchmarks/overhead.py --preset gpt2 --rounds 2 --steps 15
   overhead=$?
+  overhead_said="exit $overhead"
 fi
 
 echo
@@ -43,5 +45,5 @@ else
   tests=2
 fi
 
-echo "gpu.sh: gpu.py exit $bench, overhead.py exit $overhead, tests exit $tests, $((SECONDS - start)) s"
+echo "gpu.sh: gpu.py exit $bench, overhead.py $overhead_said, tests exit $tests, $((SECONDS - start)) s"
 [ "$bench" -eq 0 ] && [ "$overhead" -eq 0 ] && [ "$tests" -eq 0 ]

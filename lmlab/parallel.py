@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,25 @@ def attention_kernel(value: Any, cuda: bool):
         yield
 
 
+# PyTorch's own kernel order (torch >= 2.6), read at import before any `attention` setting, to be
+# restored inside one (any_attention_kernel)
+try:
+    _SDPA_ORDER = [SDPBackend(i) for i in torch._C._get_sdp_priority_order()]
+except AttributeError:  # torch < 2.6: no order to set, kernels are tried in PyTorch's fixed one
+    _SDPA_ORDER = None
+
+
 @contextlib.contextmanager
 def any_attention_kernel():
-    """Within the block every SDPA kernel is allowed again, PyTorch taking the first that supports a
-    call: for work outside the training steps inside an ``attention`` setting, such as the samples
-    generated at validation (float32, with a KV cache), which the chosen kernel may not take
-    (cuDNN's needs bf16 or fp16)."""
-    with sdpa_kernel(list(ATTENTION_KERNELS.values())):
+    """Within the block PyTorch's own choice is back (every kernel, in its order; the first that
+    supports a call wins): for work inside an ``attention`` setting that is not a training or
+    validation step, such as the samples generated at validation (float32, with a KV cache), which
+    the chosen kernel may not take (cuDNN's needs bf16 or fp16)."""
+    if _SDPA_ORDER is None:
+        chosen = sdpa_kernel(list(ATTENTION_KERNELS.values()))
+    else:
+        chosen = sdpa_kernel(_SDPA_ORDER, set_priority=True)
+    with chosen:
         yield
 
 
@@ -116,6 +129,17 @@ def use_tf32(enabled: bool) -> None:
     would also switch oneDNN's float32 matmuls to TF32 where the CPU has it)."""
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
     torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+# FSDP2 runs in CPU processes (gloo) from this torch on; before it, fully_shard's stream handling
+# fails there ("FSDP requires CUDA for streams" on 2.5, "'Stream' object has no attribute
+# 'record_event'" on 2.6; 2.7.1, 2.8, 2.11 and 2.13 run tests/test_scale.py's FSDP tests, 2026-11-27).
+CPU_FSDP_TORCH = "2.7"
+
+
+def cpu_fsdp_supported(version: str | None = None) -> bool:
+    """Whether this torch (or ``version``) runs FSDP2 in CPU processes."""
+    return TorchVersion(version or torch.__version__) >= CPU_FSDP_TORCH
 
 
 class FSDP(ModelParallelStrategy):
@@ -180,11 +204,18 @@ class FSDP(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, backbone: nn.Module) -> None:
-        from torch.distributed.fsdp import (
-            MixedPrecisionPolicy,
-            fully_shard,
-            register_fsdp_forward_method,
-        )
+        try:
+            from torch.distributed.fsdp import (
+                MixedPrecisionPolicy,
+                fully_shard,
+                register_fsdp_forward_method,
+            )
+        except ImportError:  # torch < 2.6: FSDP2 before it became public
+            from torch.distributed._composable.fsdp import (
+                MixedPrecisionPolicy,
+                fully_shard,
+                register_fsdp_forward_method,
+            )
 
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy()

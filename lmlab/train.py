@@ -42,7 +42,14 @@ from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import TextTokenizer, build_tokenizer, check_tokenizer
 from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
-from lmlab.parallel import attention_kernel, attention_kernels, compile_mode, use_tf32
+from lmlab.parallel import (
+    CPU_FSDP_TORCH,
+    attention_kernel,
+    attention_kernels,
+    compile_mode,
+    cpu_fsdp_supported,
+    use_tf32,
+)
 from lmlab.paths import file_lock
 
 log = logging.getLogger("lmlab")
@@ -183,6 +190,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_wandb_login(cfg)
     check_sampler(cfg.trainer)
     check_devices(cfg.trainer)
+    check_strategy(cfg.trainer)
     check_nodes(cfg.trainer)
     check_launch(cfg.trainer)
     accumulation(cfg)
@@ -267,6 +275,19 @@ def processes_per_node(t: DictConfig) -> int:
     if t.get("accelerator") == "cpu":
         return 1  # "auto" / -1 on the CPU: one process
     return max(1, torch.cuda.device_count())
+
+
+def check_strategy(t: DictConfig) -> None:
+    """trainer=fsdp in CPU processes on a torch whose FSDP2 cannot run there is refused here, not
+    as a stream error inside the first forward pass."""
+    strategy = t.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    if target == "lmlab.parallel.FSDP" and not uses_cuda(t) and not cpu_fsdp_supported():
+        raise ConfigError(
+            f"trainer=fsdp in CPU processes needs torch >= {CPU_FSDP_TORCH} (its FSDP2 needs CUDA "
+            f"streams before that; this is torch {torch.__version__}): upgrade torch, train on GPUs "
+            "(trainer.accelerator=gpu), or use trainer=ddp_sim for several CPU processes"
+        )
 
 
 def check_nodes(t: DictConfig) -> None:

@@ -114,11 +114,13 @@ def test_rotary_is_a_rotation_and_relative():
         rot(30, 5)
 
 
-def test_rotary_attention_depends_on_relative_positions_only():
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_rotary_attention_depends_on_relative_positions_only(kv_heads):
     """The same tokens at positions 0.. and 9..: the output is the same (q and k rotated by their
-    own positions along T, whatever the number of heads), and not the output without RoPE."""
+    own positions along T, with one K/V head per query head or grouped), and not the output
+    without RoPE."""
     torch.manual_seed(0)
-    attn, rot = Attention(24, 3, 3), Rotary(8, 32)
+    attn, rot = Attention(24, 3, kv_heads), Rotary(8, 32)
     x = torch.randn(2, 6, 24)
     at0, at9 = attn(x, rot(0, 6)), attn(x, rot(9, 6))
     torch.testing.assert_close(at9, at0, rtol=1e-5, atol=1e-5)

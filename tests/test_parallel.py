@@ -354,19 +354,23 @@ def test_attention_setting_picks_the_kernel_during_training_only(tiny_cfg, monke
 
 def test_samples_at_validation_may_use_every_attention_kernel(tiny_cfg, monkeypatch):
     """Generation is not a training step: under attention=math the samples written at validation
-    get PyTorch's own choice back (on a GPU, attention=cudnn alone cannot take their float32 calls:
-    SDPA raised "No available kernel")."""
+    get PyTorch's own choice back, its kernels and their order (on a GPU, attention=cudnn alone
+    cannot take their float32 calls: SDPA raised "No available kernel")."""
     from lmlab.models.decoder import DecoderLM
     from lmlab.train import train
 
     q = torch.randn(2, 2, 8, 16)
-    picked = []
+
+    def order():  # torch >= 2.6
+        return tuple(getattr(torch._C, "_get_sdp_priority_order", tuple)())
+
+    default_order, picked = order(), []
     original = DecoderLM.samples
 
     def samples(self, *args, **kwargs):
-        picked.append(SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)))
+        picked.append((SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)), order()))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(DecoderLM, "samples", samples)
     train(tiny_cfg("attention=math", "trainer.max_steps=3"))
-    assert picked and set(picked) == {SDPBackend.FLASH_ATTENTION}
+    assert picked and set(picked) == {(SDPBackend.FLASH_ATTENTION, default_order)}

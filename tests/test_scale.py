@@ -18,6 +18,7 @@ import torch
 from lmlab.checkpoint import consolidate, is_sharded, read_checkpoint
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate
+from lmlab.parallel import CPU_FSDP_TORCH, cpu_fsdp_supported
 
 from .conftest import command_cfg, make_text
 
@@ -105,6 +106,9 @@ def runs(tmp_path_factory) -> Runs:
 
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
 FSDP += ["trainer.precision=32-true"]
+cpu_fsdp = pytest.mark.skipif(
+    not cpu_fsdp_supported(), reason=f"FSDP2 in CPU processes needs torch >= {CPU_FSDP_TORCH}"
+)
 
 
 @pytest.mark.slow
@@ -124,6 +128,7 @@ def test_ddp_sim_matches_one_process_with_the_same_global_batch(runs):
     assert (runs.tmp / "ddp" / "checkpoints" / "last.ckpt").is_file()
 
 
+@cpu_fsdp
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and_evaluate(
     runs, monkeypatch
@@ -164,6 +169,7 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
 
 
+@cpu_fsdp
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family", [("model=encoder", "objective=mlm"), ("model=encoder_decoder", "objective=span")]
@@ -183,6 +189,7 @@ def test_fsdp_matches_one_process_for_the_encoder_and_the_encoder_decoder(runs, 
     assert [written.count(f"=== step {s} sample 0 ===") for s in (2, 4, 6)] == [1, 1, 1]
 
 
+@cpu_fsdp
 @pytest.mark.slow
 def test_fsdp_stopped_then_resumed_matches_the_uninterrupted_run(runs):
     runs("fsdp", *FSDP)
@@ -199,6 +206,7 @@ def test_fsdp_stopped_then_resumed_matches_the_uninterrupted_run(runs):
     assert {s: got[s] for s in (4, 5)} == pytest.approx({s: want[s] for s in (4, 5)}, rel=1e-6)
 
 
+@cpu_fsdp
 @pytest.mark.slow
 def test_fsdp_meta_init_with_activation_checkpointing_trains_from_a_sane_start(runs):
     runs("fsdp-meta", *FSDP, "trainer.strategy.meta_init=true", "activation_checkpointing=true")

@@ -137,7 +137,7 @@ class Samples(L.Callback):
         if not (sharded or trainer.is_global_zero):
             return
         dm = trainer.datamodule
-        with any_attention_kernel():  # not a training step: `attention=` does not apply
+        with any_attention_kernel():  # `attention=` is for training and validation steps
             self.last = pl_module.samples(dm.tokenizer, dm, **self.settings)
         if not trainer.is_global_zero:
             return
