@@ -205,6 +205,22 @@ def test_stop_vote_answers_with_the_vote_lag_calls_earlier():
     assert now.lag == 0 and [now(False), now(True), now(False)] == [False, True, False]
 
 
+def test_the_private_lightning_names_lmlab_relies_on_are_there():
+    """lmlab reaches into Lightning where it has no public way (lmlab.callbacks: the preemption
+    vote, the accumulation boundary, logging steps; lmlab.train: the step counter of a final
+    validation): a Lightning release that renames one fails here, by name, rather than deep in a
+    run."""
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    epoch_loop = trainer.fit_loop.epoch_loop
+    assert isinstance(type(trainer._logger_connector).should_update_logs, property)
+    assert isinstance(trainer._signal_connector.received_sigterm, bool)
+    assert callable(epoch_loop._should_accumulate)
+    assert isinstance(epoch_loop._batches_that_stepped, int)
+    assert callable(epoch_loop._broadcast_sigterm_tensor)
+
+
 def test_preemption_switches_off_lightnings_per_step_sigterm_broadcast_for_the_run():
     """With several processes, Lightning's epoch loop broadcasts a SIGTERM flag and reads it back at
     every step (a wait for the device); the vote replaces it during training, and the loop gets its
