@@ -120,3 +120,36 @@ def test_vs_hf_script_matches_sizes_and_reports_the_time_ratio(run):
         if family != "encoder":  # BERT has biases and learned positions: a few % more
             assert ours["parameters"] == theirs["parameters"], family
         assert_ratio(ours["lmlab / HF speed"], theirs["median step ms"], ours["median step ms"])
+
+
+def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
+    """benchmarks/breakdown.py: kernel names of an H100 profile (2026-11-27) and CPU operators land
+    in their kind; the kinds' times add up to the total and the shares to 100%."""
+    from breakdown import FRAMEWORK, kind_of
+
+    h100 = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matrix products",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64": "attention",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)": "attention",
+        "triton_poi_fused__unsafe_view_cat_mul_silu_silu_backward_split_view_4": (
+            "elementwise and reductions"
+        ),
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::"
+        "(anonymous namespace)::FusedOptimizerTensorListMetadata<4>": "optimizer",
+        "Memcpy HtoD (Pageable -> Device)": "copies and fills",
+    }
+    for name, kind in h100.items():
+        assert kind_of(name, device_kernel=True) == kind, name
+    assert kind_of("aten::mm", device_kernel=False) == "matrix products"
+    assert kind_of("_RMSNormBackward", device_kernel=False) == FRAMEWORK
+
+    out = run("breakdown", "--tiny --device cpu --family encoder --warmup 1 --steps 2 --top 5")
+    kinds, longest = tables(out)
+    *parts, total = kinds
+    assert total["kind"] == "all" and len(longest) == 5
+    ms = [number(r["ms per step"]) for r in parts]
+    assert sum(ms) == pytest.approx(number(total["ms per step"]), abs=0.01 * len(ms))
+    assert sum(number(r["share"]) for r in parts) == pytest.approx(100, abs=0.1 * len(parts))
+    top = [number(r["ms per step"]) for r in longest]
+    assert top == sorted(top, reverse=True) and top[0] <= number(total["ms per step"])
+    assert {r["kind"] for r in longest} <= {r["kind"] for r in parts}

@@ -1,0 +1,181 @@
+"""Where a training step's time goes: kernel time per step by kind, for one family at its GPU preset.
+
+The step is lmlab's without the Trainer (``overhead.py`` measures that): ``LMModule.nll`` as
+``training_step`` optimises it (compiled as ``compile=true`` compiles it), backward, clipping at 1.0
+and the fused AdamW, on random tokens, under bf16 autocast on a GPU. After ``--warmup`` steps,
+``torch.profiler`` records ``--steps`` more. On a GPU the table sums the kernels' device time by kind
+(matrix products, attention, fused elementwise and reductions, optimizer, copies, other) and gives
+the share of the step's wall time the device was busy; on a CPU it sums each operator's own CPU
+time, with the Python and autograd around them as a kind of its own. The longest kernels follow.
+
+    python benchmarks/breakdown.py --family decoder          # GPU: GPT-2 124M, 16 x 1024
+    python benchmarks/breakdown.py --tiny --device cpu       # smoke run on a CPU (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import common
+import torch
+from gpu import PRESETS, TINY
+from torch.profiler import ProfilerActivity, profile
+
+from lmlab.models.base import param_groups
+
+# Kinds by (lowercased) kernel or operator name, first match wins: attention before matrix products
+# (cuDNN's attention kernels are named sm90_... too), copies before the elementwise catch-all.
+KINDS = (
+    # a CPU's compiled graph runs its fused C++ kernels inside this call, not as operators
+    ("compiled graphs (CPU)", ("compiledfxgraph",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "dot_do_o", "convert_dq")),
+    ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm")),
+    ("matrix products", ("aten::bmm", "aten::matmul", "aten::linear", "sm90_", "sm80_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "linalg_vector_norm")),
+    ("copies and fills", ("memcpy", "memset", "copy_", "to_copy", "fill_", "zero_")),
+    ("elementwise and reductions", ("triton", "elementwise", "reduce", "aten::", "vectorized")),
+)
+FRAMEWORK = "Python and autograd (CPU)"
+
+
+def kind_of(name: str, device_kernel: bool) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    # On a CPU, what is not an aten operator is the framework around them (autograd nodes,
+    # lmlab's autograd Functions' Python, the profiler's step markers)
+    return "other" if device_kernel else FRAMEWORK
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--family", choices=list(PRESETS), default="decoder")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on a GPU")
+    p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke run)")
+    p.add_argument("--warmup", type=int, default=10, help="unrecorded steps (compilation included)")
+    p.add_argument("--steps", type=int, default=5, help="recorded steps")
+    p.add_argument("--top", type=int, default=15, help="longest kernels listed")
+    return p.parse_args(argv)
+
+
+def build(args, device: torch.device):
+    """The family's module at its preset (or tiny) size, one random batch on ``device``, and the
+    step (a closure) with lmlab's fused AdamW."""
+    pre = PRESETS[args.family]
+    vocab, B, T, target_len = pre["vocab"], pre["batch"], pre["seq_len"], pre.get("target_len", 0)
+    dims = dict(pre["dims"])
+    if args.tiny:
+        vocab, B, T, target_len = 512, 2, 64, 16 if target_len else 0
+        dims |= TINY | dict(max_seq_len=T)
+        if args.family == "encoder_decoder":
+            dims |= dict(n_decoder_layers=TINY["n_layers"], max_target_len=target_len)
+    torch.manual_seed(0)
+    model = common.lmlab_model(args.family, vocab_size=vocab, compile=args.compile, **dims)
+    model.configure_model()  # compiles nll as under the Trainer
+    model.to(device)
+    gen = torch.Generator().manual_seed(0)
+    batch = common.random_batch(pre["kind"], B, T, vocab, target_len=target_len, generator=gen)
+    batch = common.to_device(batch, device)
+    o = common.OPTIM  # as LMModule.configure_optimizers: decay / no-decay groups, fused AdamW
+    opt = torch.optim.AdamW(
+        param_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), fused=True
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    bf16 = device.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            nll_sum, count, _, _ = model.nll(batch)
+            loss = nll_sum / count.clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    shape = f"{B} x {T}" + (f" -> {target_len}" if target_len else "")
+    return step, shape, model.num_params(False)
+
+
+def kernel_times(prof, device: torch.device, steps: int) -> dict[str, tuple[float, int]]:
+    """{kernel or operator name: (ms per step, calls per step)}: device kernels on a GPU, operators'
+    own CPU time on a CPU."""
+    out = {}
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us  # torch < 2.4
+        else:
+            if e.key.startswith("ProfilerStep"):
+                continue
+            us = e.self_cpu_time_total
+        if us > 0:
+            out[e.key] = (us / steps / 1e3, e.count / steps)
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    common.quiet()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here; for a smoke run use --tiny --device cpu")
+    if args.compile is None:
+        args.compile = device.type == "cuda" and not args.tiny
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    step, shape, n_params = build(args, device)
+    for _ in range(args.warmup):
+        step()
+    common.sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        common.sync(device)
+        wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    times = kernel_times(prof, device, args.steps)
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, (ms, _) in times.items():
+        by_kind[kind_of(name, device.type == "cuda")] += ms
+    total = sum(by_kind.values())
+
+    print(
+        f"breakdown: {args.family} {shape}, {n_params / 1e6:.1f}M parameters, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile={args.compile}, "
+        f"{device}; {args.steps} profiled steps after {args.warmup}"
+    )
+    print(f"machine: {common.machine()}")
+    what = "GPU kernel time" if device.type == "cuda" else "operators' own CPU time"
+    rows = [
+        [kind, f"{ms:.2f}", f"{100 * ms / total:.1f}%"]
+        for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])
+    ]
+    rows.append(["all", f"{total:.2f}", "100.0%"])
+    print()
+    print(common.table(["kind", "ms per step", "share"], rows))
+    print(
+        f"\n{what} {total:.2f} ms per step; step wall time under the profiler {wall_ms:.2f} ms"
+        + (f" (device busy {100 * total / wall_ms:.0f}%)" if device.type == "cuda" else "")
+    )
+    longest = sorted(times.items(), key=lambda kv: -kv[1][0])[: args.top]
+    print()
+    print(
+        common.table(
+            ["ms per step", "calls per step", "kind", "kernel" if device.type == "cuda" else "op"],
+            [
+                [f"{ms:.2f}", f"{calls:g}", kind_of(name, device.type == "cuda"), name[:100]]
+                for name, (ms, calls) in longest
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
