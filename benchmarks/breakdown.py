@@ -24,10 +24,15 @@ from gpu import PRESETS, TINY
 from torch.profiler import ProfilerActivity, profile
 
 from lmlab.models.base import param_groups
+from lmlab.parallel import use_tf32
 
 # Kinds by (lowercased) kernel or operator name, first match wins: attention before matrix products
 # (cuDNN's attention kernels are named sm90_... too), copies before the elementwise catch-all.
 KINDS = (
+    # the compiler's kernels by their prefix (their names list the fused operators: `_to_copy`
+    # in a fused RMSNorm does not make it a copy); templates (max-autotune) are matrix products
+    ("matrix products", ("triton_tem",)),
+    ("elementwise and reductions", ("triton_",)),
     # a CPU's compiled graph runs its fused C++ kernels inside this call, not as operators
     ("compiled graphs (CPU)", ("compiledfxgraph",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "dot_do_o", "convert_dq")),
@@ -35,7 +40,7 @@ KINDS = (
     ("matrix products", ("aten::bmm", "aten::matmul", "aten::linear", "sm90_", "sm80_")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "linalg_vector_norm")),
     ("copies and fills", ("memcpy", "memset", "copy_", "to_copy", "fill_", "zero_")),
-    ("elementwise and reductions", ("triton", "elementwise", "reduce", "aten::", "vectorized")),
+    ("elementwise and reductions", ("elementwise", "reduce", "aten::", "vectorized")),
 )
 FRAMEWORK = "Python and autograd (CPU)"
 
@@ -129,6 +134,7 @@ def main(argv=None) -> None:
         args.compile = device.type == "cuda" and not args.tiny
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    use_tf32(True)  # as training does by default (tf32=true): autocast's fp32 leftovers on GPUs
     step, shape, n_params = build(args, device)
     for _ in range(args.warmup):
         step()

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.torch_version import TorchVersion
+from torch.torch_version import Version
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,10 @@ CPU_FSDP_TORCH = "2.7"
 
 
 def cpu_fsdp_supported(version: str | None = None) -> bool:
-    """Whether this torch (or ``version``) runs FSDP2 in CPU processes."""
-    return TorchVersion(version or torch.__version__) >= CPU_FSDP_TORCH
+    """Whether this torch (or ``version``) runs FSDP2 in CPU processes. Releases are compared, so
+    that 2.7's release candidates and source builds (2.7.0rc1, 2.7.0a0+git...) count as 2.7."""
+    release = Version(str(version or torch.__version__)).release[:2]
+    return release >= tuple(int(n) for n in CPU_FSDP_TORCH.split("."))
 
 
 class FSDP(ModelParallelStrategy):

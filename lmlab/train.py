@@ -44,6 +44,7 @@ from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
 from lmlab.parallel import (
     CPU_FSDP_TORCH,
+    FSDP,
     attention_kernel,
     attention_kernels,
     compile_mode,
@@ -282,7 +283,11 @@ def check_strategy(t: DictConfig) -> None:
     as a stream error inside the first forward pass."""
     strategy = t.get("strategy")
     target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
-    if target == "lmlab.parallel.FSDP" and not uses_cuda(t) and not cpu_fsdp_supported():
+    try:
+        fsdp = isinstance(target, str) and issubclass(get_class(target), FSDP)
+    except Exception:  # not a class: building the Trainer names the problem
+        fsdp = False
+    if fsdp and not uses_cuda(t) and not cpu_fsdp_supported():
         raise ConfigError(
             f"trainer=fsdp in CPU processes needs torch >= {CPU_FSDP_TORCH} (its FSDP2 needs CUDA "
             f"streams before that; this is torch {torch.__version__}): upgrade torch, train on GPUs "

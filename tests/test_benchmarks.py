@@ -134,6 +134,10 @@ def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
         "triton_poi_fused__unsafe_view_cat_mul_silu_silu_backward_split_view_4": (
             "elementwise and reductions"
         ),
+        "triton_per_fused__fused_rms_norm__to_copy__unsafe_view_add_10": (
+            "elementwise and reductions"
+        ),
+        "triton_tem_fused_mm_0": "matrix products",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::"
         "(anonymous namespace)::FusedOptimizerTensorListMetadata<4>": "optimizer",
         "Memcpy HtoD (Pageable -> Device)": "copies and fills",

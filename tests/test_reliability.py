@@ -218,7 +218,6 @@ def test_the_private_lightning_names_lmlab_relies_on_are_there():
     assert isinstance(trainer._signal_connector.received_sigterm, bool)
     assert callable(epoch_loop._should_accumulate)
     assert isinstance(epoch_loop._batches_that_stepped, int)
-    assert callable(epoch_loop._broadcast_sigterm_tensor)
 
 
 def test_preemption_switches_off_lightnings_per_step_sigterm_broadcast_for_the_run():
@@ -598,17 +597,29 @@ def test_gpu_presets_without_a_gpu_are_refused_before_any_work(tiny_cfg, preset)
 def test_fsdp_in_cpu_processes_on_a_torch_without_it_is_refused_before_any_work(
     tiny_cfg, monkeypatch
 ):
-    """torch 2.5 and 2.6 fail inside FSDP2's stream handling on CPUs: named before the data."""
+    """torch 2.5 and 2.6 fail inside FSDP2's stream handling on CPUs: named before the data; GPU
+    runs on such a torch are left alone."""
+    from omegaconf import OmegaConf
+    from torch.torch_version import TorchVersion
+
+    from lmlab.train import check_strategy
+
     assert not cpu_fsdp_supported("2.6.0+cu124") and cpu_fsdp_supported("2.13.0+cpu")
     assert cpu_fsdp_supported("2.10.1")  # compared as versions, not as text
-    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
-    cfg = tiny_cfg("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2")
+    assert cpu_fsdp_supported("2.7.0rc1") and cpu_fsdp_supported("2.7.0a0+git1234")  # 2.7 builds
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.6.0+cu124"))
+    cfg = tiny_cfg("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1")
     with pytest.raises(
         ConfigError,
         match=r"trainer=fsdp in CPU processes needs torch >= 2\.\d+ .*this is torch 2\.6\.0",
     ):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
+
+    fsdp = {"_target_": "lmlab.parallel.FSDP"}
+    check_strategy(OmegaConf.create({"accelerator": "gpu", "strategy": fsdp}))  # no error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_strategy(OmegaConf.create({"accelerator": "auto", "strategy": fsdp}))  # no error
 
 
 def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
