@@ -186,6 +186,7 @@ def lmlab_trainer(
         callbacks=[*built(cfg.callbacks), *callbacks],
         logger=built(cfg.logger),
         plugins=[AtomicCheckpointIO()],
+        _convert_="all",  # plain lists, as lmlab.train.build_run passes them
     )
     return trainer, "Hydra compose of conf/ (trainer, callbacks, logger)"
 

@@ -551,8 +551,13 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
     loggers = _instantiate_all(cfg.get("logger"))
     try:
+        # _convert_: plain lists (Lightning 2.4 took a ListConfig of plugins for one bad plugin)
         trainer: L.Trainer = instantiate(
-            trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+            trainer_cfg,
+            callbacks=callbacks,
+            logger=loggers,
+            plugins=[AtomicCheckpointIO()],
+            _convert_="all",
         )
     except InstantiationException as e:
         raise ConfigError(f"the trainer settings are refused: {e.__cause__ or e}") from e
