@@ -20,10 +20,9 @@ import time
 
 import common
 import torch
-from gpu import PRESETS, TINY
+from gpu import PRESETS, preset_shape
 from torch.profiler import ProfilerActivity, profile
 
-from lmlab.models.base import param_groups
 from lmlab.parallel import use_tf32
 
 # Kinds by (lowercased) kernel or operator name, first match wins: attention before matrix products
@@ -69,40 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args, device: torch.device):
     """The family's module at its preset (or tiny) size, one random batch on ``device``, and the
-    step (a closure) with lmlab's fused AdamW."""
-    pre = PRESETS[args.family]
-    vocab, B, T, target_len = pre["vocab"], pre["batch"], pre["seq_len"], pre.get("target_len", 0)
-    dims = dict(pre["dims"])
-    if args.tiny:
-        vocab, B, T, target_len = 512, 2, 64, 16 if target_len else 0
-        dims |= TINY | dict(max_seq_len=T)
-        if args.family == "encoder_decoder":
-            dims |= dict(n_decoder_layers=TINY["n_layers"], max_target_len=target_len)
+    step (a closure): ``common.Stepper`` with lmlab's loss, bf16 autocast on a GPU."""
+    vocab, B, T, target_len, dims = preset_shape(args.family, args.tiny)
     torch.manual_seed(0)
     model = common.lmlab_model(args.family, vocab_size=vocab, compile=args.compile, **dims)
     model.configure_model()  # compiles nll as under the Trainer
-    model.to(device)
     gen = torch.Generator().manual_seed(0)
-    batch = common.random_batch(pre["kind"], B, T, vocab, target_len=target_len, generator=gen)
+    kind = PRESETS[args.family]["kind"]
+    batch = common.random_batch(kind, B, T, vocab, target_len=target_len, generator=gen)
     batch = common.to_device(batch, device)
-    o = common.OPTIM  # as LMModule.configure_optimizers: decay / no-decay groups, fused AdamW
-    opt = torch.optim.AdamW(
-        param_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), fused=True
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    bf16 = device.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            nll_sum, count, _, _ = model.nll(batch)
-            loss = nll_sum / count.clamp(min=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    stepper = common.Stepper(model, common.lmlab_loss, device, bf16=device.type == "cuda")
     shape = f"{B} x {T}" + (f" -> {target_len}" if target_len else "")
-    return step, shape, model.num_params(False)
+    return lambda: stepper(batch), shape, model.num_params(False)
 
 
 def kernel_times(prof, device: torch.device, steps: int) -> dict[str, tuple[float, int]]:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lmlab.data.collate import IGNORE
+from lmlab.models.base import param_groups
 
 SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2, "mask": 3, "cls": 4, "sep": 5}  # token ids 0..5
 OPTIM = {  # lmlab's AdamW settings (conf/optim/adamw.yaml), the warmup shortened for short runs
@@ -87,6 +88,42 @@ def random_batch(
             "labels": labels,
         }
     raise ValueError(f"unknown batch kind {kind!r}")
+
+
+def adamw(model: torch.nn.Module, optim: dict = OPTIM, fused: bool = True) -> torch.optim.AdamW:
+    """lmlab's AdamW as ``LMModule.configure_optimizers`` builds it: decay / no-decay groups, the
+    settings of ``optim``, fused on CPU and CUDA."""
+    return torch.optim.AdamW(
+        param_groups(model, optim["weight_decay"]),
+        lr=optim["lr"],
+        betas=tuple(optim["betas"]),
+        eps=optim["eps"],
+        fused=fused,
+    )
+
+
+def lmlab_loss(model, batch: dict) -> torch.Tensor:
+    nll_sum, count, _, _ = model.nll(batch)  # LMModule.training_step's loss
+    return nll_sum / count.clamp(min=1)
+
+
+class Stepper:
+    """One optimizer step of a model on a batch without a Trainer: ``loss_fn(model, batch)`` under
+    bf16 autocast when ``bf16``, backward, clipping at 1.0, lmlab's fused AdamW, zero_grad."""
+
+    def __init__(self, model, loss_fn: Callable, device: torch.device, bf16: bool) -> None:
+        self.model, self.loss_fn, self.device, self.bf16 = model.to(device), loss_fn, device, bf16
+        self.model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = adamw(model)
+
+    def __call__(self, batch: dict) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 class CycledBatches(Dataset):

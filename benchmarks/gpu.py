@@ -108,16 +108,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -> dict:
+def preset_shape(family: str, tiny: bool) -> tuple[int, int, int, int, dict]:
+    """(vocabulary, batch, sequence length, target length or 0, model dims) of a family's preset,
+    or of its tiny version."""
     pre = PRESETS[family]
     vocab, B, T = pre["vocab"], pre["batch"], pre["seq_len"]
     target_len = pre.get("target_len", 0)
     dims = dict(pre["dims"])
-    if args.tiny:
+    if tiny:
         vocab, B, T, target_len = 512, 2, 64, 16 if target_len else 0
         dims |= TINY | dict(max_seq_len=T)
         if family == "encoder_decoder":
             dims |= dict(n_decoder_layers=TINY["n_layers"], max_target_len=target_len)
+    return vocab, B, T, target_len, dims
+
+
+def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -> dict:
+    pre = PRESETS[family]
+    vocab, B, T, target_len, dims = preset_shape(family, args.tiny)
     torch.manual_seed(0)
     model = common.lmlab_model(
         family,

@@ -31,7 +31,7 @@ import common
 import torch
 import torch.nn.functional as F
 
-from lmlab.models.base import CPU_LOSS_CHUNK, lr_lambda, param_groups
+from lmlab.models.base import CPU_LOSS_CHUNK, lr_lambda
 from lmlab.nn.loss import linear_cross_entropy
 
 PRESETS = {
@@ -204,13 +204,7 @@ class make_plain_step:
 
     def reset(self) -> None:
         o = self.o
-        self.opt = torch.optim.AdamW(
-            param_groups(self.model, o["weight_decay"]),
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-            eps=o["eps"],
-            fused=self.fused,
-        )
+        self.opt = common.adamw(self.model, o, fused=self.fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
             lambda s: lr_lambda(s, o["warmup_steps"], self.total, o["min_lr_ratio"]),

@@ -32,8 +32,6 @@ import time
 import common
 import torch
 
-from lmlab.models.base import param_groups
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -134,36 +132,6 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-class Stepper:
-    """One optimizer step of a model on a batch: ``loss_fn(model, batch) -> loss``."""
-
-    def __init__(self, model, loss_fn, device, bf16: bool) -> None:
-        self.model, self.loss_fn, self.device, self.bf16 = model.to(device), loss_fn, device, bf16
-        self.model.train()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        o = common.OPTIM
-        self.opt = torch.optim.AdamW(
-            param_groups(model, o["weight_decay"]),
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-            eps=o["eps"],
-            fused=True,  # as LMModule.configure_optimizers on CPU / CUDA
-        )
-
-    def __call__(self, batch: dict) -> None:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.loss_fn(self.model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
-def lmlab_loss(model, batch):
-    nll_sum, count, _, _ = model.nll(batch)  # LMModule.training_step's loss
-    return nll_sum / count.clamp(min=1)
-
-
 def hf_loss(family: str):
     if family == "decoder":
         # HF shifts labels itself: input_ids as labels is the same next-token task (T - 1 targets)
@@ -198,8 +166,8 @@ def run_family(family: str, args, device: torch.device) -> list:
     )
     batch = common.to_device(batch, device)
     steppers = {
-        f"lmlab {type(ours).__name__}": Stepper(ours, lmlab_loss, device, args.bf16),
-        f"HF {hf_name}": Stepper(theirs, hf_loss(family), device, args.bf16),
+        f"lmlab {type(ours).__name__}": common.Stepper(ours, common.lmlab_loss, device, args.bf16),
+        f"HF {hf_name}": common.Stepper(theirs, hf_loss(family), device, args.bf16),
     }
     for step in steppers.values():
         for _ in range(args.warmup):
