@@ -88,7 +88,9 @@ def kernel_times(prof, device: torch.device, steps: int) -> dict[str, tuple[floa
     out = {}
     for e in prof.key_averages():
         if device.type == "cuda":
-            if e.device_type != torch.autograd.DeviceType.CUDA:
+            # a range the code names (record_function: the optimizer's step, the profiler's step
+            # markers) also has a device-side entry spanning its kernels: not a kernel of its own
+            if e.device_type != torch.autograd.DeviceType.CUDA or e.is_user_annotation:
                 continue
             us = getattr(e, "self_device_time_total", None)
             us = e.self_cuda_time_total if us is None else us  # torch < 2.4

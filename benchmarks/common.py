@@ -274,7 +274,10 @@ def _trainer_by_hand(accelerator, precision, max_steps, output_dir, callbacks) -
 class StepTimer(L.Callback):
     """Per-step wall times of the steps after ``warmup``, from one step's end to the next's (data,
     forward, backward, clipping, optimizer, every callback and logging: all a step costs), and the
-    total of those steps bracketed by device synchronisations."""
+    total of those steps bracketed by device synchronisations: at the end of step ``warmup`` and of
+    the Trainer's last step (``max_steps``), so the end of the run (epoch-end metrics, the loggers'
+    last writes, teardown: once per run, not per step) stays out, as it does from the plain loop's
+    ``timed_loop``. A run that stops before ``max_steps`` is closed at the end of training."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
@@ -288,14 +291,18 @@ class StepTimer(L.Callback):
         if done == self.warmup:
             sync(pl_module.device)
             self._start = self._last = time.perf_counter()
-        elif done > self.warmup:
+        elif done > self.warmup and self._start is not None and not self.total:
+            if done == trainer.max_steps:
+                sync(pl_module.device)
             now = time.perf_counter()
             self.times.append(now - self._last)
             self._last = now
+            if done == trainer.max_steps:
+                self.total = now - self._start
 
     def on_train_end(self, trainer, pl_module) -> None:
-        sync(pl_module.device)
-        if self._start is not None:
+        if self._start is not None and not self.total:
+            sync(pl_module.device)
             self.total = time.perf_counter() - self._start
 
 

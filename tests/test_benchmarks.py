@@ -157,3 +157,78 @@ def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
     top = [number(r["ms per step"]) for r in longest]
     assert top == sorted(top, reverse=True) and top[0] <= number(total["ms per step"])
     assert {r["kind"] for r in longest} <= {r["kind"] for r in parts}
+
+
+def test_breakdown_leaves_named_ranges_out_of_the_kernel_time(monkeypatch):
+    """On a GPU the profiler also gives a range the code names (the optimizer's step) a device-side
+    entry spanning its kernels; counted as a kernel, the H100 profile of 2026-11-27 had the AdamW
+    step twice (1.32 ms of 35.7 ms)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from breakdown import kernel_times
+
+    cuda = torch.autograd.DeviceType.CUDA
+    event = lambda key, us, annotation=False, device=cuda: SimpleNamespace(
+        key=key,
+        device_type=device,
+        is_user_annotation=annotation,
+        self_device_time_total=us,
+        self_cpu_time_total=us,
+        count=5,
+    )
+    events = [
+        event("multi_tensor_apply_kernel", 6500.0),
+        event("Optimizer.step#AdamW.step", 6600.0, annotation=True),
+        event("aten::mm", 900.0, device=torch.autograd.DeviceType.CPU),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert kernel_times(prof, torch.device("cuda"), steps=5) == {
+        "multi_tensor_apply_kernel": (1.3, 1.0)
+    }
+
+
+def test_step_timer_total_ends_at_the_last_step_not_at_the_end_of_training(tmp_path, monkeypatch):
+    """gpu.py's and overhead.py's timed window: steps after the warm-up up to the last one. What
+    Lightning does once a run ends (here a callback that takes 0.5 s at the epoch's end) is not a
+    step's cost and stays out, as the plain loop's window leaves it out."""
+    import time
+
+    import lightning as L
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    class SlowEnd(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            time.sleep(0.5)
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.w(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    timer = common.StepTimer(warmup=2)
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        callbacks=[timer, SlowEnd()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(8, 4)))
+    assert len(timer.times) == 4
+    assert timer.total == pytest.approx(sum(timer.times), abs=1e-3)
+    assert timer.total < 0.5
