@@ -458,7 +458,7 @@ def test_mlm_targets_counted_on_the_host_select_what_a_boolean_mask_selects():
     boolean indexing (so the same loss and gradients), and one graph without breaks to compile."""
     import torch._dynamo
 
-    from lmlab.models.encoder import EncoderLM
+    from lmlab.models.encoder import EncoderLM, selected_rows
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(6, 90, (3, 16), generator=g)
@@ -474,10 +474,14 @@ def test_mlm_targets_counted_on_the_host_select_what_a_boolean_mask_selects():
 
     hidden = m.backbone(ids, head=False)
     selected = labels != IGNORE
+    n = int(selected.sum())
     for b in (batch, prepared):
         got_hidden, got_labels = m.hidden_states(b)
-        torch.testing.assert_close(got_hidden, hidden[selected], rtol=0, atol=0)
-        assert torch.equal(got_labels, labels[selected])
+        # the targets first, in order, then ignored positions up to the rounded row count
+        assert len(got_labels) == selected_rows(n, labels.numel()) > n
+        torch.testing.assert_close(got_hidden[:n], hidden[selected], rtol=0, atol=0)
+        assert torch.equal(got_labels[:n], labels[selected])
+        assert (got_labels[n:] == IGNORE).all()
 
     def loss_and_grads(b):
         m.zero_grad()
@@ -518,3 +522,59 @@ def test_mlm_head_on_selected_positions_equals_full_logits(tmp_path):
     fast, full = m.nll(batch), LMModule.nll(m, batch)  # head on selected rows vs on every row
     torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
     assert [int(x) for x in fast[1:]] == [int(x) for x in full[1:]]
+
+
+def test_mlm_selected_rows_cover_the_targets_in_few_distinct_counts():
+    """The MLM head's row count: at least the targets, at most the positions, and one or two
+    values over a run's batches (masked counts are binomial: within 4 standard deviations they
+    span less than one rounding step)."""
+    from lmlab.models.encoder import selected_rows
+
+    assert selected_rows(0, 128) == 0
+    assert selected_rows(2458, 32 * 512) == 2560
+    assert selected_rows(120, 128) == 128  # never more rows than positions
+    g = torch.Generator().manual_seed(0)
+    for positions in (128, 4096, 16384, 65536):
+        counts = torch.binomial(torch.full((2000,), float(positions)), torch.tensor(0.15), g)
+        rows = {selected_rows(int(c), positions) for c in counts}
+        assert all(selected_rows(int(c), positions) >= c for c in counts)
+        assert len(rows) <= 2 and max(rows) <= positions, (positions, rows)
+
+
+def test_compiled_mlm_step_is_compiled_once_for_batches_with_other_target_counts():
+    """compile=true with masked LM: batches with 12 different target counts share one compiled
+    graph. Before the row count was rounded, each new count compiled the step again (under the
+    fused loss, the CPU's default, up to torch's limit of 8; then the step ran uncompiled)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lmlab.models.encoder import EncoderLM
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = EncoderLM(
+        vocab_size=90,
+        special_ids={},
+        optim={},
+        compile=True,
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        max_seq_len=64,
+    )
+    m.set_token_bytes(torch.ones(90, dtype=torch.long))
+    m.configure_model()
+    g = torch.Generator().manual_seed(0)
+    counts = set()
+    for _ in range(12):
+        ids = torch.randint(6, 90, (4, 64), generator=g)
+        labels = torch.where(torch.rand(4, 64, generator=g) < 0.15, ids, IGNORE)
+        batch = m.on_before_batch_transfer({"input_ids": ids, "labels": labels}, 0)
+        counts.add(batch["n_targets"])
+        nll, count, *_ = m.nll(batch)
+        nll.backward()
+        assert count == batch["n_targets"]
+    assert len(counts) >= 8
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
