@@ -165,6 +165,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -
         params=model.num_params(False),
         step_ms=1e3 * step_s,
         median_ms=common.median_ms(timer.times),
+        steps_ms=[1e3 * t for t in timer.times],
         tokens_per_s=tokens_per_s,
         mfu=mfu,
         wall=wall,
@@ -198,7 +199,10 @@ def main(argv=None) -> None:
         results.append(r)
         print(
             f"  {family} (loss chunk {r['loss_chunk']}): {r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
-            f"{time.perf_counter() - t_start:.0f} s so far)",
+            f"{time.perf_counter() - t_start:.0f} s so far)\n"
+            # the host's time per step: steps that write metrics wait for the device, the
+            # steps after them run ahead of it; a long one stands out here, not in the median
+            f"    steps (ms, host): {' '.join(f'{ms:.1f}' for ms in r['steps_ms'])}",
             flush=True,
         )
     rows = []

@@ -34,7 +34,7 @@ fi
 echo
 echo "== pytest -m gpu"
 if "$PY" -c "import pytest, hydra, omegaconf" 2>/dev/null; then
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --durations=5
   tests=$?
   if [ "$tests" -eq 5 ]; then
     echo "pytest -m gpu: no GPU tests collected (ok)"

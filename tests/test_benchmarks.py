@@ -74,10 +74,15 @@ def test_gpu_script_smoke_run_on_cpu(run):
         ("encoder_decoder", "0"),
         ("encoder_decoder", "8"),
     ]
-    for r in rows:  # tiny: batch 2 x 64 input tokens, the step time printed to 0.1 ms
+    steps = [line.split(":")[1].split() for line in out.splitlines() if "steps (ms, host)" in line]
+    assert len(steps) == len(rows)
+    for r, host in zip(rows, steps, strict=True):  # tiny: batch 2 x 64 input tokens, 0.1 ms
         ms = number(r["mean step ms"])
         assert 128e3 / (ms + 0.05) - 0.5 <= number(r["tokens/s"]) <= 128e3 / (ms - 0.05) + 0.5
         assert r["meets"] == "n/a (tiny)"
+        # 3 timed steps; on a CPU (no device to wait for) the synchronised mean is their mean
+        assert len(host) == 3
+        assert sum(map(float, host)) / 3 == pytest.approx(ms, abs=0.1 + 0.01 * ms)
 
 
 def test_overhead_script_ratio_is_the_step_time_ratio(run):
