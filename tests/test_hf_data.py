@@ -165,6 +165,7 @@ def test_fingerprint_follows_the_data_and_the_settings(tmp_path, jsonl):
         ({"data_files": "/no/such/*.jsonl"}, "data.data_files='/no/such/*.jsonl' matched no files"),
         ({"path": "someone/dataset", "data_files": None}, "Couldn't reach 'someone/dataset'"),
         ({"val_fraction": 0.001, "max_documents": 20}, "holds out 0 of the 20 rows"),
+        ({"subset": "en"}, "data.subset='en' names a configuration of a Hub dataset, and the json"),
     ],
 )
 def test_bad_settings_are_refused_before_any_tokenizing(tmp_path, jsonl, values, message):
@@ -388,3 +389,12 @@ def test_ranks_preparing_together_read_a_stream_once(compose_cfg, tmp_path, json
         assert [p.exitcode for p in procs] == [0, 0]
     reads = sorted(json.loads(Path(o).read_text()) for o in outs)
     assert reads == [[], ["train"]]  # one pass over the stream in all
+
+
+def test_a_subset_with_local_files_or_a_saved_folder_is_refused(tmp_path):
+    """datasets takes a configuration name for a builder of local files or a saved folder and
+    ignores it: the run would read all the rows it was pointed at, not the subset it names."""
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": TEXTS[:10]}).save_to_disk(str(folder))
+    with pytest.raises(ConfigError, match="a folder written by save_to_disk has none"):
+        make_corpus(hf_cfg(tmp_path, path=str(folder), subset="en"))

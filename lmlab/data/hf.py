@@ -138,6 +138,17 @@ class HFCorpus:
                 "out data.val_fraction of the training split's rows"
             )
         local = Path(self.path).expanduser()
+        if self.subset and (self.path in BUILDERS or _is_saved_folder(local)):
+            # datasets would take the name and ignore it: the run would read what it was not told
+            what = (
+                "a folder written by save_to_disk"
+                if self.path not in BUILDERS
+                else f"the {self.path} builder (local files)"
+            )
+            raise ConfigError(
+                f"data.subset={self.subset!r} names a configuration of a Hub dataset, and {what} "
+                "has none: leave data.subset unset (choose files with data.data_files)"
+            )
         if _is_saved_folder(local) and self.data_files is not None:
             raise ConfigError(
                 f"{self.path} is a folder written by save_to_disk, which is read whole: leave "
