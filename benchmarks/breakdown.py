@@ -76,7 +76,8 @@ def build(args, device: torch.device):
     gen = torch.Generator().manual_seed(0)
     kind = PRESETS[args.family]["kind"]
     batch = common.random_batch(kind, B, T, vocab, target_len=target_len, generator=gen)
-    batch = common.to_device(batch, device)
+    # what the Trainer does with a batch before the step: the host-side hook, then the move
+    batch = common.to_device(model.on_before_batch_transfer(batch, 0), device)
     stepper = common.Stepper(model, common.lmlab_loss, device, bf16=device.type == "cuda")
     shape = f"{B} x {T}" + (f" -> {target_len}" if target_len else "")
     return lambda: stepper(batch), shape, model.num_params(False)

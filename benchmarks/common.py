@@ -285,12 +285,23 @@ class StepTimer(L.Callback):
         self.total = 0.0
         self._last: float | None = None
         self._start: float | None = None
+        self._step = -1  # the optimizer step last seen (micro-batches of one step are one step)
+
+    def _open(self, pl_module) -> None:
+        sync(pl_module.device)
+        self._start = self._last = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.warmup == 0:
+            self._open(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = trainer.global_step
-        if done == self.warmup:
-            sync(pl_module.device)
-            self._start = self._last = time.perf_counter()
+        if done == self._step:  # a micro-batch that did not step the optimizer
+            return
+        self._step = done
+        if done == self.warmup and self.warmup > 0:
+            self._open(pl_module)
         elif done > self.warmup and self._start is not None and not self.total:
             if done == trainer.max_steps:
                 sync(pl_module.device)
@@ -325,7 +336,12 @@ def timed_loop(
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch's tensors on ``device``; other values (a count the module's host-side hook
+    added) as they are, as Lightning moves a batch."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 def sync(device: torch.device) -> None:

@@ -80,7 +80,7 @@ def test_gpu_script_smoke_run_on_cpu(run):
         ms = number(r["mean step ms"])
         assert 128e3 / (ms + 0.05) - 0.5 <= number(r["tokens/s"]) <= 128e3 / (ms - 0.05) + 0.5
         assert r["meets"] == "n/a (tiny)"
-        # 3 timed steps; on a CPU (no device to wait for) the synchronised mean is their mean
+        # 3 timed steps, whose host times fill the synchronised window: their mean is the mean
         assert len(host) == 3
         assert sum(map(float, host)) / 3 == pytest.approx(ms, abs=0.1 + 0.01 * ms)
 
@@ -195,10 +195,14 @@ def test_breakdown_leaves_named_ranges_out_of_the_kernel_time(monkeypatch):
     }
 
 
-def test_step_timer_total_ends_at_the_last_step_not_at_the_end_of_training(tmp_path, monkeypatch):
-    """gpu.py's and overhead.py's timed window: steps after the warm-up up to the last one. What
-    Lightning does once a run ends (here a callback that takes 0.5 s at the epoch's end) is not a
-    step's cost and stays out, as the plain loop's window leaves it out."""
+@pytest.mark.parametrize(("warmup", "accumulate"), [(2, 1), (0, 1), (2, 2)])
+def test_step_timer_total_ends_at_the_last_step_not_at_the_end_of_training(
+    tmp_path, monkeypatch, warmup, accumulate
+):
+    """gpu.py's and overhead.py's timed window: the optimizer steps after the warm-up (none, or
+    steps of several micro-batches) up to the last one. What Lightning does once a run ends (here
+    a callback that takes 0.5 s at the epoch's end) is not a step's cost and stays out, as the
+    plain loop's window leaves it out."""
     import time
 
     import lightning as L
@@ -222,9 +226,10 @@ def test_step_timer_total_ends_at_the_last_step_not_at_the_end_of_training(tmp_p
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    timer = common.StepTimer(warmup=2)
+    timer = common.StepTimer(warmup=warmup)
     trainer = L.Trainer(
         max_steps=6,
+        accumulate_grad_batches=accumulate,
         accelerator="cpu",
         callbacks=[timer, SlowEnd()],
         logger=False,
@@ -233,7 +238,7 @@ def test_step_timer_total_ends_at_the_last_step_not_at_the_end_of_training(tmp_p
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    trainer.fit(Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(8, 4)))
-    assert len(timer.times) == 4
+    trainer.fit(Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(64, 4)))
+    assert len(timer.times) == 6 - warmup
     assert timer.total == pytest.approx(sum(timer.times), abs=1e-3)
     assert timer.total < 0.5

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmlab.data.base import Example
 from lmlab.data.collate import IGNORE, mlm_mask
@@ -492,6 +493,19 @@ def test_mlm_targets_counted_on_the_host_select_what_a_boolean_mask_selects():
     (want, want_grads), (got, got_grads) = loss_and_grads(batch), loss_and_grads(prepared)
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+    # and what boolean indexing gives: the head and the cross-entropy on the targets alone
+    m.zero_grad()
+    logits = m.backbone.lm_head(m.backbone(ids, head=False)[selected])
+    reference = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+    (reference / n).backward()
+    torch.testing.assert_close(got, reference.detach())
+    for a, p in zip(got_grads, m.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+    # a batch without targets: one step of ignored rows, a zero loss over zero targets
+    none = m.on_before_batch_transfer({"input_ids": ids, "labels": torch.full_like(ids, IGNORE)}, 0)
+    nll, count, n_bytes, _ = m.nll(none)
+    assert (nll.item(), count.item(), n_bytes.item()) == (0.0, 0, 0.0)
 
     m.loss_chunk_size = 0  # as on a GPU: the plain head and F.cross_entropy
     explained = torch._dynamo.explain(m.nll)(prepared)
@@ -530,9 +544,9 @@ def test_mlm_selected_rows_cover_the_targets_in_few_distinct_counts():
     span less than one rounding step)."""
     from lmlab.models.encoder import selected_rows
 
-    assert selected_rows(0, 128) == 0
+    assert selected_rows(0, 128) == 64  # one step: the same shape as a batch with a few targets
     assert selected_rows(2458, 32 * 512) == 2560
-    assert selected_rows(120, 128) == 128  # never more rows than positions
+    assert selected_rows(70, 100) == 100  # never more rows than positions
     g = torch.Generator().manual_seed(0)
     for positions in (128, 4096, 16384, 65536):
         counts = torch.binomial(torch.full((2000,), float(positions)), torch.tensor(0.15), g)

@@ -14,20 +14,21 @@ from lmlab.nn.encoder import Encoder, EncoderConfig
 
 def selected_rows(targets: int, positions: int) -> int:
     """Rows the MLM head runs on for ``targets`` masked positions out of ``positions``: the count
-    rounded up to a multiple of a power of two >= 4 sqrt(positions), at most ``positions``.
+    rounded up to a multiple of a power of two >= 4 sqrt(positions) (one step for a batch without
+    targets), at most ``positions``.
 
-    The masked count varies from batch to batch by about its binomial standard deviation,
-    sqrt(positions p (1 - p)) <= sqrt(positions) / 2, so the step is at least 8 of those: a run's
-    batches fall in one or two row counts, each a static shape that torch.compile compiles once.
-    Without the rounding every new count was a new shape: compiled again at each one (under the
-    fused loss, whose chunk loop fixes the row count, up to torch's recompile limit of 8, after
-    which the step ran uncompiled). 32 x 512 windows with 15% masked (2458 targets, give or take
-    46): 2560 rows. The extra rows cost the head's work on average 13 / sqrt(positions) of it
-    (10% at 16384 positions, where the head is ~4% of BERT-base's step)."""
-    if targets <= 0:
-        return 0
+    A masked count drawn position by position varies from batch to batch by its binomial standard
+    deviation, sqrt(positions p (1 - p)) <= sqrt(positions) / 2, so the step is at least 8 of
+    those: a run's batches fall in one or two row counts, each a static shape that torch.compile
+    compiles once (lmlab's own masking takes a fixed share of each window's ordinary tokens, so its
+    counts vary less still). Without the rounding every new count was a new shape: compiled again
+    at each one (under the fused loss, whose chunk loop fixes the row count, up to torch's
+    recompile limit of 8, after which the step ran uncompiled). 32 x 512 windows with 15% masked
+    (2458 targets): 2560 rows, 4% more than the targets; in general the extra rows average half a
+    step, 13-27 / sqrt(positions) of the head's work (10-20% at 16384 positions, where the head is
+    ~4% of BERT-base's step)."""
     step = 1 << math.ceil(math.log2(4 * math.sqrt(positions)))
-    return min(positions, -(-targets // step) * step)
+    return min(positions, max(1, -(-targets // step)) * step)
 
 
 class EncoderLM(LMModule):
@@ -49,8 +50,8 @@ class EncoderLM(LMModule):
         return batch
 
     def step_flops(self, batch: dict) -> int:
-        """The blocks at every position, the output head at the selected ones only (as
-        ``hidden_states`` runs it)."""
+        """The blocks at every position, the output head at the targets only: the useful work
+        (``hidden_states`` also runs the head on a few ignored rows, see :func:`selected_rows`)."""
         B, S = batch["input_ids"].shape
         targets = batch.get("n_targets")
         if targets is None:
