@@ -343,16 +343,18 @@ def test_a_skipped_finished_job_keeps_its_row_and_a_failed_rerun_replaces_it(tmp
 
 def test_metric_list_is_what_lmlab_logs():
     """sweep.METRICS is kept by hand: it must name exactly the val/ and train/ metrics that the
-    model and the callbacks log (the names check_optimized_metric accepts)."""
+    model and the callbacks log (the names check_optimized_metric accepts): named in a `log`
+    call, or as keys of the step metrics the model logs together (`latest_train_metrics`)."""
     from lmlab.paths import CONF_DIR
     from lmlab.sweep import METRICS
 
     pkg = Path(CONF_DIR).parent / "lmlab"
     sources = [pkg / "models" / "base.py", pkg / "callbacks" / "__init__.py"]
+    name = r"\"((?:val|train)/[a-z_]+)\""
     logged = {
-        m
+        in_call or as_key
         for src in sources
-        for m in re.findall(r"\.log\(\s*\"((?:val|train)/[a-z_]+)\"", src.read_text())
+        for in_call, as_key in re.findall(rf"\.log\(\s*{name}|{name}: ", src.read_text())
     }
     assert logged and set(METRICS) == logged
 

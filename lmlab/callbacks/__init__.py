@@ -100,7 +100,9 @@ class ProgressBar(TQDMProgressBar):
     Training metrics are therefore logged without ``prog_bar=True``: Lightning turns every
     progress-bar metric into a Python number after every step, and on a GPU reading a number
     waits for all the work queued so far, so the host could never run ahead of the device. Here
-    that wait happens once per redraw (raise ``refresh_rate`` to make it rarer).
+    that wait happens once per redraw (raise ``refresh_rate`` to make it rarer). The loss,
+    perplexity and bits per byte shown are the last step's (``latest_train_metrics`` of lmlab's
+    modules, which log them on logging steps only); other metrics the latest logged.
     """
 
     def __init__(
@@ -110,7 +112,10 @@ class ProgressBar(TQDMProgressBar):
         self.metrics = tuple(metrics)
 
     def get_metrics(self, trainer, pl_module) -> dict:
-        latest = trainer.callback_metrics  # tensors, as logged
+        latest = dict(trainer.callback_metrics)  # tensors, as logged
+        # the last step's loss, perplexity, bits per byte (lmlab logs them on logging steps only)
+        if hasattr(pl_module, "latest_train_metrics"):
+            latest.update(pl_module.latest_train_metrics())
         shown = {name: float(latest[name]) for name in self.metrics if name in latest}
         return {**shown, **super().get_metrics(trainer, pl_module)}
 
