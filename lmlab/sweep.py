@@ -44,7 +44,8 @@ FIRST = ["job", "status", "overrides", "wall_s", "error", "output_dir"]
 # summary.json) that lmlab itself logs under val/ and train/: LMModule (lmlab/models/base.py) and
 # lmlab.callbacks.Throughput. Every run has them except train/mfu (only where the device's peak
 # FLOP/s is known or given) and train/skipped_nonfinite (only with trainer.skip_nonfinite=true,
-# after a skipped batch). tests/test_sweep.py checks this list against those files' log calls.
+# after a skipped batch). tests/test_sweep.py checks this list against those files' log calls
+# (and the keys of LMModule.latest_train_metrics, which it logs together).
 METRICS = (
     "val/loss",
     "val/ppl",

@@ -534,13 +534,9 @@ def test_training_steps_read_no_device_values_between_redraws_and_logs(
     assert reads.count("bar") == len(redraws)  # train/loss (MFU is logged on logging steps)
 
 
-def test_training_metrics_are_logged_on_logging_steps_and_the_bar_shows_the_last_step(
-    tiny_cfg, monkeypatch
-):
-    """train/loss, ppl and bpb go through Lightning's `log` (~0.25 ms of host time per call) only
-    on the steps whose metrics are written; the progress bar shows each redraw's own step loss
-    all the same, the run's summary the last step's, and train/tokens still sums every step's
-    targets."""
+def _record_training_metrics(monkeypatch) -> tuple[list, dict, list]:
+    """(steps and names of the module's `log` calls, each optimizer step's loss (its last
+    micro-batch's), (step, loss) shown at each training redraw of the progress bar)."""
     from lmlab.callbacks import ProgressBar
 
     logged, losses, shown = [], {}, []
@@ -551,7 +547,7 @@ def test_training_metrics_are_logged_on_logging_steps_and_the_bar_shows_the_last
 
     def training_step(self, batch, batch_idx, _step=LMModule.training_step):
         loss = _step(self, batch, batch_idx)
-        losses[self.trainer.global_step + 1] = float(loss)  # the step it completes
+        losses[self.trainer.global_step + 1] = float(loss)  # the step it is part of
         return loss
 
     def get_metrics(self, trainer, pl_module, _get=ProgressBar.get_metrics):
@@ -563,30 +559,65 @@ def test_training_metrics_are_logged_on_logging_steps_and_the_bar_shows_the_last
     monkeypatch.setattr(LMModule, "log", log)
     monkeypatch.setattr(LMModule, "training_step", training_step)
     monkeypatch.setattr(ProgressBar, "get_metrics", get_metrics)
+    return logged, losses, shown
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_metrics_are_logged_on_logging_steps_and_the_bar_shows_the_last_step(
+    tiny_cfg, monkeypatch, accumulate
+):
+    """train/loss, ppl and bpb go through Lightning's `log` (~0.25 ms of host time per call) only
+    on the steps whose metrics are written, once per optimizer step; the progress bar shows each
+    redraw's own step loss all the same, the run's summary the last step's, and train/tokens
+    still sums every step's targets."""
+    logged, losses, shown = _record_training_metrics(monkeypatch)
     metrics, _ = train(
         tiny_cfg(
             "trainer.max_steps=8",
             "trainer.val_check_interval=8",
             "trainer.log_every_n_steps=3",
+            f"trainer.accumulate_grad_batches={accumulate}",
             "trainer.enable_progress_bar=true",
             "callbacks.progress_bar={_target_:lmlab.callbacks.ProgressBar,refresh_rate:2}",
             "callbacks.samples=null",
         )
     )
-    # global_step counts the steps done before: logged in steps 3 and 6
-    assert [step for step, name in logged if name == "train/loss"] == [2, 5]
+    assert [step for step, name in logged if name == "train/loss"] == [3, 6]  # after steps 3, 6
     assert {name for _, name in logged if name.startswith("train/")} >= {
         "train/loss",
         "train/ppl",
         "train/bpb",
         "train/tokens",
     }
-    assert [s for s, _ in shown][:4] == [2, 4, 6, 8]  # redraws, at steps that log and that do not
+    redrawn = [step for step, _ in shown]
+    assert {2, 4, 8} <= set(redrawn)  # redraws at steps that do not log
     for step, value in shown:
         assert value == pytest.approx(losses[step], rel=1e-6), step
-    assert metrics["train/tokens"] == 8 * 4 * 32  # 8 steps of 4 windows of 32 targets
+    assert metrics["train/tokens"] == 8 * accumulate * 4 * 32  # batches of 4 windows of 32 targets
     # the summary's training loss is the last step's, a step that did not log
     assert metrics["train/loss"] == pytest.approx(losses[8], rel=1e-6)
+
+
+def test_a_stop_asked_for_by_a_callback_logs_that_steps_metrics(tiny_cfg, monkeypatch):
+    """A callback that stops the run at a step's end (a time limit, early stopping) makes
+    Lightning write that step's metrics: the loss written is that step's, not the last logging
+    step's."""
+    _, losses, _ = _record_training_metrics(monkeypatch)
+
+    def end(
+        self, trainer, pl_module, outputs, batch, batch_idx, _end=Throughput.on_train_batch_end
+    ):
+        _end(self, trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == 5:
+            trainer.should_stop = True
+
+    monkeypatch.setattr(Throughput, "on_train_batch_end", end)
+    cfg = tiny_cfg("trainer.max_steps=8", "trainer.log_every_n_steps=3")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [2, 4]  # Lightning's rows: after steps 3 and 5
+    assert float(rows[-1]["train/loss"]) == pytest.approx(losses[5], rel=1e-6)
 
 
 def test_enable_progress_bar_false_alone_turns_the_bar_off(tiny_cfg):

@@ -159,7 +159,7 @@ class LMModule(L.LightningModule):
         # the last training loss, checked a step late
         self._unchecked_loss: FiniteFlag | None = None
         self._epoch_targets: torch.Tensor | None = None  # target tokens of the epoch so far
-        self._last_train: tuple[torch.Tensor, ...] | None = None  # loss, NLL sum, bytes
+        self._last_train: torch.Tensor | None = None  # the last step's loss, NLL sum, bytes
 
     # -- set-up ----------------------------------------------------------------------------------
     def set_token_bytes(self, token_bytes, scale: float = 1.0) -> None:
@@ -273,26 +273,37 @@ class LMModule(L.LightningModule):
             # checkpoint and validation hooks check first, so no non-finite state is saved.
             self.check_finite()
             self._unchecked_loss = FiniteFlag(loss, self.global_step)
-        # Logged on the steps whose metrics Lightning writes (trainer.log_every_n_steps), as
-        # lmlab.callbacks.Throughput logs: `log` costs ~0.25 ms of host time per call (Lightning
-        # moves its record of the metric to the value's device each time), 1.2 of a tiny model's
-        # 3.4 ms step on a CPU. The progress bar reads the latest step's values from
-        # `latest_train_metrics` at its redraws instead.
-        self._last_train = (loss.detach(), nll_sum.detach(), n_bytes.detach())
-        if self._trainer is None or self.trainer._logger_connector.should_update_logs:
+        # Copies, kept past the step (under compile=reduce-overhead the outputs live in memory
+        # that the next replay of the CUDA graph overwrites): the loss, NLL and bytes for
+        # `latest_train_metrics`, and the epoch's target tokens, summed on the device.
+        self._last_train = torch.stack([t.detach().float() for t in (loss, nll_sum, n_bytes)])
+        count = count.detach()
+        self._epoch_targets = (
+            count.clone() if self._epoch_targets is None else self._epoch_targets + count
+        )
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The step's metrics go through Lightning's `log` only on the steps whose metrics it
+        # writes (trainer.log_every_n_steps), once per optimizer step, as lmlab.callbacks.
+        # Throughput logs: each `log` costs ~0.25 ms of host time (Lightning moves its record of
+        # the metric to the value's device at every call), 1.2 of a tiny model's 3.4 ms step on a
+        # CPU. Here, after every callback's hook, a stop a callback has just asked for (which
+        # makes this step one Lightning writes) is seen. A batch that skip_nonfinite skipped
+        # logs the last good step's values. The progress bar reads `latest_train_metrics` itself.
+        trainer = self.trainer
+        if trainer._logger_connector.should_update_logs and not (
+            trainer.fit_loop.epoch_loop._should_accumulate()
+        ):
             for name, value in self.latest_train_metrics().items():
                 self.log(name, value)
-        # the epoch's target tokens, summed on the device, logged at the epoch's end
-        count = count.detach()
-        self._epoch_targets = count if self._epoch_targets is None else self._epoch_targets + count
-        return loss
 
     def latest_train_metrics(self) -> dict[str, torch.Tensor]:
         """The last training step's loss, perplexity and bits per byte (device tensors; reading
         one waits for that step on a GPU); empty before the first step."""
         if self._last_train is None:
             return {}
-        loss, nll_sum, n_bytes = self._last_train
+        loss, nll_sum, n_bytes = self._last_train.unbind()
         return {
             "train/loss": loss,
             "train/ppl": loss.exp(),
@@ -320,6 +331,7 @@ class LMModule(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
+        self._epoch_targets = self._last_train = None  # nothing left from an earlier fit
         # A run resumed after a crash: its metrics.csv holds the rows the crashed run logged after
         # the checkpoint, which this run logs again; they go (lmlab.loggers).
         if self.trainer.ckpt_path:
