@@ -14,20 +14,20 @@ from lmlab.nn.encoder import Encoder, EncoderConfig
 
 def selected_rows(targets: int, positions: int) -> int:
     """Rows the MLM head runs on for ``targets`` masked positions out of ``positions``: the count
-    rounded up to a multiple of a power of two >= 4 sqrt(positions) (one step for a batch without
+    rounded up to a multiple of a power of two >= 2 sqrt(positions) (one step for a batch without
     targets), at most ``positions``.
 
     A masked count drawn position by position varies from batch to batch by its binomial standard
-    deviation, sqrt(positions p (1 - p)) <= sqrt(positions) / 2, so the step is at least 8 of
-    those: a run's batches fall in one or two row counts, each a static shape that torch.compile
-    compiles once (lmlab's own masking takes a fixed share of each window's ordinary tokens, so its
-    counts vary less still). Without the rounding every new count was a new shape: compiled again
-    at each one (under the fused loss, whose chunk loop fixes the row count, up to torch's
-    recompile limit of 8, after which the step ran uncompiled). 32 x 512 windows with 15% masked
-    (2458 targets): 2560 rows, 4% more than the targets; in general the extra rows average half a
-    step, 13-27 / sqrt(positions) of the head's work (10-20% at 16384 positions, where the head is
-    ~4% of BERT-base's step)."""
-    step = 1 << math.ceil(math.log2(4 * math.sqrt(positions)))
+    deviation, sqrt(positions p (1 - p)), 0.36 sqrt(positions) at p = 0.15, so the step is at
+    least 5.6 of those: a run's batches fall in two or three row counts, each a static shape that
+    torch.compile compiles once (lmlab's own masking takes a fixed share of each window's ordinary
+    tokens, so its counts hardly vary: usually one). Without the rounding every new count was a
+    new shape: compiled again at each one (under the fused loss, whose chunk loop fixes the row
+    count, up to torch's recompile limit of 8, after which the step ran uncompiled). 32 x 512
+    windows with 15% masked (2458 targets): 2560 rows, 4% more than the targets; in general the
+    extra rows average half a step, 7-13 / sqrt(positions) of the head's work (5-10% at 16384
+    positions, where the head is ~4% of BERT-base's step; 21-42% at 1024)."""
+    step = 1 << math.ceil(math.log2(2 * math.sqrt(positions)))
     return min(positions, max(1, -(-targets // step)) * step)
 
 
