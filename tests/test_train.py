@@ -620,6 +620,36 @@ def test_a_stop_asked_for_by_a_callback_logs_that_steps_metrics(tiny_cfg, monkey
     assert float(rows[-1]["train/loss"]) == pytest.approx(losses[5], rel=1e-6)
 
 
+def test_the_last_steps_metrics_outlive_the_step_outputs_they_came_from():
+    """Under compile=reduce-overhead, nll's outputs live in a CUDA graph's memory, overwritten at
+    its next replay: what the module keeps past the step (the progress bar's and summary's last
+    step values, the epoch's target count) must be copies. The overwrite is played here by
+    filling those outputs with NaN after the step."""
+    from lmlab.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    m = DecoderLM(
+        vocab_size=64, special_ids={}, optim={}, n_layers=1, d_model=16, n_heads=2, max_seq_len=8
+    )
+    m.set_token_bytes(torch.ones(64, dtype=torch.long))
+    outputs = []
+
+    def nll(batch, _nll=m.nll):
+        out = _nll(batch)
+        outputs.extend(out)
+        return out
+
+    m.nll = nll
+    ids = torch.randint(0, 64, (2, 8))
+    m.training_step({"input_ids": ids, "labels": ids}, 0)
+    before = {k: v.item() for k, v in m.latest_train_metrics().items()}
+    targets = m._epoch_targets.item()
+    for t in outputs:
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    assert {k: v.item() for k, v in m.latest_train_metrics().items()} == before
+    assert m._epoch_targets.item() == targets == 16 and math.isfinite(before["train/bpb"])
+
+
 def test_enable_progress_bar_false_alone_turns_the_bar_off(tiny_cfg):
     """TINY drops the bar callback itself; here it is back, and the trainer flag alone suffices
     (Lightning refuses a progress-bar callback with enable_progress_bar=False)."""
