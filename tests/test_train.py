@@ -833,3 +833,53 @@ def test_a_finished_run_started_again_trains_nothing_and_keeps_its_summary(tiny_
     assert (out / "metrics.csv").read_text() == rows  # no validation run again
     more, _ = train(tiny_cfg("ckpt_path=last", "trainer.max_steps=8", output_dir=out))
     assert more["trainer/global_step"] == 8  # a larger max_steps still continues
+
+
+def test_validation_metrics_are_logged_once_per_validation_and_start_afresh(monkeypatch):
+    """Each validation logs its four metrics once (not at every batch: each `log` call costs host
+    time), over its own batches only: validating on B after A, and after a validation stopped
+    half-way, gives B's loss, which equals the summed NLL over B's targets divided by their
+    count."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lmlab.models.decoder import DecoderLM
+
+    calls = []
+
+    def log(self, name, value, *args, _log=LMModule.log, **kwargs):
+        calls.append(name)
+        return _log(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(LMModule, "log", log)
+    torch.manual_seed(0)
+    m = DecoderLM(
+        vocab_size=64, special_ids={}, optim={}, n_layers=1, d_model=16, n_heads=2, max_seq_len=8
+    )
+    m.set_token_bytes(torch.ones(64, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+
+    def batches(n):
+        out = []
+        for _ in range(n):
+            ids = torch.randint(0, 64, (2, 8), generator=g)
+            out.append({"input_ids": ids, "labels": torch.where(ids % 5 == 0, -100, ids)})
+        return out
+
+    a, b = batches(3), batches(4)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    loss = lambda data: trainer.validate(m, DataLoader(data, batch_size=None), verbose=False)[0]
+    loss(a)
+    with (
+        torch.inference_mode()
+    ):  # a validation stopped half-way (an exception, a signal) leaves state
+        m.validation_step(a[0], 0)
+    got = loss(b)
+    assert calls == ["val/loss", "val/ppl", "val/bpb", "val/acc"] * 2
+    with torch.no_grad():
+        m.eval()
+        nll, count = map(sum, zip(*[m.nll(batch)[:2] for batch in b], strict=True))
+    assert got["val/loss"] == pytest.approx((nll / count).item(), rel=1e-6)
+    assert got["val/ppl"] == pytest.approx(math.exp((nll / count).item()), rel=1e-5)
