@@ -159,7 +159,9 @@ class LMModule(L.LightningModule):
         # the last training loss, checked a step late
         self._unchecked_loss: FiniteFlag | None = None
         self._epoch_targets: torch.Tensor | None = None  # target tokens of the epoch so far
-        self._last_train: torch.Tensor | None = None  # the last step's loss, NLL sum, bytes
+        # (NLL, targets, bytes) of the optimizer step in progress and of the last complete one
+        self._step_sums: torch.Tensor | None = None
+        self._last_train: torch.Tensor | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     def set_token_bytes(self, token_bytes, scale: float = 1.0) -> None:
@@ -273,10 +275,17 @@ class LMModule(L.LightningModule):
             # checkpoint and validation hooks check first, so no non-finite state is saved.
             self.check_finite()
             self._unchecked_loss = FiniteFlag(loss, self.global_step)
-        # Copies, kept past the step (under compile=reduce-overhead the outputs live in memory
-        # that the next replay of the CUDA graph overwrites): the loss, NLL and bytes for
-        # `latest_train_metrics`, and the epoch's target tokens, summed on the device.
-        self._last_train = torch.stack([t.detach().float() for t in (loss, nll_sum, n_bytes)])
+        # Sums kept past the step, as new tensors (under compile=reduce-overhead the outputs live
+        # in memory that the next replay of the CUDA graph overwrites), on the device: the
+        # optimizer step's NLL, targets and bytes over its micro-batches, for
+        # `latest_train_metrics`, and the epoch's target tokens.
+        sums = torch.stack([t.detach().float() for t in (nll_sum, count, n_bytes)])
+        if self._step_sums is not None:
+            sums = self._step_sums + sums
+        if self._trainer is not None and self.trainer.fit_loop.epoch_loop._should_accumulate():
+            self._step_sums = sums  # more micro-batches to come in this optimizer step
+        else:
+            self._step_sums, self._last_train = None, sums
         count = count.detach()
         self._epoch_targets = (
             count.clone() if self._epoch_targets is None else self._epoch_targets + count
@@ -299,11 +308,13 @@ class LMModule(L.LightningModule):
                 self.log(name, value)
 
     def latest_train_metrics(self) -> dict[str, torch.Tensor]:
-        """The last training step's loss, perplexity and bits per byte (device tensors; reading
-        one waits for that step on a GPU); empty before the first step."""
+        """The last optimizer step's loss, perplexity and bits per byte over all its targets (its
+        micro-batches' too, weighted by their targets), as device tensors (reading one waits for
+        that step on a GPU); empty before the first step."""
         if self._last_train is None:
             return {}
-        loss, nll_sum, n_bytes = self._last_train.unbind()
+        nll_sum, count, n_bytes = self._last_train.unbind()
+        loss = nll_sum / count.clamp(min=1)
         return {
             "train/loss": loss,
             "train/ppl": loss.exp(),
@@ -331,7 +342,7 @@ class LMModule(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
-        self._epoch_targets = self._last_train = None  # nothing left from an earlier fit
+        self._epoch_targets = self._step_sums = self._last_train = None  # none from an earlier fit
         # A run resumed after a crash: its metrics.csv holds the rows the crashed run logged after
         # the checkpoint, which this run logs again; they go (lmlab.loggers).
         if self.trainer.ckpt_path:
