@@ -889,3 +889,33 @@ def test_validation_metrics_are_logged_once_per_validation_and_start_afresh(monk
         nll, count = map(sum, zip(*[m.nll(batch)[:2] for batch in b], strict=True))
     assert got["val/loss"] == pytest.approx((nll / count).item(), rel=1e-6)
     assert got["val/ppl"] == pytest.approx(math.exp((nll / count).item()), rel=1e-5)
+
+
+def test_a_skipped_last_micro_batch_leaves_nothing_in_the_next_steps_loss(tiny_cfg, monkeypatch):
+    """skip_nonfinite with gradient accumulation: when a step's last micro-batch is skipped (a
+    NaN loss), the step's own micro-batches end there; the next step's train/loss is over its
+    own targets only."""
+    calls, steps = [0], {}
+
+    def nll(self, batch, _nll=LMModule.nll):
+        out = _nll(self, batch)
+        if not self.training:
+            return out
+        calls[0] += 1
+        if calls[0] == 4:  # the second micro-batch of the second optimizer step
+            return (out[0] * float("nan"), *out[1:])
+        step = steps.setdefault(self.trainer.global_step + 1, [0.0, 0])
+        step[0] += float(out[0])
+        step[1] += int(out[1])
+        return out
+
+    monkeypatch.setattr(LMModule, "nll", nll)
+    cfg = tiny_cfg(
+        "trainer.skip_nonfinite=true", "trainer.accumulate_grad_batches=2", "trainer.max_steps=4"
+    )
+    train(cfg)
+    rows = csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open())
+    logged = {int(r["step"]) + 1: float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    assert set(steps) <= set(logged) and len(steps) >= 3
+    for step, (total, count) in steps.items():
+        assert logged[step] == pytest.approx(total / count, rel=1e-6), step

@@ -269,6 +269,7 @@ class LMModule(L.LightningModule):
             if not torch.isfinite(loss):
                 self.skipped_nonfinite += 1
                 self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+                self._add_to_step(None)
                 return None  # Lightning skips backward and the optimizer step for this batch
         else:
             # Checked one step late, so the host never waits for the device mid-step; the
@@ -277,20 +278,24 @@ class LMModule(L.LightningModule):
             self._unchecked_loss = FiniteFlag(loss, self.global_step)
         # Sums kept past the step, as new tensors (under compile=reduce-overhead the outputs live
         # in memory that the next replay of the CUDA graph overwrites), on the device: the
-        # optimizer step's NLL, targets and bytes over its micro-batches, for
-        # `latest_train_metrics`, and the epoch's target tokens.
-        sums = torch.stack([t.detach().float() for t in (nll_sum, count, n_bytes)])
+        # optimizer step's NLL, targets and bytes, and the epoch's target tokens.
+        self._add_to_step(torch.stack([t.detach().float() for t in (nll_sum, count, n_bytes)]))
+        self._epoch_targets = (
+            count.clone() if self._epoch_targets is None else (self._epoch_targets + count)
+        )
+        return loss
+
+    def _add_to_step(self, sums: torch.Tensor | None) -> None:
+        """Add a micro-batch's (NLL, targets, bytes) (None: a batch skip_nonfinite skipped) to the
+        optimizer step's; at the step's last micro-batch the step's become `latest_train_metrics`."""
         if self._step_sums is not None:
-            sums = self._step_sums + sums
+            sums = self._step_sums if sums is None else self._step_sums + sums
         if self._trainer is not None and self.trainer.fit_loop.epoch_loop._should_accumulate():
             self._step_sums = sums  # more micro-batches to come in this optimizer step
         else:
-            self._step_sums, self._last_train = None, sums
-        count = count.detach()
-        self._epoch_targets = (
-            count.clone() if self._epoch_targets is None else self._epoch_targets + count
-        )
-        return loss
+            self._step_sums = None
+            if sums is not None:
+                self._last_train = sums
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # The step's metrics go through Lightning's `log` only on the steps whose metrics it
