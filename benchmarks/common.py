@@ -273,27 +273,27 @@ def _trainer_by_hand(accelerator, precision, max_steps, output_dir, callbacks) -
 
 class StepTimer(L.Callback):
     """Per-step wall times of the steps after ``warmup``, from one step's end to the next's (data,
-    forward, backward, clipping, optimizer, every callback and logging: all a step costs), and the
-    total of those steps bracketed by device synchronisations: at the end of step ``warmup`` and of
-    the Trainer's last step (``max_steps``), so the end of the run (epoch-end metrics, the loggers'
+    forward, backward, clipping, optimizer, every callback and logging: all a step costs), in a
+    window bracketed by device synchronisations: at the end of step ``warmup`` and of the
+    Trainer's last step (``max_steps``), so the end of the run (epoch-end metrics, the loggers'
     last writes, teardown: once per run, not per step) stays out, as it does from the plain loop's
     ``timed_loop``. A run that stops before ``max_steps`` is closed at the end of training."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.times: list[float] = []
-        self.total = 0.0
-        self._last: float | None = None
-        self._start: float | None = None
+        self._last: float | None = None  # the end of the last timed step; None: window closed
         self._step = -1  # the optimizer step last seen (micro-batches of one step are one step)
 
-    def _open(self, pl_module) -> None:
-        sync(pl_module.device)
-        self._start = self._last = time.perf_counter()
+    @property
+    def total(self) -> float:
+        """The synchronised window's length: the timed steps' sum."""
+        return sum(self.times)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.warmup == 0:
-            self._open(pl_module)
+            sync(pl_module.device)
+            self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = trainer.global_step
@@ -301,20 +301,19 @@ class StepTimer(L.Callback):
             return
         self._step = done
         if done == self.warmup and self.warmup > 0:
-            self._open(pl_module)
-        elif done > self.warmup and self._start is not None and not self.total:
+            sync(pl_module.device)
+            self._last = time.perf_counter()
+        elif done > self.warmup and self._last is not None:
             if done == trainer.max_steps:
                 sync(pl_module.device)
             now = time.perf_counter()
             self.times.append(now - self._last)
-            self._last = now
-            if done == trainer.max_steps:
-                self.total = now - self._start
+            self._last = None if done == trainer.max_steps else now
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._start is not None and not self.total:
+        if self._last is not None and self.times:  # stopped early: the last step ends when done
             sync(pl_module.device)
-            self.total = time.perf_counter() - self._start
+            self.times[-1] += time.perf_counter() - self._last
 
 
 def timed_loop(
