@@ -27,7 +27,13 @@ import common
 import torch
 
 from lmlab import flops
-from lmlab.parallel import ATTENTION_KERNELS, COMPILE_MODES, attention_kernel, use_tf32
+from lmlab.parallel import (
+    ATTENTION_KERNELS,
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    attention_kernel,
+    use_tf32,
+)
 
 PRESETS = {
     # conf/experiment/gpt2_124m.yaml: 12 x 768, 12 heads, vocab 50257 (padded to 50304), 16 x 1024
@@ -88,6 +94,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile mode when compiling (lmlab's compile=<mode>)",
     )
     p.add_argument(
+        "--compile-scope",
+        nargs="+",
+        choices=COMPILE_SCOPES,
+        default=["model"],
+        help="lmlab's compile_scope, one run per value: model (one graph) or blocks (one graph\n"
+        "per kind of block + the head and loss); e.g. model blocks to compare both",
+    )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="no inductor caches (a first compile's time, as on a fresh machine)",
+    )
+    p.add_argument("--layers", type=int, help="override the preset's layers (per stack)")
+    p.add_argument(
         "--sdpa-backend",
         choices=["auto", *ATTENTION_KERNELS],
         default="auto",
@@ -123,14 +143,27 @@ def preset_shape(family: str, tiny: bool) -> tuple[int, int, int, int, dict]:
     return vocab, B, T, target_len, dims
 
 
-def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -> dict:
+def with_layers(family: str, dims: dict, layers: int | None) -> dict:
+    """``dims`` with ``layers`` blocks per stack (None: as they are)."""
+    if layers is None:
+        return dims
+    return (
+        dims
+        | dict(n_layers=layers)
+        | (dict(n_decoder_layers=layers) if family == "encoder_decoder" else {})
+    )
+
+
+def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, scope: str) -> dict:
     pre = PRESETS[family]
     vocab, B, T, target_len, dims = preset_shape(family, args.tiny)
+    dims = with_layers(family, dims, args.layers)
     torch.manual_seed(0)
     model = common.lmlab_model(
         family,
         vocab_size=vocab,
         compile=args.compile and args.compile_mode,
+        compile_scope=scope,
         loss_chunk_size=loss_chunk,
         **dims,
     )
@@ -145,7 +178,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -
         accelerator="gpu" if device.type == "cuda" else "cpu",
         precision=args.precision,
         max_steps=total_steps,
-        output_dir=out / f"{family}-{loss_chunk}",
+        output_dir=out / f"{family}-{loss_chunk}-{scope}",
         callbacks=[timer],
     )
     # what training's `attention` key applies; compile traces the kernel chosen here
@@ -161,6 +194,8 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk) -
     return dict(
         family=family,
         loss_chunk="default" if loss_chunk is None else loss_chunk,
+        scope=scope if args.compile else "off",
+        warmup_s=wall - timer.total,  # set-up and the warm-up steps, compilation included
         shape=f"{B} x {T}" + (f" -> {target_len}" if target_len else ""),
         params=model.num_params(False),
         step_ms=1e3 * step_s,
@@ -185,6 +220,8 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here; for a smoke run use --tiny --device cpu")
     use_tf32(True)  # as `python -m lmlab` does by default (tf32=true): fp32 leftovers of autocast
+    if args.cold:
+        torch._inductor.config.force_disable_caches = True
     print(
         f"gpu: lmlab presets, {args.precision}, "
         f"compile={args.compile and args.compile_mode}, attention={args.sdpa_backend}, "
@@ -194,11 +231,13 @@ def main(argv=None) -> None:
     print(f"machine: {common.machine()}")
     out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
     results = []
-    for family, loss_chunk in itertools.product(args.family, args.loss_chunk_size):
-        r = run_family(family, args, device, out, loss_chunk)
+    runs = itertools.product(args.family, args.loss_chunk_size, args.compile_scope)
+    for family, loss_chunk, scope in runs:
+        r = run_family(family, args, device, out, loss_chunk, scope)
         results.append(r)
         print(
-            f"  {family} (loss chunk {r['loss_chunk']}): {r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
+            f"  {family} (loss chunk {r['loss_chunk']}, compile scope {r['scope']}): "
+            f"{r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
             f"{time.perf_counter() - t_start:.0f} s so far)\n"
             # the host's time per step: steps that write metrics wait for the device, the
             # steps after them run ahead of it; a long one stands out here, not in the median
@@ -216,7 +255,9 @@ def main(argv=None) -> None:
                 r["family"],
                 r["shape"],
                 r["loss_chunk"],
+                r["scope"],
                 f"{r['params'] / 1e6:.1f}M",
+                f"{r['warmup_s']:.1f}",
                 f"{r['step_ms']:.1f}",
                 f"{r['median_ms']:.1f}",
                 f"{r['tokens_per_s']:,.0f}",
@@ -224,7 +265,11 @@ def main(argv=None) -> None:
                 ref,
                 f">= {target / 1e3:.0f}K"
                 + (f", {100 * mfu_target:.0f}% MFU" if mfu_target else ""),
-                "n/a (tiny)" if args.tiny else ("yes" if ok else "NO"),
+                "n/a (tiny)"
+                if args.tiny
+                else "n/a (--layers)"
+                if args.layers is not None
+                else ("yes" if ok else "NO"),
             ]
         )
     print()
@@ -234,7 +279,9 @@ def main(argv=None) -> None:
                 "family",
                 "batch",
                 "loss chunk",
+                "compile scope",
                 "parameters",
+                "warm-up s",
                 "mean step ms",
                 "median step ms",
                 "tokens/s",

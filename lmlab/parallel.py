@@ -30,6 +30,11 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 # torch.compile's modes: "reduce-overhead" adds CUDA graphs, "max-autotune" also searches kernel
 # configurations (long first steps), "max-autotune-no-cudagraphs" the search alone.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# What compile=true compiles (without FSDP, which always compiles each block): "model", the whole
+# loss computation as one graph; "blocks", each Transformer block on its own (one graph that every
+# block of a kind reuses, so the first step's compile time does not grow with depth) and the output
+# head + loss as another (PyTorch's "regional compilation").
+COMPILE_SCOPES = ("model", "blocks")
 
 
 def compile_mode(value: bool | str | None) -> str | None:
@@ -45,6 +50,15 @@ def compile_mode(value: bool | str | None) -> str | None:
         f"compile={value!r} is not a setting; use false, true (= default) or a torch.compile mode: "
         f"{', '.join(COMPILE_MODES)}"
     )
+
+
+def check_compile_scope(value: str) -> str:
+    """The ``compile_scope`` setting, checked: one of :data:`COMPILE_SCOPES`."""
+    if value not in COMPILE_SCOPES:
+        raise ValueError(
+            f"compile_scope={value!r} is not a setting; use {' or '.join(COMPILE_SCOPES)}"
+        )
+    return value
 
 
 # F.scaled_dot_product_attention's kernels under the names the `attention` key takes. CPUs have two.
@@ -299,8 +313,8 @@ def parallelize(
     """Apply the options in place, in the order that composes (torchtitan's): checkpointing wraps
     the blocks, each block is compiled with the ``torch.compile`` mode ``compile_blocks`` (so FSDP's
     hooks stay outside the graphs), FSDP shards, and a meta-device backbone is materialised last, so
-    only each rank's shard is ever allocated. (Without FSDP, ``LMModule`` compiles its whole loss
-    computation instead of the blocks.)"""
+    only each rank's shard is ever allocated. (Without FSDP, ``LMModule`` compiles the blocks only
+    under ``compile_scope="blocks"``; by default it compiles its whole loss computation instead.)"""
     if activation_checkpointing:
         checkpoint_blocks(backbone)
     if compile_blocks:

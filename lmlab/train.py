@@ -47,6 +47,7 @@ from lmlab.parallel import (
     FSDP,
     attention_kernel,
     attention_kernels,
+    check_compile_scope,
     compile_mode,
     cpu_fsdp_supported,
     use_tf32,
@@ -174,6 +175,7 @@ def check_settings(cfg: DictConfig) -> None:
     try:  # the module's own checks, before any work
         check_loss_chunk_size(cfg.get("loss_chunk_size"))
         compile_mode(cfg.get("compile"))
+        check_compile_scope(cfg.get("compile_scope", "model"))
         attention_kernels(cfg.get("attention"), uses_cuda(cfg.trainer))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -379,7 +381,13 @@ def _wandb_key_saved() -> bool:
 
 # Module arguments that may change between a run and its resumption: they change how the model is
 # optimised or executed, not the weights' shapes.
-RUNTIME_SETTINGS = ("optim", "compile", "activation_checkpointing", "loss_chunk_size")
+RUNTIME_SETTINGS = (
+    "optim",
+    "compile",
+    "compile_scope",
+    "activation_checkpointing",
+    "loss_chunk_size",
+)
 
 
 def check_resume_compatible(
@@ -570,6 +578,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         special_ids=tokenizer.special,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=cfg.compile,
+        compile_scope=cfg.compile_scope,
         activation_checkpointing=cfg.activation_checkpointing,
         loss_chunk_size=cfg.loss_chunk_size,
         init_device="meta" if getattr(trainer.strategy, "meta_init", False) else None,

@@ -64,15 +64,15 @@ def test_gpu_script_smoke_run_on_cpu(run):
     out = run(
         "gpu",
         "--tiny --device cpu --family decoder encoder_decoder --compile-mode max-autotune "
-        "--sdpa-backend math --loss-chunk-size 0 8",
+        "--sdpa-backend math --loss-chunk-size 0 8 --compile-scope blocks",
     )
     assert "compile=False, attention=math" in out  # --tiny turns compile off
     (rows,) = tables(out)
-    assert [(r["family"], r["loss chunk"]) for r in rows] == [
-        ("decoder", "0"),
-        ("decoder", "8"),
-        ("encoder_decoder", "0"),
-        ("encoder_decoder", "8"),
+    assert [(r["family"], r["loss chunk"], r["compile scope"]) for r in rows] == [
+        ("decoder", "0", "off"),
+        ("decoder", "8", "off"),
+        ("encoder_decoder", "0", "off"),
+        ("encoder_decoder", "8", "off"),
     ]
     steps = [line.split(":")[1].split() for line in out.splitlines() if "steps (ms, host)" in line]
     assert len(steps) == len(rows)
@@ -80,9 +80,21 @@ def test_gpu_script_smoke_run_on_cpu(run):
         ms = number(r["mean step ms"])
         assert 128e3 / (ms + 0.05) - 0.5 <= number(r["tokens/s"]) <= 128e3 / (ms - 0.05) + 0.5
         assert r["meets"] == "n/a (tiny)"
+        assert number(r["warm-up s"]) >= 0  # set-up and warm-up: under 0.05 s at this size
         # 3 timed steps, whose host times fill the synchronised window: their mean is the mean
         assert len(host) == 3
         assert sum(map(float, host)) / 3 == pytest.approx(ms, abs=0.1 + 0.01 * ms)
+
+
+def test_gpu_script_layers_override_sets_every_stack(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    gpu = importlib.import_module("gpu")
+    *_, dims = gpu.preset_shape("encoder_decoder", tiny=False)
+    assert (dims["n_layers"], dims["n_decoder_layers"]) == (12, 12)
+    deep = gpu.with_layers("encoder_decoder", dims, 48)
+    assert (deep["n_layers"], deep["n_decoder_layers"], deep["d_model"]) == (48, 48, 768)
+    assert gpu.with_layers("decoder", {"n_layers": 2}, 5) == {"n_layers": 5}
+    assert gpu.with_layers("decoder", dims, None) is dims
 
 
 def test_overhead_script_ratio_is_the_step_time_ratio(run):

@@ -121,6 +121,7 @@ def test_compatibility_table_rows():
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("loss_chunk_size=-1", "loss_chunk_size must be >= 0"),
         ("compile=fast", "compile='fast' is not a setting; use false, true .* max-autotune"),
+        ("compile_scope=layers", "compile_scope='layers' is not a setting; use model or blocks"),
         ("optim.lr=3", "optim.lr=3"),
         ("optim.warmup_steps=600", r"optim\.warmup_steps=600 must be below trainer\.max_steps=500"),
     ],

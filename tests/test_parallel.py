@@ -171,11 +171,17 @@ def test_training_loss_traces_to_one_graph(family, loss_chunk_size):
     shutil.which("cc") is None and shutil.which("gcc") is None,
     reason="torch.compile on CPU (inductor) needs a C compiler",
 )
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_training_step_matches_eager(scope):
     eager_loss, eager_grads = loss_and_grads(decoder())
-    model = decoder(compile=True)
+    model = decoder(compile=True, compile_scope=scope)
     loss, grads = loss_and_grads(model)
-    assert hasattr(model.nll, "_torchdynamo_orig_callable")  # forward + loss compiled
+    if scope == "model":
+        assert hasattr(model.nll, "_torchdynamo_orig_callable")  # forward + loss compiled
+    else:  # each block, and the head + loss
+        assert not hasattr(model.nll, "_torchdynamo_orig_callable")
+        assert hasattr(model.head_loss, "_torchdynamo_orig_callable")
+        assert all(b._compiled_call_impl is not None for b in blocks(model.backbone))
     assert not any("_orig_mod" in n for n in model.state_dict())  # checkpoint keys unchanged
     assert grads.keys() == eager_grads.keys()
     # Inductor fuses and reorders float operations: equal to float32 rounding, not bit for bit.
@@ -211,8 +217,58 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     parallelize(decoder().backbone, compile_blocks="reduce-overhead")
     assert calls == [("_call_impl", "reduce-overhead")] * SMALL["n_layers"]
     calls.clear()
+    decoder(compile="max-autotune", compile_scope="blocks").configure_model()
+    assert calls == [("_call_impl", "max-autotune")] * SMALL["n_layers"] + [
+        ("head_loss", "max-autotune")
+    ]
+    calls.clear()
     decoder(compile=False).configure_model()
+    decoder(compile=False, compile_scope="blocks").configure_model()
     assert calls == []
+    with pytest.raises(ValueError, match="compile_scope='layers' is not a setting; use model or"):
+        decoder(compile=True, compile_scope="layers")
+
+
+@pytest.mark.parametrize(("family", "kinds"), [("decoder", 1), ("encoder_decoder", 2)])
+def test_compile_scope_blocks_compiles_one_graph_per_kind_of_block(monkeypatch, family, kinds):
+    """compile_scope=blocks: however many blocks, one graph per kind of block (the
+    encoder-decoder's encoder blocks and its decoder blocks with cross-attention), and one for the
+    head + loss, each traced once for training and once for validation (no gradients). (Traced
+    with the "eager" backend: what is compiled, not how fast: inductor's code generation is what
+    test_compiled_training_step_matches_eager runs.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    dims = dict(SMALL, n_layers=5)
+    if family == "encoder_decoder":
+        dims |= dict(n_decoder_layers=4, max_target_len=8)
+    cls = EncoderDecoderLM if family == "encoder_decoder" else DecoderLM
+    model = cls(
+        vocab_size=100, special_ids={}, optim=OPTIM, compile=True, compile_scope="blocks", **dims
+    )
+    model.configure_model()
+    b = batch()
+    if family == "encoder_decoder":
+        b |= {"decoder_input_ids": b["input_ids"][:, :8], "labels": b["labels"][:, :8]}
+    eager = cls(vocab_size=100, special_ids={}, optim=OPTIM, **dims)
+    eager.load_state_dict(model.state_dict())
+    for _ in range(3):
+        nll, count, *_ = model.nll(b)
+        (nll / count).backward()
+        assert nll.item() == pytest.approx(eager.nll(b)[0].item(), rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == kinds + 1
+    model.eval()
+    for _ in range(2):
+        with torch.no_grad():
+            model.nll(b)
+    assert counters["stats"]["unique_graphs"] == 2 * (kinds + 1)  # the same again, for validation
+    assert sum(counters["graph_break"].values()) == 0
+    torch._dynamo.reset()
 
 
 def test_ckpt_path_auto_resumes_when_last_exists_and_starts_fresh_otherwise(tmp_path):

@@ -312,6 +312,22 @@ def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
         train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
 
 
+def test_resume_accepts_other_runtime_settings_and_checkpoints_from_before_compile_scope(
+    tiny_cfg, tmp_path
+):
+    """How the model is executed may change between a run and its resumption (RUNTIME_SETTINGS);
+    a checkpoint saved before a runtime setting existed (here compile_scope) resumes too."""
+    out = tmp_path / "run"
+    train(tiny_cfg(output_dir=out))
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    del ckpt["hyper_parameters"]["compile_scope"]
+    torch.save(ckpt, last)
+    changed = ("compile_scope=blocks", "activation_checkpointing=true", "loss_chunk_size=0")
+    metrics, _ = train(tiny_cfg("ckpt_path=last", "trainer.max_steps=12", *changed, output_dir=out))
+    assert read_checkpoint(last)["global_step"] == 12
+
+
 def test_resume_and_evaluate_check_the_held_out_documents(tiny_cfg, tmp_path, caplog):
     """Checkpoints record which documents were held out. Resuming with data settings that hold
     out others is refused (it would validate on other text, and could train on what it validated

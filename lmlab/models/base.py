@@ -26,7 +26,7 @@ from lmlab.errors import NonFiniteLoss
 from lmlab.loggers import ResumableCSVLogger
 from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
-from lmlab.parallel import FSDP, compile_mode, parallelize
+from lmlab.parallel import FSDP, check_compile_scope, compile_mode, parallelize
 
 log = logging.getLogger(__name__)
 # LMModule.on_before_batch_transfer is meant to run with any DataModule (Lightning warns that the
@@ -110,7 +110,11 @@ class LMModule(L.LightningModule):
     gradients either way. ``None`` picks by device: :data:`CPU_LOSS_CHUNK` on a CPU, 0 elsewhere.
 
     ``compile``: false, true or a ``torch.compile`` mode name (:data:`lmlab.parallel.COMPILE_MODES`;
-    true is ``"default"``); the loss computation is compiled in that mode (each block under FSDP).
+    true is ``"default"``); ``compile_scope`` says what is compiled in that mode: ``"model"``, the
+    whole loss computation (:meth:`nll`) as one graph; ``"blocks"``, each Transformer block on its
+    own (every block of a kind reuses one graph: the first step's compile time stays that of one
+    block however deep the model) and the output head + loss (:meth:`head_loss`) as another. Under
+    FSDP each block is compiled, whatever the scope (FSDP's hooks stay outside the graphs).
 
     Keyword arguments other than the ones below are fields of ``config_class`` (the backbone's
     config dataclass, which validates them); everything is saved as hyperparameters, so a checkpoint
@@ -128,6 +132,7 @@ class LMModule(L.LightningModule):
         special_ids: dict[str, int],
         optim: dict,
         compile: bool | str = False,
+        compile_scope: str = "model",
         activation_checkpointing: bool = False,
         loss_chunk_size: int | None = None,
         name: str = "",
@@ -138,6 +143,7 @@ class LMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["init_device"])
         self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
         self.optim_cfg, self.compile_mode = dict(optim), compile_mode(compile)
+        self.compile_scope = check_compile_scope(compile_scope)
         self.activation_checkpointing = activation_checkpointing
         check_loss_chunk_size(loss_chunk_size)
         self.loss_chunk_size = loss_chunk_size
@@ -183,19 +189,22 @@ class LMModule(L.LightningModule):
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
         fsdp = strategy if isinstance(strategy, FSDP) else None
+        per_block = fsdp is not None or self.compile_scope == "blocks"
         parallelize(
             self.backbone,
             activation_checkpointing=self.activation_checkpointing,
-            compile_blocks=self.compile_mode if fsdp is not None else None,  # outside FSDP's hooks
+            compile_blocks=self.compile_mode if per_block else None,  # outside FSDP's hooks
             fsdp=fsdp,
             device=strategy.root_device if strategy is not None else None,
         )
-        if self.compile_mode and fsdp is None:
-            # The forward and the loss in one graph: the fp32 upcast and the cross-entropy can fuse
-            # with the head's output, and the head, which runs outside the backbone's forward, is
-            # covered (compiling only the backbone's forward missed the encoder's: 335K -> 449K
-            # tokens/s on an H100 with the other changes of that commit). Generation stays eager:
-            # its shapes change at every token.
+        # The head and the loss are compiled in either scope: the fp32 upcast and the cross-entropy
+        # fuse with the head's output, and the head, which runs outside the backbone's forward, is
+        # covered (compiling only the backbone's forward missed the encoder's: 335K -> 449K
+        # tokens/s on an H100 with the other changes of that commit). Generation stays eager:
+        # its shapes change at every token.
+        if self.compile_mode and fsdp is None and per_block:
+            self.head_loss = torch.compile(self.head_loss, mode=self.compile_mode)
+        elif self.compile_mode and fsdp is None:  # the forward and the loss in one graph
             self.nll = torch.compile(self.nll, mode=self.compile_mode)
         self._configured = True
 
@@ -239,12 +248,19 @@ class LMModule(L.LightningModule):
         """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets, correct
         argmax predictions (counted in eval mode only)), over the positions whose label is not -100."""
         hidden, labels = self.hidden_states(batch)
+        return self.head_loss(hidden, labels, count_correct=not self.training)
+
+    def head_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, count_correct: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """:meth:`nll` from the final hidden states: the output head and the cross-entropy (fused
+        over chunks or not, :attr:`loss_chunk_size`), the target count, their UTF-8 bytes and, with
+        ``count_correct``, the correct argmax predictions (else zero)."""
         labels = labels.flatten()
         hidden = hidden.reshape(labels.shape[0], -1)
         mask = labels != IGNORE
         # Ignored labels are masked, not gathered: the loss has static shapes and compiles without
         # graph breaks. Accuracy is a validation metric: no argmax over (N, V) in training steps.
-        count_correct = not self.training
         chunk = self.loss_chunk_size
         if chunk is None:
             chunk = CPU_LOSS_CHUNK if hidden.device.type == "cpu" else 0
