@@ -75,10 +75,13 @@ def test_training_steps_let_the_host_run_ahead_between_log_steps(tiny_cfg, monke
     assert not syncs, [f"{w.filename}:{w.lineno}" for w in syncs]
 
 
-@pytest.mark.parametrize("mode", ["true", "reduce-overhead"])
-def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path, mode):
-    """compile=true, and compile=reduce-overhead (the loss computation replayed as CUDA graphs
-    under Lightning's loop), train as eager does."""
+@pytest.mark.parametrize(
+    ("mode", "scope"), [("true", "model"), ("reduce-overhead", "model"), ("true", "blocks")]
+)
+def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path, mode, scope):
+    """compile=true, compile=reduce-overhead (the loss computation replayed as CUDA graphs under
+    Lightning's loop) and compile_scope=blocks (each block, then the head + loss) train as eager
+    does."""
     fp32 = [
         *GPU,
         "trainer.precision=32-true",
@@ -86,7 +89,9 @@ def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path, mode):
         "trainer.val_check_interval=5",
     ]
     eager, _ = train(tiny_cfg(*fp32, output_dir=tmp_path / "eager"))
-    compiled, _ = train(tiny_cfg(*fp32, f"compile={mode}", output_dir=tmp_path / "compiled"))
+    compiled, _ = train(
+        tiny_cfg(*fp32, f"compile={mode}", f"compile_scope={scope}", output_dir=tmp_path / "c")
+    )
     # Inductor's fused kernels reorder float32 sums (and TF32 is off by default): close, not equal.
     assert compiled["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-3)
 
