@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu.sh                      # extra arguments go to gpu.py, e.g. --family decoder
 #   bash benchmarks/gpu.sh --overhead
 # Needs torch (CUDA), lightning, torchmetrics, tokenizers, numpy; pytest -m gpu also needs the dev
-# dependencies (pip install -e .[dev]: pytest, hydra-core, omegaconf). gpu.py does not need Hydra.
+# dependencies (pip install -e .[dev]: pytest, pytest-xdist, hydra-core, omegaconf). gpu.py does not
+# need Hydra.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's lmlab, installed or not
@@ -34,7 +35,11 @@ fi
 echo
 echo "== pytest -m gpu"
 if "$PY" -c "import pytest, hydra, omegaconf" 2>/dev/null; then
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --durations=5
+  # With pytest-xdist (a dev dependency), 4 test processes share the GPU: the tests' models are
+  # tiny, their time is mostly compiling on the host's cores (~105 s serial on an H100 host).
+  parallel=()
+  if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 4); fi
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --durations=5 ${parallel[@]+"${parallel[@]}"}
   tests=$?
   if [ "$tests" -eq 5 ]; then
     echo "pytest -m gpu: no GPU tests collected (ok)"
