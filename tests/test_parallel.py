@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.encoder_decoder import EncoderDecoderLM
 from lmlab.nn.blocks import Block, CrossBlock
-from lmlab.parallel import COMPILE_MODES, blocks, compile_mode, parallelize
+from lmlab.parallel import COMPILE_MODES, FSDP, blocks, compile_mode, parallelize
 from lmlab.train import resolve_ckpt_path
 
 SMALL = dict(n_layers=3, d_model=32, n_heads=2, max_seq_len=16)
@@ -201,8 +201,8 @@ def test_compile_setting_names_a_torch_compile_mode():
 
 
 def test_compile_mode_reaches_torch_compile(monkeypatch):
-    """The loss computation (one process) and each block (FSDP's per-block compile) are compiled in
-    the configured mode."""
+    """The loss computation (one process), or each block and the head + loss (compile_scope=blocks,
+    and always under FSDP), are compiled in the configured mode."""
     calls = []
 
     def fake_compile(fn, **kwargs):
@@ -225,6 +225,22 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     decoder(compile=False).configure_model()
     decoder(compile=False, compile_scope="blocks").configure_model()
     assert calls == []
+
+    class Sharding(FSDP):  # records the sharding instead of doing it (no process group here)
+        root_device = torch.device("cpu")
+
+        def shard(self, backbone):
+            calls.append(("shard", None))
+
+    for scope in ("model", "blocks"):  # FSDP: each block (inside its hooks), then head + loss
+        calls.clear()
+        model = decoder(compile="reduce-overhead", compile_scope=scope)
+        model._trainer = types.SimpleNamespace(strategy=Sharding())
+        model.configure_model()
+        blocks_then_shard = [("_call_impl", "reduce-overhead")] * SMALL["n_layers"] + [
+            ("shard", None)
+        ]
+        assert calls == [*blocks_then_shard, ("head_loss", "reduce-overhead")], scope
     with pytest.raises(ValueError, match="compile_scope='layers' is not a setting; use model or"):
         decoder(compile=True, compile_scope="layers")
 

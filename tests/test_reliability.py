@@ -325,6 +325,7 @@ def test_resume_accepts_other_runtime_settings_and_checkpoints_from_before_compi
     torch.save(ckpt, last)
     changed = ("compile_scope=blocks", "activation_checkpointing=true", "loss_chunk_size=0")
     metrics, _ = train(tiny_cfg("ckpt_path=last", "trainer.max_steps=12", *changed, output_dir=out))
+    assert metrics["trainer/global_step"] == 12
     assert read_checkpoint(last)["global_step"] == 12
 
 

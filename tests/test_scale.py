@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,22 @@ def test_fsdp_meta_init_with_activation_checkpointing_trains_from_a_sane_start(r
     # give losses far from it, or NaN), then learning.
     assert losses[0] == pytest.approx(math.log(384), rel=0.03)
     assert losses[5] < losses[0] - 0.5
+
+
+@cpu_fsdp
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="torch.compile on CPU (inductor) needs a C compiler",
+)
+def test_fsdp_compiled_matches_one_process(runs):
+    """trainer=fsdp with compile=true: each block compiled inside FSDP's hooks, then the output
+    head + loss, in both processes. Inductor's kernels reorder float sums (a compiled step equals an
+    eager one to ~1e-6, test_parallel.py): the trajectory stays within the tolerance of the other
+    multi-process runs."""
+    runs.one()
+    runs("fsdp-compiled", *FSDP, "compile=true")
+    runs.assert_same_trajectory("fsdp-compiled", "one")
 
 
 @pytest.mark.parametrize("preset", ["ddp", "ddp_sim"])

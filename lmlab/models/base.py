@@ -114,7 +114,7 @@ class LMModule(L.LightningModule):
     whole loss computation (:meth:`nll`) as one graph; ``"blocks"``, each Transformer block on its
     own (every block of a kind reuses one graph: the first step's compile time stays that of one
     block however deep the model) and the output head + loss (:meth:`head_loss`) as another. Under
-    FSDP each block is compiled, whatever the scope (FSDP's hooks stay outside the graphs).
+    FSDP it is ``"blocks"`` whatever the setting (FSDP's hooks stay outside the graphs).
 
     Keyword arguments other than the ones below are fields of ``config_class`` (the backbone's
     config dataclass, which validates them); everything is saved as hyperparameters, so a checkpoint
@@ -202,9 +202,9 @@ class LMModule(L.LightningModule):
         # covered (compiling only the backbone's forward missed the encoder's: 335K -> 449K
         # tokens/s on an H100 with the other changes of that commit). Generation stays eager:
         # its shapes change at every token.
-        if self.compile_mode and fsdp is None and per_block:
+        if self.compile_mode and per_block:
             self.head_loss = torch.compile(self.head_loss, mode=self.compile_mode)
-        elif self.compile_mode and fsdp is None:  # the forward and the loss in one graph
+        elif self.compile_mode:  # the forward and the loss in one graph
             self.nll = torch.compile(self.nll, mode=self.compile_mode)
         self._configured = True
 
