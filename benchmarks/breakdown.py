@@ -23,7 +23,7 @@ import torch
 from gpu import PRESETS, preset_shape
 from torch.profiler import ProfilerActivity, profile
 
-from lmlab.parallel import use_tf32
+from lmlab.parallel import COMPILE_SCOPES, use_tf32
 
 # Kinds by (lowercased) kernel or operator name, first match wins: attention before matrix products
 # (cuDNN's attention kernels are named sm90_... too), copies before the elementwise catch-all.
@@ -59,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--family", choices=list(PRESETS), default="decoder")
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on a GPU")
+    p.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        default="model",
+        help="lmlab's compile_scope: model (one graph) or blocks (each block + the head and loss)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke run)")
     p.add_argument("--warmup", type=int, default=10, help="unrecorded steps (compilation included)")
     p.add_argument("--steps", type=int, default=5, help="recorded steps")
@@ -71,7 +77,13 @@ def build(args, device: torch.device):
     step (a closure): ``common.Stepper`` with lmlab's loss, bf16 autocast on a GPU."""
     vocab, B, T, target_len, dims = preset_shape(args.family, args.tiny)
     torch.manual_seed(0)
-    model = common.lmlab_model(args.family, vocab_size=vocab, compile=args.compile, **dims)
+    model = common.lmlab_model(
+        args.family,
+        vocab_size=vocab,
+        compile=args.compile,
+        compile_scope=args.compile_scope,
+        **dims,
+    )
     model.configure_model()  # compiles nll as under the Trainer
     gen = torch.Generator().manual_seed(0)
     kind = PRESETS[args.family]["kind"]
@@ -134,7 +146,7 @@ def main(argv=None) -> None:
 
     print(
         f"breakdown: {args.family} {shape}, {n_params / 1e6:.1f}M parameters, "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile={args.compile}, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile={args.compile} ({args.compile_scope}), "
         f"{device}; {args.steps} profiled steps after {args.warmup}"
     )
     print(f"machine: {common.machine()}")
