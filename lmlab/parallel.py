@@ -52,6 +52,20 @@ def compile_mode(value: bool | str | None) -> str | None:
     )
 
 
+@contextlib.contextmanager
+def eager():
+    """Code that ``torch.compile`` compiled runs uncompiled inside this block. For generation: its
+    shapes change at every token (the KV cache grows), and under ``compile_scope=blocks`` (and FSDP)
+    the blocks it calls are compiled ones, so each new length would compile them again until torch's
+    recompile limit, which all blocks share; after that a new training shape would run eager."""
+    if hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    else:
+        with torch._dynamo.config.patch(disable=True):
+            yield
+
+
 def check_compile_scope(value: str) -> str:
     """The ``compile_scope`` setting, checked: one of :data:`COMPILE_SCOPES`."""
     if value not in COMPILE_SCOPES:

@@ -78,10 +78,14 @@ def test_training_steps_let_the_host_run_ahead_between_log_steps(tiny_cfg, monke
 @pytest.mark.parametrize(
     ("mode", "scope"), [("true", "model"), ("reduce-overhead", "model"), ("true", "blocks")]
 )
-def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path, mode, scope):
+def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path, monkeypatch, mode, scope):
     """compile=true, compile=reduce-overhead (the loss computation replayed as CUDA graphs under
     Lightning's loop) and compile_scope=blocks (each block, then the head + loss) train as eager
-    does."""
+    does, compiled: training and validation traced (two graphs or more), torch's recompile limit
+    never reached (the samples generated at validation run eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     fp32 = [
         *GPU,
         "trainer.precision=32-true",
@@ -89,9 +93,14 @@ def test_compile_matches_eager_on_the_gpu(tiny_cfg, tmp_path, mode, scope):
         "trainer.val_check_interval=5",
     ]
     eager, _ = train(tiny_cfg(*fp32, output_dir=tmp_path / "eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # torch >= 2.6
+        monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     compiled, _ = train(
         tiny_cfg(*fp32, f"compile={mode}", f"compile_scope={scope}", output_dir=tmp_path / "c")
     )
+    assert counters["stats"]["unique_graphs"] >= 2
     # Inductor's fused kernels reorder float32 sums (and TF32 is off by default): close, not equal.
     assert compiled["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-3)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
+from lmlab.data.tokenizers import byte_tokenizer
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.encoder_decoder import EncoderDecoderLM
 from lmlab.nn.blocks import Block, CrossBlock
@@ -245,13 +246,12 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
         decoder(compile=True, compile_scope="layers")
 
 
-@pytest.mark.parametrize(("family", "kinds"), [("decoder", 1), ("encoder_decoder", 2)])
-def test_compile_scope_blocks_compiles_one_graph_per_kind_of_block(monkeypatch, family, kinds):
-    """compile_scope=blocks: however many blocks, one graph per kind of block (the
-    encoder-decoder's encoder blocks and its decoder blocks with cross-attention), and one for the
-    head + loss, each traced once for training and once for validation (no gradients). (Traced
-    with the "eager" backend: what is compiled, not how fast: inductor's code generation is what
-    test_compiled_training_step_matches_eager runs.)"""
+@pytest.fixture
+def graphs(monkeypatch):
+    """torch.compile traced with the "eager" backend (what is compiled, not how fast: inductor's
+    code generation is what test_compiled_training_step_matches_eager runs); returns dynamo's
+    counters (``counters["stats"]["unique_graphs"]``: graphs traced so far), cleared before and
+    after the test."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -259,6 +259,18 @@ def test_compile_scope_blocks_compiles_one_graph_per_kind_of_block(monkeypatch, 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
     torch._dynamo.reset()
     counters.clear()
+    try:
+        yield counters
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+
+
+@pytest.mark.parametrize(("family", "kinds"), [("decoder", 1), ("encoder_decoder", 2)])
+def test_compile_scope_blocks_compiles_one_graph_per_kind_of_block(graphs, family, kinds):
+    """compile_scope=blocks: however many blocks, one graph per kind of block (the
+    encoder-decoder's encoder blocks and its decoder blocks with cross-attention), and one for the
+    head + loss, each traced once for training and once for validation (no gradients)."""
     torch.manual_seed(0)
     dims = dict(SMALL, n_layers=5)
     if family == "encoder_decoder":
@@ -277,14 +289,41 @@ def test_compile_scope_blocks_compiles_one_graph_per_kind_of_block(monkeypatch, 
         nll, count, *_ = model.nll(b)
         (nll / count).backward()
         assert nll.item() == pytest.approx(eager.nll(b)[0].item(), rel=1e-5)
-    assert counters["stats"]["unique_graphs"] == kinds + 1
+    assert graphs["stats"]["unique_graphs"] == kinds + 1
     model.eval()
     for _ in range(2):
         with torch.no_grad():
             model.nll(b)
-    assert counters["stats"]["unique_graphs"] == 2 * (kinds + 1)  # the same again, for validation
-    assert sum(counters["graph_break"].values()) == 0
-    torch._dynamo.reset()
+    assert graphs["stats"]["unique_graphs"] == 2 * (kinds + 1)  # the same again, for validation
+    assert sum(graphs["graph_break"].values()) == 0
+
+
+@pytest.mark.parametrize("torch_2_5", [False, True])
+def test_generation_runs_the_compiled_blocks_eager(graphs, monkeypatch, torch_2_5):
+    """Generation (the samples at each validation) calls the blocks that compile_scope=blocks
+    compiled, with a KV cache one token longer at each call: it runs them uncompiled, so it traces
+    no graph (before, every generated token compiled the blocks again, until torch's recompile
+    limit, shared by all blocks, after which new training shapes ran uncompiled), and generates
+    what the uncompiled model does. (torch 2.5 has no torch.compiler.set_stance: the fallback.)"""
+    if torch_2_5:
+        monkeypatch.delattr(torch.compiler, "set_stance")
+    tok = byte_tokenizer(num_sentinels=4)
+    kw = dict(vocab_size=tok.vocab_size, special_ids=tok.special, optim=OPTIM, **SMALL)
+    torch.manual_seed(0)
+    model = DecoderLM(compile=True, compile_scope="blocks", **kw)
+    model.configure_model()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    nll, count, *_ = model.nll({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    (nll / count).backward()
+    traced = graphs["stats"]["unique_graphs"]
+    assert traced == 2  # the block and the head + loss
+    texts = model.generate_text(tok, ["to be", ""], max_new_tokens=12, temperature=0.0)
+    assert graphs["stats"]["unique_graphs"] == traced
+    plain = DecoderLM(**kw)
+    plain.load_state_dict(model.state_dict())
+    assert texts == plain.generate_text(tok, ["to be", ""], max_new_tokens=12, temperature=0.0)
+    model.nll({"input_ids": ids[:1, :-1], "labels": ids[:1, 1:]})  # a new shape still compiles
+    assert graphs["stats"]["unique_graphs"] > traced
 
 
 def test_ckpt_path_auto_resumes_when_last_exists_and_starts_fresh_otherwise(tmp_path):
@@ -428,7 +467,6 @@ def test_samples_at_validation_may_use_every_attention_kernel(tiny_cfg, monkeypa
     """Generation is not a training step: under attention=math the samples written at validation
     get PyTorch's own choice back, its kernels and their order (on a GPU, attention=cudnn alone
     cannot take their float32 calls: SDPA raised "No available kernel")."""
-    from lmlab.models.decoder import DecoderLM
     from lmlab.train import train
 
     q = torch.randn(2, 2, 8, 16)

@@ -26,7 +26,7 @@ from lmlab.errors import NonFiniteLoss
 from lmlab.loggers import ResumableCSVLogger
 from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
-from lmlab.parallel import FSDP, check_compile_scope, compile_mode, parallelize
+from lmlab.parallel import FSDP, check_compile_scope, compile_mode, eager, parallelize
 
 log = logging.getLogger(__name__)
 # LMModule.on_before_batch_transfer is meant to run with any DataModule (Lightning warns that the
@@ -200,8 +200,8 @@ class LMModule(L.LightningModule):
         # The head and the loss are compiled in either scope: the fp32 upcast and the cross-entropy
         # fuse with the head's output, and the head, which runs outside the backbone's forward, is
         # covered (compiling only the backbone's forward missed the encoder's: 335K -> 449K
-        # tokens/s on an H100 with the other changes of that commit). Generation stays eager:
-        # its shapes change at every token.
+        # tokens/s on an H100 with the other changes of that commit). Generation stays eager
+        # (`evaluating`): its shapes change at every token.
         if self.compile_mode and per_block:
             self.head_loss = torch.compile(self.head_loss, mode=self.compile_mode)
         elif self.compile_mode:  # the forward and the loss in one graph
@@ -456,11 +456,12 @@ class LMModule(L.LightningModule):
 
     @contextmanager
     def evaluating(self):
-        """Eval mode (and no grad) for a block, restoring the previous mode after it."""
+        """Eval mode, no gradients and no compiled code (:func:`lmlab.parallel.eager`) for a block
+        (generation, predictions), restoring the previous mode after it."""
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eager():
                 yield
         finally:
             self.train(was_training)
