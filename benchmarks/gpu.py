@@ -195,7 +195,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, s
         family=family,
         loss_chunk="default" if loss_chunk is None else loss_chunk,
         scope=scope if args.compile else "off",
-        warmup_s=wall - timer.total,  # set-up and the warm-up steps, compilation included
+        warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
         shape=f"{B} x {T}" + (f" -> {target_len}" if target_len else ""),
         params=model.num_params(False),
         step_ms=1e3 * step_s,
