@@ -140,8 +140,16 @@ class CycledBatches(Dataset):
 
 
 def loader(batches: Sequence[dict], steps: int) -> DataLoader:
-    """The same loader for every contender: an epoch of exactly ``steps`` ready-made batches."""
-    return DataLoader(CycledBatches(batches, steps), batch_size=None, shuffle=False)
+    """The same loader for every contender: an epoch of exactly ``steps`` ready-made batches, in
+    pinned host memory where CUDA is available, as lmlab's data modules build them for a GPU
+    (``lmlab.data.base``): a copy from pageable memory goes through a staging buffer, and may
+    wait for the device."""
+    return DataLoader(
+        CycledBatches(batches, steps),
+        batch_size=None,
+        shuffle=False,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 # -- lmlab's Lightning path ----------------------------------------------------------------------

@@ -283,7 +283,7 @@ def main(argv=None) -> None:
                 "parameters",
                 "warm-up s",
                 "mean step ms",
-                "median step ms",
+                "median host step ms",
                 "tokens/s",
                 "MFU",
                 "reference (H100, issue 4)",
