@@ -190,10 +190,13 @@ def lmlab_trainer(
     output_dir: Path,
     callbacks: Sequence[L.Callback] = (),
     use_hydra: bool = True,
+    overrides: Sequence[str] = (),
 ) -> tuple[L.Trainer, str]:
     """A Trainer as ``lmlab.train.build_run`` makes it: composed from ``conf/`` with Hydra's compose
-    API when Hydra is installed (trainer=cpu|gpu, callbacks=default, logger=csv), else built by hand
-    with the same settings (for machines without Hydra). Returns (trainer, how it was built)."""
+    API when Hydra is installed (trainer=cpu|gpu, callbacks=default, logger=csv, then
+    ``overrides``: more Hydra overrides of ``trainer.*`` / ``callbacks.*`` keys), else built by hand
+    with the same settings (for machines without Hydra, which take no overrides). Returns (trainer,
+    how it was built)."""
     from lmlab.checkpoint_io import AtomicCheckpointIO
 
     try:
@@ -205,6 +208,10 @@ def lmlab_trainer(
 
         from lmlab.paths import CONF_DIR
     except ImportError:
+        if overrides:
+            raise SystemExit(
+                f"overrides {list(overrides)} need Hydra (hydra-core, omegaconf) to compose conf/"
+            ) from None
         return _trainer_by_hand(
             accelerator, precision, max_steps, output_dir, callbacks
         ), "by hand (no Hydra)"
@@ -219,6 +226,7 @@ def lmlab_trainer(
         "callbacks.samples=null",
         "logger=csv",
         f"paths.output_dir={output_dir}",
+        *overrides,
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

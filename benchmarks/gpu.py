@@ -108,6 +108,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--layers", type=int, help="override the preset's layers (per stack)")
     p.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides of the Trainer's conf/ (trainer.*, callbacks.*), e.g.\n"
+        "trainer.log_every_n_steps=50 callbacks.progress_bar.refresh_rate=50",
+    )
+    p.add_argument(
         "--sdpa-backend",
         choices=["auto", *ATTENTION_KERNELS],
         default="auto",
@@ -180,6 +188,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, s
         max_steps=total_steps,
         output_dir=out / f"{family}-{loss_chunk}-{scope}",
         callbacks=[timer],
+        overrides=args.override,
     )
     # what training's `attention` key applies; compile traces the kernel chosen here
     backend = attention_kernel(args.sdpa_backend, device.type == "cuda")

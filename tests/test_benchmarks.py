@@ -97,6 +97,22 @@ def test_gpu_script_layers_override_sets_every_stack(monkeypatch):
     assert gpu.with_layers("decoder", dims, None) is dims
 
 
+def test_benchmark_trainer_takes_hydra_overrides(monkeypatch, tmp_path):
+    """gpu.py --override: Hydra overrides reach the Trainer composed from conf/; without Hydra
+    (the Trainer built by hand) they are refused, not ignored."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    common = importlib.import_module("common")
+    kw = dict(accelerator="cpu", precision="32-true", max_steps=3, output_dir=tmp_path)
+    trainer, how = common.lmlab_trainer(
+        **kw, overrides=["trainer.log_every_n_steps=7", "callbacks.progress_bar.refresh_rate=3"]
+    )
+    assert how.startswith("Hydra") and trainer.log_every_n_steps == 7
+    assert trainer.progress_bar_callback.refresh_rate == 3
+    assert common.lmlab_trainer(**kw)[0].log_every_n_steps == 10  # conf/trainer/default.yaml
+    with pytest.raises(SystemExit, match="need Hydra"):
+        common.lmlab_trainer(**kw, use_hydra=False, overrides=["trainer.log_every_n_steps=7"])
+
+
 def test_overhead_script_ratio_is_the_step_time_ratio(run):
     out = run(
         "overhead", "--rounds 2 --warmup 1 --steps 2 --layers 1 --d-model 32 --batch 2 --seq-len 16"
