@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -123,6 +124,14 @@ def test_overhead_script_ratio_is_the_step_time_ratio(run):
     assert_ratio(lmlab["step time vs plain"], lmlab["median step ms"], plain["median step ms"])
     ratio = number(lmlab["step time vs plain"])
     assert f"lmlab overhead: {100 * (ratio - 1):+.1f}%" in out
+
+
+def test_overhead_compares_round_means_on_a_gpu_and_medians_on_a_cpu(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    overhead = importlib.import_module("overhead")
+    medians, means = (10.0, 10.2), (11.0, 11.5)
+    assert overhead.step_basis(torch.device("cpu"), medians, means) == ("medians", 10.0, 10.2)
+    assert overhead.step_basis(torch.device("cuda"), medians, means) == ("round means", 11.0, 11.5)
 
 
 def test_data_script_supply_over_demand(run):
