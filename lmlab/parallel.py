@@ -30,10 +30,10 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 # torch.compile's modes: "reduce-overhead" adds CUDA graphs, "max-autotune" also searches kernel
 # configurations (long first steps), "max-autotune-no-cudagraphs" the search alone.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# What compile=true compiles (FSDP always compiles by blocks, each inside its hooks): "model", the whole
-# loss computation as one graph; "blocks", each Transformer block on its own (one graph that every
-# block of a kind reuses, so the first step's compile time does not grow with depth) and the output
-# head + loss as another (PyTorch's "regional compilation").
+# What compile=true compiles: "model", the whole loss computation as one graph; "blocks", each
+# Transformer block on its own (one graph that every block of a kind reuses, so the first step's
+# compile time does not grow with depth) and the output head + loss as another (PyTorch's "regional
+# compilation"). FSDP always compiles by blocks, each block inside its hooks.
 COMPILE_SCOPES = ("model", "blocks")
 
 

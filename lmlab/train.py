@@ -578,7 +578,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         special_ids=tokenizer.special,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         compile=cfg.compile,
-        compile_scope=cfg.compile_scope,
+        compile_scope=cfg.get("compile_scope", "model"),
         activation_checkpointing=cfg.activation_checkpointing,
         loss_chunk_size=cfg.loss_chunk_size,
         init_device="meta" if getattr(trainer.strategy, "meta_init", False) else None,
