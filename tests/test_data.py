@@ -334,6 +334,26 @@ def test_long_documents_split_exactly(monkeypatch):
     assert TextTokenizer.from_str(byte_tokenizer(2).to_str(), "checkpoint").encodes_lines_apart
 
 
+def test_long_documents_split_exactly_at_blank_lines_crlf_and_trailing_spaces(monkeypatch):
+    """Web text: paragraphs between blank lines, Windows line ends, spaces before a line end. At
+    the end of a piece "\n\n", "\r\n" and " \n" are one pre-token each (GPT-2's \\s+(?!\\S)),
+    in the whole text two: with merges for them (as GPT-2's ĊĊ) a cut there changed the ids."""
+    from lmlab.data.tokenizers import train_bpe
+
+    def web(seed: int, n: int) -> str:
+        lines = make_text(n, seed).split("\n")
+        seps = ["\n\n", "\r\n", " \n", "\n", "\n\n\n", "\r\n\r\n", " \n\n"]
+        return "".join(line + seps[i % len(seps)] for i, line in enumerate(lines))
+
+    tok = train_bpe([web(1, 3000)], 400, 2)
+    assert all(tok.tk.token_to_id(t) is not None for t in ("ĊĊ", "ĠĊ"))  # the merges
+    text = web(2, 6000)
+    monkeypatch.setattr(store_mod, "CHUNK_CHARS", 500)
+    pieces = store_mod._pieces(text)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    assert [t for p in tok.encode_batch(pieces) for t in p] == tok.encode(text)
+
+
 def test_long_documents_are_encoded_whole_for_other_tokenizers(tmp_path, monkeypatch):
     # A SentencePiece-style tokenizer.json (Metaspace) puts a "▁" at the start of every piece.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -32,8 +32,9 @@ from lmlab.paths import file_lock
 log = logging.getLogger(__name__)
 
 # 2: long documents are cut into pieces only for tokenizers that encode them exactly so (1 cut them
-# for every tokenizer, which put a "▁" at every piece's start with SentencePiece-style ones)
-STORE_VERSION = 2
+# for every tokenizer, which put a "▁" at every piece's start with SentencePiece-style ones);
+# 3: not after a blank line, "\r\n" or " \n" (a merge such as GPT-2's "ĊĊ" gave other ids there)
+STORE_VERSION = 3
 CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces so every core gets work
 BATCH_CHARS = 8 << 20  # texts handed to the tokenizer's parallel batch encoder at once
 
@@ -81,18 +82,22 @@ def store_key(doc_fingerprint: str, tokenizer: TextTokenizer) -> str:
 
 
 def _pieces(text: str) -> list[str]:
-    """Cut a long text at line starts that begin a non-space character.
+    """Cut a long text after line ends between two non-space characters ("x\ny" -> "x\n", "y").
 
     With the GPT-2 pre-tokenizer regex a pre-token never spans such a boundary, so encoding the pieces
-    separately gives exactly the ids of encoding the whole text. Only for tokenizers where that holds
-    (:attr:`TextTokenizer.encodes_lines_apart`); :func:`_encode_stream` encodes others whole.
+    separately gives exactly the ids of encoding the whole text. (Not after "\n\n", "\r\n" or
+    " \n": at the end of a piece those are one pre-token, in the whole text two, and a vocabulary
+    with a merge for them, as GPT-2's "ĊĊ", would give other ids.) Only for tokenizers where that
+    holds (:attr:`TextTokenizer.encodes_lines_apart`); :func:`_encode_stream` encodes others whole.
     """
     if len(text) <= CHUNK_CHARS:
         return [text]
     out, start = [], 0
     while len(text) - start > CHUNK_CHARS:
         cut = start + CHUNK_CHARS
-        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+        while cut < len(text) and not (
+            text[cut - 1] == "\n" and not text[cut - 2].isspace() and not text[cut].isspace()
+        ):
             cut += 1
         out.append(text[start:cut])
         start = cut
