@@ -109,6 +109,20 @@ def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
         list(c.texts(c.val))
 
 
+def test_a_lone_surrogate_in_jsonl_is_an_error_or_replaced_as_data_encoding_errors_says(tmp_path):
+    """Valid JSON ("\\ud800" escapes a lone UTF-16 surrogate, seen in scraped data), not text: UTF-8
+    cannot encode it (tokenizing crashed with a traceback). Refused naming the line, or replaced /
+    dropped as undecodable bytes of a text file are."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "broken \\ud800 here"}\n')
+    c = make_corpus(files_cfg(val=str(p)), need_train=False)
+    with pytest.raises(ConfigError, match=r"d.jsonl:2 holds a lone UTF-16 surrogate .* data.enc"):
+        list(c.texts(c.val))
+    for errors, want in (("replace", "broken \ufffd here"), ("ignore", "broken  here")):
+        c = make_corpus(files_cfg(val=str(p), encoding_errors=errors), need_train=False)
+        assert list(c.texts(c.val)) == ["fine", want]
+
+
 def test_a_lone_document_of_any_kind_is_cut_between_the_splits(tmp_path):
     # JSONL lines and bundled members get the head/tail cut too, never their whole text in both
     # splits; text without a line start near the end is cut at a word, so validation is not empty.

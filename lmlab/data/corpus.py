@@ -124,7 +124,9 @@ class Corpus:
         elif docs[0].line is not None:
             lines = _jsonl_lines(_read_text(path, self.encoding_errors))
             for d in docs:
-                yield _jsonl_text(lines[d.line - 1], path, d.line, self.text_field)
+                yield _jsonl_text(
+                    lines[d.line - 1], path, d.line, self.text_field, self.encoding_errors
+                )
         else:
             for _ in docs:
                 yield _read_text(path, self.encoding_errors)
@@ -180,7 +182,10 @@ def _jsonl_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _jsonl_text(line: str, path: str, n: int, field: str) -> str:
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape them; UTF-8 cannot hold them
+
+
+def _jsonl_text(line: str, path: str, n: int, field: str, errors: str = "strict") -> str:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -192,7 +197,15 @@ def _jsonl_text(line: str, path: str, n: int, field: str) -> str:
             f"{path}:{n} has no string field {field!r}; set data.text_field to the field that "
             "holds the text"
         )
-    return obj[field]
+    text = obj[field]
+    bad = _SURROGATE.search(text)
+    if bad and errors == "strict":
+        raise ConfigError(
+            f"{path}:{n} holds a lone UTF-16 surrogate ({ascii(bad.group())} "
+            f"at character {bad.start()} of {field!r}), which is not text; fix the line, or set "
+            "data.encoding_errors=replace (or ignore) to replace (or drop) such characters"
+        )
+    return _SURROGATE.sub("\ufffd" if errors == "replace" else "", text) if bad else text
 
 
 Files = dict[Path, tuple[str, str]]  # resolved file -> (path as the glob found it, name)
