@@ -39,7 +39,12 @@ from lmlab.checkpoint import read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.corpus import make_corpus
 from lmlab.data.store import build_store, store_key
-from lmlab.data.tokenizers import TextTokenizer, build_tokenizer, check_tokenizer
+from lmlab.data.tokenizers import (
+    TextTokenizer,
+    build_tokenizer,
+    check_tokenizer,
+    sentinel_count,
+)
 from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
 from lmlab.parallel import (
@@ -150,7 +155,8 @@ def check_objective(cfg: DictConfig) -> None:
             f"settings are {', '.join(own)}"
         )
     tok = cfg.get("tokenizer") or {}
-    sentinels = tok.get("num_sentinels") if tok.get("kind") in ("bpe", "byte") else None
+    known_kind = tok.get("kind") in ("bpe", "byte", "pretrained")  # else check_tokenizer refuses it
+    sentinels = sentinel_count(tok) if known_kind else None
     values = {k: v for k, v in known.items() if v is not inspect.Parameter.empty}
     objective.check_settings(
         **{**values, **settings, "seq_len": cfg.seq_len, "num_sentinels": sentinels}
@@ -160,6 +166,7 @@ def check_objective(cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig) -> None:
     check_numbers(cfg)
     check_model(cfg)
+    check_tokenizer(cfg.tokenizer)  # before the objective's checks, which count its sentinels
     check_objective(cfg)
     if cfg.seq_len < 1:
         raise ConfigError(f"seq_len must be >= 1, got {cfg.seq_len}")
@@ -171,7 +178,6 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    check_tokenizer(cfg.tokenizer)
     try:  # the module's own checks, before any work
         check_loss_chunk_size(cfg.get("loss_chunk_size"))
         compile_mode(cfg.get("compile"))

@@ -134,6 +134,42 @@ def test_pretrained_missing_specials_are_added(tmp_path):
     assert tok.tk.id_to_token(tok.mask_id) == SPECIAL_TOKENS["mask"]
 
 
+def test_pretrained_sentinels_are_the_files_own_or_appended_up_to_num_sentinels(
+    tmp_path, compose_cfg
+):
+    """A GPT-2- or Llama-style tokenizer.json has no T5 sentinels: span corruption with it is
+    refused before any data work, naming tokenizer.num_sentinels, which appends them (it had no
+    effect on pretrained files, though the message named it)."""
+    from lmlab.train import check_settings
+
+    tk = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "wl.json"
+    tk.save(str(path))
+    cfg = OmegaConf.create({"kind": "pretrained", "path": str(path), "num_sentinels": None})
+    tok = build_tokenizer(cfg, list, "fp", tmp_path)
+    assert tok.sentinel_ids == [] and tok.vocab_size == 3 + len(SPECIAL_TOKENS)
+    cfg.num_sentinels = 5
+    tok = build_tokenizer(cfg, list, "fp", tmp_path)
+    first = 3 + len(SPECIAL_TOKENS)
+    assert tok.sentinel_ids == list(range(first, first + 5)) and tok.vocab_size == first + 5
+    assert tok.tk.id_to_token(tok.sentinel_ids[-1]) == sentinel(4)
+    again = TextTokenizer.from_str(tok.to_str(), "checkpoint")  # the run's tokenizer.json
+    assert again.sentinel_ids == tok.sentinel_ids and again.special == tok.special
+    cfg.num_sentinels = 2  # fewer than the file (here: the saved run's) has: kept as they are
+    saved = tmp_path / "run.json"
+    tok.save(saved)
+    cfg.path = str(saved)
+    assert build_tokenizer(cfg, list, "fp", tmp_path).sentinel_ids == tok.sentinel_ids
+
+    span = ["model=encoder_decoder", "objective=span", "tokenizer=pretrained", "seq_len=64"]
+    with pytest.raises(ConfigError, match=r"but the tokenizer has 0 .* tokenizer\.num_sentinels>="):
+        check_settings(compose_cfg(*span, f"tokenizer.path={path}"))
+    check_settings(compose_cfg(*span, f"tokenizer.path={path}", "tokenizer.num_sentinels=100"))
+    with pytest.raises(ConfigError, match=r"tokenizer\.num_sentinels=-1 is not a whole number"):
+        check_settings(compose_cfg(*span, f"tokenizer.path={path}", "tokenizer.num_sentinels=-1"))
+
+
 def test_pretrained_errors(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer file not found"):
         load_pretrained(tmp_path / "nope.json")

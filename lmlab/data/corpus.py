@@ -201,7 +201,7 @@ def _jsonl_text(line: str, path: str, n: int, field: str, errors: str = "strict"
     bad = _SURROGATE.search(text)
     if bad and errors == "strict":
         raise ConfigError(
-            f"{path}:{n} holds a lone UTF-16 surrogate ({ascii(bad.group())} "
+            f"{path}:{n} holds a lone UTF-16 surrogate ({bad.group()!a} "
             f"at character {bad.start()} of {field!r}), which is not text; fix the line, or set "
             "data.encoding_errors=replace (or ignore) to replace (or drop) such characters"
         )

@@ -123,6 +123,15 @@ class TextTokenizer:
         # itself inserts special ids, so corpora cannot forge document boundaries or masks.
         self.tk.encode_special_tokens = True
 
+    def add_sentinels(self, n: int) -> None:
+        """Append T5 sentinels ``<extra_id_i>`` as special tokens until there are ``n`` (a
+        pretrained file may have fewer, or none; span corruption needs one per noise span)."""
+        new = [sentinel(i) for i in range(len(self.sentinel_ids), n)]
+        if new:
+            self.tk.add_special_tokens(new)
+            self.sentinel_ids += [self.tk.token_to_id(t) for t in new]
+            self._token_bytes = None
+
     def _no_length_limits(self) -> None:
         """Switch off the truncation and padding a tokenizer.json may carry (common in exports from
         ``transformers``): lmlab encodes whole documents into the token store and cuts and pads
@@ -340,9 +349,15 @@ def check_tokenizer(cfg) -> None:
     """The tokenizer settings' own errors, raised before any data is read (``lmlab.train`` calls
     this with the other settings checks): an unknown kind, a pretrained tokenizer without a
     readable file, a BPE vocabulary too small for the bytes and the special tokens."""
-    whole = {"bpe": ("vocab_size", "num_sentinels", "min_frequency"), "byte": ("num_sentinels",)}
+    whole = {
+        "bpe": ("vocab_size", "num_sentinels", "min_frequency"),
+        "byte": ("num_sentinels",),
+        "pretrained": ("num_sentinels",),  # null there: the file's own
+    }
     for key in whole.get(cfg.kind, ()):
         value = cfg.get(key)
+        if value is None and cfg.kind == "pretrained":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"tokenizer.{key}={value!r} is not a whole number >= 0")
     if cfg.kind == "pretrained":
@@ -356,9 +371,19 @@ def check_tokenizer(cfg) -> None:
 
 
 def _pretrained(cfg) -> TextTokenizer:
+    """The tokenizer file, with sentinels appended up to ``tokenizer.num_sentinels`` (null: as is)."""
     if not cfg.get("path"):
         raise ConfigError("tokenizer=pretrained needs tokenizer.path=<path to tokenizer.json>")
-    return load_pretrained(cfg.path)
+    tok = load_pretrained(cfg.path)
+    tok.add_sentinels(cfg.get("num_sentinels") or 0)
+    return tok
+
+
+def sentinel_count(cfg) -> int:
+    """How many T5 sentinels the tokenizer that ``cfg`` (the ``tokenizer`` group) builds has."""
+    if cfg.get("kind") == "pretrained":
+        return len(_pretrained(cfg).sentinel_ids)
+    return cfg.get("num_sentinels") or 0
 
 
 def build_tokenizer(
