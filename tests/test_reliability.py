@@ -312,6 +312,29 @@ def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
         train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
 
 
+def test_resume_applies_changed_optim_settings(tiny_cfg, tmp_path):
+    """Resuming with another optim.lr / weight_decay / length: the resumed steps follow the new
+    settings from their first step, at the schedule's position in the checkpoint (Lightning loads
+    the checkpoint's optimizer and scheduler state over the configured ones: the old learning
+    rate and weight decay went on)."""
+    import csv
+
+    from lmlab.models.base import lr_lambda
+
+    out = tmp_path / "run"
+    train(tiny_cfg(output_dir=out))  # 6 steps, warmup 2
+    new = ("optim.lr=1e-4", "optim.weight_decay=0", "trainer.max_steps=10")
+    _, objects = train(tiny_cfg("ckpt_path=last", *new, output_dir=out))
+    optimizer = objects["trainer"].optimizers[0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0]
+    with (out / "metrics.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["lr-AdamW/pg1"]]  # pg2: gains, biases (same lr)
+        lrs = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows}
+    min_ratio = objects["model"].optim_cfg.get("min_lr_ratio", 0.1)
+    for step in range(6, 10):
+        assert lrs[step] == pytest.approx(1e-4 * lr_lambda(step, 2, 10, min_ratio), rel=1e-6), step
+
+
 def test_resume_accepts_other_runtime_settings_and_checkpoints_from_before_compile_scope(
     tiny_cfg, tmp_path
 ):

@@ -367,9 +367,34 @@ class LMModule(L.LightningModule):
         # A run resumed after a crash: its metrics.csv holds the rows the crashed run logged after
         # the checkpoint, which this run logs again; they go (lmlab.loggers).
         if self.trainer.ckpt_path:
+            self.apply_optim_settings()
             for logger in self.trainer.loggers:
                 if isinstance(logger, ResumableCSVLogger):
                     logger.drop_rows_from(self.trainer.global_step)
+
+    def apply_optim_settings(self) -> None:
+        """This run's ``optim`` settings on the optimizer and the schedule. A resumed run's
+        optimizer and scheduler state come from its checkpoint, loaded over what
+        :meth:`configure_optimizers` built from the config: without this a changed learning rate,
+        weight decay, betas or eps (the way out of a non-finite loss) was ignored, and a changed
+        warmup or length took effect one step late. The schedule's position (its step) and the
+        moments of AdamW stay the checkpoint's."""
+        o = self.optim_cfg
+        optimizer = self.trainer.optimizers[0]
+        schedule = self.trainer.lr_scheduler_configs[0].scheduler
+        decay = (o["weight_decay"], 0.0)  # param_groups(): matrices, then gains and biases
+        schedule.base_lrs = [o["lr"]] * len(optimizer.param_groups)
+        for group, weight_decay, factor in zip(
+            optimizer.param_groups, decay, schedule.lr_lambdas, strict=True
+        ):
+            group.update(
+                weight_decay=weight_decay,
+                betas=tuple(o.get("betas", (0.9, 0.95))),
+                eps=o.get("eps", 1e-8),
+                initial_lr=o["lr"],
+                lr=o["lr"] * factor(schedule.last_epoch),
+            )
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def on_validation_start(self) -> None:
         self.check_finite()
