@@ -47,6 +47,7 @@ from lmlab.data.tokenizers import (
 )
 from lmlab.errors import ConfigError, Preempted
 from lmlab.models.base import check_loss_chunk_size
+from lmlab.nn.sampling import check_sampling
 from lmlab.parallel import (
     CPU_FSDP_TORCH,
     FSDP,
@@ -139,6 +140,44 @@ def check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"global_batch_size={gbs} must be >= 1 (or null: no accumulation)")
 
 
+def check_optim_and_sampling(cfg: DictConfig) -> None:
+    """Settings that would otherwise fail late (the samples at the first validation) or silently
+    (a negative clip value flipped the gradients' sign): clipping, AdamW, the schedule, samples."""
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None and (not _is_number(clip, float) or clip < 0):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip!r} must be >= 0 (0 or null: no clipping)"
+        )
+    o = cfg.optim
+    wd, ratio, eps = o.get("weight_decay", 0.0), o.get("min_lr_ratio", 0.1), o.get("eps", 1e-8)
+    if not _is_number(wd, float) or wd < 0:
+        raise ConfigError(f"optim.weight_decay={wd!r} must be >= 0")
+    if not _is_number(ratio, float) or not 0 <= ratio <= 1:
+        raise ConfigError(
+            f"optim.min_lr_ratio={ratio!r} must be in [0, 1] (the final learning rate over the peak)"
+        )
+    if not _is_number(eps, float) or eps <= 0:
+        raise ConfigError(f"optim.eps={eps!r} must be > 0")
+    betas = o.get("betas", [0.9, 0.95])
+    if (
+        (not OmegaConf.is_list(betas) and not isinstance(betas, list | tuple))
+        or len(betas) != 2
+        or not all(_is_number(b, float) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if o.get("warmup_steps", 0) < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    sample = cfg.get("sample")
+    if sample is not None:
+        try:
+            check_sampling(sample.temperature, sample.top_k, sample.top_p, prefix="sample.")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        n = sample.max_new_tokens
+        if not _is_number(n, int) or n < 0:
+            raise ConfigError(f"sample.max_new_tokens={n!r} must be a whole number >= 0")
+
+
 def check_objective(cfg: DictConfig) -> None:
     """The objective refuses unknown keys and settings that are wrong whatever the data (its
     ``check_settings``) here, before any data work."""
@@ -165,6 +204,7 @@ def check_objective(cfg: DictConfig) -> None:
 
 def check_settings(cfg: DictConfig) -> None:
     check_numbers(cfg)
+    check_optim_and_sampling(cfg)
     check_model(cfg)
     check_tokenizer(cfg.tokenizer)  # before the objective's checks, which count its sentinels
     check_objective(cfg)

@@ -134,6 +134,26 @@ def test_bf16_runs_use_the_fused_adamw_and_still_clip_the_global_norm():
     assert norm().item() == pytest.approx(1.0, rel=1e-4)
 
 
+def test_bf16_runs_clip_by_value_and_leave_gradients_alone_without_a_clip_value():
+    """gradient_clip_algorithm=value under bf16-mixed (the fused AdamW): Lightning's own path
+    refused the fused optimizer at the first step. A clip value of 0 (or null) clips nothing."""
+    model = decoder()
+    model.configure_model()
+    model._trainer = types.SimpleNamespace(precision="bf16-mixed", max_steps=10)
+    optimizer = model.configure_optimizers()["optimizer"]
+    nll, count, *_ = model.nll(batch())
+    (1000 * nll / count).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    before = [p.grad.clone() for p in params]
+    model.configure_gradient_clipping(optimizer, 0, "norm")
+    model.configure_gradient_clipping(optimizer, None, "value")
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before, strict=True))
+    assert max(g.abs().max() for g in before) > 0.01
+    model.configure_gradient_clipping(optimizer, 0.01, "value")
+    for p, g in zip(params, before, strict=True):
+        assert torch.equal(p.grad, g.clamp(-0.01, 0.01))
+
+
 @pytest.mark.parametrize("family", ["decoder", "prefix_lm", "encoder", "encoder_decoder"])
 @pytest.mark.parametrize("loss_chunk_size", [0, 5])
 def test_training_loss_traces_to_one_graph(family, loss_chunk_size):

@@ -464,13 +464,18 @@ class LMModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        # bf16 autocast has no gradient scaler, so clipping is the plain global-norm clip; doing it
-        # here lets it run with the fused AdamW (Lightning's mixed-precision plugin refuses any fused
-        # optimizer, for fp16's sake).
-        by_norm = gradient_clip_algorithm in (None, "norm")
-        if gradient_clip_val and by_norm and str(self.trainer.precision) == "bf16-mixed":
+        # bf16 autocast has no gradient scaler, so clipping is the plain clip; doing it here lets it
+        # run with the fused AdamW (Lightning's mixed-precision plugin refuses any fused optimizer,
+        # for fp16's sake). Values <= 0 clip nothing, as in Lightning (a negative max_norm would
+        # flip the gradients' sign; lmlab.train refuses one before any work).
+        if str(self.trainer.precision) == "bf16-mixed":
+            if not gradient_clip_val or gradient_clip_val <= 0:
+                return
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:  # "value"
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

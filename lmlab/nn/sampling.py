@@ -11,6 +11,21 @@ from collections.abc import Callable
 import torch
 
 
+def check_sampling(
+    temperature: float, top_k: int | None, top_p: float | None, prefix: str = ""
+) -> None:
+    """Raise ``ValueError`` naming the first sampling setting out of range (``prefix``: the
+    settings' config group, e.g. ``"sample."``)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
+        raise ValueError(f"{prefix}temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"{prefix}top_p must be in (0, 1] or null, got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{prefix}top_k must be a whole number >= 1 or null, got {top_k!r}")
+
+
 def sample_next(
     logits: torch.Tensor,
     *,
@@ -20,12 +35,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pick one token id per row of ``logits`` (B, V). ``temperature == 0`` means greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
