@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 class Throughput(L.Callback):
     """Logs ``train/tokens_per_sec`` (all devices together) over a sliding window of steps,
     ``train/mfu`` when the device's peak FLOP/s is known (:mod:`lmlab.flops`) or given (the time
-    spent validating is left out of the window), and
+    from a validation's start to the next training step, samples and checkpoints included, is left
+    out of the window), and
     ``train/tokens_seen`` (input tokens trained on so far, all devices; also logged with every
     validation, so validation curves can be drawn against it: runs with different batch shapes compare
     by tokens, not steps), on the steps whose metrics Lightning writes (every
@@ -42,7 +43,7 @@ class Throughput(L.Callback):
         self._times: deque[float] = deque(maxlen=window + 1)
         self._tokens: deque[int] = deque(maxlen=window + 1)
         self.tokens_per_sec = float("nan")
-        self._validation_start = 0.0
+        self._paused_at: float | None = None  # when the validation in progress started
         self.tokens_seen = 0
         self._flops_per_token: int | None = None
 
@@ -80,12 +81,17 @@ class Throughput(L.Callback):
                 pl_module.log("train/mfu", value)  # shown by ProgressBar, not prog_bar=True
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._validation_start = time.perf_counter()
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        # Validation time is not training time: the window's timestamps move forward by it.
-        spent = time.perf_counter() - self._validation_start
-        self._times = deque((t + spent for t in self._times), maxlen=self.window + 1)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Validation is not training time, nor what follows it before training goes on (the
+        # samples generated, the checkpoints saved: other callbacks' on_validation_end, which run
+        # after this one's): the window's timestamps move forward by all of it.
+        if self._paused_at is not None:
+            spent = time.perf_counter() - self._paused_at
+            self._times = deque((t + spent for t in self._times), maxlen=self.window + 1)
+            self._paused_at = None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # in training, and in train()'s final validation after it (the same Trainer)
