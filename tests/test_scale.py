@@ -126,6 +126,9 @@ def test_ddp_sim_matches_one_process_with_the_same_global_batch(runs):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
     assert two["train/tokens"] == one["train/tokens"] == 6 * 4 * 32  # every process's targets
     runs.assert_same_trajectory("ddp", "one")
+    # train/loss too, at every step: over both processes' targets (it was rank 0's alone)
+    assert runs.losses("ddp") == pytest.approx(runs.losses("one"), rel=1e-4)
+    assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-4)
     assert (runs.tmp / "ddp" / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -143,6 +146,7 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and
     for key in ("val/loss", "val/bpb", "val/acc"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
     runs.assert_same_trajectory("fsdp", "one")
+    assert runs.losses("fsdp") == pytest.approx(runs.losses("one"), rel=1e-4)  # all processes'
 
     folder = runs.tmp / "fsdp" / "checkpoints" / "last.ckpt"
     assert is_sharded(folder) and len(list(folder.glob("*.distcp"))) == 2  # one shard per rank

@@ -320,21 +320,30 @@ class LMModule(L.LightningModule):
         # the metric to the value's device at every call), 1.2 of a tiny model's 3.4 ms step on a
         # CPU. Here, after every callback's hook, a stop a callback has just asked for (which
         # makes this step one Lightning writes) is seen. A batch that skip_nonfinite skipped
-        # logs the last good step's values. The progress bar reads `latest_train_metrics` itself.
+        # logs the last good step's values. The values cover every process's targets (one
+        # all-reduce per logging step); the progress bar reads this process's own.
         trainer = self.trainer
         if trainer._logger_connector.should_update_logs and not (
             trainer.fit_loop.epoch_loop._should_accumulate()
         ):
-            for name, value in self.latest_train_metrics().items():
+            for name, value in self.latest_train_metrics(all_processes=True).items():
                 self.log(name, value)
 
-    def latest_train_metrics(self) -> dict[str, torch.Tensor]:
+    def latest_train_metrics(self, all_processes: bool = False) -> dict[str, torch.Tensor]:
         """The last optimizer step's loss, perplexity and bits per byte over all its targets (its
         micro-batches' too, weighted by their targets), as device tensors (reading one waits for
-        that step on a GPU); empty before the first step."""
-        if self._last_train is None:
+        that step on a GPU); empty before the first step. This process's targets, or with
+        ``all_processes`` every process's (a collective: every process must call it; a process
+        without a step yet adds nothing)."""
+        sums = self._last_train
+        trainer = self._trainer
+        if all_processes and trainer is not None and trainer.world_size > 1:
+            if sums is None:
+                sums = torch.zeros(3, device=self.device)
+            sums = trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+        if sums is None:
             return {}
-        nll_sum, count, n_bytes = self._last_train.unbind()
+        nll_sum, count, n_bytes = sums.unbind()
         loss = nll_sum / count.clamp(min=1)
         return {
             "train/loss": loss,
