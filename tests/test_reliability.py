@@ -218,6 +218,10 @@ def test_the_private_lightning_names_lmlab_relies_on_are_there():
     assert isinstance(trainer._signal_connector.received_sigterm, bool)
     assert callable(epoch_loop._should_accumulate)
     assert isinstance(epoch_loop._batches_that_stepped, int)
+    from lightning.pytorch.callbacks import ModelCheckpoint  # lmlab.train.keep_best
+
+    assert callable(ModelCheckpoint._save_topk_checkpoint)
+    assert callable(ModelCheckpoint._monitor_candidates)
 
 
 def test_preemption_switches_off_lightnings_per_step_sigterm_broadcast_for_the_run():
@@ -310,6 +314,23 @@ def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
         train(tiny_cfg("ckpt_path=last", "model.n_layers=3", output_dir=out))
     with pytest.raises(ConfigError, match="different tokenizer"):
         train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
+
+
+def test_the_final_validation_competes_for_the_best_checkpoint(tiny_cfg, tmp_path):
+    """A last step that is not a validation step is validated after fit (trainer.validate), where
+    ModelCheckpoint does nothing: best.ckpt stayed at the earlier validation however much better
+    the final one was."""
+    out = tmp_path / "run"
+    metrics, _ = train(
+        tiny_cfg("trainer.max_steps=8", "trainer.val_check_interval=3", output_dir=out)
+    )
+    with (out / "metrics.csv").open(newline="") as f:
+        val = {int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]}
+    assert sorted(val) == [2, 5, 7]  # validations after steps 3 and 6 in fit, 8 after it
+    best_step = {2: 3, 5: 6, 7: 8}[min(val, key=val.get)]
+    assert best_step == 8  # the tiny model still learns: the last validation is the best
+    assert read_checkpoint(out / "checkpoints" / "best.ckpt")["global_step"] == best_step
+    assert metrics["val/loss"] == pytest.approx(val[7])
 
 
 def test_resume_applies_changed_optim_settings(tiny_cfg, tmp_path):
