@@ -30,6 +30,12 @@ log = logging.getLogger("lmlab")
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     device = pick_device(cfg.device)
     module, tokenizer, run_cfg = load_run(cfg.ckpt_path, "cpu")
+    max_len = getattr(module.config, "max_seq_len", None)
+    if cfg.seq_len and max_len is not None and cfg.seq_len > max_len:  # before any data work
+        raise ConfigError(
+            f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={max_len} (its positions); "
+            f"use seq_len<={max_len}, or null for the run's own ({run_cfg.seq_len})"
+        )
     data_cfg = cfg.data if cfg.get("data") is not None else run_cfg.data
     corpus = make_corpus(data_cfg, need_train=False)
     if cfg.get("data") is None:  # the run's own data: its held-out documents, unless they changed

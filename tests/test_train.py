@@ -135,6 +135,20 @@ def test_evaluate_on_other_files(trained, tmp_path):
     assert m["ppl"] == pytest.approx(math.exp(m["loss"]), rel=1e-5)
 
 
+def test_evaluate_refuses_a_seq_len_beyond_the_models_positions_before_data_work(trained, tmp_path):
+    *_, out = trained
+    ecfg = command_cfg(
+        "evaluate",
+        ckpt_path=out / "checkpoints" / "last.ckpt",
+        seq_len=100_000,
+        device="cpu",
+        **{"paths.cache_dir": str(tmp_path / "fresh_cache")},
+    )
+    with pytest.raises(ConfigError, match=r"seq_len=100000 exceeds the model's max_seq_len=\d+"):
+        evaluate(ecfg)
+    assert not (tmp_path / "fresh_cache").exists()  # no token store was built first
+
+
 def test_generate_from_checkpoint_is_greedy_and_deterministic(trained):
     _, _, objects, out = trained
     gcfg = command_cfg(
