@@ -615,6 +615,13 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         )
     except InstantiationException as e:
         raise ConfigError(f"the trainer settings are refused: {e.__cause__ or e}") from e
+    if skip_nonfinite and trainer.world_size > 1:
+        raise ConfigError(
+            "trainer.skip_nonfinite=true needs one process: Lightning cannot skip a step in "
+            "distributed training (it raises at the first non-finite loss, mid-run); leave it false "
+            "with several processes (the run then stops at a non-finite loss, and "
+            "checkpoints/last.ckpt holds the last good state)"
+        )
     tokenizer, train_store, val_store = prepare_data(cfg)
     tokenizer.save(out / "tokenizer.json")
     datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)

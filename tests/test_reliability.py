@@ -435,6 +435,14 @@ def test_nan_loss_skipped_and_counted(tiny_cfg, nan_at_step_4):
     assert metrics["trainer/global_step"] == 6 and np.isfinite(metrics["val/loss"])
 
 
+def test_skip_nonfinite_with_several_processes_is_refused_before_data_work(tiny_cfg, tmp_path):
+    """Lightning raises at a skipped step in distributed training: refused up front instead."""
+    cfg = tiny_cfg("trainer=ddp_sim", "trainer.skip_nonfinite=true")
+    with pytest.raises(ConfigError, match=r"trainer\.skip_nonfinite=true needs one process"):
+        train(cfg)
+    assert not Path(cfg.paths.cache_dir).exists()  # no tokenizer trained, nothing tokenized
+
+
 # -- concurrent caches ------------------------------------------------------------------------------
 def _build(cache: str, text: str) -> str:
     store = build_store(iter([text] * 50), byte_tokenizer(2), cache, "same-key")
