@@ -443,6 +443,27 @@ def test_skip_nonfinite_with_several_processes_is_refused_before_data_work(tiny_
     assert not Path(cfg.paths.cache_dir).exists()  # no tokenizer trained, nothing tokenized
 
 
+def test_skipped_nonfinite_count_goes_on_after_a_resume(tiny_cfg, tmp_path, monkeypatch):
+    original = base_mod.LMModule.nll
+
+    def nll(self, batch):  # non-finite at steps 4 and 7
+        out = original(self, batch)
+        if self.training and self.global_step in (4, 7):
+            return (out[0] * float("nan"), *out[1:])
+        return out
+
+    monkeypatch.setattr(base_mod.LMModule, "nll", nll)
+    out = tmp_path / "run"
+    first, _ = train(tiny_cfg("trainer.skip_nonfinite=true", output_dir=out))
+    assert first["train/skipped_nonfinite"] == 1
+    resumed, _ = train(
+        tiny_cfg(
+            "trainer.skip_nonfinite=true", "ckpt_path=last", "trainer.max_steps=9", output_dir=out
+        )
+    )
+    assert resumed["train/skipped_nonfinite"] == 2  # the run's count, not the resumed part's (1)
+
+
 # -- concurrent caches ------------------------------------------------------------------------------
 def _build(cache: str, text: str) -> str:
     store = build_store(iter([text] * 50), byte_tokenizer(2), cache, "same-key")

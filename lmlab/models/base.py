@@ -432,12 +432,16 @@ class LMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never save weights a non-finite loss has updated
         checkpoint["lmlab"] = self.extra_checkpoint
+        checkpoint["lmlab_counters"] = {"skipped_nonfinite": self.skipped_nonfinite}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resumed run keeps what train() recorded for it (this version, config and held-out
         # documents; the tokenizer was checked to be the checkpoint's); a bare module takes the
         # checkpoint's.
         self.extra_checkpoint = self.extra_checkpoint or checkpoint.get("lmlab", {})
+        # the run's count goes on (skip_nonfinite runs in one process: one count)
+        counters = checkpoint.get("lmlab_counters", {})
+        self.skipped_nonfinite = int(counters.get("skipped_nonfinite", 0))
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
