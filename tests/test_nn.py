@@ -173,13 +173,14 @@ def test_rotary_tables_stay_float32_in_a_bf16_model():
     assert (got - exact).abs().mean() < 0.9 * (with_bf16_tables - exact).abs().mean()
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 24), (24,)])  # a lone vector: its backward failed
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_kernel_equals_pytorchs_forward_and_backward(dtype):
+def test_rmsnorm_kernel_equals_pytorchs_forward_and_backward(dtype, shape):
     norm = RMSNorm(24, eps=1e-5)
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 1.5, 24))
-    x = (3 * torch.randn(2, 5, 24)).to(dtype).requires_grad_()
-    grad = torch.randn(2, 5, 24)
+    x = (3 * torch.randn(shape)).to(dtype).requires_grad_()
+    grad = torch.randn(shape)
 
     def reference(x, weight):
         return F.rms_norm(x.float(), (24,), weight.float(), 1e-5).type_as(x)

@@ -771,6 +771,10 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
             ["model=encoder_decoder", "objective=span", "model.n_decoder_layers=0"],
             r"model.n_decoder_layers must be >= 1",
         ),
+        (
+            ["model=encoder_decoder", "objective=span", "model.max_target_len=0"],
+            r"model.max_target_len must be >= 1",
+        ),
         # Lightning's and the strategy's own checks, when the Trainer is built
         pytest.param(
             ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.param_dtype=fp8"],

@@ -58,7 +58,7 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         xhat = x.float() * rstd
         g = grad.float()
-        grad_w = (g * xhat).flatten(0, -2).sum(0)
+        grad_w = (g * xhat).reshape(-1, x.shape[-1]).sum(0)  # any leading dims, none too
         g = g * weight.float()
         dot = (g * xhat).mean(-1, keepdim=True)
         grad_x = g.sub_(xhat.mul_(dot)).mul_(rstd)

@@ -38,6 +38,8 @@ class EncoderDecoderConfig(DecoderConfig):
         super().__post_init__()
         if self.n_decoder_layers < 1:
             raise ValueError(f"model.n_decoder_layers must be >= 1, got {self.n_decoder_layers}")
+        if self.max_target_len < 1:
+            raise ValueError(f"model.max_target_len must be >= 1, got {self.max_target_len}")
 
 
 class EncoderDecoder(Backbone):
