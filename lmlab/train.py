@@ -31,6 +31,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -46,6 +47,7 @@ from lmlab.data.tokenizers import (
     sentinel_count,
 )
 from lmlab.errors import ConfigError, Preempted
+from lmlab.loggers import RUN_ID_FILE
 from lmlab.models.base import check_loss_chunk_size
 from lmlab.nn.sampling import check_sampling
 from lmlab.parallel import (
@@ -528,6 +530,22 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     return tok, train, val
 
 
+def check_fresh_start(output_dir: Path) -> None:
+    """A run that starts from scratch in ``output_dir``: refused where a run has a checkpoint (its
+    checkpoints and logs would be overwritten); else the folder's W&B run id, of an attempt that
+    ended before its first checkpoint, is dropped (process 0), so this run is a new W&B run, as its
+    metrics.csv rows are new (LMModule.on_train_start drops the attempt's rows)."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        raise ConfigError(
+            f"{output_dir} already holds a run ({last}); resume it with ckpt_path=last (or auto), "
+            "or start a new run in another folder (hydra.run.dir=...): starting afresh here would "
+            "overwrite its checkpoints and logs"
+        )
+    if rank_zero_only.rank == 0:
+        (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """``last``: the run folder's ``checkpoints/last.ckpt`` (an error if missing). ``auto``: the same
     when it exists, else a fresh start: what a requeued job (SLURM, submitit) passes so that its
@@ -589,6 +607,8 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+    if ckpt_path is None:
+        check_fresh_start(out)
 
     # The trainer first: Lightning and the strategy refuse their settings here, before any data work
     trainer_cfg = cfg.trainer.copy()

@@ -137,11 +137,11 @@ def test_fused_head_and_loss_match_the_plain_head_under_bf16(compile):
         torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0.01 * want_grad.abs().max())
 
 
-def test_cudnn_attention_trains_like_the_default_kernel(tiny_cfg):
+def test_cudnn_attention_trains_like_the_default_kernel(tiny_cfg, tmp_path):
     """attention=cudnn alone (no fallback: SDPA raises if cuDNN cannot take a call) trains to the
     validation loss of PyTorch's own choice, up to bf16 kernel differences."""
-    auto, _ = train(tiny_cfg(*GPU))
-    cudnn, _ = train(tiny_cfg(*GPU, "attention=cudnn"))
+    auto, _ = train(tiny_cfg(*GPU, output_dir=tmp_path / "auto"))
+    cudnn, _ = train(tiny_cfg(*GPU, "attention=cudnn", output_dir=tmp_path / "cudnn"))
     assert abs(cudnn["val/loss"] - auto["val/loss"]) < 0.05
 
 

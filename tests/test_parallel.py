@@ -417,7 +417,7 @@ def test_replace_folder_swaps_a_sharded_checkpoint_whole(tmp_path):
     assert dst2.is_dir() and not src2.exists()
 
 
-def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg):
+def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg, tmp_path):
     """tf32 (default true) switches CUDA's float32 matmuls and convolutions to TF32; false keeps
     full fp32; oneDNN's CPU matmuls keep their precision either way."""
     from lmlab.train import train
@@ -433,7 +433,8 @@ def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg):
     cpu = onednn_precision()
     try:
         for setting in (True, False):
-            train(tiny_cfg(f"tf32={str(setting).lower()}", "trainer.max_steps=3"))
+            out = tmp_path / f"tf32-{setting}"
+            train(tiny_cfg(f"tf32={str(setting).lower()}", "trainer.max_steps=3", output_dir=out))
             assert torch.backends.cuda.matmul.allow_tf32 is setting
             assert torch.backends.cudnn.allow_tf32 is setting
             assert onednn_precision() == cpu and torch.equal(a @ b, product)

@@ -316,6 +316,34 @@ def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
         train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
 
 
+def test_a_fresh_start_where_a_run_has_a_checkpoint_is_refused_and_keeps_it(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(output_dir=out))
+    last = out / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a run .*ckpt_path=last \(or auto\)"):
+        train(tiny_cfg(output_dir=out))
+    assert last.read_bytes() == before
+
+
+def test_a_fresh_start_after_an_attempt_without_checkpoint_logs_anew(tiny_cfg, tmp_path):
+    """An attempt that ended before its first checkpoint (a job re-run with ckpt_path=auto starts
+    fresh in its folder): its metrics.csv rows and its W&B run id are not this run's (the rows were
+    appended to and the W&B run continued, mixing two attempts' curves)."""
+    from lmlab.loggers import RUN_ID_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("epoch,step,train/loss\n0,0,9.5\n0,1,9.4\n0,2,9.3\n")
+    (out / RUN_ID_FILE).write_text("0ld1d000\n")
+    train(tiny_cfg(output_dir=out))
+    with (out / "metrics.csv").open(newline="") as f:
+        losses = [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
+    assert [s for s, _ in losses] == list(range(6))  # this run's steps, once each
+    assert all(loss not in ("9.5", "9.4", "9.3") for _, loss in losses)
+    assert not (out / RUN_ID_FILE).exists() or (out / RUN_ID_FILE).read_text() != "0ld1d000\n"
+
+
 def test_the_final_validation_competes_for_the_best_checkpoint(tiny_cfg, tmp_path):
     """A last step that is not a validation step is validated after fit (trainer.validate), where
     ModelCheckpoint does nothing: best.ckpt stayed at the earlier validation however much better

@@ -374,12 +374,13 @@ class LMModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._epoch_targets = self._step_sums = self._last_train = None  # none from an earlier fit
         # A run resumed after a crash: its metrics.csv holds the rows the crashed run logged after
-        # the checkpoint, which this run logs again; they go (lmlab.loggers).
+        # the checkpoint, which this run logs again; they go (lmlab.loggers). A fresh start (in a
+        # folder without a checkpoint: lmlab.train.check_fresh_start) drops an earlier attempt's.
         if self.trainer.ckpt_path:
             self.apply_optim_settings()
-            for logger in self.trainer.loggers:
-                if isinstance(logger, ResumableCSVLogger):
-                    logger.drop_rows_from(self.trainer.global_step)
+        for logger in self.trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                logger.drop_rows_from(self.trainer.global_step)
 
     def apply_optim_settings(self) -> None:
         """This run's ``optim`` settings on the optimizer and the schedule. A resumed run's
