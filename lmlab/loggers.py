@@ -110,7 +110,10 @@ def wandb_logger(
 
     if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
         hc = HydraConfig.get()
-        sweep_group, job_name = sweep_identity(hc.sweep.dir, hc.job.override_dirname)
+        # the absolute folder (a relative sweep.dir is the launch folder's), as report.wandb_group
+        # finds it from the run folder on disk
+        sweep_dir = str(Path(hc.sweep.dir).resolve())
+        sweep_group, job_name = sweep_identity(sweep_dir, hc.job.override_dirname)
         group, name = group or sweep_group, job_name or name
     id_file = Path(save_dir) / RUN_ID_FILE
     if id_file.is_file():

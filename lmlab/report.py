@@ -645,11 +645,11 @@ def wandb_group(run_dir: Path) -> str | None:
     (the ``wandb_group`` key) when set, else, in a multirun, :func:`lmlab.loggers.sweep_identity` of the
     sweep folder; None for a single run without a group.
 
-    The sweep folder is ``hydra.sweep.dir`` as saved in ``.hydra/hydra.yaml`` when it is a plain path.
-    Hydra saves it unresolved, and the default one holds ``${now:...}``, which only meant the launch
-    time in the launching process: then the run folder on disk minus ``hydra.sweep.subdir`` is the
-    sweep folder (the group keeps its last three parts, the same whichever way it was spelt as long as
-    it has three)."""
+    The sweep folder is ``hydra.sweep.dir`` as saved in ``.hydra/hydra.yaml`` when it is a plain
+    absolute path (the logger resolves a relative one against the launch folder). Hydra saves it
+    unresolved, and the default one holds ``${now:...}``, which only meant the launch time in the
+    launching process: then, and for a relative path, the run folder on disk minus
+    ``hydra.sweep.subdir`` is the sweep folder (the group keeps its last three parts)."""
     from lmlab.loggers import sweep_identity  # imports Lightning: only for --wandb
 
     cfg = _load_yaml_config(run_dir / ".hydra" / "config.yaml")
@@ -665,7 +665,7 @@ def wandb_group(run_dir: Path) -> str | None:
     ):
         return None
     raw = OmegaConf.to_container(hydra_cfg.hydra.sweep, resolve=False).get("dir")  # type: ignore[union-attr]
-    if isinstance(raw, str) and raw and "${" not in raw:
+    if isinstance(raw, str) and raw and "${" not in raw and Path(raw).is_absolute():
         return sweep_identity(raw, "")[0]
     subdir = _select(hydra_cfg, "hydra.sweep.subdir")
     depth = len(Path(str(subdir)).parts) if subdir not in (None, "") else 1

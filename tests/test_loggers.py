@@ -72,3 +72,29 @@ def test_drop_rows_from_without_a_file_does_nothing(tmp_path):
     logger = csv_logger(tmp_path / "run")
     assert logger.drop_rows_from(0) == 0
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_a_multirun_with_a_relative_sweep_dir_groups_by_its_absolute_folder(tmp_path, monkeypatch):
+    """The W&B group of a multirun job is the last three parts of the sweep folder resolved
+    against the launch folder, as lmlab.report finds it from the run folder on disk: a relative
+    sweep dir of fewer than three parts gave the logger "sw3-07-57-09" and the report
+    "<parent>-sw3-07-57-09", so the report's filter matched no run."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmlab.loggers import sweep_identity, wandb_logger
+
+    hc = SimpleNamespace(
+        mode="RunMode.MULTIRUN",
+        sweep=SimpleNamespace(dir="sw3/07-57-09"),
+        job=SimpleNamespace(override_dirname="optim.lr=0.001"),
+    )
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    logger = wandb_logger(save_dir=str(tmp_path / "sw3" / "07-57-09" / "0"), project="p")
+    group = sweep_identity(str(tmp_path / "sw3" / "07-57-09"), "")[0]
+    assert logger._wandb_init["group"] == group and group.endswith("-sw3-07-57-09")
+    assert logger._wandb_init["name"] == "optim.lr=0.001"

@@ -518,7 +518,9 @@ def test_wandb_report_of_another_metric_adds_its_curve_and_order(sweep: Path, no
 @pytest.mark.parametrize(
     ("sweep_dir", "config", "group"),
     [
-        ("sweeps/lr=search", WANDB_CONFIG, "sweeps-lr=search"),  # a plain path: as typed
+        ("/data/sweeps/lr=search", WANDB_CONFIG, "data-sweeps-lr=search"),  # absolute: as typed
+        # relative (to the launch folder, which the logger resolves it against): the folder on disk
+        ("sw/lr=search", WANDB_CONFIG, "multirun-2025-01-31-12-00-00"),
         (DEFAULT_SWEEP_DIR, WANDB_CONFIG.replace("wandb_group: null", "wandb_group: mine"), "mine"),
     ],
 )
