@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.errors import ConfigError, Preempted
 from lmlab.paths import file_lock
-from lmlab.sweep import append_row
+from lmlab.sweep import HIGHER_IS_BETTER, LOWER_IS_BETTER, append_row
 
 log = logging.getLogger("lmlab")
 
@@ -62,6 +62,16 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     metric = cfg.optimized_metric
     check_optimized_metric(metric, required=True)  # before any trial trains
+    if hs.direction not in ("minimize", "maximize"):
+        raise ConfigError(f"hparams_search.direction={hs.direction!r}; use minimize or maximize")
+    wrong = "minimize" if metric in HIGHER_IS_BETTER else "maximize"
+    if metric in HIGHER_IS_BETTER + LOWER_IS_BETTER and hs.direction == wrong:
+        better = "higher" if metric in HIGHER_IS_BETTER else "lower"
+        raise ConfigError(
+            f"optimized_metric={metric} is better {better}, but hparams_search.direction="
+            f"{hs.direction}; set hparams_search.direction="
+            f"{'maximize' if better == 'higher' else 'minimize'}"
+        )
     for key in hs.params:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"hparams_search.params has {key!r}, which is not a config key")

@@ -60,6 +60,13 @@ METRICS = (
     "train/mfu",
     "train/skipped_nonfinite",
 )
+# Which way each is better, for a search's direction; the token counts are neither.
+HIGHER_IS_BETTER = ("val/acc", "train/tokens_per_sec", "train/mfu")
+LOWER_IS_BETTER = tuple(
+    m
+    for m in METRICS
+    if m not in HIGHER_IS_BETTER and m not in ("train/tokens", "train/tokens_seen")
+)
 
 # job number -> (time.perf_counter(), time.time()) at Hydra's job start, for this process's jobs
 _started: dict[int, tuple[float, float]] = {}

@@ -142,6 +142,29 @@ def test_an_unknown_optimized_metric_is_refused_before_any_trial(tiny_cfg, monke
     assert not (Path(cfg.paths.output_dir) / "optuna.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("metric", "direction", "message"),
+    [
+        ("val/acc", "minimize", r"val/acc is better higher, .*hparams_search\.direction=maximize"),
+        ("val/bpb", "maximize", r"val/bpb is better lower, .*hparams_search\.direction=minimize"),
+        ("val/bpb", "down", r"hparams_search\.direction='down'; use minimize or maximize"),
+    ],
+)
+def test_a_search_direction_against_its_metric_is_refused_before_any_trial(
+    tiny_cfg, monkeypatch, metric, direction, message
+):
+    def train(cfg):
+        raise AssertionError("no trial may train")
+
+    monkeypatch.setattr("lmlab.train.train", train)
+    cfg = small_space(tiny_cfg("hparams_search=optuna"), LR_SPACE)
+    with open_dict(cfg):
+        cfg.optimized_metric, cfg.hparams_search.direction = metric, direction
+    with pytest.raises(ConfigError, match=message):
+        run_search(cfg)
+    assert not (Path(cfg.paths.output_dir) / "optuna.db").exists()
+
+
 def test_processes_sharing_a_study_queue_a_preempted_trial_once(tmp_path, monkeypatch):
     """Two jobs of one search starting together: each looks for preempted trials to resume, and
     only one queues the resumption (each enqueue here takes 0.3 s, so without the lock both would
