@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import cache
@@ -94,7 +95,15 @@ def find_run_dirs(sweep_dir: Path) -> list[Path]:
             dirs.clear()
         else:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    return sorted(found)
+    return sorted(found, key=_natural)
+
+
+def _natural(path: Path) -> list:
+    """Sort key of a path that orders numbered folders as numbers: job 2 before job 10."""
+    return [
+        [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part) if t]
+        for part in path.parts
+    ]
 
 
 def parse_overrides(lines: list) -> dict[str, str]:

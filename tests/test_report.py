@@ -622,3 +622,19 @@ def test_cli_wandb_saves_the_built_report(sweep: Path, no_network, monkeypatch, 
     assert (report.entity, report.project) == ("team", "p2")
     grid = next(b for b in report.blocks if isinstance(b, wr.PanelGrid))
     assert grid.runsets[0].project == "p2" and GROUP in grid.runsets[0].filters
+
+
+def test_run_folders_are_found_in_numeric_order(tmp_path: Path) -> None:
+    """Multirun jobs 0..11: job 2 before job 10 (text order put 10 and 11 after 1), the order the
+    report keeps for runs without the metric."""
+    from lmlab.report import find_run_dirs
+
+    for job in range(12):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "summary.json").write_text("{}")
+    (tmp_path / "trials" / "9").mkdir(parents=True)  # a search's trial folders likewise
+    (tmp_path / "trials" / "9" / "metrics.csv").write_text("step\n")
+    (tmp_path / "trials" / "10").mkdir()
+    (tmp_path / "trials" / "10" / "metrics.csv").write_text("step\n")
+    names = [p.relative_to(tmp_path).as_posix() for p in find_run_dirs(tmp_path)]
+    assert names == [str(j) for j in range(12)] + ["trials/9", "trials/10"]
