@@ -40,5 +40,16 @@ def compatibility_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m lmlab.registry",
+        description="Print which objectives each model trains on (a markdown table derived from "
+        "the batch kinds each objective yields and each model accepts).",
+    ).parse_args(argv)
     print(compatibility_table())
+
+
+if __name__ == "__main__":
+    main()

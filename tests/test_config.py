@@ -143,6 +143,16 @@ def test_settings_out_of_range(compose_cfg, override, message):
         check_settings(cfg)
 
 
+def test_registry_command_prints_the_table_and_has_help(capsys):
+    from lmlab.registry import main
+
+    main([])
+    assert capsys.readouterr().out.strip() == compatibility_table()
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "usage: python -m lmlab.registry" in capsys.readouterr().out
+
+
 def test_readme_shows_the_compatibility_table_of_the_code():
     readme = (CONF_DIR.parent / "README.md").read_text()
     assert compatibility_table() in readme
