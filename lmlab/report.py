@@ -5,6 +5,8 @@ here) from every run folder under ``sweep_dir`` (Hydra's ``multirun/<date>/<time
 depth): a table of final metrics sorted by the optimised metric, learning curves against tokens seen,
 and one scatter plot per swept parameter. A folder is a run when it holds ``summary.json`` (written at
 the end of training: finished) or ``metrics.csv`` (written while training: unfinished without a summary).
+The sweep's ``sweep_summary.csv`` (lmlab.sweep) marks the jobs that failed or were preempted, with
+their error, and lists those that failed before writing either.
 
 ``--wandb`` also creates a W&B Report (``wandb-workspaces``, ``pip install -e ".[wandb]"``) for the
 sweep's W&B group with the same panels: :func:`build_wandb_report` builds it without any network call,
@@ -78,7 +80,8 @@ class Run:
     ]  # key -> value as typed (``+``/``++``/``~`` prefixes dropped from keys)
     summary: dict[str, float]  # summary.json; empty for an unfinished run
     curves: dict[str, tuple[list[float], list[float]]]  # metric -> (tokens seen, values), by step
-    status: str  # "finished" (summary.json present) or "unfinished"
+    status: str  # "finished" (summary.json present), "unfinished", or as sweep_summary.csv says
+    # of a job that did not finish: "failed", "preempted"
     tokens_per_step: int = 1  # from the config: the x axis where train/tokens_seen is missing
     tokens_logged: bool = False  # metrics.csv has train/tokens_seen: the x axis is exact
     notes: list[str] = field(default_factory=list)  # problems met while reading the folder
@@ -225,6 +228,35 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
     )
 
 
+def job_outcomes(runs: list[Run], sweep_dir: Path) -> list[Run]:
+    """What ``sweep_summary.csv`` (lmlab.sweep) says of the jobs that did not finish: a run without
+    a summary is marked ``failed`` or ``preempted``, with the error as a note; a job that failed
+    before writing anything gets a row of its own (returned), named by its overrides."""
+    path = sweep_dir / "sweep_summary.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("status") in ("failed", "preempted")]
+    by_dir = {r.path.resolve(): r for r in runs}
+    extra = []
+    for row in rows:
+        out = Path(row.get("output_dir") or "")
+        run = by_dir.get(out.resolve()) if row.get("output_dir") else None
+        note = (row.get("error") or "").splitlines()[0][:200] if row.get("error") else ""
+        if run is None:
+            overrides = parse_overrides((row.get("overrides") or "").split())
+            name = row.get("overrides") or f"job {row.get('job', '?')}"
+            if not out.resolve().is_relative_to(sweep_dir.resolve()):
+                out = sweep_dir  # a row from elsewhere: named by its overrides alone
+            run = Run(name, out, overrides, {}, {}, "unfinished", 1, False, [])
+            extra.append(run)
+        if run.status != "finished":
+            run.status = row["status"]
+            if note:
+                run.notes.append(note)
+    return extra
+
+
 def collect_runs(sweep_dir: str | Path) -> list[Run]:
     """Every run under ``sweep_dir``, in folder order. Raises ConfigError when there is none."""
     sweep_dir = Path(sweep_dir)
@@ -234,6 +266,7 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
             "folder such as multirun/<date>/<time>, holding one run folder per job"
         )
     runs = [read_run(p, sweep_dir) for p in find_run_dirs(sweep_dir)]
+    runs += job_outcomes(runs, sweep_dir)
     if not runs:
         raise ConfigError(
             f"sweep folder {sweep_dir} holds no runs: it should contain run folders (at any depth, "
@@ -469,7 +502,7 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-spac
 th { background: #f0f0f0; position: sticky; top: 0; }
 td.name, td.status { text-align: left; }
 tr.best { background: #d9f2d9; font-weight: bold; }
-tr.unfinished { color: #999; font-style: italic; }
+tr.unfinished, tr.failed, tr.preempted { color: #999; font-style: italic; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; }
 """

@@ -638,3 +638,36 @@ def test_run_folders_are_found_in_numeric_order(tmp_path: Path) -> None:
     (tmp_path / "trials" / "10" / "metrics.csv").write_text("step\n")
     names = [p.relative_to(tmp_path).as_posix() for p in find_run_dirs(tmp_path)]
     assert names == [str(j) for j in range(12)] + ["trials/9", "trials/10"]
+
+
+def test_jobs_that_failed_are_marked_so_and_listed_even_without_logs(tmp_path: Path) -> None:
+    """sweep_summary.csv (lmlab.sweep) knows how each job ended: a job that failed after logging
+    is "failed" with its error (it read "unfinished"), one that failed before writing anything is
+    listed too (it was left out silently)."""
+    import csv as csv_mod
+
+    sweep = tmp_path / "sweep"
+    for job, lr in (("0", "0.001"), ("1", "0.1")):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n")
+        (sweep / job / "metrics.csv").write_text("step,train/loss\n0,5.0\n")
+    (sweep / "0" / "summary.json").write_text('{"val/bpb": 2.5}')
+    rows = [
+        ("0", "completed", "optim.lr=0.001", ""),
+        ("1", "failed", "optim.lr=0.1", "NonFiniteLoss: training loss is nan at step 4: stopping"),
+        ("2", "failed", "optim.lr=1.0", "ConfigError: optim.lr=1.0 is out of range"),
+    ]
+    with (sweep / "sweep_summary.csv").open("w", newline="") as f:
+        w = csv_mod.writer(f)
+        w.writerow(["job", "status", "overrides", "wall_s", "error", "output_dir"])
+        for job, status, overrides, error in rows:
+            w.writerow([job, status, overrides, 1.0, error, str(sweep / job)])
+    runs = {r.name: r for r in collect_runs(sweep)}
+    assert {name: r.status for name, r in runs.items()} == {
+        "optim.lr=0.001": "finished",
+        "optim.lr=0.1": "failed",
+        "optim.lr=1.0": "failed",
+    }
+    assert runs["optim.lr=0.1"].notes == [rows[1][3]] and runs["optim.lr=1.0"].notes == [rows[2][3]]
+    page = build_report(sweep).read_text()
+    assert "failed; ConfigError: optim.lr=1.0 is out of range" in page  # its status cell
