@@ -64,13 +64,15 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     check_optimized_metric(metric, required=True)  # before any trial trains
     if hs.direction not in ("minimize", "maximize"):
         raise ConfigError(f"hparams_search.direction={hs.direction!r}; use minimize or maximize")
-    wrong = "minimize" if metric in HIGHER_IS_BETTER else "maximize"
-    if metric in HIGHER_IS_BETTER + LOWER_IS_BETTER and hs.direction == wrong:
-        better = "higher" if metric in HIGHER_IS_BETTER else "lower"
+    right = {
+        **dict.fromkeys(HIGHER_IS_BETTER, "maximize"),
+        **dict.fromkeys(LOWER_IS_BETTER, "minimize"),
+    }
+    if metric in right and hs.direction != right[metric]:
+        better = "higher" if right[metric] == "maximize" else "lower"
         raise ConfigError(
             f"optimized_metric={metric} is better {better}, but hparams_search.direction="
-            f"{hs.direction}; set hparams_search.direction="
-            f"{'maximize' if better == 'higher' else 'minimize'}"
+            f"{hs.direction}; set hparams_search.direction={right[metric]}"
         )
     for key in hs.params:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":

@@ -48,7 +48,7 @@ from lmlab.data.tokenizers import (
 )
 from lmlab.errors import ConfigError, Preempted
 from lmlab.loggers import RUN_ID_FILE
-from lmlab.models.base import check_loss_chunk_size
+from lmlab.models.base import OPTIM_DEFAULTS, check_loss_chunk_size
 from lmlab.nn.sampling import check_sampling
 from lmlab.parallel import (
     CPU_FSDP_TORCH,
@@ -150,8 +150,8 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.gradient_clip_val={clip!r} must be >= 0 (0 or null: no clipping)"
         )
-    o = cfg.optim
-    wd, ratio, eps = o.get("weight_decay", 0.0), o.get("min_lr_ratio", 0.1), o.get("eps", 1e-8)
+    o = {**OPTIM_DEFAULTS, **OmegaConf.to_container(cfg.optim, resolve=True)}
+    wd, ratio, eps = o["weight_decay"], o["min_lr_ratio"], o["eps"]
     if not _is_number(wd, float) or wd < 0:
         raise ConfigError(f"optim.weight_decay={wd!r} must be >= 0")
     if not _is_number(ratio, float) or not 0 <= ratio <= 1:
@@ -160,15 +160,15 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         )
     if not _is_number(eps, float) or eps <= 0:
         raise ConfigError(f"optim.eps={eps!r} must be > 0")
-    betas = o.get("betas", [0.9, 0.95])
+    betas = o["betas"]
     if (
-        (not OmegaConf.is_list(betas) and not isinstance(betas, list | tuple))
+        not isinstance(betas, list | tuple)
         or len(betas) != 2
         or not all(_is_number(b, float) and 0 <= b < 1 for b in betas)
     ):
         raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    if o.get("warmup_steps", 0) < 0:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if o["warmup_steps"] < 0:
+        raise ConfigError(f"optim.warmup_steps={o['warmup_steps']} must be >= 0")
     sample = cfg.get("sample")
     if sample is not None:
         try:

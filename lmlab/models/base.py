@@ -53,6 +53,16 @@ def check_loss_chunk_size(value: int | None) -> None:
         )
 
 
+# optim.* settings a config may leave out (conf/optim/adamw.yaml lists them all), and their values
+OPTIM_DEFAULTS = {
+    "weight_decay": 0.0,
+    "betas": (0.9, 0.95),
+    "eps": 1e-8,
+    "warmup_steps": 0,
+    "min_lr_ratio": 0.1,
+}
+
+
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate: linear warmup, then cosine decay to ``min_lr_ratio``."""
     if step < warmup_steps:
@@ -142,7 +152,8 @@ class LMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["init_device"])
         self.vocab_size, self.special_ids = vocab_size, dict(special_ids)
-        self.optim_cfg, self.compile_mode = dict(optim), compile_mode(compile)
+        self.optim_cfg = {**OPTIM_DEFAULTS, **optim}
+        self.compile_mode = compile_mode(compile)
         self.compile_scope = check_compile_scope(compile_scope)
         self.activation_checkpointing = activation_checkpointing
         check_loss_chunk_size(loss_chunk_size)
@@ -392,15 +403,15 @@ class LMModule(L.LightningModule):
         o = self.optim_cfg
         optimizer = self.trainer.optimizers[0]
         schedule = self.trainer.lr_scheduler_configs[0].scheduler
-        decay = (o["weight_decay"], 0.0)  # param_groups(): matrices, then gains and biases
+        decays = [g["weight_decay"] for g in param_groups(self, o["weight_decay"])]
         schedule.base_lrs = [o["lr"]] * len(optimizer.param_groups)
         for group, weight_decay, factor in zip(
-            optimizer.param_groups, decay, schedule.lr_lambdas, strict=True
+            optimizer.param_groups, decays, schedule.lr_lambdas, strict=True
         ):
             group.update(
                 weight_decay=weight_decay,
-                betas=tuple(o.get("betas", (0.9, 0.95))),
-                eps=o.get("eps", 1e-8),
+                betas=tuple(o["betas"]),
+                eps=o["eps"],
                 initial_lr=o["lr"],
                 lr=o["lr"] * factor(schedule.last_epoch),
             )
@@ -458,20 +469,20 @@ class LMModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             param_groups(self, o["weight_decay"]),
             lr=o["lr"],
-            betas=tuple(o.get("betas", (0.9, 0.95))),
-            eps=o.get("eps", 1e-8),
+            betas=tuple(o["betas"]),
+            eps=o["eps"],
             fused=fused,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         total = total or int(self.trainer.estimated_stepping_batches)
-        warmup = o.get("warmup_steps", 0)
+        warmup = o["warmup_steps"]
         if warmup >= total:
             raise ValueError(
                 f"optim.warmup_steps={warmup} must be below the number of steps ({total})"
             )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda s: lr_lambda(s, warmup, total, o.get("min_lr_ratio", 0.1)),
+            lambda s: lr_lambda(s, warmup, total, o["min_lr_ratio"]),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
