@@ -757,8 +757,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     f"ckpt_path=last hydra.run.dir={objects['output_dir']}"
                 ) from None
             # the last step's training loss, ppl, bpb (logged on logging steps only)
-            last = model.latest_train_metrics(all_processes=True)  # every process calls it
-            metrics = _floats({**trainer.callback_metrics, **last})
+            metrics = _floats({**trainer.callback_metrics, **model.final_train_metrics})
             if "val/loss" not in metrics or model.last_val_step != trainer.global_step:
                 # Logged under the last step's index, as the validations inside training are
                 # (Lightning's counter of steps done moves on after them): one convention for the

@@ -179,6 +179,7 @@ class LMModule(L.LightningModule):
         # (NLL, targets, bytes) of the optimizer step in progress and of the last complete one
         self._step_sums: torch.Tensor | None = None
         self._last_train: torch.Tensor | None = None
+        self.final_train_metrics: dict[str, torch.Tensor] = {}  # set at the end of training
 
     # -- set-up ----------------------------------------------------------------------------------
     def set_token_bytes(self, token_bytes, scale: float = 1.0) -> None:
@@ -422,6 +423,9 @@ class LMModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.check_finite()
+        # the run's last step, over every process, for its summary: reduced here, inside fit,
+        # where every process still runs the strategy (not after it)
+        self.final_train_metrics = self.latest_train_metrics(all_processes=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         nll_sum, count, n_bytes, correct = self.nll(batch)
