@@ -519,3 +519,38 @@ def test_train_epochs_are_whole_optimizer_steps_under_gradient_accumulation(tmp_
         ConfigError, match=r"one optimizer step's batch of data.batch_size=\d+ x 6 "
     ):
         dm.train_dataloader()
+
+
+def test_each_batch_carries_its_optimizer_steps_target_count_also_after_a_resume(tmp_path):
+    """Prefix LM varies the targets per micro-batch; every batch of an optimizer step (3
+    micro-batches here, Lightning's groups: epoch batch indices 0-2, 3-5, ...) carries the step's
+    total. A pass resumed mid-step (a checkpoint written by hand between micro-batches) groups
+    the rest of that step alone, then whole steps again."""
+    from lmlab.data.prefix_lm import PrefixLMDataModule
+
+    tok = byte_tokenizer(2)
+    train = build_store(iter([make_text(600, 0)]), tok, tmp_path, "t")
+    val = build_store(iter([make_text(100, 1)]), tok, tmp_path, "v")
+    dm = PrefixLMDataModule(tok, train, val, seq_len=15, batch_size=2)
+    strategy = types.SimpleNamespace(root_device=torch.device("cpu"))
+    dm.trainer = types.SimpleNamespace(
+        strategy=strategy, global_rank=0, world_size=1, accumulate_grad_batches=3
+    )
+
+    def passes(loader):
+        batches = list(loader)
+        own = [int((b["labels"] != IGNORE).sum()) for b in batches]
+        return own, [int(b["step_targets"]) for b in batches]
+
+    loader = dm.train_dataloader()
+    own, carried = passes(loader)
+    assert len(own) == len(loader) == 3 * (len(own) // 3) >= 6
+    assert len(set(own)) > 1  # the prefixes vary the counts
+    for start in range(0, len(own), 3):
+        assert carried[start : start + 3] == [sum(own[start : start + 3])] * 3
+
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({**loader.state_dict(), "epoch": 0, "windows": 2 * 2})  # 2 batches
+    own_r, carried_r = passes(resumed)
+    assert own_r == own[2:]
+    assert carried_r[0] == own[2] and carried_r[1:4] == carried[3:6]

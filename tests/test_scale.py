@@ -132,6 +132,22 @@ def test_ddp_sim_matches_one_process_with_the_same_global_batch(runs):
     assert (runs.tmp / "ddp" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
+def test_ddp_sim_with_accumulation_weighs_every_target_alike_under_prefix_lm(runs):
+    """Prefix LM's random prefixes give every micro-batch its own target count. Two processes of
+    two accumulated micro-batches of 1 sequence take the same 4 windows per step as one process
+    with batch 4; the step's gradient is the large batch's when every target weighs alike (a mean
+    of the 4 micro-batches' own means moves val/loss by ~7e-3 here)."""
+    prefix = ["objective=prefix_lm"]
+    one = runs("one-prefix", *prefix, "trainer=cpu", "data.batch_size=4")
+    two = ["trainer=ddp_sim", "data.batch_size=1", "global_batch_size=4"]
+    # validation batches of 1 sequence: 6 per process score the reference's 3 x 4 windows
+    runs("ddp-prefix", *prefix, *two, "trainer.limit_val_batches=6")
+    runs.assert_same_trajectory("ddp-prefix", "one-prefix")
+    assert runs.losses("ddp-prefix") == pytest.approx(runs.losses("one-prefix"), rel=1e-4)
+    assert one["trainer/global_step"] == 6
+
+
 @cpu_fsdp
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and_evaluate(

@@ -373,9 +373,13 @@ def test_wandb_resume_continues_the_same_run_and_sweep_identity(tiny_cfg, tmp_pa
     assert sweep_identity("/abs/sweeps/a b", "")[1] is None
 
 
-def test_gradient_accumulation_gives_the_large_batch_update(tiny_cfg, tmp_path):
-    """One optimizer step on 8 sequences == two accumulated micro-batches of 4 (same windows)."""
+@pytest.mark.parametrize("objective", ["clm", "prefix_lm"])
+def test_gradient_accumulation_gives_the_large_batch_update(tiny_cfg, tmp_path, objective):
+    """One optimizer step on 8 sequences == two accumulated micro-batches of 4 (same windows). With
+    prefix LM the micro-batches have different target counts (random prefixes): each target must
+    weigh alike, not each micro-batch's mean."""
     common = [
+        f"objective={objective}",
         "trainer.max_steps=1",
         "optim.warmup_steps=0",
         "trainer.precision=32-true",

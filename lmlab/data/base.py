@@ -27,13 +27,14 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lmlab.data.collate import GOLDEN_GAMMA, mix64, seq2seq_batch
+from lmlab.data.collate import GOLDEN_GAMMA, IGNORE, mix64, seq2seq_batch
 from lmlab.data.store import TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
@@ -158,6 +159,14 @@ class ResumableLoader(DataLoader):
     lost. A checkpoint saved by hand between micro-batches would resume after the batches it
     counted, without their gradients.
 
+    Optimizer steps weigh every target alike: each batch carries ``step_targets``, the target count
+    (labels other than -100) of all the micro-batches of its optimizer step on this process (the
+    loader reads ahead the ``accumulation`` micro-batches of a step; steps start at the epoch's
+    batch indices that are multiples of ``accumulation``, as Lightning's). The module turns it into
+    the step's total over all processes and scales each micro-batch's summed loss by it
+    (:meth:`lmlab.models.base.LMModule.training_step`), so the step's gradient is the large batch's
+    whatever the target counts of its micro-batches (prefix LM's vary).
+
     Why a stateful loader rather than ``train_dataloader()`` reading the restored progress: at that
     call (``FitLoop.setup_data``) Lightning has not yet applied its restart adjustments (the
     in-epoch ``completed`` count is one short for a checkpoint written in ``on_train_batch_end``
@@ -169,6 +178,10 @@ class ResumableLoader(DataLoader):
 
     _resume: dict[str, int] | None = None  # loaded, not yet applied to a pass
     _position: tuple[int, int] | None = None  # (epoch, windows handed out) of the current pass
+
+    def __init__(self, *args, accumulation: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.accumulation = accumulation
 
     def state_dict(self) -> dict[str, int]:
         if self._resume is not None:  # restored but not iterated yet: keep the restored position
@@ -235,10 +248,21 @@ class ResumableLoader(DataLoader):
         if isinstance(sampler, RandomWindowSampler):
             sampler.skip = skip
         self._position = (epoch, skip)
-        for batch in super().__iter__():
-            epoch, done = self._position
-            self._position = (epoch, min(done + self.batch_size, len(sampler)))
-            yield batch
+        batches = super().__iter__()
+        index = skip // self.batch_size  # the epoch's batch index
+        while step := list(islice(batches, self.accumulation - index % self.accumulation)):
+            # A tensor, not its value (reading values is what makes a GPU run wait); each batch
+            # gets its own copy (all-reduced in place), pinned as the rest of the batch.
+            labelled = all(isinstance(b, dict) and "labels" in b for b in step)
+            targets = sum((b["labels"] != IGNORE).sum() for b in step) if labelled else None
+            for batch in step:
+                if targets is not None:
+                    copy = targets.pin_memory() if self.pin_memory else targets.clone()
+                    batch["step_targets"] = copy
+                epoch, done = self._position
+                self._position = (epoch, min(done + self.batch_size, len(sampler)))
+                index += 1
+                yield batch
 
 
 def _warn(msg: str, *args) -> None:
@@ -333,7 +357,12 @@ class WindowDataModule(L.LightningDataModule):
             raise ConfigError("the validation split has no targets; add validation text")
 
     def _loader(
-        self, store: TokenStore, sampler, batch_size: int, cls: type[DataLoader] = DataLoader
+        self,
+        store: TokenStore,
+        sampler,
+        batch_size: int,
+        cls: type[DataLoader] = DataLoader,
+        **kwargs,
     ) -> DataLoader:
         return cls(
             Windows(store, self.window_len),
@@ -343,6 +372,7 @@ class WindowDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pinned(),
+            **kwargs,
         )
 
     def _pinned(self) -> bool:
@@ -374,7 +404,9 @@ class WindowDataModule(L.LightningDataModule):
             batch_size=self.batch_size * accumulation,
         )
         self._check_batches(sampler.n, world, accumulation)
-        return self._loader(self.train_store, sampler, self.batch_size, ResumableLoader)
+        return self._loader(
+            self.train_store, sampler, self.batch_size, ResumableLoader, accumulation=accumulation
+        )
 
     def _check_batches(self, windows: int, world: int, accumulation: int = 1) -> None:
         if windows < self.batch_size * accumulation * world:

@@ -291,8 +291,9 @@ class LMModule(L.LightningModule):
         return nll_sum, mask.sum(), n_bytes, correct
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        step_targets = batch.pop("step_targets", None)
         nll_sum, count, n_bytes, _ = self.nll(batch)
-        loss = nll_sum / count.clamp(min=1)
+        loss = nll_sum / self.loss_divisor(count, step_targets)
         if self.skip_nonfinite:  # needs this step's value now: one host sync per step
             if not torch.isfinite(loss):
                 self.skipped_nonfinite += 1
@@ -312,6 +313,29 @@ class LMModule(L.LightningModule):
             count.clone() if self._epoch_targets is None else (self._epoch_targets + count)
         )
         return loss
+
+    def loss_divisor(
+        self, count: torch.Tensor, step_targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What a micro-batch's summed NLL is divided by to make its loss. Lightning divides each
+        micro-batch's loss by the accumulation and the strategy averages gradients over processes,
+        so dividing by the micro-batch's own target count would weigh its targets more when it has
+        fewer. With ``step_targets`` (this process's targets in the micro-batches of its optimizer
+        step, set by :class:`lmlab.data.base.ResumableLoader`) the divisor is the step's targets
+        over all processes per micro-batch (an all-reduce of one number with several processes;
+        the host does not wait for it): every target of the step weighs alike, and the gradient is
+        the large batch's. Where every micro-batch has as many targets (causal LM), the divisor is
+        exactly ``count``."""
+        trainer = self._trainer
+        if step_targets is None or trainer is None:
+            return count.clamp(min=1)
+        shares = trainer.accumulate_grad_batches * trainer.world_size
+        if trainer.world_size > 1:
+            # torch.distributed directly: Lightning's strategy.reduce adds a barrier, which on
+            # NCCL waits for the device
+            step_targets = step_targets.clone()  # all_reduce works in place
+            torch.distributed.all_reduce(step_targets)
+        return step_targets.clamp(min=1) / shares
 
     def _add_to_step(self, sums: torch.Tensor | None) -> None:
         """Add a micro-batch's (NLL, targets, bytes) (None: a batch skip_nonfinite skipped) to the
