@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmlab import __version__
 from lmlab.checkpoint import read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
-from lmlab.data.corpus import make_corpus
+from lmlab.data.corpus import check_data, make_corpus
 from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import (
     TextTokenizer,
@@ -218,8 +218,7 @@ def check_settings(cfg: DictConfig) -> None:
             f"seq_len={cfg.seq_len} exceeds model.max_seq_len={max_len}; lower seq_len or raise "
             "model.max_seq_len"
         )
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    check_data(cfg.data)
     try:  # the module's own checks, before any work
         check_loss_chunk_size(cfg.get("loss_chunk_size"))
         compile_mode(cfg.get("compile"))
@@ -589,6 +588,7 @@ def build_datamodule(cfg: DictConfig, tokenizer, train, val, num_workers: int | 
         val=val,
         seq_len=cfg.seq_len,
         batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.get("eval_batch_size"),
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
         seed=cfg.seed,
     )

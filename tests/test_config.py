@@ -118,7 +118,17 @@ def test_compatibility_table_rows():
     ("override", "message"),
     [
         ("seq_len=2048", "seq_len=2048 exceeds model.max_seq_len=256"),
-        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("data.batch_size=0", r"data\.batch_size=0 must be a whole number >= 1"),
+        ("data.eval_batch_size=0", r"data\.eval_batch_size=0 must be a whole number >= 1"),
+        ("data.num_workers=-1", r"data\.num_workers=-1 must be a whole number >= 0"),
+        # a key of another source (forgot data=files) or a misspelt one: ignored before
+        (
+            "+data.train=corpus.txt",
+            r"data\.train is not a setting of data=shakespeare \(source bundled\); its settings "
+            r"are name, source, batch_size, eval_batch_size, num_workers, val_fraction$",
+        ),
+        ("+data.eval_batchsize=8", r"data\.eval_batchsize is not a setting of data=shakespeare"),
+        ("data.source=web", r"unknown data\.source='web'; choose bundled, files, hf"),
         ("loss_chunk_size=-1", "loss_chunk_size must be >= 0"),
         ("compile=fast", "compile='fast' is not a setting; use false, true .* max-autotune"),
         ("compile_scope=layers", "compile_scope='layers' is not a setting; use model or blocks"),

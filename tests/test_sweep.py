@@ -80,7 +80,7 @@ def test_a_failing_job_is_recorded_and_the_others_run(tmp_path):
     assert p.returncode != 0  # Hydra reports the failure once every job has run
     rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "sweep_summary.csv").open())}
     assert rows["0"]["status"] == "failed"
-    assert "data.batch_size must be >= 1" in rows["0"]["error"]
+    assert "data.batch_size=0 must be a whole number >= 1" in rows["0"]["error"]
     assert rows["1"]["status"] == "completed" and float(rows["1"]["val/loss"]) > 0
     assert (tmp_path / "sweep" / "1" / "summary.json").is_file()
 

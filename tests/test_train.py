@@ -373,6 +373,18 @@ def test_wandb_resume_continues_the_same_run_and_sweep_identity(tiny_cfg, tmp_pa
     assert sweep_identity("/abs/sweeps/a b", "")[1] is None
 
 
+def test_eval_batch_size_sets_the_validation_batches_not_the_metrics(tiny_cfg, tmp_path):
+    """Validation sums over windows: 6 batches of 2 score the 12 windows of 3 batches of 4."""
+    common = ["trainer.max_steps=2", "optim.warmup_steps=0", "callbacks.samples=null"]
+    common += ["trainer.precision=32-true"]
+    same, a = train(tiny_cfg(*common, output_dir=tmp_path / "a"))
+    halves = ["data.eval_batch_size=2", "trainer.limit_val_batches=6"]
+    other, b = train(tiny_cfg(*common, *halves, output_dir=tmp_path / "b"))
+    assert b["datamodule"].val_dataloader().batch_size == 2
+    assert a["datamodule"].val_dataloader().batch_size == 4  # null: data.batch_size
+    assert other["val/loss"] == pytest.approx(same["val/loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("objective", ["clm", "prefix_lm"])
 def test_gradient_accumulation_gives_the_large_batch_update(tiny_cfg, tmp_path, objective):
     """One optimizer step on 8 sequences == two accumulated micro-batches of 4 (same windows). With

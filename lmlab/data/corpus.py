@@ -297,6 +297,48 @@ def split_documents(docs: list[Doc], val_fraction: float) -> tuple[list[Doc], li
     return [d for d in docs if d not in val], [d for d in docs if d in val]
 
 
+# The settings of the data group: the loader's (every source) and each source's own.
+LOADER_SETTINGS = ("name", "source", "batch_size", "eval_batch_size", "num_workers")
+SOURCE_SETTINGS = {
+    "bundled": ("val_fraction",),
+    "files": ("train", "val", "val_fraction", "format", "text_field", "encoding_errors"),
+    "hf": (
+        "path",
+        "subset",
+        "data_files",
+        "revision",
+        "cache_dir",
+        "streaming",
+        "split",
+        "val_split",
+        "val_fraction",
+        "max_documents",
+        "text_field",
+    ),
+}
+
+
+def check_data(cfg) -> None:
+    """The data group's keys and loader sizes, before any work: a misspelt or made-up key
+    (``data.eval_batchsize``) would otherwise be ignored without a word."""
+    source = cfg.get("source")
+    if source not in SOURCE_SETTINGS:
+        raise ConfigError(f"unknown data.source={source!r}; choose {', '.join(SOURCE_SETTINGS)}")
+    known = LOADER_SETTINGS + SOURCE_SETTINGS[source]
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"data.{unknown[0]} is not a setting of data={cfg.get('name')} (source {source}); its "
+            f"settings are {', '.join(known)}"
+        )
+    for key, least in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0)):
+        value = cfg.get(key)
+        if key == "eval_batch_size" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"data.{key}={value!r} must be a whole number >= {least}")
+
+
 def make_corpus(cfg, need_train: bool = True):
     """Build the corpus described by the ``data`` config group (validated, nothing tokenized yet):
     a :class:`Corpus` of files, or for ``data.source=hf`` an :class:`lmlab.data.hf.HFCorpus`.
@@ -331,5 +373,7 @@ def make_corpus(cfg, need_train: bool = True):
         else:
             train, val = split_documents(_documents(train_files, fmt, errors), cfg.val_fraction)
     else:
-        raise ConfigError(f"unknown data.source={cfg.source!r}; choose bundled, files or hf")
+        raise ConfigError(
+            f"unknown data.source={cfg.source!r}; choose {', '.join(SOURCE_SETTINGS)}"
+        )
     return Corpus(cfg.name, train, val, field, errors, cfg.get("val_fraction", 0.0))
