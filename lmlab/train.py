@@ -142,6 +142,18 @@ def check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"global_batch_size={gbs} must be >= 1 (or null: no accumulation)")
 
 
+SAMPLE_SETTINGS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p")
+
+
+def _check_keys(group: str, values: DictConfig, known: tuple[str, ...]) -> None:
+    """A key added to a group that nothing reads (``+optim.momentum=0.9``) is refused, not ignored."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{group}.{unknown[0]} is not a setting of {group}; its settings are {', '.join(known)}"
+        )
+
+
 def check_optim_and_sampling(cfg: DictConfig) -> None:
     """Settings that would otherwise fail late (the samples at the first validation) or silently
     (a negative clip value flipped the gradients' sign): clipping, AdamW, the schedule, samples."""
@@ -150,6 +162,7 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.gradient_clip_val={clip!r} must be >= 0 (0 or null: no clipping)"
         )
+    _check_keys("optim", cfg.optim, ("lr", *OPTIM_DEFAULTS))
     o = {**OPTIM_DEFAULTS, **OmegaConf.to_container(cfg.optim, resolve=True)}
     wd, ratio, eps = o["weight_decay"], o["min_lr_ratio"], o["eps"]
     if not _is_number(wd, float) or wd < 0:
@@ -171,6 +184,7 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.warmup_steps={o['warmup_steps']} must be >= 0")
     sample = cfg.get("sample")
     if sample is not None:
+        _check_keys("sample", sample, SAMPLE_SETTINGS)
         try:
             check_sampling(sample.temperature, sample.top_k, sample.top_p, prefix="sample.")
         except ValueError as e:

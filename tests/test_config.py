@@ -129,6 +129,11 @@ def test_compatibility_table_rows():
         ),
         ("+data.eval_batchsize=8", r"data\.eval_batchsize is not a setting of data=shakespeare"),
         ("data.source=web", r"unknown data\.source='web'; choose bundled, files, hf"),
+        (
+            "+optim.momentum=0.9",
+            r"optim\.momentum is not a setting of optim; its settings are lr, weight_decay, betas",
+        ),
+        ("+sample.temp=0.5", r"sample\.temp is not a setting of sample; .*, temperature, "),
         ("loss_chunk_size=-1", "loss_chunk_size must be >= 0"),
         ("compile=fast", "compile='fast' is not a setting; use false, true .* max-autotune"),
         ("compile_scope=layers", "compile_scope='layers' is not a setting; use model or blocks"),
