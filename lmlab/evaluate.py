@@ -16,7 +16,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpoint import load_run
-from lmlab.data.corpus import make_corpus
+from lmlab.data.corpus import check_data, make_corpus
 from lmlab.data.store import build_store, store_key
 from lmlab.errors import ConfigError
 from lmlab.generate import pick_device
@@ -36,6 +36,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={max_len} (its positions); "
             f"use seq_len<={max_len}, or null for the run's own ({run_cfg.seq_len})"
         )
+    if cfg.get("data") is not None:
+        check_data(cfg.data, sizes=False)  # evaluate's own batch_size decides
     data_cfg = cfg.data if cfg.get("data") is not None else run_cfg.data
     corpus = make_corpus(data_cfg, need_train=False)
     if cfg.get("data") is None:  # the run's own data: its held-out documents, unless they changed

@@ -94,6 +94,16 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert g.returncode == 2 and "checkpoint not found" in g.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "says"), [("lmlab.generate", "prompt: ''"), ("lmlab.evaluate", "data=files | hf")]
+)
+def test_generate_and_evaluate_help_show_their_own_usage(tmp_path, command, says):
+    """Not Hydra's stock text, which listed training's config groups that neither command reads."""
+    p = run([command, "--help"], tmp_path)
+    assert f"Usage: python -m {command} ckpt_path=" in p.stdout and says in p.stdout
+    assert "model: decoder" not in p.stdout and "Compose your configuration" not in p.stdout
+
+
 def test_help_lists_config_groups(tmp_path):
     p = run(["lmlab", "--help"], tmp_path)
     for group in (

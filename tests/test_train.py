@@ -149,6 +149,16 @@ def test_evaluate_refuses_a_seq_len_beyond_the_models_positions_before_data_work
     assert not (tmp_path / "fresh_cache").exists()  # no token store was built first
 
 
+def test_evaluate_refuses_a_data_key_of_another_source(trained, tmp_path):
+    *_, out = trained
+    data = {"name": "shakespeare", "source": "bundled", "val": str(tmp_path / "x.txt")}
+    ecfg = command_cfg(
+        "evaluate", ckpt_path=out / "checkpoints" / "last.ckpt", device="cpu", data=data
+    )
+    with pytest.raises(ConfigError, match=r"data\.val is not a setting of data=shakespeare"):
+        evaluate(ecfg)
+
+
 def test_generate_from_checkpoint_is_greedy_and_deterministic(trained):
     _, _, objects, out = trained
     gcfg = command_cfg(

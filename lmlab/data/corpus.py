@@ -318,9 +318,9 @@ SOURCE_SETTINGS = {
 }
 
 
-def check_data(cfg) -> None:
-    """The data group's keys and loader sizes, before any work: a misspelt or made-up key
-    (``data.eval_batchsize``) would otherwise be ignored without a word."""
+def check_data(cfg, sizes: bool = True) -> None:
+    """The data group's keys and (with ``sizes``) loader sizes, before any work: a misspelt or
+    made-up key (``data.eval_batchsize``) would otherwise be ignored without a word."""
     source = cfg.get("source")
     if source not in SOURCE_SETTINGS:
         raise ConfigError(f"unknown data.source={source!r}; choose {', '.join(SOURCE_SETTINGS)}")
@@ -331,6 +331,8 @@ def check_data(cfg) -> None:
             f"data.{unknown[0]} is not a setting of data={cfg.get('name')} (source {source}); its "
             f"settings are {', '.join(known)}"
         )
+    if not sizes:
+        return
     for key, least in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0)):
         value = cfg.get(key)
         if key == "eval_batch_size" and value is None:
