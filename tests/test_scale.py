@@ -133,7 +133,7 @@ def test_ddp_sim_matches_one_process_with_the_same_global_batch(runs):
 
 
 @pytest.mark.slow
-def test_ddp_sim_with_accumulation_weighs_every_target_alike_under_prefix_lm(runs):
+def test_ddp_sim_and_fsdp_with_accumulation_weigh_every_target_alike_under_prefix_lm(runs):
     """Prefix LM's random prefixes give every micro-batch its own target count. Two processes of
     two accumulated micro-batches of 1 sequence take the same 4 windows per step as one process
     with batch 4; the step's gradient is the large batch's when every target weighs alike (a mean
@@ -146,6 +146,10 @@ def test_ddp_sim_with_accumulation_weighs_every_target_alike_under_prefix_lm(run
     runs.assert_same_trajectory("ddp-prefix", "one-prefix")
     assert runs.losses("ddp-prefix") == pytest.approx(runs.losses("one-prefix"), rel=1e-4)
     assert one["trainer/global_step"] == 6
+    if cpu_fsdp_supported():  # FSDP2's reduce-scatter averages as DDP's all-reduce does
+        fsdp = [*FSDP, "data.batch_size=1", "global_batch_size=4"]
+        runs("fsdp-prefix", *prefix, *fsdp, "trainer.limit_val_batches=6")
+        runs.assert_same_trajectory("fsdp-prefix", "one-prefix")
 
 
 @cpu_fsdp
