@@ -31,6 +31,7 @@ from itertools import islice
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -251,14 +252,15 @@ class ResumableLoader(DataLoader):
         batches = super().__iter__()
         index = skip // self.batch_size  # the epoch's batch index
         while step := list(islice(batches, self.accumulation - index % self.accumulation)):
-            # A tensor, not its value (reading values is what makes a GPU run wait); each batch
-            # gets its own copy (all-reduced in place), pinned as the rest of the batch.
+            # Counted by numpy on the host arrays (a third of the time of torch's small-tensor
+            # ops); each batch gets a tensor of its own (all-reduced in place), pinned as the rest.
             labelled = all(isinstance(b, dict) and "labels" in b for b in step)
-            targets = sum((b["labels"] != IGNORE).sum() for b in step) if labelled else None
+            if labelled:
+                targets = sum(int(np.count_nonzero(b["labels"].numpy() != IGNORE)) for b in step)
             for batch in step:
-                if targets is not None:
-                    copy = targets.pin_memory() if self.pin_memory else targets.clone()
-                    batch["step_targets"] = copy
+                if labelled:
+                    count = torch.tensor(targets)
+                    batch["step_targets"] = count.pin_memory() if self.pin_memory else count
                 epoch, done = self._position
                 self._position = (epoch, min(done + self.batch_size, len(sampler)))
                 index += 1
