@@ -554,3 +554,8 @@ def test_each_batch_carries_its_optimizer_steps_target_count_also_after_a_resume
     own_r, carried_r = passes(resumed)
     assert own_r == own[2:]
     assert carried_r[0] == own[2] and carried_r[1:4] == carried[3:6]
+
+    # trainer.limit_train_batches=4: Lightning's second step has one micro-batch, its last
+    dm.trainer.num_training_batches = 4
+    own_l, carried_l = passes(dm.train_dataloader())
+    assert own_l == own and carried_l[:4] == [*carried[:3], own[3]]

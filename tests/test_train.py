@@ -452,6 +452,25 @@ def test_gradient_accumulation_gives_the_large_batch_update(
     assert moved > len(a) // 2  # most tensors are weights that moved
 
 
+def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_targets(
+    tiny_cfg, tmp_path
+):
+    """limit_train_batches=1 with 2 micro-batches per step: Lightning's one step has one micro-batch
+    (and divides its loss by 2); the update must be that batch's own, as without accumulation
+    (AdamW eps=1: the update is about lr * g, see above; with prefix LM's varying counts)."""
+    common = ["objective=prefix_lm", "trainer.max_steps=1", "optim.warmup_steps=0"]
+    common += ["optim.eps=1.0", "optim.weight_decay=0.0", "trainer.precision=32-true"]
+    common += ["trainer.val_check_interval=1", "trainer.gradient_clip_val=null"]
+    common += ["callbacks.samples=null", "data.batch_size=4"]
+    _, one = train(tiny_cfg(*common, output_dir=tmp_path / "one"))
+    short = ["global_batch_size=8", "+trainer.limit_train_batches=1"]
+    _, cut = train(tiny_cfg(*common, *short, output_dir=tmp_path / "cut"))
+    assert cut["trainer"].accumulate_grad_batches == 2 and cut["trainer"].global_step == 1
+    a, b = one["model"].state_dict(), cut["model"].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

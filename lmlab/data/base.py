@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
@@ -163,7 +164,8 @@ class ResumableLoader(DataLoader):
     Optimizer steps weigh every target alike: each batch carries ``step_targets``, the target count
     (labels other than -100) of all the micro-batches of its optimizer step on this process (the
     loader reads ahead the ``accumulation`` micro-batches of a step; steps start at the epoch's
-    batch indices that are multiples of ``accumulation``, as Lightning's). The module turns it into
+    batch indices that are multiples of ``accumulation``, as Lightning's, and a step cut short by
+    ``trainer.limit_train_batches`` counts only its batches). The module turns it into
     the step's total over all processes and scales each micro-batch's summed loss by it
     (:meth:`lmlab.models.base.LMModule.training_step`), so the step's gradient is the large batch's
     whatever the target counts of its micro-batches (prefix LM's vary).
@@ -180,9 +182,16 @@ class ResumableLoader(DataLoader):
     _resume: dict[str, int] | None = None  # loaded, not yet applied to a pass
     _position: tuple[int, int] | None = None  # (epoch, windows handed out) of the current pass
 
-    def __init__(self, *args, accumulation: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        accumulation: int = 1,
+        batch_limit: Callable[[], float] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.accumulation = accumulation
+        self.batch_limit = batch_limit
 
     def state_dict(self) -> dict[str, int]:
         if self._resume is not None:  # restored but not iterated yet: keep the restored position
@@ -251,7 +260,15 @@ class ResumableLoader(DataLoader):
         self._position = (epoch, skip)
         batches = super().__iter__()
         index = skip // self.batch_size  # the epoch's batch index
-        while step := list(islice(batches, self.accumulation - index % self.accumulation)):
+        # the batches Lightning takes this epoch (trainer.limit_train_batches): its last step may
+        # be short, and its targets are those of the batches trained only
+        limit = self.batch_limit() if self.batch_limit is not None else math.inf
+        while step := list(
+            islice(
+                batches,
+                int(min(self.accumulation - index % self.accumulation, max(limit - index, 1))),
+            )
+        ):
             # Counted by numpy on the host arrays (a third of the time of torch's small-tensor
             # ops); each batch gets a tensor of its own (all-reduced in place), pinned as the rest.
             labelled = all(isinstance(b, dict) and "labels" in b for b in step)
@@ -407,8 +424,18 @@ class WindowDataModule(L.LightningDataModule):
         )
         self._check_batches(sampler.n, world, accumulation)
         return self._loader(
-            self.train_store, sampler, self.batch_size, ResumableLoader, accumulation=accumulation
+            self.train_store,
+            sampler,
+            self.batch_size,
+            ResumableLoader,
+            accumulation=accumulation,
+            batch_limit=self._training_batches,
         )
+
+    def _training_batches(self) -> float:
+        """Lightning's count of this epoch's training batches (``limit_train_batches`` applied;
+        known once the loader exists, read when a pass starts)."""
+        return getattr(self.trainer, "num_training_batches", math.inf)
 
     def _check_batches(self, windows: int, world: int, accumulation: int = 1) -> None:
         if windows < self.batch_size * accumulation * world:
