@@ -194,6 +194,16 @@ def train_rows(path: Path) -> dict[int, tuple[str, str]]:
         return {int(r["step"]): (r["epoch"], r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
+def epoch_tokens(path: Path) -> dict[int, float]:
+    """step -> train/tokens (the epoch's target tokens, logged at each epoch's end)."""
+    with path.open(newline="") as f:
+        return {
+            int(r["step"]): float(r["train/tokens"])
+            for r in csv.DictReader(f)
+            if r.get("train/tokens")
+        }
+
+
 def ckpt_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
@@ -215,6 +225,12 @@ def assert_continues_exactly(ref: Path, run: Path, step: int) -> None:
     assert sorted(expected) == list(range(MAX_STEPS))
     after = range(step, MAX_STEPS)
     assert {s: got.get(s) for s in after} == {s: expected[s] for s in after}
+    # and each epoch's target tokens: the resumed epoch's count goes on from the checkpoint's
+    expected, got = epoch_tokens(ref / "metrics.csv"), epoch_tokens(run / "metrics.csv")
+    assert len(expected) >= 2  # the runs cross epoch boundaries
+    assert {s: got.get(s) for s in expected if s >= step} == {
+        s: v for s, v in expected.items() if s >= step
+    }
 
 
 class Stop(Exception):

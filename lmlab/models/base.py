@@ -176,6 +176,8 @@ class LMModule(L.LightningModule):
         # the last training loss, checked a step late
         self._unchecked_loss: FiniteFlag | None = None
         self._epoch_targets: torch.Tensor | None = None  # target tokens of the epoch so far
+        self._epoch_targets_shared = False  # ... of all processes (else this process's)
+        self._resumed_epoch_targets: tuple[int, int] | None = None  # (epoch, count) of a checkpoint
         # (NLL, targets, bytes) of the optimizer step in progress and of the last complete one
         self._step_sums: torch.Tensor | None = None
         self._last_train: torch.Tensor | None = None
@@ -291,7 +293,7 @@ class LMModule(L.LightningModule):
         return nll_sum, mask.sum(), n_bytes, correct
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        step_targets = batch.pop("step_targets", None)
+        step_targets = self.all_processes(batch.pop("step_targets", None))
         nll_sum, count, n_bytes, _ = self.nll(batch)
         loss = nll_sum / self.loss_divisor(count, step_targets)
         if self.skip_nonfinite:  # needs this step's value now: one host sync per step
@@ -309,10 +311,21 @@ class LMModule(L.LightningModule):
         # in memory that the next replay of the CUDA graph overwrites), on the device: the
         # optimizer step's NLL, targets and bytes, and the epoch's target tokens.
         self._add_to_step(torch.stack([t.detach().float() for t in (nll_sum, count, n_bytes)]))
-        self._epoch_targets = (
-            count.clone() if self._epoch_targets is None else (self._epoch_targets + count)
-        )
+        self._count_epoch_targets(count, step_targets)
         return loss
+
+    def all_processes(self, step_targets: torch.Tensor | None) -> torch.Tensor | None:
+        """The loader's ``step_targets`` (this process's targets in the micro-batches of its
+        optimizer step, :class:`lmlab.data.base.ResumableLoader`) summed over all processes: one
+        all-reduce of one number with several (the host does not wait for it)."""
+        trainer = self._trainer
+        if step_targets is None or trainer is None or trainer.world_size == 1:
+            return step_targets
+        # torch.distributed directly: Lightning's strategy.reduce adds a barrier, which on NCCL
+        # waits for the device
+        step_targets = step_targets.clone()  # all_reduce works in place
+        torch.distributed.all_reduce(step_targets)
+        return step_targets
 
     def loss_divisor(
         self, count: torch.Tensor, step_targets: torch.Tensor | None = None
@@ -320,22 +333,29 @@ class LMModule(L.LightningModule):
         """What a micro-batch's summed NLL is divided by to make its loss. Lightning divides each
         micro-batch's loss by the accumulation and the strategy averages gradients over processes,
         so dividing by the micro-batch's own target count would weigh its targets more when it has
-        fewer. With ``step_targets`` (this process's targets in the micro-batches of its optimizer
-        step, set by :class:`lmlab.data.base.ResumableLoader`) the divisor is the step's targets
-        over all processes per micro-batch (an all-reduce of one number with several processes;
-        the host does not wait for it): every target of the step weighs alike, and the gradient is
-        the large batch's. Where every micro-batch has as many targets (causal LM), the divisor is
-        exactly ``count``."""
+        fewer. With ``step_targets`` (the optimizer step's targets over all processes,
+        :meth:`all_processes`) the divisor is that per micro-batch: every target of the step
+        weighs alike, and the gradient is the large batch's. Where every micro-batch has as many
+        targets (causal LM), the divisor is exactly ``count``."""
         trainer = self._trainer
         if step_targets is None or trainer is None:
             return count.clamp(min=1)
-        shares = trainer.accumulate_grad_batches * trainer.world_size
-        if trainer.world_size > 1:
-            # torch.distributed directly: Lightning's strategy.reduce adds a barrier, which on
-            # NCCL waits for the device
-            step_targets = step_targets.clone()  # all_reduce works in place
-            torch.distributed.all_reduce(step_targets)
-        return step_targets.clamp(min=1) / shares
+        return step_targets.clamp(min=1) / (trainer.accumulate_grad_batches * trainer.world_size)
+
+    def _count_epoch_targets(self, count: torch.Tensor, step_targets: torch.Tensor | None) -> None:
+        """Add to the epoch's target tokens (``train/tokens``). With the step's targets over all
+        processes (:meth:`all_processes`), those once per optimizer step, at its last micro-batch:
+        the same count in every process, so a checkpoint keeps it for a resumed epoch. Without
+        them, this process's own, summed across processes at the epoch's end."""
+        if step_targets is None:
+            add, self._epoch_targets_shared = count, False
+        elif self._trainer is None or not self.trainer.fit_loop.epoch_loop._should_accumulate():
+            add, self._epoch_targets_shared = step_targets, True
+        else:
+            return
+        self._epoch_targets = (
+            add.clone() if self._epoch_targets is None else self._epoch_targets + add
+        )
 
     def _add_to_step(self, sums: torch.Tensor | None) -> None:
         """Add a micro-batch's (NLL, targets, bytes) (None: a batch skip_nonfinite skipped) to the
@@ -388,11 +408,13 @@ class LMModule(L.LightningModule):
         }
 
     def on_train_epoch_end(self) -> None:
-        # the epoch's target tokens, all processes (summed across them once)
+        # the epoch's target tokens, all processes (summed across them once where each counted
+        # its own)
         if self._epoch_targets is not None:
             targets, self._epoch_targets = self._epoch_targets, None
+            sync = not self._epoch_targets_shared
             self.log(
-                "train/tokens", targets.double(), reduce_fx="sum", on_epoch=True, sync_dist=True
+                "train/tokens", targets.double(), reduce_fx="sum", on_epoch=True, sync_dist=sync
             )
 
     def check_finite(self) -> None:
@@ -409,6 +431,12 @@ class LMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._epoch_targets = self._step_sums = self._last_train = None  # none from an earlier fit
+        resumed, self._resumed_epoch_targets = self._resumed_epoch_targets, None
+        if resumed is not None and resumed[0] == self.current_epoch:
+            # The checkpoint's epoch goes on (one written at an epoch's last batch resumes at the
+            # next epoch, which starts from none)
+            self._epoch_targets = torch.tensor(resumed[1], device=self.device)
+            self._epoch_targets_shared = True
         # A run resumed after a crash: its metrics.csv holds the rows the crashed run logged after
         # the checkpoint, which this run logs again; they go (lmlab.loggers). A fresh start (in a
         # folder without a checkpoint: lmlab.train.check_fresh_start) drops an earlier attempt's.
@@ -472,7 +500,11 @@ class LMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never save weights a non-finite loss has updated
         checkpoint["lmlab"] = self.extra_checkpoint
-        checkpoint["lmlab_counters"] = {"skipped_nonfinite": self.skipped_nonfinite}
+        counters = {"skipped_nonfinite": self.skipped_nonfinite}
+        if self._epoch_targets is not None and self._epoch_targets_shared:
+            # every process's count of the epoch so far (the same in each): a resumed epoch goes on
+            counters["epoch_targets"] = (self.current_epoch, int(self._epoch_targets))
+        checkpoint["lmlab_counters"] = counters
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resumed run keeps what train() recorded for it (this version, config and held-out
@@ -482,6 +514,7 @@ class LMModule(L.LightningModule):
         # the run's count goes on (skip_nonfinite runs in one process: one count)
         counters = checkpoint.get("lmlab_counters", {})
         self.skipped_nonfinite = int(counters.get("skipped_nonfinite", 0))
+        self._resumed_epoch_targets = counters.get("epoch_targets")
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
