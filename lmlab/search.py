@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.errors import ConfigError, Preempted
+from lmlab.loggers import sweep_identity
 from lmlab.paths import file_lock
 from lmlab.sweep import HIGHER_IS_BETTER, LOWER_IS_BETTER, append_row
 
@@ -104,6 +105,13 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             if "resumes" in trial.user_attrs and (out / "checkpoints" / "last.ckpt").exists():
                 trial_cfg.ckpt_path = "last"
         overrides = [f"{k}={v}" for k, v in values.items()]
+        if "wandb" in (trial_cfg.get("logger") or {}):
+            # as a multirun's jobs (lmlab.loggers.wandb_logger): one group for the search (its run
+            # folder; lmlab.report finds it in each trial's saved config), named by the values
+            with open_dict(trial_cfg):
+                if OmegaConf.select(trial_cfg, "logger.wandb.group") is None:
+                    trial_cfg.logger.wandb.group = sweep_identity(str(root.resolve()), "")[0]
+                trial_cfg.logger.wandb.name = ",".join(overrides)
         (out / ".hydra").mkdir(parents=True, exist_ok=True)
         (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
         OmegaConf.save(trial_cfg, out / ".hydra" / "config.yaml")

@@ -84,6 +84,30 @@ class FakeTrain:
 LR_SPACE = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 
 
+def test_trials_logged_to_wandb_share_the_searchs_group_and_are_named_by_their_values(
+    tiny_cfg, monkeypatch
+):
+    """As the jobs of a multirun: one W&B group (the search's folder), names from the values; each
+    trial had the same name and no group. lmlab.report finds the group in the trials' configs."""
+    from lmlab.loggers import sweep_identity
+    from lmlab.report import wandb_group
+
+    seen = []
+
+    def fake(cfg):
+        seen.append((cfg.logger.wandb.group, cfg.logger.wandb.name, cfg.optim.lr))
+        return {"val/bpb": cfg.optim.lr}, {}
+
+    monkeypatch.setattr("lmlab.train.train", fake)
+    cfg = tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=2", "logger=wandb")
+    run_search(small_space(cfg, LR_SPACE))
+    root = Path(cfg.paths.output_dir)
+    group = sweep_identity(str(root.resolve()), "")[0]
+    assert [(g, n) for g, n, _ in seen] == [(group, f"optim.lr={lr}") for *_, lr in seen]
+    assert seen[0][2] != seen[1][2]
+    assert wandb_group(root / "trials" / "1") == group
+
+
 def test_a_preempted_trial_stops_the_search_and_is_resumed_first(tiny_cfg, monkeypatch):
     import optuna
 
