@@ -297,6 +297,39 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [path]  # and no temporary file is left behind
 
 
+def test_checkpoint_data_reaches_the_disk_before_its_rename_and_stale_temporaries_go(
+    tmp_path, monkeypatch
+):
+    """A machine crash after the rename must not leave a path whose data was still in memory: the
+    temporary file is synced, then renamed, then its folder synced. A temporary file a killed save
+    left (another process id) goes at the next save of the same path."""
+    import lmlab.checkpoint_io as checkpoint_io
+
+    path = tmp_path / "last.ckpt"
+    stale = tmp_path / ".last.ckpt.tmp99999999"
+    stale.write_bytes(b"PK\x03\x04 a killed save's")
+    other = tmp_path / ".best.ckpt.tmp99999999"  # another target's: not this save's business
+    other.write_bytes(b"x")
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        fsync(fd)
+
+    def record_replace(src, dst):
+        events.append(("replace", Path(src).name, Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", record_fsync)
+    monkeypatch.setattr(checkpoint_io.os, "replace", record_replace)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path)
+    tmp = f".last.ckpt.tmp{os.getpid()}"
+    assert events == [("fsync", tmp), ("replace", tmp, "last.ckpt"), ("fsync", tmp_path.name)]
+    assert torch.load(path)["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.ckpt.tmp99999999", "last.ckpt"]
+
+
 def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 truncated")
