@@ -280,6 +280,22 @@ def replace_folder(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def recover_folder(dst: Path) -> bool:
+    """Finish a :func:`replace_folder` of a sharded save that a kill stopped between its two
+    renames (``dst`` missing, the previous checkpoint in ``.<name>.old``): the new folder, whole by
+    then (torch's ``.metadata`` and Lightning's ``meta.pt`` are written last), takes the place;
+    without it the previous one goes back. True when it recovered ``dst``."""
+    old, tmp = dst.with_name(f".{dst.name}.old"), dst.with_name(f".{dst.name}.tmp")
+    if dst.exists() or not old.is_dir():
+        return False
+    if (tmp / ".metadata").is_file() and (tmp / "meta.pt").is_file():
+        os.replace(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(old, dst)
+    return True
+
+
 def blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's repeated Transformer blocks, in order (the units strategies wrap)."""
     return [m for m in backbone.modules() if isinstance(m, backbone.block_class)]

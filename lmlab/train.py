@@ -58,6 +58,7 @@ from lmlab.parallel import (
     check_compile_scope,
     compile_mode,
     cpu_fsdp_supported,
+    recover_folder,
     use_tf32,
 )
 from lmlab.paths import file_lock
@@ -571,6 +572,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         return None
     if ckpt_path in ("last", "auto"):
         path = output_dir / "checkpoints" / "last.ckpt"
+        _recover_sharded(path)
         if path.exists():
             return str(path)
         if ckpt_path == "auto":
@@ -580,9 +582,25 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             "at the run to resume, pass ckpt_path=<file>, or ckpt_path=auto to start fresh when "
             "there is none"
         )
+    _recover_sharded(Path(ckpt_path))
     if not Path(ckpt_path).exists():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass an existing .ckpt file")
     return ckpt_path
+
+
+def _recover_sharded(path: Path) -> None:
+    """A sharded ``path`` that a kill left between the two renames of its save comes back
+    (:func:`lmlab.parallel.recover_folder`), before ``ckpt_path=auto`` would take its absence for a
+    fresh start; every process of a launch checks, one at a time."""
+    if path.exists() or not path.with_name(f".{path.name}.old").is_dir():
+        return
+    with file_lock(path.with_name(f".{path.name}.lock"), f"recovering {path}"):
+        if recover_folder(path):
+            log.warning(
+                "%s was missing: a sharded save was stopped while replacing it; recovered it "
+                "from that save's folders",
+                path,
+            )
 
 
 def build(node: DictConfig, **runtime):

@@ -417,6 +417,31 @@ def test_replace_folder_swaps_a_sharded_checkpoint_whole(tmp_path):
     assert dst2.is_dir() and not src2.exists()
 
 
+@pytest.mark.parametrize("written", [True, False])
+def test_a_sharded_save_killed_between_its_renames_is_recovered_before_resuming(
+    tmp_path, caplog, written
+):
+    """The window of replace_folder: last.ckpt moved to .last.ckpt.old, the new save (whole) not
+    yet renamed. ckpt_path=last (and auto, which would otherwise start afresh over the run) finds
+    the new save; where the new folder is not whole, the previous checkpoint comes back."""
+    from lmlab.train import resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints"
+    old, new = folder / ".last.ckpt.old", folder / ".last.ckpt.tmp"
+    for path, text in ((old, "old"), (new, "new")):
+        path.mkdir(parents=True)
+        (path / "__0_0.distcp").write_text(text)
+    if written:
+        (new / ".metadata").write_text("new")
+        (new / "meta.pt").write_text("new")
+    for how in ("auto", "last"):
+        assert resolve_ckpt_path(how, tmp_path) == str(folder / "last.ckpt")
+    kept = "new" if written else "old"
+    assert (folder / "last.ckpt" / "__0_0.distcp").read_text() == kept
+    assert not old.exists() and new.exists() != written
+    assert "recovered it from that save's folders" in caplog.text
+
+
 def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg, tmp_path):
     """tf32 (default true) switches CUDA's float32 matmuls and convolutions to TF32; false keeps
     full fp32; oneDNN's CPU matmuls keep their precision either way."""
