@@ -6,6 +6,7 @@ config (resolved)}, so ``generate`` and ``evaluate`` need nothing but the file.
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -40,21 +41,33 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> dict:
             f"checkpoint not found: {path}; pass ckpt_path=<run dir>/checkpoints/last.ckpt"
         )
     target = path / SHARDED_META if path.is_dir() else path
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    unreadable = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError)
     try:
         ckpt = torch.load(target, map_location="cpu", weights_only=False)
         if path.is_dir() and weights:
             ckpt.update(_load_shards(path))
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except (*unreadable, pickle.UnpicklingError, CheckpointException) as e:
         raise ConfigError(
-            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it may be "
-            "truncated by an interrupted save: use another checkpoint (e.g. best.ckpt)"
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)}); "
+            "it may be truncated by an interrupted save: use another checkpoint (e.g. best.ckpt)"
         ) from None
-    if not isinstance(ckpt, dict) or "lmlab" not in ckpt or ("state_dict" not in ckpt and weights):
+    if not isinstance(ckpt, dict) or "lmlab" not in ckpt:
         raise ConfigError(
             f"{path} is not an lmlab checkpoint (no 'lmlab' entry); pass a .ckpt written by "
             "`python -m lmlab`"
         )
+    if weights and "state_dict" not in ckpt:
+        inside = path.parent if path.name == SHARDED_META and is_sharded(path.parent) else None
+        fix = f"pass the sharded folder {inside}" if inside else "pass a checkpoint with weights"
+        raise ConfigError(f"{path} holds no weights (no 'state_dict'); {fix}")
     return ckpt
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _load_shards(folder: Path) -> dict:
@@ -78,11 +91,17 @@ def _load_shards(folder: Path) -> dict:
 
 def consolidate(folder: str | Path, output: str | Path | None = None) -> Path:
     """Write a sharded checkpoint folder as one ordinary ``.ckpt`` file (weights, optimizer state,
-    everything ``ckpt_path`` needs); the default output is ``<folder>.consolidated.ckpt``."""
-    folder = Path(folder)
+    everything ``ckpt_path`` needs); the default output is ``<folder>.consolidated.ckpt``, and an
+    output that is a folder gets that name inside it."""
+    folder = Path(folder).expanduser()
     if not is_sharded(folder):
         raise ConfigError(f"{folder} is not a sharded checkpoint folder (no {SHARDED_META})")
-    output = Path(output) if output else folder.with_name(folder.name + ".consolidated.ckpt")
+    name = folder.name + ".consolidated.ckpt"
+    output = Path(output).expanduser() if output else folder.with_name(name)
+    if output.is_dir():
+        output = output / name
+    if not output.parent.is_dir():
+        raise ConfigError(f"{output.parent} does not exist; create it or pass another output path")
     AtomicCheckpointIO().save_checkpoint(read_checkpoint(folder), output)
     return output
 
@@ -114,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("consolidate", help="sharded folder -> one .ckpt file")
     c.add_argument("folder", help="e.g. <run dir>/checkpoints/last.ckpt (a folder under fsdp)")
-    c.add_argument("output", nargs="?", help="default: <folder>.consolidated.ckpt")
+    c.add_argument(
+        "output",
+        nargs="?",
+        help="a file, or a folder to write it in; default: <folder>.consolidated.ckpt",
+    )
     args = parser.parse_args(argv)
     try:
         print(consolidate(args.folder, args.output))

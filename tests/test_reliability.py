@@ -297,6 +297,46 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [path]  # and no temporary file is left behind
 
 
+def test_a_broken_sharded_folder_and_its_metadata_file_are_clear_errors(tmp_path):
+    """torch's CheckpointException is a BaseException: it went past every handler as a traceback.
+    The folder's meta.pt alone holds no weights: the message points at the folder."""
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({"lmlab": {}, "global_step": 3}, folder / "meta.pt")
+    (folder / ".metadata").write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match=r"last\.ckpt is not a readable PyTorch checkpoint"):
+        read_checkpoint(folder)
+    assert read_checkpoint(folder, weights=False)["global_step"] == 3
+    with pytest.raises(ConfigError, match=r"no weights .*; pass the sharded folder .*last\.ckpt$"):
+        read_checkpoint(folder / "meta.pt")
+
+
+def test_consolidate_into_a_folder_writes_the_file_inside_it(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from lmlab.checkpoint import consolidate
+
+    folder = (
+        tmp_path / "last.ckpt"
+    )  # a sharded checkpoint as Lightning writes one: shards + meta.pt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no_dist's deprecation
+        dcp.save(
+            {"state_dict": {"w": torch.ones(2)}},
+            storage_writer=dcp.FileSystemWriter(folder),
+            no_dist=True,
+        )
+    torch.save({"lmlab": {}}, folder / "meta.pt")
+    (tmp_path / "out").mkdir()
+    written = consolidate(folder, tmp_path / "out")
+    assert written == tmp_path / "out" / "last.ckpt.consolidated.ckpt"
+    assert torch.equal(read_checkpoint(written)["state_dict"]["w"], torch.ones(2))
+    with pytest.raises(ConfigError, match=r"missing does not exist; create it"):
+        consolidate(folder, tmp_path / "missing" / "x.ckpt")
+
+
 def test_checkpoint_data_reaches_the_disk_before_its_rename_and_stale_temporaries_go(
     tmp_path, monkeypatch
 ):
@@ -335,6 +375,10 @@ def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
         train(tiny_cfg(f"ckpt_path={bad}"))
+    text = tmp_path / "tokenizer.json"  # a run folder's other files (pickle's own error)
+    text.write_text('{"version": "1.0"}')
+    with pytest.raises(ConfigError, match=r"not a readable PyTorch checkpoint .*UnpicklingError"):
+        read_checkpoint(text)
     torch.save({"model": 1}, bad)
     with pytest.raises(ConfigError, match="not an lmlab checkpoint"):
         train(tiny_cfg(f"ckpt_path={bad}"))
