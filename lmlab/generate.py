@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_run
 from lmlab.errors import ConfigError
+from lmlab.nn.sampling import check_sampling
 from lmlab.paths import CONF_DIR
 
 
@@ -21,11 +22,33 @@ def pick_device(name: str) -> str:
     return name
 
 
+def check_settings(cfg: DictConfig) -> str:
+    """The command's settings, before the model loads; returns the prompt as text (Hydra reads
+    ``prompt=1984`` as a number and ``prompt=null`` as None)."""
+    try:
+        check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, least in (("max_new_tokens", 0), ("num_samples", 1)):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key}={value!r} must be a whole number >= {least}")
+    prompt = "" if cfg.prompt is None else str(cfg.prompt)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding on the command line
+        raise ConfigError(
+            "the prompt is not valid UTF-8 text (the terminal's encoding?); pass it as UTF-8"
+        ) from None
+    return prompt
+
+
 def generate(cfg: DictConfig) -> list[str]:
+    prompt = check_settings(cfg)
     module, tokenizer, _ = load_run(cfg.ckpt_path, pick_device(cfg.device))
     return module.generate_text(
         tokenizer,
-        [cfg.prompt] * cfg.num_samples,
+        [prompt] * cfg.num_samples,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_k=cfg.top_k,

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from lmlab import flops
 from lmlab.data.collate import IGNORE
-from lmlab.errors import NonFiniteLoss
+from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.loggers import ResumableCSVLogger
 from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
@@ -569,6 +569,15 @@ class LMModule(L.LightningModule):
     def samples(self, tokenizer, datamodule, **settings) -> list[str]:
         """Human-readable outputs (generations, reconstructions) for ``samples.txt``."""
         raise NotImplementedError
+
+    def check_prompt_length(self, n_tokens: int) -> None:
+        """A prompt the model reads whole (an encoder's input) must fit its positions."""
+        limit = self.config.max_seq_len
+        if n_tokens > limit:
+            raise ConfigError(
+                f"the prompt is {n_tokens} tokens (with the special tokens the model adds), beyond "
+                f"the model's max_seq_len={limit}; shorten the prompt"
+            )
 
     @contextmanager
     def evaluating(self):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lmlab.models.base import LMModule
 from lmlab.nn.decoder import Decoder, DecoderConfig
+
+log = logging.getLogger(__name__)
 
 
 class DecoderLM(LMModule):
@@ -28,13 +32,26 @@ class DecoderLM(LMModule):
         top_p: float | None = None,
         seed: int = 0,
     ) -> list[str]:
-        """Continue each prompt; a prompt of "" starts from the end-of-document token."""
+        """Continue each prompt; a prompt of "" starts from the end-of-document token. Prompt and
+        continuation share the model's ``max_seq_len`` positions: a longer prompt keeps its last
+        tokens, leaving room for ``max_new_tokens`` (all but one position at most)."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = []
+        limit = self.config.max_seq_len
+        keep = limit - min(max_new_tokens, limit - 1)
         with self.evaluating():
             for prompt in prompts:
                 ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-                ids = ids[-(self.config.max_seq_len - 1) :]
+                if len(ids) > keep:
+                    log.warning(
+                        "the prompt is %d tokens; the model has %d positions for it and %d new "
+                        "tokens: its last %d are used",
+                        len(ids),
+                        limit,
+                        max_new_tokens,
+                        keep,
+                    )
+                    ids = ids[-keep:]
                 x = torch.tensor([ids], device=self.device)
                 y = self.backbone.generate(
                     x,

@@ -86,12 +86,14 @@ class EncoderLM(LMModule):
 
         Special tokens (mask, pad, sentinels, ...) are never proposed: they are not text.
         """
+        self.check_prompt_length(len(ids))
+        text = self.token_bytes > 0  # specials are the zero-byte tokens
         with self.evaluating():
             x = torch.tensor([ids], device=self.device)
             logits = self.backbone(x)[0, :, : self.vocab_size].float()
-            logits[:, self.token_bytes == 0] = float("-inf")  # specials are the zero-byte tokens
+            logits[:, ~text] = float("-inf")
             probs = logits.softmax(-1)
-        p, i = probs.topk(top_k, dim=-1)
+        p, i = probs.topk(min(top_k, int(text.sum())), dim=-1)  # no more than the text tokens
         return i.cpu(), p.cpu()
 
     def fill_mask(self, tokenizer, texts: list[str], top_k: int = 5) -> list[str]:

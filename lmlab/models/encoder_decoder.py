@@ -69,6 +69,7 @@ class EncoderDecoderLM(LMModule):
         out = []
         for prompt in prompts:
             ids = [*tokenizer.encode(prompt, allow_special=True), tokenizer.eos_id]
+            self.check_prompt_length(len(ids))
             (target,) = self.decode_greedy(
                 tokenizer,
                 torch.tensor([ids]),
