@@ -27,7 +27,36 @@ from lmlab.train import build, check_val_docs
 log = logging.getLogger("lmlab")
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """The command's own numbers, before the checkpoint loads."""
+    for key in ("seq_len", "batch_size", "limit_batches"):
+        value = cfg.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"{key}={value!r} must be a whole number >= 1, or null")
+
+
+def output_path(cfg: DictConfig, data_name: str) -> Path:
+    """Where the metrics go: ``output_file``, else ``evaluate-<data name>.json`` in the run folder
+    of a ``<run>/checkpoints/`` checkpoint (beside any other); its folder must exist before any
+    work."""
+    if cfg.output_file:
+        out = Path(cfg.output_file).expanduser()
+    else:
+        ckpt = Path(cfg.ckpt_path).expanduser().resolve()
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        out = run / f"evaluate-{data_name}.json"
+    if not out.parent.is_dir():
+        raise ConfigError(
+            f"the metrics would go to {out}, but {out.parent} is not a folder; create it or pass "
+            "output_file=<path>"
+        )
+    return out
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    check_settings(cfg)
     device = pick_device(cfg.device)
     module, tokenizer, run_cfg = load_run(cfg.ckpt_path, "cpu")
     max_len = getattr(module.config, "max_seq_len", None)
@@ -39,6 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("data") is not None:
         check_data(cfg.data, sizes=False)  # evaluate's own batch_size decides
     data_cfg = cfg.data if cfg.get("data") is not None else run_cfg.data
+    out = output_path(cfg, data_cfg.name)
     corpus = make_corpus(data_cfg, need_train=False)
     if cfg.get("data") is None:  # the run's own data: its held-out documents, unless they changed
         check_val_docs(module.extra_checkpoint, corpus.identity(corpus.val), cfg.ckpt_path)
@@ -80,10 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         batches=float(trainer.num_val_batches[0]),
         whole_split=float(trainer.num_val_batches[0] >= len(dm.val_dataloader())),
     )
-    out = cfg.output_file or Path(cfg.ckpt_path).resolve().parent.parent / (
-        f"evaluate-{data_cfg.name}.json"
-    )
-    Path(out).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     metrics["output_file"] = str(out)
     return metrics
 

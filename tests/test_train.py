@@ -149,6 +149,50 @@ def test_evaluate_refuses_a_seq_len_beyond_the_models_positions_before_data_work
     assert not (tmp_path / "fresh_cache").exists()  # no token store was built first
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"limit_batches": 0}, r"limit_batches=0 must be a whole number >= 1, or null"),
+        ({"batch_size": -2}, r"batch_size=-2 must be a whole number >= 1, or null"),
+        (
+            {"output_file": "/nonexistent/dir/e.json"},
+            r"/nonexistent/dir is not a folder; create it",
+        ),
+    ],
+)
+def test_evaluate_settings_are_refused_before_any_work(trained, tmp_path, settings, message):
+    """The output folder too: a missing one failed after the whole evaluation, losing it."""
+    *_, out = trained
+    cache = tmp_path / "fresh_cache"
+    ecfg = command_cfg(
+        "evaluate",
+        ckpt_path=out / "checkpoints" / "last.ckpt",
+        device="cpu",
+        **settings,
+        **{"paths.cache_dir": str(cache)},
+    )
+    with pytest.raises(ConfigError, match=message):
+        evaluate(ecfg)
+    assert not cache.exists()
+
+
+def test_evaluate_writes_beside_a_checkpoint_outside_a_run_and_expands_home(
+    trained, tmp_path, monkeypatch
+):
+    import shutil
+
+    cfg, _, _, out = trained
+    copy = tmp_path / "shared" / "model.ckpt"  # not in <run>/checkpoints/
+    copy.parent.mkdir()
+    shutil.copy(out / "checkpoints" / "last.ckpt", copy)
+    common = {"device": "cpu", "limit_batches": 1, "paths.cache_dir": cfg.paths.cache_dir}
+    m = evaluate(command_cfg("evaluate", ckpt_path=str(copy), **common))
+    assert m["output_file"] == str(copy.parent / f"evaluate-{cfg.data.name}.json")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    m = evaluate(command_cfg("evaluate", ckpt_path=str(copy), output_file="~/e.json", **common))
+    assert m["output_file"] == str(tmp_path / "e.json") and (tmp_path / "e.json").is_file()
+
+
 def test_evaluate_refuses_a_data_key_of_another_source(trained, tmp_path):
     *_, out = trained
     data = {"name": "shakespeare", "source": "bundled", "val": str(tmp_path / "x.txt")}
