@@ -263,12 +263,11 @@ class ResumableLoader(DataLoader):
         # the batches Lightning takes this epoch (trainer.limit_train_batches): its last step may
         # be short, and its targets are those of the batches trained only
         limit = self.batch_limit() if self.batch_limit is not None else math.inf
-        while step := list(
-            islice(
-                batches,
-                int(min(self.accumulation - index % self.accumulation, max(limit - index, 1))),
-            )
-        ):
+        while True:
+            size = min(self.accumulation - index % self.accumulation, max(limit - index, 1))
+            step = list(islice(batches, int(size)))
+            if not step:
+                break
             # Counted by numpy on the host arrays (a third of the time of torch's small-tensor
             # ops); each batch gets a tensor of its own (all-reduced in place), pinned as the rest.
             labelled = all(isinstance(b, dict) and "labels" in b for b in step)
