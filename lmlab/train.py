@@ -36,6 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab import __version__
+from lmlab.callbacks import last_saved_at_step
 from lmlab.checkpoint import read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.corpus import check_data, make_corpus
@@ -835,10 +836,17 @@ def keep_best(trainer: L.Trainer) -> None:
     """The final validation (``trainer.validate`` after ``fit``, when the last step was not a
     validation step) competes for the best checkpoint too: ModelCheckpoint saves only inside
     ``fit``, so a better last validation left ``best.ckpt`` at an earlier step. Lightning's own
-    top-k bookkeeping (private; tests/test_reliability.py names the private names lmlab uses)."""
+    top-k bookkeeping (private; tests/test_reliability.py names the private names lmlab uses).
+    ``last.ckpt`` follows where no callback wrote it at this step (without ``last_checkpoint`` it
+    stayed at the last validation inside ``fit``, older than ``best.ckpt``)."""
+    last_saved = last_saved_at_step(trainer)
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.save_top_k:
-            cb._save_topk_checkpoint(trainer, cb._monitor_candidates(trainer))
+            candidates = cb._monitor_candidates(trainer)
+            cb._save_topk_checkpoint(trainer, candidates)
+            if cb.save_last and not last_saved:
+                cb._save_last_checkpoint(trainer, candidates)
+                last_saved = True
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

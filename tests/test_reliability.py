@@ -221,7 +221,9 @@ def test_the_private_lightning_names_lmlab_relies_on_are_there():
     from lightning.pytorch.callbacks import ModelCheckpoint  # lmlab.train.keep_best
 
     assert callable(ModelCheckpoint._save_topk_checkpoint)
+    assert callable(ModelCheckpoint._save_last_checkpoint)
     assert callable(ModelCheckpoint._monitor_candidates)
+    assert ModelCheckpoint()._last_global_step_saved == 0  # lmlab.callbacks.last_saved_at_step
 
 
 def test_preemption_switches_off_lightnings_per_step_sigterm_broadcast_for_the_run():
@@ -436,6 +438,29 @@ def test_the_final_validation_competes_for_the_best_checkpoint(tiny_cfg, tmp_pat
     assert best_step == 8  # the tiny model still learns: the last validation is the best
     assert read_checkpoint(out / "checkpoints" / "best.ckpt")["global_step"] == best_step
     assert metrics["val/loss"] == pytest.approx(val[7])
+
+
+@pytest.mark.parametrize(
+    ("dropped", "steps", "interval", "best"),
+    [
+        # ModelCheckpoint gone: the final step was validated but nobody wrote last.ckpt there
+        ("callbacks.model_checkpoint=null", 5, 5, None),
+        # PeriodicCheckpoint gone: the final validation after fit wrote best.ckpt, not last.ckpt
+        ("callbacks.last_checkpoint=null", 5, 2, 5),
+    ],
+)
+def test_last_ckpt_holds_the_final_step_whichever_checkpoint_callback_is_dropped(
+    tiny_cfg, tmp_path, dropped, steps, interval, best
+):
+    out = tmp_path / "run"
+    common = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={interval}"]
+    if "last_checkpoint" not in dropped:
+        common.append("callbacks.last_checkpoint.every_n_train_steps=2")  # saves at 2 and 4
+    train(tiny_cfg(dropped, *common, output_dir=out))
+    folder = out / "checkpoints"
+    assert read_checkpoint(folder / "last.ckpt", weights=False)["global_step"] == steps
+    if best is not None:
+        assert read_checkpoint(folder / "best.ckpt", weights=False)["global_step"] == best
 
 
 def test_resume_applies_changed_optim_settings(tiny_cfg, tmp_path):

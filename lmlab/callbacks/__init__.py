@@ -366,15 +366,27 @@ class Preemption(Checkpoint):
         trainer._signal_connector.received_sigterm = True
 
 
+def last_saved_at_step(trainer) -> bool:
+    """Whether a checkpoint callback that writes ``last.ckpt`` has saved at the current step
+    (Lightning's private record of each callback's last save; tests/test_reliability.py names it)."""
+    return any(
+        isinstance(cb, ModelCheckpoint)
+        and cb.save_last
+        and cb._last_global_step_saved == trainer.global_step
+        for cb in trainer.checkpoint_callbacks
+    )
+
+
 class PeriodicCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps, and at the end of training only when the final
-    step was not already saved by the validation-time checkpoint.
+    """``last.ckpt`` every ``every_n_train_steps`` steps, and at the end of training only when no
+    checkpoint callback saved ``last.ckpt`` at the final step already.
 
     Lightning's ``on_train_end`` save comes after the run's last epoch is closed, and a run resumed
-    from it (to extend it) starts a new data epoch and labels its steps one higher; the save made at the
-    final step's validation resumes exactly, so it is kept whenever there is one.
+    from it (to extend it) starts a new data epoch and labels its steps one higher; a save made
+    during the final step (its validation's, or this callback's periodic one) resumes exactly, so it
+    is kept whenever there is one.
     """
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if getattr(pl_module, "last_val_step", -1) != trainer.global_step:
+        if not last_saved_at_step(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
