@@ -215,9 +215,17 @@ def check_objective(cfg: DictConfig) -> None:
     known_kind = tok.get("kind") in ("bpe", "byte", "pretrained")  # else check_tokenizer refuses it
     sentinels = sentinel_count(tok) if known_kind else None
     values = {k: v for k, v in known.items() if v is not inspect.Parameter.empty}
-    objective.check_settings(
-        **{**values, **settings, "seq_len": cfg.seq_len, "num_sentinels": sentinels}
-    )
+    everything = {**values, **settings, "seq_len": cfg.seq_len}
+    objective.check_settings(**everything, num_sentinels=sentinels)
+    max_target = cfg.model.get("max_target_len")
+    if max_target is not None and hasattr(objective, "target_length"):
+        target = objective.target_length(**everything)
+        if target > max_target:
+            raise ConfigError(
+                f"objective={cfg.objective.name} with seq_len={cfg.seq_len} makes targets of "
+                f"{target} tokens, more than model.max_target_len={max_target} (the decoder's "
+                f"positions); set model.max_target_len={target} or more"
+            )
 
 
 def check_settings(cfg: DictConfig) -> None:

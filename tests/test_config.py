@@ -134,6 +134,13 @@ def test_compatibility_table_rows():
             r"optim\.momentum is not a setting of optim; its settings are lr, weight_decay, betas",
         ),
         ("+sample.temp=0.5", r"sample\.temp is not a setting of sample; .*, temperature, "),
+        (
+            "+tokenizer.min_freq=5",
+            r"tokenizer\.min_freq is not a setting of any tokenizer; tokenizer=bpe's settings are "
+            r"kind, vocab_size, num_sentinels, min_frequency$",
+        ),
+        ("model.pad_vocab_to=0", r"model\.pad_vocab_to must be >= 1, got 0"),
+        ("model.mlp_hidden=0", r"model\.mlp_hidden must be >= 1, got 0"),
         ("loss_chunk_size=-1", "loss_chunk_size must be >= 0"),
         ("compile=fast", "compile='fast' is not a setting; use false, true .* max-autotune"),
         ("compile_scope=layers", "compile_scope='layers' is not a setting; use model or blocks"),
@@ -156,6 +163,38 @@ def test_settings_out_of_range(compose_cfg, override, message):
     cfg = compose_cfg(override, "model.max_seq_len=256")
     with pytest.raises(ConfigError, match=message):
         check_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["objective.noise_density=0.5"],
+            r"objective=span with seq_len=32 makes targets of 33 tokens, more than "
+            r"model\.max_target_len=32 \(the decoder's positions\); set model\.max_target_len=33",
+        ),
+        (
+            ["objective=denoise", "model.max_target_len=4"],
+            r"objective=denoise with seq_len=32 makes targets of 32 tokens, more than "
+            r"model\.max_target_len=4",
+        ),
+    ],
+)
+def test_encoder_decoder_targets_must_fit_the_decoders_positions(compose_cfg, overrides, message):
+    """A span target beyond max_target_len crashed in the first step, naming max_seq_len; denoising
+    trained on targets longer than max_target_len, whose only effect was shorter samples."""
+    cfg = compose_cfg("model=encoder_decoder", "objective=span", "seq_len=32", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_settings(cfg)
+    check_settings(compose_cfg("model=encoder_decoder", "objective=span", "seq_len=32"))
+
+
+def test_another_tokenizer_kinds_setting_is_a_warning(compose_cfg, caplog):
+    """An experiment's tokenizer.vocab_size under tokenizer=pretrained (or byte) does no harm."""
+    check_settings(compose_cfg("tokenizer=byte", "++tokenizer.vocab_size=400"))
+    assert (
+        "tokenizer.vocab_size is a setting of another tokenizer kind; tokenizer=byte" in caplog.text
+    )
 
 
 def test_registry_command_prints_the_table_and_has_help(capsys):

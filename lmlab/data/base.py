@@ -471,6 +471,12 @@ class Seq2SeqDataModule(WindowDataModule):
     def target_len(self) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def target_length(cls, *, seq_len: int, **settings) -> int:
+        """:attr:`target_len` from the settings alone (checked against the model's decoder
+        positions before any work)."""
+        raise NotImplementedError
+
     def corrupt(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 

@@ -152,6 +152,10 @@ class DenoisingDataModule(Seq2SeqDataModule):
     def target_len(self) -> int:
         return self.seq_len
 
+    @classmethod
+    def target_length(cls, *, seq_len: int, **_) -> int:
+        return seq_len
+
     def corrupt(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
         """(input, target) of one example, reproducible from (seed, epoch, start)."""
         rng = example_rng(self.seed, ex)

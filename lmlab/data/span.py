@@ -292,6 +292,12 @@ class SpanCorruptionDataModule(Seq2SeqDataModule):
         """Decoder length: the target of a full window (shorter windows have shorter targets)."""
         return self._target_len
 
+    @classmethod
+    def target_length(
+        cls, *, seq_len: int, noise_density: float, mean_span_length: float, **_
+    ) -> int:
+        return compute_lengths(seq_len, float(noise_density), float(mean_span_length))[1]
+
     def corrupt(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
         """(input, target) of one example, reproducible from (seed, epoch, start): exactly its row
         of any batch :meth:`make_batch` puts it in, without the padding."""

@@ -354,6 +354,22 @@ def check_tokenizer(cfg) -> None:
         "byte": ("num_sentinels",),
         "pretrained": ("num_sentinels",),  # null there: the file's own
     }
+    own = {kind: ("kind", *keys) for kind, keys in whole.items()}
+    own["pretrained"] += ("path",)
+    every = {key for keys in own.values() for key in keys}
+    unknown = sorted(set(cfg) - every)
+    if unknown:
+        raise ConfigError(
+            f"tokenizer.{unknown[0]} is not a setting of any tokenizer; tokenizer={cfg.get('kind')}'s "
+            f"settings are {', '.join(own.get(cfg.get('kind'), sorted(every)))}"
+        )
+    for key in sorted(set(cfg) - set(own.get(cfg.get("kind"), every))):
+        # another kind's (an experiment's vocab_size under tokenizer=pretrained): harmless
+        log.warning(
+            "tokenizer.%s is a setting of another tokenizer kind; tokenizer=%s does not use it",
+            key,
+            cfg.kind,
+        )
     for key in whole.get(cfg.kind, ()):
         value = cfg.get(key)
         if value is None and cfg.kind == "pretrained":

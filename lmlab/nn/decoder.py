@@ -43,7 +43,8 @@ class DecoderConfig:
             self.n_kv_heads = self.n_heads
         if self.mlp_hidden is None:
             self.mlp_hidden = multiple_of(int(8 * self.d_model / 3), 64)
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len"):
+        positive = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "max_seq_len")
+        for name in (*positive, "mlp_hidden", "pad_vocab_to"):  # pad_vocab_to=1: no padding
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
