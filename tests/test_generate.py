@@ -25,7 +25,8 @@ def module_and_tokenizer(compose_cfg, family: str):
 
 
 def test_a_long_prompt_keeps_its_end_and_leaves_room_for_the_new_tokens(compose_cfg, caplog):
-    """32 positions, 20 new tokens: the prompt keeps its last 12 tokens (it kept 31, leaving one)."""
+    """32 positions, 20 new tokens: the prompt keeps its last 16 (it kept 31, leaving one new
+    token); room is left for at most half the positions, so a short prompt is never cut."""
     module, tok = module_and_tokenizer(compose_cfg, "decoder")
     prompt = "abcdefghij" * 5  # 50 byte tokens
     fed = []
@@ -37,9 +38,12 @@ def test_a_long_prompt_keeps_its_end_and_leaves_room_for_the_new_tokens(compose_
 
     module.backbone.generate = spy
     (text,) = module.generate_text(tok, [prompt], max_new_tokens=20, temperature=0.0)
-    assert fed == [tok.encode(prompt)[-12:]]
-    assert "the prompt is 50 tokens" in caplog.text and "its last 12 are used" in caplog.text
+    assert fed == [tok.encode(prompt)[-16:]]
+    assert "the prompt is 50 tokens" in caplog.text and "its last 16 are used" in caplog.text
     assert text.startswith(prompt)
+    caplog.clear()
+    module.generate_text(tok, ["ROMEO:"], max_new_tokens=120, temperature=0.0)
+    assert fed[-1] == tok.encode("ROMEO:") and not caplog.text
 
 
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])

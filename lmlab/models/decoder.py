@@ -33,12 +33,13 @@ class DecoderLM(LMModule):
         seed: int = 0,
     ) -> list[str]:
         """Continue each prompt; a prompt of "" starts from the end-of-document token. Prompt and
-        continuation share the model's ``max_seq_len`` positions: a longer prompt keeps its last
-        tokens, leaving room for ``max_new_tokens`` (all but one position at most)."""
+        continuation share the model's ``max_seq_len`` positions: a prompt too long to leave room
+        for ``max_new_tokens`` (up to half the positions) keeps its last tokens; the continuation
+        stops where the positions end."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = []
         limit = self.config.max_seq_len
-        keep = limit - min(max_new_tokens, limit - 1)
+        keep = limit - min(max_new_tokens, limit // 2)
         with self.evaluating():
             for prompt in prompts:
                 ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
