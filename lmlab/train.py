@@ -285,6 +285,13 @@ def accumulation(cfg: DictConfig) -> int:
             f"trainer.num_nodes = {cfg.data.batch_size} x {devices} x {t.get('num_nodes', 1)} = "
             f"{per_pass}; change one of them (accumulation = global / that product)"
         )
+    own = t.get("accumulate_grad_batches", 1)
+    if own not in (None, 1, gbs // per_pass):
+        raise ConfigError(
+            f"global_batch_size={gbs} sets the gradient accumulation to {gbs // per_pass} "
+            f"(= {gbs} / {per_pass} sequences per pass), but trainer.accumulate_grad_batches={own}; "
+            "set only one of them"
+        )
     return gbs // per_pass
 
 

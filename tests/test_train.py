@@ -521,7 +521,12 @@ def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_target
         (
             ["global_batch_size=10", "data.batch_size=4"],
             r"global_batch_size=10 is not a multiple of .* = 4 x 1 x 1 = 4",
-        )
+        ),
+        (  # both set, disagreeing: the trainer's was silently overridden
+            ["global_batch_size=8", "data.batch_size=4", "trainer.accumulate_grad_batches=4"],
+            r"global_batch_size=8 sets the gradient accumulation to 2 .* but "
+            r"trainer\.accumulate_grad_batches=4; set only one",
+        ),
     ],
 )
 def test_impossible_global_batch_is_refused(tiny_cfg, overrides, message):
