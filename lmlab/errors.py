@@ -7,6 +7,10 @@ class ConfigError(ValueError):
     """Bad configuration or input; the message names the problem and the fix."""
 
 
+class RunExists(ConfigError):
+    """A fresh start refused in a folder that holds a run's checkpoint; that run is left as it was."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops, keeping its last good checkpoint."""
 

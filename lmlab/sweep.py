@@ -33,7 +33,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lmlab.errors import ConfigError, Preempted
+from lmlab.errors import ConfigError, Preempted, RunExists
 from lmlab.paths import file_lock
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,12 @@ def check_optimized_metric(name: str | None, *, required: bool = False) -> None:
         )
 
 
+def sweep_dir(hydra_cfg) -> Path:
+    """The sweep folder; a relative ``hydra.sweep.dir`` is the launch folder's (under
+    ``hydra.job.chdir=true`` the job runs in its own folder when Hydra calls back)."""
+    return Path(hydra_cfg.runtime.get("cwd") or ".") / hydra_cfg.sweep.dir
+
+
 class SweepSummary(Callback):
     def __init__(self, filename: str = "sweep_summary.csv") -> None:
         self.filename = filename
@@ -108,7 +114,9 @@ class SweepSummary(Callback):
         # a finished job that a resumed sweep found (train() trained nothing) keeps its row
         trained = error is not None or not summary.is_file() or summary.stat().st_mtime >= started
         row = job_row(num, out, job_return.overrides or [], error)
-        append_row(Path(config.hydra.sweep.dir) / self.filename, row, replace=trained)
+        # a fresh start refused in a finished job's folder changed nothing: its row stays
+        replace = trained and not isinstance(error, RunExists)
+        append_row(sweep_dir(config.hydra) / self.filename, row, replace=replace)
 
 
 def job_row(num: int, out: Path, overrides: list[str], error: BaseException | None) -> dict:
@@ -146,7 +154,7 @@ def record_preempted(error: Preempted) -> str:
     hc = HydraConfig.get()
     for cb in (hc.callbacks or {}).values():
         if cb and cb.get("_target_") == f"{__name__}.{SweepSummary.__name__}":
-            path = Path(hc.sweep.dir) / cb.get("filename", "sweep_summary.csv")
+            path = sweep_dir(hc) / cb.get("filename", "sweep_summary.csv")
             row = job_row(hc.job.num, Path(hc.runtime.output_dir), list(hc.overrides.task), error)
             append_row(path, row)
     if "submitit" in str(hc.launcher.get("_target_", "")):

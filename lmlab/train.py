@@ -18,6 +18,7 @@ import logging
 import math
 import netrc
 import os
+import shutil
 import time
 import typing
 from pathlib import Path
@@ -47,7 +48,7 @@ from lmlab.data.tokenizers import (
     check_tokenizer,
     sentinel_count,
 )
-from lmlab.errors import ConfigError, Preempted
+from lmlab.errors import ConfigError, Preempted, RunExists
 from lmlab.loggers import RUN_ID_FILE
 from lmlab.models.base import OPTIM_DEFAULTS, check_loss_chunk_size
 from lmlab.nn.sampling import check_sampling
@@ -567,13 +568,58 @@ def check_fresh_start(output_dir: Path) -> None:
     metrics.csv rows are new (LMModule.on_train_start drops the attempt's rows)."""
     last = output_dir / "checkpoints" / "last.ckpt"
     if last.exists():
-        raise ConfigError(
+        if rank_zero_only.rank == 0:
+            restore_hydra_files(output_dir)
+        raise RunExists(
             f"{output_dir} already holds a run ({last}); resume it with ckpt_path=last (or auto), "
             "or start a new run in another folder (hydra.run.dir=...): starting afresh here would "
             "overwrite its checkpoints and logs"
         )
     if rank_zero_only.rank == 0:
         (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
+
+
+HYDRA_KEPT = (
+    ".hydra.run"  # the .hydra files of the run's latest start (lmlab.train.keep_hydra_files)
+)
+
+
+def keep_hydra_files(output_dir: Path) -> None:
+    """Copy the ``.hydra`` files Hydra wrote for this start (config, overrides) to
+    ``<run>/.hydra.run``: Hydra writes ``.hydra`` before lmlab can refuse a start, so a refused
+    fresh start in this folder (a sweep re-run by mistake) would leave its overrides over this
+    run's, and reports would label the run with them."""
+    files = _hydra_files(output_dir)
+    if files:
+        kept = output_dir / HYDRA_KEPT
+        kept.mkdir(exist_ok=True)
+        for f in files:
+            shutil.copy2(f, kept / f.name)
+
+
+def restore_hydra_files(output_dir: Path) -> None:
+    kept = output_dir / HYDRA_KEPT
+    if kept.is_dir() and _hydra_files(output_dir):
+        for f in kept.glob("*.yaml"):
+            shutil.copy2(f, _hydra_output_subdir(output_dir) / f.name)
+        log.info("%s: the run's .hydra files are kept as they were", output_dir)
+
+
+def _hydra_output_subdir(output_dir: Path) -> Path | None:
+    """This Hydra job's ``.hydra`` folder when it is ``output_dir``'s (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.output_subdir is None or Path(hc.runtime.output_dir).resolve() != output_dir.resolve():
+        return None
+    return output_dir / hc.output_subdir
+
+
+def _hydra_files(output_dir: Path) -> list[Path]:
+    folder = _hydra_output_subdir(output_dir)
+    return sorted(folder.glob("*.yaml")) if folder is not None and folder.is_dir() else []
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -789,7 +835,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             objects["ckpt_path"],
             objects["ckpt_step"],
         )
+        if rank_zero_only.rank == 0:
+            restore_hydra_files(objects["output_dir"])  # the run is as it was
         return json.loads(summary.read_text()), objects
+    if rank_zero_only.rank == 0:
+        keep_hydra_files(objects["output_dir"])
     describe(objects)
     log_config(trainer, cfg)
     status = "failed"  # what the loggers are told at the end, unless the run gets further

@@ -280,7 +280,7 @@ def job_config(sweep: Path, num: int):
             "hydra": {
                 "mode": "RunMode.MULTIRUN",
                 "job": {"num": num},
-                "runtime": {"output_dir": str(out)},
+                "runtime": {"output_dir": str(out), "cwd": str(sweep.parent)},
                 "sweep": {"dir": str(sweep)},
             }
         }
@@ -339,6 +339,72 @@ def test_a_skipped_finished_job_keeps_its_row_and_a_failed_rerun_replaces_it(tmp
         "RuntimeError: boom",
         None,
     )
+
+
+def test_a_refused_fresh_start_keeps_the_finished_jobs_row(tmp_path):
+    """Re-running a sweep into its folder without ckpt_path: each job is refused (RunExists) and
+    changes nothing, its completed row included (it became 'failed' for good)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from lmlab.errors import RunExists
+    from lmlab.sweep import SweepSummary
+
+    cb, sweep = SweepSummary(), tmp_path / "sweep"
+    cb.on_job_start(job_config(sweep, 0))
+    (sweep / "0" / "summary.json").write_text(json.dumps({"val/bpb": 1.5}))
+    cb.on_job_end(job_config(sweep, 0), JobReturn(overrides=["a=1"], status=JobStatus.COMPLETED))
+    (first,) = csv.DictReader((sweep / "sweep_summary.csv").open())
+    cb.on_job_start(job_config(sweep, 0))
+    refused = JobReturn(overrides=["a=2"], status=JobStatus.FAILED)
+    refused._return_value = RunExists("already holds a run")
+    cb.on_job_end(job_config(sweep, 0), refused)
+    assert list(csv.DictReader((sweep / "sweep_summary.csv").open())) == [first]
+    assert first["status"] == "completed"
+
+
+def test_a_relative_sweep_dir_is_the_launch_folders_under_job_chdir(tmp_path, monkeypatch):
+    """Hydra calls on_job_end before it changes back from the job's folder (hydra.job.chdir=true):
+    the summary went to <job>/<sweep dir>/, one per job."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from lmlab.sweep import SweepSummary
+
+    config = job_config(tmp_path / "sw", 0)
+    config.hydra.sweep.dir = "sw"
+    config.hydra.runtime.cwd = str(tmp_path)
+    monkeypatch.chdir(tmp_path / "sw" / "0")  # the job's folder
+    cb = SweepSummary()
+    cb.on_job_start(config)
+    cb.on_job_end(config, JobReturn(overrides=["a=1"], status=JobStatus.COMPLETED))
+    assert (tmp_path / "sw" / "sweep_summary.csv").is_file()
+    assert not (tmp_path / "sw" / "0" / "sw").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_into_its_folder_is_refused_and_changes_nothing(tmp_path):
+    """Hydra writes each job's .hydra files before lmlab refuses the fresh start: the jobs' own
+    come back, so reports still label the runs by their values (they showed the refused ones)."""
+    import yaml
+
+    assert multirun(tmp_path, "optim.lr=1e-3,3e-3").returncode == 0
+    sweep = tmp_path / "sweep"
+    before = {p: p.read_text() for p in sorted(sweep.glob("*/.hydra/*.yaml"))}
+    rows = (sweep / "sweep_summary.csv").read_text()
+    again = multirun(tmp_path, "optim.lr=5e-2,7e-2")
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    assert {p: p.read_text() for p in before} == before
+    assert (sweep / "sweep_summary.csv").read_text() == rows
+    overrides = yaml.safe_load((sweep / "1" / ".hydra" / "overrides.yaml").read_text())
+    assert "optim.lr=0.003" in overrides and "optim.lr=0.07" not in overrides
+
+
+@pytest.mark.slow
+def test_a_multirun_of_searches_records_a_failing_search_and_runs_the_others(tmp_path):
+    p = multirun(tmp_path, "hparams_search=optuna", "hparams_search.direction=sideways", "seed=1,2")
+    assert p.returncode != 0
+    rows = list(csv.DictReader((tmp_path / "sweep" / "sweep_summary.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "failed"), ("1", "failed")]
+    assert "hparams_search.direction='sideways'" in rows[1]["error"]
 
 
 def test_metric_list_is_what_lmlab_logs():
