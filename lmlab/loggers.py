@@ -110,9 +110,9 @@ def wandb_logger(
 
     if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
         hc = HydraConfig.get()
-        # the absolute folder (a relative sweep.dir is the launch folder's), as report.wandb_group
-        # finds it from the run folder on disk
-        sweep_dir = str(Path(hc.sweep.dir).resolve())
+        # the absolute folder (a relative sweep.dir is the launch folder's, also under
+        # hydra.job.chdir=true), as report.wandb_group finds it from the run folder on disk
+        sweep_dir = str((Path(hc.runtime.cwd) / hc.sweep.dir).resolve())
         sweep_group, job_name = sweep_identity(sweep_dir, hc.job.override_dirname)
         group, name = group or sweep_group, job_name or name
     id_file = Path(save_dir) / RUN_ID_FILE

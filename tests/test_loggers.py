@@ -78,7 +78,8 @@ def test_a_multirun_with_a_relative_sweep_dir_groups_by_its_absolute_folder(tmp_
     """The W&B group of a multirun job is the last three parts of the sweep folder resolved
     against the launch folder, as lmlab.report finds it from the run folder on disk: a relative
     sweep dir of fewer than three parts gave the logger "sw3-07-57-09" and the report
-    "<parent>-sw3-07-57-09", so the report's filter matched no run."""
+    "<parent>-sw3-07-57-09", so the report's filter matched no run. Under hydra.job.chdir=true
+    the job runs in its own folder: the launch folder is Hydra's runtime.cwd."""
     from types import SimpleNamespace
 
     from hydra.core.hydra_config import HydraConfig
@@ -89,11 +90,13 @@ def test_a_multirun_with_a_relative_sweep_dir_groups_by_its_absolute_folder(tmp_
         mode="RunMode.MULTIRUN",
         sweep=SimpleNamespace(dir="sw3/07-57-09"),
         job=SimpleNamespace(override_dirname="optim.lr=0.001"),
+        runtime=SimpleNamespace(cwd=str(tmp_path)),
     )
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sw3" / "07-57-09" / "0").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "sw3" / "07-57-09" / "0")  # hydra.job.chdir=true
     logger = wandb_logger(save_dir=str(tmp_path / "sw3" / "07-57-09" / "0"), project="p")
     group = sweep_identity(str(tmp_path / "sw3" / "07-57-09"), "")[0]
     assert logger._wandb_init["group"] == group and group.endswith("-sw3-07-57-09")
