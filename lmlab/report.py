@@ -708,7 +708,7 @@ def wandb_group(run_dir: Path) -> str | None:
         return None
     raw = OmegaConf.to_container(hydra_cfg.hydra.sweep, resolve=False).get("dir")  # type: ignore[union-attr]
     if isinstance(raw, str) and raw and "${" not in raw and Path(raw).is_absolute():
-        return sweep_identity(raw, "")[0]
+        return sweep_identity(str(Path(raw).resolve()), "")[0]  # as the logger (links, ..)
     subdir = _select(hydra_cfg, "hydra.sweep.subdir")
     depth = len(Path(str(subdir)).parts) if subdir not in (None, "") else 1
     return sweep_identity(str(run_dir.resolve().parents[depth - 1]), "")[0]
@@ -970,12 +970,20 @@ def create_wandb_report(
     runs = collect_runs(sweep_dir)
     check_metric(runs, Path(sweep_dir), metric)
     target = wandb_target(runs, entity, project, group)
-    if target.entity is None:  # the account's default entity, as the runs were logged
-        import wandb
+    try:  # the server calls: no network, a refused key, a busy service
+        if target.entity is None:  # the account's default entity, as the runs were logged
+            import wandb
 
-        target.entity = wandb.Api().default_entity
-    report = build_wandb_report(runs, target, metric, maximize, description=f"Sweep {sweep_dir}.")
-    report.save()
+            target.entity = wandb.Api().default_entity
+        report = build_wandb_report(
+            runs, target, metric, maximize, description=f"Sweep {sweep_dir}."
+        )
+        report.save()
+    except Exception as e:  # wandb's and requests' errors have no common base
+        raise ConfigError(
+            f"the W&B Report could not be created ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the HTML report is written; retry --wandb when W&B is reachable"
+        ) from None
     return report.url
 
 

@@ -540,6 +540,39 @@ def test_wandb_group_follows_the_logger(
     assert saved_filters(grid.runsets[0])["filters"][0]["value"] == [group]
 
 
+def test_wandb_group_of_a_sweep_dir_through_a_link_is_the_loggers(
+    sweep: Path, tmp_path: Path
+) -> None:
+    """The logger resolves the sweep folder (links, ..): the report must name the same group."""
+    from lmlab.loggers import sweep_identity
+    from lmlab.report import wandb_group
+
+    real = tmp_path / "real" / "sw"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    as_wandb_sweep(sweep, str(tmp_path / "link" / "sw"))
+    assert wandb_group(sweep / "0") == sweep_identity(str(real), "")[0]
+
+
+def test_cli_wandb_server_errors_are_one_line_and_keep_the_html(
+    sweep: Path, no_network, monkeypatch, capsys
+) -> None:
+    pytest.importorskip("wandb_workspaces")
+    import wandb_workspaces.reports.v2 as wr
+
+    def busy(self, **kw):
+        raise RuntimeError("Failed to verify credentials: service process is busy\ntraceback...")
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(wr.Report, "save", busy)
+    as_wandb_sweep(sweep)
+    assert main([str(sweep), "--wandb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the W&B Report could not be created (RuntimeError: Failed to")
+    assert "the HTML report is written" in err and "traceback" not in err
+    assert (sweep / "report.html").is_file()
+
+
 def test_wandb_target_flags_config_and_environment(sweep: Path, monkeypatch) -> None:
     from lmlab.report import wandb_target
 
