@@ -38,6 +38,8 @@ def main(cfg: DictConfig) -> float | None:
         try:
             return run_search(cfg)["value"]
         except ConfigError as e:
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # Hydra records the job as failed and runs the others (as below)
             log.error("%s", e)
             sys.exit(2)
         except Preempted as e:
