@@ -74,6 +74,23 @@ def test_drop_rows_from_without_a_file_does_nothing(tmp_path):
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
+def test_a_resumed_sweep_jobs_name_leaves_out_ckpt_path():
+    """The W&B name of a multirun job is Hydra's override_dirname: re-running the sweep with
+    ckpt_path=auto (as the preemption message advises) renamed every job's run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab.paths import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["optim.lr=0.001", "ckpt_path=auto"], return_hydra_config=True
+        )
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.job.override_dirname == "optim.lr=0.001"
+
+
 def test_a_multirun_with_a_relative_sweep_dir_groups_by_its_absolute_folder(tmp_path, monkeypatch):
     """The W&B group of a multirun job is the last three parts of the sweep folder resolved
     against the launch folder, as lmlab.report finds it from the run folder on disk: a relative
