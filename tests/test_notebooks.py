@@ -56,6 +56,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
                 "trainer.val_check",
                 "trainer.enable_progress",
                 "callbacks.progress",
+                "trainer.log_every_n_steps",  # the notebook's own: fewer STEPS than the default 10
             )
         )
     ]
