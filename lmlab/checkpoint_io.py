@@ -29,7 +29,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         prefix = f".{path.name}.tmp"
         tmp = path.with_name(f"{prefix}{os.getpid()}")
         for stale in path.parent.glob(f"{prefix}*"):
-            if stale != tmp:  # a killed save's (one process writes a run's files)
+            # a killed save's file (one process writes a run's files); a killed sharded save's
+            # folder is lmlab.parallel's to handle
+            if stale != tmp and stale.is_file():
                 stale.unlink(missing_ok=True)
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)

@@ -979,6 +979,8 @@ def create_wandb_report(
             runs, target, metric, maximize, description=f"Sweep {sweep_dir}."
         )
         report.save()
+    except (ConfigError, ImportError):
+        raise
     except Exception as e:  # wandb's and requests' errors have no common base
         raise ConfigError(
             f"the W&B Report could not be created ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

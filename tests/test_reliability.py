@@ -352,6 +352,7 @@ def test_checkpoint_data_reaches_the_disk_before_its_rename_and_stale_temporarie
     stale.write_bytes(b"PK\x03\x04 a killed save's")
     other = tmp_path / ".best.ckpt.tmp99999999"  # another target's: not this save's business
     other.write_bytes(b"x")
+    (tmp_path / ".last.ckpt.tmp").mkdir()  # a killed sharded save's folder: lmlab.parallel's
     events = []
     fsync, replace = os.fsync, os.replace
 
@@ -369,7 +370,11 @@ def test_checkpoint_data_reaches_the_disk_before_its_rename_and_stale_temporarie
     tmp = f".last.ckpt.tmp{os.getpid()}"
     assert events == [("fsync", tmp), ("replace", tmp, "last.ckpt"), ("fsync", tmp_path.name)]
     assert torch.load(path)["global_step"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.ckpt.tmp99999999", "last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".best.ckpt.tmp99999999",
+        ".last.ckpt.tmp",
+        "last.ckpt",
+    ]
 
 
 def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path):
