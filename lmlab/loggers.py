@@ -97,12 +97,15 @@ def wandb_logger(
     group: str | None = None,
     tags: Sequence[str] = (),
     extra_tags: Sequence[str] = (),
+    trial: str | None = None,
     **kwargs,
 ) -> WandbLogger:
     """Lightning's ``WandbLogger`` with lmlab's conventions:
 
     - tags: the automatic ones (model, objective, data, tokenizer) plus the user's;
     - in a Hydra multirun, the group defaults to the sweep and the name to the job's overrides;
+    - a search trial (``trial``: its sampled values, set by :mod:`lmlab.search`) is named by them,
+      after the job's overrides in a multirun of searches;
     - the W&B run id is kept in ``<run dir>/wandb_run_id``, so resuming the run (``ckpt_path=last``
       into the same folder) continues the same W&B run instead of starting a new one.
     """
@@ -115,6 +118,9 @@ def wandb_logger(
         sweep_dir = str((Path(hc.runtime.cwd) / hc.sweep.dir).resolve())
         sweep_group, job_name = sweep_identity(sweep_dir, hc.job.override_dirname)
         group, name = group or sweep_group, job_name or name
+        if trial and job_name:
+            trial = f"{job_name} {trial}"
+    name = trial or name
     id_file = Path(save_dir) / RUN_ID_FILE
     if id_file.is_file():
         run_id = id_file.read_text().strip()

@@ -111,7 +111,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             with open_dict(trial_cfg):
                 if OmegaConf.select(trial_cfg, "logger.wandb.group") is None:
                     trial_cfg.logger.wandb.group = sweep_identity(str(root.resolve()), "")[0]
-                trial_cfg.logger.wandb.name = ",".join(overrides)
+                trial_cfg.logger.wandb.trial = ",".join(overrides)
         (out / ".hydra").mkdir(parents=True, exist_ok=True)
         (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
         OmegaConf.save(trial_cfg, out / ".hydra" / "config.yaml")

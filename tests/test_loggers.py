@@ -118,3 +118,7 @@ def test_a_multirun_with_a_relative_sweep_dir_groups_by_its_absolute_folder(tmp_
     group = sweep_identity(str(tmp_path / "sw3" / "07-57-09"), "")[0]
     assert logger._wandb_init["group"] == group and group.endswith("-sw3-07-57-09")
     assert logger._wandb_init["name"] == "optim.lr=0.001"
+    # a trial of a search run as a multirun job: the job's overrides, then the trial's values
+    trial = wandb_logger(save_dir=str(tmp_path / "t"), project="p", trial="model.n_layers=3")
+    assert trial._wandb_init["name"] == "optim.lr=0.001 model.n_layers=3"
+    assert trial._wandb_init["group"] == group

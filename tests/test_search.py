@@ -95,7 +95,7 @@ def test_trials_logged_to_wandb_share_the_searchs_group_and_are_named_by_their_v
     seen = []
 
     def fake(cfg):
-        seen.append((cfg.logger.wandb.group, cfg.logger.wandb.name, cfg.optim.lr))
+        seen.append((cfg.logger.wandb.group, cfg.logger.wandb.trial, cfg.optim.lr))
         return {"val/bpb": cfg.optim.lr}, {}
 
     monkeypatch.setattr("lmlab.train.train", fake)
