@@ -7,6 +7,17 @@ class ConfigError(ValueError):
     """Bad configuration or input; the message names the problem and the fix."""
 
 
+def refuse_unknown_keys(group: str, values, known, of: str | None = None) -> None:
+    """A key of config group ``group`` that nothing reads (``+optim.momentum=0.9``) is refused,
+    naming the ones that are read (the settings ``of`` a group's option, e.g. ``data=files``)."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{group}.{unknown[0]} is not a setting of {of or group}; its settings are "
+            f"{', '.join(known)}"
+        )
+
+
 class RunExists(ConfigError):
     """A fresh start refused in a folder that holds a run's checkpoint; that run is left as it was."""
 

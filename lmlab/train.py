@@ -48,7 +48,7 @@ from lmlab.data.tokenizers import (
     check_tokenizer,
     sentinel_count,
 )
-from lmlab.errors import ConfigError, Preempted, RunExists
+from lmlab.errors import ConfigError, Preempted, RunExists, refuse_unknown_keys
 from lmlab.loggers import RUN_ID_FILE
 from lmlab.models.base import OPTIM_DEFAULTS, check_loss_chunk_size
 from lmlab.nn.sampling import check_sampling
@@ -92,12 +92,7 @@ def check_model(cfg: DictConfig) -> None:
     settings.pop("_target_", None)
     settings.pop("name", None)
     known = {f.name for f in dataclasses.fields(config_class) if f.init} - {"vocab_size"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ConfigError(
-            f"model.{unknown[0]} is not a setting of model={cfg.model.name}; its settings are "
-            f"{', '.join(sorted(known))}"
-        )
+    refuse_unknown_keys("model", settings, sorted(known), of=f"model={cfg.model.name}")
     hints = typing.get_type_hints(config_class)
     for key, value in settings.items():
         if hints.get(key) in (int, float) and not _is_number(value, hints[key]):
@@ -148,15 +143,6 @@ def check_numbers(cfg: DictConfig) -> None:
 SAMPLE_SETTINGS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
-def _check_keys(group: str, values: DictConfig, known: tuple[str, ...]) -> None:
-    """A key added to a group that nothing reads (``+optim.momentum=0.9``) is refused, not ignored."""
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{group}.{unknown[0]} is not a setting of {group}; its settings are {', '.join(known)}"
-        )
-
-
 def check_optim_and_sampling(cfg: DictConfig) -> None:
     """Settings that would otherwise fail late (the samples at the first validation) or silently
     (a negative clip value flipped the gradients' sign): clipping, AdamW, the schedule, samples."""
@@ -165,7 +151,7 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.gradient_clip_val={clip!r} must be >= 0 (0 or null: no clipping)"
         )
-    _check_keys("optim", cfg.optim, ("lr", *OPTIM_DEFAULTS))
+    refuse_unknown_keys("optim", cfg.optim, ("lr", *OPTIM_DEFAULTS))
     o = {**OPTIM_DEFAULTS, **OmegaConf.to_container(cfg.optim, resolve=True)}
     wd, ratio, eps = o["weight_decay"], o["min_lr_ratio"], o["eps"]
     if not _is_number(wd, float) or wd < 0:
@@ -187,7 +173,7 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.warmup_steps={o['warmup_steps']} must be >= 0")
     sample = cfg.get("sample")
     if sample is not None:
-        _check_keys("sample", sample, SAMPLE_SETTINGS)
+        refuse_unknown_keys("sample", sample, SAMPLE_SETTINGS)
         try:
             check_sampling(sample.temperature, sample.top_k, sample.top_p, prefix="sample.")
         except ValueError as e:
@@ -206,12 +192,7 @@ def check_objective(cfg: DictConfig) -> None:
     known = objective.settings()
     # seq_len and the loader sizes come from the top level and data.*, not from objective.*
     own = sorted(set(known) - {"seq_len", "batch_size", "eval_batch_size", "num_workers", "seed"})
-    unknown = sorted(set(settings) - set(own))
-    if unknown:
-        raise ConfigError(
-            f"objective.{unknown[0]} is not a setting of objective={cfg.objective.name}; its "
-            f"settings are {', '.join(own)}"
-        )
+    refuse_unknown_keys("objective", settings, own, of=f"objective={cfg.objective.name}")
     tok = cfg.get("tokenizer") or {}
     known_kind = tok.get("kind") in ("bpe", "byte", "pretrained")  # else check_tokenizer refuses it
     sentinels = sentinel_count(tok) if known_kind else None
@@ -579,9 +560,8 @@ def check_fresh_start(output_dir: Path) -> None:
         (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
 
 
-HYDRA_KEPT = (
-    ".hydra.run"  # the .hydra files of the run's latest start (lmlab.train.keep_hydra_files)
-)
+# the .hydra files of the run's latest start (keep_hydra_files)
+HYDRA_KEPT = ".hydra.run"
 
 
 def keep_hydra_files(output_dir: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, refuse_unknown_keys
 
 log = logging.getLogger(__name__)
 
@@ -325,12 +325,7 @@ def check_data(cfg, sizes: bool = True) -> None:
     if source not in SOURCE_SETTINGS:
         raise ConfigError(f"unknown data.source={source!r}; choose {', '.join(SOURCE_SETTINGS)}")
     known = LOADER_SETTINGS + SOURCE_SETTINGS[source]
-    unknown = sorted(set(cfg) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"data.{unknown[0]} is not a setting of data={cfg.get('name')} (source {source}); its "
-            f"settings are {', '.join(known)}"
-        )
+    refuse_unknown_keys("data", cfg, known, of=f"data={cfg.get('name')} (source {source})")
     if not sizes:
         return
     for key, least in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0)):
