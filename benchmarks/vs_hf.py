@@ -16,6 +16,10 @@ fused AdamW in fp32) and precision. The HF models use ``attn_implementation="sdp
 * encoder-decoder (``EncoderDecoderLM``) vs ``T5ForConditionalGeneration`` (T5 v1.1 layout,
   ``gated-silu`` MLP of the same hidden size, relative position bias instead of RoPE).
 
+lmlab's float32 products on a CPU take its oneDNN route (``lmlab/nn/matmul.py``, the ``cpu_matmul``
+setting); ``--cpu-matmul onednn blas`` adds a row for PyTorch's own BLAS route, stepped in the same
+rounds.
+
 Tokens per second count the input tokens (for the encoder-decoder: encoder input tokens, as the
 issue's T5 reference figure does). Steps alternate between contenders in rounds after a warm-up; the
 median step time is reported.
@@ -54,6 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both (default fp32)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
+    p.add_argument(
+        "--cpu-matmul",
+        nargs="+",
+        choices=["onednn", "blas"],
+        default=["onednn"],
+        help="lmlab's float32 CPU matmul route(s) (lmlab/nn/matmul.py); both: one row each",
+    )
     p.add_argument("--rounds", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="timed steps per contender per round")
     return p.parse_args(argv)
@@ -150,6 +161,17 @@ def hf_loss(family: str):
     )
 
 
+def with_cpu_matmul(route: str, step):
+    """``step`` with lmlab's float32 CPU matmul route set to ``route`` first."""
+    from lmlab.nn.matmul import set_cpu_matmul
+
+    def stepped(batch):
+        set_cpu_matmul(route)
+        step(batch)
+
+    return stepped
+
+
 def run_family(family: str, args, device: torch.device) -> list:
     kind = {"decoder": "causal", "encoder": "masked", "encoder_decoder": "seq2seq"}[family]
     dims = dict(
@@ -165,10 +187,13 @@ def run_family(family: str, args, device: torch.device) -> list:
         kind, args.batch, args.seq_len, args.vocab, target_len=args.target_len, generator=gen
     )
     batch = common.to_device(batch, device)
-    steppers = {
-        f"lmlab {type(ours).__name__}": common.Stepper(ours, common.lmlab_loss, device, args.bf16),
-        f"HF {hf_name}": common.Stepper(theirs, hf_loss(family), device, args.bf16),
-    }
+    lmlab_step = common.Stepper(ours, common.lmlab_loss, device, args.bf16)
+    routes = args.cpu_matmul if device.type == "cpu" and not args.bf16 else ["onednn"]
+    steppers = {}
+    for route in routes:  # the same model and optimizer, stepped through each route
+        label = f" ({route})" if len(routes) > 1 else ""
+        steppers[f"lmlab {type(ours).__name__}{label}"] = with_cpu_matmul(route, lmlab_step)
+    steppers[f"HF {hf_name}"] = common.Stepper(theirs, hf_loss(family), device, args.bf16)
     for step in steppers.values():
         for _ in range(args.warmup):
             step(batch)
@@ -184,10 +209,10 @@ def run_family(family: str, args, device: torch.device) -> list:
                 times[name].append(time.perf_counter() - t)
     tokens = args.batch * args.seq_len
     ms = {name: common.median_ms(t) for name, t in times.items()}
-    base = ms[names[1]]
+    base = ms[names[-1]]
     rows = []
     for name in names:
-        model = steppers[name].model
+        model = theirs if name.startswith("HF") else ours
         rows.append(
             [
                 family,

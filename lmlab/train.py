@@ -51,6 +51,7 @@ from lmlab.data.tokenizers import (
 from lmlab.errors import ConfigError, Preempted, RunExists, refuse_unknown_keys
 from lmlab.loggers import RUN_ID_FILE
 from lmlab.models.base import OPTIM_DEFAULTS, check_loss_chunk_size
+from lmlab.nn.matmul import check_cpu_matmul, set_cpu_matmul
 from lmlab.nn.sampling import check_sampling
 from lmlab.parallel import (
     CPU_FSDP_TORCH,
@@ -230,6 +231,7 @@ def check_settings(cfg: DictConfig) -> None:
         compile_mode(cfg.get("compile"))
         check_compile_scope(cfg.get("compile_scope", "model"))
         attention_kernels(cfg.get("attention"), uses_cuda(cfg.trainer))
+        check_cpu_matmul(cfg.get("cpu_matmul", "onednn"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not 0 < cfg.optim.lr < 1:
@@ -678,6 +680,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     """Everything a run needs, built in the order above; returns the objects by name."""
     check_compatible(cfg)
     check_settings(cfg)
+    set_cpu_matmul(cfg.get("cpu_matmul", "onednn"))
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)

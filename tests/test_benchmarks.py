@@ -150,18 +150,22 @@ def test_vs_hf_script_matches_sizes_and_reports_the_time_ratio(run):
     out = run(
         "vs_hf",
         "--layers 1 --d-model 32 --heads 2 --vocab 256 --batch 1 --seq-len 16 --target-len 8 "
-        "--rounds 2 --warmup 1",
+        "--rounds 2 --warmup 1 --cpu-matmul onednn blas",
     )
     (rows,) = tables(out)
     by_family = {}
     for r in rows:
         by_family.setdefault(r["family"], []).append(r)
     assert set(by_family) == {"decoder", "encoder", "encoder_decoder"}
-    for family, (ours, theirs) in by_family.items():
-        assert ours["model"].startswith("lmlab") and theirs["model"].startswith("HF")
-        if family != "encoder":  # BERT has biases and learned positions: a few % more
-            assert ours["parameters"] == theirs["parameters"], family
-        assert_ratio(ours["lmlab / HF speed"], theirs["median step ms"], ours["median step ms"])
+    for family, (onednn, blas, theirs) in by_family.items():
+        assert onednn["model"].startswith("lmlab") and onednn["model"].endswith("(onednn)")
+        assert blas["model"].startswith("lmlab") and blas["model"].endswith("(blas)")
+        assert theirs["model"].startswith("HF")
+        for ours in (onednn, blas):
+            if family != "encoder":  # BERT has biases and learned positions: a few % more
+                assert ours["parameters"] == theirs["parameters"], family
+            speed = ours["lmlab / HF speed"]
+            assert_ratio(speed, theirs["median step ms"], ours["median step ms"])
 
 
 def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):

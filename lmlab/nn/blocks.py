@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.nn.matmul import Linear
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm: ``x / rms(x) * weight``, computed in float32 for stability."""
@@ -188,8 +190,8 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
-        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out = Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def forward(
         self,
@@ -248,9 +250,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
-        self.q = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.kv = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False)
-        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.q = Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.kv = Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False)
+        self.out = Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = memory.shape
@@ -283,8 +285,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.gate_up = Linear(d_model, 2 * hidden, bias=False)
+        self.down = Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)

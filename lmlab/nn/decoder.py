@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmlab.nn.blocks import Backbone, Block, KVCache, RMSNorm, Rotary, multiple_of
+from lmlab.nn.matmul import Linear
 from lmlab.nn.sampling import decode_loop
 
 
@@ -94,7 +95,7 @@ class Decoder(Backbone):
             for _ in range(c.n_layers)
         )
         self.norm = RMSNorm(c.d_model, c.norm_eps)
-        self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.padded_vocab_size, bias=False)
         self.init_and_tie()
 
     def forward(

@@ -15,6 +15,7 @@ from torch import nn
 
 from lmlab.nn.blocks import Backbone, Block, RMSNorm, Rotary, key_padding_mask
 from lmlab.nn.decoder import DecoderConfig
+from lmlab.nn.matmul import Linear
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Encoder(Backbone):
             for _ in range(c.n_layers)
         )
         self.norm = RMSNorm(c.d_model, c.norm_eps)
-        self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.padded_vocab_size, bias=False)
         self.init_and_tie()
 
     def encode(

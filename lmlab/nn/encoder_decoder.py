@@ -25,6 +25,7 @@ from lmlab.nn.blocks import (
     key_padding_mask,
 )
 from lmlab.nn.decoder import DecoderConfig
+from lmlab.nn.matmul import Linear
 from lmlab.nn.sampling import decode_loop
 
 
@@ -61,7 +62,7 @@ class EncoderDecoder(Backbone):
             for _ in range(c.n_decoder_layers)
         )
         self.dec_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.padded_vocab_size, bias=False)
         self.init_and_tie()
 
     @property

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from lmlab.data.collate import IGNORE
+from lmlab.nn.matmul import mm, mm_t
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -59,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     # logits are finite, the masks below zero its loss and softmax gradient, and it
                     # adds 0 * 0 to the weight's gradient, not 0 * NaN.
                     h = torch.where(valid, h, 0)
-                z = torch.mm(h, w.t()).float()  # this chunk's logits
+                z = mm_t(h, w).float()  # this chunk's logits
                 if count_correct:
                     correct = correct + ((z.argmax(1, keepdim=True) == target) & valid).sum()
                 top = z.amax(1, keepdim=True)
@@ -75,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.mul_(valid / norm)
                 z.scatter_add_(1, target, -valid.float())
                 g = z.to(dtype)
-                grad_h.append(torch.mm(g, w).to(hidden.dtype))
+                grad_h.append(mm(g, w).to(hidden.dtype))
                 if grad_w is None:
                     grad_w = torch.mm(g.t(), h).float()
                 elif dtype == torch.float32:
