@@ -468,6 +468,50 @@ def test_last_ckpt_holds_the_final_step_whichever_checkpoint_callback_is_dropped
         assert read_checkpoint(folder / "best.ckpt", weights=False)["global_step"] == best
 
 
+def test_a_run_without_validations_keeps_its_final_steps_last_ckpt(tiny_cfg, tmp_path):
+    """No validation in fit: the periodic save at the final step stays last.ckpt. Lightning's
+    best-checkpoint callback, which had saved nothing, replaced it at the end of training with a
+    save made after the epoch was closed (one epoch ahead, its target count gone): a run resumed
+    from it skipped the rest of the data epoch."""
+    out = tmp_path / "run"
+    common = ["trainer.val_check_interval=100", "callbacks.last_checkpoint.every_n_train_steps=2"]
+    train(tiny_cfg(*common, "trainer.max_steps=4", output_dir=out))
+    ckpt = read_checkpoint(out / "checkpoints" / "last.ckpt", weights=False)
+    assert (ckpt["global_step"], ckpt["epoch"]) == (4, 0)
+    assert ckpt["lmlab_counters"]["epoch_targets"][0] == 0
+    loader = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (loader["epoch"], loader["windows"]) == (0, 16)  # 4 steps x 4 windows, epoch 0 goes on
+
+
+def test_a_resumed_run_saves_nothing_inside_its_first_optimizer_step(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """With gradient accumulation, the periodic save due at the resumed step (every_n_train_steps
+    divides it) fell at the step's first micro-batch: Lightning's record of the last save is not
+    in the checkpoint. That checkpoint's loader counted a micro-batch whose gradient it lacked."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = tmp_path / "run"
+    common = [
+        "trainer.accumulate_grad_batches=2",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "trainer.val_check_interval=100",
+        "optim.warmup_steps=0",
+    ]
+    train(tiny_cfg(*common, "trainer.max_steps=2", output_dir=out))
+    saves = []
+    original = ModelCheckpoint._save_checkpoint
+
+    def spy(self, trainer, filepath):
+        loop = trainer.fit_loop.epoch_loop
+        saves.append((trainer.global_step, loop._should_accumulate()))
+        original(self, trainer, filepath)
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", spy)
+    train(tiny_cfg(*common, "trainer.max_steps=4", "ckpt_path=last", output_dir=out))
+    assert saves and set(saves) == {(4, False)}  # last.ckpt at 4, best.ckpt after fit
+
+
 def test_resume_applies_changed_optim_settings(tiny_cfg, tmp_path):
     """Resuming with another optim.lr / weight_decay / length: the resumed steps follow the new
     settings from their first step, at the schedule's position in the checkpoint (Lightning loads
@@ -899,6 +943,7 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
         # module settings checked by their own parsers
         (["attention=cudnn"], r"attention='cudnn': cudnn attention needs a CUDA GPU"),
         (["attention=[flash,fast]"], r"fast is not a kernel; use auto, one of cudnn"),
+        (["cpu_matmul=mkl"], r"cpu_matmul='mkl' is not a route .* use onednn .* or blas"),
         # the model's config dataclass
         (["model.n_heads=3"], r"model.d_model=32 must be divisible by model.n_heads=3"),
         (["+model.n_layer=3"], r"model.n_layer is not a setting of model=decoder; .*n_layers"),

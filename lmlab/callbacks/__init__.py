@@ -377,16 +377,32 @@ def last_saved_at_step(trainer) -> bool:
     )
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps, and at the end of training only when no
-    checkpoint callback saved ``last.ckpt`` at the final step already.
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that saves only between optimizer steps, as resuming needs.
 
-    Lightning's ``on_train_end`` save comes after the run's last epoch is closed, and a run resumed
-    from it (to extend it) starts a new data epoch and labels its steps one higher; a save made
-    during the final step (its validation's, or this callback's periodic one) resumes exactly, so it
-    is kept whenever there is one.
+    - At the end of training ``last.ckpt`` is written only when no checkpoint callback saved it at
+      the final step already. Lightning's own ``on_train_end`` save comes after the run's last epoch
+      is closed: a run resumed from it (to extend it) starts a new data epoch and labels its steps
+      one higher, and the closed epoch's target count is gone. A save made during the final step
+      (its validation's, or a periodic one) resumes exactly, so it is kept whenever there is one;
+      Lightning's save would replace it whenever this callback saved nothing in the run (a run
+      without validations: its ``save_last`` flag is per callback).
+    - A resumed run does not save again at the step it resumed from. Lightning's record of the last
+      saved step is not in the checkpoint, so with gradient accumulation a periodic save fell due at
+      the resumed step's first micro-batch (``every_n_train_steps`` divides it): a checkpoint in the
+      middle of an optimizer step, whose loader position counts a micro-batch whose gradient it
+      does not hold.
     """
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # its weights are the checkpoint's
+
     def on_train_end(self, trainer, pl_module) -> None:
-        if not last_saved_at_step(trainer):
+        if self.save_last and not last_saved_at_step(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class PeriodicCheckpoint(StepCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps (conf/callbacks/default.yaml's
+    ``last_checkpoint``), saving only between optimizer steps (:class:`StepCheckpoint`)."""
