@@ -279,6 +279,33 @@ def accumulation(cfg: DictConfig) -> int:
     return gbs // per_pass
 
 
+def check_step_batches(t: DictConfig, accumulation: int) -> None:
+    """With gradient accumulation, ``limit_train_batches`` must make whole optimizer steps while
+    validations are counted across epochs (``check_val_every_n_epoch: null``): Lightning counts
+    them in micro-batches over the whole run, and an epoch that ended inside a step (a short last
+    step) would move every later validation, and the checkpoints written there, into the middle of
+    a step. (The natural epoch is whole steps: lmlab's sampler deals them so.)"""
+    limit = t.get("limit_train_batches")
+    if accumulation <= 1 or limit is None or t.get("check_val_every_n_epoch") is not None:
+        return
+    if isinstance(limit, float):  # a share of the epoch: Lightning rounds it to batches later
+        if limit == 1.0:
+            return
+        fix = f"give it as a number of batches, a multiple of {accumulation}"
+    elif limit % accumulation == 0:
+        return
+    else:
+        lower = limit - limit % accumulation
+        options = f"{lower} or {lower + accumulation}" if lower else f"{accumulation}"
+        fix = f"use a multiple of {accumulation} ({options})"
+    raise ConfigError(
+        f"trainer.limit_train_batches={limit} does not make whole optimizer steps of "
+        f"{accumulation} accumulated batches: validations are counted in batches across epochs, "
+        f"and each epoch's short last step would move them into the middle of later steps; {fix} "
+        "(or validate per epoch: trainer.check_val_every_n_epoch=1)"
+    )
+
+
 def check_sampler(t: DictConfig) -> None:
     """lmlab's samplers deal the windows to the ranks themselves (lmlab/data/base.py); Lightning's
     distributed sampler on top would deal each rank's share again, and every rank would train on
@@ -692,6 +719,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(trainer_cfg):
         skip_nonfinite = bool(trainer_cfg.pop("skip_nonfinite", False))
         trainer_cfg.accumulate_grad_batches = accumulation(cfg)
+        check_step_batches(trainer_cfg, trainer_cfg.accumulate_grad_batches)
         if isinstance(trainer_cfg.get("val_check_interval"), int):
             # lmlab counts it in optimizer steps (conf/trainer), Lightning in micro-batches
             trainer_cfg.val_check_interval *= trainer_cfg.accumulate_grad_batches

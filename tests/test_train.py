@@ -501,10 +501,12 @@ def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_target
 ):
     """limit_train_batches=1 with 2 micro-batches per step: Lightning's one step has one micro-batch
     (and divides its loss by 2); the update must be that batch's own, as without accumulation
-    (AdamW eps=1: the update is about lr * g, see above; with prefix LM's varying counts)."""
+    (AdamW eps=1: the update is about lr * g, see above; with prefix LM's varying counts). Allowed
+    with validations per epoch only (check_step_batches)."""
     common = ["objective=prefix_lm", "trainer.max_steps=1", "optim.warmup_steps=0"]
     common += ["optim.eps=1.0", "optim.weight_decay=0.0", "trainer.precision=32-true"]
-    common += ["trainer.val_check_interval=1", "trainer.gradient_clip_val=null"]
+    common += ["trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1"]
+    common += ["trainer.gradient_clip_val=null"]
     common += ["callbacks.samples=null", "data.batch_size=4"]
     _, one = train(tiny_cfg(*common, output_dir=tmp_path / "one"))
     short = ["global_batch_size=8", "+trainer.limit_train_batches=1"]
@@ -526,6 +528,15 @@ def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_target
             ["global_batch_size=8", "data.batch_size=4", "trainer.accumulate_grad_batches=4"],
             r"global_batch_size=8 sets the gradient accumulation to 2 .* but "
             r"trainer\.accumulate_grad_batches=4; set only one",
+        ),
+        (  # each epoch would end inside a step, and validations move into later steps
+            ["global_batch_size=8", "data.batch_size=4", "+trainer.limit_train_batches=5"],
+            r"limit_train_batches=5 does not make whole optimizer steps of 2 accumulated .* "
+            r"use a multiple of 2 \(4 or 6\) \(or validate per epoch",
+        ),
+        (
+            ["trainer.accumulate_grad_batches=3", "+trainer.limit_train_batches=0.5"],
+            r"limit_train_batches=0.5 does not .* give it as a number of batches, a multiple of 3",
         ),
     ],
 )
