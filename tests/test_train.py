@@ -1045,10 +1045,14 @@ def test_validation_metrics_are_logged_once_per_validation_and_start_afresh(monk
     assert got["val/ppl"] == pytest.approx(math.exp((nll / count).item()), rel=1e-5)
 
 
-def test_a_skipped_last_micro_batch_leaves_nothing_in_the_next_steps_loss(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("bad", [3, 4])
+def test_a_skipped_micro_batch_leaves_nothing_in_the_losses_and_the_token_count(
+    tiny_cfg, monkeypatch, bad
+):
     """skip_nonfinite with gradient accumulation: when a step's last micro-batch is skipped (a
     NaN loss), the step's own micro-batches end there; the next step's train/loss is over its
-    own targets only."""
+    own targets only. train/tokens counts the targets trained on, whichever micro-batch of a step
+    was skipped (it counted a skipped first one, and dropped a whole step at a skipped last one)."""
     calls, steps = [0], {}
 
     def nll(self, batch, _nll=LMModule.nll):
@@ -1056,7 +1060,7 @@ def test_a_skipped_last_micro_batch_leaves_nothing_in_the_next_steps_loss(tiny_c
         if not self.training:
             return out
         calls[0] += 1
-        if calls[0] == 4:  # the second micro-batch of the second optimizer step
+        if calls[0] == bad:  # the first or second micro-batch of the second optimizer step
             return (out[0] * float("nan"), *out[1:])
         step = steps.setdefault(self.trainer.global_step + 1, [0.0, 0])
         step[0] += float(out[0])
@@ -1067,9 +1071,10 @@ def test_a_skipped_last_micro_batch_leaves_nothing_in_the_next_steps_loss(tiny_c
     cfg = tiny_cfg(
         "trainer.skip_nonfinite=true", "trainer.accumulate_grad_batches=2", "trainer.max_steps=4"
     )
-    train(cfg)
+    metrics, _ = train(cfg)
     rows = csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open())
     logged = {int(r["step"]) + 1: float(r["train/loss"]) for r in rows if r.get("train/loss")}
     assert set(steps) <= set(logged) and len(steps) >= 3
     for step, (total, count) in steps.items():
         assert logged[step] == pytest.approx(total / count, rel=1e-6), step
+    assert metrics["train/tokens"] == sum(count for _, count in steps.values())

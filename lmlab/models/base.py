@@ -176,6 +176,7 @@ class LMModule(L.LightningModule):
         # the last training loss, checked a step late
         self._unchecked_loss: FiniteFlag | None = None
         self._epoch_targets: torch.Tensor | None = None  # target tokens of the epoch so far
+        self._skipped_targets: torch.Tensor | None = None  # the step's skip_nonfinite skipped
         self._epoch_targets_shared = False  # ... of all processes (else this process's)
         self._resumed_epoch_targets: tuple[int, int] | None = None  # (epoch, count) of a checkpoint
         # (NLL, targets, bytes) of the optimizer step in progress and of the last complete one
@@ -301,6 +302,7 @@ class LMModule(L.LightningModule):
                 self.skipped_nonfinite += 1
                 self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
                 self._add_to_step(None)
+                self._count_epoch_targets(count, step_targets, trained=False)
                 return None  # Lightning skips backward and the optimizer step for this batch
         else:
             # Checked one step late, so the host never waits for the device mid-step; the
@@ -342,17 +344,27 @@ class LMModule(L.LightningModule):
             return count.clamp(min=1)
         return step_targets.clamp(min=1) / (trainer.accumulate_grad_batches * trainer.world_size)
 
-    def _count_epoch_targets(self, count: torch.Tensor, step_targets: torch.Tensor | None) -> None:
-        """Add to the epoch's target tokens (``train/tokens``). With the step's targets over all
-        processes (:meth:`all_processes`), those once per optimizer step, at its last micro-batch:
-        the same count in every process, so a checkpoint keeps it for a resumed epoch. Without
-        them, this process's own, summed across processes at the epoch's end."""
+    def _count_epoch_targets(
+        self, count: torch.Tensor, step_targets: torch.Tensor | None, trained: bool = True
+    ) -> None:
+        """Add to the epoch's target tokens (``train/tokens``: those trained on). With the step's
+        targets over all processes (:meth:`all_processes`), those once per optimizer step, at its
+        last micro-batch, less those of its micro-batches that ``skip_nonfinite`` skipped (one
+        process): the same count in every process, so a checkpoint keeps it for a resumed epoch.
+        Without them, this process's own, summed across processes at the epoch's end."""
         if step_targets is None:
+            if not trained:
+                return
             add, self._epoch_targets_shared = count, False
-        elif self._trainer is None or not self.trainer.fit_loop.epoch_loop._should_accumulate():
-            add, self._epoch_targets_shared = step_targets, True
         else:
-            return
+            if not trained:
+                skipped = self._skipped_targets
+                self._skipped_targets = count if skipped is None else skipped + count
+            if self._trainer is not None and self.trainer.fit_loop.epoch_loop._should_accumulate():
+                return
+            add, self._epoch_targets_shared = step_targets, True
+            if self._skipped_targets is not None:
+                add, self._skipped_targets = add - self._skipped_targets, None
         self._epoch_targets = (
             add.clone() if self._epoch_targets is None else self._epoch_targets + add
         )
@@ -431,6 +443,7 @@ class LMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._epoch_targets = self._step_sums = self._last_train = None  # none from an earlier fit
+        self._skipped_targets = None
         resumed, self._resumed_epoch_targets = self._resumed_epoch_targets, None
         if resumed is not None and resumed[0] == self.current_epoch:
             # The checkpoint's epoch goes on (one written at an epoch's last batch resumes at the
