@@ -748,7 +748,6 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
             "checkpoints/last.ckpt holds the last good state)"
         )
     tokenizer, train_store, val_store = prepare_data(cfg)
-    tokenizer.save(out / "tokenizer.json")
     datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)
     model = build(
         cfg.model,
@@ -778,7 +777,15 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     }
     ckpt_step = None
     if ckpt_path:
-        ckpt_step = check_resume_compatible(ckpt_path, tokenizer, model, val_store.docs_id)
+        try:
+            ckpt_step = check_resume_compatible(ckpt_path, tokenizer, model, val_store.docs_id)
+        except ConfigError:
+            if rank_zero_only.rank == 0:
+                restore_hydra_files(out)  # the refused attempt's overrides are not the run's
+            raise
+    # after the resume checks: a refused resume leaves the run's own tokenizer.json, which its
+    # message tells the user to resume with
+    tokenizer.save(out / "tokenizer.json")
     return {
         "cfg": cfg,
         "tokenizer": tokenizer,

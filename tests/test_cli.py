@@ -60,6 +60,18 @@ def test_train_command_writes_every_output(cli_run):
     assert "seq_len: 32" in log  # the composed config is printed
 
 
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(cli_run):
+    """Hydra writes the attempt's .hydra files before lmlab refuses it, and the tokenizer was saved
+    before the resume checks: the run's overrides and tokenizer.json were the refused attempt's."""
+    tmp, out, _ = cli_run
+    names = (".hydra/overrides.yaml", ".hydra/config.yaml", "tokenizer.json")
+    before = {name: (out / name).read_bytes() for name in names}
+    args = ["lmlab", "data=files", "data.train=d*.txt", *TINY, f"hydra.run.dir={out}"]
+    p = run([*args, "ckpt_path=last", "tokenizer=byte"], tmp, check=False)
+    assert p.returncode != 0 and "different tokenizer" in p.stdout + p.stderr
+    assert {name: (out / name).read_bytes() for name in names} == before
+
+
 def test_generate_and_evaluate_commands(cli_run):
     tmp, out, _ = cli_run
     ckpt = out / "checkpoints" / "last.ckpt"

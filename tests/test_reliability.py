@@ -392,12 +392,26 @@ def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path):
 
 
 def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
+    """Refused, and the run's tokenizer.json stays its own (the refusal tells the user to resume
+    with it; it was overwritten by the refused attempt's tokenizer)."""
     out = tmp_path / "run"
     train(tiny_cfg(output_dir=out))
+    saved = (out / "tokenizer.json").read_bytes()
     with pytest.raises(ConfigError, match=r"model\.n_layers is 2 in the checkpoint but 3 now"):
         train(tiny_cfg("ckpt_path=last", "model.n_layers=3", output_dir=out))
     with pytest.raises(ConfigError, match="different tokenizer"):
         train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
+    assert (out / "tokenizer.json").read_bytes() == saved
+    # the advice of the message works
+    train(
+        tiny_cfg(
+            "ckpt_path=last",
+            "tokenizer=pretrained",
+            f"tokenizer.path={out / 'tokenizer.json'}",
+            "trainer.max_steps=7",
+            output_dir=out,
+        )
+    )
 
 
 def test_a_fresh_start_where_a_run_has_a_checkpoint_is_refused_and_keeps_it(tiny_cfg, tmp_path):
