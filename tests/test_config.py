@@ -76,7 +76,7 @@ def test_loggers_and_callbacks_instantiate(compose_cfg, logger, tmp_path, monkey
     loggers = [instantiate(c) for c in cfg.logger.values()]
     assert type(loggers[0]).__name__ == "ResumableCSVLogger"
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "Throughput", "Samples"}
+    assert {type(c).__name__ for c in callbacks} >= {"StepCheckpoint", "Throughput", "Samples"}
     with open_dict(cfg):
         assert cfg.trainer.pop("skip_nonfinite") is False  # lmlab's key, not the Trainer's
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
