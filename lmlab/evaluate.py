@@ -115,8 +115,25 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def show_warnings() -> None:
+    """lmlab's warnings on stderr (the evaluated documents are not the ones the run held out; a
+    checkpoint that does not record them): conf/evaluate.yaml turns Hydra's job logging off, so
+    that stdout holds the result line only, which sets the root logger to ERROR and disables the
+    loggers that exist then, lmlab's among them."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "lmlab" or name.startswith("lmlab.")) and isinstance(logger, logging.Logger):
+            logger.disabled = False
+    log.disabled = False
+    log.setLevel(logging.WARNING)
+    if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(handler)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    show_warnings()
     with open_dict(cfg):
         cfg.paths.output_dir = "."
     try:

@@ -125,3 +125,22 @@ def test_help_lists_config_groups(tmp_path):
         "tokenizer: bpe, byte, pretrained",
     ):
         assert group in p.stdout, group
+
+
+def test_evaluate_warns_on_stderr_when_the_runs_data_holds_out_other_documents(cli_run):
+    """conf/evaluate.yaml turns Hydra's job logging off (stdout: the result line only), which also
+    silenced this warning: it never reached the user."""
+    from .conftest import make_text
+
+    tmp, out, _ = cli_run
+    added = [tmp / f"d{i}.txt" for i in range(4, 14)]  # the split now holds out other documents
+    try:
+        for i, path in enumerate(added, start=4):
+            path.write_text(make_text(600, i))
+        ckpt = out / "checkpoints" / "last.ckpt"
+        e = run(["lmlab.evaluate", f"ckpt_path={ckpt}", "limit_batches=1"], tmp)
+    finally:
+        for path in added:
+            path.unlink(missing_ok=True)
+    assert "warning: the evaluated documents are not the ones" in e.stderr
+    assert e.stdout.strip().splitlines()[-1].startswith("loss ")
