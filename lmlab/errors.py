@@ -18,8 +18,18 @@ def refuse_unknown_keys(group: str, values, known, of: str | None = None) -> Non
         )
 
 
-class RunExists(ConfigError):
+class RunKept(ConfigError):
+    """A start refused before it changed anything in the run folder: the run there is left as it
+    was (a sweep keeps its job's row)."""
+
+
+class RunExists(RunKept):
     """A fresh start refused in a folder that holds a run's checkpoint; that run is left as it was."""
+
+
+class ResumeRefused(RunKept):
+    """A resume refused (another tokenizer, model shape or held-out documents); the run is left as
+    it was."""
 
 
 class NonFiniteLoss(RuntimeError):

@@ -33,7 +33,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lmlab.errors import ConfigError, Preempted, RunExists
+from lmlab.errors import ConfigError, Preempted, RunKept
 from lmlab.paths import file_lock
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,9 @@ class SweepSummary(Callback):
         # a finished job that a resumed sweep found (train() trained nothing) keeps its row
         trained = error is not None or not summary.is_file() or summary.stat().st_mtime >= started
         row = job_row(num, out, job_return.overrides or [], error)
-        # a fresh start refused in a finished job's folder changed nothing: its row stays
-        replace = trained and not isinstance(error, RunExists)
+        # a start refused in a job's folder (a fresh start where a run is, or a resume with
+        # other settings) changed nothing: its row stays
+        replace = trained and not isinstance(error, RunKept)
         append_row(sweep_dir(config.hydra) / self.filename, row, replace=replace)
 
 

@@ -48,7 +48,13 @@ from lmlab.data.tokenizers import (
     check_tokenizer,
     sentinel_count,
 )
-from lmlab.errors import ConfigError, Preempted, RunExists, refuse_unknown_keys
+from lmlab.errors import (
+    ConfigError,
+    Preempted,
+    ResumeRefused,
+    RunExists,
+    refuse_unknown_keys,
+)
 from lmlab.loggers import RUN_ID_FILE
 from lmlab.models.base import OPTIM_DEFAULTS, check_loss_chunk_size
 from lmlab.nn.matmul import check_cpu_matmul, set_cpu_matmul
@@ -779,10 +785,10 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path:
         try:
             ckpt_step = check_resume_compatible(ckpt_path, tokenizer, model, val_store.docs_id)
-        except ConfigError:
+        except ConfigError as e:
             if rank_zero_only.rank == 0:
                 restore_hydra_files(out)  # the refused attempt's overrides are not the run's
-            raise
+            raise ResumeRefused(str(e)) from None
     # after the resume checks: a refused resume leaves the run's own tokenizer.json, which its
     # message tells the user to resume with
     tokenizer.save(out / "tokenizer.json")

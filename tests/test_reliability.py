@@ -23,7 +23,7 @@ from lmlab.checkpoint import read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.store import TokenStore, build_store
 from lmlab.data.tokenizers import byte_tokenizer
-from lmlab.errors import ConfigError, NonFiniteLoss, Preempted
+from lmlab.errors import ConfigError, NonFiniteLoss, Preempted, ResumeRefused
 from lmlab.parallel import cpu_fsdp_supported
 from lmlab.train import train
 
@@ -399,7 +399,7 @@ def test_resume_refuses_another_tokenizer_or_model_shape(tiny_cfg, tmp_path):
     saved = (out / "tokenizer.json").read_bytes()
     with pytest.raises(ConfigError, match=r"model\.n_layers is 2 in the checkpoint but 3 now"):
         train(tiny_cfg("ckpt_path=last", "model.n_layers=3", output_dir=out))
-    with pytest.raises(ConfigError, match="different tokenizer"):
+    with pytest.raises(ResumeRefused, match="different tokenizer"):  # a sweep keeps its row
         train(tiny_cfg("ckpt_path=last", "tokenizer=byte", output_dir=out))
     assert (out / "tokenizer.json").read_bytes() == saved
     # the advice of the message works

@@ -341,12 +341,14 @@ def test_a_skipped_finished_job_keeps_its_row_and_a_failed_rerun_replaces_it(tmp
     )
 
 
-def test_a_refused_fresh_start_keeps_the_finished_jobs_row(tmp_path):
-    """Re-running a sweep into its folder without ckpt_path: each job is refused (RunExists) and
-    changes nothing, its completed row included (it became 'failed' for good)."""
+@pytest.mark.parametrize("refusal", ["RunExists", "ResumeRefused"])
+def test_a_refused_start_keeps_the_finished_jobs_row(tmp_path, refusal):
+    """Re-running a sweep into its folder without ckpt_path (RunExists), or resuming it with
+    settings its checkpoints do not fit (ResumeRefused: its row became 'failed' with the refused
+    overrides): each job is refused and changes nothing, its completed row included."""
     from hydra.core.utils import JobReturn, JobStatus
 
-    from lmlab.errors import RunExists
+    from lmlab import errors
     from lmlab.sweep import SweepSummary
 
     cb, sweep = SweepSummary(), tmp_path / "sweep"
@@ -356,7 +358,7 @@ def test_a_refused_fresh_start_keeps_the_finished_jobs_row(tmp_path):
     (first,) = csv.DictReader((sweep / "sweep_summary.csv").open())
     cb.on_job_start(job_config(sweep, 0))
     refused = JobReturn(overrides=["a=2"], status=JobStatus.FAILED)
-    refused._return_value = RunExists("already holds a run")
+    refused._return_value = getattr(errors, refusal)("refused")
     cb.on_job_end(job_config(sweep, 0), refused)
     assert list(csv.DictReader((sweep / "sweep_summary.csv").open())) == [first]
     assert first["status"] == "completed"
