@@ -85,6 +85,20 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         sampler=optuna.samplers.TPESampler(seed=hs.sampler_seed),
         load_if_exists=True,
     )
+    stored = study.user_attrs.get("optimized_metric")
+    direction = (
+        "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+    )
+    if study.trials and (stored not in (None, metric) or direction != hs.direction):
+        # a study keeps its direction: trials of another metric would be ranked with its values
+        raise ConfigError(
+            f"the study {hs.study_name!r} in {hs.storage or root / 'optuna.db'} optimizes "
+            f"{stored or 'another metric'} ({direction}); this search asks for {metric} "
+            f"({hs.direction}): continue it with optimized_metric={stored or '...'} "
+            f"hparams_search.direction={direction}, or start a new one (another "
+            "hparams_search.study_name or folder)"
+        )
+    study.set_user_attr("optimized_metric", metric)
     if hs.sampler_seed is not None and study.trials:
         # A resumed search: a sampler seeded as at the start would draw the first trials' random
         # values again (TPE samples at random until it has enough trials); offset by the trials

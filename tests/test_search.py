@@ -189,6 +189,25 @@ def test_a_search_direction_against_its_metric_is_refused_before_any_trial(
     assert not (Path(cfg.paths.output_dir) / "optuna.db").exists()
 
 
+def test_continuing_a_study_with_another_metric_is_refused(tiny_cfg, monkeypatch):
+    """A study keeps its direction and its trials' values: continued with another metric, the new
+    trials' accuracies were ranked with the old bits per byte, the lowest accuracy best."""
+    fake = FakeTrain(preempt_first=False)
+    monkeypatch.setattr("lmlab.train.train", fake)
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=1"), LR_SPACE)
+    run_search(cfg)
+    with open_dict(cfg):
+        cfg.optimized_metric, cfg.hparams_search.direction = "val/acc", "maximize"
+        cfg.hparams_search.n_trials = 2
+    with pytest.raises(ConfigError, match=r"optimizes val/bpb \(minimize\); this search asks "):
+        run_search(cfg)
+    with open_dict(cfg):
+        cfg.optimized_metric, cfg.hparams_search.direction = "val/loss", "minimize"
+    with pytest.raises(ConfigError, match=r"continue it with optimized_metric=val/bpb "):
+        run_search(cfg)
+    assert len(fake.calls) == 1  # refused before any trial
+
+
 def test_processes_sharing_a_study_queue_a_preempted_trial_once(tmp_path, monkeypatch):
     """Two jobs of one search starting together: each looks for preempted trials to resume, and
     only one queues the resumption (each enqueue here takes 0.3 s, so without the lock both would
