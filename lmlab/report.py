@@ -147,7 +147,7 @@ def read_metrics_csv(path: Path) -> dict[str, dict[int, float]]:
 def _read_rows(path: Path) -> dict[str, dict[int, tuple[float | None, float]]]:
     """metric -> {step: (train/tokens_seen of the same row or None, value)}, as read_metrics_csv."""
     by_metric: dict[str, dict[int, tuple[float | None, float]]] = {}
-    with path.open(newline="") as f:
+    with path.open(newline="", errors="replace") as f:
         for row in csv.DictReader(f):
             try:
                 step = int(float(row.get("step") or ""))
@@ -201,14 +201,14 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
     ov_path = path / ".hydra" / "overrides.yaml"
     if ov_path.is_file():
         try:
-            overrides = parse_overrides(yaml.safe_load(ov_path.read_text()) or [])
+            overrides = parse_overrides(yaml.safe_load(ov_path.read_text(errors="replace")) or [])
         except (yaml.YAMLError, TypeError) as e:
             notes.append(f"unreadable .hydra/overrides.yaml: {e}")
     summary: dict[str, float] = {}
     status = "unfinished"
     if (path / "summary.json").is_file():
         try:
-            raw = json.loads((path / "summary.json").read_text())
+            raw = json.loads((path / "summary.json").read_text(errors="replace"))
             summary = {
                 k: float(v)
                 for k, v in raw.items()
@@ -228,6 +228,18 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
     )
 
 
+def job_overrides(out: Path, joined: str) -> dict[str, str]:
+    """A job's overrides: its ``.hydra/overrides.yaml`` (Hydra writes it before the job runs),
+    else the space-joined ones of its ``sweep_summary.csv`` row (a value with spaces is split)."""
+    path = out / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        try:
+            return parse_overrides(yaml.safe_load(path.read_text(errors="replace")) or [])
+        except (yaml.YAMLError, TypeError):
+            pass
+    return parse_overrides(joined.split())
+
+
 def job_outcomes(runs: list[Run], sweep_dir: Path) -> list[Run]:
     """What ``sweep_summary.csv`` (lmlab.sweep) says of the jobs that did not finish: a run without
     a summary is marked ``failed`` or ``preempted``, with the error as a note; a job that failed
@@ -235,17 +247,25 @@ def job_outcomes(runs: list[Run], sweep_dir: Path) -> list[Run]:
     path = sweep_dir / "sweep_summary.csv"
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
+    with path.open(newline="", errors="replace") as f:
         rows = [r for r in csv.DictReader(f) if r.get("status") in ("failed", "preempted")]
     by_dir = {r.path.resolve(): r for r in runs}
     extra = []
     for row in rows:
         out = Path(row.get("output_dir") or "")
         run = by_dir.get(out.resolve()) if row.get("output_dir") else None
+        if run is None and row.get("output_dir"):
+            # a sweep folder moved or copied since: the job's folder by its place in the sweep
+            for tail in (Path(out.name), Path(out.parent.name) / out.name):
+                run = by_dir.get((sweep_dir / tail).resolve())
+                if run is not None:
+                    break
         note = (row.get("error") or "").splitlines()[0][:200] if row.get("error") else ""
         if run is None:
-            overrides = parse_overrides((row.get("overrides") or "").split())
-            name = row.get("overrides") or f"job {row.get('job', '?')}"
+            overrides = job_overrides(out, row.get("overrides") or "")
+            name = (
+                ", ".join(f"{k}={v}" for k, v in overrides.items()) or f"job {row.get('job', '?')}"
+            )
             if not out.resolve().is_relative_to(sweep_dir.resolve()):
                 out = sweep_dir  # a row from elsewhere: named by its overrides alone
             run = Run(name, out, overrides, {}, {}, "unfinished", 1, False, [])
@@ -289,6 +309,23 @@ def swept_parameters(runs: list[Run]) -> list[str]:
     """Override keys whose value differs between runs (a key missing from some runs differs)."""
     keys = sorted({k for r in runs for k in r.overrides})
     return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def maximize_metric(metric: str, maximize: bool = False, minimize: bool = False) -> bool:
+    """Whether higher is better for ``metric``: as lmlab knows it (``lmlab.sweep``), or as
+    ``--maximize`` / ``--minimize`` say for a metric it does not know; a choice against the metric
+    is refused (a report ranked the lowest accuracy best)."""
+    from lmlab.sweep import HIGHER_IS_BETTER, LOWER_IS_BETTER
+
+    known = True if metric in HIGHER_IS_BETTER else False if metric in LOWER_IS_BETTER else None
+    asked = True if maximize else False if minimize else None
+    if known is not None and asked is not None and known != asked:
+        better, flag = ("higher", "--maximize") if known else ("lower", "--minimize")
+        raise ConfigError(
+            f"--metric {metric} is better {better}: drop --{'minimize' if known else 'maximize'} "
+            f"(or pass {flag})"
+        )
+    return bool(known if known is not None else asked)
 
 
 def sort_runs(runs: list[Run], metric: str, maximize: bool = False) -> list[Run]:
@@ -1010,11 +1047,14 @@ def main(argv: list[str] | None = None) -> int:
         default="val/bpb",
         help="summary metric to sort by and plot against the swept parameters (default: val/bpb)",
     )
-    parser.add_argument(
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument(
         "--maximize",
         action="store_true",
-        help="higher is better for --metric (e.g. val/acc); default: lower is better",
+        help="higher is better for --metric (default: as the metric says: val/acc, "
+        "train/tokens_per_sec, train/mfu higher; losses, ppl, bpb and others lower)",
     )
+    order.add_argument("--minimize", action="store_true", help="lower is better for --metric")
     wandb_args = parser.add_argument_group(
         "W&B", f"--wandb also creates a W&B Report of the sweep's W&B group ({WANDB_EXTRA_HINT})"
     )
@@ -1038,6 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        args.maximize = maximize_metric(args.metric, args.maximize, args.minimize)
         if args.wandb:  # fail before any work without the package or credentials
             _workspaces()
             require_wandb_credentials()

@@ -704,3 +704,81 @@ def test_jobs_that_failed_are_marked_so_and_listed_even_without_logs(tmp_path: P
     assert runs["optim.lr=0.1"].notes == [rows[1][3]] and runs["optim.lr=1.0"].notes == [rows[2][3]]
     page = build_report(sweep).read_text()
     assert "failed; ConfigError: optim.lr=1.0 is out of range" in page  # its status cell
+
+
+def test_the_metric_decides_the_order_and_a_contrary_flag_is_refused(sweep: Path, capsys) -> None:
+    """val/acc is better higher: without --maximize the report ranked the lowest accuracy best."""
+    from lmlab.report import maximize_metric
+
+    assert maximize_metric("val/acc") is True and maximize_metric("val/bpb") is False
+    assert maximize_metric("my/score", maximize=True) is True  # unknown: as the flags say
+    assert maximize_metric("my/score") is False
+    with pytest.raises(ConfigError, match=r"--metric val/acc is better higher: drop --minimize"):
+        maximize_metric("val/acc", minimize=True)
+    assert main([str(sweep), "--metric", "val/bpb", "--maximize"]) == 2
+    assert "val/bpb is better lower: drop --maximize" in capsys.readouterr().err
+
+
+def test_a_moved_sweep_folder_lists_each_failed_job_once(tmp_path: Path) -> None:
+    """sweep_summary.csv records absolute folders: after the sweep was moved a failed job was
+    listed twice (its folder, and a row of its own)."""
+    import csv as csv_mod
+    import shutil
+
+    old = tmp_path / "old"
+    for job, lr in (("0", "0.001"), ("1", "0.1")):
+        write_run(old / job, [f"optim.lr={lr}"], rows_for([0, 1], 2, 1.0), None)
+    (old / "0" / "summary.json").write_text('{"val/bpb": 2.5}')
+    with (old / "sweep_summary.csv").open("w", newline="") as f:
+        w = csv_mod.writer(f)
+        w.writerow(["job", "status", "overrides", "wall_s", "error", "output_dir"])
+        w.writerow(["0", "completed", "optim.lr=0.001", 1.0, "", str(old / "0")])
+        w.writerow(["1", "preempted", "optim.lr=0.1", 1.0, "Preempted: stop", str(old / "1")])
+    moved = tmp_path / "moved"
+    shutil.move(old, moved)
+    runs = collect_runs(moved)
+    assert sorted((r.name, r.status) for r in runs) == [
+        ("optim.lr=0.001", "finished"),
+        ("optim.lr=0.1", "preempted"),
+    ]
+
+
+def test_a_job_that_failed_early_is_named_by_its_hydra_overrides(tmp_path: Path) -> None:
+    """A value with a space: the space-joined overrides of sweep_summary.csv split inside it."""
+    import csv as csv_mod
+
+    sweep = tmp_path / "sweep"
+    write_run(
+        sweep / "0",
+        ["model.n_heads=2", 'sample.prompts=["to be"]'],
+        rows_for([0], 1, 1.0),
+        {"val/bpb": 2.0},
+    )
+    (sweep / "1" / ".hydra").mkdir(parents=True)  # Hydra wrote it; the job failed before logging
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text(
+        '- model.n_heads=3\n- sample.prompts=["to be"]\n'
+    )
+    with (sweep / "sweep_summary.csv").open("w", newline="") as f:
+        w = csv_mod.writer(f)
+        w.writerow(["job", "status", "overrides", "wall_s", "error", "output_dir"])
+        w.writerow(
+            [
+                "1",
+                "failed",
+                'model.n_heads=3 sample.prompts=["to be"]',
+                1.0,
+                "ConfigError: model.d_model=32 must be divisible by model.n_heads=3",
+                str(sweep / "1"),
+            ]
+        )
+    runs = collect_runs(sweep)
+    assert sorted(r.name for r in runs) == ["model.n_heads=2", "model.n_heads=3"]
+    assert swept_parameters(runs) == ["model.n_heads"]
+
+
+def test_files_that_are_not_utf8_are_read_not_fatal(sweep: Path) -> None:
+    (sweep / "0" / "summary.json").write_bytes(b'{"val/bpb": 1.0, "note": "\xff"}')
+    with (sweep / "1" / "metrics.csv").open("ab") as f:
+        f.write(b"0,9,\xfe\xff,,\n")
+    runs = {r.path.name: r for r in collect_runs(sweep)}
+    assert runs["0"].summary["val/bpb"] == 1.0
