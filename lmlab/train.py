@@ -579,9 +579,10 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
 
 def check_fresh_start(output_dir: Path) -> None:
     """A run that starts from scratch in ``output_dir``: refused where a run has a checkpoint (its
-    checkpoints and logs would be overwritten); else the folder's W&B run id, of an attempt that
-    ended before its first checkpoint, is dropped (process 0), so this run is a new W&B run, as its
-    metrics.csv rows are new (LMModule.on_train_start drops the attempt's rows)."""
+    checkpoints and logs would be overwritten); else the folder's W&B run id and TensorBoard event
+    files, of an attempt that ended before its first checkpoint, are dropped (process 0), so this
+    run is a new W&B run, as its metrics.csv rows are new (LMModule.on_train_start drops the
+    attempt's rows)."""
     last = output_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         if rank_zero_only.rank == 0:
@@ -593,6 +594,10 @@ def check_fresh_start(output_dir: Path) -> None:
         )
     if rank_zero_only.rank == 0:
         (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
+        # and its TensorBoard curves (logger=tensorboard), which TensorBoard would show with this
+        # run's as one run's
+        for events in (output_dir / "tensorboard").glob("**/events.out.tfevents.*"):
+            events.unlink()
 
 
 # the .hydra files of the run's latest start (keep_hydra_files)

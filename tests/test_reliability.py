@@ -426,15 +426,19 @@ def test_a_fresh_start_where_a_run_has_a_checkpoint_is_refused_and_keeps_it(tiny
 
 def test_a_fresh_start_after_an_attempt_without_checkpoint_logs_anew(tiny_cfg, tmp_path):
     """An attempt that ended before its first checkpoint (a job re-run with ckpt_path=auto starts
-    fresh in its folder): its metrics.csv rows and its W&B run id are not this run's (the rows were
-    appended to and the W&B run continued, mixing two attempts' curves)."""
+    fresh in its folder): its metrics.csv rows, W&B run id and TensorBoard events are not this
+    run's (the rows were appended to and the W&B run continued, mixing two attempts' curves)."""
     from lmlab.loggers import RUN_ID_FILE
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.csv").write_text("epoch,step,train/loss\n0,0,9.5\n0,1,9.4\n0,2,9.3\n")
     (out / RUN_ID_FILE).write_text("0ld1d000\n")
+    (out / "tensorboard").mkdir()
+    attempt = out / "tensorboard" / "events.out.tfevents.1.host.1.0"
+    attempt.write_bytes(b"an attempt's curves")
     train(tiny_cfg(output_dir=out))
+    assert not attempt.exists()  # TensorBoard showed both attempts' curves as one run's
     with (out / "metrics.csv").open(newline="") as f:
         losses = [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
     assert [s for s, _ in losses] == list(range(6))  # this run's steps, once each
