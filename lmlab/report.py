@@ -85,6 +85,7 @@ class Run:
     tokens_per_step: int = 1  # from the config: the x axis where train/tokens_seen is missing
     tokens_logged: bool = False  # metrics.csv has train/tokens_seen: the x axis is exact
     notes: list[str] = field(default_factory=list)  # problems met while reading the folder
+    tokenizer: str | None = None  # the config's tokenizer settings (None: unreadable)
 
 
 def find_run_dirs(sweep_dir: Path) -> list[Path]:
@@ -116,6 +117,33 @@ def parse_overrides(lines: list) -> dict[str, str]:
         key, _, value = str(item).partition("=")
         out[key.lstrip("+~")] = value
     return out
+
+
+# Metrics per token: they do not compare between runs whose tokenizers differ (val/bpb does)
+PER_TOKEN = ("val/loss", "val/ppl", "val/acc", "train/loss", "train/ppl")
+
+
+def read_tokenizer(config_path: Path) -> str | None:
+    """The run's tokenizer settings (``tokenizer`` of its saved config) as one string, to tell
+    runs whose tokens differ apart; None when the config cannot be read."""
+    try:
+        section = OmegaConf.select(OmegaConf.load(config_path), "tokenizer", default=None)
+        if section is None:
+            return None
+        return json.dumps(OmegaConf.to_container(section, resolve=False), sort_keys=True)
+    except Exception:  # missing, truncated or not UTF-8: the report goes on without it
+        return None
+
+
+def mixed_tokenizers(runs: list[Run], metric: str) -> str | None:
+    """A warning when ``metric`` counts per token and the runs' tokenizers differ."""
+    if metric not in PER_TOKEN or len({r.tokenizer for r in runs if r.tokenizer}) < 2:
+        return None
+    return (
+        f"the runs use different tokenizers: {metric} is per token and does not compare across "
+        "them (a coarser tokenizer has fewer, harder tokens); rank them by bits per byte "
+        "(--metric val/bpb)"
+    )
 
 
 def read_tokens_per_step(config_path: Path) -> int:
@@ -223,8 +251,18 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
         curves, tokens_logged = read_curves(path / "metrics.csv", tokens_per_step)
     rel = path.relative_to(sweep_dir).as_posix()
     name = ", ".join(f"{k}={v}" for k, v in overrides.items()) or (path.name if rel == "." else rel)
+    tokenizer = read_tokenizer(path / ".hydra" / "config.yaml")
     return Run(
-        name, path, overrides, summary, curves, status, tokens_per_step, tokens_logged, notes
+        name,
+        path,
+        overrides,
+        summary,
+        curves,
+        status,
+        tokens_per_step,
+        tokens_logged,
+        notes,
+        tokenizer,
     )
 
 
@@ -615,6 +653,9 @@ def render(runs: list[Run], sweep_dir: Path, metric: str, maximize: bool = False
             f'<p id="best">Best: <b>{html.escape(runs[0].name)}</b> '
             f"({html.escape(metric)} = {runs[0].summary[metric]:.6g})</p>"
         )
+    warning = mixed_tokenizers(runs, metric)
+    if warning:
+        parts.append(f'<p id="tokenizers"><b>Warning:</b> {html.escape(warning)}.</p>')
     if unfinished:
         parts.append(
             '<h2>Unfinished runs</h2><ul id="unfinished">'
@@ -671,6 +712,9 @@ def build_report(
     sweep_dir = Path(sweep_dir)
     runs = collect_runs(sweep_dir)
     check_metric(runs, sweep_dir, metric)
+    warning = mixed_tokenizers(runs, metric)
+    if warning:
+        log.warning("warning: %s", warning)
     out = Path(out) if out is not None else sweep_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(runs, sweep_dir, metric, maximize), encoding="utf-8")

@@ -782,3 +782,24 @@ def test_files_that_are_not_utf8_are_read_not_fatal(sweep: Path) -> None:
         f.write(b"0,9,\xfe\xff,,\n")
     runs = {r.path.name: r for r in collect_runs(sweep)}
     assert runs["0"].summary["val/bpb"] == 1.0
+
+
+def test_runs_with_other_tokenizers_are_not_ranked_per_token_without_a_warning(
+    tmp_path: Path, caplog
+) -> None:
+    """A byte and a BPE run: val/loss ranked the byte run best (fewer nats per easier token),
+    val/bpb the BPE run; per-token metrics now carry a warning, bits per byte none."""
+    import logging
+
+    sweep = tmp_path / "sweep"
+    for job, kind, loss, bpb in (("0", "byte", 5.3, 7.6), ("1", "bpe", 6.1, 5.7)):
+        config = CONFIG + f"tokenizer:\n  kind: {kind}\n  vocab_size: 512\n"
+        summary = {"val/loss": loss, "val/bpb": bpb}
+        write_run(sweep / job, [f"tokenizer={kind}"], rows_for([0], 1, 1.0), summary, config)
+    with caplog.at_level(logging.WARNING, logger="lmlab.report"):
+        page = build_report(sweep, metric="val/loss").read_text()
+    assert 'id="tokenizers"' in page and "rank them by bits per byte" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmlab.report"):
+        page = build_report(sweep, metric="val/bpb").read_text()
+    assert 'id="tokenizers"' not in page and not caplog.text
