@@ -151,3 +151,46 @@ def test_training_follows_the_cpu_matmul_setting(tiny_cfg, onednn_calls, route):
     train(tiny_cfg(f"cpu_matmul={route}", "trainer.precision=32-true", "trainer.max_steps=3"))
     assert cpu_matmul() == route
     assert (len(onednn_calls) > 0) == (route == "onednn")
+
+
+@needs_onednn
+def test_double_backward_jit_tracing_and_vmap_work_as_with_f_linear(onednn_calls):
+    """A graph-building backward uses PyTorch's own products; tracing and functorch transforms take
+    F.linear (the oneDNN op has no TorchScript form and no batching rule)."""
+    torch.manual_seed(0)
+    layer, x = Linear(16, 24, bias=False), torch.randn(5, 16, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    (gw,) = torch.autograd.grad(gx.sum(), layer.weight)
+    w = layer.weight.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    (ref_gx,) = torch.autograd.grad(F.linear(x64, w).pow(2).sum(), x64, create_graph=True)
+    (ref_gw,) = torch.autograd.grad(ref_gx.sum(), w)
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
+    traced = torch.jit.trace(layer, torch.randn(5, 16), check_trace=False)
+    calls = len(onednn_calls)
+    torch.testing.assert_close(traced(x), F.linear(x, layer.weight))
+    batched = torch.vmap(layer)(torch.randn(3, 5, 16))
+    assert batched.shape == (3, 5, 24)
+    assert len(onednn_calls) == calls  # neither the traced graph nor vmap called oneDNN
+
+
+@needs_onednn
+def test_a_frozen_weight_keeps_no_input_for_the_backward(onednn_calls):
+    layer = Linear(16, 24, bias=False).requires_grad_(False)
+    x = torch.randn(5, 16, requires_grad=True)
+    out = layer(x)
+    assert out.grad_fn.saved_tensors[0] is None  # as F.linear, which keeps only the weight
+
+
+def test_the_route_reaches_processes_started_after_it(monkeypatch):
+    """ddp_spawn's processes (and DataLoader workers) import lmlab afresh: the route comes with
+    LMLAB_CPU_MATMUL, or cpu_matmul=blas held only in the launching process."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(matmul.ENV, "onednn")
+    set_cpu_matmul("blas")
+    code = "from lmlab.nn.matmul import cpu_matmul; print(cpu_matmul())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "blas"
+    set_cpu_matmul("onednn")

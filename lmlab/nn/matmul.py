@@ -17,23 +17,29 @@ that route when no autocast is on, nothing is being compiled (torch.compile sees
 ``F.linear``) and PyTorch was built with oneDNN; everything else is ``F.linear``. ``mm_t`` and
 ``mm`` do the same for the fused output head + loss (``lmlab/nn/loss.py``).
 
-``set_cpu_matmul("blas")`` (the ``cpu_matmul`` training setting) turns the route off: the results
-differ from BLAS's only in the order of the float32 sums (a few ulps).
+``set_cpu_matmul("blas")`` (the ``cpu_matmul`` training setting) turns the route off, also for the
+processes started after it (through ``LMLAB_CPU_MATMUL``): the results differ from BLAS's only in
+the order of the float32 sums (a few ulps). Tracing for TorchScript and functorch transforms
+(``vmap``, ``torch.func.grad``) take ``F.linear``; forward-mode AD is not supported on the route.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 CPU_MATMULS = ("onednn", "blas")
+# set_cpu_matmul's choice, for processes started after it (ddp_spawn, DataLoader workers), which
+# import this module afresh
+ENV = "LMLAB_CPU_MATMUL"
 
 # oneDNN's linear kernel as PyTorch registers it for inductor: (input, weight, bias, attr, scalars,
 # algorithm) -> input @ weight.T. Absent from builds without oneDNN (MKLDNN).
 _onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_use_onednn = _onednn_linear is not None
+_use_onednn = _onednn_linear is not None and os.environ.get(ENV, "onednn") != "blas"
 # The smallest product (rows x inner x outer multiply-adds) sent to oneDNN: on the 2-core EPYC it
 # breaks even with MKL at ~64 rows x 256 -> 768 (12.6M) and wins from 128 rows (25M)
 ONEDNN_MIN_MACS = 1 << 24
@@ -55,6 +61,7 @@ def set_cpu_matmul(name: str) -> None:
     global _use_onednn
     check_cpu_matmul(name)
     _use_onednn = name == "onednn" and _onednn_linear is not None
+    os.environ[ENV] = name
 
 
 def cpu_matmul() -> str:
@@ -67,6 +74,7 @@ def _onednn(a: torch.Tensor, b: torch.Tensor, outer: int) -> bool:
     oneDNN's float32 route."""
     return (
         _use_onednn
+        and not torch.compiler.is_compiling()  # first: no guards on the sizes below
         and a.numel() * outer >= max(ONEDNN_MIN_MACS, 1)
         and a.dtype == torch.float32
         and b.dtype == torch.float32
@@ -76,7 +84,8 @@ def _onednn(a: torch.Tensor, b: torch.Tensor, outer: int) -> bool:
         and type(b) in (torch.Tensor, nn.Parameter)
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # the op has no TorchScript form
+        and torch._C._functorch.maybe_current_level() is None  # no vmap / grad transforms
     )
 
 
@@ -87,30 +96,39 @@ def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b.t())
 
 
+# oneDNN reads ``b`` of ``mm`` transposed; over a long inner dimension that layout makes it slower
+# than BLAS (the output head's input gradient at GPT-2's 50304 tokens: 269-303 vs 224-228 ms at
+# 512 x 50304 x 768; still ahead at 32768)
+ONEDNN_MAX_INNER_T = 1 << 15
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (N, K) and ``b`` (K, M), without autograd."""
-    if _onednn(a, b, b.shape[1]):
+    if b.shape[0] <= ONEDNN_MAX_INNER_T and _onednn(a, b, b.shape[1]):
         return _onednn_linear(a, b.t(), None, "none", [], "")
     return torch.mm(a, b)
 
 
 class _Linear(torch.autograd.Function):
-    """``x @ weight.T`` with its gradients: ``g @ weight`` and ``g.T @ x`` (the latter by BLAS)."""
+    """``x @ weight.T`` with its gradients: ``g @ weight`` and ``g.T @ x`` (the latter by BLAS).
+    ``x`` is kept only for the weight's gradient (a frozen weight keeps none, as ``F.linear``); a
+    backward that builds a graph (double backward) uses PyTorch's differentiable products."""
 
     @staticmethod
     def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.x_shape = x.shape
         x2 = x.reshape(-1, x.shape[-1])
         return mm_t(x2, weight).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = None
+        differentiable = torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
-            grad_x = mm(g, weight).view(x.shape)
+            grad_x = (torch.mm(g, weight) if differentiable else mm(g, weight)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
         return grad_x, grad_w
