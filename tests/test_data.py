@@ -559,3 +559,37 @@ def test_each_batch_carries_its_optimizer_steps_target_count_also_after_a_resume
     dm.trainer.num_training_batches = 4
     own_l, carried_l = passes(dm.train_dataloader())
     assert own_l == own and carried_l[:4] == [*carried[:3], own[3]]
+
+
+@pytest.mark.parametrize("module", ["clm", "mlm", "span"])
+def test_every_rank_runs_as_many_validation_batches_and_scores_each_window_once(
+    tmp_path, module
+):
+    """3 validation windows over 2 ranks at batch size 1: rank 0 had 2 batches, rank 1 one, and
+    under FSDP (whose forward gathers the weights with every rank) rank 0 waited forever. Rank 1
+    now gets a padding window whose labels are all ignored."""
+    from lmlab.data.span import SpanCorruptionDataModule
+
+    cls = {"clm": CausalLMDataModule, "mlm": MaskedLMDataModule}.get(module)
+    tok = byte_tokenizer(8)
+    train = build_store(iter([make_text(400, 0)]), tok, tmp_path, "t")
+    seq_len = 32
+    cls = cls or SpanCorruptionDataModule
+    probe = cls(tok, train, train, seq_len=seq_len, batch_size=1)
+    n_tokens = 2 * probe.stride + probe.window_len  # three windows
+    val = build_store(iter([make_text(n_tokens, 1)[: n_tokens - 2]]), tok, tmp_path, "v")
+    every = eval_starts(len(val), probe.window_len, probe.stride)
+    assert len(every) == 3
+    per_rank, targets = [], 0
+    for rank in (0, 1):
+        dm = cls(tok, train, val, seq_len=seq_len, batch_size=1)
+        strategy = types.SimpleNamespace(root_device=torch.device("cpu"))
+        dm.trainer = types.SimpleNamespace(strategy=strategy, global_rank=rank, world_size=2)
+        batches = list(dm.val_dataloader())
+        per_rank.append(len(batches))
+        targets += sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+        if rank == 1:
+            assert (batches[-1]["labels"] == IGNORE).all()  # the padding window
+    assert per_rank == [2, 2]
+    one = cls(tok, train, val, seq_len=seq_len, batch_size=1)
+    assert targets == sum(int((b["labels"] != IGNORE).sum()) for b in one.val_dataloader())

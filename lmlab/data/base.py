@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 
 import lightning as L
@@ -49,6 +50,7 @@ class Example:
     start: int  # offset of the window in its token store
     tokens: np.ndarray  # int64, at most window_len tokens (shorter only at the end of a split)
     epoch: int = 0  # training epoch (0 for validation), for reproducible per-example randomness
+    scored: bool = True  # False: a validation rank's padding window, its labels all ignored
 
 
 def example_rng(seed: int, ex: Example) -> np.random.Generator:
@@ -80,9 +82,10 @@ class Windows(Dataset):
         return len(self.store)
 
     def __getitem__(self, index: tuple[int, int] | int) -> Example:
-        start, epoch = index if isinstance(index, tuple) else (index, 0)
+        """``start``, ``(start, epoch)``, or ``(start, epoch, scored)``."""
+        start, epoch, *scored = index if isinstance(index, tuple) else (index, 0)
         tokens = np.asarray(self.store.tokens[start : start + self.window_len], dtype=np.int64)
-        return Example(start, tokens, epoch)
+        return Example(start, tokens, epoch, *scored)
 
 
 class RandomWindowSampler(Sampler[tuple[int, int]]):
@@ -283,6 +286,16 @@ class ResumableLoader(DataLoader):
                 yield batch
 
 
+def scored_only(make_batch: Callable[[list[Example]], dict], examples: list[Example]) -> dict:
+    """``make_batch(examples)`` with the labels of the padding examples (``scored=False``) all
+    ignored: they add nothing to a metric (token counts and bytes come from the labels)."""
+    batch = make_batch(examples)
+    padding = [i for i, ex in enumerate(examples) if not ex.scored]
+    if padding:
+        batch["labels"][padding] = IGNORE
+    return batch
+
+
 def _warn(msg: str, *args) -> None:
     if rank_zero_only.rank == 0:
         log.warning(msg, *args)
@@ -382,11 +395,11 @@ class WindowDataModule(L.LightningDataModule):
         cls: type[DataLoader] = DataLoader,
         **kwargs,
     ) -> DataLoader:
+        kwargs.setdefault("collate_fn", self.make_batch)
         return cls(
             Windows(store, self.window_len),
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=self.make_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pinned(),
@@ -448,11 +461,21 @@ class WindowDataModule(L.LightningDataModule):
             )
 
     def val_dataloader(self) -> DataLoader:
-        # Each rank scores every world-th window (no padding, so no window counts twice); the
-        # torchmetrics states are summed across ranks, so the metrics cover the split exactly once.
+        # Each rank scores every world-th window, so no window counts twice; the torchmetrics
+        # states are summed across ranks, so the metrics cover the split exactly once. Ranks left
+        # a window short get a padding window whose labels are all ignored: every rank runs as
+        # many batches (under FSDP each forward gathers the weights with the other ranks, and a
+        # rank with a batch more waited for them forever).
         rank, world = self._shard()
-        starts = eval_starts(len(self.val_store), self.window_len, self.stride)[rank::world]
-        return self._loader(self.val_store, starts, self.eval_batch_size)
+        every = eval_starts(len(self.val_store), self.window_len, self.stride)
+        starts: list = every[rank::world]
+        starts += [(every[0], 0, False)] * (-(-len(every) // world) - len(starts))
+        return self._loader(
+            self.val_store,
+            starts,
+            self.eval_batch_size,
+            collate_fn=partial(scored_only, self.make_batch),
+        )
 
     def val_examples(self, n: int) -> list[Example]:
         """The first ``n`` validation windows (for samples and reconstructions)."""
