@@ -147,6 +147,17 @@ def test_a_lone_document_of_any_kind_is_cut_between_the_splits(tmp_path):
     assert head + tail == whole and 0 < len(tail) < 0.11 * len(whole)
 
 
+def test_a_byte_order_mark_starts_no_document(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: JSONL was refused ("Unexpected UTF-8 BOM")
+    and plain text began with an invisible U+FEFF."""
+    rows = [{"text": f"document {i}"} for i in range(3)]
+    jsonl, text = tmp_path / "bom.jsonl", tmp_path / "bom.txt"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
+    text.write_bytes(b"\xef\xbb\xbfTo be, or not to be.")
+    c = make_corpus(files_cfg(val=[str(jsonl), str(text)]), need_train=False)
+    assert list(c.texts(c.val)) == [r["text"] for r in rows] + ["To be, or not to be."]
+
+
 def test_jsonl_lines_end_at_newlines_only(tmp_path):
     # json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw inside strings, where
     # str.splitlines would break the line; "\r\n" line ends are fine.

@@ -166,8 +166,8 @@ def _read_text(path: str, errors: str) -> str:
         raise ConfigError(
             f"{path} looks binary (it contains NUL bytes): give plain UTF-8 text or JSONL files"
         )
-    try:
-        return raw.decode("utf-8", errors=errors)
+    try:  # a leading byte-order mark (Windows editors write one) is not text
+        return raw.decode("utf-8-sig", errors=errors)
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r}); convert it, "
