@@ -290,7 +290,15 @@ def check_step_batches(t: DictConfig, accumulation: int) -> None:
     validations are counted across epochs (``check_val_every_n_epoch: null``): Lightning counts
     them in micro-batches over the whole run, and an epoch that ended inside a step (a short last
     step) would move every later validation, and the checkpoints written there, into the middle of
-    a step. (The natural epoch is whole steps: lmlab's sampler deals them so.)"""
+    a step. (The natural epoch is whole steps: lmlab's sampler deals them so.) A fractional
+    ``val_check_interval`` (a share of the epoch, counted in batches) is refused likewise."""
+    interval = t.get("val_check_interval")
+    if accumulation > 1 and isinstance(interval, float) and interval != 1.0:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} (a share of the epoch, which Lightning counts "
+            f"in batches) can fall inside an optimizer step of {accumulation} accumulated batches, "
+            "and so would the checkpoints written there; give it in optimizer steps (an integer)"
+        )
     limit = t.get("limit_train_batches")
     if accumulation <= 1 or limit is None or t.get("check_val_every_n_epoch") is not None:
         return

@@ -535,6 +535,14 @@ def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_target
             r"use a multiple of 2 \(4 or 6\) \(or validate per epoch",
         ),
         (
+            [
+                "trainer.accumulate_grad_batches=3",
+                "trainer.check_val_every_n_epoch=1",
+                "trainer.val_check_interval=0.5",
+            ],
+            r"val_check_interval=0.5 .* can fall inside an optimizer step of 3 .*\(an integer\)",
+        ),
+        (
             ["trainer.accumulate_grad_batches=3", "+trainer.limit_train_batches=0.5"],
             r"limit_train_batches=0.5 does not .* give it as a number of batches, a multiple of 3",
         ),
