@@ -625,6 +625,41 @@ def keep_hydra_files(output_dir: Path) -> None:
             shutil.copy2(f, kept / f.name)
 
 
+def warn_changed_overrides(output_dir: Path) -> None:
+    """A resume whose command-line overrides set a key to another value than the run's latest
+    start did: a warning naming them. Often meant (more steps, another learning rate), but a sweep
+    re-run with another list of values resumes each job's folder by its number, and a job would
+    continue another job's run with its own values."""
+    import yaml
+
+    kept = output_dir / HYDRA_KEPT / "overrides.yaml"
+    files = [f for f in _hydra_files(output_dir) if f.name == "overrides.yaml"]
+    if not kept.is_file() or not files:
+        return
+    try:
+        before, now = (
+            dict(
+                str(o).lstrip("+~").partition("=")[::2] for o in yaml.safe_load(f.read_text()) or []
+            )
+            for f in (kept, files[0])
+        )
+    except (yaml.YAMLError, TypeError, ValueError, OSError):
+        return
+    changed = [
+        f"{k}={now[k]} (was {before[k]})"
+        for k in sorted(set(before) & set(now))
+        if k != "ckpt_path" and before[k] != now[k]
+    ]
+    if changed:
+        log.warning(
+            "resuming %s with other values than its latest start: %s (a sweep re-run with other "
+            "values resumes each job's folder by its number: use the sweep's own values or a new "
+            "hydra.sweep.dir)",
+            output_dir,
+            ", ".join(changed),
+        )
+
+
 def restore_hydra_files(output_dir: Path) -> None:
     kept = output_dir / HYDRA_KEPT
     if kept.is_dir() and _hydra_files(output_dir):
@@ -876,6 +911,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             restore_hydra_files(objects["output_dir"])  # the run is as it was
         return json.loads(summary.read_text()), objects
     if rank_zero_only.rank == 0:
+        if objects["ckpt_path"]:
+            warn_changed_overrides(objects["output_dir"])
         keep_hydra_files(objects["output_dir"])
     describe(objects)
     log_config(trainer, cfg)

@@ -144,3 +144,14 @@ def test_evaluate_warns_on_stderr_when_the_runs_data_holds_out_other_documents(c
             path.unlink(missing_ok=True)
     assert "warning: the evaluated documents are not the ones" in e.stderr
     assert e.stdout.strip().splitlines()[-1].startswith("loss ")
+
+
+def test_a_resume_with_other_values_warns_naming_them(cli_run):
+    """A sweep re-run with another value list resumes each job's folder by its number: a job then
+    continued another job's run with its own values, without a word."""
+    tmp, out, _ = cli_run
+    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
+    args = ["lmlab", "data=files", "data.train=d*.txt", *tiny, f"hydra.run.dir={out}"]
+    p = run([*args, "trainer.max_steps=7", "ckpt_path=last"], tmp)
+    log = p.stdout + p.stderr
+    assert "with other values than its latest start: trainer.max_steps=7 (was 6)" in log
