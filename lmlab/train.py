@@ -31,7 +31,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -625,6 +625,15 @@ def keep_hydra_files(output_dir: Path) -> None:
             shutil.copy2(f, kept / f.name)
 
 
+def purge_tensorboard(trainer: L.Trainer, step: int) -> None:
+    """TensorBoard hides the points a crashed attempt logged from ``step`` on (the checkpoint's):
+    the resumed run logs those steps again (``SummaryWriter(purge_step=...)``, set before the
+    logger opens its writer), as metrics.csv drops such rows."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
+            logger._kwargs.setdefault("purge_step", step)
+
+
 def warn_changed_overrides(output_dir: Path) -> None:
     """A resume whose command-line overrides set a key to another value than the run's latest
     start did: a warning naming them. Often meant (more steps, another learning rate), but a sweep
@@ -840,6 +849,8 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     # after the resume checks: a refused resume leaves the run's own tokenizer.json, which its
     # message tells the user to resume with
     tokenizer.save(out / "tokenizer.json")
+    if ckpt_step is not None:
+        purge_tensorboard(trainer, ckpt_step)
     return {
         "cfg": cfg,
         "tokenizer": tokenizer,

@@ -224,6 +224,10 @@ def test_the_private_lightning_names_lmlab_relies_on_are_there():
     assert callable(ModelCheckpoint._save_last_checkpoint)
     assert callable(ModelCheckpoint._monitor_candidates)
     assert ModelCheckpoint()._last_global_step_saved == 0  # lmlab.callbacks.last_saved_at_step
+    from lightning.pytorch.loggers import TensorBoardLogger  # lmlab.train.purge_tensorboard
+
+    board = TensorBoardLogger("unused", purge_step=None)
+    assert board._experiment is None and board._kwargs == {"purge_step": None}
 
 
 def test_preemption_switches_off_lightnings_per_step_sigterm_broadcast_for_the_run():
@@ -528,6 +532,25 @@ def test_a_resumed_run_saves_nothing_inside_its_first_optimizer_step(
     monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", spy)
     train(tiny_cfg(*common, "trainer.max_steps=4", "ckpt_path=last", output_dir=out))
     assert saves and set(saves) == {(4, False)}  # last.ckpt at 4, best.ckpt after fit
+
+
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tiny_cfg, tmp_path):
+    """A run resumed from an earlier checkpoint (a crash after it) logs its steps again: TensorBoard
+    showed the attempt's points and the resumed run's at the same steps, as one curve."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    common = ["logger=tensorboard", "callbacks.last_checkpoint.every_n_train_steps=3"]
+    train(tiny_cfg(*common, "trainer.max_steps=3", output_dir=out))
+    at_3 = tmp_path / "step3.ckpt"
+    shutil.copy(out / "checkpoints" / "last.ckpt", at_3)
+    train(tiny_cfg(*common, "ckpt_path=last", "trainer.max_steps=6", output_dir=out))
+    train(tiny_cfg(*common, f"ckpt_path={at_3}", "trainer.max_steps=6", output_dir=out))
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(steps) == list(range(6))
 
 
 def test_resume_applies_changed_optim_settings(tiny_cfg, tmp_path):
