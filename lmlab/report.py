@@ -123,15 +123,33 @@ def parse_overrides(lines: list) -> dict[str, str]:
 PER_TOKEN = ("val/loss", "val/ppl", "val/acc", "train/loss", "train/ppl")
 
 
-def read_tokenizer(config_path: Path) -> str | None:
-    """The run's tokenizer settings (``tokenizer`` of its saved config) as one string, to tell
-    runs whose tokens differ apart; None when the config cannot be read."""
+def read_overrides(path: Path) -> dict[str, str]:
+    """A ``.hydra/overrides.yaml`` (or a kept copy of one) as key -> value; raises
+    ``yaml.YAMLError`` or ``TypeError`` for a file that is not a YAML list."""
+    return parse_overrides(yaml.safe_load(path.read_text(errors="replace")) or [])
+
+
+def read_config(config_path: Path) -> Any:
+    """The run's saved ``.hydra/config.yaml``; None when missing or unreadable (a truncated file
+    must not stop the report)."""
+    if not config_path.is_file():
+        return None
     try:
-        section = OmegaConf.select(OmegaConf.load(config_path), "tokenizer", default=None)
+        return OmegaConf.load(config_path)
+    except Exception as e:
+        log.warning("cannot read %s: %s", config_path, e)
+        return None
+
+
+def tokenizer_of(cfg: Any) -> str | None:
+    """The run's tokenizer settings (``tokenizer`` of its config) as one string, to tell runs whose
+    tokens differ apart; None without them."""
+    try:
+        section = OmegaConf.select(cfg, "tokenizer", default=None) if cfg is not None else None
         if section is None:
             return None
         return json.dumps(OmegaConf.to_container(section, resolve=False), sort_keys=True)
-    except Exception:  # missing, truncated or not UTF-8: the report goes on without it
+    except Exception:  # not a mapping, or interpolations that do not resolve
         return None
 
 
@@ -146,14 +164,10 @@ def mixed_tokenizers(runs: list[Run], metric: str) -> str | None:
     )
 
 
-def read_tokens_per_step(config_path: Path) -> int:
-    """Product of the keys in ``TOKENS_PER_STEP_KEYS`` in the run's config (1 for each missing one)."""
-    if not config_path.is_file():
-        return 1
-    try:
-        cfg = OmegaConf.load(config_path)
-    except Exception as e:  # a truncated file must not stop the report
-        log.warning("cannot read %s: %s", config_path, e)
+def tokens_per_step_of(cfg: Any) -> int:
+    """Product of the keys in ``TOKENS_PER_STEP_KEYS`` in the run's config (1 for each missing one,
+    and 1 without a config)."""
+    if cfg is None:
         return 1
     total = 1
     for key in TOKENS_PER_STEP_KEYS:
@@ -229,7 +243,7 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
     ov_path = path / ".hydra" / "overrides.yaml"
     if ov_path.is_file():
         try:
-            overrides = parse_overrides(yaml.safe_load(ov_path.read_text(errors="replace")) or [])
+            overrides = read_overrides(ov_path)
         except (yaml.YAMLError, TypeError) as e:
             notes.append(f"unreadable .hydra/overrides.yaml: {e}")
     summary: dict[str, float] = {}
@@ -245,13 +259,13 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
             status = "finished"
         except (json.JSONDecodeError, AttributeError) as e:
             notes.append(f"unreadable summary.json: {e}")
-    tokens_per_step = read_tokens_per_step(path / ".hydra" / "config.yaml")
+    config = read_config(path / ".hydra" / "config.yaml")
+    tokens_per_step = tokens_per_step_of(config)
     curves, tokens_logged = {}, False
     if (path / "metrics.csv").is_file():
         curves, tokens_logged = read_curves(path / "metrics.csv", tokens_per_step)
     rel = path.relative_to(sweep_dir).as_posix()
     name = ", ".join(f"{k}={v}" for k, v in overrides.items()) or (path.name if rel == "." else rel)
-    tokenizer = read_tokenizer(path / ".hydra" / "config.yaml")
     return Run(
         name,
         path,
@@ -262,7 +276,7 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
         tokens_per_step,
         tokens_logged,
         notes,
-        tokenizer,
+        tokenizer_of(config),
     )
 
 
@@ -272,7 +286,7 @@ def job_overrides(out: Path, joined: str) -> dict[str, str]:
     path = out / ".hydra" / "overrides.yaml"
     if path.is_file():
         try:
-            return parse_overrides(yaml.safe_load(path.read_text(errors="replace")) or [])
+            return read_overrides(path)
         except (yaml.YAMLError, TypeError):
             pass
     return parse_overrides(joined.split())
@@ -355,15 +369,16 @@ def maximize_metric(metric: str, maximize: bool = False, minimize: bool = False)
     is refused (a report ranked the lowest accuracy best)."""
     from lmlab.sweep import HIGHER_IS_BETTER, LOWER_IS_BETTER
 
-    known = True if metric in HIGHER_IS_BETTER else False if metric in LOWER_IS_BETTER else None
-    asked = True if maximize else False if minimize else None
-    if known is not None and asked is not None and known != asked:
-        better, flag = ("higher", "--maximize") if known else ("lower", "--minimize")
+    if metric not in HIGHER_IS_BETTER and metric not in LOWER_IS_BETTER:
+        return maximize  # a metric lmlab does not know: as the flags say (default lower)
+    higher = metric in HIGHER_IS_BETTER
+    if (maximize and not higher) or (minimize and higher):
+        better, flag = ("higher", "--maximize") if higher else ("lower", "--minimize")
         raise ConfigError(
-            f"--metric {metric} is better {better}: drop --{'minimize' if known else 'maximize'} "
+            f"--metric {metric} is better {better}: drop --{'minimize' if higher else 'maximize'} "
             f"(or pass {flag})"
         )
-    return bool(known if known is not None else asked)
+    return higher
 
 
 def sort_runs(runs: list[Run], metric: str, maximize: bool = False) -> list[Run]:

@@ -641,18 +641,15 @@ def warn_changed_overrides(output_dir: Path) -> None:
     continue another job's run with its own values."""
     import yaml
 
+    from lmlab.report import read_overrides
+
     kept = output_dir / HYDRA_KEPT / "overrides.yaml"
     files = [f for f in _hydra_files(output_dir) if f.name == "overrides.yaml"]
     if not kept.is_file() or not files:
         return
     try:
-        before, now = (
-            dict(
-                str(o).lstrip("+~").partition("=")[::2] for o in yaml.safe_load(f.read_text()) or []
-            )
-            for f in (kept, files[0])
-        )
-    except (yaml.YAMLError, TypeError, ValueError, OSError):
+        before, now = read_overrides(kept), read_overrides(files[0])
+    except (yaml.YAMLError, TypeError, OSError):
         return
     changed = [
         f"{k}={now[k]} (was {before[k]})"
