@@ -238,6 +238,24 @@ def test_store_contents_offsets_and_bytes(tmp_path):
     assert reopened.tokens.tolist() == expected
 
 
+def test_whitespace_only_documents_are_skipped_and_a_split_of_only_them_is_refused(tmp_path):
+    """A JSONL row {"text": ""} or {"text": "  \\n"} holds nothing to learn: no eos-only document
+    (whose split would score bits per byte over 0 bytes), as data=hf skips such rows."""
+    tok = byte_tokenizer(2)
+    s = build_store(iter(["hi", "", " \n\t", "yo"]), tok, tmp_path, "k")
+    assert s.tokens.tolist() == [*b"hi", tok.eos_id, *b"yo", tok.eos_id]
+    assert s.n_docs == 2 and s.n_bytes == 4
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text(json.dumps({"text": "some text"}) + "\n")
+    val.write_text("\n".join(json.dumps({"text": t}) for t in ("", "   ", "\n")) + "\n")
+    c = make_corpus(files_cfg(train=str(train), val=str(val)))
+    with pytest.raises(
+        store_mod.EmptySplit, match=r"the val split has no text: .* every one was blank"
+    ):
+        build_store(c.texts(c.val), tok, tmp_path, "v", label="val")
+    assert not list((tmp_path / "stores").glob("v*"))  # nothing cached
+
+
 def test_concurrent_builds_of_one_store_tokenize_once(tmp_path, caplog):
     """Two builders of one key at once (the ranks of a torchrun launch): the second waits for the
     first's lock and opens its store without reading its own texts. flock locks belong to open
@@ -573,9 +591,7 @@ def test_each_batch_carries_its_optimizer_steps_target_count_also_after_a_resume
 
 
 @pytest.mark.parametrize("module", ["clm", "mlm", "span"])
-def test_every_rank_runs_as_many_validation_batches_and_scores_each_window_once(
-    tmp_path, module
-):
+def test_every_rank_runs_as_many_validation_batches_and_scores_each_window_once(tmp_path, module):
     """3 validation windows over 2 ranks at batch size 1: rank 0 had 2 batches, rank 1 one, and
     under FSDP (whose forward gathers the weights with every rank) rank 0 waited forever. Rank 1
     now gets a padding window whose labels are all ignored."""

@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 # 2: long documents are cut into pieces only for tokenizers that encode them exactly so (1 cut them
 # for every tokenizer, which put a "▁" at every piece's start with SentencePiece-style ones);
-# 3: not after a blank line, "\r\n" or " \n" (a merge such as GPT-2's "ĊĊ" gave other ids there)
-STORE_VERSION = 3
+# 3: not after a blank line, "\r\n" or " \n" (a merge such as GPT-2's "ĊĊ" gave other ids there);
+# 4: whitespace-only documents skipped (data=files kept a JSONL row {"text": ""} as an eos-only
+# document, and a split of such rows scored bits per byte over 0 bytes); also rebuilds the stores
+# read before a leading byte-order mark was dropped
+STORE_VERSION = 4
 CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces so every core gets work
 BATCH_CHARS = 8 << 20  # texts handed to the tokenizer's parallel batch encoder at once
 
@@ -108,7 +111,8 @@ def _pieces(text: str) -> list[str]:
 def _encode_stream(
     texts: Iterable[str], tokenizer: TextTokenizer, total_bytes: int | None
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (ids of one document with eos appended, UTF-8 bytes of that document)."""
+    """Yield (ids of one document with eos appended, UTF-8 bytes of that document); documents of
+    whitespace only are skipped (as data=hf skips blank rows): they hold nothing to learn or score."""
     eos = tokenizer.eos_id
     # Cutting is only for speed (the batch encoder spreads pieces over the cores): never at the
     # price of different ids.
@@ -135,6 +139,9 @@ def _encode_stream(
             yield np.asarray(doc, dtype=np.int64), nbytes
 
     for text in texts:
+        if not text.strip():
+            bar.update(len(text.encode("utf-8")))
+            continue
         pieces = cut(text)
         batch.append((len(text.encode("utf-8")), pieces))
         size += len(text)
