@@ -242,6 +242,10 @@ def test_short_examples_and_reproducibility(tok, stores):
         ({"mask_ratio": -0.1}, "mask_ratio"),
         ({"mask_ratio": 1.5}, "mask_ratio"),
         ({"poisson_lambda": 0.0}, "poisson_lambda"),
+        # inf and NaN failed only at the first batch, in numpy ("lam value too large")
+        ({"poisson_lambda": math.inf}, "poisson_lambda=inf must be > 0 and at most seq_len=64"),
+        ({"poisson_lambda": math.nan}, "poisson_lambda=nan must be > 0"),
+        ({"poisson_lambda": 65.0}, "at most seq_len=64"),
         ({"seq_len": 1}, "seq_len >= 2"),
     ],
 )

@@ -370,6 +370,14 @@ def test_mlm_datamodule_batches_and_errors(tmp_path):
     assert torch.equal(next(iter(dm.val_dataloader()))["input_ids"], b["input_ids"])
     with pytest.raises(ConfigError, match="mask_prob must be in"):
         MaskedLMDataModule(tok, store, store, seq_len=32, batch_size=4, mask_prob=1.5)
+    # NaN passed "p_mask < 0 or ...": every selected token was then left unchanged and scored
+    for bad in (
+        {"p_mask": float("nan")},
+        {"p_random": float("nan")},
+        {"p_mask": 0.9, "p_random": 0.2},
+    ):
+        with pytest.raises(ConfigError, match="must be >= 0 and sum to at most 1"):
+            MaskedLMDataModule(tok, store, store, seq_len=32, batch_size=4, **bad)
     ex = Example(0, np.asarray(store.tokens[:30], dtype=np.int64))
     inputs, labels = dm.mask_example(ex)
     assert len(inputs) == 32 and (labels != IGNORE).sum() >= 1

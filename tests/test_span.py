@@ -387,6 +387,7 @@ def test_too_few_sentinels_is_a_config_error(stores):
         ({"noise_density": 0.0}, "noise_density"),
         ({"noise_density": 1.0}, "noise_density"),
         ({"mean_span_length": 0.5}, "mean_span_length"),
+        ({"mean_span_length": float("nan")}, "mean_span_length=nan must be >= 1"),
         ({"seq_len": 1}, "seq_len >= 2"),
     ],
 )

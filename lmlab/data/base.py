@@ -312,6 +312,7 @@ def eval_starts(n_tokens: int, window_len: int, stride: int) -> list[int]:
 
 
 class WindowDataModule(L.LightningDataModule):
+    objective = ""  # the objective config's name (named in errors), each subclass's own
     batch_kind = ""
 
     def __init__(
@@ -325,11 +326,12 @@ class WindowDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
-        name: str = "",
+        name: str | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer, self.train_store, self.val_store = tokenizer, train, val
-        self.seq_len, self.batch_size, self.seed, self.name = seq_len, batch_size, seed, name
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.name = name or self.objective  # named in errors
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         # Build batches in pinned host memory: None = when the trainer's device is CUDA
@@ -377,9 +379,10 @@ class WindowDataModule(L.LightningDataModule):
             and len(self.train_store) < self.window_len + self.stride - 1
         ):
             raise ConfigError(
-                f"the training split has {len(self.train_store)} tokens, fewer than one window of "
-                f"{self.window_len + self.stride - 1} (objective={self.name}, seq_len={self.seq_len}); "
-                "add text or lower seq_len"
+                f"the training split has {len(self.train_store)} tokens; objective={self.name} "
+                f"with seq_len={self.seq_len} needs at least {self.window_len + self.stride - 1} "
+                f"(windows of {self.window_len} tokens start at a random offset of up to "
+                f"{self.stride - 1}); add text or lower seq_len"
             )
         if self.train_store is not None:  # one process here; train_dataloader checks them all
             windows = RandomWindowSampler(len(self.train_store), self.window_len, self.stride, 0).n

@@ -12,7 +12,7 @@ from lmlab.data.collate import causal_batch
 
 
 class CausalLMDataModule(WindowDataModule):
-    batch_kind = "causal"
+    objective, batch_kind = "clm", "causal"
 
     @property
     def window_len(self) -> int:

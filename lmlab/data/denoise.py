@@ -17,6 +17,7 @@ stands for one span), and tokens rather than whole words are masked.
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import numpy as np
@@ -78,8 +79,10 @@ def infilling_spans(
     if num_mask == 0:
         return np.zeros((0, 2), dtype=np.int64)
     lengths = np.zeros(0, dtype=np.int64)
+    # Draws expected to cover the budget in about one round (num_mask of them from a mean of 1 on)
+    draws = max(num_mask, math.ceil(num_mask / poisson_lambda))
     while lengths.sum() < num_mask:
-        lengths = np.concatenate([lengths, rng.poisson(poisson_lambda, size=num_mask)])
+        lengths = np.concatenate([lengths, rng.poisson(poisson_lambda, size=draws)])
     cum = np.cumsum(lengths)
     last = int(np.searchsorted(cum, num_mask))  # first span that reaches the budget
     lengths = lengths[: last + 1].copy()
@@ -109,6 +112,8 @@ def text_infilling(tokens: np.ndarray, spans: np.ndarray, mask_id: int) -> np.nd
 class DenoisingDataModule(Seq2SeqDataModule):
     """BART denoising over non-overlapping windows of ``seq_len - 1`` tokens (eos makes ``seq_len``)."""
 
+    objective = "denoise"
+
     def __init__(
         self,
         tokenizer: TextTokenizer,
@@ -126,7 +131,6 @@ class DenoisingDataModule(Seq2SeqDataModule):
         self.permute_sentences = bool(permute_sentences)
         # Decoding every token once costs a fraction of a second, not once per batch.
         self.is_sentence_end = sentence_end_table(tokenizer) if self.permute_sentences else None
-        kwargs.setdefault("name", "denoise")
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @classmethod
@@ -137,10 +141,12 @@ class DenoisingDataModule(Seq2SeqDataModule):
             raise ConfigError(f"denoising needs seq_len >= 2 (one token and eos), got {seq_len}")
         if not 0.0 <= mask_ratio <= 1.0:
             raise ConfigError(f"objective.mask_ratio={mask_ratio} must be in [0, 1] (BART: 0.3)")
-        if not poisson_lambda > 0.0:
-            # lambda = 0 would draw only empty spans and never reach the masking budget
+        if not 0.0 < poisson_lambda <= seq_len:
+            # lambda = 0 would draw only empty spans and never reach the masking budget; a mean
+            # span longer than the window means nothing (and inf, NaN fail here, not in numpy)
             raise ConfigError(
-                f"objective.poisson_lambda={poisson_lambda} must be > 0 (BART uses 3)"
+                f"objective.poisson_lambda={poisson_lambda} must be > 0 and at most "
+                f"seq_len={seq_len} (BART uses 3)"
             )
         super().check_settings(**rest)
 

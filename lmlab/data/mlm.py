@@ -18,7 +18,7 @@ from lmlab.errors import ConfigError
 
 
 class MaskedLMDataModule(WindowDataModule):
-    batch_kind = "masked"
+    objective, batch_kind = "mlm", "masked"
 
     def __init__(
         self,
@@ -52,7 +52,7 @@ class MaskedLMDataModule(WindowDataModule):
             )
         if not 0 < mask_prob < 1:
             raise ConfigError(f"objective.mask_prob must be in (0, 1), got {mask_prob}")
-        if p_mask < 0 or p_random < 0 or p_mask + p_random > 1:
+        if not (p_mask >= 0 and p_random >= 0 and p_mask + p_random <= 1):  # NaN fails too
             raise ConfigError(
                 f"objective.p_mask={p_mask} and objective.p_random={p_random} must be >= 0 and "
                 "sum to at most 1 (the rest stays unchanged)"

@@ -16,7 +16,7 @@ from lmlab.data.collate import IGNORE
 
 
 class PrefixLMDataModule(CausalLMDataModule):
-    batch_kind = "prefix"
+    objective, batch_kind = "prefix_lm", "prefix"
 
     def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         batch = super().make_batch(examples)

@@ -7,8 +7,11 @@ A window of raw tokens is split into alternating non-noise and noise spans (T5's
 sentinel ``<extra_id_i>``; the decoder target lists each sentinel followed by the tokens it replaced:
 
     window  The quick brown fox jumps over the lazy dog
-    input   The quick <X0> jumps over <X1> dog <eos>
-    target  <X0> brown fox <X1> the lazy <eos>
+    input   The quick <X0> jumps over the <X1> <eos>
+    target  <X0> brown fox <X1> lazy dog <eos>
+
+As in T5, the spans alternate starting with a non-noise one and ending with a noise one: a window's
+first token is always kept and its last always replaced.
 
 The span counts are fixed by the window length, so T5's ``compute_input_and_target_lengths`` arithmetic
 picks the window length whose corrupted input is exactly ``seq_len`` tokens: training batches carry no
@@ -227,6 +230,8 @@ def fill_sentinels(
 class SpanCorruptionDataModule(Seq2SeqDataModule):
     """T5 span corruption over non-overlapping windows of :func:`compute_lengths` raw tokens."""
 
+    objective = "span"
+
     def __init__(
         self,
         tokenizer: TextTokenizer,
@@ -248,7 +253,6 @@ class SpanCorruptionDataModule(Seq2SeqDataModule):
         self._window_len, self._target_len = compute_lengths(
             seq_len, self.noise_density, self.mean_span_length
         )
-        kwargs.setdefault("name", "span")
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @classmethod
@@ -265,7 +269,7 @@ class SpanCorruptionDataModule(Seq2SeqDataModule):
             raise ConfigError(
                 f"objective.noise_density={noise_density} must be in (0, 1) (T5 uses 0.15)"
             )
-        if mean_span_length < 1.0:
+        if not mean_span_length >= 1.0:  # NaN fails too
             raise ConfigError(
                 f"objective.mean_span_length={mean_span_length} must be >= 1 (a span is at least "
                 "one token; T5 uses 3)"
