@@ -110,7 +110,7 @@ def check_model(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-_A_NUMBER = {int: "an integer", float: "a number"}
+_A_NUMBER = {int: "an integer", float: "a finite number"}
 # Numeric keys the early checks compare (global_batch_size may also be null: no accumulation).
 NUMBERS = {
     "seq_len": int,
@@ -123,9 +123,13 @@ NUMBERS = {
 
 
 def _is_number(value, kind) -> bool:
+    """An int for ``int``; a finite int or float for ``float`` (NaN passes every comparison that
+    would refuse it: ``optim.weight_decay=nan`` is not ``< 0``)."""
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) if kind is int else isinstance(value, int | float)
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def check_numbers(cfg: DictConfig) -> None:

@@ -152,7 +152,10 @@ def test_compatibility_table_rows():
         ("optim.betas=[0.9,1.0]", r"optim\.betas=.* must be two numbers in \[0, 1\)"),
         ("optim.warmup_steps=-5", r"optim\.warmup_steps=-5 must be >= 0"),
         ("sample.top_p=1.5", r"sample\.top_p must be in \(0, 1\] or null, got 1\.5"),
-        ("sample.temperature=-1", r"sample\.temperature must be >= 0 \(0: greedy\), got -1"),
+        (
+            "sample.temperature=-1",
+            r"sample\.temperature must be a finite number >= 0 \(0: greedy\), got -1",
+        ),
         ("sample.top_k=0", r"sample\.top_k must be a whole number >= 1 or null, got 0"),
         ("sample.max_new_tokens=-3", r"sample\.max_new_tokens=-3 must be a whole number >= 0"),
         ("optim.lr=3", "optim.lr=3"),

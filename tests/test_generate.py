@@ -65,7 +65,7 @@ def test_fill_mask_never_proposes_special_tokens_even_for_a_large_top_k(compose_
     ("settings", "message"),
     [
         ({"top_p": 0}, r"top_p must be in \(0, 1\] or null, got 0"),
-        ({"temperature": -1}, r"temperature must be >= 0"),
+        ({"temperature": -1}, r"temperature must be a finite number >= 0"),
         ({"top_k": 0}, r"top_k must be a whole number >= 1 or null"),
         ({"max_new_tokens": -1}, r"max_new_tokens=-1 must be a whole number >= 0"),
         ({"num_samples": 0}, r"num_samples=0 must be a whole number >= 1"),

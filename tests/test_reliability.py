@@ -977,7 +977,13 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
             r"use_distributed_sampler=true with 2 processes would shard lmlab's already sharded",
         ),
         # values of the wrong type or range, named instead of met as a TypeError later
-        (["optim.lr=abc"], r"optim.lr='abc' is not a number"),
+        (["optim.lr=abc"], r"optim.lr='abc' is not a finite number"),
+        # NaN passes every "x < 0" check: refused as not finite (it trained NaN weights)
+        (["optim.weight_decay=nan"], r"optim.weight_decay=nan must be >= 0"),
+        (["trainer.gradient_clip_val=inf"], r"trainer.gradient_clip_val=inf must be >= 0"),
+        (["model.init_std=nan"], r"model.init_std=nan is not a finite number"),
+        (["+model.norm_eps=-1e-6"], r"model.norm_eps must be a finite number >= 0, got -1e-06"),
+        (["sample.temperature=nan"], r"sample.temperature must be a finite number >= 0"),
         (["model.n_layers=two"], r"model.n_layers='two' is not an integer"),
         (["global_batch_size=-16"], r"global_batch_size=-16 must be >= 1"),
         (["trainer.max_steps=-1"], r"trainer.max_steps=-1: training needs a length"),

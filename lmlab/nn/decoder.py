@@ -8,6 +8,7 @@ token costs one position of compute.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -60,6 +61,13 @@ class DecoderConfig:
             raise ValueError(
                 f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE"
             )
+        for name in ("rope_theta", "init_std"):  # written so that NaN fails too
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(
+                    f"model.{name} must be a finite number > 0, got {getattr(self, name)}"
+                )
+        if not 0 <= self.norm_eps < math.inf:
+            raise ValueError(f"model.norm_eps must be a finite number >= 0, got {self.norm_eps}")
         self.padded_vocab_size = multiple_of(self.vocab_size, self.pad_vocab_to)
 
     @property

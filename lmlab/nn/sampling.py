@@ -6,6 +6,7 @@ set of tokens whose probability mass reaches ``top_p``; the most likely token is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,8 +17,14 @@ def check_sampling(
 ) -> None:
     """Raise ``ValueError`` naming the first sampling setting out of range (``prefix``: the
     settings' config group, e.g. ``"sample."``)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
-        raise ValueError(f"{prefix}temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not 0 <= temperature < math.inf  # NaN fails too
+    ):
+        raise ValueError(
+            f"{prefix}temperature must be a finite number >= 0 (0: greedy), got {temperature!r}"
+        )
     if top_p is not None and (
         isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1
     ):
