@@ -45,6 +45,9 @@ def main(cfg: DictConfig) -> float | None:
         except Preempted as e:
             log.warning("%s", e)
             sys.exit(0)  # a clean stop, as for one run: re-running the search resumes it
+        except KeyboardInterrupt as e:
+            log.warning("%s", e or "search interrupted")
+            sys.exit(130)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # In a sweep, errors must reach Hydra as exceptions: it records the job as failed and runs
         # the others (sys.exit would end the whole sweep). A bad metric name fails every job at

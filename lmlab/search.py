@@ -49,6 +49,8 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     stops the whole search at once: the scheduler kills the process soon, and a next trial would
     die mid-step. The preempted trial is recorded as ``preempted`` in sweep_summary.csv and, in the
     study, as failed with the user attribute ``preempted``; it does not count towards ``n_trials``.
+    An interruption (Ctrl-C) is recorded alike (``interrupted`` in sweep_summary.csv) and raised as
+    a ``KeyboardInterrupt``.
     Re-running the search (same command and run dir) first resumes it: a new trial with the same
     parameters (enqueued, user attribute ``resumes``: the folder's number) continues in the
     preempted trial's folder from its ``last.ckpt``, and its row replaces the preempted one.
@@ -153,6 +155,26 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
                     "last.ckpt, then the remaining trials run)"
                 ) from e
             raise _TrialFailed(f"{type(e).__name__}: {e}") from e
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Ctrl-C: Lightning stops training and exits (SystemExit), which Optuna does not catch:
+            # the trial stayed RUNNING in the study for ever. Recorded like a preemption instead,
+            # so that re-running the search resumes it first (from its last.ckpt, if one was saved).
+            append_row(
+                root / "sweep_summary.csv",
+                row
+                | {
+                    "status": "interrupted",
+                    "error": "KeyboardInterrupt",
+                    "wall_s": round(time.perf_counter() - t0, 3),
+                    "output_dir": str(out),
+                },
+            )
+            trial.set_user_attr("preempted", True)
+            raise KeyboardInterrupt(  # Optuna records the trial as failed and raises it again
+                f"search interrupted in trial {trial.number} ({out}): resume it by re-running the "
+                f"same command with hydra.run.dir={root} (the trial starts again, from its "
+                "last.ckpt where one was saved, then the remaining trials run)"
+            ) from e
         metrics = dict(metrics)
         if "wall_s" in metrics:  # train() alone: kept apart from the trial's wall time below
             metrics["train_wall_s"] = metrics.pop("wall_s")

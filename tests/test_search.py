@@ -242,3 +242,36 @@ def test_processes_sharing_a_study_queue_a_preempted_trial_once(tmp_path, monkey
         job.join(30)
     waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
     assert [t.user_attrs["resumes"] for t in waiting] == [0]
+
+
+def test_an_interrupted_trial_is_recorded_and_resumed_first(tiny_cfg, monkeypatch):
+    """Ctrl-C: Lightning stops training and exits (SystemExit), which Optuna does not catch: the
+    trial stayed RUNNING in the study for ever, with no row. Now it is recorded like a preemption
+    and the search stops with a KeyboardInterrupt that says how to resume."""
+    import optuna
+
+    calls = []
+
+    def interrupted_first(cfg):
+        calls.append((Path(cfg.paths.output_dir), cfg.get("ckpt_path"), cfg.optim.lr))
+        if len(calls) == 1:
+            raise SystemExit(1)  # what Lightning's KeyboardInterrupt handler does
+        return {"val/bpb": cfg.optim.lr}, {}
+
+    monkeypatch.setattr("lmlab.train.train", interrupted_first)
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=1"), LR_SPACE)
+    root = Path(cfg.paths.output_dir)
+    with pytest.raises(KeyboardInterrupt, match=rf"trial 0 .*hydra\.run\.dir={root} "):
+        run_search(cfg)
+    (row,) = csv.DictReader((root / "sweep_summary.csv").open())
+    assert (row["job"], row["status"]) == ("0", "interrupted")
+    study = optuna.load_study(study_name="lmlab", storage=f"sqlite:///{root / 'optuna.db'}")
+    (t0,) = study.trials
+    assert t0.state == optuna.trial.TrialState.FAIL and t0.user_attrs["preempted"] is True
+
+    best = run_search(cfg)
+    # no checkpoint was saved: the trial starts again in its folder, with its values
+    assert calls[1] == (root / "trials" / "0", None, calls[0][2]) and len(calls) == 2
+    (row,) = csv.DictReader((root / "sweep_summary.csv").open())
+    assert (row["job"], row["status"]) == ("0", "completed")
+    assert best["value"] == calls[0][2]
