@@ -110,7 +110,10 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     def objective(trial) -> float:
         values = {k: suggest(trial, k, dict(spec)) for k, spec in hs.params.items()}
         folder = trial.user_attrs.get("resumes", trial.number)  # a preempted trial's, resumed
-        out = root / "trials" / str(folder)
+        # A resumed trial continues in the preempted one's folder, also where a process of a shared
+        # study (another run dir) picks it up; its row goes to the summary beside that folder.
+        out = Path(trial.user_attrs.get("resume_dir") or root / "trials" / str(folder))
+        summary = out.parent.parent / "sweep_summary.csv"
         trial.set_user_attr("output_dir", str(out))
         trial_cfg = cfg.copy()
         with open_dict(trial_cfg):
@@ -137,7 +140,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         except Exception as e:  # a failed trial is recorded; the search goes on unless preempted
             preempted = isinstance(e, Preempted)
             append_row(
-                root / "sweep_summary.csv",
+                summary,
                 row
                 | {
                     "status": "preempted" if preempted else "failed",
@@ -160,7 +163,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             # the trial stayed RUNNING in the study for ever. Recorded like a preemption instead,
             # so that re-running the search resumes it first (from its last.ckpt, if one was saved).
             append_row(
-                root / "sweep_summary.csv",
+                summary,
                 row
                 | {
                     "status": "interrupted",
@@ -179,7 +182,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         if "wall_s" in metrics:  # train() alone: kept apart from the trial's wall time below
             metrics["train_wall_s"] = metrics.pop("wall_s")
         append_row(
-            root / "sweep_summary.csv",
+            summary,
             row
             | metrics
             | {
@@ -213,18 +216,23 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
 
 def resume_preempted(study, root: Path) -> None:
     """Enqueue a resumption of every preempted trial not resumed yet: Optuna runs enqueued trials
-    first, with their parameters fixed; ``resumes`` names the folder (the first trial's number,
-    also when a resumption was preempted in turn). Processes sharing the study (SLURM jobs of one
-    search) take turns under a lock in the search folder ``root``, so a trial is queued once."""
-    with file_lock(root / ".resume_preempted.lock", "preempted trials queued"):
-        trials = study.get_trials(deepcopy=False)
-        for t in trials:
-            if not t.user_attrs.get("preempted"):
-                continue
-            folder = t.user_attrs.get("resumes", t.number)
-            resumed = (
-                u.number > t.number and u.user_attrs.get("resumes") == folder for u in trials
+    first, with their parameters fixed; ``resumes`` names the folder's number (the first trial's,
+    also when a resumption was preempted in turn) and ``resume_dir`` the folder itself, which may
+    lie in another process's run dir (``root``) when processes share the study's storage.
+    Processes sharing the study (SLURM jobs of one search) take turns under a lock in the search
+    folder that holds the trial's folder, so a trial is queued once."""
+    for t in study.get_trials(deepcopy=False):
+        if not t.user_attrs.get("preempted"):
+            continue
+        folder = t.user_attrs.get("resumes", t.number)
+        where = Path(t.user_attrs.get("output_dir") or root / "trials" / str(folder))
+        with file_lock(where.parent.parent / ".resume_preempted.lock", "preempted trials queued"):
+            resumed = (  # read again under the lock: another process may have queued it
+                u.number > t.number and u.user_attrs.get("resumes") == folder
+                for u in study.get_trials(deepcopy=False)
             )
             if not any(resumed):
-                study.enqueue_trial(t.params, user_attrs={"resumes": folder})
-                log.info("Resuming preempted trial %d (folder trials/%d) first", t.number, folder)
+                study.enqueue_trial(
+                    t.params, user_attrs={"resumes": folder, "resume_dir": str(where)}
+                )
+                log.info("Resuming preempted trial %d (%s) first", t.number, where)

@@ -275,3 +275,29 @@ def test_an_interrupted_trial_is_recorded_and_resumed_first(tiny_cfg, monkeypatc
     (row,) = csv.DictReader((root / "sweep_summary.csv").open())
     assert (row["job"], row["status"]) == ("0", "completed")
     assert best["value"] == calls[0][2]
+
+
+def test_a_study_shared_by_two_run_dirs_resumes_a_preempted_trial_in_its_own_folder(
+    tiny_cfg, monkeypatch, tmp_path
+):
+    """Processes sharing one study through its storage, each with its own run dir (SLURM jobs of
+    one search with default run folders): the trial preempted in A's folder was resumed by B from
+    scratch in B/trials/0, and A's summary kept it preempted. Now B continues it from A's
+    last.ckpt, and A's row becomes the completed one."""
+    fake = FakeTrain()
+    monkeypatch.setattr("lmlab.train.train", fake)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfgs = {}
+    for root in (a, b):
+        cfg = small_space(tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=1"), LR_SPACE)
+        with open_dict(cfg):
+            cfg.paths.output_dir, cfg.hparams_search.storage = str(root), storage
+        cfgs[root] = cfg
+    with pytest.raises(Preempted):
+        run_search(cfgs[a])
+    run_search(cfgs[b])
+    assert fake.calls[1] == (a / "trials" / "0", "last", fake.calls[0][2]) and len(fake.calls) == 2
+    (row,) = csv.DictReader((a / "sweep_summary.csv").open())
+    assert (row["job"], row["status"], row["output_dir"]) == ("0", "completed", str(a / "trials/0"))
+    assert not (b / "trials").exists() and not (b / "sweep_summary.csv").exists()
