@@ -85,7 +85,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         train=None,
         val=val,
         seq_len=seq_len,
-        batch_size=cfg.batch_size or run_cfg.data.batch_size,
+        # as the run validated (limit_batches then scores the same windows)
+        batch_size=cfg.batch_size or run_cfg.data.get("eval_batch_size") or run_cfg.data.batch_size,
         num_workers=0,
         seed=run_cfg.seed,
     )
@@ -93,7 +94,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     use_tf32(run_cfg.get("tf32", False))  # as the run validated (runs from before the key: fp32)
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=1,
+        devices=[int(device.partition(":")[2] or 0)] if device.startswith("cuda") else 1,
         precision=run_cfg.trainer.get("precision", "32-true"),  # as the run validated
         logger=False,
         enable_checkpointing=False,

@@ -14,11 +14,22 @@ from lmlab.nn.sampling import check_sampling
 from lmlab.paths import CONF_DIR
 
 
-def pick_device(name: str) -> str:
+def pick_device(name) -> str:
+    """The torch device of ``device=`` (auto | cpu | cuda | cuda:N), checked before the model loads."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    kind, _, index = str(name).partition(":")
+    if name == "cpu":
+        return name
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return name
 
 

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lmlab import __version__
 from lmlab.callbacks import last_saved_at_step
@@ -192,6 +192,17 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         n = sample.max_new_tokens
         if not _is_number(n, int) or n < 0:
             raise ConfigError(f"sample.max_new_tokens={n!r} must be a whole number >= 0")
+        prompts = sample.get("prompts")
+        if prompts is not None and (  # a string would give one prompt per character
+            not isinstance(prompts, ListConfig)
+            or not all(
+                isinstance(p, str | int | float) and not isinstance(p, bool) for p in prompts
+            )
+        ):
+            raise ConfigError(
+                f"sample.prompts={prompts!r} must be a list of texts, e.g. "
+                '\'sample.prompts=["ROMEO:",""]\' ([] or null: none)'
+            )
 
 
 def check_objective(cfg: DictConfig) -> None:

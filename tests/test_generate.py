@@ -4,6 +4,7 @@ checked before any checkpoint is read."""
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from lmlab.data.tokenizers import byte_tokenizer
@@ -89,3 +90,91 @@ def test_generate_takes_a_number_or_null_as_a_prompt(compose_cfg, tmp_path, monk
         assert OmegaConf.select(cfg, "prompt") == prompt
         (text,) = generate(cfg)
         assert text.startswith(start)
+
+
+def test_decoder_generation_never_samples_special_tokens_but_eos(compose_cfg):
+    """An early model gives the specials (sentinels, mask, pad) probability: samples.txt showed
+    <extra_id_73> in the text. Here every special id has by far the highest logit."""
+    module, tok = module_and_tokenizer(compose_cfg, "decoder")
+    specials = [i for i in tok.special_ids if i != tok.eos_id]
+    next_logits = module.backbone.next_logits
+
+    def favour_specials(tokens, caches):
+        logits = next_logits(tokens, caches)
+        logits[:, specials] = 1e4
+        return logits
+
+    module.backbone.next_logits = favour_specials
+    (text,) = module.generate_text(tok, ["ab"], max_new_tokens=12, temperature=1.0)
+    assert len(text) == 2 + 12 and "<" not in text  # 12 byte tokens, none of them special
+    greedy = module.backbone.generate(
+        torch.tensor([tok.encode("ab")]), 4, temperature=0.0, suppress=specials[1:]
+    )
+    assert greedy[0, 2:].tolist() == [specials[0]] * 4  # only the listed ids are suppressed
+
+
+def test_a_list_of_prompts_is_required_and_numbers_are_text(compose_cfg):
+    """sample.prompts=ROMEO: gave one prompt per character; [1984] and null failed at the first
+    validation, before its checkpoint was written."""
+    from lmlab.train import check_optim_and_sampling
+
+    cfg = compose_cfg()
+    for bad in ("ROMEO:", [["a"]], [True]):
+        OmegaConf.update(cfg, "sample.prompts", bad, merge=False)
+        with pytest.raises(ConfigError, match=r"sample.prompts=.* must be a list of texts"):
+            check_optim_and_sampling(cfg)
+    for good in (["ROMEO:", ""], [1984], [], None):
+        OmegaConf.update(cfg, "sample.prompts", good, merge=False)
+        check_optim_and_sampling(cfg)
+    module, tok = module_and_tokenizer(compose_cfg, "decoder")
+    (text,) = module.samples(tok, None, prompts=OmegaConf.create([1984]), max_new_tokens=2)
+    assert text.startswith("1984")
+    assert module.samples(tok, None, prompts=None, max_new_tokens=2) == []
+
+
+def test_reconstructions_are_cut_with_their_targets_and_say_so(compose_cfg, tmp_path):
+    """A denoising target is the whole window: cut to sample.max_new_tokens, the generation could
+    never reach the target's rest (the target was shown whole); now both are cut, and the target
+    says it was."""
+    from lmlab.data.denoise import DenoisingDataModule
+    from lmlab.data.store import build_store
+
+    module, tok = module_and_tokenizer(compose_cfg, "encoder_decoder")
+    text = "The quick brown fox jumps over the lazy dog. " * 20  # no line breaks
+    val = build_store(iter([text]), tok, tmp_path, "v")
+    dm = DenoisingDataModule(tok, None, val, seq_len=24, batch_size=2)
+    short = module.samples(tok, dm, max_new_tokens=5)
+    assert len(short) == 2
+    for text in short:
+        target = text.split("\n")[1]
+        assert target.endswith("[first 5 of 23 tokens: sample.max_new_tokens]")
+        assert len(target.removeprefix("target:   ").split(" [first")[0]) == 5  # byte tokens
+    whole = module.samples(tok, dm, max_new_tokens=100)  # the target's 23 tokens and eos fit
+    assert all("[first" not in text for text in whole)
+    assert all(len(text.split("\n")[1]) == len("target:   ") + 23 for text in whole)
+    none = module.samples(tok, dm, max_new_tokens=0)
+    assert all(text.endswith("generated:") for text in none)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", r"device='gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+        ("tpu", r"device='tpu' is not a device"),
+        ("cuda:x", r"device='cuda:x' is not a device"),
+        ("cuda:1", r"device=cuda:1 but this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_device_that_is_not_one_is_refused_before_the_checkpoint_is_read(
+    command, device, message, monkeypatch
+):
+    """device=gpu ran evaluate on the CPU without a word (and generate failed after loading);
+    cuda:1 ran evaluate on GPU 0."""
+    from lmlab.evaluate import evaluate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = command_cfg(command, ckpt_path="/nonexistent/last.ckpt", device=device)
+    with pytest.raises(ConfigError, match=message):
+        (generate if command == "generate" else evaluate)(cfg)

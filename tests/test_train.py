@@ -49,7 +49,14 @@ def trained(tmp_path_factory):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["data=files", f"data.train=[{','.join(files)}]", *TINY])
+        # eval batches of 2: evaluate's limit_batches scores the windows the run validated on
+        overrides = [
+            "data=files",
+            f"data.train=[{','.join(files)}]",
+            *TINY,
+            "data.eval_batch_size=2",
+        ]
+        cfg = compose("train", overrides=overrides)
     GlobalHydra.instance().clear()
     cfg.paths.output_dir = str(root / "run")
     cfg.paths.cache_dir = str(root / "cache")

@@ -35,11 +35,13 @@ class DecoderLM(LMModule):
         """Continue each prompt; a prompt of "" starts from the end-of-document token. Prompt and
         continuation share the model's ``max_seq_len`` positions: a prompt too long to leave room
         for ``max_new_tokens`` (up to half the positions) keeps its last tokens; the continuation
-        stops where the positions end."""
+        stops where the positions end. Special tokens other than eos are never sampled (no text
+        holds them; an early model gave them probability)."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = []
         limit = self.config.max_seq_len
         keep = limit - min(max_new_tokens, limit // 2)
+        suppress = [i for i in tokenizer.special_ids if i != tokenizer.eos_id]
         with self.evaluating():
             for prompt in prompts:
                 ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
@@ -62,10 +64,12 @@ class DecoderLM(LMModule):
                     top_p=top_p,
                     eos_id=tokenizer.eos_id,
                     generator=gen,
+                    suppress=suppress,
                 )
                 new = [t for t in y[0, len(ids) :].tolist() if t != tokenizer.eos_id]
                 out.append(prompt + tokenizer.decode(new))
         return out
 
     def samples(self, tokenizer, datamodule, *, prompts=(), **settings) -> list[str]:
-        return self.generate_text(tokenizer, list(prompts), **settings)
+        # prompts: checked by lmlab.train (a list of texts; Hydra reads [1984] as a number)
+        return self.generate_text(tokenizer, [str(p) for p in prompts or ()], **settings)

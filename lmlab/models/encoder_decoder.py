@@ -90,23 +90,29 @@ class EncoderDecoderLM(LMModule):
         return out
 
     def samples(self, tokenizer, datamodule, *, max_new_tokens: int = 64, **_) -> list[str]:
-        """Reconstructions of the first validation windows: input, expected and generated target."""
+        """Reconstructions of the first validation windows: input, expected and generated target,
+        both cut to ``max_new_tokens`` tokens (a longer target says so: a denoising target is the
+        whole window, and the generation could never reach the rest)."""
         batch = datamodule.make_batch(datamodule.val_examples(2))
         labels = batch["labels"]
-        outputs = self.decode_greedy(
-            tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            max_new_tokens=min(labels.shape[1], max(max_new_tokens, 16)),
-            temperature=0.0,
-        )
+        n = min(labels.shape[1], max_new_tokens)
+        outputs = [[] for _ in labels]
+        if n:
+            outputs = self.decode_greedy(
+                tokenizer,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=n,
+                temperature=0.0,
+            )
         out = []
         for b, generated in enumerate(outputs):
             inputs = batch["input_ids"][b][batch["attention_mask"][b]].tolist()
             target = [t for t in labels[b].tolist() if t not in (-100, tokenizer.eos_id)]
+            cut = f" [first {n} of {len(target)} tokens: sample.max_new_tokens]"
             out.append(
                 f"input:    {tokenizer.decode(inputs)}\n"
-                f"target:   {tokenizer.decode(target)}\n"
+                f"target:   {tokenizer.decode(target[:n])}{cut if len(target) > n else ''}\n"
                 f"generated:{' ' if generated else ''}{tokenizer.decode(generated)}"
             )
         return out

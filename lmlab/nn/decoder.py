@@ -9,6 +9,7 @@ token costs one position of compute.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -147,12 +148,13 @@ class Decoder(Backbone):
         top_p: float | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        suppress: Sequence[int] = (),
     ) -> torch.Tensor:
         """Continue ``input_ids`` (B, T0) by up to ``max_new_tokens``; returns (B, T0 + n).
 
         The prompt is processed once (prefill), then one position per step through the KV cache.
         Rows that emitted ``eos_id`` keep emitting it; generation stops early when all rows have.
-        The vocabulary padding rows are never sampled.
+        The vocabulary padding rows and the ids in ``suppress`` are never sampled.
         """
         B, T0 = input_ids.shape
         if max_new_tokens < 0:
@@ -166,9 +168,14 @@ class Decoder(Backbone):
                 f"{self.config.max_seq_len}"
             )
         caches = self.new_caches(B, total)
+        banned = torch.tensor(list(suppress), dtype=torch.long, device=input_ids.device)
+
+        def logits(tokens: torch.Tensor) -> torch.Tensor:
+            return self.next_logits(tokens, caches).index_fill_(-1, banned, float("-inf"))
+
         new = decode_loop(
-            self.next_logits(input_ids, caches),
-            lambda tokens: self.next_logits(tokens, caches),
+            logits(input_ids),
+            logits,
             total - T0,
             eos_id,
             temperature=temperature,
