@@ -156,6 +156,15 @@ def test_fingerprint_follows_the_data_and_the_settings(tmp_path, jsonl):
         ({"val_fraction": 1.5}, "data.val_fraction must be in (0, 1)"),
         ({"val_split": "train"}, "reads the training split 'train' too"),
         ({"val_split": "train[:10%]"}, "reads the training split 'train' too"),
+        # "+" joins splits: the validation rows were all trained on
+        (
+            {"split": "train+validation", "val_split": "validation"},
+            "split 'train+validation' too (validation in both)",
+        ),
+        (
+            {"split": "train", "val_split": "validation+train"},
+            "split 'train' too (train in both)",
+        ),
         ({"val_fraction": "abc"}, "data.val_fraction must be in (0, 1), got 'abc'"),
         ({"data_files": 5}, "data.data_files=5 is not a path or glob"),
         ({"max_documents": 0}, "data.max_documents=0 must be a whole number"),

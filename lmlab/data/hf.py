@@ -83,9 +83,10 @@ def _is_saved_folder(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
 
 
-def _base_split(split: str) -> str:
-    """The split a split expression reads from: ``train`` for ``train[:10%]``."""
-    return split.split("[", 1)[0].strip()
+def _base_splits(split: str) -> set[str]:
+    """The splits a split expression reads from: ``{train}`` for ``train[:10%]``,
+    ``{train, validation}`` for ``train+validation``."""
+    return {part.split("[", 1)[0].strip() for part in split.split("+")}
 
 
 def _data_files(files) -> Any:
@@ -131,11 +132,13 @@ class HFCorpus:
             )
         split, val_split = str(cfg.get("split") or "train"), cfg.get("val_split")
         self.fraction = 0.0 if val_split else self._fraction(cfg.get("val_fraction"))
-        if val_split and _base_split(str(val_split)) == _base_split(split):
+        shared = val_split and _base_splits(str(val_split)) & _base_splits(split)
+        if shared:  # conservative: train[:90%] and train[90%:] do not overlap, but are refused too
             raise ConfigError(
-                f"data.val_split={val_split!r} reads the training split {split!r} too, so its rows "
-                "could be trained on; name another split, or leave data.val_split unset to hold "
-                "out data.val_fraction of the training split's rows"
+                f"data.val_split={val_split!r} reads the training split {split!r} too "
+                f"({', '.join(sorted(shared))} in both), so its rows could be trained on; name "
+                "another split, or leave data.val_split unset to hold out data.val_fraction of "
+                "the training split's rows"
             )
         local = Path(self.path).expanduser()
         if self.subset and (self.path in BUILDERS or _is_saved_folder(local)):
