@@ -221,3 +221,63 @@ def test_byte_scale_is_one_when_the_pieces_spell_the_text_and_corrects_wordpiece
     store = build_store(iter([text]), tok, tmp_path, "wordpiece")
     assert int(tok.token_bytes()[store.tokens].sum()) == 21
     assert store.byte_scale(tok.token_bytes(), chunk=4) == pytest.approx(26 / 21)
+
+
+def test_a_role_goes_to_a_special_token_never_to_an_ordinary_piece(tmp_path):
+    """The file's eos is the special "<eos>"; "</s>" and "<s>" are ordinary pieces, which text
+    spells: they were taken for eos, cls and sep (the first alias found anywhere)."""
+    from tokenizers import AddedToken
+
+    vocab = {
+        "<pad>": 0,
+        "<eos>": 1,
+        "<bos>": 2,
+        "<unk>": 3,
+        "<mask>": 4,
+        "a": 5,
+        "</s>": 6,
+        "<s>": 7,
+    }
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens(
+        [AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")]
+    )
+    path = tmp_path / "wl.json"
+    tk.save(str(path))
+    tok = load_pretrained(path)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.mask_id) == (0, 1, 2, 4)
+    assert tok.tk.id_to_token(tok.cls_id) == SPECIAL_TOKENS["cls"]  # appended, not "<s>"
+    assert tok.tk.id_to_token(tok.sep_id) == SPECIAL_TOKENS["sep"]
+    assert tok.encode("a </s> a") == [5, 6, 5] and not {5, 6} & set(tok.special_ids)
+
+
+@pytest.mark.parametrize("vocab", [{"[UNK]": 0, "a": 1, "b": 70000}, {"[UNK]": 0, "a": 1, "b": 4}])
+def test_a_vocabulary_with_gaps_in_its_ids_is_refused(tmp_path, vocab):
+    """Id 70000 was stored as 4464 (uint16 chosen from the count) and bits per byte failed after
+    the whole corpus was tokenized; in a gap below the largest id the appended pad and bos took
+    the ids of "b" and the next token."""
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "gaps.json"
+    tk.save(str(path))
+    largest = max(vocab.values())
+    with pytest.raises(ConfigError, match=rf"with gaps \(no id 2; the largest is {largest}\)"):
+        load_pretrained(path)
+
+
+def test_added_tokens_count_their_own_bytes_and_keep_lines_apart_only_without_stripping(bpe):
+    """A byte-level tokenizer's added tokens hold plain text: "café" counted 4 bytes (é read as
+    one of GPT-2's byte characters). A non-special added token that takes in the spaces before it
+    (lstrip, as RoBERTa's <mask>) sees another neighbour where the store cuts a document."""
+    from tokenizers import AddedToken
+
+    tok = TextTokenizer(Tokenizer.from_str(bpe.to_str()), "pretrained")
+    tok.tk.add_tokens(["café", "über"])
+    tb = tok.token_bytes()
+    text = "a café über"
+    assert sum(tb[i] for i in tok.encode(text)) == len(text.encode("utf-8"))
+    assert tb[tok.tk.token_to_id("café")] == 5
+    assert tok.encodes_lines_apart  # plain added tokens are cut like any text
+    tok.tk.add_tokens([AddedToken("<tag>", lstrip=True, special=False)])
+    assert not TextTokenizer(tok.tk, "pretrained").encodes_lines_apart

@@ -102,12 +102,15 @@ class TextTokenizer:
     kind: str = "bpe"
 
     def __post_init__(self) -> None:
+        # A role goes to a special token of the file, the first of the role's spellings it has;
+        # never to an ordinary piece of that spelling (a file whose eos is the special "<eos>" may
+        # also hold a piece "</s>", which text can spell): a role without one is appended below.
+        specials = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         self.special: dict[str, int] = {}
         for role in SPECIAL_TOKENS:
-            for name in PRETRAINED_ALIASES[role]:
-                if (i := self.tk.token_to_id(name)) is not None:
-                    self.special[role] = i
-                    break
+            found = [specials[n] for n in PRETRAINED_ALIASES[role] if n in specials]
+            if found:
+                self.special[role] = found[0]
         self.sentinel_ids: list[int] = []
         while (i := self.tk.token_to_id(sentinel(len(self.sentinel_ids)))) is not None:
             self.sentinel_ids.append(i)
@@ -194,11 +197,14 @@ class TextTokenizer:
             return self._token_bytes
         out = np.zeros(self.vocab_size, dtype=np.int64)
         specials = set(self.special_ids)
+        added = {i for i in self.tk.get_added_tokens_decoder()}  # their text as it is, not mapped
         byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
         for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
             if i in specials:
                 continue
-            if byte_level and all(c in CHAR_TO_BYTE for c in tok):
+            if i in added:
+                out[i] = len(tok.encode("utf-8"))
+            elif byte_level and all(c in CHAR_TO_BYTE for c in tok):
                 out[i] = len(tok)
             elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
                 out[i] = 1
@@ -220,10 +226,13 @@ class TextTokenizer:
         if getattr(self, "_word_table", None) is not None:
             return self._word_table
         table = np.zeros((self.vocab_size, 5), dtype=np.int8)
+        added = {i for i in self.tk.get_added_tokens_decoder()}  # their text as it is, not mapped
         byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
         wordpiece = isinstance(self.tk.model, models.WordPiece)
         for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
-            if byte_level and all(c in CHAR_TO_BYTE for c in tok):
+            if i in added:
+                raw = tok.encode("utf-8")
+            elif byte_level and all(c in CHAR_TO_BYTE for c in tok):
                 raw = bytes(CHAR_TO_BYTE[c] for c in tok)
             else:
                 raw = tok.replace("▁", " ").removeprefix("##").encode("utf-8")
@@ -249,7 +258,8 @@ class TextTokenizer:
         merges: one token per byte). Not for others: a SentencePiece-style ``Metaspace`` adds a
         "▁" at the start of every piece, a prepending normalizer likewise, and merges across lines
         are possible without the regex. Non-special added tokens that hold a newline could also be
-        cut apart.
+        cut apart, and those that take in the spaces around them (``lstrip`` / ``rstrip``) or match
+        whole words only (``single_word``) see other neighbours at a cut.
         """
         pre = self.tk.pre_tokenizer
         if self.tk.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel):
@@ -257,7 +267,11 @@ class TextTokenizer:
         if pre.add_prefix_space:
             return False
         added = self.tk.get_added_tokens_decoder().values()
-        if any("\n" in t.content for t in added if not t.special):
+        if any(
+            "\n" in t.content or t.lstrip or t.rstrip or t.single_word
+            for t in added
+            if not t.special
+        ):
             return False
         return pre.use_regex or self._has_no_merges()
 
@@ -342,6 +356,15 @@ def load_pretrained(path: str | os.PathLike) -> TextTokenizer:
             f"{p} is not a Hugging Face tokenizer.json file ({e}). Save one with "
             "`tokenizer.save('tokenizer.json')` or `AutoTokenizer...backend_tokenizer.save(...)`"
         ) from None
+    ids = sorted(set(tk.get_vocab(with_added_tokens=True).values()))
+    if ids != list(range(len(ids))):
+        # Ids above the count were stored wrapped (uint16) and broke bits per byte after the whole
+        # corpus was tokenized; appended special tokens took ids that text tokens use in a gap.
+        gap = next(i for i, v in enumerate(ids) if v != i)
+        raise ConfigError(
+            f"{p} numbers its {len(ids)} tokens with gaps (no id {gap}; the largest is {ids[-1]}): "
+            "lmlab needs the ids 0..n-1; renumber the vocabulary, or train one (tokenizer=bpe)"
+        )
     return TextTokenizer(tk, "pretrained")
 
 
