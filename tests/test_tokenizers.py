@@ -281,3 +281,31 @@ def test_added_tokens_count_their_own_bytes_and_keep_lines_apart_only_without_st
     assert tok.encodes_lines_apart  # plain added tokens are cut like any text
     tok.tk.add_tokens([AddedToken("<tag>", lstrip=True, special=False)])
     assert not TextTokenizer(tok.tk, "pretrained").encodes_lines_apart
+
+
+def test_text_spelling_a_special_piece_of_the_model_is_stored_as_unknown(tmp_path, caplog):
+    """A SentencePiece Unigram file (T5, ALBERT) holds "</s>" and "<pad>" as pieces of its model
+    too: text that spells them (HTML's strikethrough </s>) was stored as a document end inside the
+    document, whatever the added-token matcher does."""
+    import logging
+
+    from tokenizers import AddedToken
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), ("a", -3.0), ("b", -3.0)]
+    vocab += [("<", -4.0), ("/", -4.0), ("s", -4.0), (">", -4.0), ("▁a", -2.5), ("▁b", -2.5)]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "</s>", "<unk>")])
+    path = tmp_path / "unigram.json"
+    tk.save(str(path))
+    tok = load_pretrained(path)
+    assert (tok.eos_id, tok.pad_id, tok.unk_id) == (1, 0, 2)
+    assert tok.encode("a</s>b") == [10, 1, 5]  # the model's own choice
+    with caplog.at_level(logging.WARNING, logger="lmlab.data.store"):
+        store = build_store(iter(["a</s>b<pad>", "ab"]), tok, tmp_path, "k")
+    assert store.tokens.tolist() == [10, 2, 5, 2, 1, 10, 5, 1]  # eos only at the documents' ends
+    assert "('</s>' x1, '<pad>' x1); stored as its unknown token" in caplog.text
+    caplog.clear()
+    unknown = build_store(iter(["a c"]), tok, tmp_path, "k2")  # "c": the model's own <unk>
+    assert tok.unk_id in unknown.tokens.tolist() and not caplog.text

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,19 @@ def _encode_stream(
     texts: Iterable[str], tokenizer: TextTokenizer, total_bytes: int | None
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Yield (ids of one document with eos appended, UTF-8 bytes of that document); documents of
-    whitespace only are skipped (as data=hf skips blank rows): they hold nothing to learn or score."""
+    whitespace only are skipped (as data=hf skips blank rows): they hold nothing to learn or score.
+
+    Text never yields a special id: the added-token matcher is off for corpora, but a model may hold
+    a special token as one of its own pieces (a SentencePiece Unigram file's "</s>", "<pad>") and
+    pick it for text that spells it, a document end or pad inside a document. Such ids are stored
+    as the model's unknown token (dropped where it has none), with a warning."""
     eos = tokenizer.eos_id
+    unk = tokenizer.unk_id
+    special = np.zeros(tokenizer.vocab_size, dtype=bool)
+    special[tokenizer.special_ids] = True
+    if unk is not None:
+        special[unk] = False  # the model's own answer for unknown text
+    forged: Counter[int] = Counter()
     # Cutting is only for speed (the batch encoder spreads pieces over the cores): never at the
     # price of different ids.
     cut = _pieces if tokenizer.encodes_lines_apart else lambda text: [text]
@@ -132,11 +144,15 @@ def _encode_stream(
         ids = tokenizer.encode_batch(flat)
         i = 0
         for nbytes, ps in batch:
-            doc = [t for chunk in ids[i : i + len(ps)] for t in chunk]
+            doc = np.asarray([t for chunk in ids[i : i + len(ps)] for t in chunk] + [eos])
             i += len(ps)
-            doc.append(eos)
+            hit = special[doc[:-1]]
+            if hit.any():
+                forged.update(doc[:-1][hit].tolist())
+                body = doc[:-1][~hit] if unk is None else np.where(hit, unk, doc[:-1])
+                doc = np.append(body, eos)
             bar.update(nbytes)
-            yield np.asarray(doc, dtype=np.int64), nbytes
+            yield doc.astype(np.int64, copy=False), nbytes
 
     for text in texts:
         if not text.strip():
@@ -151,6 +167,13 @@ def _encode_stream(
     if batch:
         yield from flush()
     bar.close()
+    if forged:
+        log.warning(
+            "the text spells special tokens that the tokenizer's model encodes as themselves (%s); "
+            "stored as %s, so the text cannot forge document ends, pads or masks",
+            ", ".join(f"{tokenizer.tk.id_to_token(i)!r} x{n}" for i, n in forged.most_common(5)),
+            "its unknown token" if unk is not None else "nothing (the model has no unknown token)",
+        )
 
 
 def build_store(

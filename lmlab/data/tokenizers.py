@@ -105,7 +105,9 @@ class TextTokenizer:
         # A role goes to a special token of the file, the first of the role's spellings it has;
         # never to an ordinary piece of that spelling (a file whose eos is the special "<eos>" may
         # also hold a piece "</s>", which text can spell): a role without one is appended below.
-        specials = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        specials = {
+            t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special
+        }
         self.special: dict[str, int] = {}
         for role in SPECIAL_TOKENS:
             found = [specials[n] for n in PRETRAINED_ALIASES[role] if n in specials]
@@ -167,6 +169,14 @@ class TextTokenizer:
         ids = set(self.special.values()) | set(self.sentinel_ids)
         ids |= {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         return sorted(ids)
+
+    @property
+    def unk_id(self) -> int | None:
+        """The model's id for unknown text, if it has one."""
+        model = json.loads(self.to_str())["model"]
+        if model.get("unk_id") is not None:  # Unigram
+            return model["unk_id"]
+        return self.tk.token_to_id(model["unk_token"]) if model.get("unk_token") else None
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
