@@ -16,6 +16,7 @@ from torch import nn
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_BF16 = {
+    "H200 NVL": 835e12,  # before "H200": the NVL part is slower
     "H200": 989e12,
     "H100 SXM": 989e12,
     "H100 NVL": 835e12,

@@ -597,6 +597,27 @@ def test_flops_per_token_matches_a_hand_count_and_mfu():
     assert flops.peak_flops(torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),  # was the SXM part's 989
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GeForce GTX 1080", None),
+    ],
+)
+def test_the_peak_is_the_devices_own(monkeypatch, name, peak):
+    from lmlab import flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert flops.peak_flops(torch.device("cuda", 0)) == peak
+
+
 def test_flops_follow_the_tokens_each_part_sees():
     """MLM: the head only at the selected positions. Encoder-decoder: the encoder and the
     cross-attention keys/values over the S inputs, the rest of the decoder and the head over the T
@@ -1096,3 +1117,49 @@ def test_a_skipped_micro_batch_leaves_nothing_in_the_losses_and_the_token_count(
     for step, (total, count) in steps.items():
         assert logged[step] == pytest.approx(total / count, rel=1e-6), step
     assert metrics["train/tokens"] == sum(count for _, count in steps.values())
+
+
+@pytest.mark.parametrize("bad", [1, 2])
+def test_a_skipped_micro_batch_leaves_the_gradient_of_the_trained_targets_mean(
+    tiny_cfg, monkeypatch, bad
+):
+    """skip_nonfinite with gradient accumulation: the other micro-batch's loss was divided by the
+    whole step's targets, skipped ones included, so the step's gradient was half the mean over the
+    targets trained on (and the logged train/loss, that mean, disagreed with it)."""
+    calls, kept, got = [0], {}, {}
+
+    def nll(self, batch, _nll=LMModule.nll):
+        out = _nll(self, batch)
+        if self.training:
+            calls[0] += 1
+            if calls[0] == bad:
+                return (out[0] * float("nan"), *out[1:])
+            kept["batch"] = {k: v.clone() for k, v in batch.items()}
+        return out
+
+    def after(self, optimizer, _hook=LMModule.on_before_optimizer_step):
+        _hook(self, optimizer)
+        params = [p for p in self.parameters() if p.grad is not None]
+        got["applied"] = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        nll_sum, count, *_ = _nll_plain(self, kept["batch"])
+        (nll_sum / count).backward()  # the mean over the targets trained on
+        got["want"] = [p.grad.clone() for p in params]
+        for p, g in zip(params, got["applied"], strict=True):
+            p.grad = g.clone()  # clipped next, in place
+
+    _nll_plain = LMModule.nll
+    monkeypatch.setattr(LMModule, "nll", nll)
+    monkeypatch.setattr(LMModule, "on_before_optimizer_step", after)
+    cfg = tiny_cfg(
+        "trainer.skip_nonfinite=true",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=1",
+        "trainer.precision=32-true",
+        "optim.warmup_steps=0",
+        "callbacks.samples=null",
+    )
+    train(cfg)
+    for applied, want in zip(got["applied"], got["want"], strict=True):
+        torch.testing.assert_close(applied, want, rtol=1e-4, atol=1e-7)

@@ -177,6 +177,7 @@ class LMModule(L.LightningModule):
         self._unchecked_loss: FiniteFlag | None = None
         self._epoch_targets: torch.Tensor | None = None  # target tokens of the epoch so far
         self._skipped_targets: torch.Tensor | None = None  # the step's skip_nonfinite skipped
+        self._grad_rescale: float | None = None  # the step's gradient, to its trained targets' mean
         self._epoch_targets_shared = False  # ... of all processes (else this process's)
         self._resumed_epoch_targets: tuple[int, int] | None = None  # (epoch, count) of a checkpoint
         # (NLL, targets, bytes) of the optimizer step in progress and of the last complete one
@@ -303,7 +304,9 @@ class LMModule(L.LightningModule):
                 self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
                 self._add_to_step(None)
                 self._count_epoch_targets(count, step_targets, trained=False)
-                return None  # Lightning skips backward and the optimizer step for this batch
+                # Lightning skips this batch's backward; the step's other micro-batches still step
+                # (their gradient rescaled: on_before_optimizer_step)
+                return None
         else:
             # Checked one step late, so the host never waits for the device mid-step; the
             # checkpoint and validation hooks check first, so no non-finite state is saved.
@@ -315,6 +318,15 @@ class LMModule(L.LightningModule):
         self._add_to_step(torch.stack([t.detach().float() for t in (nll_sum, count, n_bytes)]))
         self._count_epoch_targets(count, step_targets)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After a step whose micro-batch ``skip_nonfinite`` skipped: the others' losses were
+        divided by all the step's targets, so their gradient is scaled up to the mean over the
+        targets trained on (before clipping, which Lightning does next)."""
+        factor, self._grad_rescale = self._grad_rescale, None
+        if factor is not None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+            torch._foreach_mul_([g for g in grads if g is not None], factor)
 
     def all_processes(self, step_targets: torch.Tensor | None) -> torch.Tensor | None:
         """The loader's ``step_targets`` (this process's targets in the micro-batches of its
@@ -365,6 +377,8 @@ class LMModule(L.LightningModule):
             add, self._epoch_targets_shared = step_targets, True
             if self._skipped_targets is not None:
                 add, self._skipped_targets = add - self._skipped_targets, None
+                if add > 0:  # the other micro-batches were divided by all the step's targets
+                    self._grad_rescale = float(step_targets / add)
         self._epoch_targets = (
             add.clone() if self._epoch_targets is None else self._epoch_targets + add
         )
@@ -443,7 +457,7 @@ class LMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._epoch_targets = self._step_sums = self._last_train = None  # none from an earlier fit
-        self._skipped_targets = None
+        self._skipped_targets = self._grad_rescale = None
         resumed, self._resumed_epoch_targets = self._resumed_epoch_targets, None
         if resumed is not None and resumed[0] == self.current_epoch:
             # The checkpoint's epoch goes on (one written at an epoch's last batch resumes at the
