@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lmlab import __version__
 from lmlab.callbacks import last_saved_at_step
-from lmlab.checkpoint import read_checkpoint
+from lmlab.checkpoint import SHARDED_META, read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.corpus import check_data, make_corpus
 from lmlab.data.store import build_store, store_key
@@ -1000,15 +1000,45 @@ def keep_best(trainer: L.Trainer) -> None:
     ``fit``, so a better last validation left ``best.ckpt`` at an earlier step. Lightning's own
     top-k bookkeeping (private; tests/test_reliability.py names the private names lmlab uses).
     ``last.ckpt`` follows where no callback wrote it at this step (without ``last_checkpoint`` it
-    stayed at the last validation inside ``fit``, older than ``best.ckpt``)."""
+    stayed at the last validation inside ``fit``, older than ``best.ckpt``). Where one did (before
+    this validation), the ranking it recorded is brought up to date in it: a run extended from it
+    would otherwise count the earlier best, and let a worse validation replace ``best.ckpt``."""
     last_saved = last_saved_at_step(trainer)
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.save_top_k:
             candidates = cb._monitor_candidates(trainer)
+            before = ranking(cb)
             cb._save_topk_checkpoint(trainer, candidates)
             if cb.save_last and not last_saved:
                 cb._save_last_checkpoint(trainer, candidates)
                 last_saved = True
+            elif last_saved and ranking(cb) != before:
+                record_callback_state(trainer)
+
+
+def ranking(cb: ModelCheckpoint) -> list[tuple[str, float]]:
+    """A checkpoint callback's top-k record: (path, score) pairs."""
+    return sorted((path, float(score)) for path, score in cb.best_k_models.items())
+
+
+def record_callback_state(trainer: L.Trainer) -> None:
+    """Write the checkpoint callbacks' current state into ``last.ckpt`` (a sharded one's
+    ``meta.pt``), saved at this step, leaving the rest of it as it is (process 0; atomically)."""
+    paths = {  # the callbacks' last.ckpt (in a resumed run they may not have written it themselves)
+        Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath
+    }
+    for path in paths if trainer.is_global_zero else ():
+        target = path / SHARDED_META if path.is_dir() else path
+        if not target.is_file():
+            continue
+        ckpt = torch.load(target, map_location="cpu", weights_only=False, mmap=True)
+        for cb in trainer.checkpoint_callbacks:
+            if cb.state_key in ckpt.get("callbacks", {}):
+                ckpt["callbacks"][cb.state_key] = cb.state_dict()
+        AtomicCheckpointIO().save_checkpoint(ckpt, target)
+    trainer.strategy.barrier()
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

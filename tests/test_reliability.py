@@ -1061,3 +1061,22 @@ def test_unknown_experiment_is_hydras_clear_message(tmp_path):
     )
     assert p.returncode != 0
     assert "Could not find 'experiment/nope'" in p.stderr and "gpt2_124m" in p.stderr
+
+
+def test_a_run_extended_from_last_ckpt_knows_the_best_of_the_final_validation(tiny_cfg, tmp_path):
+    """last.ckpt is written at the final step before the validation after fit, which then made a
+    better best.ckpt: last.ckpt kept the earlier best score, and a run extended from it let a
+    worse validation replace best.ckpt. Now last.ckpt records the final ranking."""
+    out = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=8", "trainer.val_check_interval=3", output_dir=out))
+    folder = out / "checkpoints"
+    best = read_checkpoint(folder / "best.ckpt", weights=False)
+    last = read_checkpoint(folder / "last.ckpt", weights=False)
+    assert best["global_step"] == last["global_step"] == 8
+    (state,) = [v for k, v in last["callbacks"].items() if v.get("best_k_models")]
+    scores = [float(s) for s in state["best_k_models"].values()]
+    with (out / "metrics.csv").open(newline="") as f:
+        final = [float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]][-1]
+    assert scores == [pytest.approx(final)] and float(state["best_model_score"]) == scores[0]
+    # the rest of last.ckpt is the one saved in the final step (it resumes exactly)
+    assert set(last) >= {"loops", "optimizer_states", "state_dict", "lmlab"}
