@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -326,10 +327,36 @@ def materialize(backbone: nn.Module, device: torch.device) -> None:
         backbone.to_empty(device=device)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
-    for module in backbone.modules():
-        if module is not backbone and callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
-    backbone.reset_parameters()
+    with _random_per_shard(backbone):
+        for module in backbone.modules():
+            if module is not backbone and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+        backbone.reset_parameters()
+
+
+@contextlib.contextmanager
+def _random_per_shard(backbone: nn.Module):
+    """DTensor draws a sharded parameter's random numbers as one tensor's only on CUDA-like
+    meshes. On others (CPU) each process drew its shard from the same seed, so the shards were the
+    same numbers: weights of repeated halves (embedding row i equal to row i + V/2, SwiGLU's gate
+    equal to its up projection). There each process draws from a seed of its own: an
+    initialisation of the same distribution, not the numbers one process would draw."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._random import is_rng_supported_mesh
+
+    mesh = next((p.device_mesh for p in backbone.parameters() if isinstance(p, DTensor)), None)
+    if mesh is None:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "DTensor random operators may not have complete support"
+        supported = is_rng_supported_mesh(mesh)
+    if supported:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + torch.distributed.get_rank())
+        yield
 
 
 def parallelize(

@@ -283,3 +283,53 @@ def test_ddp_presets_skip_the_buffer_broadcast_which_lmlab_models_do_not_need(co
             "backbone.rotary.cos",
             "backbone.rotary.sin",
         }, model
+
+
+def _materialize_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lmlab.models.decoder import DecoderLM
+    from lmlab.parallel import blocks, materialize
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(1234)  # as L.seed_everything(cfg.seed): the same seed in every process
+        dims = dict(vocab_size=400, special_ids={}, optim={}, n_layers=2, d_model=32, n_heads=2)
+        backbone = DecoderLM(**dims, max_seq_len=32, init_device="meta").backbone
+        mesh = init_device_mesh("cpu", (2,))
+        for block in blocks(backbone):
+            fully_shard(block, mesh=mesh)
+        fully_shard(backbone, mesh=mesh)
+        materialize(backbone, torch.device("cpu"))
+        full = {n: p.full_tensor() for n, p in backbone.named_parameters() if p.dim() == 2}
+        if rank == 0:
+            torch.save(full, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@cpu_fsdp
+@pytest.mark.slow
+def test_meta_init_on_a_cpu_mesh_draws_each_shard_anew(tmp_path):
+    """On CPU meshes DTensor has no random-number tracker: every process drew its shard from the
+    same seed, and every weight was two equal halves (SwiGLU's gate = its up projection, embedding
+    row i = row i + V/2). Each shard is now drawn from its process's own seed."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "full.pt"
+    mp.spawn(_materialize_on_two_ranks, args=(port, str(out)), nprocs=2)
+    full = torch.load(out)
+    assert len(full) == 9  # embedding (the tied head) and 4 matrices per block
+    for name, w in full.items():
+        half = w.shape[0] // 2
+        assert not torch.equal(w[:half], w[half:]), name
+    for name in ("embed.weight", "blocks.0.mlp.gate_up.weight"):
+        assert full[name].std().item() == pytest.approx(0.02, rel=0.1), name
