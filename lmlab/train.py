@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lmlab import __version__
 from lmlab.callbacks import last_saved_at_step
-from lmlab.checkpoint import SHARDED_META, read_checkpoint
+from lmlab.checkpoint import SHARDED_META, is_sharded, read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.corpus import check_data, make_corpus
 from lmlab.data.store import build_store, store_key
@@ -821,6 +821,15 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
             "distributed training (it raises at the first non-finite loss, mid-run); leave it false "
             "with several processes (the run then stops at a non-finite loss, and "
             "checkpoints/last.ckpt holds the last good state)"
+        )
+    if ckpt_path and is_sharded(ckpt_path) and not isinstance(trainer.strategy, FSDP):
+        # Lightning would fail on the folder after the data work (IsADirectoryError)
+        if rank_zero_only.rank == 0:
+            restore_hydra_files(out)
+        raise ResumeRefused(
+            f"{ckpt_path} is a sharded checkpoint (trainer=fsdp): resume it with trainer=fsdp, or "
+            f"with this trainer from one file: python -m lmlab.checkpoint consolidate {ckpt_path} "
+            f"writes {ckpt_path}.consolidated.ckpt; then ckpt_path=<that file>"
         )
     tokenizer, train_store, val_store = prepare_data(cfg)
     datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)

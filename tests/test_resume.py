@@ -389,3 +389,30 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tm
         steps = [r["step"] for r in csv.DictReader((d / "metrics.csv").open()) if r["train/loss"]]
         assert len(steps) == len(set(steps)) == MAX_STEPS
     assert "dataloader is not resumable" not in resumed_log
+
+
+def test_a_sharded_checkpoint_is_refused_without_fsdp_before_any_data_work(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """A sharded (trainer=fsdp) last.ckpt resumed by one process: Lightning failed on the folder
+    with a bare IsADirectoryError, after the data work and with the run's .hydra overrides
+    replaced by the refused attempt's."""
+    import lmlab.train as train_mod
+    from lmlab.errors import ResumeRefused
+
+    out = tmp_path / "run"
+    folder = out / "checkpoints" / "last.ckpt"
+    folder.mkdir(parents=True)
+    (folder / "meta.pt").write_bytes(b"")  # what makes a folder a sharded checkpoint
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "overrides.yaml").write_text("- trainer=fsdp\n")
+
+    def no_data(cfg):
+        raise AssertionError("data prepared before the refusal")
+
+    monkeypatch.setattr(train_mod, "prepare_data", no_data)
+    with pytest.raises(
+        ResumeRefused, match=r"is a sharded checkpoint \(trainer=fsdp\): resume it "
+    ):
+        train(tiny_cfg("ckpt_path=last", output_dir=out))
+    assert (out / ".hydra" / "overrides.yaml").read_text() == "- trainer=fsdp\n"
