@@ -224,6 +224,10 @@ def test_the_private_lightning_names_lmlab_relies_on_are_there():
     assert callable(ModelCheckpoint._save_last_checkpoint)
     assert callable(ModelCheckpoint._monitor_candidates)
     assert ModelCheckpoint()._last_global_step_saved == 0  # lmlab.callbacks.last_saved_at_step
+    # lmlab.callbacks.PeriodicCheckpoint / validation_follows
+    assert ModelCheckpoint()._defer_save_until_validation is False
+    assert epoch_loop._skip_next_val is False and callable(epoch_loop._should_check_val_fx)
+    assert hasattr(trainer.fit_loop, "_data_fetcher")
     from lightning.pytorch.loggers import TensorBoardLogger  # lmlab.train.purge_tensorboard
 
     board = TensorBoardLogger("unused", purge_step=None)

@@ -416,3 +416,39 @@ def test_a_sharded_checkpoint_is_refused_without_fsdp_before_any_data_work(
     ):
         train(tiny_cfg("ckpt_path=last", output_dir=out))
     assert (out / ".hydra" / "overrides.yaml").read_text() == "- trainer=fsdp\n"
+
+
+class _CrashInValidation(L.Callback):
+    """A crash (out of memory, a killed node) during the validation after step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        fit = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fit and trainer.global_step == self.step:
+            raise RuntimeError(f"crash in the validation of step {self.step}")
+
+
+def test_a_crash_in_a_validation_at_a_periodic_save_still_validates_that_step(tiny_cfg, tmp_path):
+    """The periodic last.ckpt of step 4 was written before step 4's validation: a crash during
+    it resumed past it (Lightning's restart takes it for done), and step 4 was never validated nor
+    ranked for best.ckpt. The save now comes after the validation."""
+    common = ["trainer.max_steps=8", "trainer.val_check_interval=4"]
+    common += ["callbacks.last_checkpoint.every_n_train_steps=2"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(tiny_cfg(*common, output_dir=ref))
+    crash = [f"+callbacks.crash._target_={__name__}._CrashInValidation", "+callbacks.crash.step=4"]
+    with pytest.raises(RuntimeError, match="crash in the validation of step 4"):
+        train(tiny_cfg(*common, *crash, output_dir=run))
+    train(tiny_cfg(*common, "ckpt_path=last", output_dir=run))
+
+    def val_losses(out):
+        with (out / "metrics.csv").open(newline="") as f:
+            return {
+                int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]
+            }
+
+    want = val_losses(ref)
+    assert sorted(want) == [3, 7]  # after steps 4 and 8
+    assert val_losses(run) == pytest.approx(want, rel=1e-5)

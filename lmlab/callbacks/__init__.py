@@ -405,4 +405,33 @@ class StepCheckpoint(ModelCheckpoint):
 
 class PeriodicCheckpoint(StepCheckpoint):
     """``last.ckpt`` every ``every_n_train_steps`` steps (conf/callbacks/default.yaml's
-    ``last_checkpoint``), saving only between optimizer steps (:class:`StepCheckpoint`)."""
+    ``last_checkpoint``), saving only between optimizer steps (:class:`StepCheckpoint`).
+
+    A save due at a step that a validation follows is made after the validation (Lightning's own
+    deferral, for monitored metrics): made before it, a crash during the validation (out of
+    memory, a killed node) resumed past it, Lightning's restart taking the validation for done,
+    and that step was never validated nor ranked for ``best.ckpt``."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self._every_n_train_steps
+        if (
+            every >= 1
+            and trainer.global_step % every == 0
+            and not self._should_skip_saving_checkpoint(trainer)
+            and validation_follows(trainer)
+        ):
+            self._defer_save_until_validation = True  # on_validation_end saves
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def validation_follows(trainer) -> bool:
+    """Whether the training loop validates after the current batch (asked of Lightning's loop in
+    ``on_train_batch_end``, where it decides so next; private names, as tests/test_reliability.py
+    lists)."""
+    loop = trainer.fit_loop.epoch_loop
+    return (
+        trainer.enable_validation
+        and not loop._skip_next_val
+        and loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+    )
