@@ -45,7 +45,10 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> dict:
 
     unreadable = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError)
     try:
-        ckpt = torch.load(target, map_location="cpu", weights_only=False)
+        # Without the weights a file's tensors are mapped, not read: every process of a resume
+        # checks the checkpoint before Lightning loads it (a full read cost its size in memory)
+        mmap = not weights and not path.is_dir()
+        ckpt = torch.load(target, map_location="cpu", weights_only=False, mmap=mmap)
         if path.is_dir() and weights:
             ckpt.update(_load_shards(path))
     except (*unreadable, pickle.UnpicklingError, CheckpointException) as e:

@@ -607,6 +607,7 @@ def check_fresh_start(output_dir: Path) -> None:
     run is a new W&B run, as its metrics.csv rows are new (LMModule.on_train_start drops the
     attempt's rows)."""
     last = output_dir / "checkpoints" / "last.ckpt"
+    _recover_sharded(last)  # a run whose sharded save was stopped mid-swap still holds a run
     if last.exists():
         if rank_zero_only.rank == 0:
             restore_hydra_files(output_dir)

@@ -442,6 +442,20 @@ def test_a_sharded_save_killed_between_its_renames_is_recovered_before_resuming(
     assert "recovered it from that save's folders" in caplog.text
 
 
+def test_a_fresh_start_over_a_sharded_save_killed_between_its_renames_is_refused(tmp_path):
+    """Without ckpt_path the folder was not recovered: no last.ckpt, so the fresh start went on,
+    and its first save deleted .last.ckpt.old, the run's only checkpoint."""
+    from lmlab.errors import RunExists
+    from lmlab.train import check_fresh_start
+
+    old = tmp_path / "checkpoints" / ".last.ckpt.old"
+    old.mkdir(parents=True)
+    (old / "__0_0.distcp").write_text("old")
+    with pytest.raises(RunExists, match="already holds a run"):
+        check_fresh_start(tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt" / "__0_0.distcp").read_text() == "old"
+
+
 def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg, tmp_path):
     """tf32 (default true) switches CUDA's float32 matmuls and convolutions to TF32; false keeps
     full fp32; oneDNN's CPU matmuls keep their precision either way."""

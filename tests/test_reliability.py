@@ -1084,3 +1084,19 @@ def test_a_run_extended_from_last_ckpt_knows_the_best_of_the_final_validation(ti
     assert scores == [pytest.approx(final)] and float(state["best_model_score"]) == scores[0]
     # the rest of last.ckpt is the one saved in the final step (it resumes exactly)
     assert set(last) >= {"loops", "optimizer_states", "state_dict", "lmlab"}
+
+
+def test_a_checkpoint_read_without_its_weights_is_mapped_not_read(tmp_path, monkeypatch):
+    """Every process of a resume checks the checkpoint (read_checkpoint(weights=False)) before
+    Lightning loads it: a full read cost each process the file's size in memory (weights and
+    optimizer state) at once."""
+    calls = []
+    load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **kw: calls.append(kw.get("mmap")) or load(*a, **kw)
+    )
+    path = tmp_path / "x.ckpt"
+    torch.save({"lmlab": {}, "state_dict": {"w": torch.ones(3)}}, path)
+    assert read_checkpoint(path, weights=False)["state_dict"]["w"].tolist() == [1.0] * 3
+    assert read_checkpoint(path)["state_dict"]["w"].sum() == 3
+    assert calls == [True, False]
