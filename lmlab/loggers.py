@@ -134,6 +134,11 @@ def wandb_logger(
         group=group,
         id=run_id,
         resume="allow",
-        tags=list(dict.fromkeys([*tags, *extra_tags])),
+        # one tag given alone (`tags=baseline`) is a string: one tag, not one per letter
+        tags=list(dict.fromkeys([*_listed(tags), *_listed(extra_tags)])),
         **kwargs,
     )
+
+
+def _listed(tags) -> list[str]:
+    return [tags] if isinstance(tags, str) else [str(t) for t in tags or ()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import html
 import json
 import logging
@@ -110,12 +111,20 @@ def _natural(path: Path) -> list:
     ]
 
 
+# Keys that say how a job was started, not what it trains: left out of the runs' overrides (as of
+# their names, conf/hydra/default.yaml's exclude_keys); a resumed sweep's jobs carry ckpt_path=auto
+# and its finished ones not, which made it look swept.
+START_KEYS = ("ckpt_path",)
+
+
 def parse_overrides(lines: list) -> dict[str, str]:
-    """``["optim.lr=0.001", "+x=1", "~y"]`` -> ``{"optim.lr": "0.001", "x": "1", "y": ""}``."""
+    """``["optim.lr=0.001", "+x=1", "~y"]`` -> ``{"optim.lr": "0.001", "x": "1", "y": ""}``
+    (:data:`START_KEYS` left out)."""
     out = {}
     for item in lines:
         key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = value
+        if key.lstrip("+~") not in START_KEYS:
+            out[key.lstrip("+~")] = value
     return out
 
 
@@ -141,9 +150,13 @@ def read_config(config_path: Path) -> Any:
         return None
 
 
-def tokenizer_of(cfg: Any) -> str | None:
-    """The run's tokenizer settings (``tokenizer`` of its config) as one string, to tell runs whose
-    tokens differ apart; None without them."""
+def tokenizer_of(cfg: Any, run_dir: Path | None = None) -> str | None:
+    """What tells runs whose tokens differ apart: the hash of the run's ``tokenizer.json`` (a BPE
+    is trained on each run's training split, so equal settings can give other tokenizers), else
+    its tokenizer settings (``tokenizer`` of its config) as one string; None without either."""
+    saved = run_dir / "tokenizer.json" if run_dir is not None else None
+    if saved is not None and saved.is_file():
+        return hashlib.sha256(saved.read_bytes()).hexdigest()
     try:
         section = OmegaConf.select(cfg, "tokenizer", default=None) if cfg is not None else None
         if section is None:
@@ -276,7 +289,7 @@ def read_run(path: Path, sweep_dir: Path) -> Run:
         tokens_per_step,
         tokens_logged,
         notes,
-        tokenizer_of(config),
+        tokenizer_of(config, path),
     )
 
 
@@ -621,9 +634,13 @@ def runs_table(runs: list[Run], metric: str) -> str:
         summary_keys.insert(0, metric)
     head = ['<th data-key="run">run</th>', '<th data-key="status">status</th>']
     head += [
-        f'<th data-kind="override" data-key="{html.escape(k)}">{k}</th>' for k in override_keys
+        f'<th data-kind="override" data-key="{html.escape(k)}">{html.escape(k)}</th>'
+        for k in override_keys
     ]
-    head += [f'<th data-kind="metric" data-key="{html.escape(k)}">{k}</th>' for k in summary_keys]
+    head += [
+        f'<th data-kind="metric" data-key="{html.escape(k)}">{html.escape(k)}</th>'
+        for k in summary_keys
+    ]
     rows = []
     best = runs[0] if math.isfinite(runs[0].summary.get(metric, math.nan)) else None
     for r in runs:

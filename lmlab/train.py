@@ -670,7 +670,7 @@ def warn_changed_overrides(output_dir: Path) -> None:
     changed = [
         f"{k}={now[k]} (was {before[k]})"
         for k in sorted(set(before) & set(now))
-        if k != "ckpt_path" and before[k] != now[k]
+        if before[k] != now[k]  # ckpt_path is left out by read_overrides
     ]
     if changed:
         log.warning(
@@ -947,6 +947,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if objects["ckpt_path"]:
             warn_changed_overrides(objects["output_dir"])
         keep_hydra_files(objects["output_dir"])
+        # an earlier finish's summary (a run extended): it would stand for this attempt's result,
+        # also where this one fails (metrics.csv keeps every value)
+        summary.unlink(missing_ok=True)
     describe(objects)
     log_config(trainer, cfg)
     status = "failed"  # what the loggers are told at the end, unless the run gets further

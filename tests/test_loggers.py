@@ -122,3 +122,14 @@ def test_a_multirun_with_a_relative_sweep_dir_groups_by_its_absolute_folder(tmp_
     trial = wandb_logger(save_dir=str(tmp_path / "t"), project="p", trial="model.n_layers=3")
     assert trial._wandb_init["name"] == "optim.lr=0.001 model.n_layers=3"
     assert trial._wandb_init["group"] == group
+
+
+def test_one_tag_given_alone_is_one_wandb_tag(tmp_path, monkeypatch):
+    """`tags=baseline` is a string, which became one tag per letter (b, a, s, e, ...)."""
+    from lmlab.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    auto = ["model:decoder", "objective:clm"]
+    for extra, want in (("baseline", ["baseline"]), (["a", "b", "a"], ["a", "b"]), ([], [])):
+        logger = wandb_logger(save_dir=str(tmp_path), project="p", tags=auto, extra_tags=extra)
+        assert logger._wandb_init["tags"] == auto + want

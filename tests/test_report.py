@@ -803,3 +803,45 @@ def test_runs_with_other_tokenizers_are_not_ranked_per_token_without_a_warning(
     with caplog.at_level(logging.WARNING, logger="lmlab.report"):
         page = build_report(sweep, metric="val/bpb").read_text()
     assert 'id="tokenizers"' not in page and not caplog.text
+
+
+def test_equal_tokenizer_settings_with_other_trained_tokenizers_are_told_apart(
+    tmp_path: Path, caplog
+) -> None:
+    """A data sweep: the same BPE settings trained on other splits give other tokenizers; the
+    warning compared the settings only. The runs' tokenizer.json files tell them apart."""
+    import logging
+
+    sweep = tmp_path / "sweep"
+    config = CONFIG + "tokenizer:\n  kind: bpe\n  vocab_size: 512\n"
+    for job, fraction, vocab in (("0", "0.05", '{"a": 0}'), ("1", "0.5", '{"b": 0}')):
+        summary = {"val/loss": 5.0 + int(job), "val/bpb": 6.0}
+        run = write_run(
+            sweep / job, [f"data.val_fraction={fraction}"], rows_for([0], 1, 1.0), summary, config
+        )
+        (run / "tokenizer.json").write_text(vocab)
+    with caplog.at_level(logging.WARNING, logger="lmlab.report"):
+        page = build_report(sweep, metric="val/loss").read_text()
+    assert 'id="tokenizers"' in page and "rank them by bits per byte" in caplog.text
+    (sweep / "1" / "tokenizer.json").write_text('{"a": 0}')  # the same file: no warning
+    assert 'id="tokenizers"' not in build_report(sweep, metric="val/loss").read_text()
+
+
+def test_a_resumed_sweeps_ckpt_path_is_not_a_swept_parameter_and_headers_are_escaped(
+    tmp_path: Path,
+) -> None:
+    """Jobs resumed by a sweep re-run keep ckpt_path=auto in their overrides, finished ones not:
+    ckpt_path showed as swept (a column, a scatter plot, in the best run's name). Header names
+    come from overrides too and were not escaped."""
+    write_run(tmp_path / "0", ["optim.lr=1e-3", "x<i>=1"], rows_for([0], 1, 1.0), {"val/bpb": 2.0})
+    write_run(
+        tmp_path / "1",
+        ["optim.lr=2e-3", "x<i>=2", "ckpt_path=auto"],
+        rows_for([0], 1, 1.0),
+        {"val/bpb": 1.0},
+    )
+    runs = collect_runs(tmp_path)
+    assert swept_parameters(runs) == ["optim.lr", "x<i>"]
+    assert runs[1].name == "optim.lr=2e-3, x<i>=2"
+    page = build_report(tmp_path).read_text()
+    assert "ckpt_path" not in page and "<i>" not in page and "x&lt;i&gt;" in page

@@ -4,6 +4,7 @@ the same order, as a run that never stopped (``lmlab.data.base.ResumableLoader``
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import signal
@@ -452,3 +453,26 @@ def test_a_crash_in_a_validation_at_a_periodic_save_still_validates_that_step(ti
     want = val_losses(ref)
     assert sorted(want) == [3, 7]  # after steps 4 and 8
     assert val_losses(run) == pytest.approx(want, rel=1e-5)
+
+
+class _CrashAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+def test_an_extended_run_that_fails_leaves_no_summary_of_its_earlier_finish(tiny_cfg, tmp_path):
+    """A finished run extended (ckpt_path=last, more steps) whose attempt then failed kept the
+    earlier finish's summary.json: the sweep report listed it as finished, ranked by old values."""
+    out = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=4", output_dir=out))
+    assert (out / "summary.json").is_file()
+    crash = [f"+callbacks.crash._target_={__name__}._CrashAtStep", "+callbacks.crash.step=5"]
+    with pytest.raises(RuntimeError, match="crash at step 5"):
+        train(tiny_cfg("trainer.max_steps=8", "ckpt_path=last", *crash, output_dir=out))
+    assert not (out / "summary.json").exists()
+    train(tiny_cfg("trainer.max_steps=8", "ckpt_path=last", output_dir=out))
+    assert json.loads((out / "summary.json").read_text())["trainer/global_step"] == 8
