@@ -18,6 +18,29 @@ def refuse_unknown_keys(group: str, values, known, of: str | None = None) -> Non
         )
 
 
+def refuse_unknown_top_keys(cfg, config_name: str, command: str) -> None:
+    """A top-level key that the command's config (``conf/<config_name>.yaml``) does not have is
+    refused: Hydra answers a misspelt key (``seqlen=32``) with "to append to your config use
+    +seqlen=32", which then ran with the real key's default without a word."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from lmlab.paths import CONF_DIR
+
+    own = OmegaConf.load(CONF_DIR / f"{config_name}.yaml")
+    known = {k for k in own if k != "defaults"}
+    for entry in own.get("defaults", []):  # the groups: model, data, ... (their keys, if any)
+        name = entry if isinstance(entry, str) else next(iter(entry))
+        known.add(name.split()[-1].split("@")[0].split("/")[0])
+    for key in sorted(set(cfg) - known):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(
+            f"{key} is not a setting of {command}; {hint}`{command} --cfg job` prints them all"
+        )
+
+
 class RunKept(ConfigError):
     """A start refused before it changed anything in the run folder: the run there is left as it
     was (a sweep keeps its job's row)."""

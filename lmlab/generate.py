@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_run
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, refuse_unknown_top_keys
 from lmlab.nn.sampling import check_sampling
 from lmlab.paths import CONF_DIR
 
@@ -36,6 +36,7 @@ def pick_device(name) -> str:
 def check_settings(cfg: DictConfig) -> str:
     """The command's settings, before the model loads; returns the prompt as text (Hydra reads
     ``prompt=1984`` as a number and ``prompt=null`` as None)."""
+    refuse_unknown_top_keys(cfg, "generate", "python -m lmlab.generate")
     try:
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:

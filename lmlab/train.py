@@ -54,6 +54,7 @@ from lmlab.errors import (
     ResumeRefused,
     RunExists,
     refuse_unknown_keys,
+    refuse_unknown_top_keys,
 )
 from lmlab.loggers import RUN_ID_FILE
 from lmlab.models.base import OPTIM_DEFAULTS, check_loss_chunk_size
@@ -233,6 +234,7 @@ def check_objective(cfg: DictConfig) -> None:
 
 
 def check_settings(cfg: DictConfig) -> None:
+    refuse_unknown_top_keys(cfg, "train", "python -m lmlab")
     check_numbers(cfg)
     check_optim_and_sampling(cfg)
     check_model(cfg)

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, refuse_unknown_top_keys
 from lmlab.paths import CONF_DIR
 from lmlab.registry import MODELS, OBJECTIVES, compatibility_table, valid_objectives
 from lmlab.train import check_compatible, check_settings
@@ -64,6 +64,7 @@ def test_every_option_composes_and_resolves(compose_cfg, override):
         extra.append(f"model={next(m for m in MODELS if option in valid_objectives(m))}")
     cfg = compose_cfg(override, *extra)
     OmegaConf.resolve(cfg)  # every interpolation resolves
+    refuse_unknown_top_keys(cfg, "train", "python -m lmlab")  # adds no key train.yaml lacks
     check_compatible(cfg)
     get_class(cfg.model._target_)
     get_class(cfg.objective._target_)
@@ -134,6 +135,12 @@ def test_compatibility_table_rows():
             r"optim\.momentum is not a setting of optim; its settings are lr, weight_decay, betas",
         ),
         ("+sample.temp=0.5", r"sample\.temp is not a setting of sample; .*, temperature, "),
+        # a misspelt top-level key, added with "+" as Hydra advises: ran with seq_len's default
+        (
+            "+seqlen=32",
+            r"seqlen is not a setting of python -m lmlab; did you mean seq_len\? "
+            r"`python -m lmlab --cfg job` prints them all",
+        ),
         (
             "+tokenizer.min_freq=5",
             r"tokenizer\.min_freq is not a setting of any tokenizer; tokenizer=bpe's settings are "

@@ -71,6 +71,11 @@ def test_fill_mask_never_proposes_special_tokens_even_for_a_large_top_k(compose_
         ({"max_new_tokens": -1}, r"max_new_tokens=-1 must be a whole number >= 0"),
         ({"num_samples": 0}, r"num_samples=0 must be a whole number >= 1"),
         ({"prompt": "caf\udce9"}, r"the prompt is not valid UTF-8 text"),
+        # a misspelt key added with "+" (as Hydra advises) generated from the empty prompt
+        (
+            {"promt": "hello"},
+            r"promt is not a setting of python -m lmlab.generate; did you mean prompt",
+        ),
     ],
 )
 def test_generate_settings_are_checked_before_the_checkpoint_is_read(settings, message):

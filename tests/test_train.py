@@ -161,6 +161,11 @@ def test_evaluate_refuses_a_seq_len_beyond_the_models_positions_before_data_work
     [
         ({"limit_batches": 0}, r"limit_batches=0 must be a whole number >= 1, or null"),
         ({"batch_size": -2}, r"batch_size=-2 must be a whole number >= 1, or null"),
+        # "+limit_batch=1" (as Hydra advises for a misspelt key) scored the whole split
+        (
+            {"limit_batch": 1},
+            r"limit_batch is not a setting of .*evaluate; did you mean limit_batches",
+        ),
         (
             {"output_file": "/nonexistent/dir/e.json"},
             r"/nonexistent/dir is not a folder; create it",
