@@ -80,6 +80,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     for key in hs.params:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"hparams_search.params has {key!r}, which is not a config key")
+    check_ranges(cfg)
     study = optuna.create_study(
         study_name=hs.study_name,
         storage=hs.storage or f"sqlite:///{root / 'optuna.db'}",
@@ -212,6 +213,30 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     (root / "best.json").write_text(json.dumps(best, indent=2))
     log.info("Best %s = %.4f (trial %d): %s", metric, best["value"], best["trial"], best["params"])
     return best
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Each parameter's range ends (and categories), one at a time, through the settings checks
+    a trial makes, before any trial: a range the run cannot take (optim.warmup_steps up to 200
+    under debug=fast's 20 steps) failed trial after trial instead."""
+    from lmlab.train import check_settings
+
+    for key, spec in cfg.hparams_search.params.items():
+        kind = spec.get("type")
+        values = list(spec.get("choices") or []) if kind == "categorical" else []
+        values = values or [spec.get("low"), spec.get("high")]
+        for value in values:
+            probe = cfg.copy()
+            with open_dict(probe):
+                del probe["hparams_search"]
+                OmegaConf.update(probe, key, value, merge=False)
+            try:
+                check_settings(probe)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"hparams_search.params.{key}: a trial with {key}={value} would be refused "
+                    f"({e}); narrow the range"
+                ) from None
 
 
 def resume_preempted(study, root: Path) -> None:

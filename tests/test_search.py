@@ -301,3 +301,23 @@ def test_a_study_shared_by_two_run_dirs_resumes_a_preempted_trial_in_its_own_fol
     (row,) = csv.DictReader((a / "sweep_summary.csv").open())
     assert (row["job"], row["status"], row["output_dir"]) == ("0", "completed", str(a / "trials/0"))
     assert not (b / "trials").exists() and not (b / "sweep_summary.csv").exists()
+
+
+def test_a_range_a_trial_cannot_take_is_refused_before_any_trial(tiny_cfg, monkeypatch):
+    """optim.warmup_steps up to 200 under a 6-step run: every trial that drew more than 5 failed,
+    one after the other, and the search ended with none completed."""
+    fake = FakeTrain(preempt_first=False)
+    monkeypatch.setattr("lmlab.train.train", fake)
+    space = {"optim.warmup_steps": {"type": "int", "low": 0, "high": 200}}
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=2"), space)
+    with pytest.raises(
+        ConfigError,
+        match=r"hparams_search\.params\.optim\.warmup_steps: a trial with optim\.warmup_steps=200 "
+        r"would be refused \(optim\.warmup_steps=200 must be below trainer\.max_steps=6; .*\); "
+        r"narrow the range",
+    ):
+        run_search(cfg)
+    assert not fake.calls
+    space["optim.warmup_steps"]["high"] = 5
+    run_search(small_space(cfg, space))
+    assert len(fake.calls) == 2
