@@ -28,7 +28,8 @@ def main(cfg: DictConfig) -> float | None:
 
     # Lightning attaches its own console handler at import; Hydra's root handler already prints
     # (and writes <run dir>/__main__.log), so drop Lightning's to avoid every line appearing twice.
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    # (Lightning 2.6 attaches it to "lightning", earlier releases to the two below.)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     metric = cfg.get("optimized_metric")

@@ -32,13 +32,25 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> dict:
     ``weights=False`` reads a sharded folder's metadata only (config, tokenizer, hyperparameters)."""
     path = Path(path).expanduser()
     if path.is_dir() and not is_sharded(path):
+        inside = path / "checkpoints" / "last.ckpt"
+        if inside.exists():  # a run folder given for its checkpoint
+            raise ConfigError(
+                f"{path} is a run folder, not a checkpoint: pass ckpt_path={inside} (or "
+                f"{inside.with_name('best.ckpt')})"
+            )
         raise ConfigError(
             f"{path} is a folder but not a sharded lmlab checkpoint (no {SHARDED_META}); pass a "
             ".ckpt file or a sharded checkpoint folder"
         )
     if not path.exists():
+        named = str(path) in ("last", "auto")  # training's names for a run folder's checkpoint
         raise ConfigError(
             f"checkpoint not found: {path}; pass ckpt_path=<run dir>/checkpoints/last.ckpt"
+            + (
+                f" (ckpt_path={path} names a run's own checkpoint in training only)"
+                if named
+                else ""
+            )
         )
     target = path / SHARDED_META if path.is_dir() else path
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
@@ -97,6 +109,8 @@ def consolidate(folder: str | Path, output: str | Path | None = None) -> Path:
     everything ``ckpt_path`` needs); the default output is ``<folder>.consolidated.ckpt``, and an
     output that is a folder gets that name inside it."""
     folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{folder} does not exist; pass a sharded checkpoint folder")
     if not is_sharded(folder):
         raise ConfigError(f"{folder} is not a sharded checkpoint folder (no {SHARDED_META})")
     name = folder.name + ".consolidated.ckpt"

@@ -30,6 +30,10 @@ log = logging.getLogger("lmlab")
 def check_settings(cfg: DictConfig) -> None:
     """The command's own keys and numbers, before the checkpoint loads."""
     refuse_unknown_top_keys(cfg, "evaluate", "python -m lmlab.evaluate")
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError(
+            "ckpt_path is required: python -m lmlab.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
     for key in ("seq_len", "batch_size", "limit_batches"):
         value = cfg.get(key)
         if value is not None and (

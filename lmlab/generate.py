@@ -6,7 +6,7 @@ import sys
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint import load_run
 from lmlab.errors import ConfigError, refuse_unknown_top_keys
@@ -37,6 +37,10 @@ def check_settings(cfg: DictConfig) -> str:
     """The command's settings, before the model loads; returns the prompt as text (Hydra reads
     ``prompt=1984`` as a number and ``prompt=null`` as None)."""
     refuse_unknown_top_keys(cfg, "generate", "python -m lmlab.generate")
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError(
+            "ckpt_path is required: python -m lmlab.generate ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
     try:
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:
@@ -45,6 +49,12 @@ def check_settings(cfg: DictConfig) -> str:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{key}={value!r} must be a whole number >= {least}")
+    if isinstance(cfg.prompt, bool | float) or not isinstance(cfg.prompt, str | int | None):
+        # Hydra parsed it (prompt=[a,b], prompt=true, prompt=3.10): its str() is not what was typed
+        raise ConfigError(
+            f"prompt={cfg.prompt!r} is not text as typed (Hydra parsed it); quote it for Hydra "
+            "inside the shell's quotes: 'prompt=\"...\"'"
+        )
     prompt = "" if cfg.prompt is None else str(cfg.prompt)
     try:
         prompt.encode("utf-8")

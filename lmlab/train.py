@@ -556,8 +556,10 @@ def check_val_docs(
     elif saved != val_docs and resume:
         raise ConfigError(
             f"{ckpt_path} held out other validation documents than this run's data settings "
-            "give: resumed, it would validate on other text and could train on text it "
-            "validated on; resume with the run's own data settings"
+            "give (other settings, or files added, removed or renamed since: without data.val the "
+            "held-out ones are chosen among the files found): resumed, it would validate on "
+            "other text and could train on text it validated on; resume with the run's own data "
+            "settings and files"
         )
     elif saved != val_docs:
         log.warning(
@@ -654,9 +656,9 @@ def purge_tensorboard(trainer: L.Trainer, step: int) -> None:
 
 def warn_changed_overrides(output_dir: Path) -> None:
     """A resume whose command-line overrides set a key to another value than the run's latest
-    start did: a warning naming them. Often meant (more steps, another learning rate), but a sweep
-    re-run with another list of values resumes each job's folder by its number, and a job would
-    continue another job's run with its own values."""
+    start did: named in the log. Meant when one run is extended (more steps, another learning
+    rate); in a sweep a warning: a sweep re-run with another list of values resumes each job's
+    folder by its number, and a job would continue another job's run with its own values."""
     import yaml
 
     from lmlab.report import read_overrides
@@ -674,11 +676,22 @@ def warn_changed_overrides(output_dir: Path) -> None:
         for k in sorted(set(before) & set(now))
         if before[k] != now[k]  # ckpt_path is left out by read_overrides
     ]
-    if changed:
+    if not changed:
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         log.warning(
             "resuming %s with other values than its latest start: %s (a sweep re-run with other "
             "values resumes each job's folder by its number: use the sweep's own values or a new "
             "hydra.sweep.dir)",
+            output_dir,
+            ", ".join(changed),
+        )
+    else:  # one run, extended or changed on purpose (README: raise trainer.max_steps)
+        log.info(
+            "resuming %s with other values than its latest start: %s",
             output_dir,
             ", ".join(changed),
         )

@@ -623,3 +623,31 @@ def test_every_rank_runs_as_many_validation_batches_and_scores_each_window_once(
     assert per_rank == [2, 2]
     one = cls(tok, train, val, seq_len=seq_len, batch_size=1)
     assert targets == sum(int((b["labels"] != IGNORE).sum()) for b in one.val_dataloader())
+
+
+def test_a_folder_a_forgotten_data_option_and_an_evaluation_without_files_are_named(tmp_path):
+    """data.train=corpus (a folder) "matched no files"; +data.val=... without data=files was an
+    "unknown data.source=None"; evaluate's data=files without data.val asked for data.train."""
+    from lmlab.data.corpus import check_data
+
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(
+        ConfigError,
+        match=r"data.train='.*corpus' is a folder: name its files, e.g. data.train='.*corpus/\*.txt'",
+    ):
+        make_corpus(files_cfg(train=str(tmp_path / "corpus")))
+    with pytest.raises(
+        ConfigError, match=r"data settings without a data option: add one, e.g. data=files"
+    ):
+        check_data(OmegaConf.create({"val": "held_out/*.txt"}), sizes=False)
+    with pytest.raises(
+        ConfigError, match=r"data=files needs data.val='<glob or list of files>' to evaluate on"
+    ):
+        make_corpus(files_cfg(), need_train=False)
+
+
+def test_consolidating_a_missing_folder_says_it_is_missing(tmp_path):
+    from lmlab.checkpoint import consolidate
+
+    with pytest.raises(ConfigError, match=r"nope does not exist; pass a sharded checkpoint folder"):
+        consolidate(tmp_path / "nope")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lmlab.data.tokenizers import byte_tokenizer
 from lmlab.errors import ConfigError
@@ -183,3 +183,50 @@ def test_a_device_that_is_not_one_is_refused_before_the_checkpoint_is_read(
     cfg = command_cfg(command, ckpt_path="/nonexistent/last.ckpt", device=device)
     with pytest.raises(ConfigError, match=message):
         (generate if command == "generate" else evaluate)(cfg)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        # Hydra parses these: str() of what it made is not what was typed
+        ({"prompt": ["a", "b"]}, r"prompt=\['a', 'b'\] is not text as typed .* 'prompt=\"...\"'"),
+        ({"prompt": True}, r"prompt=True is not text as typed"),
+        ({"prompt": 3.1}, r"prompt=3.1 is not text as typed"),
+        ({"ckpt_path": "last"}, r"ckpt_path=last names a run's own checkpoint in training only"),
+    ],
+)
+def test_generate_refuses_what_it_would_misread(settings, message):
+    cfg = command_cfg("generate", **{"ckpt_path": "/nonexistent/last.ckpt", **settings})
+    with open_dict(cfg):
+        cfg.device = "cpu"
+    with pytest.raises(ConfigError, match=message):
+        generate(cfg)
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_run_folder_or_no_checkpoint_is_one_clear_error(command, tmp_path):
+    """A run folder named for its checkpoint was "a folder but not a sharded checkpoint"; no
+    ckpt_path at all was a MissingMandatoryValue traceback."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab.evaluate import evaluate
+    from lmlab.paths import CONF_DIR
+
+    run = generate if command == "generate" else evaluate
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    cfg = command_cfg(command, ckpt_path=str(tmp_path), device="cpu")
+    with pytest.raises(
+        ConfigError,
+        match=rf"is a run folder, not a checkpoint: pass ckpt_path={tmp_path}/checkpoints/last.ckpt",
+    ):
+        run(cfg)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        bare = compose(command)
+    GlobalHydra.instance().clear()
+    with pytest.raises(
+        ConfigError, match=rf"ckpt_path is required: python -m lmlab.{command} ckpt_path="
+    ):
+        run(bare)

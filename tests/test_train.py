@@ -524,7 +524,7 @@ def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_target
     common += ["trainer.gradient_clip_val=null"]
     common += ["callbacks.samples=null", "data.batch_size=4"]
     _, one = train(tiny_cfg(*common, output_dir=tmp_path / "one"))
-    short = ["global_batch_size=8", "+trainer.limit_train_batches=1"]
+    short = ["global_batch_size=8", "trainer.limit_train_batches=1"]
     _, cut = train(tiny_cfg(*common, *short, output_dir=tmp_path / "cut"))
     assert cut["trainer"].accumulate_grad_batches == 2 and cut["trainer"].global_step == 1
     a, b = one["model"].state_dict(), cut["model"].state_dict()
@@ -545,7 +545,7 @@ def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_target
             r"trainer\.accumulate_grad_batches=4; set only one",
         ),
         (  # each epoch would end inside a step, and validations move into later steps
-            ["global_batch_size=8", "data.batch_size=4", "+trainer.limit_train_batches=5"],
+            ["global_batch_size=8", "data.batch_size=4", "trainer.limit_train_batches=5"],
             r"limit_train_batches=5 does not make whole optimizer steps of 2 accumulated .* "
             r"use a multiple of 2 \(4 or 6\) \(or validate per epoch",
         ),
@@ -558,7 +558,7 @@ def test_a_step_cut_short_by_limit_train_batches_is_the_mean_over_its_own_target
             r"val_check_interval=0.5 .* can fall inside an optimizer step of 3 .*\(an integer\)",
         ),
         (
-            ["trainer.accumulate_grad_batches=3", "+trainer.limit_train_batches=0.5"],
+            ["trainer.accumulate_grad_batches=3", "trainer.limit_train_batches=0.5"],
             r"limit_train_batches=0.5 does not .* give it as a number of batches, a multiple of 3",
         ),
     ],

@@ -234,6 +234,11 @@ def _expand(spec, what: str) -> Files:
     for pat in patterns:
         pat = str(Path(pat).expanduser())
         hits = sorted(p for p in globlib.glob(pat, recursive=True) if Path(p).is_file())
+        if not hits and Path(pat).is_dir():
+            raise ConfigError(
+                f"{what}={pat!r} is a folder: name its files, e.g. {what}='{pat.rstrip('/')}/*.txt' "
+                f"(or '{pat.rstrip('/')}/**/*.jsonl' for subfolders too)"
+            )
         if not hits:
             raise ConfigError(
                 f"{what}={pat!r} matched no files (relative paths start from {Path.cwd()}); "
@@ -322,6 +327,11 @@ def check_data(cfg, sizes: bool = True) -> None:
     """The data group's keys and (with ``sizes``) loader sizes, before any work: a misspelt or
     made-up key (``data.eval_batchsize``) would otherwise be ignored without a word."""
     source = cfg.get("source")
+    if source is None:  # keys given without a data option (+data.val=... alone)
+        raise ConfigError(
+            "data settings without a data option: add one, e.g. data=files data.val='held_out/*.txt'"
+            f" (options: {', '.join(SOURCE_SETTINGS)})"
+        )
     if source not in SOURCE_SETTINGS:
         raise ConfigError(f"unknown data.source={source!r}; choose {', '.join(SOURCE_SETTINGS)}")
     known = LOADER_SETTINGS + SOURCE_SETTINGS[source]
@@ -361,7 +371,11 @@ def make_corpus(cfg, need_train: bool = True):
         train, val = [], _documents(_expand(cfg.val, "data.val"), fmt, errors)
     elif cfg.source == "files":
         if not cfg.get("train"):
-            raise ConfigError("data=files needs data.train='<glob or list of files>'")
+            raise ConfigError(
+                "data=files needs data.train='<glob or list of files>'"
+                if need_train
+                else "data=files needs data.val='<glob or list of files>' to evaluate on"
+            )
         train_files = _expand(cfg.train, "data.train")
         if cfg.get("val"):
             val_files = _expand(cfg.val, "data.val")
