@@ -116,9 +116,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         batches=float(trainer.num_val_batches[0]),
         whole_split=float(trainer.num_val_batches[0] >= len(dm.val_dataloader())),
     )
-    out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    # what was scored, beside the scores: another evaluation on the same data option's name writes
+    # the same file
+    scored = {
+        "checkpoint": str(cfg.ckpt_path),
+        "data": OmegaConf.to_container(data_cfg, resolve=True),
+    }
+    replaced = _read_json(out)
+    if replaced is not None and replaced.get("data", scored["data"]) != scored["data"]:
+        log.warning("%s held an evaluation on other data (%s): replaced", out, replaced["data"])
+    out.write_text(json.dumps({**metrics, **scored}, indent=2, sort_keys=True))
     metrics["output_file"] = str(out)
     return metrics
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def show_warnings() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lmlab.callbacks import Throughput
 from lmlab.checkpoint import load_run
@@ -125,7 +125,11 @@ def test_evaluate_reproduces_the_final_validation(trained):
     assert written["loss"] == pytest.approx(m["loss"])
 
 
-def test_evaluate_on_other_files(trained, tmp_path):
+def test_evaluate_on_other_files(trained, tmp_path, caplog):
+    """The result file records what was scored: another evaluation on data of the same name
+    replaced it without a trace (now with a warning)."""
+    import logging
+
     cfg, _, _, out = trained
     other = tmp_path / "held_out.txt"
     other.write_text("Good night, sweet prince.\n" * 50)
@@ -140,6 +144,15 @@ def test_evaluate_on_other_files(trained, tmp_path):
     m = evaluate(ecfg)
     assert m["bytes"] == len(other.read_bytes()) and m["documents"] == 1
     assert m["ppl"] == pytest.approx(math.exp(m["loss"]), rel=1e-5)
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert written["data"]["val"] == str(other) and written["checkpoint"].endswith("last.ckpt")
+    third = tmp_path / "third.txt"
+    third.write_text("To be, or not to be.\n" * 50)
+    with open_dict(ecfg):
+        ecfg.data.val = str(third)
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        evaluate(ecfg)
+    assert "held an evaluation on other data" in caplog.text
 
 
 def test_evaluate_refuses_a_seq_len_beyond_the_models_positions_before_data_work(trained, tmp_path):
