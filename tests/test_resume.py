@@ -476,3 +476,17 @@ def test_an_extended_run_that_fails_leaves_no_summary_of_its_earlier_finish(tiny
     assert not (out / "summary.json").exists()
     train(tiny_cfg("trainer.max_steps=8", "ckpt_path=last", output_dir=out))
     assert json.loads((out / "summary.json").read_text())["trainer/global_step"] == 8
+
+
+def test_a_resume_with_nothing_left_to_train_still_summarises_the_training(tiny_cfg, tmp_path):
+    """A crash in the validation after fit leaves last.ckpt at max_steps and no summary.json: the
+    resumed run trains nothing, and its summary had no train/loss (a sweep or search optimising
+    it got nothing)."""
+    out = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=6", output_dir=out))
+    first = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()  # as the crash left it
+    metrics, _ = train(tiny_cfg("trainer.max_steps=6", "ckpt_path=last", output_dir=out))
+    assert metrics["trainer/global_step"] == 6
+    for key in ("train/loss", "train/ppl", "train/bpb", "train/tokens_per_sec"):
+        assert metrics[key] == pytest.approx(first[key], rel=1e-5), key
