@@ -164,10 +164,15 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    scored = "" if m["whole_split"] else f"first {int(m['batches'])} batches of "
+    split = f"{int(m['tokens'])} tokens, {int(m['bytes'])} bytes"
+    scored = (
+        f"whole split: {split}"
+        if m["whole_split"]
+        else (f"first {int(m['batches'])} batches of the split's {split}")
+    )
     print(
         f"loss {m['loss']:.4f}  perplexity {m['ppl']:.3f}  bits/byte {m['bpb']:.4f}  "
-        f"({scored}{int(m['tokens'])} tokens, {int(m['bytes'])} bytes) -> {m['output_file']}"
+        f"({scored}) -> {m['output_file']}"
     )
     log.debug(OmegaConf.to_yaml(cfg))
 

@@ -90,7 +90,7 @@ def test_generate_and_evaluate_commands(cli_run):
     assert g.stdout.startswith("The king") and len(g.stdout) > len("The king\n")
     (tmp / "held.txt").write_text("Now is the winter of our discontent.\n" * 20)
     e = run(["lmlab.evaluate", f"ckpt_path={ckpt}", "data=files", "data.val=held.txt"], tmp)
-    assert "bits/byte" in e.stdout
+    assert "bits/byte" in e.stdout and "(whole split: " in e.stdout
     result = json.loads((out / "evaluate-files.json").read_text())
     assert result["bytes"] == len("Now is the winter of our discontent.\n") * 20
 
@@ -145,7 +145,8 @@ def test_evaluate_warns_on_stderr_when_the_runs_data_holds_out_other_documents(c
         for path in added:
             path.unlink(missing_ok=True)
     assert "warning: the evaluated documents are not the ones" in e.stderr
-    assert e.stdout.strip().splitlines()[-1].startswith("loss ")
+    last = e.stdout.strip().splitlines()[-1]
+    assert last.startswith("loss ") and "(first 1 batches of the split's " in last
 
 
 def test_a_resume_with_other_values_warns_naming_them(cli_run):
