@@ -626,8 +626,13 @@ def _cell(kind: str, key: str, value: float | str | None) -> str:
 
 
 def runs_table(runs: list[Run], metric: str) -> str:
-    """Runs (already sorted, best first) x overrides and final metrics."""
-    override_keys = sorted({k for r in runs for k in r.overrides})
+    """Runs (already sorted, best first) x swept overrides and final metrics; the overrides every
+    run shares (debug=fast, paths.cache_dir=...) are listed once above it, not as columns."""
+    override_keys = swept_parameters(runs)
+    common = sorted(
+        {(k, v) for r in runs for k, v in r.overrides.items()}
+        - {(k, r.overrides.get(k)) for r in runs for k in override_keys}
+    )
     summary_keys = sorted({k for r in runs for k in r.summary})
     if metric in summary_keys:  # the optimised metric first
         summary_keys.remove(metric)
@@ -655,8 +660,16 @@ def runs_table(runs: list[Run], metric: str) -> str:
         cells += [_cell("override", k, r.overrides.get(k)) for k in override_keys]
         cells += [_cell("metric", k, r.summary.get(k)) for k in summary_keys]
         rows.append(f'<tr class="{" ".join(classes)}">' + "".join(cells) + "</tr>")
+    shared = ""
+    if common:
+        shared = (
+            '<p id="common">Every run: '
+            + ", ".join(f"<code>{html.escape(k)}={html.escape(v)}</code>" for k, v in common)
+            + "</p>"
+        )
     return (
-        '<table id="runs"><thead><tr>'
+        shared
+        + '<table id="runs"><thead><tr>'
         + "".join(head)
         + "</tr></thead><tbody>"
         + "\n".join(rows)

@@ -275,8 +275,11 @@ def test_table_values_equal_summaries_sorted_best_first(sweep: Path) -> None:
                 assert float(cells[key]["data-value"]) == run.summary[key]
             else:
                 assert "data-value" not in cells[key]
-        for key, value in run.overrides.items():
-            assert cells[key]["data-kind"] == "override" and cells[key]["data-value"] == value
+        for key, value in run.overrides.items():  # swept: a column; shared (seed=1): listed once
+            if key == "seed":
+                assert key not in cells
+            else:
+                assert cells[key]["data-kind"] == "override" and cells[key]["data-value"] == value
     summary = json.loads((sweep / "1" / "summary.json").read_text())
     assert float(page.rows[0][1]["val/acc"]["data-value"]) == summary["val/acc"]
 
@@ -845,3 +848,11 @@ def test_a_resumed_sweeps_ckpt_path_is_not_a_swept_parameter_and_headers_are_esc
     assert runs[1].name == "optim.lr=2e-3, x<i>=2"
     page = build_report(tmp_path).read_text()
     assert "ckpt_path" not in page and "<i>" not in page and "x&lt;i&gt;" in page
+
+
+def test_overrides_every_run_shares_are_listed_once_not_as_columns(sweep: Path) -> None:
+    """A sweep launched with debug=fast paths.cache_dir=... had a column of each, equal in every
+    row; they are listed above the table."""
+    page = build_report(sweep).read_text()
+    assert '<p id="common">Every run: <code>seed=1</code></p>' in page
+    assert 'data-key="seed"' not in page and 'data-key="optim.lr"' in page
