@@ -16,10 +16,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint_io import AtomicCheckpointIO
 from lmlab.data.tokenizers import TextTokenizer
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, refuse_unknown_top_keys
 
 # What Lightning's sharded (FSDP) checkpoint folder keeps besides the shards.
 SHARDED_META = "meta.pt"
+
+
+def check_command_keys(cfg: DictConfig, command: str) -> None:
+    """The keys of a checkpoint command (``generate``, ``evaluate``): none its config lacks, and a
+    ``ckpt_path`` (a missing one was a MissingMandatoryValue traceback)."""
+    refuse_unknown_top_keys(cfg, command, f"python -m lmlab.{command}")
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError(
+            f"ckpt_path is required: python -m lmlab.{command} "
+            "ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
 
 
 def is_sharded(path: str | Path) -> bool:

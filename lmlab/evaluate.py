@@ -15,10 +15,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmlab.checkpoint import load_run
+from lmlab.checkpoint import check_command_keys, load_run
 from lmlab.data.corpus import check_data, make_corpus
 from lmlab.data.store import build_store, store_key
-from lmlab.errors import ConfigError, refuse_unknown_top_keys
+from lmlab.errors import ConfigError
 from lmlab.generate import pick_device
 from lmlab.parallel import use_tf32
 from lmlab.paths import CONF_DIR
@@ -29,11 +29,7 @@ log = logging.getLogger("lmlab")
 
 def check_settings(cfg: DictConfig) -> None:
     """The command's own keys and numbers, before the checkpoint loads."""
-    refuse_unknown_top_keys(cfg, "evaluate", "python -m lmlab.evaluate")
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise ConfigError(
-            "ckpt_path is required: python -m lmlab.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt"
-        )
+    check_command_keys(cfg, "evaluate")
     for key in ("seq_len", "batch_size", "limit_batches"):
         value = cfg.get(key)
         if value is not None and (

@@ -6,10 +6,10 @@ import sys
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lmlab.checkpoint import load_run
-from lmlab.errors import ConfigError, refuse_unknown_top_keys
+from lmlab.checkpoint import check_command_keys, load_run
+from lmlab.errors import ConfigError
 from lmlab.nn.sampling import check_sampling
 from lmlab.paths import CONF_DIR
 
@@ -36,11 +36,7 @@ def pick_device(name) -> str:
 def check_settings(cfg: DictConfig) -> str:
     """The command's settings, before the model loads; returns the prompt as text (Hydra reads
     ``prompt=1984`` as a number and ``prompt=null`` as None)."""
-    refuse_unknown_top_keys(cfg, "generate", "python -m lmlab.generate")
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise ConfigError(
-            "ckpt_path is required: python -m lmlab.generate ckpt_path=<run dir>/checkpoints/last.ckpt"
-        )
+    check_command_keys(cfg, "generate")
     try:
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:

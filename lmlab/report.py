@@ -224,6 +224,13 @@ def _read_rows(path: Path) -> dict[str, dict[int, tuple[float | None, float]]]:
     return by_metric
 
 
+def last_logged(path: Path, prefix: str) -> dict[str, float]:
+    """The value at the last logged step of each ``prefix`` metric of a metrics.csv (none without
+    the file)."""
+    rows = _read_rows(path) if path.is_file() else {}
+    return {k: by_step[max(by_step)][1] for k, by_step in rows.items() if k.startswith(prefix)}
+
+
 def read_curves(
     path: Path, tokens_per_step: int
 ) -> tuple[dict[str, tuple[list[float], list[float]]], bool]:
@@ -628,11 +635,8 @@ def _cell(kind: str, key: str, value: float | str | None) -> str:
 def runs_table(runs: list[Run], metric: str) -> str:
     """Runs (already sorted, best first) x swept overrides and final metrics; the overrides every
     run shares (debug=fast, paths.cache_dir=...) are listed once above it, not as columns."""
-    override_keys = swept_parameters(runs)
-    common = sorted(
-        {(k, v) for r in runs for k, v in r.overrides.items()}
-        - {(k, r.overrides.get(k)) for r in runs for k in override_keys}
-    )
+    override_keys = swept_parameters(runs)  # every other key: in every run, with one value
+    common = sorted((k, v) for k, v in runs[0].overrides.items() if k not in override_keys)
     summary_keys = sorted({k for r in runs for k in r.summary})
     if metric in summary_keys:  # the optimised metric first
         summary_keys.remove(metric)

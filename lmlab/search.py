@@ -135,21 +135,21 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         (out / ".hydra").mkdir(parents=True, exist_ok=True)
         (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
         OmegaConf.save(trial_cfg, out / ".hydra" / "config.yaml")
-        t0, row = time.perf_counter(), {"job": folder, "overrides": " ".join(overrides)}
+        t0 = time.perf_counter()
+
+        def record(status: str, fields: dict) -> None:
+            """The trial's row of sweep_summary.csv (its wall time: the whole trial)."""
+            row = {"job": folder, "overrides": " ".join(overrides)}
+            wall = round(time.perf_counter() - t0, 3)
+            append_row(
+                summary, row | fields | {"status": status, "wall_s": wall, "output_dir": str(out)}
+            )
+
         try:
             metrics, _ = train(trial_cfg)
         except Exception as e:  # a failed trial is recorded; the search goes on unless preempted
             preempted = isinstance(e, Preempted)
-            append_row(
-                summary,
-                row
-                | {
-                    "status": "preempted" if preempted else "failed",
-                    "error": f"{type(e).__name__}: {e}",
-                    "wall_s": round(time.perf_counter() - t0, 3),
-                    "output_dir": str(out),
-                },
-            )
+            record("preempted" if preempted else "failed", {"error": f"{type(e).__name__}: {e}"})
             if preempted:
                 trial.set_user_attr("preempted", True)
                 raise Preempted(
@@ -163,16 +163,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             # Ctrl-C: Lightning stops training and exits (SystemExit), which Optuna does not catch:
             # the trial stayed RUNNING in the study for ever. Recorded like a preemption instead,
             # so that re-running the search resumes it first (from its last.ckpt, if one was saved).
-            append_row(
-                summary,
-                row
-                | {
-                    "status": "interrupted",
-                    "error": "KeyboardInterrupt",
-                    "wall_s": round(time.perf_counter() - t0, 3),
-                    "output_dir": str(out),
-                },
-            )
+            record("interrupted", {"error": "KeyboardInterrupt"})
             trial.set_user_attr("preempted", True)
             raise KeyboardInterrupt(  # Optuna records the trial as failed and raises it again
                 f"search interrupted in trial {trial.number} ({out}): resume it by re-running the "
@@ -180,18 +171,9 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
                 "last.ckpt where one was saved, then the remaining trials run)"
             ) from e
         metrics = dict(metrics)
-        if "wall_s" in metrics:  # train() alone: kept apart from the trial's wall time below
+        if "wall_s" in metrics:  # train() alone: kept apart from the trial's wall time
             metrics["train_wall_s"] = metrics.pop("wall_s")
-        append_row(
-            summary,
-            row
-            | metrics
-            | {
-                "status": "completed",
-                "wall_s": round(time.perf_counter() - t0, 3),
-                "output_dir": str(out),
-            },
-        )
+        record("completed", metrics)
         value = metrics.get(metric, math.nan)
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"{metric} is {value}")

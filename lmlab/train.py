@@ -929,18 +929,6 @@ def write_summary(path: Path, metrics: dict[str, float]) -> None:
     tmp.replace(path)
 
 
-def last_logged(path: Path, prefix: str) -> dict[str, float]:
-    """The last value of each ``prefix`` column of a metrics.csv (none without the file)."""
-    import csv
-
-    out: dict[str, float] = {}
-    if path.is_file():
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                out.update({k: float(v) for k, v in row.items() if k.startswith(prefix) and v})
-    return out
-
-
 def _floats(metrics: dict) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
@@ -996,6 +984,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if "train/loss" not in metrics and trainer.global_step > 0:
                 # resumed with nothing left to train (a crash in the final validation): the
                 # training values its attempts logged
+                from lmlab.report import last_logged
+
                 metrics = {
                     **last_logged(objects["output_dir"] / "metrics.csv", "train/"),
                     **metrics,

@@ -207,7 +207,7 @@ class TextTokenizer:
             return self._token_bytes
         out = np.zeros(self.vocab_size, dtype=np.int64)
         specials = set(self.special_ids)
-        added = {i for i in self.tk.get_added_tokens_decoder()}  # their text as it is, not mapped
+        added = set(self.tk.get_added_tokens_decoder())  # ids whose text is as it is, not mapped
         byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
         for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
             if i in specials:
@@ -236,7 +236,7 @@ class TextTokenizer:
         if getattr(self, "_word_table", None) is not None:
             return self._word_table
         table = np.zeros((self.vocab_size, 5), dtype=np.int8)
-        added = {i for i in self.tk.get_added_tokens_decoder()}  # their text as it is, not mapped
+        added = set(self.tk.get_added_tokens_decoder())  # ids whose text is as it is, not mapped
         byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
         wordpiece = isinstance(self.tk.model, models.WordPiece)
         for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
