@@ -19,6 +19,8 @@ OBJECTIVES = {
     "clm": "lmlab.data.clm.CausalLMDataModule",
     "prefix_lm": "lmlab.data.prefix_lm.PrefixLMDataModule",
     "mlm": "lmlab.data.mlm.MaskedLMDataModule",
+    "sop": "lmlab.data.sentence_pair.SentenceOrderDataModule",
+    "nsp": "lmlab.data.sentence_pair.NextSentenceDataModule",
     "span": "lmlab.data.span.SpanCorruptionDataModule",
     "denoise": "lmlab.data.denoise.DenoisingDataModule",
 }

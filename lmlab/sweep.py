@@ -60,8 +60,18 @@ METRICS = (
     "train/mfu",
     "train/skipped_nonfinite",
 )
+# A sentence head's metrics (objective=sop or nsp, lmlab.data.sentence_pair), which LMModule logs
+# as val/<objective>_loss, val/<objective>_acc and train/<objective>_loss
+SENTENCE_TASKS = ("sop", "nsp")
+AUX_METRICS = tuple(
+    f"{name}_{kind}".replace("#", task)
+    for task in SENTENCE_TASKS
+    for name, kind in (("val/#", "loss"), ("val/#", "acc"), ("train/#", "loss"))
+)
+METRICS += AUX_METRICS
 # Which way each is better, for a search's direction; the token counts are neither.
 HIGHER_IS_BETTER = ("val/acc", "train/tokens_per_sec", "train/mfu")
+HIGHER_IS_BETTER += tuple(m for m in AUX_METRICS if m.endswith("_acc"))
 LOWER_IS_BETTER = tuple(
     m
     for m in METRICS

@@ -507,6 +507,7 @@ RUNTIME_SETTINGS = (
     "compile_scope",
     "activation_checkpointing",
     "loss_chunk_size",
+    "sentence_weight",
 )
 
 
@@ -859,6 +860,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         activation_checkpointing=cfg.activation_checkpointing,
         loss_chunk_size=cfg.loss_chunk_size,
         init_device="meta" if getattr(trainer.strategy, "meta_init", False) else None,
+        **datamodule.model_settings(),  # an auxiliary head's task and size (nsp, sop)
     )
     model.skip_nonfinite = skip_nonfinite
     model.set_token_bytes(tokenizer.token_bytes(), val_store.byte_scale(tokenizer.token_bytes()))
@@ -1010,11 +1012,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 if isinstance(logger, WandbLogger):
                     logger.experiment.summary.update(metrics)
             write_summary(objects["output_dir"] / "summary.json", metrics)
+            # an auxiliary head's accuracy too (val/sop_acc, ...)
+            aux = "".join(
+                f"  {name} {metrics[name]:.4f}"
+                for name in sorted(metrics)
+                if name.startswith("val/") and name.endswith("_acc") and name != "val/acc"
+            )
             log.info(
-                "Final: val/loss %.4f  val/ppl %.2f  val/bpb %.4f  (%d steps, %.0f s)",
+                "Final: val/loss %.4f  val/ppl %.2f  val/bpb %.4f%s  (%d steps, %.0f s)",
                 metrics.get("val/loss", float("nan")),
                 metrics.get("val/ppl", float("nan")),
                 metrics.get("val/bpb", float("nan")),
+                aux,
                 trainer.global_step,
                 metrics["wall_s"],
             )

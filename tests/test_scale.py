@@ -91,10 +91,12 @@ class Runs:
         with (self.tmp / name / "metrics.csv").open(newline="") as f:
             return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
-    def assert_same_trajectory(self, name: str, reference: str) -> None:
+    def assert_same_trajectory(
+        self, name: str, reference: str, keys: tuple[str, ...] = ("val/loss", "val/bpb")
+    ) -> None:
         # Validation loss and bits per byte at steps 2, 4 and 6 (the whole trajectory, not only its
         # end) equal to rel 1e-4; see the comment in the DDP test for the tolerance.
-        for key in ("val/loss", "val/bpb"):
+        for key in keys:
             want, got = self.losses(reference, key), self.losses(name, key)
             assert sorted(want) == [1, 3, 5]  # Lightning logs validation at the last step's index
             assert got == pytest.approx(want, rel=1e-4), key
@@ -197,17 +199,28 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_serves_generate_and
 @cpu_fsdp
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "family", [("model=encoder", "objective=mlm"), ("model=encoder_decoder", "objective=span")]
+    "family",
+    [
+        ("model=encoder", "objective=mlm"),
+        ("model=encoder", "objective=sop"),
+        ("model=encoder_decoder", "objective=span"),
+    ],
 )
 def test_fsdp_matches_one_process_for_the_encoder_and_the_encoder_decoder(runs, family):
     """The output head and loss run outside the backbone's forward (on the MLM's selected positions;
-    fused in chunks on a CPU) and generation at validation gathers the weights: both under FSDP."""
-    name = family[0].split("=")[1]
+    fused in chunks on a CPU), as the sentence head of sop does, and generation at validation
+    gathers the weights: all under FSDP."""
+    name = "-".join(f.split("=")[1] for f in family)
     one = runs(f"one-{name}", *family, "trainer=cpu", "data.batch_size=4")
     samples = "{_target_:lmlab.callbacks.Samples,output_dir:${paths.output_dir},max_new_tokens:8}"
     samples = f"callbacks.samples={samples}"
     runs(f"fsdp-{name}", *family, *FSDP, samples)
     runs.assert_same_trajectory(f"fsdp-{name}", f"one-{name}")
+    if "objective=sop" in family:
+        runs.assert_same_trajectory(f"fsdp-{name}", f"one-{name}", keys=("val/sop_loss",))
+        assert runs.losses(f"fsdp-{name}", "train/sop_loss") == pytest.approx(
+            runs.losses(f"one-{name}", "train/sop_loss"), rel=1e-4
+        )
     assert one["trainer/global_step"] == 6
     written = (runs.tmp / f"fsdp-{name}" / "samples.txt").read_text()
     # Every rank generates (the gathered weights), rank 0 alone writes: one block per validation.

@@ -414,7 +414,7 @@ def test_metric_list_is_what_lmlab_logs():
     model and the callbacks log (the names check_optimized_metric accepts): named in a `log`
     call, or as keys of the step metrics the model logs together (`latest_train_metrics`)."""
     from lmlab.paths import CONF_DIR
-    from lmlab.sweep import METRICS
+    from lmlab.sweep import AUX_METRICS, METRICS
 
     pkg = Path(CONF_DIR).parent / "lmlab"
     sources = [pkg / "models" / "base.py", pkg / "callbacks" / "__init__.py"]
@@ -424,7 +424,23 @@ def test_metric_list_is_what_lmlab_logs():
         for src in sources
         for in_call, as_key in re.findall(rf"\.log\(\s*{name}|{name}: ", src.read_text())
     }
-    assert logged and set(METRICS) == logged
+    assert logged and set(METRICS) - set(AUX_METRICS) == logged
+
+
+def test_aux_metrics_cover_every_objective_with_a_sentence_head():
+    from hydra.utils import get_class
+
+    from lmlab.registry import OBJECTIVES
+    from lmlab.sweep import AUX_METRICS, HIGHER_IS_BETTER, SENTENCE_TASKS
+
+    heads = {o for o, path in OBJECTIVES.items() if getattr(get_class(path), "label_names", ())}
+    assert heads == set(SENTENCE_TASKS) == {"sop", "nsp"}
+    assert set(AUX_METRICS) == {
+        f"{k}/{t}_{m}"
+        for t in heads
+        for k, m in (("val", "loss"), ("val", "acc"), ("train", "loss"))
+    }
+    assert "val/sop_acc" in HIGHER_IS_BETTER and "val/sop_loss" not in HIGHER_IS_BETTER
 
 
 @pytest.mark.parametrize("name", ["val/bpbb", "loss", "lr-AdamW"])

@@ -473,6 +473,8 @@ def test_eval_batch_size_sets_the_validation_batches_not_the_metrics(tiny_cfg, t
         ("model=decoder", "objective=clm"),
         ("model=decoder", "objective=prefix_lm"),
         ("model=encoder", "objective=mlm"),
+        ("model=encoder", "objective=sop"),  # the pair loss: a mean per micro-batch
+        ("model=encoder", "objective=nsp"),
         ("model=encoder_decoder", "objective=span"),
         ("model=encoder_decoder", "objective=denoise"),
     ],

@@ -27,7 +27,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 
@@ -51,6 +51,8 @@ class Example:
     tokens: np.ndarray  # int64, at most window_len tokens (shorter only at the end of a split)
     epoch: int = 0  # training epoch (0 for validation), for reproducible per-example randomness
     scored: bool = True  # False: a validation rank's padding window, its labels all ignored
+    # the token store the window comes from (objectives that draw other text from it: nsp)
+    store: TokenStore | None = field(default=None, repr=False, compare=False)
 
 
 def example_rng(seed: int, ex: Example) -> np.random.Generator:
@@ -85,7 +87,7 @@ class Windows(Dataset):
         """``start``, ``(start, epoch)``, or ``(start, epoch, scored)``."""
         start, epoch, *scored = index if isinstance(index, tuple) else (index, 0)
         tokens = np.asarray(self.store.tokens[start : start + self.window_len], dtype=np.int64)
-        return Example(start, tokens, epoch, *scored)
+        return Example(start, tokens, epoch, *scored, store=self.store)
 
 
 class RandomWindowSampler(Sampler[tuple[int, int]]):
@@ -288,11 +290,14 @@ class ResumableLoader(DataLoader):
 
 def scored_only(make_batch: Callable[[list[Example]], dict], examples: list[Example]) -> dict:
     """``make_batch(examples)`` with the labels of the padding examples (``scored=False``) all
-    ignored: they add nothing to a metric (token counts and bytes come from the labels)."""
+    ignored (``labels`` and an auxiliary head's ``*_labels``): they add nothing to a metric (token
+    counts and bytes come from the labels)."""
     batch = make_batch(examples)
     padding = [i for i, ex in enumerate(examples) if not ex.scored]
     if padding:
-        batch["labels"][padding] = IGNORE
+        for key in batch:
+            if key == "labels" or key.endswith("_labels"):
+                batch[key][padding] = IGNORE
     return batch
 
 
@@ -357,6 +362,11 @@ class WindowDataModule(L.LightningDataModule):
         ``lmlab.train`` before any data work with every setting (defaults filled in), ``seq_len``
         and ``num_sentinels`` (the tokenizer's; None when not known before it is built).
         Subclasses check their own keys and pass the rest on."""
+
+    def model_settings(self) -> dict:
+        """Keyword arguments the model is built with besides its own config: what an auxiliary
+        head needs (:class:`lmlab.data.sentence_pair.SentencePairDataModule`); none here."""
+        return {}
 
     # -- what a subclass defines -----------------------------------------------------------------
     @property

@@ -30,15 +30,21 @@ from lmlab.errors import ConfigError
 SENTENCE_END = (".", "!", "?")
 
 
-def sentence_end_table(tokenizer: TextTokenizer) -> np.ndarray:
+def token_texts(tokenizer: TextTokenizer) -> list[str]:
+    """The decoded text of every token id (special tokens' names included)."""
+    return tokenizer.tk.decode_batch(
+        [[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False
+    )
+
+
+def sentence_end_table(tokenizer: TextTokenizer, texts: list[str] | None = None) -> np.ndarray:
     """Boolean (vocab_size,) table: True for eos and for tokens whose text ends a sentence.
 
     A token ends a sentence when its decoded text, stripped of trailing whitespace, ends with ".",
     "!" or "?" (BART splits at full stops; whitespace after the stop then opens the next sentence).
+    ``texts``: :func:`token_texts`, where the caller has them already.
     """
-    texts = tokenizer.tk.decode_batch(
-        [[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False
-    )
+    texts = token_texts(tokenizer) if texts is None else texts
     table = np.array([t.rstrip().endswith(SENTENCE_END) for t in texts], dtype=bool)
     table[tokenizer.special_ids] = False  # "<|mask|>" and friends are never text
     table[tokenizer.eos_id] = True  # a document boundary ends a sentence too

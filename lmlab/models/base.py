@@ -2,7 +2,10 @@
 
 A subclass builds its backbone, declares the batch kinds it ``accepts`` and implements
 ``hidden_states(batch) -> (hidden, labels)``: the backbone's final hidden states at the positions that
-``labels`` scores. Everything else (the output head and cross-entropy with ``ignore_index=-100``, fused
+``labels`` scores. Auxiliary heads (a sentence-pair classifier, :class:`lmlab.models.encoder.EncoderLM`)
+are named in ``aux_weights`` and their sums follow the language model's in :meth:`LMModule.nll`; they
+add their weighted mean cross-entropy to the training loss and report ``val/<name>_loss`` and
+``val/<name>_acc``. Everything else (the output head and cross-entropy with ``ignore_index=-100``, fused
 chunk by chunk, perplexity, bits per byte, AdamW with decay / no-decay groups, warmup + cosine per step,
 compile) is here.
 """
@@ -161,9 +164,13 @@ class LMModule(L.LightningModule):
         self.config = self.config_class(vocab_size=vocab_size, **backbone)
         # init_device="meta": no memory until `configure_model` shards and materialises it (FSDP)
         with torch.device(init_device) if init_device else contextlib.nullcontext():
-            self.backbone = self.backbone_class(self.config)
+            self.backbone = self.build_backbone()
         self.val_loss, self.val_ppl, self.val_bpb = TargetMean(), Perplexity(), BitsPerByte()
         self.val_acc = TargetMean()
+        # auxiliary heads: name -> weight of its mean cross-entropy in the training loss, in the
+        # order of their sums in `nll` (a subclass declares them with `add_aux_task`)
+        self.aux_weights: dict[str, float] = {}
+        self.val_aux = torch.nn.ModuleDict()
         # UTF-8 bytes of each token id (0 for specials); set from the tokenizer by `set_token_bytes`.
         self.register_buffer(
             "token_bytes", torch.zeros(vocab_size, dtype=torch.long), persistent=False
@@ -186,6 +193,19 @@ class LMModule(L.LightningModule):
         self.final_train_metrics: dict[str, torch.Tensor] = {}  # set at the end of training
 
     # -- set-up ----------------------------------------------------------------------------------
+    def build_backbone(self) -> torch.nn.Module:
+        return self.backbone_class(self.config)
+
+    def add_aux_task(self, name: str, weight: float) -> None:
+        """Declare an auxiliary head whose (NLL sum, count, correct) :meth:`nll` returns after the
+        language model's four values (in the order of declaration)."""
+        self.aux_weights[name] = float(weight)
+        self.val_aux[name] = torch.nn.ModuleDict({"loss": TargetMean(), "acc": TargetMean()})
+
+    def aux_sums(self, sums: tuple[torch.Tensor, ...]) -> list[tuple]:
+        """(name, NLL sum, count, correct) of each auxiliary head from :meth:`nll`'s values."""
+        return [(name, *sums[4 + 3 * i : 7 + 3 * i]) for i, name in enumerate(self.aux_weights)]
+
     def set_token_bytes(self, token_bytes, scale: float = 1.0) -> None:
         """UTF-8 bytes per token id, for bits per byte, and ``scale``: the text's bytes per counted
         byte (:meth:`lmlab.data.store.TokenStore.byte_scale` of the validation split; 1.0 for
@@ -262,7 +282,8 @@ class LMModule(L.LightningModule):
 
     def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Return (summed target NLL in nats, target count, UTF-8 bytes of the targets, correct
-        argmax predictions (counted in eval mode only)), over the positions whose label is not -100."""
+        argmax predictions (counted in eval mode only)), over the positions whose label is not -100;
+        then (NLL sum, count, correct) of each auxiliary head (:attr:`aux_weights`)."""
         hidden, labels = self.hidden_states(batch)
         return self.head_loss(hidden, labels, count_correct=not self.training)
 
@@ -296,8 +317,15 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step_targets = self.all_processes(batch.pop("step_targets", None))
-        nll_sum, count, n_bytes, _ = self.nll(batch)
+        sums = self.nll(batch)
+        nll_sum, count, n_bytes = sums[:3]
+        aux = self.aux_sums(sums)
         loss = nll_sum / self.loss_divisor(count, step_targets)
+        for name, aux_nll, aux_count, _ in aux:
+            # the head's mean over this micro-batch: every training example has a label and every
+            # micro-batch as many examples, so Lightning's and the strategy's averaging over
+            # micro-batches and processes make it the large batch's mean
+            loss = loss + self.aux_weights[name] * aux_nll / aux_count.clamp(min=1)
         if self.skip_nonfinite:  # needs this step's value now: one host sync per step
             if not torch.isfinite(loss):
                 self.skipped_nonfinite += 1
@@ -315,7 +343,13 @@ class LMModule(L.LightningModule):
         # Sums kept past the step, as new tensors (under compile=reduce-overhead the outputs live
         # in memory that the next replay of the CUDA graph overwrites), on the device: the
         # optimizer step's NLL, targets and bytes, and the epoch's target tokens.
-        self._add_to_step(torch.stack([t.detach().float() for t in (nll_sum, count, n_bytes)]))
+        values = (
+            nll_sum,
+            count,
+            n_bytes,
+            *(t for _, a_nll, a_count, _ in aux for t in (a_nll, a_count)),
+        )
+        self._add_to_step(torch.stack([t.detach().float() for t in values]))
         self._count_epoch_targets(count, step_targets)
         return loss
 
@@ -421,17 +455,20 @@ class LMModule(L.LightningModule):
         trainer = self._trainer
         if all_processes and trainer is not None and trainer.world_size > 1:
             if sums is None:
-                sums = torch.zeros(3, device=self.device)
+                sums = torch.zeros(3 + 2 * len(self.aux_weights), device=self.device)
             sums = trainer.strategy.reduce(sums.clone(), reduce_op="sum")
         if sums is None:
             return {}
-        nll_sum, count, n_bytes = sums.unbind()
+        nll_sum, count, n_bytes, *aux = sums.unbind()
         loss = nll_sum / count.clamp(min=1)
-        return {
+        metrics = {
             "train/loss": loss,
             "train/ppl": loss.exp(),
             "train/bpb": nll_sum / (math.log(2) * n_bytes.clamp(min=1)),
         }
+        for i, name in enumerate(self.aux_weights):
+            metrics[f"train/{name}_loss"] = aux[2 * i] / aux[2 * i + 1].clamp(min=1)
+        return metrics
 
     def on_train_epoch_end(self) -> None:
         # the epoch's target tokens, all processes (summed across them once where each counted
@@ -507,11 +544,15 @@ class LMModule(L.LightningModule):
         self.final_train_metrics = self.latest_train_metrics(all_processes=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll_sum, count, n_bytes, correct = self.nll(batch)
+        sums = self.nll(batch)
+        nll_sum, count, n_bytes, correct = sums[:4]
         self.val_loss.update(nll_sum, count)
         self.val_ppl.update(nll_sum, count)
         self.val_bpb.update(nll_sum, n_bytes)
         self.val_acc.update(correct, count)
+        for name, aux_nll, aux_count, aux_correct in self.aux_sums(sums):
+            self.val_aux[name]["loss"].update(aux_nll, aux_count)
+            self.val_aux[name]["acc"].update(aux_correct, aux_count)
 
     def on_validation_epoch_end(self) -> None:
         # Logged once per validation, not at every batch: each Lightning `log` call costs ~0.25 ms
@@ -522,6 +563,9 @@ class LMModule(L.LightningModule):
         self.log("val/ppl", self.val_ppl)
         self.log("val/bpb", self.val_bpb, prog_bar=True)
         self.log("val/acc", self.val_acc)
+        for name, metrics in self.val_aux.items():
+            self.log(f"val/{name}_loss", metrics["loss"])
+            self.log(f"val/{name}_acc", metrics["acc"])
         self.last_val_step = self.trainer.global_step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

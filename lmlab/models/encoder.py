@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from lmlab import flops
 from lmlab.data.collate import IGNORE
@@ -32,9 +33,36 @@ def selected_rows(targets: int, positions: int) -> int:
 
 
 class EncoderLM(LMModule):
+    """An encoder with its MLM head and, for sentence-pair objectives (nsp, sop), a classifier of
+    the cls position: ``sentence_task`` names it (its metrics are ``val/<task>_loss`` and
+    ``val/<task>_acc``), ``sentence_classes`` sizes it, and its mean cross-entropy times
+    ``sentence_weight`` is added to the training loss. The objective sets all three
+    (:meth:`lmlab.data.base.WindowDataModule.model_settings`); they are saved with the checkpoint."""
+
     accepts = ("masked",)
     config_class = EncoderConfig
     backbone_class = Encoder
+
+    def __init__(
+        self,
+        *,
+        sentence_task: str = "",
+        sentence_classes: int = 0,
+        sentence_weight: float = 1.0,
+        **kwargs,
+    ) -> None:
+        if bool(sentence_task) != (sentence_classes > 0):
+            raise ValueError(
+                f"sentence_task={sentence_task!r} and sentence_classes={sentence_classes} must be "
+                "given together"
+            )
+        self.sentence_classes = sentence_classes  # read by build_backbone, inside super().__init__
+        super().__init__(**kwargs)
+        if sentence_task:
+            self.add_aux_task(sentence_task, sentence_weight)
+
+    def build_backbone(self) -> Encoder:
+        return Encoder(self.config, sentence_classes=self.sentence_classes)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         batch = super().on_before_batch_transfer(batch, dataloader_idx)
@@ -58,7 +86,9 @@ class EncoderLM(LMModule):
             targets = int((batch["labels"] != IGNORE).sum())
         b, c = self.backbone, self.config
         blocks = flops.flops_per_token(flops.matmul_weights(b.blocks), c.n_layers, c.d_model, S)
-        return B * S * blocks + 6 * b.lm_head.weight.numel() * targets
+        head = b.sentence_head
+        sentence = 0 if head is None else head.pool_weight.numel() + head.weight.numel()
+        return B * S * blocks + 6 * b.lm_head.weight.numel() * targets + 6 * sentence * B
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The ~15% selected positions, so the output head (a d_model x vocab matmul per position,
@@ -73,6 +103,12 @@ class EncoderLM(LMModule):
         each new count. Called on a batch without it (``nll`` used directly), it is computed
         here."""
         hidden = self.backbone(batch["input_ids"], batch.get("attention_mask"), head=False)
+        return self.select_targets(hidden, batch)
+
+    def select_targets(
+        self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`hidden_states` from the backbone's hidden states (B, S, C)."""
         labels = batch["labels"].flatten()
         ignored = labels == IGNORE
         rows = batch.get("target_rows")
@@ -80,6 +116,32 @@ class EncoderLM(LMModule):
             rows = selected_rows(int(labels.numel() - ignored.sum()), labels.numel())
         index = torch.argsort(ignored.to(torch.uint8), stable=True)[:rows]
         return hidden.flatten(0, -2).index_select(0, index), labels.index_select(0, index)
+
+    def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """:meth:`LMModule.nll`, and with a sentence head its (NLL sum, count, correct) over the
+        batch's ``sentence_labels`` from the same forward pass."""
+        hidden = self.backbone(batch["input_ids"], batch.get("attention_mask"), head=False)
+        sums = self.head_loss(*self.select_targets(hidden, batch), count_correct=not self.training)
+        if self.backbone.sentence_head is None:
+            return sums
+        return (*sums, *self.sentence_loss(hidden[:, 0], batch["sentence_labels"]))
+
+    def sentence_loss(
+        self, cls_hidden: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, labelled examples, correct argmax predictions) of the sentence
+        head on the cls positions' hidden states (B, C); label -100: not scored."""
+        logits = self.backbone.sentence_head(cls_hidden).float()
+        scored = labels != IGNORE
+        nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+        return nll, scored.sum(), ((logits.argmax(-1) == labels) & scored).sum()
+
+    def predict_sentence(self, ids: list[int]) -> torch.Tensor:
+        """Class probabilities (classes,) of the sentence head for one input (cls ... sep)."""
+        self.check_prompt_length(len(ids))
+        with self.evaluating():
+            hidden = self.backbone(torch.tensor([ids], device=self.device), head=False)
+            return self.backbone.sentence_head(hidden[0, 0]).float().softmax(-1).cpu()
 
     def predict_masked(self, ids: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k token ids (and probabilities) at every position of ``ids``: (S, k) each.
@@ -121,8 +183,16 @@ class EncoderLM(LMModule):
         return self.fill_mask(tokenizer, prompts, top_k or 5)
 
     def samples(self, tokenizer, datamodule, *, max_new_tokens: int = 64, **_) -> list[str]:
-        """Fill-mask on the first validation windows: original, masked input, predictions."""
+        """Fill-mask on the first validation windows: original, masked input, predictions; for a
+        sentence-pair objective also the pair's label and the sentence head's prediction."""
         out = []
+
+        def show(ids):  # without the outer cls / sep; a pair's segments split by " | "
+            ids = list(ids[1:-1])
+            cuts = [i for i, t in enumerate(ids) if t == tokenizer.sep_id]
+            parts = [ids[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(ids)], strict=True)]
+            return " | ".join(tokenizer.decode(p) for p in parts)
+
         for ex in datamodule.val_examples(2):
             ex.tokens = ex.tokens[:max_new_tokens]  # keep samples readable
             inputs, labels = datamodule.mask_example(ex)
@@ -131,11 +201,20 @@ class EncoderLM(LMModule):
             predicted = inputs.copy()
             predicted[selected] = top[selected, 0].numpy()
             right = int((predicted[selected] == labels[selected]).sum())
-            show = lambda ids: tokenizer.decode(ids[1:-1])  # without cls / sep
-            out.append(
-                f"original:  {show(labels.clip(0) * selected + inputs * ~selected)}\n"
-                f"masked:    {show(inputs)}\n"
-                f"predicted: {show(predicted)}\n"
-                f"({right}/{int(selected.sum())} selected tokens right)"
-            )
+            lines = [
+                f"original:  {show(labels.clip(0) * selected + inputs * ~selected)}",
+                f"masked:    {show(inputs)}",
+                f"predicted: {show(predicted)}",
+                f"({right}/{int(selected.sum())} selected tokens right)",
+            ]
+            truth = getattr(datamodule, "sentence_label", lambda _: IGNORE)(ex)
+            if self.backbone.sentence_head is not None and truth != IGNORE:
+                names = datamodule.label_names
+                probs = self.predict_sentence(inputs.tolist())
+                guess = int(probs.argmax())
+                lines.append(
+                    f"{datamodule.objective}: {names[truth]} (predicted "
+                    f"{names[guess]}, p={float(probs[guess]):.2f})"
+                )
+            out.append("\n".join(lines))
         return out

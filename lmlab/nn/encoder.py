@@ -8,9 +8,11 @@ MLP, no biases.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmlab.nn.blocks import Backbone, Block, RMSNorm, Rotary, key_padding_mask
@@ -28,10 +30,41 @@ class EncoderConfig(DecoderConfig):
             raise ValueError(f"model.positions must be rope or learned, got {self.positions!r}")
 
 
-class Encoder(Backbone):
-    """``forward(input_ids, attention_mask) -> logits`` (B, S, V) at every position."""
+class SentenceHead(nn.Module):
+    """BERT's pooler and classifier over one position's hidden state (the cls token's):
+    ``logits = W2 tanh(W1 h + b1) + b2`` (Devlin et al., 2019; ALBERT keeps it for sentence order).
 
-    def __init__(self, config: EncoderConfig) -> None:
+    Its own parameters rather than ``nn.Linear`` children: :meth:`reset_parameters` zeroes the
+    biases (BERT's init) and a meta-device model materialised by :mod:`lmlab.parallel` resets each
+    submodule, where child ``nn.Linear`` would draw the biases again; the weights get the
+    backbone's normal init with the rest."""
+
+    def __init__(self, d_model: int, classes: int) -> None:
+        super().__init__()
+        self.pool_weight = nn.Parameter(torch.empty(d_model, d_model))
+        self.pool_bias = nn.Parameter(torch.empty(d_model))
+        self.weight = nn.Parameter(torch.empty(classes, d_model))
+        self.bias = nn.Parameter(torch.empty(classes))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.pool_weight, self.weight):
+            nn.init.normal_(w, std=1 / math.sqrt(w.shape[1]))  # the backbone's init follows
+        nn.init.zeros_(self.pool_bias)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., classes) logits."""
+        pooled = torch.tanh(F.linear(hidden, self.pool_weight, self.pool_bias))
+        return F.linear(pooled, self.weight, self.bias)
+
+
+class Encoder(Backbone):
+    """``forward(input_ids, attention_mask) -> logits`` (B, S, V) at every position. With
+    ``sentence_classes`` > 0 it also has a :class:`SentenceHead` (``sentence_head``) that
+    sentence-pair objectives (nsp, sop) apply to the cls position's hidden state."""
+
+    def __init__(self, config: EncoderConfig, sentence_classes: int = 0) -> None:
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.padded_vocab_size, c.d_model)
@@ -45,6 +78,7 @@ class Encoder(Backbone):
         )
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = Linear(c.d_model, c.padded_vocab_size, bias=False)
+        self.sentence_head = SentenceHead(c.d_model, sentence_classes) if sentence_classes else None
         self.init_and_tie()
 
     def encode(

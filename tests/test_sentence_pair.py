@@ -1,0 +1,348 @@
+"""Sentence-pair objectives (sop, nsp): the pairs each label stands for, the batch layout, and the
+sentence head's loss and metrics."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.data.base import Example, Windows, scored_only
+from lmlab.data.collate import IGNORE
+from lmlab.data.sentence_pair import (
+    NextSentenceDataModule,
+    SentenceOrderDataModule,
+    cut_point,
+    longest_run,
+)
+from lmlab.data.store import build_store
+from lmlab.data.tokenizers import byte_tokenizer
+from lmlab.errors import ConfigError
+from lmlab.models.encoder import EncoderLM
+from lmlab.train import train
+
+ALPHABETS = ["abcd", "efgh", "ijkl", "mnop"]  # one per document: a token tells its document
+
+
+def sentences(letters: str, n: int, seed: int) -> str:
+    """``n`` sentences of words spelt with ``letters`` only, each ending with ". "."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(
+        "".join(rng.choice(letters) for _ in range(rng.randint(2, 5))) for _ in range(k)
+    )
+    return " ".join(words(rng.randint(2, 6)).capitalize() + "." for _ in range(n)) + " "
+
+
+@pytest.fixture
+def tok():
+    return byte_tokenizer(2)
+
+
+@pytest.fixture
+def store(tok, tmp_path):
+    """Four documents, each spelt with its own letters (spaces, capitals and "." are shared)."""
+    docs = [sentences(a, 40, i) for i, a in enumerate(ALPHABETS)]
+    return build_store(iter(docs), tok, tmp_path, "pairs")
+
+
+def doc_of(token: int) -> int | None:
+    char = chr(token).lower()
+    return next((i for i, a in enumerate(ALPHABETS) if char in a), None)
+
+
+def examples(store, window_len: int, epochs: int = 3) -> list[Example]:
+    ds = Windows(store, window_len)
+    return [ds[(s, e)] for e in range(epochs) for s in range(0, len(store) - window_len, 11)]
+
+
+def text_of(ex: Example, eos: int) -> np.ndarray:
+    start, end = longest_run(ex.tokens, eos)
+    return ex.tokens[start:end] if end - start >= 2 else ex.tokens
+
+
+def test_longest_run_and_cut_point():
+    t = np.array([5, 6, 0, 7, 8, 9, 0, 1, 2, 3])
+    assert longest_run(t, 0) == (3, 6)  # the first of two runs of three
+    assert longest_run(np.array([0, 0]), 0) == (0, 0)
+    assert longest_run(np.array([4, 4, 4]), 0) == (0, 3)
+    is_end = np.zeros(10, dtype=bool)
+    is_end[9] = True
+    rng = np.random.default_rng(0)
+    # a sentence end before the last token: the cut is right after one of them, each one used
+    cuts = {cut_point(np.array([1, 9, 2, 9, 3, 9]), is_end, rng) for _ in range(200)}
+    assert cuts == {2, 4}  # not 6: the final end would leave B empty
+    cuts = {cut_point(np.array([1, 2, 3, 4]), is_end, rng) for _ in range(200)}
+    assert cuts == {1, 2, 3}  # none: anywhere, both segments non-empty
+
+
+def ids(text: str, tok) -> list[int]:
+    """Byte ids, with "|" standing for a document end (eos)."""
+    return [tok.eos_id if c == "|" else ord(c) for c in text]
+
+
+@pytest.mark.parametrize(
+    ("window", "pairs"),
+    [
+        # partial sentences at both edges are left out: two whole sentences, one cut
+        (" is. Ab cd. Ef gh. Ij k", {(" Ab cd.", " Ef gh.")}),
+        # three: either end inside
+        (" is. Ab. Cd ef. Gh! Ij", {(" Ab.", " Cd ef. Gh!"), (" Ab. Cd ef.", " Gh!")}),
+        # after a document end a sentence starts; before one, a sentence ends
+        ("xy.|Ab cd. Ef gh. Ij", {("Ab cd.", " Ef gh.")}),
+        ("x. Ab cd. Ef gh|z", {(" Ab cd.", " Ef gh")}),
+        # whitespace at a document's end is no sentence of its own
+        ("x. Ab cd. Ef gh.  |z", {(" Ab cd.", " Ef gh.")}),
+        # under two whole sentences: the whole stretch, cut after its sentence end
+        ("ab cd. ef gh", {("ab cd.", " ef gh")}),
+    ],
+)
+def test_pairs_are_whole_sentences_of_the_window(tok, store, window, pairs):
+    """A and B in the text's order, over many draws: exactly the expected cuts, each label."""
+    dm = SentenceOrderDataModule(tok, store, store, seq_len=40, batch_size=4)
+    seen, labels = set(), set()
+    for epoch in range(40):
+        a, b, y = dm.pair(Example(7, np.array(ids(window, tok)), epoch))
+        first, second = (a, b) if y == 0 else (b, a)
+        seen.add((bytes(first.tolist()).decode(), bytes(second.tolist()).decode()))
+        labels.add(y)
+    assert seen == pairs and labels == {0, 1}
+
+
+def test_sop_pairs_are_the_document_text_in_or_out_of_order(tok, store):
+    dm = SentenceOrderDataModule(tok, store, store, seq_len=80, batch_size=4)
+    labels, whole = [], 0
+    for ex in examples(store, dm.window_len):
+        a, b, y = dm.pair(ex)
+        text = text_of(ex, tok.eos_id)
+        assert len(a) and len(b) and y in (0, 1)
+        first, second = (a, b) if y == 0 else (b, a)
+        joined = np.concatenate([first, second])
+        view = np.lib.stride_tricks.sliding_window_view(text, len(joined))
+        assert (view == joined).all(axis=1).any()  # consecutive text of the stretch
+        assert len({doc_of(t) for t in joined} - {None}) == 1  # one document's
+        whole += bool(dm.is_end[first[-1]] and dm.is_end[second[-1]])
+        labels.append(y)
+        assert dm.pair(ex)[2] == y and dm.sentence_label(ex) == y  # reproducible
+    assert whole > 0.9 * len(labels)  # windows of ~3 sentences: nearly all whole
+    # half swapped: 4.5 standard deviations
+    n = len(labels)
+    assert abs(np.mean(labels) - 0.5) < 4.5 * 0.5 / math.sqrt(n), (np.mean(labels), n)
+
+
+def test_nsp_not_next_segments_are_whole_sentences_of_other_documents(tok, store):
+    dm = NextSentenceDataModule(tok, store, store, seq_len=80, batch_size=4)
+    text = np.asarray(store.tokens, dtype=np.int64)
+    starts = set(np.flatnonzero(dm.is_end[text[:-1]]) + 1) | set(store.offsets[:-1].tolist())
+    labels, other_docs, lengths = [], set(), {0: [], 1: []}
+    for ex in examples(store, dm.window_len):
+        a, b, y = dm.pair(ex)
+        whole = text_of(ex, tok.eos_id)
+        own = {doc_of(t) for t in whole} - {None}
+        assert len(own) == 1
+        lengths[y].append(len(b))
+        if y == 0:
+            joined = np.concatenate([a, b])
+            view = np.lib.stride_tricks.sliding_window_view(whole, len(joined))
+            assert (view == joined).all(axis=1).any()
+        else:
+            assert len(b) <= len(whole) - len(a)
+            docs = {doc_of(t) for t in b} - {None}
+            assert len(docs) == 1 and not docs & own and tok.eos_id not in b
+            other_docs |= docs
+            # a piece of the store that starts a sentence
+            view = np.lib.stride_tricks.sliding_window_view(text, len(b))
+            (where,) = np.flatnonzero((view == b).all(axis=1))
+            assert where in starts
+        labels.append(y)
+    assert other_docs == {0, 1, 2, 3}  # every document serves as another's NotNext text
+    n = len(labels)
+    assert abs(np.mean(labels) - 0.5) < 4.5 * 0.5 / math.sqrt(n)
+    # both labels' B are as long on average (within 10%): the length tells nothing
+    assert np.mean(lengths[1]) == pytest.approx(np.mean(lengths[0]), rel=0.1)
+
+
+def test_nsp_in_a_one_document_split_takes_text_away_from_the_window(tok, tmp_path):
+    # 90 distinct characters: a token's value is its position, so where B came from is known
+    doc = "".join(chr(c) for c in range(33, 123))
+    one = build_store(iter([doc]), tok, tmp_path, "one")
+    dm = NextSentenceDataModule(tok, one, one, seq_len=8, batch_size=2)  # windows of 5
+    seen = 0
+    for ex in examples(one, dm.window_len, epochs=20):
+        _, b, y = dm.pair(ex)
+        if y == 1:
+            first = int(b[0]) - 33
+            assert np.array_equal(b, np.arange(first, first + len(b)) + 33)  # contiguous
+            assert first + len(b) <= ex.start or first >= ex.start + dm.window_len
+            seen += 1
+    assert seen > 50
+    short = build_store(iter([doc[:14]]), tok, tmp_path, "short")  # under 3 windows of 5
+    with pytest.raises(ConfigError, match="one document of 14 tokens, under 3 windows of 5"):
+        NextSentenceDataModule(tok, one, short, seq_len=8, batch_size=2)
+
+
+@pytest.mark.parametrize("cls", [SentenceOrderDataModule, NextSentenceDataModule])
+def test_pair_batches_are_cls_a_sep_b_sep_masked_as_mlm(tok, store, cls):
+    dm = cls(tok, store, store, seq_len=40, batch_size=4)
+    exs = examples(store, dm.window_len)[:6]
+    batch = dm.make_batch(exs)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape == (6, 40)
+    original = torch.where(labels != IGNORE, labels, ids)
+    for row, ex in enumerate(exs):
+        a, b, y = dm.pair(ex)
+        want = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
+        n = len(want)
+        assert original[row, :n].tolist() == want
+        assert (ids[row, n:] == tok.pad_id).all() and mask[row].tolist() == [True] * n + [False] * (
+            40 - n
+        )
+        selected = labels[row] != IGNORE
+        assert selected.sum() == max(1, round(0.15 * (len(a) + len(b))))  # mlm's budget
+        assert not selected[[0, len(a) + 1, n - 1]].any()  # cls and seps never masked
+        assert batch["sentence_labels"][row] == y
+        # the same example masks the same in any batch, and as mask_example shows it
+        alone = dm.make_batch([ex])
+        assert torch.equal(alone["input_ids"][0], ids[row])
+        inputs, example_labels = dm.mask_example(ex)
+        assert inputs.tolist() == ids[row, :n].tolist()
+        assert example_labels.tolist() == labels[row, :n].tolist()
+    # a validation rank's padding window: its pair is not scored either
+    padded = scored_only(
+        dm.make_batch, [exs[0], Example(exs[1].start, exs[1].tokens, 0, False, store)]
+    )
+    assert padded["sentence_labels"].tolist() == [dm.sentence_label(exs[0]), IGNORE]
+    assert (padded["labels"][1] == IGNORE).all()
+    # a one-token window (a split's last): nothing to pair, its label ignored
+    tail = Example(len(store) - 1, np.asarray(store.tokens[-1:], dtype=np.int64), store=store)
+    assert dm.pair(tail)[2] == IGNORE
+
+
+def test_settings_are_checked(tok, store):
+    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ConfigError, match=r"sentence_weight=.* must be a finite number >= 0"):
+            SentenceOrderDataModule(
+                tok, store, store, seq_len=40, batch_size=4, sentence_weight=bad
+            )
+    with pytest.raises(ConfigError, match="objective=nsp needs seq_len >= 5"):
+        NextSentenceDataModule(tok, store, store, seq_len=4, batch_size=4)
+    dm = SentenceOrderDataModule(tok, store, store, seq_len=40, batch_size=4, sentence_weight=0.5)
+    assert dm.model_settings() == {
+        "sentence_task": "sop",
+        "sentence_classes": 2,
+        "sentence_weight": 0.5,
+    }
+
+
+def test_sentence_head_loss_is_the_cross_entropy_at_cls_added_to_the_mlm_loss(tok, store):
+    dm = NextSentenceDataModule(tok, store, store, seq_len=40, batch_size=4)
+    torch.manual_seed(0)
+    dims = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, loss_chunk_size=0)
+    m = EncoderLM(
+        vocab_size=tok.vocab_size,
+        special_ids=tok.special,
+        optim={"lr": 1e-3},
+        **dims,
+        **dm.model_settings(),
+    )
+    batch = dm.make_batch(examples(store, dm.window_len)[:8])
+    y = batch["sentence_labels"]
+    assert 0 < int(y.sum()) < 8  # both labels present
+    m.eval()
+    nll, count, _, _, s_nll, s_count, s_correct = m.nll(batch)
+    hidden = m.backbone(batch["input_ids"], batch["attention_mask"], head=False)
+    logits = m.backbone.sentence_head(hidden[:, 0])
+    torch.testing.assert_close(s_nll, F.cross_entropy(logits, y, reduction="sum"))
+    assert s_count == 8 and s_correct == int((logits.argmax(-1) == y).sum())
+    # the MLM values are the plain encoder's over the same selected positions
+    mlm = m.head_loss(*m.hidden_states(batch), count_correct=True)
+    torch.testing.assert_close(nll, mlm[0])
+    # training: MLM mean + weight x pair mean; weight 0 leaves the MLM loss alone
+    m.train()
+    loss = m.training_step(dict(batch), 0)
+    torch.testing.assert_close(loss, nll / count + s_nll / 8)
+    m.aux_weights["nsp"] = 0.0
+    torch.testing.assert_close(m.training_step(dict(batch), 0), nll / count)
+    m.aux_weights["nsp"] = 1.0
+    m.training_step(dict(batch), 0).backward()
+    assert m.backbone.sentence_head.weight.grad.abs().sum() > 0
+    assert m.latest_train_metrics()["train/nsp_loss"] == pytest.approx(
+        float(s_nll.detach()) / 8, rel=1e-5
+    )
+    # the head's work in the FLOP count: 6 x its matmul weights per sequence
+    plain = EncoderLM(vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims)
+    assert m.step_flops(batch) - plain.step_flops(batch) == 6 * (32 * 32 + 2 * 32) * 8
+    # rebuilt from its hyperparameters (as a checkpoint is), it has the head
+    again = EncoderLM(**m.hparams)
+    assert again.backbone.sentence_head is not None and again.aux_weights == {"nsp": 1.0}
+    with pytest.raises(ValueError, match="must be given together"):
+        EncoderLM(**{**m.hparams, "sentence_classes": 0})
+
+
+def test_the_sentence_head_trains_through_the_encoder(tok, store):
+    """Training steps on one batch of pairs fit its labels (the labels reach the head, and its
+    gradient the encoder): the pair loss falls from chance (log 2) to near zero."""
+    dm = SentenceOrderDataModule(tok, store, store, seq_len=40, batch_size=4)
+    torch.manual_seed(0)
+    m = EncoderLM(
+        vocab_size=tok.vocab_size,
+        special_ids=tok.special,
+        optim={},
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        max_seq_len=64,
+        **dm.model_settings(),
+    )
+    batch = dm.make_batch(examples(store, dm.window_len)[:16])
+    optimizer = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    start = m.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    losses = []
+    for _ in range(100):
+        m.training_step(dict(batch), 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(m.latest_train_metrics()["train/sop_loss"]))
+    assert losses[0] == pytest.approx(math.log(2), abs=0.05) and losses[-1] < 0.05, losses
+    assert not torch.equal(m.backbone.blocks[0].attn.qkv.weight, start)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["objective.sentence_weight=-1"], r"objective.sentence_weight=-1 must be a finite number"),
+        (["objective.sentence_weight=nan"], r"objective.sentence_weight=nan must be a finite"),
+        (["seq_len=4"], r"objective=sop needs seq_len >= 5"),
+        (["+objective.sentence_wieght=2"], r"sentence_wieght"),
+        (["model=decoder"], r"model=decoder cannot train on objective=sop"),
+    ],
+)
+def test_bad_pair_settings_are_refused_before_any_data_work(compose_cfg, overrides, message):
+    from lmlab.train import check_compatible, check_settings
+
+    cfg = compose_cfg("model=encoder", "objective=sop", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_compatible(cfg)
+        check_settings(cfg)
+
+
+def test_a_pair_run_reports_the_sentence_head(tiny_cfg, caplog):
+    """Its metrics in the summary and the final line, its labels and predictions in the samples."""
+    caplog.set_level("INFO", logger="lmlab")
+    metrics, objects = train(tiny_cfg("model=encoder", "objective=nsp", "seq_len=48"))
+    assert 0 <= metrics["val/nsp_acc"] <= 1 and metrics["val/nsp_loss"] > 0
+    assert metrics["train/nsp_loss"] > 0 and "val/sop_acc" not in metrics
+    final = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Final:"))
+    assert f"val/nsp_acc {metrics['val/nsp_acc']:.4f}" in final
+    samples = (objects["output_dir"] / "samples.txt").read_text()
+    lines = [line for line in samples.splitlines() if line.startswith("nsp: ")]
+    assert len(lines) == 4  # two samples at each of the two validations
+    for line in lines:
+        assert re.fullmatch(
+            r"nsp: (is next|not next) \(predicted (is next|not next), p=[01]\.\d\d\)", line
+        )
+    assert " | " in samples  # the segments shown apart
