@@ -19,8 +19,10 @@ OBJECTIVES = {
     "clm": "lmlab.data.clm.CausalLMDataModule",
     "prefix_lm": "lmlab.data.prefix_lm.PrefixLMDataModule",
     "mlm": "lmlab.data.mlm.MaskedLMDataModule",
-    "sop": "lmlab.data.sentence_pair.SentenceOrderDataModule",
-    "nsp": "lmlab.data.sentence_pair.NextSentenceDataModule",
+    "sop": "lmlab.data.sentences.SentenceOrderDataModule",
+    "nsp": "lmlab.data.sentences.NextSentenceDataModule",
+    "sentence_distance": "lmlab.data.sentences.SentenceDistanceDataModule",
+    "deshuffle": "lmlab.data.sentences.DeshuffleDataModule",
     "span": "lmlab.data.span.SpanCorruptionDataModule",
     "denoise": "lmlab.data.denoise.DenoisingDataModule",
 }

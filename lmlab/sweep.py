@@ -60,13 +60,13 @@ METRICS = (
     "train/mfu",
     "train/skipped_nonfinite",
 )
-# A sentence head's metrics (objective=sop or nsp, lmlab.data.sentence_pair), which LMModule logs
-# as val/<objective>_loss, val/<objective>_acc and train/<objective>_loss
-SENTENCE_TASKS = ("sop", "nsp")
+# A sentence head's metrics (the objectives of lmlab.data.sentences), which LMModule logs as
+# val/<objective>_loss, val/<objective>_acc and train/<objective>_loss
+SENTENCE_TASKS = ("sop", "nsp", "sentence_distance", "deshuffle")
 AUX_METRICS = tuple(
-    f"{name}_{kind}".replace("#", task)
+    f"{split}/{task}_{kind}"
     for task in SENTENCE_TASKS
-    for name, kind in (("val/#", "loss"), ("val/#", "acc"), ("train/#", "loss"))
+    for split, kind in (("val", "loss"), ("val", "acc"), ("train", "loss"))
 )
 METRICS += AUX_METRICS
 # Which way each is better, for a search's direction; the token counts are neither.

@@ -111,7 +111,10 @@ def test_default_run_is_the_documented_one(compose_cfg):
 def test_compatibility_table_rows():
     # invalid pairs and their messages are tested in test_families.py
     assert "| decoder | causal, prefix | clm, prefix_lm |" in compatibility_table()
-    assert "| encoder | masked | mlm, sop, nsp |" in compatibility_table()
+    assert (
+        "| encoder | masked | mlm, sop, nsp, sentence_distance, deshuffle |"
+        in compatibility_table()
+    )
     assert "| encoder_decoder | seq2seq | span, denoise |" in compatibility_table()
 
 

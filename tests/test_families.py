@@ -389,7 +389,7 @@ PAIRS = [(m, o) for m in MODELS for o in valid_objectives(m)]
 
 def test_compatibility_table_covers_the_families():
     assert valid_objectives("decoder") == ["clm", "prefix_lm"]
-    assert valid_objectives("encoder") == ["mlm", "sop", "nsp"]
+    assert valid_objectives("encoder") == ["mlm", "sop", "nsp", "sentence_distance", "deshuffle"]
     assert set(valid_objectives("encoder_decoder")) == {
         o for o in OBJECTIVES if o in ("span", "denoise")
     }
@@ -433,6 +433,8 @@ def test_every_valid_pair_trains(tiny_cfg, model, objective):
         "mlm": "The <|mask|> king",
         "sop": "The <|mask|> king",
         "nsp": "The <|mask|> king",
+        "sentence_distance": "The <|mask|> king",
+        "deshuffle": "The <|mask|> king",
         "span": "The <extra_id_0> king",
         "denoise": "The <|mask|> king",
     }[objective]

@@ -430,11 +430,12 @@ def test_metric_list_is_what_lmlab_logs():
 def test_aux_metrics_cover_every_objective_with_a_sentence_head():
     from hydra.utils import get_class
 
+    from lmlab.data.sentences import SentenceTaskDataModule
     from lmlab.registry import OBJECTIVES
     from lmlab.sweep import AUX_METRICS, HIGHER_IS_BETTER, SENTENCE_TASKS
 
-    heads = {o for o, path in OBJECTIVES.items() if getattr(get_class(path), "label_names", ())}
-    assert heads == set(SENTENCE_TASKS) == {"sop", "nsp"}
+    heads = {o for o, p in OBJECTIVES.items() if issubclass(get_class(p), SentenceTaskDataModule)}
+    assert heads == set(SENTENCE_TASKS) == {"sop", "nsp", "sentence_distance", "deshuffle"}
     assert set(AUX_METRICS) == {
         f"{k}/{t}_{m}"
         for t in heads

@@ -365,7 +365,7 @@ class WindowDataModule(L.LightningDataModule):
 
     def model_settings(self) -> dict:
         """Keyword arguments the model is built with besides its own config: what an auxiliary
-        head needs (:class:`lmlab.data.sentence_pair.SentencePairDataModule`); none here."""
+        head needs (:class:`lmlab.data.sentences.SentenceTaskDataModule`); none here."""
         return {}
 
     # -- what a subclass defines -----------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Sentence-pair objectives (sop, nsp): the pairs each label stands for, the batch layout, and the
-sentence head's loss and metrics."""
+"""Sentence-level objectives (sop, nsp, sentence_distance, deshuffle): the segments each label stands
+for, the batch layout, and the sentence head's loss and metrics."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 from lmlab.data.base import Example, Windows, scored_only
 from lmlab.data.collate import IGNORE
-from lmlab.data.sentence_pair import (
+from lmlab.data.sentences import (
+    DeshuffleDataModule,
     NextSentenceDataModule,
+    SentenceDistanceDataModule,
     SentenceOrderDataModule,
-    cut_point,
     longest_run,
 )
 from lmlab.data.store import build_store
@@ -65,19 +66,17 @@ def text_of(ex: Example, eos: int) -> np.ndarray:
     return ex.tokens[start:end] if end - start >= 2 else ex.tokens
 
 
-def test_longest_run_and_cut_point():
+def pair(dm, ex: Example) -> tuple[np.ndarray, np.ndarray, int]:
+    """(A, B, label) of a two-segment objective's example (B empty for an unscored one)."""
+    segments, label = dm.segments(ex)
+    return (*segments, label) if len(segments) == 2 else (segments[0], segments[0][:0], label)
+
+
+def test_longest_run():
     t = np.array([5, 6, 0, 7, 8, 9, 0, 1, 2, 3])
     assert longest_run(t, 0) == (3, 6)  # the first of two runs of three
     assert longest_run(np.array([0, 0]), 0) == (0, 0)
     assert longest_run(np.array([4, 4, 4]), 0) == (0, 3)
-    is_end = np.zeros(10, dtype=bool)
-    is_end[9] = True
-    rng = np.random.default_rng(0)
-    # a sentence end before the last token: the cut is right after one of them, each one used
-    cuts = {cut_point(np.array([1, 9, 2, 9, 3, 9]), is_end, rng) for _ in range(200)}
-    assert cuts == {2, 4}  # not 6: the final end would leave B empty
-    cuts = {cut_point(np.array([1, 2, 3, 4]), is_end, rng) for _ in range(200)}
-    assert cuts == {1, 2, 3}  # none: anywhere, both segments non-empty
 
 
 def ids(text: str, tok) -> list[int]:
@@ -99,6 +98,7 @@ def ids(text: str, tok) -> list[int]:
         ("x. Ab cd. Ef gh.  |z", {(" Ab cd.", " Ef gh.")}),
         # under two whole sentences: the whole stretch, cut after its sentence end
         ("ab cd. ef gh", {("ab cd.", " ef gh")}),
+        ("abcd", {("a", "bcd"), ("ab", "cd"), ("abc", "d")}),  # no sentence end: anywhere
     ],
 )
 def test_pairs_are_whole_sentences_of_the_window(tok, store, window, pairs):
@@ -106,7 +106,7 @@ def test_pairs_are_whole_sentences_of_the_window(tok, store, window, pairs):
     dm = SentenceOrderDataModule(tok, store, store, seq_len=40, batch_size=4)
     seen, labels = set(), set()
     for epoch in range(40):
-        a, b, y = dm.pair(Example(7, np.array(ids(window, tok)), epoch))
+        a, b, y = pair(dm, Example(7, np.array(ids(window, tok)), epoch))
         first, second = (a, b) if y == 0 else (b, a)
         seen.add((bytes(first.tolist()).decode(), bytes(second.tolist()).decode()))
         labels.add(y)
@@ -117,7 +117,7 @@ def test_sop_pairs_are_the_document_text_in_or_out_of_order(tok, store):
     dm = SentenceOrderDataModule(tok, store, store, seq_len=80, batch_size=4)
     labels, whole = [], 0
     for ex in examples(store, dm.window_len):
-        a, b, y = dm.pair(ex)
+        a, b, y = pair(dm, ex)
         text = text_of(ex, tok.eos_id)
         assert len(a) and len(b) and y in (0, 1)
         first, second = (a, b) if y == 0 else (b, a)
@@ -127,7 +127,7 @@ def test_sop_pairs_are_the_document_text_in_or_out_of_order(tok, store):
         assert len({doc_of(t) for t in joined} - {None}) == 1  # one document's
         whole += bool(dm.is_end[first[-1]] and dm.is_end[second[-1]])
         labels.append(y)
-        assert dm.pair(ex)[2] == y and dm.sentence_label(ex) == y  # reproducible
+        assert pair(dm, ex)[2] == y and dm.sentence_label(ex) == y  # reproducible
     assert whole > 0.9 * len(labels)  # windows of ~3 sentences: nearly all whole
     # half swapped: 4.5 standard deviations
     n = len(labels)
@@ -140,7 +140,7 @@ def test_nsp_not_next_segments_are_whole_sentences_of_other_documents(tok, store
     starts = set(np.flatnonzero(dm.is_end[text[:-1]]) + 1) | set(store.offsets[:-1].tolist())
     labels, other_docs, lengths = [], set(), {0: [], 1: []}
     for ex in examples(store, dm.window_len):
-        a, b, y = dm.pair(ex)
+        a, b, y = pair(dm, ex)
         whole = text_of(ex, tok.eos_id)
         own = {doc_of(t) for t in whole} - {None}
         assert len(own) == 1
@@ -173,7 +173,7 @@ def test_nsp_in_a_one_document_split_takes_text_away_from_the_window(tok, tmp_pa
     dm = NextSentenceDataModule(tok, one, one, seq_len=8, batch_size=2)  # windows of 5
     seen = 0
     for ex in examples(one, dm.window_len, epochs=20):
-        _, b, y = dm.pair(ex)
+        _, b, y = pair(dm, ex)
         if y == 1:
             first = int(b[0]) - 33
             assert np.array_equal(b, np.arange(first, first + len(b)) + 33)  # contiguous
@@ -185,41 +185,123 @@ def test_nsp_in_a_one_document_split_takes_text_away_from_the_window(tok, tmp_pa
         NextSentenceDataModule(tok, one, short, seq_len=8, batch_size=2)
 
 
-@pytest.mark.parametrize("cls", [SentenceOrderDataModule, NextSentenceDataModule])
-def test_pair_batches_are_cls_a_sep_b_sep_masked_as_mlm(tok, store, cls):
-    dm = cls(tok, store, store, seq_len=40, batch_size=4)
+ALL = [
+    SentenceOrderDataModule,
+    NextSentenceDataModule,
+    SentenceDistanceDataModule,
+    DeshuffleDataModule,
+]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_batches_are_cls_then_each_segment_and_sep_masked_as_mlm(tok, store, cls):
+    dm = cls(tok, store, store, seq_len=60, batch_size=4)
     exs = examples(store, dm.window_len)[:6]
     batch = dm.make_batch(exs)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    assert ids.shape == labels.shape == mask.shape == (6, 40)
+    assert ids.shape == labels.shape == mask.shape == (6, 60)
     original = torch.where(labels != IGNORE, labels, ids)
     for row, ex in enumerate(exs):
-        a, b, y = dm.pair(ex)
-        want = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
+        segments, y = dm.segments(ex)
+        want, seps = [tok.cls_id], [0]
+        for seg in segments:
+            want += [*seg, tok.sep_id]
+            seps.append(len(want) - 1)
         n = len(want)
-        assert original[row, :n].tolist() == want
-        assert (ids[row, n:] == tok.pad_id).all() and mask[row].tolist() == [True] * n + [False] * (
-            40 - n
-        )
+        assert n <= 60 and original[row, :n].tolist() == want
+        assert (ids[row, n:] == tok.pad_id).all()
+        assert mask[row].tolist() == [True] * n + [False] * (60 - n)
         selected = labels[row] != IGNORE
-        assert selected.sum() == max(1, round(0.15 * (len(a) + len(b))))  # mlm's budget
-        assert not selected[[0, len(a) + 1, n - 1]].any()  # cls and seps never masked
-        assert batch["sentence_labels"][row] == y
+        text = sum(len(seg) for seg in segments)
+        assert selected.sum() == max(1, round(0.15 * text))  # mlm's budget
+        assert not selected[seps].any()  # cls and seps never masked
+        assert batch["sentence_labels"][row] == y and 0 <= y < len(dm.label_names)
         # the same example masks the same in any batch, and as mask_example shows it
         alone = dm.make_batch([ex])
         assert torch.equal(alone["input_ids"][0], ids[row])
         inputs, example_labels = dm.mask_example(ex)
         assert inputs.tolist() == ids[row, :n].tolist()
         assert example_labels.tolist() == labels[row, :n].tolist()
-    # a validation rank's padding window: its pair is not scored either
+        assert dm.segments(ex)[1] == y == dm.sentence_label(ex)  # reproducible
+    # a validation rank's padding window: its label is not scored either
     padded = scored_only(
         dm.make_batch, [exs[0], Example(exs[1].start, exs[1].tokens, 0, False, store)]
     )
     assert padded["sentence_labels"].tolist() == [dm.sentence_label(exs[0]), IGNORE]
     assert (padded["labels"][1] == IGNORE).all()
-    # a one-token window (a split's last): nothing to pair, its label ignored
+    # a one-token window (a split's last): nothing to classify, its label ignored
     tail = Example(len(store) - 1, np.asarray(store.tokens[-1:], dtype=np.int64), store=store)
-    assert dm.pair(tail)[2] == IGNORE
+    assert dm.segments(tail)[1] == IGNORE
+
+
+def test_sentence_distance_labels_say_where_b_comes_from(tok, store, tmp_path):
+    dm = SentenceDistanceDataModule(tok, store, store, seq_len=80, batch_size=4)
+    text = np.asarray(store.tokens, dtype=np.int64)
+    starts = set(np.flatnonzero(dm.is_end[text[:-1]]) + 1) | set(store.offsets[:-1].tolist())
+    counts = np.zeros(3, dtype=int)
+    for ex in examples(store, dm.window_len):
+        (a, b), y = dm.segments(ex)
+        whole = text_of(ex, tok.eos_id)
+        (own,) = {doc_of(t) for t in whole} - {None}
+        counts[y] += 1
+        if y == 0:  # the text that follows
+            joined = np.concatenate([a, b])
+            view = np.lib.stride_tricks.sliding_window_view(whole, len(joined))
+            assert (view == joined).all(axis=1).any()
+            continue
+        assert ({doc_of(t) for t in b} - {None} == {own}) == (y == 1)
+        view = np.lib.stride_tricks.sliding_window_view(text, len(b))
+        (where,) = np.flatnonzero((view == b).all(axis=1))
+        assert where in starts  # a sentence start
+        if y == 1:  # same document, outside the window: never next to A
+            assert where + len(b) <= ex.start or where >= ex.start + dm.window_len
+    assert (abs(counts / counts.sum() - 1 / 3) < 0.06).all(), counts
+    # one document shorter than a window: only "adjacent" is possible
+    short = build_store(iter([sentences("abcd", 3, 0)]), tok, tmp_path, "short")
+    dm = SentenceDistanceDataModule(tok, store, short, seq_len=80, batch_size=1)
+    (ex,) = dm.val_examples(5)
+    draws = [Example(0, ex.tokens, epoch, store=short) for epoch in range(30)]
+    assert {dm.segments(ex)[1] for ex in draws} == {0}
+
+
+@pytest.mark.parametrize(
+    ("window", "pieces"),
+    [
+        # three whole sentences (the edges' partial ones left out): cut into 1 to 3 segments
+        (" is. Ab. Cd ef. Gh! Ij", [" Ab.", " Cd ef.", " Gh!"]),
+        # two: into 1 or 2 segments
+        (" is. Ab. Cd ef. Gh", [" Ab.", " Cd ef."]),
+    ],
+)
+def test_deshuffle_labels_name_the_order_of_the_segments(tok, store, window, pieces):
+    dm = DeshuffleDataModule(tok, store, store, seq_len=40, batch_size=4, max_segments=3)
+    assert dm.label_names == (
+        "1",
+        "1 2",
+        "2 1",
+        "1 2 3",
+        "1 3 2",
+        "2 1 3",
+        "2 3 1",
+        "3 1 2",
+        "3 2 1",
+    )
+    seen = np.zeros(len(dm.label_names), dtype=int)
+    for epoch in range(900):
+        segments, y = dm.segments(Example(7, np.array(ids(window, tok)), epoch))
+        texts = [bytes(seg.tolist()).decode() for seg in segments]
+        order = [int(i) - 1 for i in dm.label_names[y].split()]
+        # the label's order puts the segments back; every segment is whole sentences
+        restored = [None] * len(order)
+        for text, i in zip(texts, order, strict=True):
+            restored[i] = text
+        assert "".join(restored) == "".join(pieces)
+        assert all(t.endswith((".", "!")) for t in texts)
+        seen[y] += 1
+    possible = 1 + sum(math.factorial(n) for n in range(2, len(pieces) + 1))
+    assert (seen[:possible] > 0).all() and not seen[possible:].any()
+    # n uniform over 1..len(pieces): the one-segment class takes 1/len(pieces) of the draws
+    assert seen[0] / 900 == pytest.approx(1 / len(pieces), abs=0.06)
 
 
 def test_settings_are_checked(tok, store):
@@ -230,6 +312,23 @@ def test_settings_are_checked(tok, store):
             )
     with pytest.raises(ConfigError, match="objective=nsp needs seq_len >= 5"):
         NextSentenceDataModule(tok, store, store, seq_len=4, batch_size=4)
+    with pytest.raises(ConfigError, match="objective=deshuffle needs seq_len >= 9"):
+        DeshuffleDataModule(tok, store, store, seq_len=8, batch_size=4, max_segments=4)
+    DeshuffleDataModule(tok, store, store, seq_len=5, batch_size=4, max_segments=2)  # 2 fit
+    for bad, message in (
+        (1, "must be 2 to 5"),
+        (6, "must be 2 to 5"),
+        ("3", "not a whole"),
+        (True, "not a whole"),
+    ):
+        with pytest.raises(ConfigError, match=f"objective.max_segments=.* {message}"):
+            DeshuffleDataModule(tok, store, store, seq_len=40, batch_size=4, max_segments=bad)
+    assert (
+        DeshuffleDataModule(tok, store, store, seq_len=40, batch_size=4).model_settings()[
+            "sentence_classes"
+        ]
+        == 9
+    )
     dm = SentenceOrderDataModule(tok, store, store, seq_len=40, batch_size=4, sentence_weight=0.5)
     assert dm.model_settings() == {
         "sentence_task": "sop",

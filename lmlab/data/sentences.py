@@ -1,0 +1,422 @@
+"""Sentence-level objectives for encoders: masked LM plus a classification of the input's text
+segments, read at the cls position (``masked`` batches with ``sentence_labels``).
+
+- ``sop``, sentence order prediction (ALBERT: Lan et al., 2020, sec. 4.2): two consecutive segments
+  of one document, in their order (label 0) or swapped (1). Both segments always come from the same
+  document, so the task is about order and coherence, not about topic.
+- ``nsp``, next sentence prediction (BERT: Devlin et al., 2019, sec. 3.1, "Task #2"): segment A,
+  then either the text that follows it (0, IsNext) or text of another document (1, NotNext).
+- ``sentence_distance`` (ERNIE 2.0: Sun et al., 2020, sec. 4.2.2, "Sentence Distance Task"):
+  segment A, then the text that follows it (0), text of the same document away from A (1), or
+  text of another document (2).
+- ``deshuffle``, sentence reordering (ERNIE 2.0, sec. 4.2.2, "Sentence Reordering Task"): the text
+  cut into n segments, n uniform in 1..``max_segments``, which are shuffled; the label says which
+  of the sum over n of n! orders they are in (9 classes for 3 segments).
+
+An example is made from a window of ``seq_len - 1 - max_segments`` tokens (room for cls and a sep
+after every segment): its longest stretch without a document end (the whole window when that
+stretch is shorter than two tokens), less the partial sentences the window's edges cut (a sentence
+ends after a token whose text ends with ". ! ?", and at a document's end), is cut after some of its
+sentence ends, chosen uniformly: every segment is whole sentences, so neither where a segment
+starts or ends nor which one is longer tells the label. Text with fewer whole sentences than needed
+is cut at uniformly random points instead (after sentence ends where it has some). Segments from
+elsewhere (NotNext, distant, other document) are whole sentences too, from a random sentence start,
+as many as fit where the replaced segment's sentences had room. The input is
+``cls S1 sep S2 sep ...``, padded to ``seq_len``, and masked as objective=mlm masks (its settings,
+over the segments' tokens). Every draw comes from (seed, epoch, window start): batches are
+reproducible, and validation examples are the same at every validation.
+
+The masked-LM loss is reported as objective=mlm's (``train/loss``, ``val/loss``, ``val/bpb``, so
+runs compare with plain MLM runs); the classifier's cross-entropy times ``sentence_weight`` is added
+to the training loss (the papers add it with weight 1), and validation reports
+``val/<objective>_loss`` and ``val/<objective>_acc``.
+
+Differences from the papers: BERT and ALBERT fill each example with whole sentences up to a length
+drawn per example (10% of them shorter) and then truncate the longer segment at a random end, which
+can cut a sentence; here examples are as long as a window's whole sentences, and none is cut. No
+segment (token type) embeddings: the sep token marks the boundaries, as in RoBERTa and ModernBERT,
+which dropped them. ERNIE 2.0 trains its tasks continually and on their own data; here each is one
+objective over the run's text, with the labels drawn uniformly (among those an example allows:
+``sentence_distance`` in a one-document split has no label 2, and a document with no text outside
+the window no label 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import pairwise, permutations
+
+import numpy as np
+import torch
+
+from lmlab.data.base import Example, example_keys, example_rng
+from lmlab.data.collate import IGNORE
+from lmlab.data.denoise import sentence_end_table, token_texts
+from lmlab.data.mlm import MaskedLMDataModule
+from lmlab.data.store import TokenStore
+from lmlab.errors import ConfigError
+
+# Text from elsewhere: sentence starts tried before one whose first sentence fits the room (BERT
+# draws its random document up to 10 times)
+OTHER_TRIES = 10
+
+
+def longest_run(tokens: np.ndarray, stop_id: int) -> tuple[int, int]:
+    """(start, end) of the longest stretch of ``tokens`` without ``stop_id`` (the first of equally
+    long ones)."""
+    stops = np.flatnonzero(tokens == stop_id)
+    starts = np.concatenate([[0], stops + 1])
+    ends = np.concatenate([stops, [len(tokens)]])
+    i = int(np.argmax(ends - starts))
+    return int(starts[i]), int(ends[i])
+
+
+def strip_blank(tokens: np.ndarray, is_blank: np.ndarray) -> np.ndarray:
+    """``tokens`` without the whitespace-only tokens (``is_blank`` per id) at their end."""
+    kept = np.flatnonzero(~is_blank[tokens])
+    return tokens[: kept[-1] + 1] if len(kept) else tokens[:0]
+
+
+def whole_sentences(tokens: np.ndarray, is_end: np.ndarray, complete: bool) -> np.ndarray:
+    """``tokens`` up to their last sentence end (all of them when ``complete``: they end where a
+    document does, or when they hold no sentence end)."""
+    stops = np.flatnonzero(is_end[tokens])
+    return tokens if complete or not len(stops) else tokens[: stops[-1] + 1]
+
+
+@dataclass
+class Stretch:
+    """An example's document text and where it may be cut."""
+
+    text: np.ndarray  # the longest stretch of the window without a document end
+    start: int  # its offset in the window
+    first: int  # text[first:last]: the whole sentences (all of the text when not `whole`)
+    last: int
+    cuts: np.ndarray  # where text[first:last] may be cut (offsets into text), sorted
+    whole: bool  # the segments are whole sentences (else the text had too few)
+
+
+class SentenceTaskDataModule(MaskedLMDataModule):
+    """Shared by the sentence-level objectives; a subclass defines ``label_names`` and
+    :meth:`make_segments`."""
+
+    label_names: tuple[str, ...] = ()
+    max_segments = 2  # segments of an input, each followed by a sep
+
+    def __init__(
+        self,
+        tokenizer,
+        train,
+        val,
+        *,
+        seq_len: int,
+        sentence_weight: float = 1.0,
+        **kwargs,  # mask_prob, p_mask, p_random, whole_word: see MaskedLMDataModule
+    ) -> None:
+        self.check_weight(sentence_weight)
+        self.check_length(seq_len, self.max_segments)
+        self.sentence_weight = float(sentence_weight)
+        texts = token_texts(tokenizer)  # every token decoded once
+        self.is_end = sentence_end_table(tokenizer, texts)
+        self.is_blank = np.array([not t.strip() for t in texts], dtype=bool)
+        self.is_blank[tokenizer.special_ids] = False
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+
+    @classmethod
+    def check_settings(
+        cls,
+        *,
+        seq_len: int,
+        sentence_weight: float = 1.0,
+        max_segments: int | None = None,
+        **rest,
+    ) -> None:
+        """``max_segments``: deshuffle's setting (None: the class's count, as in the constructor's
+        call, which checks the instance's own count too)."""
+        cls.check_length(seq_len, max_segments or cls.max_segments)
+        cls.check_weight(sentence_weight)
+        super().check_settings(seq_len=seq_len, **rest)
+
+    @classmethod
+    def check_length(cls, seq_len: int, segments: int) -> None:
+        if seq_len < 2 * segments + 1:
+            raise ConfigError(
+                f"objective={cls.objective} needs seq_len >= {2 * segments + 1} (cls, then "
+                f"{segments} segments of at least one token, each followed by sep), got "
+                f"{seq_len}; raise seq_len"
+            )
+
+    @classmethod
+    def check_weight(cls, weight) -> None:
+        if isinstance(weight, bool) or not (
+            isinstance(weight, int | float) and 0 <= weight < math.inf
+        ):
+            raise ConfigError(
+                f"objective.sentence_weight={weight!r} must be a finite number >= 0 (the weight of "
+                "the sentence task's loss in the training loss; 0 trains the masked LM only)"
+            )
+
+    def model_settings(self) -> dict:
+        return {
+            "sentence_task": self.objective,
+            "sentence_classes": len(self.label_names),
+            "sentence_weight": self.sentence_weight,
+        }
+
+    @property
+    def window_len(self) -> int:
+        return self.seq_len - 1 - self.max_segments  # cls, a sep after each segment
+
+    # -- segments -------------------------------------------------------------------------------
+    def segments(self, ex: Example) -> tuple[list[np.ndarray], int]:
+        """(segments, label) of one example, reproducible from (seed, epoch, start); a window of
+        one token (a split's last) is one segment with label -100 (not scored)."""
+        rng = example_rng(self.seed, ex)
+        stretch = self.stretch(ex)
+        if stretch is None:
+            return [ex.tokens], IGNORE
+        return self.make_segments(ex, stretch, rng)
+
+    def make_segments(
+        self, ex: Example, s: Stretch, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], int]:
+        raise NotImplementedError
+
+    def sentence_label(self, ex: Example) -> int:
+        return self.segments(ex)[1]
+
+    def stretch(self, ex: Example) -> Stretch | None:
+        """The example's :class:`Stretch` (None when it has under two tokens)."""
+        start, end = longest_run(ex.tokens, self.tokenizer.eos_id)
+        if end - start < 2:
+            start, end = 0, len(ex.tokens)  # no document text of two tokens: the window as it is
+        text = ex.tokens[start:end]
+        stripped = strip_blank(text, self.is_blank)  # no whitespace-only sentence at its end
+        text = stripped if len(stripped) >= 2 else text
+        if len(text) < 2:
+            return None
+        # sentence starts: after an end, and where the stretch follows a document end; the
+        # partial sentences at the window's edges are left out
+        after_end = np.flatnonzero(self.is_end[text]) + 1
+        first = 0 if start > 0 or not len(after_end) else int(after_end[0])
+        last = len(text) if end < len(ex.tokens) or not len(after_end) else int(after_end[-1])
+        cuts = after_end[(after_end > first) & (after_end < last)]
+        if len(cuts):
+            return Stretch(text, start, first, last, cuts, whole=True)
+        # under two whole sentences: all of the text, cut after a sentence end where it has one
+        cuts = after_end[after_end < len(text)]
+        cuts = cuts if len(cuts) else np.arange(1, len(text))
+        return Stretch(text, start, 0, len(text), cuts, whole=False)
+
+    def cut_in_two(
+        self, s: Stretch, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(A, B, room): the whole sentences cut at one uniformly drawn place; ``room``: the tokens
+        B had (it and the partial sentence left out after it)."""
+        k = int(rng.choice(s.cuts))
+        return s.text[s.first : k], s.text[k : s.last], len(s.text) - k
+
+    # -- text from elsewhere (nsp, sentence_distance) -------------------------------------------
+    @staticmethod
+    def document_of(store: TokenStore, position: int) -> tuple[int, int, int]:
+        """(index, start, end) of the document holding ``position``; end before its eos."""
+        doc = int(np.searchsorted(store.offsets, position, side="right")) - 1
+        return doc, int(store.offsets[doc]), int(store.offsets[doc + 1]) - 1
+
+    def other_document(self, ex: Example, s: Stretch, rng: np.random.Generator):
+        """(start, end) of a uniformly drawn other document of the example's split (its eos left
+        out); None in a split of one document."""
+        store = self.store_of(ex)
+        if store.n_docs < 2:
+            return None
+        doc, _, _ = self.document_of(store, ex.start + s.start)
+        other = int(rng.integers(store.n_docs - 1))
+        other += other >= doc
+        return int(store.offsets[other]), int(store.offsets[other + 1]) - 1
+
+    def away_from_window(self, ex: Example, s: Stretch, rng: np.random.Generator):
+        """(start, end) of the example's document before its window or after it, drawn in
+        proportion to their lengths; None where the window covers the whole document."""
+        _, lo, hi = self.document_of(self.store_of(ex), ex.start + s.start)
+        before = max(0, ex.start - lo)
+        after = max(0, hi - (ex.start + self.window_len))
+        if before + after == 0:
+            return None
+        if int(rng.integers(before + after)) < before:
+            return lo, ex.start
+        return ex.start + self.window_len, hi
+
+    def text_from(
+        self,
+        ex: Example,
+        region: tuple[int, int],
+        room: int,
+        whole: bool,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """At most ``room`` tokens of the store's ``region`` (start, end: no eos inside) from a
+        sentence start (the first after a uniformly random position, or the document's start);
+        ``whole``: cut after its last whole sentence (else ``room`` tokens). Where no sentence
+        start follows the position, or the first sentence is longer than the room, another
+        position is drawn; after :data:`OTHER_TRIES` draws, ``room`` tokens from the region's
+        start."""
+        store = self.store_of(ex)
+        lo, hi = region
+        _, doc_start, doc_end = self.document_of(store, lo)
+        for _ in range(OTHER_TRIES):
+            p = lo + int(rng.integers(max(1, hi - lo)))
+            if p == doc_start:
+                first = p
+            else:  # after the next sentence end
+                ahead = store.tokens[p : min(hi, p + 2 * self.window_len)]
+                stops = np.flatnonzero(self.is_end[ahead])
+                if not len(stops) or p + stops[0] + 1 >= hi:
+                    continue
+                first = p + int(stops[0]) + 1
+            tokens = np.asarray(store.tokens[first : min(hi, first + room)], dtype=np.int64)
+            complete = not whole or (hi == doc_end and first + room >= hi)
+            text = strip_blank(whole_sentences(tokens, self.is_end, complete), self.is_blank)
+            if len(text) and (complete or self.is_end[text[-1]]):
+                return text
+        # no sentence start found, or none whose first sentence fits: from the region's start
+        tokens = np.asarray(store.tokens[lo : min(hi, lo + room)], dtype=np.int64)
+        return strip_blank(tokens, self.is_blank)
+
+    @staticmethod
+    def store_of(ex: Example) -> TokenStore:
+        if ex.store is None:
+            raise ValueError("this objective needs the example's token store (Example.store)")
+        return ex.store
+
+    # -- batches --------------------------------------------------------------------------------
+    def _segment_ids(self, examples: list[tuple], width: int | None = None) -> np.ndarray:
+        """(B, width) int64: cls S1 sep S2 sep ..., then pad (``width``: the longest)."""
+        tok = self.tokenizer
+        lengths = [sum(len(x) + 1 for x in segs) + 1 for segs, _ in examples]
+        ids = np.full((len(examples), width or max(lengths)), tok.pad_id, dtype=np.int64)
+        ids[:, 0] = tok.cls_id
+        for row, (segs, _) in zip(ids, examples, strict=True):
+            at = 1
+            for seg in segs:
+                row[at : at + len(seg)] = seg
+                row[at + len(seg)] = tok.sep_id
+                at += len(seg) + 1
+        return ids
+
+    def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+        ids = self._segment_ids([self.segments(ex)])
+        inputs, labels, _ = self._mask(ids, example_keys(self.seed, [ex]))
+        return inputs[0], labels[0]
+
+    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        made = [self.segments(ex) for ex in examples]
+        ids = self._segment_ids(made, self.seq_len)
+        inputs, labels, _ = self._mask(ids, example_keys(self.seed, examples))
+        lengths = np.array([sum(len(x) + 1 for x in segs) + 1 for segs, _ in made])
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
+            "labels": torch.from_numpy(labels),
+            "sentence_labels": torch.tensor([y for _, y in made], dtype=torch.int64),
+        }
+
+
+class SentenceOrderDataModule(SentenceTaskDataModule):
+    """ALBERT's sentence order prediction: the two segments in order (0) or swapped (1)."""
+
+    objective = "sop"
+    label_names = ("in order", "swapped")
+
+    def make_segments(self, ex, s, rng):
+        a, b, _ = self.cut_in_two(s, rng)
+        return ([b, a], 1) if rng.random() < 0.5 else ([a, b], 0)
+
+
+class NextSentenceDataModule(SentenceTaskDataModule):
+    """BERT's next sentence prediction: A and the text after it (0) or another document's (1),
+    half each. In a split of one document the other text comes from that document away from the
+    example's window (the split must then hold at least three windows)."""
+
+    objective = "nsp"
+    label_names = ("is next", "not next")
+
+    def check(self) -> None:
+        super().check()
+        for split, store in (("training", self.train_store), ("validation", self.val_store)):
+            if store is not None and store.n_docs == 1 and len(store) - 1 < 3 * self.window_len:
+                raise ConfigError(
+                    f"objective=nsp draws its NotNext segments from other documents, or in a split "
+                    f"of one document from text away from the example: the {split} split is one "
+                    f"document of {len(store) - 1} tokens, under 3 windows of {self.window_len}; "
+                    "add text or documents, lower seq_len, or use objective=sop"
+                )
+
+    def make_segments(self, ex, s, rng):
+        a, b, room = self.cut_in_two(s, rng)
+        if rng.random() < 0.5:
+            return [a, b], 0
+        region = self.other_document(ex, s, rng) or self.away_from_window(ex, s, rng)
+        return [a, self.text_from(ex, region, room, s.whole, rng)], 1
+
+
+class SentenceDistanceDataModule(SentenceTaskDataModule):
+    """ERNIE 2.0's sentence distance: A, then the text after it (0), text of the same document
+    away from the window (1), or of another document (2); uniformly among the labels the example
+    allows (0 always; 1 where its document has text outside the window; 2 in a split of two or
+    more documents)."""
+
+    objective = "sentence_distance"
+    label_names = ("adjacent", "same document", "other document")
+
+    def make_segments(self, ex, s, rng):
+        a, b, room = self.cut_in_two(s, rng)
+        regions = {1: self.away_from_window(ex, s, rng), 2: self.other_document(ex, s, rng)}
+        labels = [0] + [y for y, region in regions.items() if region is not None]
+        label = labels[int(rng.integers(len(labels)))]
+        if label == 0:
+            return [a, b], 0
+        return [a, self.text_from(ex, regions[label], room, s.whole, rng)], label
+
+
+class DeshuffleDataModule(SentenceTaskDataModule):
+    """ERNIE 2.0's sentence reordering: the whole sentences cut into n segments (n uniform in
+    1..``max_segments``, at most one more than the places the text can be cut), shuffled by a
+    uniformly drawn permutation; the label is the permutation's index among all orders of 1 to
+    ``max_segments`` segments (named by the original position of each input segment: "2 1 3"
+    shows the second segment first)."""
+
+    objective = "deshuffle"
+    max_segments = 2  # the least; each instance has its own setting
+
+    def __init__(self, tokenizer, train, val, *, seq_len: int, max_segments: int = 3, **kwargs):
+        self.check_segments(max_segments)
+        self.max_segments = max_segments
+        self.orders = [p for n in range(1, max_segments + 1) for p in permutations(range(n))]
+        self.order_index = {p: i for i, p in enumerate(self.orders)}
+        self.label_names = tuple(" ".join(str(i + 1) for i in p) for p in self.orders)
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+
+    @classmethod
+    def check_settings(cls, *, max_segments: int | None = None, **rest) -> None:
+        if max_segments is not None:
+            cls.check_segments(max_segments)
+        super().check_settings(max_segments=max_segments, **rest)
+
+    @staticmethod
+    def check_segments(max_segments) -> None:
+        if isinstance(max_segments, bool) or not isinstance(max_segments, int):
+            raise ConfigError(f"objective.max_segments={max_segments!r} is not a whole number")
+        if not 2 <= max_segments <= 5:
+            raise ConfigError(
+                f"objective.max_segments={max_segments} must be 2 to 5 (the classes are every "
+                f"order of 1 to max_segments segments: 3 for 2, 9 for 3, 33 for 4, 153 for 5)"
+            )
+
+    def make_segments(self, ex, s, rng):
+        n = int(rng.integers(1, min(self.max_segments, len(s.cuts) + 1) + 1))
+        cuts = np.sort(rng.choice(s.cuts, size=n - 1, replace=False))
+        bounds = [s.first, *cuts.tolist(), s.last]
+        pieces = [s.text[a:b] for a, b in pairwise(bounds)]
+        order = tuple(int(i) for i in rng.permutation(n))
+        return [pieces[i] for i in order], self.order_index[order]
