@@ -60,12 +60,12 @@ METRICS = (
     "train/mfu",
     "train/skipped_nonfinite",
 )
-# A sentence head's metrics (the objectives of lmlab.data.sentences), which LMModule logs as
-# val/<objective>_loss, val/<objective>_acc and train/<objective>_loss
-SENTENCE_TASKS = ("sop", "nsp", "sentence_distance", "deshuffle")
+# An auxiliary head's metrics (the objectives of lmlab.data.sentences and lmlab.data.capital),
+# which LMModule logs as val/<objective>_loss, val/<objective>_acc and train/<objective>_loss
+AUX_TASKS = ("sop", "nsp", "sentence_distance", "deshuffle", "capital_word")
 AUX_METRICS = tuple(
     f"{split}/{task}_{kind}"
-    for task in SENTENCE_TASKS
+    for task in AUX_TASKS
     for split, kind in (("val", "loss"), ("val", "acc"), ("train", "loss"))
 )
 METRICS += AUX_METRICS

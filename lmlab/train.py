@@ -508,7 +508,10 @@ RUNTIME_SETTINGS = (
     "activation_checkpointing",
     "loss_chunk_size",
     "sentence_weight",
+    "token_weight",
 )
+# Module arguments the objective sets (its auxiliary heads), named in a refused resume's message
+OBJECTIVE_HEADS = ("sentence_task", "sentence_classes", "token_task", "token_classes")
 
 
 def check_resume_compatible(
@@ -526,9 +529,22 @@ def check_resume_compatible(
             "tokenizer.path=<run dir>/tokenizer.json, and check the data is the same"
         )
     saved, now = ckpt.get("hyper_parameters", {}), dict(model.hparams)
+    # a module argument added since the checkpoint was written has its default there
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(type(model).__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     for key in sorted(set(saved) | set(now)):
-        if key in RUNTIME_SETTINGS or saved.get(key) == now.get(key):
+        was = saved.get(key, defaults.get(key))
+        if key in RUNTIME_SETTINGS or was == now.get(key):
             continue
+        if key in OBJECTIVE_HEADS:
+            raise ConfigError(
+                f"{ckpt_path} does not fit this run's objective: its {key} is {was!r}, this "
+                f"run's objective gives {now.get(key)!r} (the auxiliary heads come with the "
+                "objective); resume with the checkpoint's objective"
+            )
         raise ConfigError(
             f"{ckpt_path} does not fit this model: model.{key} is {saved.get(key)!r} in the "
             f"checkpoint but {now.get(key)!r} now; use the checkpoint's settings to resume"

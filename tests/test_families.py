@@ -389,7 +389,14 @@ PAIRS = [(m, o) for m in MODELS for o in valid_objectives(m)]
 
 def test_compatibility_table_covers_the_families():
     assert valid_objectives("decoder") == ["clm", "prefix_lm"]
-    assert valid_objectives("encoder") == ["mlm", "sop", "nsp", "sentence_distance", "deshuffle"]
+    assert valid_objectives("encoder") == [
+        "mlm",
+        "sop",
+        "nsp",
+        "sentence_distance",
+        "deshuffle",
+        "capital_word",
+    ]
     assert set(valid_objectives("encoder_decoder")) == {
         o for o in OBJECTIVES if o in ("span", "denoise")
     }
@@ -435,6 +442,7 @@ def test_every_valid_pair_trains(tiny_cfg, model, objective):
         "nsp": "The <|mask|> king",
         "sentence_distance": "The <|mask|> king",
         "deshuffle": "The <|mask|> king",
+        "capital_word": "The <|mask|> king",
         "span": "The <extra_id_0> king",
         "denoise": "The <|mask|> king",
     }[objective]

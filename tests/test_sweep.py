@@ -427,15 +427,17 @@ def test_metric_list_is_what_lmlab_logs():
     assert logged and set(METRICS) - set(AUX_METRICS) == logged
 
 
-def test_aux_metrics_cover_every_objective_with_a_sentence_head():
+def test_aux_metrics_cover_every_objective_with_an_auxiliary_head():
     from hydra.utils import get_class
 
-    from lmlab.data.sentences import SentenceTaskDataModule
+    from lmlab.data.base import WindowDataModule
     from lmlab.registry import OBJECTIVES
-    from lmlab.sweep import AUX_METRICS, HIGHER_IS_BETTER, SENTENCE_TASKS
+    from lmlab.sweep import AUX_METRICS, AUX_TASKS, HIGHER_IS_BETTER
 
-    heads = {o for o, p in OBJECTIVES.items() if issubclass(get_class(p), SentenceTaskDataModule)}
-    assert heads == set(SENTENCE_TASKS) == {"sop", "nsp", "sentence_distance", "deshuffle"}
+    own = WindowDataModule.model_settings
+    heads = {o for o, p in OBJECTIVES.items() if get_class(p).model_settings is not own}
+    assert heads == set(AUX_TASKS)
+    assert heads == {"sop", "nsp", "sentence_distance", "deshuffle", "capital_word"}
     assert set(AUX_METRICS) == {
         f"{k}/{t}_{m}"
         for t in heads

@@ -475,9 +475,11 @@ def test_eval_batch_size_sets_the_validation_batches_not_the_metrics(tiny_cfg, t
         ("model=encoder", "objective=mlm"),
         ("model=encoder", "objective=sop"),  # the pair loss: a mean per micro-batch
         ("model=encoder", "objective=nsp"),
+        ("model=encoder", "objective=capital_word"),  # its labels vary per micro-batch
         ("model=encoder_decoder", "objective=span"),
         ("model=encoder_decoder", "objective=denoise"),
     ],
+    ids=lambda family: family[1].removeprefix("objective="),
 )
 def test_gradient_accumulation_gives_the_large_batch_update(
     tiny_cfg, tmp_path, monkeypatch, family

@@ -173,7 +173,9 @@ class ResumableLoader(DataLoader):
     ``trainer.limit_train_batches`` counts only its batches). The module turns it into
     the step's total over all processes and scales each micro-batch's summed loss by it
     (:meth:`lmlab.models.base.LMModule.training_step`), so the step's gradient is the large batch's
-    whatever the target counts of its micro-batches (prefix LM's vary).
+    whatever the target counts of its micro-batches (prefix LM's vary). Batches with an auxiliary
+    head's labels (``*_labels``) carry their step counts too, as ``step_aux_targets`` (one per key,
+    in :func:`aux_label_keys` order), so that head's labels weigh alike across the step as well.
 
     Why a stateful loader rather than ``train_dataloader()`` reading the restored progress: at that
     call (``FitLoop.setup_data``) Lightning has not yet applied its restart adjustments (the
@@ -278,14 +280,28 @@ class ResumableLoader(DataLoader):
             labelled = all(isinstance(b, dict) and "labels" in b for b in step)
             if labelled:
                 targets = sum(int(np.count_nonzero(b["labels"].numpy() != IGNORE)) for b in step)
+                # an auxiliary head's labels ("*_labels", in the order of aux_label_keys)
+                aux = [
+                    sum(int(np.count_nonzero(b[key].numpy() != IGNORE)) for b in step)
+                    for key in aux_label_keys(step[0])
+                ]
             for batch in step:
                 if labelled:
                     count = torch.tensor(targets)
                     batch["step_targets"] = count.pin_memory() if self.pin_memory else count
+                    if aux:
+                        count = torch.tensor(aux)
+                        batch["step_aux_targets"] = count.pin_memory() if self.pin_memory else count
                 epoch, done = self._position
                 self._position = (epoch, min(done + self.batch_size, len(sampler)))
                 index += 1
                 yield batch
+
+
+def aux_label_keys(batch: dict) -> list[str]:
+    """The label keys of a batch's auxiliary heads (``sentence_labels``, ``token_labels``), in
+    the order of the loader's ``step_aux_targets``."""
+    return sorted(k for k in batch if k.endswith("_labels"))
 
 
 def scored_only(make_batch: Callable[[list[Example]], dict], examples: list[Example]) -> dict:

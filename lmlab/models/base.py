@@ -170,6 +170,7 @@ class LMModule(L.LightningModule):
         # auxiliary heads: name -> weight of its mean cross-entropy in the training loss, in the
         # order of their sums in `nll` (a subclass declares them with `add_aux_task`)
         self.aux_weights: dict[str, float] = {}
+        self.aux_keys: dict[str, str] = {}  # name -> its batch key of labels
         self.val_aux = torch.nn.ModuleDict()
         # UTF-8 bytes of each token id (0 for specials); set from the tokenizer by `set_token_bytes`.
         self.register_buffer(
@@ -196,10 +197,12 @@ class LMModule(L.LightningModule):
     def build_backbone(self) -> torch.nn.Module:
         return self.backbone_class(self.config)
 
-    def add_aux_task(self, name: str, weight: float) -> None:
+    def add_aux_task(self, name: str, weight: float, key: str) -> None:
         """Declare an auxiliary head whose (NLL sum, count, correct) :meth:`nll` returns after the
-        language model's four values (in the order of declaration)."""
+        language model's four values (in the order of declaration), over the batch's ``key``
+        labels."""
         self.aux_weights[name] = float(weight)
+        self.aux_keys[name] = key
         self.val_aux[name] = torch.nn.ModuleDict({"loss": TargetMean(), "acc": TargetMean()})
 
     def aux_sums(self, sums: tuple[torch.Tensor, ...]) -> list[tuple]:
@@ -316,16 +319,18 @@ class LMModule(L.LightningModule):
         return nll_sum, mask.sum(), n_bytes, correct
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        step_targets = self.all_processes(batch.pop("step_targets", None))
+        step_targets, aux_targets = self.all_processes(
+            batch.pop("step_targets", None), batch.pop("step_aux_targets", None)
+        )
         sums = self.nll(batch)
         nll_sum, count, n_bytes = sums[:3]
         aux = self.aux_sums(sums)
         loss = nll_sum / self.loss_divisor(count, step_targets)
         for name, aux_nll, aux_count, _ in aux:
-            # the head's mean over this micro-batch: every training example has a label and every
-            # micro-batch as many examples, so Lightning's and the strategy's averaging over
-            # micro-batches and processes make it the large batch's mean
-            loss = loss + self.aux_weights[name] * aux_nll / aux_count.clamp(min=1)
+            # like the language model's: every label of the step weighs alike
+            loss = loss + self.aux_weights[name] * aux_nll / self.loss_divisor(
+                aux_count, self.aux_step_targets(name, aux_targets)
+            )
         if self.skip_nonfinite:  # needs this step's value now: one host sync per step
             if not torch.isfinite(loss):
                 self.skipped_nonfinite += 1
@@ -362,18 +367,33 @@ class LMModule(L.LightningModule):
             grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
             torch._foreach_mul_([g for g in grads if g is not None], factor)
 
-    def all_processes(self, step_targets: torch.Tensor | None) -> torch.Tensor | None:
+    def all_processes(
+        self, step_targets: torch.Tensor | None, aux_targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The loader's ``step_targets`` (this process's targets in the micro-batches of its
-        optimizer step, :class:`lmlab.data.base.ResumableLoader`) summed over all processes: one
-        all-reduce of one number with several (the host does not wait for it)."""
+        optimizer step, :class:`lmlab.data.base.ResumableLoader`) and ``step_aux_targets`` (an
+        auxiliary head's) summed over all processes: one all-reduce of a few numbers with several
+        (the host does not wait for it)."""
         trainer = self._trainer
         if step_targets is None or trainer is None or trainer.world_size == 1:
-            return step_targets
+            return step_targets, aux_targets
         # torch.distributed directly: Lightning's strategy.reduce adds a barrier, which on NCCL
         # waits for the device
-        step_targets = step_targets.clone()  # all_reduce works in place
-        torch.distributed.all_reduce(step_targets)
-        return step_targets
+        both = (
+            step_targets.view(1)
+            if aux_targets is None
+            else torch.cat([step_targets.view(1), aux_targets])
+        )
+        both = both.clone()  # all_reduce works in place
+        torch.distributed.all_reduce(both)
+        return both[0], (both[1:] if aux_targets is not None else None)
+
+    def aux_step_targets(self, name: str, aux_targets: torch.Tensor | None) -> torch.Tensor | None:
+        """The optimizer step's label count of auxiliary head ``name`` in ``step_aux_targets``
+        (ordered by label key, :func:`lmlab.data.base.aux_label_keys`)."""
+        if aux_targets is None:
+            return None
+        return aux_targets[sorted(self.aux_keys.values()).index(self.aux_keys[name])]
 
     def loss_divisor(
         self, count: torch.Tensor, step_targets: torch.Tensor | None = None

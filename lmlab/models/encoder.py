@@ -32,11 +32,25 @@ def selected_rows(targets: int, positions: int) -> int:
     return min(positions, max(1, -(-targets // step)) * step)
 
 
+def classify(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, labelled positions, correct argmax predictions) of a classifier head
+    on hidden states (..., C) against ``labels`` (...); label -100: not scored."""
+    logits = head(hidden).float().flatten(0, -2)
+    labels = labels.flatten()
+    scored = labels != IGNORE
+    nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return nll, scored.sum(), ((logits.argmax(-1) == labels) & scored).sum()
+
+
 class EncoderLM(LMModule):
-    """An encoder with its MLM head and, for sentence-pair objectives (nsp, sop), a classifier of
-    the cls position: ``sentence_task`` names it (its metrics are ``val/<task>_loss`` and
+    """An encoder with its MLM head and, for sentence-level objectives (nsp, sop, ...), a classifier
+    of the cls position: ``sentence_task`` names it (its metrics are ``val/<task>_loss`` and
     ``val/<task>_acc``), ``sentence_classes`` sizes it, and its mean cross-entropy times
-    ``sentence_weight`` is added to the training loss. The objective sets all three
+    ``sentence_weight`` is added to the training loss; ``token_task``, ``token_classes`` and
+    ``token_weight`` likewise for a classifier of every position (capital_word), over the
+    positions its ``token_labels`` score. The objective sets them
     (:meth:`lmlab.data.base.WindowDataModule.model_settings`); they are saved with the checkpoint."""
 
     accepts = ("masked",)
@@ -49,20 +63,29 @@ class EncoderLM(LMModule):
         sentence_task: str = "",
         sentence_classes: int = 0,
         sentence_weight: float = 1.0,
+        token_task: str = "",
+        token_classes: int = 0,
+        token_weight: float = 1.0,
         **kwargs,
     ) -> None:
-        if bool(sentence_task) != (sentence_classes > 0):
-            raise ValueError(
-                f"sentence_task={sentence_task!r} and sentence_classes={sentence_classes} must be "
-                "given together"
-            )
-        self.sentence_classes = sentence_classes  # read by build_backbone, inside super().__init__
+        for kind, task, classes in (
+            ("sentence", sentence_task, sentence_classes),
+            ("token", token_task, token_classes),
+        ):
+            if bool(task) != (classes > 0):
+                raise ValueError(
+                    f"{kind}_task={task!r} and {kind}_classes={classes} must be given together"
+                )
+        # read by build_backbone, inside super().__init__
+        self.sentence_classes, self.token_classes = sentence_classes, token_classes
         super().__init__(**kwargs)
         if sentence_task:
-            self.add_aux_task(sentence_task, sentence_weight)
+            self.add_aux_task(sentence_task, sentence_weight, "sentence_labels")
+        if token_task:
+            self.add_aux_task(token_task, token_weight, "token_labels")
 
     def build_backbone(self) -> Encoder:
-        return Encoder(self.config, sentence_classes=self.sentence_classes)
+        return Encoder(self.config, self.sentence_classes, self.token_classes)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         batch = super().on_before_batch_transfer(batch, dataloader_idx)
@@ -88,7 +111,13 @@ class EncoderLM(LMModule):
         blocks = flops.flops_per_token(flops.matmul_weights(b.blocks), c.n_layers, c.d_model, S)
         head = b.sentence_head
         sentence = 0 if head is None else head.pool_weight.numel() + head.weight.numel()
-        return B * S * blocks + 6 * b.lm_head.weight.numel() * targets + 6 * sentence * B
+        token = 0 if b.token_head is None else b.token_head.weight.numel()
+        return (
+            B * S * blocks
+            + 6 * b.lm_head.weight.numel() * targets
+            + 6 * sentence * B
+            + 6 * token * B * S
+        )
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The ~15% selected positions, so the output head (a d_model x vocab matmul per position,
@@ -119,22 +148,23 @@ class EncoderLM(LMModule):
 
     def nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """:meth:`LMModule.nll`, and with a sentence head its (NLL sum, count, correct) over the
-        batch's ``sentence_labels`` from the same forward pass."""
+        batch's ``sentence_labels``, with a token head over its ``token_labels``, from the same
+        forward pass."""
         hidden = self.backbone(batch["input_ids"], batch.get("attention_mask"), head=False)
         sums = self.head_loss(*self.select_targets(hidden, batch), count_correct=not self.training)
-        if self.backbone.sentence_head is None:
-            return sums
-        return (*sums, *self.sentence_loss(hidden[:, 0], batch["sentence_labels"]))
+        b = self.backbone
+        if b.sentence_head is not None:
+            sums = (*sums, *classify(b.sentence_head, hidden[:, 0], batch["sentence_labels"]))
+        if b.token_head is not None:
+            sums = (*sums, *classify(b.token_head, hidden, batch["token_labels"]))
+        return sums
 
-    def sentence_loss(
-        self, cls_hidden: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(summed cross-entropy, labelled examples, correct argmax predictions) of the sentence
-        head on the cls positions' hidden states (B, C); label -100: not scored."""
-        logits = self.backbone.sentence_head(cls_hidden).float()
-        scored = labels != IGNORE
-        nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-        return nll, scored.sum(), ((logits.argmax(-1) == labels) & scored).sum()
+    def predict_tokens(self, ids: list[int]) -> torch.Tensor:
+        """Class probabilities (S, classes) of the token head at every position of one input."""
+        self.check_prompt_length(len(ids))
+        with self.evaluating():
+            hidden = self.backbone(torch.tensor([ids], device=self.device), head=False)
+            return self.backbone.token_head(hidden[0]).float().softmax(-1).cpu()
 
     def predict_sentence(self, ids: list[int]) -> torch.Tensor:
         """Class probabilities (classes,) of the sentence head for one input (cls ... sep)."""
@@ -201,8 +231,11 @@ class EncoderLM(LMModule):
             predicted = inputs.copy()
             predicted[selected] = top[selected, 0].numpy()
             right = int((predicted[selected] == labels[selected]).sum())
+            original = labels.clip(0) * selected + inputs * ~selected
+            if hasattr(datamodule, "original_ids"):  # inputs changed beyond the masking
+                original = datamodule.original_ids(ex)
             lines = [
-                f"original:  {show(labels.clip(0) * selected + inputs * ~selected)}",
+                f"original:  {show(original)}",
                 f"masked:    {show(inputs)}",
                 f"predicted: {show(predicted)}",
                 f"({right}/{int(selected.sum())} selected tokens right)",
@@ -215,6 +248,16 @@ class EncoderLM(LMModule):
                 lines.append(
                     f"{datamodule.objective}: {names[truth]} (predicted "
                     f"{names[guess]}, p={float(probs[guess]):.2f})"
+                )
+            if self.backbone.token_head is not None:
+                truth = torch.as_tensor(datamodule.token_labels_of(ex))
+                guess = self.predict_tokens(inputs.tolist()).argmax(-1)
+                scored = truth != IGNORE
+                right = int((guess[scored] == truth[scored]).sum())
+                lines.append(
+                    f"{datamodule.objective}: {right}/{int(scored.sum())} right; the model's "
+                    f"{datamodule.label_names[1]}: "
+                    f"{datamodule.show_predicted(inputs, guess, truth.numpy())}"
                 )
             out.append("\n".join(lines))
         return out

@@ -59,12 +59,34 @@ class SentenceHead(nn.Module):
         return F.linear(pooled, self.weight, self.bias)
 
 
+class TokenHead(nn.Module):
+    """A linear classifier of each position's hidden state (BERT's token classification head):
+    ``logits = W h + b``; biases zeroed, as :class:`SentenceHead`'s."""
+
+    def __init__(self, d_model: int, classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(classes, d_model))
+        self.bias = nn.Parameter(torch.empty(classes))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=1 / math.sqrt(self.weight.shape[1]))
+        nn.init.zeros_(self.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight, self.bias)
+
+
 class Encoder(Backbone):
     """``forward(input_ids, attention_mask) -> logits`` (B, S, V) at every position. With
-    ``sentence_classes`` > 0 it also has a :class:`SentenceHead` (``sentence_head``) that
-    sentence-pair objectives (nsp, sop) apply to the cls position's hidden state."""
+    ``sentence_classes`` > 0 it also has a :class:`SentenceHead` (``sentence_head``) that the
+    sentence-level objectives (nsp, sop, ...) apply to the cls position's hidden state, and with
+    ``token_classes`` > 0 a :class:`TokenHead` (``token_head``) for every position's
+    (capital_word)."""
 
-    def __init__(self, config: EncoderConfig, sentence_classes: int = 0) -> None:
+    def __init__(
+        self, config: EncoderConfig, sentence_classes: int = 0, token_classes: int = 0
+    ) -> None:
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.padded_vocab_size, c.d_model)
@@ -79,6 +101,7 @@ class Encoder(Backbone):
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = Linear(c.d_model, c.padded_vocab_size, bias=False)
         self.sentence_head = SentenceHead(c.d_model, sentence_classes) if sentence_classes else None
+        self.token_head = TokenHead(c.d_model, token_classes) if token_classes else None
         self.init_and_tie()
 
     def encode(
