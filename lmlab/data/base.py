@@ -298,6 +298,22 @@ class ResumableLoader(DataLoader):
                 yield batch
 
 
+def check_head_weight(key: str, weight) -> None:
+    """Refuse an auxiliary head's loss weight (``objective.<key>``) that is not a finite number
+    >= 0."""
+    if isinstance(weight, bool) or not (isinstance(weight, int | float) and 0 <= weight < math.inf):
+        raise ConfigError(
+            f"objective.{key}={weight!r} must be a finite number >= 0 (the weight of the auxiliary "
+            "head's loss in the training loss; 0 trains the masked LM only)"
+        )
+
+
+def head_settings(kind: str, task: str, classes: int, weight: float) -> dict:
+    """The model's arguments for an auxiliary head (``kind``: sentence or token; see
+    :class:`lmlab.models.encoder.EncoderLM`)."""
+    return {f"{kind}_task": task, f"{kind}_classes": classes, f"{kind}_weight": weight}
+
+
 def aux_label_keys(batch: dict) -> list[str]:
     """The label keys of a batch's auxiliary heads (``sentence_labels``, ``token_labels``), in
     the order of the loader's ``step_aux_targets``."""

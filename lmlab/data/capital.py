@@ -20,17 +20,14 @@ keep their case (and are left out of the task).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from lmlab.data.base import Example, example_keys
+from lmlab.data.base import Example, check_head_weight, example_keys, head_settings
 from lmlab.data.collate import IGNORE
 from lmlab.data.denoise import token_texts
 from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.tokenizers import word_starts
-from lmlab.errors import ConfigError
 
 
 def case_tables(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,7 +75,7 @@ class CapitalWordDataModule(MaskedLMDataModule):
         token_weight: float = 1.0,
         **kwargs,  # mask_prob, p_mask, p_random, whole_word: see MaskedLMDataModule
     ) -> None:
-        self.check_weight(token_weight)
+        check_head_weight("token_weight", token_weight)
         self.token_weight = float(token_weight)
         self.lower, self.case, self.blank = case_tables(tokenizer)
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
@@ -88,25 +85,11 @@ class CapitalWordDataModule(MaskedLMDataModule):
 
     @classmethod
     def check_settings(cls, *, token_weight: float = 1.0, **rest) -> None:
-        cls.check_weight(token_weight)
+        check_head_weight("token_weight", token_weight)
         super().check_settings(**rest)
 
-    @classmethod
-    def check_weight(cls, weight) -> None:
-        if isinstance(weight, bool) or not (
-            isinstance(weight, int | float) and 0 <= weight < math.inf
-        ):
-            raise ConfigError(
-                f"objective.token_weight={weight!r} must be a finite number >= 0 (the weight of "
-                "the capitalization loss in the training loss; 0 trains the masked LM only)"
-            )
-
     def model_settings(self) -> dict:
-        return {
-            "token_task": self.objective,
-            "token_classes": len(self.label_names),
-            "token_weight": self.token_weight,
-        }
+        return head_settings("token", self.objective, len(self.label_names), self.token_weight)
 
     def _case_labels(self, ids: np.ndarray) -> np.ndarray:
         """(B, S) labels: the case of the word that starts at each position, -100 elsewhere. A

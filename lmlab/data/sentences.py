@@ -46,14 +46,13 @@ the window no label 1).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from itertools import pairwise, permutations
 
 import numpy as np
 import torch
 
-from lmlab.data.base import Example, example_keys, example_rng
+from lmlab.data.base import Example, check_head_weight, example_keys, example_rng, head_settings
 from lmlab.data.collate import IGNORE
 from lmlab.data.denoise import sentence_end_table
 from lmlab.data.mlm import MaskedLMDataModule
@@ -104,7 +103,7 @@ class SentenceTaskDataModule(MaskedLMDataModule):
         sentence_weight: float = 1.0,
         **kwargs,  # mask_prob, p_mask, p_random, whole_word: see MaskedLMDataModule
     ) -> None:
-        self.check_weight(sentence_weight)
+        check_head_weight("sentence_weight", sentence_weight)
         self.check_length(seq_len, self.max_segments)
         self.sentence_weight = float(sentence_weight)
         self.is_end = sentence_end_table(tokenizer)  # decodes every token once
@@ -122,7 +121,7 @@ class SentenceTaskDataModule(MaskedLMDataModule):
         """``max_segments``: deshuffle's setting (None: the class's count, as in the constructor's
         call, which checks the instance's own count too)."""
         cls.check_length(seq_len, max_segments or cls.max_segments)
-        cls.check_weight(sentence_weight)
+        check_head_weight("sentence_weight", sentence_weight)
         super().check_settings(seq_len=seq_len, **rest)
 
     @classmethod
@@ -134,22 +133,10 @@ class SentenceTaskDataModule(MaskedLMDataModule):
                 f"{seq_len}; raise seq_len"
             )
 
-    @classmethod
-    def check_weight(cls, weight) -> None:
-        if isinstance(weight, bool) or not (
-            isinstance(weight, int | float) and 0 <= weight < math.inf
-        ):
-            raise ConfigError(
-                f"objective.sentence_weight={weight!r} must be a finite number >= 0 (the weight of "
-                "the sentence task's loss in the training loss; 0 trains the masked LM only)"
-            )
-
     def model_settings(self) -> dict:
-        return {
-            "sentence_task": self.objective,
-            "sentence_classes": len(self.label_names),
-            "sentence_weight": self.sentence_weight,
-        }
+        return head_settings(
+            "sentence", self.objective, len(self.label_names), self.sentence_weight
+        )
 
     @property
     def window_len(self) -> int:
