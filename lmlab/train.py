@@ -511,7 +511,8 @@ RUNTIME_SETTINGS = (
     "token_weight",
 )
 # Module arguments the objective sets (its auxiliary heads), named in a refused resume's message
-OBJECTIVE_HEADS = ("sentence_task", "sentence_classes", "token_task", "token_classes")
+HEAD_TASKS = ("sentence_task", "token_task")
+OBJECTIVE_HEADS = (*HEAD_TASKS, "sentence_classes", "token_classes")
 
 
 def check_resume_compatible(
@@ -535,15 +536,18 @@ def check_resume_compatible(
         for name, p in inspect.signature(type(model).__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    for key in sorted(set(saved) | set(now)):
+    # the heads' tasks first: a refusal names them rather than their sizes
+    for key in sorted(set(saved) | set(now), key=lambda k: (k not in HEAD_TASKS, k)):
         was = saved.get(key, defaults.get(key))
         if key in RUNTIME_SETTINGS or was == now.get(key):
             continue
         if key in OBJECTIVE_HEADS:
+            trained = ckpt["lmlab"].get("config", {}).get("objective", {}).get("name")
             raise ConfigError(
                 f"{ckpt_path} does not fit this run's objective: its {key} is {was!r}, this "
                 f"run's objective gives {now.get(key)!r} (the auxiliary heads come with the "
-                "objective); resume with the checkpoint's objective"
+                f"objective); resume with the checkpoint's objective"
+                + (f" (objective={trained})" if trained else "")
             )
         raise ConfigError(
             f"{ckpt_path} does not fit this model: model.{key} is {saved.get(key)!r} in the "

@@ -154,3 +154,88 @@ def test_a_capital_word_run_reports_its_head(tiny_cfg):
         c.isupper() for x in samples.splitlines() if x.startswith(prefix) for c in x
     )
     assert upper("masked:") < upper("original:")
+
+
+def metaspace_tokenizer(text: str, lowercase: bool = False):
+    """A SentencePiece-style BPE ("▁" marks a word start), trained on ``text``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from lmlab.data.tokenizers import SPECIAL_TOKENS, TextTokenizer
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    if lowercase:
+        tk.normalizer = normalizers.Lowercase()
+    specials = ["<unk>", *SPECIAL_TOKENS.values()]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    tk.train_from_iterator([text], trainer)
+    return TextTokenizer(tk, "pretrained")
+
+
+TEXT = "The king and the queen. Love is blind; THE END. So the end, love.\n" * 50
+
+
+def test_sentencepiece_tokens_keep_their_space_when_lowercased(tmp_path):
+    """Decoding "▁The" alone gives "The", as "The" does: looked up by that, "▁The" became "the",
+    and the input lost the space before every capitalized word (which also showed the label)."""
+    tok = metaspace_tokenizer(TEXT)
+    store = build_store(iter([TEXT]), tok, tmp_path, "m")
+    dm = CapitalWordDataModule(tok, store, store, seq_len=32, batch_size=1, mask_prob=0.01)
+    text = "So The king said The end"
+    ex = Example(0, np.array(tok.encode(text)))
+    inputs, labels = dm.mask_example(ex)
+    selected = labels != IGNORE
+    lowered = np.where(selected, dm.lower[dm.original_ids(ex)], inputs)
+    assert tok.decode(lowered[1:-1].tolist()) == "So the king said the end"  # "So": no "▁so"
+    pieces = [tok.tk.id_to_token(int(t)) for t in ex.tokens]
+    case = dm.token_labels_of(ex)[1:-1]
+    assert [p for p, c in zip(pieces, case, strict=True) if c == 1] == ["▁The", "▁The"]
+    # an uncased tokenizer: nothing is ever capitalized, refused
+    uncased = metaspace_tokenizer(TEXT, lowercase=True)
+    store = build_store(iter([TEXT]), uncased, tmp_path, "u")
+    with pytest.raises(ConfigError, match="no token of this tokenizer is a capitalized word"):
+        CapitalWordDataModule(uncased, store, store, seq_len=32, batch_size=1)
+
+
+def test_words_whose_lowercased_split_is_not_the_tokenizers_own_are_not_scored(tmp_path):
+    """ " KING" is " K" "ING", lowercased " k" "ing", where the tokenizer writes " king": that
+    split only ever stands for capitals, so the word is left out; " King" -> " king" stays."""
+    text = " the king and the King" * 200 + " KING"
+    tok = train_bpe(iter([text]), vocab_size=300, num_sentinels=2)
+    store = build_store(iter([text]), tok, tmp_path, "k")
+    dm = CapitalWordDataModule(tok, store, store, seq_len=32, batch_size=1)
+    texts = [tok.decode([t]) for t in tok.encode(" king King KING")]
+    assert texts[:2] == [" king", " King"] and len(texts) > 3  # KING is split
+    ex = Example(0, np.array(tok.encode(" king King KING")))
+    case = dm.token_labels_of(ex)[1:-1]
+    assert case[:2].tolist() == [0, 1] and (case[2:] == IGNORE).all()
+    assert dm.own_split(tuple(tok.encode(" King"))) and not dm.own_split(tuple(tok.encode(" KING")))
+
+
+def test_random_replacements_hold_no_capital(tok, store):
+    dm = CapitalWordDataModule(tok, store, store, seq_len=32, batch_size=1)
+    raw = tok.raw_texts()
+    assert all(raw[t] == raw[t].lower() for t in dm.random_ids)
+    tok_bpe = train_bpe(iter([TEXT]), vocab_size=300, num_sentinels=2)
+    dm = CapitalWordDataModule(tok_bpe, store, store, seq_len=32, batch_size=1)
+    raw = tok_bpe.raw_texts()
+    assert all(raw[t] == raw[t].lower() for t in dm.random_ids)
+    assert any(raw[t] != raw[t].lower() for t in range(tok_bpe.vocab_size) if raw[t] is not None)
+
+
+def test_generate_lowercases_the_prompt_of_a_capital_word_model(tok, store):
+    dm = CapitalWordDataModule(tok, store, store, seq_len=32, batch_size=1)
+    dims = dict(n_layers=1, d_model=32, n_heads=4, max_seq_len=64)
+    m = EncoderLM(
+        vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims, **dm.model_settings()
+    )
+    m.set_token_bytes(tok.token_bytes())  # as generate does: which tokens are text
+    (text,) = m.generate_text(tok, ["The <|mask|> King"], top_k=2)
+    first = text.split("\n")[0]
+    assert first.startswith("the ") and first.endswith(" king")
+    plain = EncoderLM(vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims)
+    plain.set_token_bytes(tok.token_bytes())
+    (text,) = plain.generate_text(tok, ["The <|mask|> King"], top_k=2)
+    first = text.split("\n")[0]  # (splitlines also cuts at control characters)
+    assert first.startswith("The ") and first.endswith(" King")

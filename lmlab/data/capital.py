@@ -2,16 +2,19 @@
 Task") with masked LM, for encoders: ``masked`` batches with ``token_labels``.
 
 The encoder reads the window lowercased, token by token (each token whose text has capitals is
-replaced by the token spelling its lowercase text, where the vocabulary has one), and a classifier at
-every position says whether the word starting there is capitalized (its first letter upper case:
-label 1, lower case: 0). Scored are the tokens that begin a word (the byte-level pre-tokenizer's
-boundaries, as whole-word masking uses them) with a cased first letter and a lowercase counterpart;
-a capitalized token without one stays as it is in the input, so it is not scored (its case shows).
-Masked LM runs as objective=mlm on the lowercased input (its settings; random replacements are
-drawn from tokens that are their own lowercase) with the original tokens as targets, so
-``val/loss`` and ``val/bpb`` score the cased text, as objective=mlm's do. The classifier's mean
-cross-entropy times ``token_weight`` is added to the training loss; validation reports
-``val/capital_word_loss`` and ``val/capital_word_acc``.
+replaced by the token whose text is the same in lower case, where the vocabulary has one: "▁The"
+by "▁the", " The" by " the"), and a classifier at every position says whether the word starting
+there is capitalized (its first letter upper case: label 1, lower case: 0). Scored are the tokens
+that begin a word (the byte-level pre-tokenizer's boundaries, as whole-word masking uses them) with
+a cased first letter, where the lowercased word shows nothing of its case: a capitalized token
+without a lowercase counterpart stays as it is (its case shows), and a word whose lowercased tokens
+are not how the tokenizer splits the lowercase word (" K" "ING" for " KING", where " king" is one
+token) would show it by its split; neither is scored. Masked LM runs as objective=mlm on the
+lowercased input (its settings; random replacements are drawn from tokens without capitals) with
+the original tokens as targets, so ``val/loss`` and ``val/bpb`` score the cased text, as
+objective=mlm's do. The classifier's mean cross-entropy over the step's scored words times
+``token_weight`` is added to the training loss; validation reports ``val/capital_word_loss`` and
+``val/capital_word_acc``. An uncased tokenizer (nothing is ever capitalized) is refused.
 
 Differences from the paper: ERNIE 2.0 does not say how its input hides the case; here it is the
 tokenizer's own lowercase tokens, so words whose lowercase form is not a token of the vocabulary
@@ -25,33 +28,34 @@ import torch
 
 from lmlab.data.base import Example, check_head_weight, example_keys, head_settings
 from lmlab.data.collate import IGNORE
-from lmlab.data.denoise import token_texts
 from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.tokenizers import word_starts
+from lmlab.errors import ConfigError
 
 
 def case_tables(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lower, case, blank) per token id: ``lower[t]`` the id of the token spelling ``t``'s text in
-    lower case (``t`` itself when it has no capitals or no such token exists); ``case[t]`` 1 when
-    the first non-space character of ``t`` is an upper-case letter and ``lower[t]`` differs, 0 when
-    it is a lower-case letter, -100 otherwise (no cased letter there, a capitalized token without a
-    lowercase counterpart, a special token); ``blank[t]``: ``t`` is whitespace only."""
-    texts = token_texts(tokenizer)
-    special = set(tokenizer.special_ids)
+    """(lower, case, blank) per token id, from the tokens' raw texts
+    (:meth:`lmlab.data.tokenizers.TextTokenizer.raw_texts`: "▁The" and "The" are different texts):
+    ``lower[t]`` the id of the token whose text is ``t``'s in lower case (``t`` itself when it has
+    no capitals or no such token exists); ``case[t]`` 1 when the first letter of ``t`` (after
+    whitespace, "##") is upper case and ``lower[t]`` differs, 0 when it is lower case, -100
+    otherwise (no cased letter there, a capitalized token without a lowercase counterpart, special
+    and byte-fallback tokens); ``blank[t]``: ``t`` is whitespace only."""
+    raw = tokenizer.raw_texts()
     by_text: dict[str, int] = {}
-    for i, text in enumerate(texts):
-        if i not in special:
+    for i, text in enumerate(raw):
+        if text is not None:
             by_text.setdefault(text, i)
-    lower = np.arange(len(texts), dtype=np.int64)
-    case = np.full(len(texts), IGNORE, dtype=np.int64)
-    blank = np.array([not t.strip() and i not in special for i, t in enumerate(texts)])
-    for i, text in enumerate(texts):
-        if i in special:
+    lower = np.arange(len(raw), dtype=np.int64)
+    case = np.full(len(raw), IGNORE, dtype=np.int64)
+    blank = np.array([text is not None and not text.strip() for text in raw])
+    for i, text in enumerate(raw):
+        if text is None:
             continue
         if text != text.lower():
             lower[i] = by_text.get(text.lower(), i)
-        first = text.lstrip()[:1]
-        if first.lower() == first.upper():  # no cased letter (digits, punctuation, "", "�")
+        first = text.lstrip().removeprefix("##")[:1]
+        if first.lower() == first.upper():  # no cased letter (digits, punctuation, "", a byte)
             continue
         if first.isupper():
             if lower[i] != i:
@@ -78,10 +82,19 @@ class CapitalWordDataModule(MaskedLMDataModule):
         check_head_weight("token_weight", token_weight)
         self.token_weight = float(token_weight)
         self.lower, self.case, self.blank = case_tables(tokenizer)
+        if not (self.case == 1).any():
+            raise ConfigError(
+                "objective=capital_word: no token of this tokenizer is a capitalized word with a "
+                "lowercase counterpart (an uncased tokenizer lowercases every text), so every label "
+                "would be 'lowercase'; use a cased tokenizer"
+            )
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
-        # random replacements from the lowercase vocabulary only: no capital in the input
-        self.random_ids = np.flatnonzero(~self.special & (self.lower == np.arange(len(self.lower))))
+        # random replacements from tokens without capitals only: no capital in the input
+        raw = tokenizer.raw_texts()
+        no_capital = np.array([t is not None and t == t.lower() for t in raw])
+        self.random_ids = np.flatnonzero(~self.special & no_capital)
         self.starts_table = tokenizer.word_start_table()
+        self._canonical: dict[tuple[int, ...], bool] = {}  # word ids -> lowercased split is own
 
     @classmethod
     def check_settings(cls, *, token_weight: float = 1.0, **rest) -> None:
@@ -99,7 +112,32 @@ class CapitalWordDataModule(MaskedLMDataModule):
         blank = self.blank[ids]
         at = starts & ~blank
         at[:, 1:] |= starts[:, :-1] & blank[:, :-1]
-        return np.where(at, self.case[ids], IGNORE)
+        labels = np.where(at, self.case[ids], IGNORE)
+        # A word lowercased token by token keeps its split (" K" "ING" -> " k" "ing" where " king"
+        # is one token; "iPhone" -> "i" "phone"): a split the tokenizer never makes of lowercase
+        # text would tell where capitals were, so words with a changed token are scored only where
+        # their lowercased tokens are the tokenizer's own encoding of the lowercased word.
+        flat = labels.reshape(-1)
+        first = np.flatnonzero(starts.reshape(-1))  # every row starts with cls: words stay in rows
+        word = np.cumsum(starts.reshape(-1)) - 1  # each position's word
+        changed = np.bincount(word, weights=self.lower[ids].reshape(-1) != ids.reshape(-1)) > 0
+        ends = np.append(first[1:], flat.size)
+        tokens = ids.reshape(-1)
+        for at_pos in np.flatnonzero((flat != IGNORE) & changed[word]):
+            w = word[at_pos]
+            if not self.own_split(tuple(tokens[first[w] : ends[w]].tolist())):
+                flat[at_pos] = IGNORE
+        return labels
+
+    def own_split(self, word: tuple[int, ...]) -> bool:
+        """Whether the tokenizer encodes ``word``'s text in lower case as ``word`` lowercased
+        token by token (cached per word)."""
+        known = self._canonical.get(word)
+        if known is None:
+            lowered = [int(self.lower[t]) for t in word]
+            text = self.tokenizer.decode(lowered)
+            known = self._canonical[word] = self.tokenizer.encode(text) == lowered
+        return known
 
     def _lowercased(self, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, MLM labels): the lowercased ids masked as objective=mlm masks, the original

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 BYTE_TO_CHAR = _bytes_to_unicode()
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte pieces
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
@@ -257,6 +259,24 @@ class TextTokenizer:
             )
         self._word_table = table
         return table
+
+    def raw_texts(self) -> list[str | None]:
+        """Per token id, the text the token stands for as it stands in the vocabulary (None for
+        added tokens and SentencePiece byte-fallback pieces "<0xNN>"): a byte-level token's bytes
+        (decoded with ``surrogateescape``, so a piece of a UTF-8 character keeps its byte), a
+        SentencePiece piece with "▁" as a space, a WordPiece piece with its "##". Unlike decoding
+        one token alone, nothing is dropped: "▁The" and "The" stay apart."""
+        out: list[str | None] = [None] * self.vocab_size
+        added = set(self.tk.get_added_tokens_decoder())
+        byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
+        for tok, i in self.tk.get_vocab(with_added_tokens=False).items():
+            if i in added or i >= self.vocab_size or BYTE_FALLBACK.fullmatch(tok):
+                continue
+            if byte_level and all(c in CHAR_TO_BYTE for c in tok):
+                out[i] = bytes(CHAR_TO_BYTE[c] for c in tok).decode("utf-8", "surrogateescape")
+            else:
+                out[i] = tok.replace("▁", " ")
+        return out
 
     @property
     def encodes_lines_apart(self) -> bool:

@@ -432,6 +432,8 @@ class LMModule(L.LightningModule):
             if self._skipped_targets is not None:
                 add, self._skipped_targets = add - self._skipped_targets, None
                 if add > 0:  # the other micro-batches were divided by all the step's targets
+                    # (an auxiliary head's loss is rescaled by the same factor: exact where its
+                    # labels are skipped in the same share, approximate otherwise)
                     self._grad_rescale = float(step_targets / add)
         self._epoch_targets = (
             add.clone() if self._epoch_targets is None else self._epoch_targets + add

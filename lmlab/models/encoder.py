@@ -209,8 +209,24 @@ class EncoderLM(LMModule):
     def generate_text(
         self, tokenizer, prompts: list[str], *, top_k: int | None = None, **_
     ) -> list[str]:
-        """What ``python -m lmlab.generate`` does for an encoder: fill-mask."""
+        """What ``python -m lmlab.generate`` does for an encoder: fill-mask. A model trained on
+        lowercased text (objective=capital_word) reads the prompts lowercased."""
+        if self.hparams.get("token_task") == "capital_word":
+            prompts = [p.lower() for p in prompts]
         return self.fill_mask(tokenizer, prompts, top_k or 5)
+
+    def sample_examples(self, datamodule, max_new_tokens: int) -> list:
+        """The first two validation windows, cut to ``max_new_tokens`` to keep samples readable;
+        for a sentence-level objective whole (cut, a window would hold no two whole sentences),
+        the first two of the first 20 that it scores (where it scores two)."""
+        if not hasattr(datamodule, "sentence_label"):
+            examples = datamodule.val_examples(2)
+            for ex in examples:
+                ex.tokens = ex.tokens[:max_new_tokens]
+            return examples
+        examples = datamodule.val_examples(20)
+        scored = [ex for ex in examples if datamodule.sentence_label(ex) != IGNORE]
+        return (scored if len(scored) >= 2 else examples)[:2]
 
     def samples(self, tokenizer, datamodule, *, max_new_tokens: int = 64, **_) -> list[str]:
         """Fill-mask on the first validation windows: original, masked input, predictions; for a
@@ -223,8 +239,7 @@ class EncoderLM(LMModule):
             parts = [ids[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(ids)], strict=True)]
             return " | ".join(tokenizer.decode(p) for p in parts)
 
-        for ex in datamodule.val_examples(2):
-            ex.tokens = ex.tokens[:max_new_tokens]  # keep samples readable
+        for ex in self.sample_examples(datamodule, max_new_tokens):
             inputs, labels = datamodule.mask_example(ex)
             top, _ = self.predict_masked(inputs.tolist(), 1)
             selected = labels != -100
