@@ -334,7 +334,9 @@ def test_settings_are_checked(tok, store):
         NextSentenceDataModule(tok, store, store, seq_len=4, batch_size=4)
     with pytest.raises(ConfigError, match="objective=deshuffle needs seq_len >= 9"):
         DeshuffleDataModule(tok, store, store, seq_len=8, batch_size=4, max_segments=4)
-    DeshuffleDataModule(tok, store, store, seq_len=5, batch_size=4, max_segments=2)  # 2 fit
+    # two segments fit seq_len=5 (the data check that follows finds no two whole sentences)
+    with pytest.raises(ConfigError, match="holds two whole sentences"):
+        DeshuffleDataModule(tok, store, store, seq_len=5, batch_size=4, max_segments=2)
     for bad, message in (
         (1, "must be 2 to 5"),
         (6, "must be 2 to 5"),
@@ -537,3 +539,13 @@ def test_text_without_a_fitting_sentence_is_never_drawn_from_elsewhere(tok, tmp_
     nsp_labels = {nsp.segments(ex)[1] for ex in first_doc}
     assert nsp_labels == {0, IGNORE}
     assert {distance.segments(ex)[1] for ex in first_doc} - {IGNORE} == {0, 1}
+
+
+def test_text_without_whole_sentences_is_refused_before_training(tok, store, tmp_path, caplog):
+    words = build_store(iter([" ".join(["efgh ijkl mnop"] * 400)]), tok, tmp_path, "w")
+    with pytest.raises(ConfigError, match="none of the first 64 validation windows of 77 tokens"):
+        SentenceOrderDataModule(tok, store, words, seq_len=80, batch_size=1)
+    # windows too short for two sentences: a warning, the masked LM trains on the rest
+    caplog.set_level("WARNING", logger="lmlab")
+    SentenceOrderDataModule(tok, store, store, seq_len=28, batch_size=1)
+    assert "only 3 of the first 64 validation windows hold two whole sentences" in caplog.text

@@ -49,6 +49,7 @@ the window no label 1).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import pairwise, permutations
 
@@ -62,9 +63,13 @@ from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.store import TokenStore
 from lmlab.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 # Text from elsewhere is drawn from a stretch of at most this many tokens of its region (a document
 # can be millions of tokens; its sentence ends are found in that stretch only)
 REGION_TOKENS = 1 << 16
+# Validation windows looked at for whole sentences before any training
+CHECKED_WINDOWS = 64
 # Other documents drawn for text from elsewhere before the example is left unscored (BERT draws its
 # random document up to 10 times)
 OTHER_TRIES = 10
@@ -136,6 +141,29 @@ class SentenceTaskDataModule(MaskedLMDataModule):
                 f"objective={cls.objective} needs seq_len >= {2 * segments + 1} (cls, then "
                 f"{segments} segments of at least one token, each followed by sep), got "
                 f"{seq_len}; raise seq_len"
+            )
+
+    def check(self) -> None:
+        """Also refuse validation text in which no window holds two whole sentences (no ". ! ?",
+        or a seq_len too short for them): the head would never be scored or trained; warn
+        where under a tenth of the first windows are."""
+        super().check()
+        examples = self.val_examples(CHECKED_WINDOWS)
+        scored = sum(self.stretch(ex) is not None for ex in examples)
+        if scored == 0:
+            raise ConfigError(
+                f"objective={self.name}: none of the first {len(examples)} validation windows of "
+                f"{self.window_len} tokens holds two whole sentences (ending with . ! or ?), so "
+                "the sentence task would never be scored; raise seq_len, or use text with "
+                "sentence punctuation (or objective=mlm)"
+            )
+        if scored < 0.1 * len(examples):
+            log.warning(
+                "objective=%s: only %d of the first %d validation windows hold two whole "
+                "sentences; the others train the masked LM only (raise seq_len for more)",
+                self.name,
+                scored,
+                len(examples),
             )
 
     def model_settings(self) -> dict:
