@@ -129,3 +129,14 @@ def command_cfg(name: str, **values):
         for key, value in values.items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     return cfg
+
+
+def tiny_encoder(tok, **settings):
+    """A 2 x 32 ``EncoderLM`` over ``tok``'s vocabulary, plain head + loss; ``settings``: an
+    objective's ``model_settings()`` (its auxiliary head) or other model fields."""
+    from lmlab.models.encoder import EncoderLM
+
+    dims = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, loss_chunk_size=0)
+    return EncoderLM(
+        vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims | settings
+    )

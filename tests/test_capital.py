@@ -18,7 +18,7 @@ from lmlab.data.tokenizers import byte_tokenizer, train_bpe
 from lmlab.errors import ConfigError
 from lmlab.models.encoder import EncoderLM
 
-from .conftest import make_text
+from .conftest import make_text, tiny_encoder
 
 
 @pytest.fixture
@@ -103,10 +103,7 @@ def test_settings_and_model_settings(tok, store):
 def test_token_head_loss_is_the_cross_entropy_at_the_labelled_positions(tok, store):
     dm = CapitalWordDataModule(tok, store, store, seq_len=32, batch_size=4)
     torch.manual_seed(0)
-    dims = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, loss_chunk_size=0)
-    m = EncoderLM(
-        vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims, **dm.model_settings()
-    )
+    m = tiny_encoder(tok, **dm.model_settings())
     starts = range(0, 8 * 30, 30)
     batch = dm.make_batch(
         [Example(s, np.asarray(store.tokens[s : s + 30], np.int64)) for s in starts]
@@ -127,7 +124,7 @@ def test_token_head_loss_is_the_cross_entropy_at_the_labelled_positions(tok, sto
         float(t_nll.detach() / t_count), rel=1e-5
     )
     # FLOPs: 6 x the head's weights at every position
-    plain = EncoderLM(vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims)
+    plain = tiny_encoder(tok)
     assert m.step_flops(batch) - plain.step_flops(batch) == 6 * 2 * 32 * 8 * 32
     again = EncoderLM(**m.hparams)
     assert again.backbone.token_head is not None and again.aux_weights == {"capital_word": 1.0}
@@ -213,28 +210,28 @@ def test_words_whose_lowercased_split_is_not_the_tokenizers_own_are_not_scored(t
     assert dm.own_split(tuple(tok.encode(" King"))) and not dm.own_split(tuple(tok.encode(" KING")))
 
 
-def test_random_replacements_hold_no_capital(tok, store):
+def test_random_replacements_hold_no_capital(tmp_path):
+    """Drawn from exactly the text tokens without capitals: a capitalized token without a
+    lowercase counterpart (" So" here: the text has no " so") was drawn too, and put capitals
+    into the input."""
+    tok = train_bpe(iter([TEXT]), vocab_size=300, num_sentinels=2)
+    store = build_store(iter([TEXT]), tok, tmp_path, "r")
     dm = CapitalWordDataModule(tok, store, store, seq_len=32, batch_size=1)
     raw = tok.raw_texts()
-    assert all(raw[t] == raw[t].lower() for t in dm.random_ids)
-    tok_bpe = train_bpe(iter([TEXT]), vocab_size=300, num_sentinels=2)
-    dm = CapitalWordDataModule(tok_bpe, store, store, seq_len=32, batch_size=1)
-    raw = tok_bpe.raw_texts()
-    assert all(raw[t] == raw[t].lower() for t in dm.random_ids)
-    assert any(raw[t] != raw[t].lower() for t in range(tok_bpe.vocab_size) if raw[t] is not None)
+    want = {t for t, text in enumerate(raw) if text is not None and text == text.lower()}
+    assert set(dm.random_ids.tolist()) == want - set(tok.special_ids)
+    (so,) = [t for t, text in enumerate(raw) if text == " So"]
+    assert dm.lower[so] == so and so not in dm.random_ids  # no " so" token: kept, never drawn
 
 
 def test_generate_lowercases_the_prompt_of_a_capital_word_model(tok, store):
     dm = CapitalWordDataModule(tok, store, store, seq_len=32, batch_size=1)
-    dims = dict(n_layers=1, d_model=32, n_heads=4, max_seq_len=64)
-    m = EncoderLM(
-        vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims, **dm.model_settings()
-    )
+    m = tiny_encoder(tok, **dm.model_settings())
     m.set_token_bytes(tok.token_bytes())  # as generate does: which tokens are text
     (text,) = m.generate_text(tok, ["The <|mask|> King"], top_k=2)
     first = text.split("\n")[0]
     assert first.startswith("the ") and first.endswith(" king")
-    plain = EncoderLM(vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims)
+    plain = tiny_encoder(tok)
     plain.set_token_bytes(tok.token_bytes())
     (text,) = plain.generate_text(tok, ["The <|mask|> King"], top_k=2)
     first = text.split("\n")[0]  # (splitlines also cuts at control characters)

@@ -27,6 +27,8 @@ from lmlab.errors import ConfigError
 from lmlab.models.encoder import EncoderLM
 from lmlab.train import train
 
+from .conftest import tiny_encoder
+
 ALPHABETS = ["abcd", "efgh", "ijkl", "mnop"]  # one per document: a token tells its document
 
 
@@ -362,14 +364,7 @@ def test_settings_are_checked(tok, store):
 def test_sentence_head_loss_is_the_cross_entropy_at_cls_added_to_the_mlm_loss(tok, store):
     dm = NextSentenceDataModule(tok, store, store, seq_len=64, batch_size=4)
     torch.manual_seed(0)
-    dims = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, loss_chunk_size=0)
-    m = EncoderLM(
-        vocab_size=tok.vocab_size,
-        special_ids=tok.special,
-        optim={"lr": 1e-3},
-        **dims,
-        **dm.model_settings(),
-    )
+    m = tiny_encoder(tok, **dm.model_settings())
     short = Example(5, np.asarray(store.tokens[5:12], np.int64), store=store)  # not scored
     batch = dm.make_batch([*examples(store, dm.window_len)[:9], short])
     y = batch["sentence_labels"]
@@ -398,7 +393,7 @@ def test_sentence_head_loss_is_the_cross_entropy_at_cls_added_to_the_mlm_loss(to
         float(s_nll.detach()) / n, rel=1e-5
     )
     # the head's work in the FLOP count: 6 x its matmul weights per sequence
-    plain = EncoderLM(vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **dims)
+    plain = tiny_encoder(tok)
     assert m.step_flops(batch) - plain.step_flops(batch) == 6 * (32 * 32 + 2 * 32) * 10
     # rebuilt from its hyperparameters (as a checkpoint is), it has the head
     again = EncoderLM(**m.hparams)
@@ -412,16 +407,7 @@ def test_the_sentence_head_trains_through_the_encoder(tok, store):
     gradient the encoder): the pair loss falls from chance (log 2) to near zero."""
     dm = SentenceOrderDataModule(tok, store, store, seq_len=40, batch_size=4)
     torch.manual_seed(0)
-    m = EncoderLM(
-        vocab_size=tok.vocab_size,
-        special_ids=tok.special,
-        optim={},
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        max_seq_len=64,
-        **dm.model_settings(),
-    )
+    m = tiny_encoder(tok, loss_chunk_size=None, **dm.model_settings())
     batch = dm.make_batch(examples(store, dm.window_len)[:16])
     optimizer = torch.optim.AdamW(m.parameters(), lr=3e-3)
     start = m.backbone.blocks[0].attn.qkv.weight.detach().clone()

@@ -230,7 +230,8 @@ class EncoderLM(LMModule):
 
     def samples(self, tokenizer, datamodule, *, max_new_tokens: int = 64, **_) -> list[str]:
         """Fill-mask on the first validation windows: original, masked input, predictions; for a
-        sentence-pair objective also the pair's label and the sentence head's prediction."""
+        sentence-level objective also the example's label and the sentence head's prediction, for
+        capital_word the token head's right case predictions and the text as it capitalizes it."""
         out = []
 
         def show(ids):  # without the outer cls / sep; a pair's segments split by " | "
