@@ -23,6 +23,7 @@ OBJECTIVES = {
     "nsp": "lmlab.data.sentences.NextSentenceDataModule",
     "sentence_distance": "lmlab.data.sentences.SentenceDistanceDataModule",
     "deshuffle": "lmlab.data.sentences.DeshuffleDataModule",
+    "discourse": "lmlab.data.discourse.DiscourseDataModule",
     "capital_word": "lmlab.data.capital.CapitalWordDataModule",
     "span": "lmlab.data.span.SpanCorruptionDataModule",
     "denoise": "lmlab.data.denoise.DenoisingDataModule",

@@ -395,6 +395,7 @@ def test_compatibility_table_covers_the_families():
         "nsp",
         "sentence_distance",
         "deshuffle",
+        "discourse",
         "capital_word",
     ]
     assert set(valid_objectives("encoder_decoder")) == {
@@ -442,6 +443,7 @@ def test_every_valid_pair_trains(tiny_cfg, model, objective):
         "nsp": "The <|mask|> king",
         "sentence_distance": "The <|mask|> king",
         "deshuffle": "The <|mask|> king",
+        "discourse": "The <|mask|> king",
         "capital_word": "The <|mask|> king",
         "span": "The <extra_id_0> king",
         "denoise": "The <|mask|> king",

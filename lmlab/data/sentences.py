@@ -143,27 +143,34 @@ class SentenceTaskDataModule(MaskedLMDataModule):
                 f"{seq_len}; raise seq_len"
             )
 
+    # what a scored window holds, for the messages of :meth:`check`
+    scored_what = "two whole sentences (ending with . ! or ?)"
+
+    def scored(self, ex: Example) -> bool:
+        """Whether the example's label is scored (not -100), without drawing its segments."""
+        return self.stretch(ex) is not None
+
     def check(self) -> None:
-        """Also refuse validation text in which no window holds two whole sentences (no ". ! ?",
+        """Also refuse validation text in which no window holds :attr:`scored_what` (no ". ! ?",
         or a seq_len too short for them): the head would never be scored or trained; warn
-        where under a tenth of the first windows are."""
+        where under a tenth of the first windows do."""
         super().check()
         examples = self.val_examples(CHECKED_WINDOWS)
-        scored = sum(self.stretch(ex) is not None for ex in examples)
+        scored = sum(self.scored(ex) for ex in examples)
         if scored == 0:
             raise ConfigError(
                 f"objective={self.name}: none of the first {len(examples)} validation windows of "
-                f"{self.window_len} tokens holds two whole sentences (ending with . ! or ?), so "
-                "the sentence task would never be scored; raise seq_len, or use text with "
-                "sentence punctuation (or objective=mlm)"
+                f"{self.window_len} tokens holds {self.scored_what}, so the sentence task would "
+                "never be scored; raise seq_len, or use text that has them (or objective=mlm)"
             )
         if scored < 0.1 * len(examples):
             log.warning(
-                "objective=%s: only %d of the first %d validation windows hold two whole "
-                "sentences; the others train the masked LM only (raise seq_len for more)",
+                "objective=%s: only %d of the first %d validation windows hold %s; the others "
+                "train the masked LM only (raise seq_len for more)",
                 self.name,
                 scored,
                 len(examples),
+                self.scored_what,
             )
 
     def model_settings(self) -> dict:
