@@ -7,16 +7,21 @@ starts with a discourse marker ("However, ...", "For example, ..."), the marker 
 the class is the marker. Such pairs need no labelling, so this objective mines them from the run's
 own text: in a window's whole sentences (as the other sentence-level objectives find them,
 :mod:`lmlab.data.sentences`), a sentence after the first whose text starts with one of the
-``markers`` (a whole word or phrase, any case, followed by whitespace or by a comma and
-whitespace) is a place to cut. One is drawn uniformly; the input is ``cls A sep B sep``, A the
-whole sentences before it, B the rest with the marker (and its comma) taken out, masked as
-objective=mlm masks, and the label is the marker's class. A window without such a sentence trains
-the masked LM only (label not scored).
+``markers`` (a whole word or phrase, any case, whitespace inside it counting as one space,
+followed by whitespace and a word, or by a comma, whitespace and a word, the word maybe after a
+quote or bracket; not itself after a quote or a bracket) is a place to cut. One is drawn uniformly; the input is ``cls A sep B sep``, A the
+whole sentences before it, B the rest with the marker (the whitespace before it and its comma
+too) taken out, masked as objective=mlm masks, and the label is the marker's class. A window
+without such a sentence trains the masked LM only (label not scored); validation text none of
+whose windows (512 of them, spread over the split) has one is refused.
 
 Each entry of ``markers`` is a class: one marker ("but"), or several that mean the same joined by
 "|" ("therefore|thus|hence"); where two match ("for" and "for example"), the longer one counts.
 Markers are matched on the decoded text, so every tokenizer works, provided the marker ends on a
 token boundary (a tokenizer that merges "But," with the next word leaves that sentence out).
+WordPiece pieces hold no whitespace, so there "But , so" and "But,so" read as "But, so". Sentence
+ends are found as the other sentence-level objectives find them: a SentencePiece-style tokenizer
+that merges a full stop with the newline and word after it ("▁bb.\nBut") hides that sentence.
 
 The classes are as frequent as the text makes them (Sileo et al. balanced theirs by sampling): on
 the bundled corpus "and" and "but" are most of them, so compare ``val/discourse_acc`` with the
@@ -31,6 +36,7 @@ and ``val/discourse_acc``.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 import numpy as np
@@ -43,8 +49,15 @@ from lmlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Validation windows, spread over the split, whose labels the run logs the shares of
+# Validation windows, spread over the split, that check() looks at (a marked sentence is rarer
+# than two whole sentences: the first windows alone can miss them all) and logs the shares of
 SHARE_WINDOWS = 512
+# Tokens read from a sentence's start to find its marker (a byte tokenizer: one per byte, after
+# any indentation), and after the marker to see that a word follows
+MAX_MARKER_TOKENS = 64
+AFTER_TOKENS = 8
+# after a marker (and its comma): whitespace, then a word ("'tis" too)
+FOLLOWS = re.compile(r"\s+[\"'\u2018\u2019\u201c(]?\w")
 
 # Sileo et al.'s frequent English markers, a few grouped by meaning, and the sentence-initial
 # conjunctions (and, but, yet, for, so) that old and informal text starts sentences with
@@ -84,6 +97,8 @@ def parse_markers(markers) -> list[tuple[str, ...]]:
         if not isinstance(entry, str):
             raise ConfigError(f"objective.markers: {entry!r} is not a text, {example}")
         forms = tuple(" ".join(form.lower().split()) for form in entry.split("|"))
+        if len(set(forms)) < len(forms):
+            raise ConfigError(f"objective.markers: {entry!r} lists a marker twice")
         for form in forms:
             if not form or not all(word.replace("'", "").isalpha() for word in form.split()):
                 raise ConfigError(
@@ -122,11 +137,11 @@ class DiscourseDataModule(SentenceTaskDataModule):
         self.prefixes = {
             f[:n] for form in self.form_class for f in (form, form + ",") for n in range(len(f) + 1)
         }
-        self.longest = max(map(len, self.form_class)) + 1  # with its comma
-        low = [t.lstrip().lower() for t in token_texts(tokenizer)]
-        self.may_start = np.array([t in self.prefixes for t in low])  # "" too: whitespace
+        # tokens whose text can open a sentence on the way to a marker: "" (whitespace), "b",
+        # "but,"; or a piece of a UTF-8 character (a byte tokenizer's "ü" is two tokens)
+        low = [" ".join(t.lower().split()) for t in token_texts(tokenizer)]
+        self.may_start = np.array([t in self.prefixes or t.endswith("\ufffd") for t in low])
         self.may_start[tokenizer.special_ids] = False
-        self._matches: dict[tuple[int, ...], tuple[int, int] | None] = {}
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @classmethod
@@ -137,26 +152,24 @@ class DiscourseDataModule(SentenceTaskDataModule):
     # -- markers --------------------------------------------------------------------------------
     def marker_at(self, tokens: np.ndarray) -> tuple[int, int] | None:
         """(class, tokens it takes) of the marker the text of ``tokens`` starts with (after
-        whitespace; its comma included), the longest where several match; None without one.
-        Cached per token sequence."""
+        whitespace; its comma included), the longest where several match; None without one. A
+        marker counts when whitespace and then a letter or digit follow it (or its comma), on the
+        decoded text (so every tokenizer's pieces are read alike); whitespace inside the text
+        counts as one space ("For\nexample")."""
         if not len(tokens) or not self.may_start[tokens[0]]:
             return None
-        key = tuple(tokens[: self.longest + 2].tolist())  # a byte tokenizer: a token per byte
-        if key in self._matches:
-            return self._matches[key]
         found, decode = None, self.tokenizer.decode
-        text = decode(key[:1])
-        for n in range(1, len(key)):
-            low = text.lstrip().lower()
-            if low not in self.prefixes:
+        ids = tokens[:MAX_MARKER_TOKENS].tolist()
+        for n in range(1, len(ids)):
+            text = decode(ids[:n])
+            low = " ".join(text.lower().split())
+            if low not in self.prefixes and not low.endswith("\ufffd"):
                 break
-            longer = decode(key[: n + 1])
-            after = longer[len(text) :] if longer.startswith(text) else ""
             form = low.removesuffix(",")
-            if form in self.form_class and after[:1].isspace():  # a whole word, then whitespace
-                found = (self.form_class[form], n)
-            text = longer
-        self._matches[key] = found
+            if form in self.form_class and not text[-1:].isspace():  # B keeps its whitespace
+                after = decode(ids[: n + AFTER_TOKENS])
+                if after.startswith(text) and FOLLOWS.match(after, len(text)):
+                    found = (self.form_class[form], n)
         return found
 
     def marked(self, s: Stretch) -> list[tuple[int, int, int]]:
@@ -183,26 +196,31 @@ class DiscourseDataModule(SentenceTaskDataModule):
         k, label, n = marked[int(rng.integers(len(marked)))]
         return [s.text[s.first : k], s.text[k + n : s.last]], label
 
-    def check(self) -> None:
-        """Also log the classes' shares over up to :data:`SHARE_WINDOWS` validation windows
-        spread over the split (compare val/discourse_acc with the largest)."""
-        super().check()
+    def checked_windows(self) -> tuple[list[Example], str]:
+        """Up to :data:`SHARE_WINDOWS` validation windows spread over the split."""
         starts = eval_starts(len(self.val_store), self.window_len, self.stride)
         picked = np.linspace(0, len(starts) - 1, min(SHARE_WINDOWS, len(starts))).astype(int)
         windows = Windows(self.val_store, self.window_len)
-        labels = [self.sentence_label(windows[int(starts[i])]) for i in picked]
-        counts = Counter(y for y in labels if y != IGNORE)
+        return [windows[starts[i]] for i in picked.tolist()], f"{len(picked)}"
+
+    def check(self) -> None:
+        """Also log the classes' shares over the checked windows (compare val/discourse_acc with
+        the largest), and the classes none of them has."""
+        super().check()
+        examples, which = self.checked_windows()
+        counts = Counter(self.sentence_label(ex) for ex in examples)
+        counts.pop(IGNORE, None)
         total = sum(counts.values())
-        if not total:  # check() found scored windows among the first ones; these may lack them
-            return
         shares = ", ".join(
             f"{self.label_names[y]} {c / total:.0%}" for y, c in counts.most_common(5)
         )
+        unseen = [name for y, name in enumerate(self.label_names) if y not in counts]
         log.info(
-            "objective=discourse: %d of %d validation windows are scored; their markers: %s "
-            "(always guessing the first scores %.2f)",
+            "objective=discourse: %d of %s validation windows are scored; their markers: %s "
+            "(always guessing the first scores %.2f)%s",
             total,
-            len(labels),
+            which,
             shares,
             counts.most_common(1)[0][1] / total,
+            f"; none has {', '.join(unseen)}" if unseen else "",
         )

@@ -150,26 +150,31 @@ class SentenceTaskDataModule(MaskedLMDataModule):
         """Whether the example's label is scored (not -100), without drawing its segments."""
         return self.stretch(ex) is not None
 
-    def check(self) -> None:
-        """Also refuse validation text in which no window holds :attr:`scored_what` (no ". ! ?",
-        or a seq_len too short for them): the head would never be scored or trained; warn
-        where under a tenth of the first windows do."""
-        super().check()
+    def checked_windows(self) -> tuple[list[Example], str]:
+        """The validation windows :meth:`check` looks at, and how messages name them."""
         examples = self.val_examples(CHECKED_WINDOWS)
+        return examples, f"the first {len(examples)}"
+
+    def check(self) -> None:
+        """Also refuse validation text in which no checked window holds :attr:`scored_what` (no
+        ". ! ?", or a seq_len too short for them): the head would never be scored or trained;
+        warn where under a tenth of them do."""
+        super().check()
+        examples, which = self.checked_windows()
         scored = sum(self.scored(ex) for ex in examples)
         if scored == 0:
             raise ConfigError(
-                f"objective={self.name}: none of the first {len(examples)} validation windows of "
+                f"objective={self.name}: none of {which} validation windows of "
                 f"{self.window_len} tokens holds {self.scored_what}, so the sentence task would "
                 "never be scored; raise seq_len, or use text that has them (or objective=mlm)"
             )
         if scored < 0.1 * len(examples):
             log.warning(
-                "objective=%s: only %d of the first %d validation windows hold %s; the others "
-                "train the masked LM only (raise seq_len for more)",
+                "objective=%s: only %d of %s validation windows hold %s; the others train the "
+                "masked LM only (raise seq_len for more)",
                 self.name,
                 scored,
-                len(examples),
+                which,
                 self.scored_what,
             )
 
