@@ -25,6 +25,7 @@ OBJECTIVES = {
     "deshuffle": "lmlab.data.sentences.DeshuffleDataModule",
     "discourse": "lmlab.data.discourse.DiscourseDataModule",
     "capital_word": "lmlab.data.capital.CapitalWordDataModule",
+    "tlm": "lmlab.data.tlm.TranslationLMDataModule",
     "span": "lmlab.data.span.SpanCorruptionDataModule",
     "denoise": "lmlab.data.denoise.DenoisingDataModule",
 }

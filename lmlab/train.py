@@ -40,7 +40,7 @@ from lmlab import __version__
 from lmlab.callbacks import last_saved_at_step
 from lmlab.checkpoint import SHARDED_META, is_sharded, read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
-from lmlab.data.corpus import check_data, make_corpus
+from lmlab.data.corpus import check_data, make_corpus, plain_texts, text_fields
 from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import (
     TextTokenizer,
@@ -222,6 +222,15 @@ def check_objective(cfg: DictConfig) -> None:
     values = {k: v for k, v in known.items() if v is not inspect.Parameter.empty}
     everything = {**values, **settings, "seq_len": cfg.seq_len}
     objective.check_settings(**everything, num_sentinels=sentinels)
+    data = cfg.get("data") or {}
+    if getattr(objective, "parallel", False) and not isinstance(
+        text_fields(data.get("text_field", "text")), tuple
+    ):
+        raise ConfigError(
+            f"objective={cfg.objective.name} trains on parallel text (translation pairs), but "
+            f"data={data.get('name')} reads one text per document; use JSONL rows of pairs: "
+            "data=files data.train=pairs.jsonl data.text_field=[en,fr] (the two fields)"
+        )
     max_target = cfg.model.get("max_target_len")
     if max_target is not None and hasattr(objective, "target_length"):
         target = objective.target_length(**everything)
@@ -603,7 +612,9 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     tok_settings = json.dumps(OmegaConf.to_container(cfg.tokenizer, resolve=True), sort_keys=True)
     job = hashlib.sha256(f"{train_fp}|{val_fp}|{tok_settings}".encode()).hexdigest()[:16]
     with file_lock(cache / f".prepare-{job}.lock", "data preparation"):
-        tok = build_tokenizer(cfg.tokenizer, lambda: corpus.texts(corpus.train), train_fp, cache)
+        tok = build_tokenizer(
+            cfg.tokenizer, lambda: plain_texts(corpus.texts(corpus.train)), train_fp, cache
+        )
         stores = []
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
             key = store_key(corpus.fingerprint(docs), tok)

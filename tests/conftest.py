@@ -70,6 +70,24 @@ def text_files(tmp_path: Path) -> list[Path]:
     return paths
 
 
+def cipher(text: str) -> str:
+    """A stand-in translation: each word's letters shifted by 13 (rot13), the words reversed."""
+    import codecs
+
+    return " ".join(codecs.encode(w, "rot13") for w in reversed(text.split()))
+
+
+@pytest.fixture
+def parallel_file(tmp_path: Path) -> Path:
+    """A JSONL file of 300 translation pairs {"en": ..., "xx": cipher(en)}."""
+    import json
+
+    lines = [line for i in range(3) for line in make_text(800, i).splitlines()]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"en": t, "xx": cipher(t)}) + "\n" for t in lines))
+    return path
+
+
 TINY = [
     "seq_len=32",
     "model.n_layers=2",

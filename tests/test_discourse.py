@@ -69,24 +69,28 @@ def decode(tok, ids) -> str:
     return tok.decode(np.asarray(ids).tolist())
 
 
+def tokenizer_and_store(kind: str, byte_tok, text: str, tmp_path):
+    """A tokenizer of ``kind`` that knows ``text`` (trained on it, or a WordPiece vocabulary of its
+    and the corpus's words), and the corpus's store in it."""
+    if kind == "byte":
+        t = byte_tok
+    elif kind == "bpe":  # trained on the text: it learns "But," and friends
+        t = train_bpe(iter([text * 30]), vocab_size=320, num_sentinels=2)
+    elif kind == "metaspace":
+        t = metaspace_tokenizer(text * 30)
+    else:
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        pieces = set(re.findall(r"\w+|[^\w\s]", text.lower() + " " + " ".join(corpus())))
+        _, t = wordpiece([*words, *sorted(pieces)], normalize=True)
+    return t, build_store(iter(corpus()), t, tmp_path, "d")
+
+
 @pytest.mark.parametrize("kind", ["byte", "bpe", "metaspace", "wordpiece"])
 def test_marked_sentences_are_whole_words_or_phrases_at_sentence_starts(tok, tmp_path, kind):
     """Each tokenizer's own tokens: the marked sentences are exactly those that start with a
     marker followed by whitespace or a comma ("Fortune", "Andrew", "But." are not), the longer
     marker wins ("for example" over "for"), and the marker with its comma is what is left out."""
-    text = WINDOW + " " + WINDOW  # a BPE trained on it learns "But," and friends
-    if kind == "byte":
-        t = tok
-    elif kind == "bpe":
-        t = train_bpe(iter([text * 20]), vocab_size=320, num_sentinels=2)
-    elif kind == "metaspace":
-        t = metaspace_tokenizer(text * 20)
-    else:
-        words = "[PAD] [UNK] [CLS] [SEP] [MASK] <|endoftext|> <|mask|> <|cls|> <|sep|> <|pad|>"
-        text = WINDOW + " " + " ".join(corpus())
-        pieces = {w.strip(".,!?").lower() for w in text.split()} | set(".,!?") | {"example"}
-        _, t = wordpiece([*words.split(), *sorted(pieces - {""})], normalize=True)
-    s_store = build_store(iter(corpus()), t, tmp_path, "d")
+    t, s_store = tokenizer_and_store(kind, tok, WINDOW + " " + WINDOW, tmp_path)
     dm = DiscourseDataModule(t, s_store, s_store, seq_len=128, batch_size=2, markers=MARKERS)
     ex = Example(0, np.array(t.encode(WINDOW)), store=s_store)
     s = dm.stretch(ex)
@@ -275,16 +279,9 @@ def test_a_marker_is_followed_by_whitespace_and_a_word(tok, tmp_path, kind):
     marker), a byte tokenizer's indentation used up the tokens read ("For" taken for "For
     instance"), and a marker's UTF-8 bytes decoded alone never matched."""
     markers = ["but", "then", "so", "and", "still", "for example|for instance", "über"]
-    if kind == "byte":
-        t = tok
-    elif kind == "bpe":
-        t = train_bpe(iter([TRICKY * 30]), vocab_size=300, num_sentinels=2)
-    else:
-        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        pieces = {w for w in re.findall(r"\w+|[^\w\s]", TRICKY.lower() + " " + " ".join(corpus()))}
-        _, t = wordpiece([*words, *sorted(pieces)], normalize=False)
+    if kind == "wordpiece":
         markers = markers[:-1]  # BertPreTokenizer splits no accents, but keep it to ASCII
-    s_store = build_store(iter(corpus()), t, tmp_path, "d")
+    t, s_store = tokenizer_and_store(kind, tok, TRICKY, tmp_path)
     dm = DiscourseDataModule(t, s_store, s_store, seq_len=256, batch_size=2, markers=markers)
     ex = Example(0, np.array(t.encode(TRICKY)), store=s_store)
     s = dm.stretch(ex)

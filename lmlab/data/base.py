@@ -413,22 +413,32 @@ class WindowDataModule(L.LightningDataModule):
     def make_batch(self, examples: list[Example]) -> dict:
         raise NotImplementedError
 
+    def index_space(self, store: TokenStore) -> tuple[int, int, int]:
+        """(positions, length, stride) that the samplers draw example starts from: the store's
+        tokens, windows of :attr:`window_len` every :attr:`stride` here; an objective whose
+        examples are not windows (objective=tlm: groups of whole pairs) numbers them itself,
+        with :meth:`dataset` making the example of each."""
+        return len(store), self.window_len, self.stride
+
+    def dataset(self, store: TokenStore) -> Dataset:
+        """Index (position, epoch) of :meth:`index_space` -> the :class:`Example`."""
+        return Windows(store, self.window_len)
+
     # -- shared ----------------------------------------------------------------------------------
     def check(self) -> None:
         """Refuse splits too short for one example (called at construction, before training)."""
-        if (
-            self.train_store is not None
-            and len(self.train_store) < self.window_len + self.stride - 1
-        ):
-            raise ConfigError(
-                f"the training split has {len(self.train_store)} tokens; objective={self.name} "
-                f"with seq_len={self.seq_len} needs at least {self.window_len + self.stride - 1} "
-                f"(windows of {self.window_len} tokens start at a random offset of up to "
-                f"{self.stride - 1}); add text or lower seq_len"
-            )
-        if self.train_store is not None:  # one process here; train_dataloader checks them all
-            windows = RandomWindowSampler(len(self.train_store), self.window_len, self.stride, 0).n
-            self._check_batches(windows, 1)
+        if self.train_store is not None:
+            positions, length, stride = self.index_space(self.train_store)
+            if positions < length + stride - 1:
+                raise ConfigError(
+                    f"the training split has {len(self.train_store)} tokens; objective="
+                    f"{self.name} with seq_len={self.seq_len} needs at least "
+                    f"{self.window_len + self.stride - 1} (windows of {self.window_len} tokens "
+                    f"start at a random offset of up to {self.stride - 1}); add text or lower "
+                    "seq_len"
+                )
+            # one process here; train_dataloader checks them all
+            self._check_batches(RandomWindowSampler(positions, length, stride, 0).n, 1)
         if len(self.val_store) < 2:
             raise ConfigError("the validation split has no targets; add validation text")
 
@@ -442,7 +452,7 @@ class WindowDataModule(L.LightningDataModule):
     ) -> DataLoader:
         kwargs.setdefault("collate_fn", self.make_batch)
         return cls(
-            Windows(store, self.window_len),
+            self.dataset(store),
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -471,9 +481,7 @@ class WindowDataModule(L.LightningDataModule):
         # still end inside a step, which Lightning would then take early on fewer sequences.
         accumulation = getattr(self.trainer, "accumulate_grad_batches", 1)
         sampler = RandomWindowSampler(
-            len(self.train_store),
-            self.window_len,
-            self.stride,
+            *self.index_space(self.train_store),
             self.seed,
             rank,
             world,
@@ -512,7 +520,7 @@ class WindowDataModule(L.LightningDataModule):
         # many batches (under FSDP each forward gathers the weights with the other ranks, and a
         # rank with a batch more waited for them forever).
         rank, world = self._shard()
-        every = eval_starts(len(self.val_store), self.window_len, self.stride)
+        every = eval_starts(*self.index_space(self.val_store))
         starts: list = every[rank::world]
         starts += [(every[0], 0, False)] * (-(-len(every) // world) - len(starts))
         return self._loader(
@@ -524,8 +532,8 @@ class WindowDataModule(L.LightningDataModule):
 
     def val_examples(self, n: int) -> list[Example]:
         """The first ``n`` validation windows (for samples and reconstructions)."""
-        ds = Windows(self.val_store, self.window_len)
-        return [ds[s] for s in eval_starts(len(self.val_store), self.window_len, self.stride)[:n]]
+        ds = self.dataset(self.val_store)
+        return [ds[s] for s in eval_starts(*self.index_space(self.val_store))[:n]]
 
 
 class Seq2SeqDataModule(WindowDataModule):

@@ -18,7 +18,7 @@ import logging
 import math
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,7 +65,7 @@ class Corpus:
     name: str
     train: list[Doc]
     val: list[Doc]
-    text_field: str = "text"
+    text_field: str | tuple[str, ...] = "text"  # two fields: parallel text (pairs)
     encoding_errors: str = "strict"
     val_fraction: float = 0.0  # used to cut a lone document into head (train) and tail (val)
 
@@ -185,19 +185,60 @@ def _jsonl_lines(text: str) -> list[str]:
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape them; UTF-8 cannot hold them
 
 
-def _jsonl_text(line: str, path: str, n: int, field: str, errors: str = "strict") -> str:
+def text_fields(field) -> str | tuple[str, str]:
+    """``data.text_field``: one field name, or a list of two (parallel text: each row a pair of
+    translations, a document of two parts); a dotted name reaches into nested objects
+    ("translation.en")."""
+    field = _plain(field)
+    if isinstance(field, str) and field:
+        return field
+    if (
+        isinstance(field, list | tuple)
+        and len(field) == 2
+        and all(isinstance(f, str) and f for f in field)
+    ):
+        if field[0] == field[1]:
+            raise ConfigError(f"data.text_field={list(field)!r} names one field twice")
+        return tuple(field)
+    raise ConfigError(
+        f"data.text_field={field!r} must be a field name, or a list of two for parallel text "
+        "(e.g. data.text_field=[en,fr], or [translation.en,translation.fr] for nested rows)"
+    )
+
+
+def plain_texts(texts: Iterable[str | tuple[str, ...]]) -> Iterator[str]:
+    """Every text of ``texts``, a parallel document's parts one by one (to train a tokenizer)."""
+    for text in texts:
+        yield from (text if isinstance(text, tuple) else (text,))
+
+
+def _jsonl_text(
+    line: str, path: str, n: int, field: str | tuple[str, ...], errors: str = "strict"
+) -> str | tuple[str, ...]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{path}:{n} is not valid JSON ({e.msg}); fix or remove the line"
         ) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+    if isinstance(field, tuple):
+        return tuple(_field_text(obj, f, path, n, errors) for f in field)
+    return _field_text(obj, field, path, n, errors)
+
+
+def _field_text(obj, field: str, path: str, n: int, errors: str) -> str:
+    """The string at ``field`` of one JSONL row: the key itself, else a dotted path through nested
+    objects."""
+    text = obj.get(field) if isinstance(obj, dict) else None
+    if text is None:
+        text = obj
+        for key in field.split("."):
+            text = text.get(key) if isinstance(text, dict) else None
+    if not isinstance(text, str):
         raise ConfigError(
             f"{path}:{n} has no string field {field!r}; set data.text_field to the field that "
             "holds the text"
         )
-    text = obj[field]
     bad = _SURROGATE.search(text)
     if bad and errors == "strict":
         raise ConfigError(
@@ -275,10 +316,16 @@ def _without_val(train: Files, val: Files) -> Files:
     return {p: f for p, f in train.items() if p not in val}
 
 
-def _documents(files: Files, fmt: str, errors: str) -> list[Doc]:
+def _documents(files: Files, fmt: str, errors: str, field: str | tuple = "text") -> list[Doc]:
     docs: list[Doc] = []
     for f, name in files.values():
         kind = fmt if fmt != "auto" else ("jsonl" if f.endswith((".jsonl", ".json")) else "text")
+        if kind == "text" and isinstance(field, tuple):
+            raise ConfigError(
+                f"data.text_field={list(field)!r} names two fields (parallel text), which only "
+                f"JSONL rows have, but {f} is read as plain text; use .jsonl files (or "
+                "data.format=jsonl), or one text field"
+            )
         if kind == "jsonl":
             lines = _jsonl_lines(_read_text(f, errors))
             docs.extend(Doc(f, line=n, name=name) for n, s in enumerate(lines, 1) if s.strip())
@@ -359,7 +406,8 @@ def make_corpus(cfg, need_train: bool = True):
     errors = cfg.get("encoding_errors", "strict")
     if errors not in ("strict", "replace", "ignore"):
         raise ConfigError(f"data.encoding_errors must be strict, replace or ignore, got {errors!r}")
-    fmt, field = cfg.get("format", "auto"), cfg.get("text_field", "text")
+    fmt = cfg.get("format", "auto")
+    field = text_fields(cfg.get("text_field", "text"))
     if cfg.source == "bundled":
         if cfg.name not in BUNDLED:
             raise ConfigError(f"no bundled corpus {cfg.name!r}; bundled: {', '.join(BUNDLED)}")
@@ -368,7 +416,7 @@ def make_corpus(cfg, need_train: bool = True):
         docs = [Doc(path, member=m, name=BUNDLED[cfg.name].name) for m in _bundled_members(path)]
         train, val = split_documents(docs, cfg.val_fraction)
     elif cfg.source == "files" and not need_train and cfg.get("val"):
-        train, val = [], _documents(_expand(cfg.val, "data.val"), fmt, errors)
+        train, val = [], _documents(_expand(cfg.val, "data.val"), fmt, errors, field)
     elif cfg.source == "files":
         if not cfg.get("train"):
             raise ConfigError(
@@ -379,12 +427,26 @@ def make_corpus(cfg, need_train: bool = True):
         train_files = _expand(cfg.train, "data.train")
         if cfg.get("val"):
             val_files = _expand(cfg.val, "data.val")
-            train = _documents(_without_val(train_files, val_files), fmt, errors)
-            val = _documents(val_files, fmt, errors)
+            train = _documents(_without_val(train_files, val_files), fmt, errors, field)
+            val = _documents(val_files, fmt, errors, field)
         else:
-            train, val = split_documents(_documents(train_files, fmt, errors), cfg.val_fraction)
+            docs = _documents(train_files, fmt, errors, field)
+            if isinstance(field, tuple) and len(docs) == 1:  # half a pair is no pair
+                raise ConfigError(
+                    f"parallel text (data.text_field={list(field)!r}) needs two rows or more to "
+                    "hold some out for validation; the files have one: add rows, or name "
+                    "validation files with data.val"
+                )
+            train, val = split_documents(docs, cfg.val_fraction)
     else:
         raise ConfigError(
             f"unknown data.source={cfg.source!r}; choose {', '.join(SOURCE_SETTINGS)}"
         )
     return Corpus(cfg.name, train, val, field, errors, cfg.get("val_fraction", 0.0))
+
+
+def _plain(value):
+    """An OmegaConf list as a Python list (other values as they are)."""
+    from omegaconf import ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value

@@ -30,7 +30,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lmlab.data.collate import mix64
-from lmlab.data.corpus import DOC_VERSION
+from lmlab.data.corpus import DOC_VERSION, text_fields
 from lmlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,13 @@ class HFCorpus:
         self.path = str(cfg.path)
         self.subset, self.revision = cfg.get("subset"), cfg.get("revision")
         self.data_files = _data_files(cfg.get("data_files"))
-        self.field = cfg.get("text_field", "text")
+        self.field = text_fields(cfg.get("text_field", "text"))
+        if isinstance(self.field, tuple):
+            raise ConfigError(
+                f"data=hf reads one text column; parallel text (data.text_field="
+                f"{list(self.field)!r}) is read from JSONL files: export the dataset with "
+                "Dataset.to_json('pairs.jsonl') and use data=files data.train=pairs.jsonl"
+            )
         self.streaming = bool(cfg.get("streaming", False))
         self.cache_dir = cfg.get("cache_dir")
         self.limit = cfg.get("max_documents")

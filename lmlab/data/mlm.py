@@ -63,13 +63,20 @@ class MaskedLMDataModule(WindowDataModule):
     def window_len(self) -> int:
         return self.seq_len - 2  # check_settings made sure it is at least 1
 
+    def arrange(self, ex: Example) -> Example:
+        """The example whose tokens go between cls and sep: the window itself here; objectives
+        that rearrange a window's text (objective=tlm) return another."""
+        return ex
+
     def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, labels) of one example: exactly its row of any batch :meth:`make_batch` puts it
         in, without the padding."""
+        ex = self.arrange(ex)
         inputs, labels, _ = self._mask(self._sequences([ex]), example_keys(self.seed, [ex]))
         return inputs[0], labels[0]
 
     def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        examples = [self.arrange(ex) for ex in examples]
         ids = self._sequences(examples, self.seq_len)
         inputs, labels, _ = self._mask(ids, example_keys(self.seed, examples))
         lengths = np.array([len(ex.tokens) + 2 for ex in examples])

@@ -3,7 +3,8 @@
 Layout of one store (a folder named by the cache key):
   tokens.bin   uint16 (vocab <= 65536) or uint32 token ids, every document followed by eos
   offsets.npy  int64 (n_docs + 1,): document d spans tokens[offsets[d]:offsets[d+1]] (its eos included)
-  meta.json    dtype, counts, UTF-8 byte count of the text, the key's ingredients
+  meta.json    dtype, counts, UTF-8 byte count of the text, parts per document (2: parallel text,
+               each document "src <sep> tgt <eos>"), the key's ingredients
 
 The key hashes (documents' identities, sizes and mtimes; the tokenizer; the settings), so a changed file or
 tokenizer builds a new store and an unchanged one is reused. A store is written into a temporary folder
@@ -50,6 +51,7 @@ class TokenStore:
     offsets: np.ndarray  # (n_docs + 1,)
     n_bytes: int  # UTF-8 bytes of the text (eos excluded)
     docs_id: str | None = None  # which documents it holds (Corpus.identity), set by prepare_data
+    parts: int = 1  # texts per document, joined by sep: 2 for parallel text (translation pairs)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -76,7 +78,8 @@ class TokenStore:
         path = Path(path)
         meta = json.loads((path / "meta.json").read_text())
         tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r")
-        return cls(path, tokens, np.load(path / "offsets.npy"), meta["n_bytes"])
+        offsets = np.load(path / "offsets.npy")
+        return cls(path, tokens, offsets, meta["n_bytes"], parts=meta.get("parts", 1))
 
 
 def store_key(doc_fingerprint: str, tokenizer: TextTokenizer) -> str:
@@ -110,16 +113,22 @@ def _pieces(text: str) -> list[str]:
 
 
 def _encode_stream(
-    texts: Iterable[str], tokenizer: TextTokenizer, total_bytes: int | None
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (ids of one document with eos appended, UTF-8 bytes of that document); documents of
+    texts: Iterable[str | tuple[str, ...]], tokenizer: TextTokenizer, total_bytes: int | None
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Yield (ids of one document with eos appended, UTF-8 bytes of that document, its parts: 1,
+    or 2 for a translation pair); documents of
     whitespace only are skipped (as data=hf skips blank rows): they hold nothing to learn or score.
+    A document of several parts (a tuple: parallel text) is its parts' ids joined by sep; one with
+    a blank part is skipped (half a pair is no translation), with a warning.
+
+    Parallel text needs a tokenizer whose sep and eos differ (a pretrained BERT-style file has
+    one "[SEP]" for both): the pairs would read as separate documents; refused.
 
     Text never yields a special id: the added-token matcher is off for corpora, but a model may hold
     a special token as one of its own pieces (a SentencePiece Unigram file's "</s>", "<pad>") and
     pick it for text that spells it, a document end or pad inside a document. Such ids are stored
     as the model's unknown token (dropped where it has none), with a warning."""
-    eos = tokenizer.eos_id
+    sep, eos = np.array([tokenizer.sep_id]), np.array([tokenizer.eos_id])
     unk = tokenizer.unk_id
     special = np.zeros(tokenizer.vocab_size, dtype=bool)
     special[tokenizer.special_ids] = True
@@ -129,7 +138,7 @@ def _encode_stream(
     # Cutting is only for speed (the batch encoder spreads pieces over the cores): never at the
     # price of different ids.
     cut = _pieces if tokenizer.encodes_lines_apart else lambda text: [text]
-    batch: list[tuple[int, list[str]]] = []  # (bytes, pieces) per document
+    batch: list[tuple[int, list[list[str]]]] = []  # (bytes, each part's pieces) per document
     size = 0
     bar = tqdm(
         total=total_bytes,
@@ -139,34 +148,52 @@ def _encode_stream(
         disable=total_bytes is not None and total_bytes < 32 << 20,  # None: unknown, maybe large
     )
 
+    def part_ids(chunks: list[list[int]]) -> np.ndarray:
+        ids = np.asarray([t for chunk in chunks for t in chunk], dtype=np.int64)
+        hit = special[ids]
+        if hit.any():
+            forged.update(ids[hit].tolist())
+            ids = ids[~hit] if unk is None else np.where(hit, unk, ids)
+        return ids
+
     def flush():
-        flat = [p for _, ps in batch for p in ps]
+        flat = [p for _, parts in batch for ps in parts for p in ps]
         ids = tokenizer.encode_batch(flat)
         i = 0
-        for nbytes, ps in batch:
-            doc = np.asarray([t for chunk in ids[i : i + len(ps)] for t in chunk] + [eos])
-            i += len(ps)
-            hit = special[doc[:-1]]
-            if hit.any():
-                forged.update(doc[:-1][hit].tolist())
-                body = doc[:-1][~hit] if unk is None else np.where(hit, unk, doc[:-1])
-                doc = np.append(body, eos)
+        for nbytes, parts in batch:
+            doc = []
+            for ps in parts:
+                doc += [part_ids(ids[i : i + len(ps)]), sep]
+                i += len(ps)
+            doc[-1] = eos  # the last part's sep
             bar.update(nbytes)
-            yield doc.astype(np.int64, copy=False), nbytes
+            yield np.concatenate(doc), nbytes, len(parts)
 
+    half_blank = 0
     for text in texts:
-        if not text.strip():
-            bar.update(len(text.encode("utf-8")))
+        parts = text if isinstance(text, tuple) else (text,)
+        if len(parts) > 1 and tokenizer.sep_id == tokenizer.eos_id:
+            raise ConfigError(
+                f"parallel text needs a tokenizer whose sep and eos tokens differ, but this one "
+                f"has {tokenizer.tk.id_to_token(tokenizer.eos_id)!r} for both (pairs would read "
+                "as separate documents); use tokenizer=bpe or tokenizer=byte, or a tokenizer.json "
+                "with its own separator token"
+            )
+        nbytes = sum(len(p.encode("utf-8")) for p in parts)
+        if not all(p.strip() for p in parts):
+            half_blank += any(p.strip() for p in parts)
+            bar.update(nbytes)
             continue
-        pieces = cut(text)
-        batch.append((len(text.encode("utf-8")), pieces))
-        size += len(text)
+        batch.append((nbytes, [cut(p) for p in parts]))
+        size += sum(map(len, parts))
         if size >= BATCH_CHARS:
             yield from flush()
             batch, size = [], 0
     if batch:
         yield from flush()
     bar.close()
+    if half_blank:
+        log.warning("%d parallel rows with a blank side were skipped", half_blank)
     if forged:
         log.warning(
             "the text spells special tokens that the tokenizer's model encodes as themselves (%s); "
@@ -224,11 +251,12 @@ def _build(texts, tokenizer, root: Path, key: str, total_bytes, label: str) -> N
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    offsets, n_tokens, n_bytes = [0], 0, 0
+    offsets, n_tokens, n_bytes, parts = [0], 0, 0, 1
     try:
         with open(tmp / "tokens.bin", "wb") as f:
-            for ids, nbytes in _encode_stream(texts, tokenizer, total_bytes):
+            for ids, nbytes, doc_parts in _encode_stream(texts, tokenizer, total_bytes):
                 f.write(ids.astype(dtype).tobytes())
+                parts = doc_parts  # the same for every document of a corpus
                 n_tokens += len(ids)
                 n_bytes += nbytes
                 offsets.append(n_tokens)
@@ -245,6 +273,7 @@ def _build(texts, tokenizer, root: Path, key: str, total_bytes, label: str) -> N
             "n_tokens": n_tokens,
             "n_docs": len(offsets) - 1,
             "n_bytes": n_bytes,
+            "parts": parts,
             "tokenizer": tokenizer.fingerprint,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

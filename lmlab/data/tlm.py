@@ -1,0 +1,148 @@
+"""Translation language modelling (XLM: Lample & Conneau, 2019, "Cross-lingual Language Model
+Pretraining", sec. 3.3) for encoders: ``masked`` batches.
+
+TLM is masked LM over parallel text: a sentence and its translation side by side, tokens masked in
+both, so that a word masked in one language can be recovered from the other. It trains on parallel
+data (``data=files`` with JSONL rows and ``data.text_field=[<source field>, <target field>]``;
+each row is a document ``source <sep> target <eos>`` in the token store).
+
+Examples are not windows of the token stream: the pairs of a split are packed, in their order,
+into groups of as many consecutive whole pairs as fit in ``seq_len - 2`` tokens (a pair longer
+than that is a group of its own, cut to fit, each side keeping its beginning: XLM leaves such
+pairs out), and the samplers draw groups (every group once per epoch, in a random order; every
+group at validation). So every pair is trained on once per epoch, whole wherever it fits, with its
+translation beside it. Each pair is in its own order or swapped (half each, drawn per example from
+(seed, epoch, group), with ``both_orders``: XLM trains both directions, en-fr and fr-en); the
+pairs go between cls and sep, padded (on the rest of each row: ~18% padding at seq_len=256 for
+pairs of 80 tokens, ~9% at 512), and are masked as objective=mlm masks (its settings; sep and eos
+are never selected).
+
+Differences from XLM: no language embeddings (lmlab's encoder has none; XLM-R dropped them too, and
+the order of the sides is random), and positions are not reset at the target (RoPE takes one
+position per token of the input; the pairs of an example share it, as packed MLM windows do).
+XLM puts one sentence pair in each sequence; here a group fills one, as mlm packs documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from lmlab.data.base import Example, example_rng
+from lmlab.data.mlm import MaskedLMDataModule
+from lmlab.data.store import TokenStore
+from lmlab.errors import ConfigError
+
+
+def pack_pairs(offsets: np.ndarray, room: int) -> np.ndarray:
+    """The document index each group starts at, then the document count: consecutive documents
+    (``offsets``: a store's) packed greedily, as many as fit in ``room`` tokens; a document longer
+    than that alone."""
+    n = len(offsets) - 1
+    starts, d = [0], 0
+    while d < n:
+        fits = int(np.searchsorted(offsets, offsets[d] + room, side="right")) - 1
+        d = min(max(fits, d + 1), n)
+        starts.append(d)
+    return np.asarray(starts, dtype=np.int64)
+
+
+class PairGroups(Dataset):
+    """Index = (group, epoch); item = the :class:`Example` of the group's tokens (its start: the
+    group's offset in the store, so its random draws are its own)."""
+
+    def __init__(self, store: TokenStore, groups: np.ndarray) -> None:
+        self.store, self.groups = store, groups
+
+    def __len__(self) -> int:
+        return len(self.groups) - 1
+
+    def __getitem__(self, index: tuple[int, int] | int) -> Example:
+        """``group``, ``(group, epoch)``, or ``(group, epoch, scored)``."""
+        group, epoch, *scored = index if isinstance(index, tuple) else (index, 0)
+        a, b = (int(self.store.offsets[d]) for d in self.groups[group : group + 2])
+        tokens = np.asarray(self.store.tokens[a:b], dtype=np.int64)
+        return Example(a, tokens, epoch, *scored, store=self.store)
+
+
+class TranslationLMDataModule(MaskedLMDataModule):
+    objective = "tlm"
+    parallel = True  # lmlab.train refuses a data config that is not parallel text, before any work
+
+    def __init__(
+        self,
+        tokenizer,
+        train,
+        val,
+        *,
+        seq_len: int,
+        both_orders: bool = True,
+        **kwargs,  # mask_prob, p_mask, p_random, whole_word: see MaskedLMDataModule
+    ) -> None:
+        self.check_orders(both_orders)
+        self.both_orders = both_orders
+        self._groups: dict = {}  # store path -> pack_pairs of it
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+
+    @classmethod
+    def check_settings(cls, *, seq_len: int, both_orders: bool = True, **rest) -> None:
+        cls.check_orders(both_orders)
+        if seq_len < 6:
+            raise ConfigError(
+                f"objective=tlm needs seq_len >= 6 (cls, a token of each side with sep and eos "
+                f"between, sep), got {seq_len}; raise seq_len"
+            )
+        super().check_settings(seq_len=seq_len, **rest)
+
+    @staticmethod
+    def check_orders(both_orders) -> None:
+        if not isinstance(both_orders, bool):
+            raise ConfigError(f"objective.both_orders={both_orders!r} must be true or false")
+
+    def check(self) -> None:
+        """Refuse token stores of plain text (one text per document) before anything else."""
+        for split, store in (("training", self.train_store), ("validation", self.val_store)):
+            if store is not None and store.parts != 2:
+                raise ConfigError(
+                    f"objective=tlm trains on parallel text, but the {split} split holds "
+                    f"{store.parts} text(s) per document; use JSONL rows of translation pairs: "
+                    "data=files data.train=pairs.jsonl data.text_field=[en,fr]"
+                )
+        super().check()
+
+    # -- examples: groups of whole pairs ----------------------------------------------------------
+    def groups(self, store: TokenStore) -> np.ndarray:
+        if store.path not in self._groups:
+            self._groups[store.path] = pack_pairs(store.offsets, self.window_len)
+        return self._groups[store.path]
+
+    def index_space(self, store: TokenStore) -> tuple[int, int, int]:
+        return len(self.groups(store)) - 1, 1, 1
+
+    def dataset(self, store: TokenStore) -> Dataset:
+        return PairGroups(store, self.groups(store))
+
+    def arrange(self, ex: Example) -> Example:
+        """The group's pairs, each ``source sep target eos`` or, drawn per pair from (seed, epoch,
+        start), ``target sep source eos``; a pair longer than :attr:`window_len` keeps both sides'
+        beginnings. Text after the last eos (an example cut short for samples) stays as it is."""
+        sep, eos = self.tokenizer.sep_id, self.tokenizer.eos_id
+        pieces = np.split(ex.tokens, np.flatnonzero(ex.tokens == eos) + 1)
+        flips = example_rng(self.seed, ex).random(len(pieces)) < 0.5
+        out = []
+        for piece, flip in zip(pieces, flips.tolist(), strict=True):
+            cuts = np.flatnonzero(piece == sep)
+            if not len(piece) or piece[-1] != eos or len(cuts) != 1:
+                out.append(piece)
+                continue
+            source, target = piece[: cuts[0]], piece[cuts[0] + 1 : -1]
+            if len(piece) > self.window_len:  # alone in its group: both sides' beginnings
+                budget = self.window_len - 2
+                keep = min(len(source), max(budget // 2, budget - len(target)))
+                source, target = source[:keep], target[: budget - keep]
+            if flip and self.both_orders:
+                source, target = target, source
+            out += [source, [sep], target, [eos]]
+        return replace(ex, tokens=np.concatenate(out).astype(np.int64))
