@@ -26,6 +26,7 @@ OBJECTIVES = {
     "discourse": "lmlab.data.discourse.DiscourseDataModule",
     "capital_word": "lmlab.data.capital.CapitalWordDataModule",
     "tlm": "lmlab.data.tlm.TranslationLMDataModule",
+    "ir_relevance": "lmlab.data.relevance.RelevanceDataModule",
     "span": "lmlab.data.span.SpanCorruptionDataModule",
     "denoise": "lmlab.data.denoise.DenoisingDataModule",
 }

@@ -62,7 +62,15 @@ METRICS = (
 )
 # An auxiliary head's metrics (the objectives of lmlab.data.sentences and lmlab.data.capital),
 # which LMModule logs as val/<objective>_loss, val/<objective>_acc and train/<objective>_loss
-AUX_TASKS = ("sop", "nsp", "sentence_distance", "deshuffle", "discourse", "capital_word")
+AUX_TASKS = (
+    "sop",
+    "nsp",
+    "sentence_distance",
+    "deshuffle",
+    "discourse",
+    "ir_relevance",
+    "capital_word",
+)
 AUX_METRICS = tuple(
     f"{split}/{task}_{kind}"
     for task in AUX_TASKS

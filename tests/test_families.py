@@ -398,6 +398,7 @@ def test_compatibility_table_covers_the_families():
         "discourse",
         "capital_word",
         "tlm",
+        "ir_relevance",
     ]
     assert set(valid_objectives("encoder_decoder")) == {
         o for o in OBJECTIVES if o in ("span", "denoise")
@@ -406,8 +407,9 @@ def test_compatibility_table_covers_the_families():
 
 @pytest.mark.parametrize(("model", "objective"), PAIRS)
 def test_every_valid_pair_trains(tiny_cfg, parallel_file, model, objective):
-    # tlm trains on translation pairs
-    data = [f"data.train={parallel_file}", "data.text_field=[en,xx]"] if objective == "tlm" else []
+    # tlm and ir_relevance train on pairs of texts
+    pairs = objective in ("tlm", "ir_relevance")
+    data = [f"data.train={parallel_file}", "data.text_field=[en,xx]"] if pairs else []
     metrics, objects = train(
         tiny_cfg(
             f"model={model}",
@@ -450,6 +452,7 @@ def test_every_valid_pair_trains(tiny_cfg, parallel_file, model, objective):
         "discourse": "The <|mask|> king",
         "capital_word": "The <|mask|> king",
         "tlm": "The <|mask|> king",
+        "ir_relevance": "The <|mask|> king",
         "span": "The <extra_id_0> king",
         "denoise": "The <|mask|> king",
     }[objective]
@@ -465,7 +468,8 @@ def test_every_valid_pair_trains(tiny_cfg, parallel_file, model, objective):
         assert text.splitlines()[0].startswith(start) and "<|mask|>" not in text.splitlines()[0]
         # "The", " ", mask (lowercased, "the" may be split; a BPE of two languages may split
         # "The" too); no special tokens proposed
-        split = objective in ("capital_word", "tlm") and "mask at token 2: " not in text
+        split = objective in ("capital_word", "tlm", "ir_relevance")
+        split = split and "mask at token 2: " not in text
         where = len(objects["tokenizer"].encode(f"{start} ")) if split else 2
         assert f"mask at token {where}: " in text and "'<|" not in text
     elif objective == "span":

@@ -437,7 +437,15 @@ def test_aux_metrics_cover_every_objective_with_an_auxiliary_head():
     own = WindowDataModule.model_settings
     heads = {o for o, p in OBJECTIVES.items() if get_class(p).model_settings is not own}
     assert heads == set(AUX_TASKS)
-    assert heads == {"sop", "nsp", "sentence_distance", "deshuffle", "discourse", "capital_word"}
+    assert heads == {
+        "sop",
+        "nsp",
+        "sentence_distance",
+        "deshuffle",
+        "discourse",
+        "ir_relevance",
+        "capital_word",
+    }
     assert set(AUX_METRICS) == {
         f"{k}/{t}_{m}"
         for t in heads

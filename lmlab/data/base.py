@@ -424,6 +424,11 @@ class WindowDataModule(L.LightningDataModule):
         """Index (position, epoch) of :meth:`index_space` -> the :class:`Example`."""
         return Windows(store, self.window_len)
 
+    @property
+    def examples_what(self) -> str:
+        """What the examples are, for messages."""
+        return f"windows of {self.window_len} tokens"
+
     # -- shared ----------------------------------------------------------------------------------
     def check(self) -> None:
         """Refuse splits too short for one example (called at construction, before training)."""
@@ -508,9 +513,9 @@ class WindowDataModule(L.LightningDataModule):
             per_step += f" x {accumulation} accumulated" if accumulation > 1 else ""
             per_step += f" x {world} processes" if world > 1 else ""
             raise ConfigError(
-                f"the training split makes {windows} windows of {self.window_len} tokens, fewer "
-                f"than one optimizer step's batch of {per_step}; add text, or lower "
-                "data.batch_size, global_batch_size or seq_len"
+                f"the training split makes {windows} {self.examples_what}, fewer than one "
+                f"optimizer step's batch of {per_step}; add text, or lower data.batch_size, "
+                "global_batch_size or seq_len"
             )
 
     def val_dataloader(self) -> DataLoader:

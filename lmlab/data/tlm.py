@@ -36,6 +36,32 @@ from lmlab.data.store import TokenStore
 from lmlab.errors import ConfigError
 
 
+def check_parallel(dm) -> None:
+    """Refuse a DataModule's token stores of plain text (one text per document)."""
+    for split, store in (("training", dm.train_store), ("validation", dm.val_store)):
+        if store is not None and store.parts != 2:
+            raise ConfigError(
+                f"objective={dm.objective} trains on pairs of texts, but the {split} split holds "
+                f"{store.parts} text(s) per document; use JSONL rows of pairs: data=files "
+                "data.train=pairs.jsonl data.text_field=[<first field>,<second field>]"
+            )
+
+
+def split_pair(pair: np.ndarray, sep: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first, second) text of a stored pair ``first <sep> second <eos>``."""
+    cut = int(np.flatnonzero(pair == sep)[0])
+    return pair[:cut], pair[cut + 1 : -1]
+
+
+def fit_pair(first: np.ndarray, second: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both texts cut to at most ``budget`` tokens together, each keeping its beginning: the
+    longer gives up tokens first, neither below half the budget unless the other is shorter."""
+    if len(first) + len(second) <= budget:
+        return first, second
+    keep = min(len(first), max(budget // 2, budget - len(second)))
+    return first[:keep], second[: budget - keep]
+
+
 def pack_pairs(offsets: np.ndarray, room: int) -> np.ndarray:
     """The document index each group starts at, then the document count: consecutive documents
     (``offsets``: a store's) packed greedily, as many as fit in ``room`` tokens; a document longer
@@ -102,14 +128,8 @@ class TranslationLMDataModule(MaskedLMDataModule):
             raise ConfigError(f"objective.both_orders={both_orders!r} must be true or false")
 
     def check(self) -> None:
-        """Refuse token stores of plain text (one text per document) before anything else."""
-        for split, store in (("training", self.train_store), ("validation", self.val_store)):
-            if store is not None and store.parts != 2:
-                raise ConfigError(
-                    f"objective=tlm trains on parallel text, but the {split} split holds "
-                    f"{store.parts} text(s) per document; use JSONL rows of translation pairs: "
-                    "data=files data.train=pairs.jsonl data.text_field=[en,fr]"
-                )
+        """Refuse token stores of plain text before anything else."""
+        check_parallel(self)
         super().check()
 
     # -- examples: groups of whole pairs ----------------------------------------------------------
@@ -124,6 +144,10 @@ class TranslationLMDataModule(MaskedLMDataModule):
     def dataset(self, store: TokenStore) -> Dataset:
         return PairGroups(store, self.groups(store))
 
+    @property
+    def examples_what(self) -> str:
+        return f"groups of whole pairs (up to {self.window_len} tokens)"
+
     def arrange(self, ex: Example) -> Example:
         """The group's pairs, each ``source sep target eos`` or, drawn per pair from (seed, epoch,
         start), ``target sep source eos``; a pair longer than :attr:`window_len` keeps both sides'
@@ -133,15 +157,11 @@ class TranslationLMDataModule(MaskedLMDataModule):
         flips = example_rng(self.seed, ex).random(len(pieces)) < 0.5
         out = []
         for piece, flip in zip(pieces, flips.tolist(), strict=True):
-            cuts = np.flatnonzero(piece == sep)
-            if not len(piece) or piece[-1] != eos or len(cuts) != 1:
+            if not len(piece) or piece[-1] != eos or (piece == sep).sum() != 1:
                 out.append(piece)
                 continue
-            source, target = piece[: cuts[0]], piece[cuts[0] + 1 : -1]
-            if len(piece) > self.window_len:  # alone in its group: both sides' beginnings
-                budget = self.window_len - 2
-                keep = min(len(source), max(budget // 2, budget - len(target)))
-                source, target = source[:keep], target[: budget - keep]
+            # a pair longer than the room is alone in its group: both sides' beginnings
+            source, target = fit_pair(*split_pair(piece, sep), self.window_len - 2)
             if flip and self.both_orders:
                 source, target = target, source
             out += [source, [sep], target, [eos]]

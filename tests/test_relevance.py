@@ -1,0 +1,137 @@
+"""IR relevance (objective=ir_relevance): each row's query with its own title or another row's."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from lmlab.data.base import RandomWindowSampler, eval_starts
+from lmlab.data.collate import IGNORE
+from lmlab.data.relevance import RelevanceDataModule
+from lmlab.data.store import build_store
+from lmlab.data.tokenizers import byte_tokenizer
+from lmlab.errors import ConfigError
+from lmlab.train import train
+
+
+@pytest.fixture
+def tok():
+    return byte_tokenizer(2)
+
+
+def rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Row i: a query of letters and digits naming i, and a title that names i too."""
+    rng = np.random.default_rng(seed)
+    return [
+        (f"q{i} " + "x" * int(rng.integers(1, 9)), f"t{i} " + "y" * int(rng.integers(1, 20)))
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def store(tok, tmp_path):
+    return build_store(iter(rows(300)), tok, tmp_path, "r")
+
+
+def text(ids) -> str:
+    return bytes(np.asarray(ids).tolist()).decode()
+
+
+def row_of(query: str) -> int:
+    return int(re.match(r"q(\d+)", query).group(1))
+
+
+def test_each_row_is_its_query_with_its_own_title_or_another_rows(tok, store):
+    dm = RelevanceDataModule(tok, store, store, seq_len=64, batch_size=4)
+    ds = dm.dataset(store)
+    assert dm.index_space(store) == (300, 1, 1)
+    others, labels = set(), []
+    for epoch in range(4):
+        sampler = RandomWindowSampler(*dm.index_space(store), seed=1)
+        sampler.set_epoch(epoch)
+        order = [k for k, _ in sampler]
+        assert sorted(order) == list(range(300))  # every row once per epoch
+        for k in order:
+            (query, title), label = dm.segments(ds[(k, epoch)])
+            q, t = text(query), text(title)
+            assert row_of(q) == k
+            owner = int(re.match(r"t(\d+)", t).group(1))
+            if label == 0:
+                assert owner == k
+            else:
+                assert label == 1 and owner != k
+                others.add(owner)
+            labels.append(label)
+    assert abs(np.mean(labels) - 0.5) < 0.05
+    assert len(others) > 250  # other titles come from all over the split
+    # reproducible: the same example, the same draw
+    assert dm.segments(ds[(5, 2)])[1] == dm.segments(ds[(5, 2)])[1]
+    assert eval_starts(*dm.index_space(store)) == list(range(300))
+
+
+def test_lengths_do_not_tell_the_label(tok, store):
+    """Another row's title is drawn from the split's titles, so titles are as long under either
+    label (0.9 tokens: ~3 standard errors of 600 draws a label)."""
+    dm = RelevanceDataModule(tok, store, store, seq_len=64, batch_size=4)
+    ds = dm.dataset(store)
+    lengths: dict[int, list[int]] = {0: [], 1: []}
+    for epoch in range(4):
+        for k in range(300):
+            (_, title), label = dm.segments(ds[(k, epoch)])
+            lengths[label].append(len(title))
+    assert abs(np.mean(lengths[0]) - np.mean(lengths[1])) < 0.9, {
+        y: np.mean(v) for y, v in lengths.items()
+    }
+
+
+def test_batches_are_cls_query_sep_title_sep_and_long_pairs_are_cut(tok, tmp_path):
+    long = [("q0 " + "x" * 40, "t0 " + "y" * 40), ("q1 a", "t1 b"), ("q2 c", "t2 " + "z" * 80)]
+    store = build_store(iter(long), tok, tmp_path, "l")
+    with pytest.raises(ConfigError, match="makes 3 query-title rows, fewer than one optimizer"):
+        RelevanceDataModule(tok, store, store, seq_len=32, batch_size=4)
+    dm = RelevanceDataModule(tok, store, store, seq_len=32, batch_size=1, mask_prob=0.1)
+    examples = [dm.dataset(store)[(k, e)] for e in range(6) for k in range(3)]
+    batch = dm.make_batch(examples)
+    for i, ex in enumerate(examples):
+        (query, title), label = dm.segments(ex)
+        assert len(query) + len(title) <= dm.window_len == 29
+        assert text(query).startswith(f"q{i % 3}")  # each text keeps its beginning
+        assert text(title).startswith("t")
+        want = np.array([tok.cls_id, *query, tok.sep_id, *title, tok.sep_id])
+        n = len(want)
+        inputs, labels = batch["input_ids"][i, :n].numpy(), batch["labels"][i, :n].numpy()
+        kept = labels == IGNORE
+        assert np.array_equal(inputs[kept], want[kept]) and batch["attention_mask"][i].sum() == n
+        assert batch["sentence_labels"][i] == label
+    assert set(batch["sentence_labels"].tolist()) == {0, 1}
+
+
+def test_plain_text_and_one_row_are_refused(tok, store, tmp_path, compose_cfg):
+    plain = build_store(iter(["some text. " * 50]), tok, tmp_path, "plain")
+    with pytest.raises(ConfigError, match="objective=ir_relevance trains on pairs of texts"):
+        RelevanceDataModule(tok, store, plain, seq_len=64, batch_size=2)
+    one = build_store(iter([("q", "t")]), tok, tmp_path, "one")
+    with pytest.raises(ConfigError, match="the validation split has one row"):
+        RelevanceDataModule(tok, store, one, seq_len=64, batch_size=2)
+    from lmlab.train import check_settings
+
+    with pytest.raises(ConfigError, match=r"objective=ir_relevance trains on parallel text"):
+        check_settings(compose_cfg("model=encoder", "objective=ir_relevance"))
+
+
+def test_an_ir_relevance_run_reports_its_head(tiny_cfg, parallel_file):
+    metrics, objects = train(
+        tiny_cfg(
+            "model=encoder",
+            "objective=ir_relevance",
+            f"data.train={parallel_file}",
+            "data.text_field=[en,xx]",
+            "seq_len=64",
+        )
+    )
+    assert 0 <= metrics["val/ir_relevance_acc"] <= 1 and metrics["train/ir_relevance_loss"] > 0
+    assert objects["model"].hparams["sentence_task"] == "ir_relevance"
+    samples = (objects["output_dir"] / "samples.txt").read_text()
+    assert re.search(r"ir_relevance: (ir)?relevant \(predicted (ir)?relevant, p=", samples)
