@@ -60,8 +60,9 @@ METRICS = (
     "train/mfu",
     "train/skipped_nonfinite",
 )
-# An auxiliary head's metrics (the objectives of lmlab.data.sentences and lmlab.data.capital),
-# which LMModule logs as val/<objective>_loss, val/<objective>_acc and train/<objective>_loss
+# An auxiliary head's metrics (the objectives of lmlab.data.sentences, .discourse, .relevance and
+# .capital), which LMModule logs as val/<objective>_loss, val/<objective>_acc and
+# train/<objective>_loss
 AUX_TASKS = (
     "sop",
     "nsp",

@@ -223,13 +223,13 @@ def check_objective(cfg: DictConfig) -> None:
     everything = {**values, **settings, "seq_len": cfg.seq_len}
     objective.check_settings(**everything, num_sentinels=sentinels)
     data = cfg.get("data") or {}
-    if getattr(objective, "parallel", False) and not isinstance(
-        text_fields(data.get("text_field", "text")), tuple
-    ):
+    pair = getattr(objective, "pair_fields", None)  # an objective on pairs of texts: examples
+    if pair and not isinstance(text_fields(data.get("text_field", "text")), tuple):
         raise ConfigError(
-            f"objective={cfg.objective.name} trains on parallel text (translation pairs), but "
-            f"data={data.get('name')} reads one text per document; use JSONL rows of pairs: "
-            "data=files data.train=pairs.jsonl data.text_field=[en,fr] (the two fields)"
+            f"objective={cfg.objective.name} trains on pairs of texts ({pair[0]}, {pair[1]}), "
+            f"but data={data.get('name')} reads one text per document; use JSONL rows of pairs: "
+            f"data=files data.train=pairs.jsonl data.text_field=[{pair[0]},{pair[1]}] (the two "
+            "fields)"
         )
     max_target = cfg.model.get("max_target_len")
     if max_target is not None and hasattr(objective, "target_length"):

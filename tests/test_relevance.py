@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from lmlab.data.base import RandomWindowSampler, eval_starts
 from lmlab.data.collate import IGNORE
 from lmlab.data.relevance import RelevanceDataModule
 from lmlab.data.store import build_store
+from lmlab.data.tlm import split_pair
 from lmlab.data.tokenizers import byte_tokenizer
 from lmlab.errors import ConfigError
 from lmlab.train import train
@@ -71,25 +73,43 @@ def test_each_row_is_its_query_with_its_own_title_or_another_rows(tok, store):
     assert eval_starts(*dm.index_space(store)) == list(range(300))
 
 
-def test_lengths_do_not_tell_the_label(tok, store):
-    """Another row's title is drawn from the split's titles, so titles are as long under either
-    label (0.9 tokens: ~3 standard errors of 600 draws a label)."""
+def test_another_rows_title_is_as_long_as_the_rows_own(tok, store, tmp_path):
+    """A review found that lengths told the label: a table of (query, title) token counts scored
+    0.69 at seq_len 64 and 0.92 at 256 on the stand-in corpus, and a run learnt it (0.66 in 300
+    steps). Another row's title now has the row's own title's token count (the nearest count where
+    no other row has it), so the lengths and what fit_pair cuts are alike under both labels."""
     dm = RelevanceDataModule(tok, store, store, seq_len=64, batch_size=4)
     ds = dm.dataset(store)
-    lengths: dict[int, list[int]] = {0: [], 1: []}
+    own = [len(split_pair(ds[k].tokens, tok.sep_id)[1]) for k in range(300)]
+    counts = Counter(own)
+    drawn = 0
     for epoch in range(4):
         for k in range(300):
             (_, title), label = dm.segments(ds[(k, epoch)])
-            lengths[label].append(len(title))
-    assert abs(np.mean(lengths[0]) - np.mean(lengths[1])) < 0.9, {
-        y: np.mean(v) for y, v in lengths.items()
-    }
+            if label == 1:
+                drawn += 1
+                if counts[own[k]] >= 2:
+                    assert len(title) == own[k]
+                else:  # the nearest count another row has
+                    nearest = min(abs(n - own[k]) for n in counts if n != own[k])
+                    assert abs(len(title) - own[k]) == nearest
+    assert drawn > 500
+    # a drawn title that is the row's own text is relevant after all
+    same = build_store(
+        iter([("q0 a", "same"), ("q1 b", "same"), ("q2 c", "diff")]), tok, tmp_path, "same"
+    )
+    dm = RelevanceDataModule(tok, same, same, seq_len=64, batch_size=1)
+    seen = set()
+    for epoch in range(40):
+        (_, title), label = dm.segments(dm.dataset(same)[(0, epoch)])
+        seen.add((text(title), label))
+    assert seen == {("same", 0), ("diff", 1)}
 
 
 def test_batches_are_cls_query_sep_title_sep_and_long_pairs_are_cut(tok, tmp_path):
     long = [("q0 " + "x" * 40, "t0 " + "y" * 40), ("q1 a", "t1 b"), ("q2 c", "t2 " + "z" * 80)]
     store = build_store(iter(long), tok, tmp_path, "l")
-    with pytest.raises(ConfigError, match="makes 3 query-title rows, fewer than one optimizer"):
+    with pytest.raises(ConfigError, match=r"makes 3 query-title rows, .* or global_batch_size$"):
         RelevanceDataModule(tok, store, store, seq_len=32, batch_size=4)
     dm = RelevanceDataModule(tok, store, store, seq_len=32, batch_size=1, mask_prob=0.1)
     examples = [dm.dataset(store)[(k, e)] for e in range(6) for k in range(3)]
@@ -117,7 +137,9 @@ def test_plain_text_and_one_row_are_refused(tok, store, tmp_path, compose_cfg):
         RelevanceDataModule(tok, store, one, seq_len=64, batch_size=2)
     from lmlab.train import check_settings
 
-    with pytest.raises(ConfigError, match=r"objective=ir_relevance trains on parallel text"):
+    with pytest.raises(
+        ConfigError, match=r"ir_relevance trains on pairs of texts \(query, title\)"
+    ):
         check_settings(compose_cfg("model=encoder", "objective=ir_relevance"))
 
 

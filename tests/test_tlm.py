@@ -245,7 +245,7 @@ def test_plain_text_is_refused(tok, tmp_path, compose_cfg):
 
     cfg = compose_cfg("model=encoder", "objective=tlm")
     with pytest.raises(
-        ConfigError, match=r"objective=tlm trains on parallel text .* data=shakespeare"
+        ConfigError, match=r"objective=tlm trains on pairs of texts .* data=shakespeare"
     ):
         check_settings(cfg)
     # mlm reads pairs as any text

@@ -429,6 +429,8 @@ class WindowDataModule(L.LightningDataModule):
         """What the examples are, for messages."""
         return f"windows of {self.window_len} tokens"
 
+    rows_grow_with_shorter_seq_len = True  # a lower seq_len makes more examples (for messages)
+
     # -- shared ----------------------------------------------------------------------------------
     def check(self) -> None:
         """Refuse splits too short for one example (called at construction, before training)."""
@@ -514,8 +516,12 @@ class WindowDataModule(L.LightningDataModule):
             per_step += f" x {world} processes" if world > 1 else ""
             raise ConfigError(
                 f"the training split makes {windows} {self.examples_what}, fewer than one "
-                f"optimizer step's batch of {per_step}; add text, or lower data.batch_size, "
-                "global_batch_size or seq_len"
+                f"optimizer step's batch of {per_step}; add text, or lower data.batch_size"
+                + (
+                    ", global_batch_size or seq_len"
+                    if self.rows_grow_with_shorter_seq_len
+                    else " or global_batch_size"
+                )
             )
 
     def val_dataloader(self) -> DataLoader:

@@ -7,17 +7,20 @@ relevant (shown, not clicked), irrelevant (a random title). Its data is pairs of
 objective reads them as parallel text (``data=files`` with JSONL rows and
 ``data.text_field=[<query field>, <title field>]``; each row a document ``query <sep> title
 <eos>``), one pair per example: half the time with its own title (label 0, "relevant"), half the
-time with the title of another row of the split drawn uniformly (label 1, "irrelevant"), drawn per
-example from (seed, epoch, row). The weakly relevant class needs click logs, which a JSONL of pairs
+time with the title of another row of the split (label 1, "irrelevant"), drawn per example from
+(seed, epoch, row) uniformly among the rows whose title has as many tokens as the row's own (the
+nearest count where no other row's has). Drawn from all rows, a title's length against its
+query's told the label: a table of the two token counts scored 0.69 at seq_len 64 and 0.92 at 256
+on a stand-in corpus, and a 300-step run learnt it (0.66); length-matched, such tables score
+0.49-0.51. A drawn title whose text is the row's own is labelled relevant. The weakly relevant class needs click logs, which a JSONL of pairs
 does not hold: the two classes here are ERNIE's first and third. A pair longer than ``seq_len - 3``
 tokens is cut to fit, each text keeping its beginning (:func:`lmlab.data.tlm.fit_pair`), after
 the title is chosen. The input is masked as objective=mlm masks (its settings), and the
 classifier at cls adds ``sentence_weight`` x its cross-entropy to the training loss
 (``val/ir_relevance_loss``, ``val/ir_relevance_acc``: chance 0.5); the masked LM's metrics are
-objective=mlm's. Every row is an example once per epoch (rows shorter than the room are padded:
-query-title pairs are short). A random title is as long as titles are, but not as long as a title
-of *this* query would be: the model may use how the two lengths go together, as it may in ERNIE's
-data.
+objective=mlm's. Every epoch draws every row (but fewer than one optimizer step's worth, a
+different few each epoch, as windows are trimmed to whole steps); rows shorter than the room are
+padded (query-title pairs are short).
 """
 
 from __future__ import annotations
@@ -32,13 +35,54 @@ from lmlab.data.tlm import PairGroups, check_parallel, fit_pair, split_pair
 from lmlab.errors import ConfigError
 
 
+class TitleLengths:
+    """The rows of a store of pairs ordered by their second text's (the title's) token count, to
+    draw another row whose title is as long as a given row's."""
+
+    def __init__(self, store: TokenStore, sep: int, chunk: int = 1 << 24) -> None:
+        seps = []
+        for i in range(0, len(store.tokens), chunk):  # one sep per row; no copy of the store
+            seps.append(np.flatnonzero(store.tokens[i : i + chunk] == sep) + i)
+        lengths = store.offsets[1:] - 1 - (np.concatenate(seps) + 1)
+        self.order = np.argsort(lengths, kind="stable")
+        self.sorted = lengths[self.order]
+        self.place = np.empty_like(self.order)
+        self.place[self.order] = np.arange(len(self.order))
+
+    def draw_like(self, row: int, rng: np.random.Generator) -> int:
+        """Another row whose title has as many tokens as ``row``'s, uniformly; where none has,
+        one of the rows of the nearest count (the shorter and the longer count half each where
+        both are as near)."""
+        length = self.sorted[self.place[row]]
+        lo, hi = np.searchsorted(self.sorted, [length, length + 1])
+        if hi - lo >= 2:
+            k = lo + int(rng.integers(hi - lo - 1))
+            return int(self.order[k + (k >= self.place[row])])
+        below = self.sorted[lo - 1] if lo > 0 else None
+        above = self.sorted[hi] if hi < len(self.sorted) else None
+        if above is None or (
+            below is not None and (length - below, rng.random()) < (above - length, 0.5)
+        ):
+            lo, hi = np.searchsorted(self.sorted, [below, below + 1])
+        else:
+            lo, hi = np.searchsorted(self.sorted, [above, above + 1])
+        return int(self.order[lo + int(rng.integers(hi - lo))])
+
+
 class RelevanceDataModule(SentenceTaskDataModule):
     """Masked LM plus whether the title is the query's own (0) or another row's (1)."""
 
     objective = "ir_relevance"
-    parallel = True  # lmlab.train refuses a data config that is not pairs, before any work
+    pair_fields = (
+        "query",
+        "title",
+    )  # lmlab.train refuses data of one text per row, before any work
     label_names = ("relevant", "irrelevant")
     scored_what = "a query-title pair"
+
+    def __init__(self, tokenizer, train, val, *, seq_len: int, **kwargs) -> None:
+        self._titles: dict = {}  # store path -> TitleLengths of it
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     def check(self) -> None:
         """Refuse plain text, and splits of one row (an irrelevant title is another row's)."""
@@ -62,6 +106,12 @@ class RelevanceDataModule(SentenceTaskDataModule):
         return PairGroups(store, np.arange(store.n_docs + 1))
 
     examples_what = "query-title rows"
+    rows_grow_with_shorter_seq_len = False
+
+    def titles(self, store: TokenStore) -> TitleLengths:
+        if store.path not in self._titles:
+            self._titles[store.path] = TitleLengths(store, self.tokenizer.sep_id)
+        return self._titles[store.path]
 
     def segments(self, ex: Example) -> tuple[list[np.ndarray], int]:
         sep = self.tokenizer.sep_id
@@ -71,8 +121,10 @@ class RelevanceDataModule(SentenceTaskDataModule):
         if label:
             store = self.store_of(ex)
             row = int(np.searchsorted(store.offsets, ex.start, side="right")) - 1
-            other = int(rng.integers(store.n_docs - 1))
-            other += other >= row
+            other = self.titles(store).draw_like(row, rng)
             a, b = int(store.offsets[other]), int(store.offsets[other + 1])
-            _, title = split_pair(np.asarray(store.tokens[a:b], dtype=np.int64), sep)
+            _, other_title = split_pair(np.asarray(store.tokens[a:b], dtype=np.int64), sep)
+            if np.array_equal(other_title, title):  # the same text: relevant after all
+                label = 0
+            title = other_title
         return list(fit_pair(query, title, self.window_len)), label

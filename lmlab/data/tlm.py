@@ -9,9 +9,10 @@ each row is a document ``source <sep> target <eos>`` in the token store).
 Examples are not windows of the token stream: the pairs of a split are packed, in their order,
 into groups of as many consecutive whole pairs as fit in ``seq_len - 2`` tokens (a pair longer
 than that is a group of its own, cut to fit, each side keeping its beginning: XLM leaves such
-pairs out), and the samplers draw groups (every group once per epoch, in a random order; every
-group at validation). So every pair is trained on once per epoch, whole wherever it fits, with its
-translation beside it. Each pair is in its own order or swapped (half each, drawn per example from
+pairs out), and the samplers draw groups (every group once per epoch in a random order, but fewer than one
+optimizer step's worth, a different few each epoch, as windows are trimmed to whole steps; every
+group at validation). So every pair is trained on about once per epoch, whole wherever it fits,
+with its translation beside it. Each pair is in its own order or swapped (half each, drawn per example from
 (seed, epoch, group), with ``both_orders``: XLM trains both directions, en-fr and fr-en); the
 pairs go between cls and sep, padded (on the rest of each row: ~18% padding at seq_len=256 for
 pairs of 80 tokens, ~9% at 512), and are masked as objective=mlm masks (its settings; sep and eos
@@ -95,7 +96,8 @@ class PairGroups(Dataset):
 
 class TranslationLMDataModule(MaskedLMDataModule):
     objective = "tlm"
-    parallel = True  # lmlab.train refuses a data config that is not parallel text, before any work
+    # pairs of texts: lmlab.train refuses a data config of one text per row before any work
+    pair_fields = ("en", "fr")
 
     def __init__(
         self,
