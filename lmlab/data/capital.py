@@ -33,15 +33,18 @@ from lmlab.data.tokenizers import word_starts
 from lmlab.errors import ConfigError
 
 
-def case_tables(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def case_tables(
+    tokenizer, raw: list[str | None] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lower, case, blank) per token id, from the tokens' raw texts
     (:meth:`lmlab.data.tokenizers.TextTokenizer.raw_texts`: "▁The" and "The" are different texts):
     ``lower[t]`` the id of the token whose text is ``t``'s in lower case (``t`` itself when it has
     no capitals or no such token exists); ``case[t]`` 1 when the first letter of ``t`` (after
     whitespace, "##") is upper case and ``lower[t]`` differs, 0 when it is lower case, -100
     otherwise (no cased letter there, a capitalized token without a lowercase counterpart, special
-    and byte-fallback tokens); ``blank[t]``: ``t`` is whitespace only."""
-    raw = tokenizer.raw_texts()
+    and byte-fallback tokens); ``blank[t]``: ``t`` is whitespace only. ``raw``: the raw texts,
+    where the caller has them already."""
+    raw = tokenizer.raw_texts() if raw is None else raw
     by_text: dict[str, int] = {}
     for i, text in enumerate(raw):
         if text is not None:
@@ -81,7 +84,8 @@ class CapitalWordDataModule(MaskedLMDataModule):
     ) -> None:
         check_head_weight("token_weight", token_weight)
         self.token_weight = float(token_weight)
-        self.lower, self.case, self.blank = case_tables(tokenizer)
+        raw = tokenizer.raw_texts()
+        self.lower, self.case, self.blank = case_tables(tokenizer, raw)
         if not (self.case == 1).any():
             raise ConfigError(
                 "objective=capital_word: no token of this tokenizer is a capitalized word with a "
@@ -90,7 +94,6 @@ class CapitalWordDataModule(MaskedLMDataModule):
             )
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
         # random replacements from tokens without capitals only: no capital in the input
-        raw = tokenizer.raw_texts()
         no_capital = np.array([t is not None and t == t.lower() for t in raw])
         self.random_ids = np.flatnonzero(~self.special & no_capital)
         self.starts_table = tokenizer.word_start_table()
