@@ -17,6 +17,11 @@ Validation uses deterministic windows that cover the whole validation split. The
 resumable mid-epoch (:class:`ResumableLoader`): a run resumed from a checkpoint trains on exactly the
 batches that it would have used had it never stopped.
 
+An objective whose examples are not windows of the token stream (objective=tlm: groups of whole
+translation pairs; objective=ir_relevance: one row of pairs) numbers them itself: ``index_space``
+gives the positions the samplers draw (and validation walks), ``dataset`` the example of each; the
+samplers, sharding, resuming and validation padding are the same.
+
 Subclasses set their own attributes *before* calling ``super().__init__``, which ends by checking that
 the splits hold at least one example (a clear error before any training otherwise).
 """
