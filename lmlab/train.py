@@ -223,8 +223,16 @@ def check_objective(cfg: DictConfig) -> None:
     everything = {**values, **settings, "seq_len": cfg.seq_len}
     objective.check_settings(**everything, num_sentinels=sentinels)
     data = cfg.get("data") or {}
-    pair = getattr(objective, "pair_fields", None)  # an objective on pairs of texts: examples
-    if pair and not isinstance(text_fields(data.get("text_field", "text")), tuple):
+    pair, pairs_data = (
+        objective.pair_fields,
+        isinstance(text_fields(data.get("text_field", "text")), tuple),
+    )
+    if not pair and not objective.pairs_as_text and pairs_data:
+        raise ConfigError(
+            f"objective={cfg.objective.name} cuts text into segments, but data.text_field lists "
+            "two fields (pairs of texts), whose separator would fall inside them; use one field"
+        )
+    if pair and not pairs_data:
         raise ConfigError(
             f"objective={cfg.objective.name} trains on pairs of texts ({pair[0]}, {pair[1]}), "
             f"but data={data.get('name')} reads one text per document; use JSONL rows of pairs: "

@@ -15,6 +15,8 @@ from lmlab.data.base import RandomWindowSampler, eval_starts
 from lmlab.data.collate import IGNORE
 from lmlab.data.corpus import make_corpus, plain_texts, text_fields
 from lmlab.data.mlm import MaskedLMDataModule
+from lmlab.data.pairs import split_pair
+from lmlab.data.sentences import SentenceOrderDataModule
 from lmlab.data.store import build_store
 from lmlab.data.tlm import TranslationLMDataModule
 from lmlab.data.tokenizers import byte_tokenizer
@@ -101,6 +103,12 @@ def test_parallel_text_needs_jsonl_rows_with_both_fields(tmp_path):
         files_cfg(write_jsonl(tmp_path / "m.jsonl", rows), text_field=["en", "fr"])
     )
     with pytest.raises(ConfigError, match=r"m\.jsonl:\d+ has no string field 'fr'"):
+        list(corpus.texts(corpus.train + corpus.val))
+    rows = [{"en": "a", "fr": 5}] * 3
+    corpus = make_corpus(
+        files_cfg(write_jsonl(tmp_path / "n.jsonl", rows), text_field=["en", "fr"])
+    )
+    with pytest.raises(ConfigError, match=r"n\.jsonl:\d+: field 'fr' is 5 \(int\), not text"):
         list(corpus.texts(corpus.train + corpus.val))
 
 
@@ -248,8 +256,22 @@ def test_plain_text_is_refused(tok, tmp_path, compose_cfg):
         ConfigError, match=r"objective=tlm trains on pairs of texts .* data=shakespeare"
     ):
         check_settings(cfg)
-    # mlm reads pairs as any text
+    # mlm reads pairs as any text; the sentence-level objectives, whose segments a pair's sep
+    # would cut, refuse them (a review), here and before any data work
     MaskedLMDataModule(tok, pairs, pairs, seq_len=40, batch_size=2)
+    with pytest.raises(ConfigError, match="objective=sop cuts text into segments, but the"):
+        SentenceOrderDataModule(tok, pairs, pairs, seq_len=40, batch_size=2)
+    cfg = compose_cfg(
+        "model=encoder",
+        "objective=nsp",
+        "data=files",
+        "data.train=x.jsonl",
+        "data.text_field=[en,fr]",
+    )
+    with pytest.raises(ConfigError, match="objective=nsp cuts text into segments"):
+        check_settings(cfg)
+    with pytest.raises(ValueError, match="a stored pair holds one sep, this document 0"):
+        split_pair(np.array([1, 2, tok.eos_id]), tok.sep_id)
 
 
 def test_a_tlm_run_trains_on_pairs(tiny_cfg, parallel_file):

@@ -18,7 +18,7 @@ resumable mid-epoch (:class:`ResumableLoader`): a run resumed from a checkpoint 
 batches that it would have used had it never stopped.
 
 An objective whose examples are not windows of the token stream (objective=tlm: groups of whole
-translation pairs; objective=ir_relevance: one row of pairs) numbers them itself: ``index_space``
+translation pairs; objective=ir_relevance: one pair, a row) numbers them itself: ``index_space``
 gives the positions the samplers draw (and validation walks), ``dataset`` the example of each; the
 samplers, sharding, resuming and validation padding are the same.
 
@@ -422,7 +422,9 @@ class WindowDataModule(L.LightningDataModule):
         """(positions, length, stride) that the samplers draw example starts from: the store's
         tokens, windows of :attr:`window_len` every :attr:`stride` here; an objective whose
         examples are not windows (objective=tlm: groups of whole pairs) numbers them itself,
-        with :meth:`dataset` making the example of each."""
+        ``(n, 1, 1)`` for n examples, with :meth:`dataset` making the example of each. Each
+        Example's ``start`` must be unique in its store (its random draws hash it): the token
+        offset where the example's text starts serves."""
         return len(store), self.window_len, self.stride
 
     def dataset(self, store: TokenStore) -> Dataset:
@@ -436,11 +438,46 @@ class WindowDataModule(L.LightningDataModule):
 
     rows_grow_with_shorter_seq_len = True  # a lower seq_len makes more examples (for messages)
 
+    # Pairs of texts (data.text_field=[a, b]: documents "a <sep> b <eos>", TokenStore.parts == 2):
+    # ``pair_fields`` names the two for an objective that trains on pairs and refuses anything
+    # else; other objectives read pairs as text, unless ``pairs_as_text`` is False.
+    pair_fields: tuple[str, str] | None = None
+    pairs_as_text = True
+
+    def check_parts(self) -> None:
+        """Refuse stores of the wrong kind: plain text for an objective on pairs, pairs for one
+        that cannot read them as text."""
+        for split, store in (("training", self.train_store), ("validation", self.val_store)):
+            if store is None:
+                continue
+            if self.pair_fields and store.parts != 2:
+                a, b = self.pair_fields
+                raise ConfigError(
+                    f"objective={self.name} trains on pairs of texts ({a}, {b}), but the {split} "
+                    f"split holds {store.parts} text(s) per document; use JSONL rows of pairs: "
+                    f"data=files data.train=pairs.jsonl data.text_field=[{a},{b}]"
+                )
+            if not self.pair_fields and not self.pairs_as_text and store.parts != 1:
+                raise ConfigError(
+                    f"objective={self.name} cuts text into segments, but the {split} split holds "
+                    "pairs of texts (data.text_field lists two fields), whose separator would "
+                    "fall inside them; use one text field"
+                )
+
     # -- shared ----------------------------------------------------------------------------------
     def check(self) -> None:
-        """Refuse splits too short for one example (called at construction, before training)."""
+        """Refuse stores of the wrong kind (:meth:`check_parts`) and splits too short for one
+        example (called at construction, before training)."""
+        self.check_parts()
         if self.train_store is not None:
             positions, length, stride = self.index_space(self.train_store)
+            if positions < length + stride - 1 and type(self).index_space is not (
+                WindowDataModule.index_space
+            ):
+                raise ConfigError(
+                    f"the training split makes no {self.examples_what} for objective={self.name}; "
+                    "add text"
+                )
             if positions < length + stride - 1:
                 raise ConfigError(
                     f"the training split has {len(self.train_store)} tokens; objective="
@@ -547,7 +584,7 @@ class WindowDataModule(L.LightningDataModule):
         )
 
     def val_examples(self, n: int) -> list[Example]:
-        """The first ``n`` validation windows (for samples and reconstructions)."""
+        """The first ``n`` validation examples (for samples and reconstructions)."""
         ds = self.dataset(self.val_store)
         return [ds[s] for s in eval_starts(*self.index_space(self.val_store))[:n]]
 

@@ -97,8 +97,8 @@ class Corpus:
         """The size of the files ``docs`` are read from (for the progress bar)."""
         return sum(Path(p).stat().st_size for p in {d.path for d in docs})
 
-    def texts(self, docs: Sequence[Doc]) -> Iterator[str]:
-        """Yield each document's text, reading every file once."""
+    def texts(self, docs: Sequence[Doc]) -> Iterator[str | tuple[str, ...]]:
+        """Yield each document's text (a pair's two, as a tuple), reading every file once."""
         i = 0
         while i < len(docs):
             j = i
@@ -107,7 +107,7 @@ class Corpus:
             yield from self._file_texts(docs[i:j])
             i = j
 
-    def _file_texts(self, docs: Sequence[Doc]) -> Iterator[str]:
+    def _file_texts(self, docs: Sequence[Doc]) -> Iterator[str | tuple[str, ...]]:
         """The texts of ``docs`` (all of one file), each cut to its head or tail where it has one,
         whatever kind of document it is: a lone document never gives its whole text to both splits."""
         for d, text in zip(docs, self._whole_texts(docs), strict=True):
@@ -116,7 +116,7 @@ class Corpus:
                 text = text[:cut] if d.part == "head" else text[cut:]
             yield text
 
-    def _whole_texts(self, docs: Sequence[Doc]) -> Iterator[str]:
+    def _whole_texts(self, docs: Sequence[Doc]) -> Iterator[str | tuple[str, ...]]:
         path = docs[0].path
         if docs[0].member is not None:
             members = _bundled_members(path)
@@ -234,7 +234,12 @@ def _field_text(obj, field: str, path: str, n: int, errors: str) -> str:
         text = obj
         for key in field.split("."):
             text = text.get(key) if isinstance(text, dict) else None
-    if not isinstance(text, str):
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(
+            f"{path}:{n}: field {field!r} is {text!r:.40} ({type(text).__name__}), not text; set "
+            "data.text_field to the field that holds the text"
+        )
+    if text is None:
         raise ConfigError(
             f"{path}:{n} has no string field {field!r}; set data.text_field to the field that "
             "holds the text"
@@ -316,7 +321,9 @@ def _without_val(train: Files, val: Files) -> Files:
     return {p: f for p, f in train.items() if p not in val}
 
 
-def _documents(files: Files, fmt: str, errors: str, field: str | tuple = "text") -> list[Doc]:
+def _documents(
+    files: Files, fmt: str, errors: str, field: str | tuple[str, ...] = "text"
+) -> list[Doc]:
     docs: list[Doc] = []
     for f, name in files.values():
         kind = fmt if fmt != "auto" else ("jsonl" if f.endswith((".jsonl", ".json")) else "text")

@@ -7,13 +7,13 @@ starts with a discourse marker ("However, ...", "For example, ..."), the marker 
 the class is the marker. Such pairs need no labelling, so this objective mines them from the run's
 own text: in a window's whole sentences (as the other sentence-level objectives find them,
 :mod:`lmlab.data.sentences`), a sentence after the first whose text starts with one of the
-``markers`` (a whole word or phrase, any case, whitespace inside it counting as one space,
-followed by whitespace and a word, or by a comma, whitespace and a word, the word maybe after a
-quote or bracket; not itself after a quote or a bracket) is a place to cut. One is drawn uniformly; the input is ``cls A sep B sep``, A the
-whole sentences before it, B the rest with the marker (the whitespace before it and its comma
-too) taken out, masked as objective=mlm masks, and the label is the marker's class. A window
-without such a sentence trains the masked LM only (label not scored); validation text none of
-whose windows (512 of them, spread over the split) has one is refused.
+``markers`` (a whole word or phrase, any case, whitespace inside it counting as one space, followed
+by whitespace and a word, or by a comma, whitespace and a word, the word maybe after a quote or
+bracket; not itself after a quote or a bracket) is a place to cut. One is drawn uniformly; the
+input is ``cls A sep B sep``, A the whole sentences before it, B the rest with the marker (the
+whitespace before it and its comma too) taken out, masked as objective=mlm masks, and the label is
+the marker's class. A window without such a sentence trains the masked LM only (label not scored);
+validation text none of whose windows (512 of them, spread over the split) has one is refused.
 
 Each entry of ``markers`` is a class: one marker ("but"), or several that mean the same joined by
 "|" ("therefore|thus|hence"); where two match ("for" and "for example"), the longer one counts.
@@ -41,7 +41,7 @@ from collections import Counter
 
 import numpy as np
 
-from lmlab.data.base import Example, Windows, eval_starts
+from lmlab.data.base import Example, eval_starts
 from lmlab.data.collate import IGNORE
 from lmlab.data.denoise import token_texts
 from lmlab.data.sentences import SentenceTaskDataModule, Stretch
@@ -198,9 +198,9 @@ class DiscourseDataModule(SentenceTaskDataModule):
 
     def checked_windows(self) -> tuple[list[Example], str]:
         """Up to :data:`SHARE_WINDOWS` validation windows spread over the split."""
-        starts = eval_starts(len(self.val_store), self.window_len, self.stride)
+        starts = eval_starts(*self.index_space(self.val_store))
         picked = np.linspace(0, len(starts) - 1, min(SHARE_WINDOWS, len(starts))).astype(int)
-        windows = Windows(self.val_store, self.window_len)
+        windows = self.dataset(self.val_store)
         return [windows[starts[i]] for i in picked.tolist()], f"{len(picked)}"
 
     def check(self) -> None:

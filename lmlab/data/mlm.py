@@ -65,7 +65,8 @@ class MaskedLMDataModule(WindowDataModule):
 
     def arrange(self, ex: Example) -> Example:
         """The example whose tokens go between cls and sep: the window itself here; objectives
-        that rearrange a window's text (objective=tlm) return another."""
+        that rearrange an example's text (objective=tlm) return another. (The segment-level
+        objectives, lmlab.data.sentences, build their rows from their segments instead.)"""
         return ex
 
     def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:

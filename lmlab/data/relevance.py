@@ -9,15 +9,17 @@ objective reads them as parallel text (``data=files`` with JSONL rows and
 <eos>``), one pair per example: half the time with its own title (label 0, "relevant"), half the
 time with the title of another row of the split (label 1, "irrelevant"), drawn per example from
 (seed, epoch, row) uniformly among the rows whose title has as many tokens as the row's own (the
-nearest count where no other row's has). Drawn from all rows, a title's length against its
-query's told the label: a table of the two token counts scored 0.69 at seq_len 64 and 0.92 at 256
-on a stand-in corpus, and a 300-step run learnt it (0.66); length-matched, such tables score
-0.49-0.51. A drawn title whose text is the row's own is labelled relevant. The weakly relevant class needs click logs, which a JSONL of pairs
-does not hold: the two classes here are ERNIE's first and third. A pair longer than ``seq_len - 3``
-tokens is cut to fit, each text keeping its beginning (:func:`lmlab.data.tlm.fit_pair`), after
-the title is chosen. The input is masked as objective=mlm masks (its settings), and the
-classifier at cls adds ``sentence_weight`` x its cross-entropy to the training loss
-(``val/ir_relevance_loss``, ``val/ir_relevance_acc``: chance 0.5); the masked LM's metrics are
+nearest count where no other row's has). Drawn from all rows, a title's length against its query's
+told the label: a table of the two token counts scored 0.69 at seq_len 64 and 0.92 at 256 on a
+stand-in corpus, and runs learnt it (0.66 in a 300-step run at seq_len 64, 0.557 in the default
+500-step run, docs/results.md); length-matched, such tables score 0.49-0.51. A drawn title whose
+text is the row's own is labelled relevant. The weakly relevant class needs click logs, which a
+JSONL of pairs does not hold: the two classes here are ERNIE's first and third. A pair longer than
+``seq_len - 3`` tokens is cut to fit, each text keeping its beginning
+(:func:`lmlab.data.tlm.fit_pair`), after the title is chosen. The input is masked as objective=mlm
+masks (its settings), and the classifier at cls adds ``sentence_weight`` x its cross-entropy to the
+training loss (``val/ir_relevance_loss``, ``val/ir_relevance_acc``: chance 0.5); the masked LM's
+metrics are
 objective=mlm's. Every epoch draws every row (but fewer than one optimizer step's worth, a
 different few each epoch, as windows are trimmed to whole steps); rows shorter than the room are
 padded (query-title pairs are short).
@@ -29,9 +31,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from lmlab.data.base import Example, example_rng
-from lmlab.data.sentences import SentenceTaskDataModule
+from lmlab.data.pairs import DocumentGroups, fit_pair, split_pair
+from lmlab.data.sentences import SegmentTaskDataModule
 from lmlab.data.store import TokenStore
-from lmlab.data.tlm import PairGroups, check_parallel, fit_pair, split_pair
 from lmlab.errors import ConfigError
 
 
@@ -69,14 +71,11 @@ class TitleLengths:
         return int(self.order[lo + int(rng.integers(hi - lo))])
 
 
-class RelevanceDataModule(SentenceTaskDataModule):
+class RelevanceDataModule(SegmentTaskDataModule):
     """Masked LM plus whether the title is the query's own (0) or another row's (1)."""
 
     objective = "ir_relevance"
-    pair_fields = (
-        "query",
-        "title",
-    )  # lmlab.train refuses data of one text per row, before any work
+    pair_fields = ("query", "title")  # trains on pairs of texts, and refuses other data
     label_names = ("relevant", "irrelevant")
     scored_what = "a query-title pair"
 
@@ -85,25 +84,25 @@ class RelevanceDataModule(SentenceTaskDataModule):
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     def check(self) -> None:
-        """Refuse plain text, and splits of one row (an irrelevant title is another row's)."""
-        check_parallel(self)
+        """Also refuse splits of one row (an irrelevant title is another row's); index the titles'
+        lengths here, before loader workers are forked (each would index its own)."""
+        self.check_parts()
         for split, store in (("training", self.train_store), ("validation", self.val_store)):
             if store is not None and store.n_docs < 2:
                 raise ConfigError(
                     f"objective=ir_relevance pairs each query with another row's title half the "
                     f"time, but the {split} split has one row; add rows"
                 )
+            if store is not None:
+                self.titles(store)
         super().check()
-
-    def scored(self, ex: Example) -> bool:
-        return True
 
     # -- one row per example --------------------------------------------------------------------
     def index_space(self, store: TokenStore) -> tuple[int, int, int]:
         return store.n_docs, 1, 1
 
     def dataset(self, store: TokenStore) -> Dataset:
-        return PairGroups(store, np.arange(store.n_docs + 1))
+        return DocumentGroups(store, np.arange(store.n_docs + 1))
 
     examples_what = "query-title rows"
     rows_grow_with_shorter_seq_len = False

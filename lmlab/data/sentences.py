@@ -96,9 +96,9 @@ class Stretch:
     cuts: np.ndarray  # where text[first:last] may be cut (offsets into text): its sentence ends
 
 
-class SentenceTaskDataModule(MaskedLMDataModule):
-    """Shared by the sentence-level objectives; a subclass defines ``label_names`` and
-    :meth:`make_segments`."""
+class SegmentTaskDataModule(MaskedLMDataModule):
+    """Masked LM over ``cls S1 sep S2 sep ...`` plus a classifier of the segments at cls (the
+    encoder's sentence head); a subclass defines ``label_names`` and :meth:`segments`."""
 
     label_names: tuple[str, ...] = ()
     max_segments = 2  # segments of an input, each followed by a sep
@@ -116,7 +116,6 @@ class SentenceTaskDataModule(MaskedLMDataModule):
         check_head_weight("sentence_weight", sentence_weight)
         self.check_length(seq_len, self.max_segments)
         self.sentence_weight = float(sentence_weight)
-        self.is_end = sentence_end_table(tokenizer)  # decodes every token once
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @classmethod
@@ -143,12 +142,12 @@ class SentenceTaskDataModule(MaskedLMDataModule):
                 f"{seq_len}; raise seq_len"
             )
 
-    # what a scored window holds, for the messages of :meth:`check`
-    scored_what = "two whole sentences (ending with . ! or ?)"
+    # what a scored example holds, for the messages of :meth:`check`
+    scored_what = "a scored example"
 
     def scored(self, ex: Example) -> bool:
         """Whether the example's label is scored (not -100), without drawing its segments."""
-        return self.stretch(ex) is not None
+        return True
 
     def checked_windows(self) -> tuple[list[Example], str]:
         """The validation windows :meth:`check` looks at, and how messages name them."""
@@ -165,8 +164,8 @@ class SentenceTaskDataModule(MaskedLMDataModule):
         if scored == 0:
             raise ConfigError(
                 f"objective={self.name}: none of {which} validation windows of "
-                f"{self.window_len} tokens holds {self.scored_what}, so the sentence task would "
-                "never be scored; raise seq_len, or use text that has them (or objective=mlm)"
+                f"{self.window_len} tokens holds {self.scored_what}, so the head would never be "
+                "scored; raise seq_len, or use text that has them (or objective=mlm)"
             )
         if scored < 0.1 * len(examples):
             log.warning(
@@ -187,6 +186,67 @@ class SentenceTaskDataModule(MaskedLMDataModule):
     def window_len(self) -> int:
         return self.seq_len - 1 - self.max_segments  # cls, a sep after each segment
 
+    def segments(self, ex: Example) -> tuple[list[np.ndarray], int]:
+        """(segments, label) of one example, reproducible from (seed, epoch, start); label -100:
+        not scored (the masked LM still trains on the segments)."""
+        raise NotImplementedError
+
+    def sentence_label(self, ex: Example) -> int:
+        return self.segments(ex)[1]
+
+    @staticmethod
+    def store_of(ex: Example) -> TokenStore:
+        if ex.store is None:
+            raise ValueError("this objective needs the example's token store (Example.store)")
+        return ex.store
+
+    # -- batches --------------------------------------------------------------------------------
+    def _segment_ids(self, examples: list[tuple], width: int | None = None) -> np.ndarray:
+        """(B, width) int64: cls S1 sep S2 sep ..., then pad (``width``: the longest)."""
+        tok = self.tokenizer
+        lengths = [sum(len(x) + 1 for x in segs) + 1 for segs, _ in examples]
+        ids = np.full((len(examples), width or max(lengths)), tok.pad_id, dtype=np.int64)
+        ids[:, 0] = tok.cls_id
+        for row, (segs, _) in zip(ids, examples, strict=True):
+            at = 1
+            for seg in segs:
+                row[at : at + len(seg)] = seg
+                row[at + len(seg)] = tok.sep_id
+                at += len(seg) + 1
+        return ids
+
+    def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+        ids = self._segment_ids([self.segments(ex)])
+        inputs, labels, _ = self._mask(ids, example_keys(self.seed, [ex]))
+        return inputs[0], labels[0]
+
+    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        made = [self.segments(ex) for ex in examples]
+        ids = self._segment_ids(made, self.seq_len)
+        inputs, labels, _ = self._mask(ids, example_keys(self.seed, examples))
+        lengths = np.array([sum(len(x) + 1 for x in segs) + 1 for segs, _ in made])
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
+            "labels": torch.from_numpy(labels),
+            "sentence_labels": torch.tensor([y for _, y in made], dtype=torch.int64),
+        }
+
+
+class SentenceTaskDataModule(SegmentTaskDataModule):
+    """Shared by the sentence-level objectives, whose segments are a window's whole sentences; a
+    subclass defines ``label_names`` and :meth:`make_segments`."""
+
+    pairs_as_text = False  # a pair's sep inside a segment would blur the segments' boundaries
+    scored_what = "two whole sentences (ending with . ! or ?)"
+
+    def __init__(self, tokenizer, train, val, *, seq_len: int, **kwargs) -> None:
+        self.is_end = sentence_end_table(tokenizer)  # decodes every token once
+        super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
+
+    def scored(self, ex: Example) -> bool:
+        return self.stretch(ex) is not None
+
     # -- segments -------------------------------------------------------------------------------
     def segments(self, ex: Example) -> tuple[list[np.ndarray], int]:
         """(segments, label) of one example, reproducible from (seed, epoch, start); a window
@@ -202,9 +262,6 @@ class SentenceTaskDataModule(MaskedLMDataModule):
         self, ex: Example, s: Stretch, rng: np.random.Generator
     ) -> tuple[list[np.ndarray], int]:
         raise NotImplementedError
-
-    def sentence_label(self, ex: Example) -> int:
-        return self.segments(ex)[1]
 
     def stretch(self, ex: Example) -> Stretch | None:
         """The example's :class:`Stretch`; None when its longest stretch of one document holds
@@ -303,44 +360,6 @@ class SentenceTaskDataModule(MaskedLMDataModule):
             if text is not None:
                 return text
         return None
-
-    @staticmethod
-    def store_of(ex: Example) -> TokenStore:
-        if ex.store is None:
-            raise ValueError("this objective needs the example's token store (Example.store)")
-        return ex.store
-
-    # -- batches --------------------------------------------------------------------------------
-    def _segment_ids(self, examples: list[tuple], width: int | None = None) -> np.ndarray:
-        """(B, width) int64: cls S1 sep S2 sep ..., then pad (``width``: the longest)."""
-        tok = self.tokenizer
-        lengths = [sum(len(x) + 1 for x in segs) + 1 for segs, _ in examples]
-        ids = np.full((len(examples), width or max(lengths)), tok.pad_id, dtype=np.int64)
-        ids[:, 0] = tok.cls_id
-        for row, (segs, _) in zip(ids, examples, strict=True):
-            at = 1
-            for seg in segs:
-                row[at : at + len(seg)] = seg
-                row[at + len(seg)] = tok.sep_id
-                at += len(seg) + 1
-        return ids
-
-    def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
-        ids = self._segment_ids([self.segments(ex)])
-        inputs, labels, _ = self._mask(ids, example_keys(self.seed, [ex]))
-        return inputs[0], labels[0]
-
-    def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        made = [self.segments(ex) for ex in examples]
-        ids = self._segment_ids(made, self.seq_len)
-        inputs, labels, _ = self._mask(ids, example_keys(self.seed, examples))
-        lengths = np.array([sum(len(x) + 1 for x in segs) + 1 for segs, _ in made])
-        return {
-            "input_ids": torch.from_numpy(inputs),
-            "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
-            "labels": torch.from_numpy(labels),
-            "sentence_labels": torch.tensor([y for _, y in made], dtype=torch.int64),
-        }
 
 
 class SentenceOrderDataModule(SentenceTaskDataModule):

@@ -6,17 +6,17 @@ both, so that a word masked in one language can be recovered from the other. It 
 data (``data=files`` with JSONL rows and ``data.text_field=[<source field>, <target field>]``;
 each row is a document ``source <sep> target <eos>`` in the token store).
 
-Examples are not windows of the token stream: the pairs of a split are packed, in their order,
-into groups of as many consecutive whole pairs as fit in ``seq_len - 2`` tokens (a pair longer
-than that is a group of its own, cut to fit, each side keeping its beginning: XLM leaves such
-pairs out), and the samplers draw groups (every group once per epoch in a random order, but fewer than one
+Examples are not windows of the token stream: the pairs of a split are packed, in their order, into
+groups of as many consecutive whole pairs as fit in ``seq_len - 2`` tokens (a pair longer than that
+is a group of its own, cut to fit, each side keeping its beginning: XLM leaves such pairs out), and
+the samplers draw groups (every group once per epoch in a random order, but fewer than one
 optimizer step's worth, a different few each epoch, as windows are trimmed to whole steps; every
 group at validation). So every pair is trained on about once per epoch, whole wherever it fits,
-with its translation beside it. Each pair is in its own order or swapped (half each, drawn per example from
-(seed, epoch, group), with ``both_orders``: XLM trains both directions, en-fr and fr-en); the
-pairs go between cls and sep, padded (on the rest of each row: ~18% padding at seq_len=256 for
-pairs of 80 tokens, ~9% at 512), and are masked as objective=mlm masks (its settings; sep and eos
-are never selected).
+with its translation beside it. Each pair is in its own order or swapped (half each, drawn per
+pair from (seed, epoch, group), with ``both_orders``: XLM trains both directions, en-fr and
+fr-en); the pairs go between cls and sep, padded (on the rest of each row: ~18% padding at
+seq_len=256 for pairs of 80 tokens, ~9% at 512), and are masked as objective=mlm masks (its
+settings; sep and eos are never selected).
 
 Differences from XLM: no language embeddings (lmlab's encoder has none; XLM-R dropped them too, and
 the order of the sides is random), and positions are not reset at the target (RoPE takes one
@@ -33,34 +33,9 @@ from torch.utils.data import Dataset
 
 from lmlab.data.base import Example, example_rng
 from lmlab.data.mlm import MaskedLMDataModule
+from lmlab.data.pairs import DocumentGroups, fit_pair, split_pair
 from lmlab.data.store import TokenStore
 from lmlab.errors import ConfigError
-
-
-def check_parallel(dm) -> None:
-    """Refuse a DataModule's token stores of plain text (one text per document)."""
-    for split, store in (("training", dm.train_store), ("validation", dm.val_store)):
-        if store is not None and store.parts != 2:
-            raise ConfigError(
-                f"objective={dm.objective} trains on pairs of texts, but the {split} split holds "
-                f"{store.parts} text(s) per document; use JSONL rows of pairs: data=files "
-                "data.train=pairs.jsonl data.text_field=[<first field>,<second field>]"
-            )
-
-
-def split_pair(pair: np.ndarray, sep: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first, second) text of a stored pair ``first <sep> second <eos>``."""
-    cut = int(np.flatnonzero(pair == sep)[0])
-    return pair[:cut], pair[cut + 1 : -1]
-
-
-def fit_pair(first: np.ndarray, second: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Both texts cut to at most ``budget`` tokens together, each keeping its beginning: the
-    longer gives up tokens first, neither below half the budget unless the other is shorter."""
-    if len(first) + len(second) <= budget:
-        return first, second
-    keep = min(len(first), max(budget // 2, budget - len(second)))
-    return first[:keep], second[: budget - keep]
 
 
 def pack_pairs(offsets: np.ndarray, room: int) -> np.ndarray:
@@ -74,24 +49,6 @@ def pack_pairs(offsets: np.ndarray, room: int) -> np.ndarray:
         d = min(max(fits, d + 1), n)
         starts.append(d)
     return np.asarray(starts, dtype=np.int64)
-
-
-class PairGroups(Dataset):
-    """Index = (group, epoch); item = the :class:`Example` of the group's tokens (its start: the
-    group's offset in the store, so its random draws are its own)."""
-
-    def __init__(self, store: TokenStore, groups: np.ndarray) -> None:
-        self.store, self.groups = store, groups
-
-    def __len__(self) -> int:
-        return len(self.groups) - 1
-
-    def __getitem__(self, index: tuple[int, int] | int) -> Example:
-        """``group``, ``(group, epoch)``, or ``(group, epoch, scored)``."""
-        group, epoch, *scored = index if isinstance(index, tuple) else (index, 0)
-        a, b = (int(self.store.offsets[d]) for d in self.groups[group : group + 2])
-        tokens = np.asarray(self.store.tokens[a:b], dtype=np.int64)
-        return Example(a, tokens, epoch, *scored, store=self.store)
 
 
 class TranslationLMDataModule(MaskedLMDataModule):
@@ -119,8 +76,8 @@ class TranslationLMDataModule(MaskedLMDataModule):
         cls.check_orders(both_orders)
         if seq_len < 6:
             raise ConfigError(
-                f"objective=tlm needs seq_len >= 6 (cls, a token of each side with sep and eos "
-                f"between, sep), got {seq_len}; raise seq_len"
+                f"objective=tlm needs seq_len >= 6 (cls, a token of one side, sep, a token of "
+                f"the other, eos, sep), got {seq_len}; raise seq_len"
             )
         super().check_settings(seq_len=seq_len, **rest)
 
@@ -128,11 +85,6 @@ class TranslationLMDataModule(MaskedLMDataModule):
     def check_orders(both_orders) -> None:
         if not isinstance(both_orders, bool):
             raise ConfigError(f"objective.both_orders={both_orders!r} must be true or false")
-
-    def check(self) -> None:
-        """Refuse token stores of plain text before anything else."""
-        check_parallel(self)
-        super().check()
 
     # -- examples: groups of whole pairs ----------------------------------------------------------
     def groups(self, store: TokenStore) -> np.ndarray:
@@ -144,7 +96,7 @@ class TranslationLMDataModule(MaskedLMDataModule):
         return len(self.groups(store)) - 1, 1, 1
 
     def dataset(self, store: TokenStore) -> Dataset:
-        return PairGroups(store, self.groups(store))
+        return DocumentGroups(store, self.groups(store))
 
     @property
     def examples_what(self) -> str:
