@@ -236,3 +236,12 @@ def test_a_run_folder_or_no_checkpoint_is_one_clear_error(command, tmp_path):
         ConfigError, match=rf"ckpt_path is required: python -m lmlab.{command} ckpt_path="
     ):
         run(bare)
+
+
+def test_an_encoder_refuses_a_prompt_without_a_mask(compose_cfg):
+    """It used to return the prompt as it was: nothing to fill, and no word why."""
+    module, tok = module_and_tokenizer(compose_cfg, "encoder")
+    with pytest.raises(ConfigError, match=r"prompt='To be' has no <\|mask\|>: an encoder fills"):
+        module.generate_text(tok, ["To be"])
+    (text,) = module.generate_text(tok, ["To <|mask|>"], top_k=2)
+    assert "mask at token 3: " in text

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lmlab import flops
 from lmlab.data.collate import IGNORE
+from lmlab.errors import ConfigError
 from lmlab.models.base import LMModule
 from lmlab.nn.encoder import Encoder, EncoderConfig
 
@@ -210,9 +211,17 @@ class EncoderLM(LMModule):
         self, tokenizer, prompts: list[str], *, top_k: int | None = None, **_
     ) -> list[str]:
         """What ``python -m lmlab.generate`` does for an encoder: fill-mask. A model trained on
-        lowercased text (objective=capital_word) reads the prompts lowercased."""
+        lowercased text (objective=capital_word) reads the prompts lowercased. A prompt without a
+        mask token is refused (there would be nothing to fill: the text came back as it was)."""
         if self.hparams.get("token_task") == "capital_word":
             prompts = [p.lower() for p in prompts]
+        mask = tokenizer.tk.id_to_token(tokenizer.mask_id)
+        for prompt in prompts:
+            if tokenizer.mask_id not in tokenizer.encode(prompt, allow_special=True):
+                raise ConfigError(
+                    f"prompt={prompt!r} has no {mask}: an encoder fills masks; put {mask} where "
+                    f"tokens should be predicted, e.g. 'prompt=\"The {mask} king\"'"
+                )
         return self.fill_mask(tokenizer, prompts, top_k or 5)
 
     def sample_examples(self, datamodule, max_new_tokens: int) -> list:
