@@ -471,9 +471,8 @@ class WindowDataModule(L.LightningDataModule):
         self.check_parts()
         if self.train_store is not None:
             positions, length, stride = self.index_space(self.train_store)
-            if positions < length + stride - 1 and type(self).index_space is not (
-                WindowDataModule.index_space
-            ):
+            windows = type(self).index_space is WindowDataModule.index_space
+            if positions < length + stride - 1 and not windows:
                 raise ConfigError(
                     f"the training split makes no {self.examples_what} for objective={self.name}; "
                     "add text"

@@ -37,14 +37,13 @@ def token_texts(tokenizer: TextTokenizer) -> list[str]:
     )
 
 
-def sentence_end_table(tokenizer: TextTokenizer, texts: list[str] | None = None) -> np.ndarray:
+def sentence_end_table(tokenizer: TextTokenizer) -> np.ndarray:
     """Boolean (vocab_size,) table: True for eos and for tokens whose text ends a sentence.
 
     A token ends a sentence when its decoded text, stripped of trailing whitespace, ends with ".",
     "!" or "?" (BART splits at full stops; whitespace after the stop then opens the next sentence).
-    ``texts``: :func:`token_texts`, where the caller has them already.
     """
-    texts = token_texts(tokenizer) if texts is None else texts
+    texts = token_texts(tokenizer)
     table = np.array([t.rstrip().endswith(SENTENCE_END) for t in texts], dtype=bool)
     table[tokenizer.special_ids] = False  # "<|mask|>" and friends are never text
     table[tokenizer.eos_id] = True  # a document boundary ends a sentence too

@@ -1,13 +1,13 @@
 """What every lmlab LightningModule shares: loss, metrics, optimizer groups, learning-rate schedule.
 
 A subclass builds its backbone, declares the batch kinds it ``accepts`` and implements
-``hidden_states(batch) -> (hidden, labels)``: the backbone's final hidden states at the positions that
-``labels`` scores. Auxiliary heads (classifiers at <cls> or at every position,
+``hidden_states(batch) -> (hidden, labels)``: the backbone's final hidden states at the positions
+that ``labels`` scores. Auxiliary heads (classifiers at <cls> or at every position,
 :class:`lmlab.models.encoder.EncoderLM`) are named in ``aux_weights`` and their sums follow the
 language model's in :meth:`LMModule.nll`; they add their weighted mean cross-entropy over the step's
-labels to the training loss and report ``val/<name>_loss`` and ``val/<name>_acc``. Everything else (the output head and cross-entropy with ``ignore_index=-100``, fused
-chunk by chunk, perplexity, bits per byte, AdamW with decay / no-decay groups, warmup + cosine per step,
-compile) is here.
+labels to the training loss and report ``val/<name>_loss`` and ``val/<name>_acc``. Everything else
+(the output head and cross-entropy with ``ignore_index=-100``, fused chunk by chunk, perplexity,
+bits per byte, AdamW with decay / no-decay groups, warmup + cosine per step, compile) is here.
 """
 
 from __future__ import annotations
