@@ -156,9 +156,15 @@ def loader(batches: Sequence[dict], steps: int) -> DataLoader:
 
 
 def lmlab_model(
-    family: str, *, vocab_size: int, compile: bool | str = False, **dims
+    family: str,
+    *,
+    vocab_size: int,
+    compile: bool | str = False,
+    master_weights: bool = False,
+    **dims,
 ) -> L.LightningModule:
-    """The LightningModule of a family (decoder / encoder / encoder_decoder) with lmlab's optimizer."""
+    """The LightningModule of a family (decoder / encoder / encoder_decoder) with lmlab's optimizer
+    (``master_weights``: lmlab's ``optim.master_weights``)."""
     from lmlab.models.decoder import DecoderLM
     from lmlab.models.encoder import EncoderLM
     from lmlab.models.encoder_decoder import EncoderDecoderLM
@@ -167,7 +173,7 @@ def lmlab_model(
     model = cls(
         vocab_size=vocab_size,
         special_ids=SPECIAL_IDS,
-        optim=dict(OPTIM),
+        optim=dict(OPTIM, master_weights=master_weights),
         compile=compile,
         name=family,
         **dims,

@@ -85,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16-mixed", help="Lightning precision")
     p.add_argument(
+        "--master-weights",
+        action="store_true",
+        help="optim.master_weights=true: AdamW over fp32 copies of the weights (--precision bf16-true)",
+    )
+    p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, help="default: on, off with --tiny"
     )
     p.add_argument(
@@ -133,7 +138,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="module's loss_chunk_size, one run per value (default: the module's, off on GPUs);\n"
         "e.g. 0 4096 to compare the plain head with the fused head + loss",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.master_weights and args.precision != "bf16-true":
+        p.error("--master-weights keeps fp32 copies of bf16 weights: add --precision bf16-true")
+    return args
 
 
 def preset_shape(family: str, tiny: bool) -> tuple[int, int, int, int, dict]:
@@ -173,6 +181,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, s
         compile=args.compile and args.compile_mode,
         compile_scope=scope,
         loss_chunk_size=loss_chunk,
+        master_weights=args.master_weights,
         **dims,
     )
     gen = torch.Generator().manual_seed(0)
@@ -232,7 +241,8 @@ def main(argv=None) -> None:
     if args.cold:
         torch._inductor.config.force_disable_caches = True
     print(
-        f"gpu: lmlab presets, {args.precision}, "
+        f"gpu: lmlab presets, {args.precision}"
+        f"{' with fp32 master weights' if args.master_weights else ''}, "
         f"compile={args.compile and args.compile_mode}, attention={args.sdpa_backend}, "
         f"{args.warmup} warm-up + "
         f"{args.steps} timed steps{' (tiny sizes)' if args.tiny else ''}"

@@ -183,6 +183,7 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     if o["warmup_steps"] < 0:
         raise ConfigError(f"optim.warmup_steps={o['warmup_steps']} must be >= 0")
+    check_master_weights(o["master_weights"], cfg.trainer)
     sample = cfg.get("sample")
     if sample is not None:
         refuse_unknown_keys("sample", sample, SAMPLE_SETTINGS)
@@ -417,16 +418,41 @@ def processes_per_node(t: DictConfig) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def check_strategy(t: DictConfig) -> None:
-    """trainer=fsdp in CPU processes on a torch whose FSDP2 cannot run there is refused here, not
-    as a stream error inside the first forward pass."""
+def check_master_weights(value: Any, t: DictConfig) -> None:
+    """``optim.master_weights`` keeps fp32 copies of bf16 weights: only bf16-true has such weights
+    (bf16-mixed's are fp32 already), and FSDP keeps fp32 shards itself (its param_dtype)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"optim.master_weights={value!r} must be true or false")
+    if not value:
+        return
+    precision = str(t.get("precision"))
+    if precision != "bf16-true":
+        raise ConfigError(
+            f"optim.master_weights=true keeps fp32 copies of bf16 weights, but "
+            f"trainer.precision={precision} has none (under bf16-mixed and 32-true the weights are "
+            "fp32 already): add trainer.precision=bf16-true, or drop optim.master_weights"
+        )
+    if uses_fsdp(t):
+        raise ConfigError(
+            "optim.master_weights=true does not combine with trainer=fsdp: FSDP keeps the fp32 "
+            "weights itself and computes in bf16 with trainer.precision=32-true "
+            "trainer.strategy.param_dtype=bf16; use that, or drop optim.master_weights"
+        )
+
+
+def uses_fsdp(t: DictConfig) -> bool:
     strategy = t.get("strategy")
     target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
     try:
-        fsdp = isinstance(target, str) and issubclass(get_class(target), FSDP)
+        return isinstance(target, str) and issubclass(get_class(target), FSDP)
     except Exception:  # not a class: building the Trainer names the problem
-        fsdp = False
-    if fsdp and not uses_cuda(t) and not cpu_fsdp_supported():
+        return False
+
+
+def check_strategy(t: DictConfig) -> None:
+    """trainer=fsdp in CPU processes on a torch whose FSDP2 cannot run there is refused here, not
+    as a stream error inside the first forward pass."""
+    if uses_fsdp(t) and not uses_cuda(t) and not cpu_fsdp_supported():
         raise ConfigError(
             f"trainer=fsdp in CPU processes needs torch >= {CPU_FSDP_TORCH} (its FSDP2 needs CUDA "
             f"streams before that; this is torch {torch.__version__}): upgrade torch, train on GPUs "

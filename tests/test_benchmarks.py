@@ -65,9 +65,10 @@ def test_gpu_script_smoke_run_on_cpu(run):
     out = run(
         "gpu",
         "--tiny --device cpu --family decoder encoder_decoder --compile-mode max-autotune "
-        "--sdpa-backend math --loss-chunk-size 0 8 --compile-scope blocks",
+        "--sdpa-backend math --loss-chunk-size 0 8 --compile-scope blocks "
+        "--precision bf16-true --master-weights",
     )
-    assert "compile=False, attention=math" in out  # --tiny turns compile off
+    assert "bf16-true with fp32 master weights, compile=False, attention=math" in out  # --tiny: off
     (rows,) = tables(out)
     assert [(r["family"], r["loss chunk"], r["compile scope"]) for r in rows] == [
         ("decoder", "0", "off"),

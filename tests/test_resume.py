@@ -291,6 +291,14 @@ def small_runs(tmp_path_factory):
         # Epochs cut to whole optimizer steps (4 of the 5 batches): steps after batches 2 and 4 of
         # each epoch; the validation's checkpoint at step 7 is after batch 2 of epoch 3.
         pytest.param(("trainer.accumulate_grad_batches=2",), 7, (3, 2), id="gradient-accumulation"),
+        # bf16 weights: the checkpoint's model weights are the fp32 masters rounded; the masters
+        # themselves come back from the optimizer's state (lmlab/optim.py)
+        pytest.param(
+            ("trainer.precision=bf16-true", "optim.master_weights=true"),
+            7,
+            (1, 2),
+            id="bf16-weights-with-fp32-masters",
+        ),
     ],
 )
 def test_stop_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(

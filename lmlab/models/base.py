@@ -29,6 +29,7 @@ from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.loggers import ResumableCSVLogger
 from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
+from lmlab.optim import MasterWeightAdamW
 from lmlab.parallel import FSDP, check_compile_scope, compile_mode, eager, parallelize
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ OPTIM_DEFAULTS = {
     "eps": 1e-8,
     "warmup_steps": 0,
     "min_lr_ratio": 0.1,
+    "master_weights": False,
 }
 
 
@@ -361,7 +363,10 @@ class LMModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """After a step whose micro-batch ``skip_nonfinite`` skipped: the others' losses were
         divided by all the step's targets, so their gradient is scaled up to the mean over the
-        targets trained on (before clipping, which Lightning does next)."""
+        targets trained on (before clipping, which Lightning does next). With master weights the
+        gradients are first copied into the masters', which clipping and the step read."""
+        if isinstance(optimizer, MasterWeightAdamW):
+            optimizer.pull_grads()
         factor, self._grad_rescale = self._grad_rescale, None
         if factor is not None:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
@@ -620,7 +625,9 @@ class LMModule(L.LightningModule):
             and not isinstance(p, DTensor)
             and str(self.trainer.precision) != "16-mixed"
         )
-        optimizer = torch.optim.AdamW(
+        # fp32 copies of bf16-true weights stepped and rounded back (lmlab/optim.py)
+        adamw = MasterWeightAdamW if o["master_weights"] else torch.optim.AdamW
+        optimizer = adamw(
             param_groups(self, o["weight_decay"]),
             lr=o["lr"],
             betas=tuple(o["betas"]),

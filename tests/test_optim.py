@@ -1,0 +1,205 @@
+"""optim.master_weights: AdamW over fp32 copies of bf16-true weights (lmlab/optim.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.errors import ConfigError
+from lmlab.optim import MasterWeightAdamW
+from lmlab.train import check_settings, train
+
+SETTINGS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+
+def weights(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, 3, generator=g).bfloat16(), torch.randn(3, generator=g).bfloat16()]
+
+
+def groups(params: list[torch.Tensor]) -> list[dict]:
+    return [
+        {"params": params[:1], "weight_decay": 0.1},
+        {"params": params[1:], "weight_decay": 0.0},
+    ]
+
+
+def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g).bfloat16() for p in params]
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach", "for-loop"])
+def test_steps_are_fp32_adamw_on_the_masters_and_the_weights_their_rounding(kind):
+    """Bit for bit: the masters follow torch's AdamW on fp32 weights given the bf16 gradients
+    (upcast), and after every step each bf16 weight is its master rounded."""
+    flags = {
+        "fused": dict(fused=True),
+        "foreach": dict(foreach=True),
+        "for-loop": dict(foreach=False),
+    }
+    model = weights()
+    fp32 = [w.float() for w in model]
+    ours = MasterWeightAdamW(groups(model), **SETTINGS, **flags[kind])
+    ref = torch.optim.AdamW(groups(fp32), **SETTINGS, **flags[kind])
+    for step in range(5):
+        for w, r, g in zip(model, fp32, gradients(model, step), strict=True):
+            w.grad, r.grad = g, g.float()
+        ours.step()
+        ref.step()
+        ours.zero_grad()
+        ref.zero_grad()
+        for w, m, r in zip(model, ours.masters, fp32, strict=True):
+            assert torch.equal(m, r)
+            assert torch.equal(w, r.bfloat16())
+            assert w.dtype == torch.bfloat16 and m.dtype == torch.float32
+            assert w.grad is None and m.grad is None
+    assert sum((w.float() != r).sum() for w, r in zip(model, fp32, strict=True)) > 0  # rounded
+
+
+def test_updates_below_bf16_resolution_add_up_in_the_masters():
+    """At lr=1e-4 every AdamW update of a weight of 1.0 (bf16 spacing 2^-7 above it, 2^-8 below)
+    is below half a spacing: plain AdamW on bf16 weights never moves them, the masters move by
+    lr per step and the bf16 weights follow once the masters have moved far enough."""
+    settings = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    plain, ours = [torch.ones(8).bfloat16()], [torch.ones(8).bfloat16()]
+    plain_opt = torch.optim.AdamW(plain, **settings)
+    ours_opt = MasterWeightAdamW(ours, **settings)
+    for _ in range(60):
+        for w in (*plain, *ours):
+            w.grad = torch.ones_like(w)  # a constant gradient: each update is -lr (to fp32 eps)
+        plain_opt.step()
+        ours_opt.step()
+    assert torch.equal(plain[0], torch.ones(8).bfloat16())
+    master = ours_opt.masters[0]
+    assert torch.allclose(master, torch.full((8,), 1 - 60e-4), atol=1e-6)
+    assert torch.equal(ours[0], master.bfloat16())
+    # 1 - 0.006 lies between 1 - 2^-7 and 1 - 2^-8 (0.9921875, 0.99609375), nearer the first
+    assert (ours[0] == 0.9921875).all()
+
+
+def test_a_weight_without_gradient_is_left_alone_and_stale_master_gradients_are_not_reused():
+    model = weights()
+    opt = MasterWeightAdamW(groups(model), **SETTINGS)
+    model[0].grad, model[1].grad = gradients(model, 0)
+    opt.step()
+    before = [w.clone() for w in model], [m.clone() for m in opt.masters]
+    # The next step reaches the matrix only; the vector's master gradient from step 0 is gone
+    model[0].grad, model[1].grad = gradients(model, 1)[0], None
+    opt.step()
+    assert torch.equal(model[1], before[0][1]) and torch.equal(opt.masters[1], before[1][1])
+    assert opt.masters[1].grad is None
+    assert not torch.equal(model[0], before[0][0])
+
+
+def test_a_checkpoint_carries_the_masters_and_a_resumed_optimizer_continues_exactly():
+    """state_dict -> a new optimizer on the rounded weights (as a resumed run builds one) -> the
+    same next steps as the uninterrupted optimizer, bit for bit; without the masters (a plain
+    AdamW checkpoint) the steps go on from the rounded weights and differ."""
+
+    def run(steps, model, opt):
+        for step in steps:
+            for w, g in zip(model, gradients(model, step), strict=True):
+                w.grad = g
+            opt.step()
+            opt.zero_grad()
+
+    model = weights()
+    opt = MasterWeightAdamW(groups(model), **SETTINGS)
+    run(range(3), model, opt)
+    saved = {k: v for k, v in opt.state_dict().items()}
+    saved = torch.load(_roundtrip(saved), weights_only=False)  # as a checkpoint file holds it
+    run(range(3, 6), model, opt)
+
+    resumed = [w.clone() for w in weights()]  # other values: the load must set everything
+    for w, v in zip(resumed, saved["master_weights"], strict=True):
+        w.copy_(v)  # the checkpoint's model weights: the masters rounded
+    opt2 = MasterWeightAdamW(groups(resumed), **SETTINGS)
+    opt2.load_state_dict(saved)
+    run(range(3, 6), resumed, opt2)
+    for a, b in zip((*model, *opt.masters), (*resumed, *opt2.masters), strict=True):
+        assert torch.equal(a, b)
+
+    plain_state = {k: v for k, v in saved.items() if k != "master_weights"}
+    fresh = [v.bfloat16() for v in saved["master_weights"]]
+    opt3 = MasterWeightAdamW(groups(fresh), **SETTINGS)
+    opt3.load_state_dict(plain_state)
+    run(range(3, 6), fresh, opt3)
+    assert any(not torch.equal(a, b) for a, b in zip(opt.masters, opt3.masters, strict=True))
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_a_checkpoint_of_another_model_is_refused():
+    opt = MasterWeightAdamW(weights(), **SETTINGS)
+    state = opt.state_dict()
+    state["master_weights"] = state["master_weights"][:1]
+    with pytest.raises(ValueError, match="holds 1 master weights, this model 2"):
+        MasterWeightAdamW(weights(), **SETTINGS).load_state_dict(state)
+
+
+# -- through lmlab's training ---------------------------------------------------------------------
+def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights_rounded(
+    tiny_cfg, monkeypatch
+):
+    """bf16-true + master_weights: the Trainer's optimizer is MasterWeightAdamW; each AdamW step
+    sees fp32 gradients pulled from the model and clipped (norm <= gradient_clip_val, far below the
+    unclipped norm); after training every bf16 weight is its master rounded."""
+    norms = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        assert all(g.dtype == torch.float32 for g in grads)
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    cfg = tiny_cfg(
+        "trainer.precision=bf16-true",
+        "optim.master_weights=true",
+        "trainer.gradient_clip_val=0.01",
+        "trainer.max_steps=4",
+        "callbacks.samples=null",
+    )
+    _, objects = train(cfg)
+    model = objects["model"]
+    (opt,) = [o for o in objects["trainer"].optimizers]
+    assert isinstance(opt, MasterWeightAdamW)
+    assert len(norms) == 4 and all(n <= 0.01 * (1 + 1e-5) for n in norms)
+    params = {id(p): p for p in model.parameters()}.values()
+    assert len(opt.model_params) == len(params)
+    for w, m in zip(opt.model_params, opt.masters, strict=True):
+        assert w.dtype == torch.bfloat16 and torch.equal(w, m.bfloat16())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["optim.master_weights=true", "trainer.precision=32-true"],
+            r"optim\.master_weights=true keeps fp32 copies of bf16 weights, but "
+            r"trainer\.precision=32-true has none .*: add trainer\.precision=bf16-true",
+        ),
+        (
+            ["optim.master_weights=true", "trainer.precision=bf16-mixed"],
+            r"trainer\.precision=bf16-mixed has none",
+        ),
+        (["optim.master_weights=yes"], r"optim\.master_weights='yes' must be true or false"),
+        (
+            ["trainer=fsdp", "trainer.precision=bf16-true", "optim.master_weights=true"],
+            r"does not combine with trainer=fsdp: .* trainer\.precision=32-true "
+            r"trainer\.strategy\.param_dtype=bf16",
+        ),
+    ],
+)
+def test_master_weights_without_bf16_weights_or_with_fsdp_is_refused(tiny_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_settings(tiny_cfg(*overrides))
