@@ -27,6 +27,7 @@ OBJECTIVES = {
     "capital_word": "lmlab.data.capital.CapitalWordDataModule",
     "tlm": "lmlab.data.tlm.TranslationLMDataModule",
     "ir_relevance": "lmlab.data.relevance.RelevanceDataModule",
+    "mcp": "lmlab.data.columns.MaskedColumnDataModule",
     "span": "lmlab.data.span.SpanCorruptionDataModule",
     "denoise": "lmlab.data.denoise.DenoisingDataModule",
 }

@@ -40,7 +40,7 @@ from lmlab import __version__
 from lmlab.callbacks import last_saved_at_step
 from lmlab.checkpoint import SHARDED_META, is_sharded, read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
-from lmlab.data.corpus import check_data, make_corpus, plain_texts, text_fields
+from lmlab.data.corpus import check_data, file_kind, make_corpus, plain_texts, text_fields
 from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import (
     TextTokenizer,
@@ -228,6 +228,20 @@ def check_objective(cfg: DictConfig) -> None:
         objective.pair_fields,
         isinstance(text_fields(data.get("text_field", "text")), tuple),
     )
+    tables = table_data(data)
+    if objective.tables and not tables:
+        raise ConfigError(
+            f"objective={cfg.objective.name} trains on tables, but data={data.get('name')} reads "
+            "text; use CSV or TSV files (their first row the column names): data=files "
+            "data.train='tables/*.csv' (or data.format=csv for other file names)"
+        )
+    if tables and (pair or not objective.pairs_as_text):
+        raise ConfigError(
+            f"objective={cfg.objective.name} reads "
+            + ("pairs of texts" if pair else "sentences")
+            + ", but the data files are tables (.csv / .tsv); use "
+            + ("JSONL rows of pairs" if pair else "text files, or data.format=text")
+        )
     if not pair and not objective.pairs_as_text and pairs_data:
         raise ConfigError(
             f"objective={cfg.objective.name} cuts text into segments, but data.text_field lists "
@@ -416,6 +430,23 @@ def processes_per_node(t: DictConfig) -> int:
     if t.get("accelerator") == "cpu":
         return 1  # "auto" / -1 on the CPU: one process
     return max(1, torch.cuda.device_count())
+
+
+def table_data(data) -> bool:
+    """Whether ``data`` (the data group) reads tables: data=files with data.format csv / tsv, or
+    auto with every data.train / data.val pattern ending in .csv / .tsv (what the config says,
+    before any file is read; the token store's kind is checked again once built)."""
+    if data.get("source") != "files":
+        return False
+    fmt = data.get("format", "auto")
+    if fmt != "auto":
+        return fmt in ("csv", "tsv")
+    patterns = [
+        p
+        for key in ("train", "val")
+        for p in ([data.get(key)] if isinstance(data.get(key), str) else data.get(key) or [])
+    ]
+    return bool(patterns) and all(file_kind(str(p), "auto") in ("csv", "tsv") for p in patterns)
 
 
 def check_master_weights(value: Any, t: DictConfig) -> None:

@@ -88,6 +88,29 @@ def parallel_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def table_files(tmp_path: Path) -> Path:
+    """A folder of 10 CSV tables (countries: country, capital, year, population in some order)."""
+    import csv
+
+    places = [("France", "Paris"), ("Japan", "Tokyo"), ("Peru", "Lima"), ("Kenya", "Nairobi")]
+    places += [("Canada", "Ottawa"), ("Norway", "Oslo"), ("Chile", "Santiago"), ("Egypt", "Cairo")]
+    rng = random.Random(0)
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    for t in range(10):
+        cols = rng.sample(["country", "capital", "year", "population"], rng.randint(2, 4))
+        rows = []
+        for _ in range(12):
+            country, capital = rng.choice(places)
+            cell = dict(country=country, capital=capital, year=str(rng.randint(1950, 2020)))
+            cell["population"] = f"{rng.randint(1, 900) * 100_000}"
+            rows.append([cell[c] for c in cols])
+        with open(folder / f"t{t}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([cols, *rows])
+    return folder
+
+
 TINY = [
     "seq_len=32",
     "model.n_layers=2",

@@ -122,7 +122,7 @@ def test_help_lists_config_groups(tmp_path):
     p = run(["lmlab", "--help"], tmp_path)
     for group in (
         "model: decoder",
-        "objective: capital_word, clm, denoise, deshuffle, discourse, ir_relevance, mlm, nsp,",
+        "objective: capital_word, clm, denoise, deshuffle, discourse, ir_relevance, mcp, mlm,",
         "data: files, hf, shakespeare",
         "tokenizer: bpe, byte, pretrained",
     ):

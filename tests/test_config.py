@@ -112,7 +112,7 @@ def test_compatibility_table_rows():
     # invalid pairs and their messages are tested in test_families.py
     assert "| decoder | causal, prefix | clm, prefix_lm |" in compatibility_table()
     assert (
-        "| encoder | masked | mlm, sop, nsp, sentence_distance, deshuffle, discourse, capital_word, tlm, ir_relevance |"
+        "| encoder | masked | mlm, sop, nsp, sentence_distance, deshuffle, discourse, capital_word, tlm, ir_relevance, mcp |"
         in compatibility_table()
     )
     assert "| encoder_decoder | seq2seq | span, denoise |" in compatibility_table()

@@ -399,6 +399,7 @@ def test_compatibility_table_covers_the_families():
         "capital_word",
         "tlm",
         "ir_relevance",
+        "mcp",
     ]
     assert set(valid_objectives("encoder_decoder")) == {
         o for o in OBJECTIVES if o in ("span", "denoise")
@@ -406,10 +407,12 @@ def test_compatibility_table_covers_the_families():
 
 
 @pytest.mark.parametrize(("model", "objective"), PAIRS)
-def test_every_valid_pair_trains(tiny_cfg, parallel_file, model, objective):
-    # tlm and ir_relevance train on pairs of texts
+def test_every_valid_pair_trains(tiny_cfg, parallel_file, table_files, model, objective):
+    # tlm and ir_relevance train on pairs of texts, mcp on tables
     pairs = objective in ("tlm", "ir_relevance")
     data = [f"data.train={parallel_file}", "data.text_field=[en,xx]"] if pairs else []
+    if objective == "mcp":
+        data = [f"data.train={table_files}/*.csv", "seq_len=64"]
     metrics, objects = train(
         tiny_cfg(
             f"model={model}",
@@ -453,6 +456,7 @@ def test_every_valid_pair_trains(tiny_cfg, parallel_file, model, objective):
         "capital_word": "The <|mask|> king",
         "tlm": "The <|mask|> king",
         "ir_relevance": "The <|mask|> king",
+        "mcp": "The <|mask|> king",
         "span": "The <extra_id_0> king",
         "denoise": "The <|mask|> king",
     }[objective]
@@ -467,8 +471,8 @@ def test_every_valid_pair_trains(tiny_cfg, parallel_file, model, objective):
         start = "the" if objective == "capital_word" else "The"  # it read lowercase text only
         assert text.splitlines()[0].startswith(start) and "<|mask|>" not in text.splitlines()[0]
         # "The", " ", mask (lowercased, "the" may be split; a BPE of two languages may split
-        # "The" too); no special tokens proposed
-        split = objective in ("capital_word", "tlm", "ir_relevance")
+        # "The" too, and one trained on tables); no special tokens proposed
+        split = objective in ("capital_word", "tlm", "ir_relevance", "mcp")
         split = split and "mask at token 2: " not in text
         where = len(objects["tokenizer"].encode(f"{start} ")) if split else 2
         assert f"mask at token {where}: " in text and "'<|" not in text

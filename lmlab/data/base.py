@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.data.collate import GOLDEN_GAMMA, IGNORE, mix64, seq2seq_batch
-from lmlab.data.store import TokenStore
+from lmlab.data.store import TABLE_PARTS, TokenStore
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
 
@@ -443,25 +443,42 @@ class WindowDataModule(L.LightningDataModule):
     # else; other objectives read pairs as text, unless ``pairs_as_text`` is False.
     pair_fields: tuple[str, str] | None = None
     pairs_as_text = True
+    # Tables (.csv / .tsv files: documents of column names and values, TokenStore.parts ==
+    # TABLE_PARTS): ``tables`` for an objective that trains on them and refuses anything else;
+    # the others read them as text, except those that refuse pairs (``pairs_as_text`` False) and
+    # those on pairs.
+    tables = False
 
     def check_parts(self) -> None:
-        """Refuse stores of the wrong kind: plain text for an objective on pairs, pairs for one
-        that cannot read them as text."""
+        """Refuse stores of the wrong kind: plain text for an objective on pairs or tables, pairs
+        or tables for one that cannot read them as text."""
         for split, store in (("training", self.train_store), ("validation", self.val_store)):
             if store is None:
                 continue
+            held = "tables" if store.parts == TABLE_PARTS else f"{store.parts} text(s) per document"
+            if self.tables and store.parts != TABLE_PARTS:
+                raise ConfigError(
+                    f"objective={self.name} trains on tables, but the {split} split holds {held}; "
+                    "use CSV or TSV files (their first row the column names): data=files "
+                    "data.train='tables/*.csv'"
+                )
             if self.pair_fields and store.parts != 2:
                 a, b = self.pair_fields
                 raise ConfigError(
                     f"objective={self.name} trains on pairs of texts ({a}, {b}), but the {split} "
-                    f"split holds {store.parts} text(s) per document; use JSONL rows of pairs: "
+                    f"split holds {held}; use JSONL rows of pairs: "
                     f"data=files data.train=pairs.jsonl data.text_field=[{a},{b}]"
                 )
             if not self.pair_fields and not self.pairs_as_text and store.parts != 1:
+                what = (
+                    "tables, whose separators"
+                    if store.parts == TABLE_PARTS
+                    else "pairs of texts (data.text_field lists two fields), whose separator"
+                )
                 raise ConfigError(
                     f"objective={self.name} cuts text into segments, but the {split} split holds "
-                    "pairs of texts (data.text_field lists two fields), whose separator would "
-                    "fall inside them; use one text field"
+                    f"{what} would fall inside them; use text files"
+                    + ("" if store.parts == TABLE_PARTS else " or one text field")
                 )
 
     # -- shared ----------------------------------------------------------------------------------

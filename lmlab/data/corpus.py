@@ -1,5 +1,5 @@
-"""Where text comes from: the bundled Shakespeare corpus or the user's own files (plain text, JSONL);
-Hugging Face datasets are in :mod:`lmlab.data.hf`.
+"""Where text comes from: the bundled Shakespeare corpus or the user's own files (plain text, JSONL,
+tables: CSV / TSV); Hugging Face datasets are in :mod:`lmlab.data.hf`.
 
 A corpus is a list of documents, split deterministically into train and validation *by document*, so no
 validation text is ever trained on: a lone document is cut into a head (train) and a tail (validation),
@@ -7,12 +7,20 @@ and files that ``data.val`` names are left out of ``data.train``'s matches. Whic
 depends only on their names relative to the glob that found them, not on the working directory or on how
 the path was spelled. Every problem with the input (a glob that matches nothing, an empty, binary or
 wrongly encoded file, a bad JSONL line) is a :class:`ConfigError` naming the file and the fix.
+
+A table (a .csv / .tsv file, its first row the column names) is one document of the split (whole
+tables are held out, so no validation table's columns are trained on; a lone table is cut by rows)
+and gives the token store one document per ``data.table_rows`` consecutive rows: a
+:class:`TableChunk`, the column names and values alternating (``name <sep> values <sep> name ...
+<eos>``, each column's cells in those rows joined by " ; "), for objective=mcp.
 """
 
 from __future__ import annotations
 
+import csv
 import glob as globlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -47,6 +55,7 @@ class Doc:
     member: str | None = None  # member of a bundled archive
     part: str | None = None  # "head" / "tail" when a lone document is split for validation
     name: str | None = None  # the file's name relative to its glob's base folder (None: ``path``)
+    table: str | None = None  # "csv" / "tsv": a table (a file read as one)
 
     @property
     def key(self) -> str:
@@ -57,7 +66,45 @@ class Doc:
         return ":".join(str(x) for x in ident if x)
 
     def with_part(self, part: str) -> Doc:
-        return Doc(self.path, self.line, self.member, part, self.name)
+        return Doc(self.path, self.line, self.member, part, self.name, self.table)
+
+
+class TableChunk(tuple):
+    """Some consecutive rows of a table as one document's parts: each column's name, then its cells
+    in those rows joined by " ; " (the token store joins the parts with sep). Parts may be blank (a
+    column without a name, cells without text): the store keeps them, as the column structure is
+    read from the separators."""
+
+
+@dataclass
+class Table:
+    """A table file's column names and rows (every row as long as the header)."""
+
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    path: str = ""
+
+    def cut(self, frac: float, part: str) -> Table:
+        """The head (the first ``frac`` of the rows, at least one) or the tail (the rest, at least
+        one) of a lone table split for validation."""
+        n = len(self.rows)
+        if n < 2:
+            raise ConfigError(
+                f"{self.path} is the only table and has one row: holding some out for validation "
+                "needs two rows or more; add rows or tables, or name validation files with data.val"
+            )
+        cut = min(n - 1, max(1, round(n * frac)))
+        rows = self.rows[:cut] if part == "head" else self.rows[cut:]
+        return Table(self.header, rows, self.path)
+
+    def chunks(self, rows: int) -> Iterator[TableChunk]:
+        for i in range(0, len(self.rows), rows):
+            block = self.rows[i : i + rows]
+            yield TableChunk(
+                text
+                for c, name in enumerate(self.header)
+                for text in (name, " ; ".join(row[c] for row in block))
+            )
 
 
 @dataclass
@@ -68,6 +115,7 @@ class Corpus:
     text_field: str | tuple[str, ...] = "text"  # two fields: parallel text (pairs)
     encoding_errors: str = "strict"
     val_fraction: float = 0.0  # used to cut a lone document into head (train) and tail (val)
+    table_rows: int = 3  # rows of a table per store document (TableChunk)
 
     def identity(self, docs: Sequence[Doc]) -> str:
         """Which documents ``docs`` are, by name only (not file times or places): saved in
@@ -84,6 +132,8 @@ class Corpus:
         h = hashlib.sha256(
             f"v{DOC_VERSION}|{self.text_field}|{self.encoding_errors}|{self.val_fraction}".encode()
         )
+        if any(d.table for d in docs):  # (only then: other corpora keep their caches)
+            h.update(f"|table_rows={self.table_rows}".encode())
         files: dict[str, str] = {}  # path -> "resolved|size|mtime", one stat per file
         for d in docs:
             if d.path not in files:
@@ -98,27 +148,36 @@ class Corpus:
         return sum(Path(p).stat().st_size for p in {d.path for d in docs})
 
     def texts(self, docs: Sequence[Doc]) -> Iterator[str | tuple[str, ...]]:
-        """Yield each document's text (a pair's two, as a tuple), reading every file once."""
+        """Yield each document's text (a pair's two, as a tuple; a table's chunks of
+        ``table_rows`` rows, each a :class:`TableChunk`), reading every file once."""
         i = 0
         while i < len(docs):
             j = i
             while j < len(docs) and docs[j].path == docs[i].path:
                 j += 1
-            yield from self._file_texts(docs[i:j])
+            for text in self._file_texts(docs[i:j]):
+                if isinstance(text, Table):
+                    yield from text.chunks(self.table_rows)
+                else:
+                    yield text
             i = j
 
     def _file_texts(self, docs: Sequence[Doc]) -> Iterator[str | tuple[str, ...]]:
         """The texts of ``docs`` (all of one file), each cut to its head or tail where it has one,
         whatever kind of document it is: a lone document never gives its whole text to both splits."""
         for d, text in zip(docs, self._whole_texts(docs), strict=True):
-            if d.part is not None:
+            if d.part is not None and isinstance(text, Table):
+                text = text.cut(1 - self.val_fraction, d.part)
+            elif d.part is not None:
                 cut = _cut_point(text, 1 - self.val_fraction)
                 text = text[:cut] if d.part == "head" else text[cut:]
             yield text
 
     def _whole_texts(self, docs: Sequence[Doc]) -> Iterator[str | tuple[str, ...]]:
         path = docs[0].path
-        if docs[0].member is not None:
+        if docs[0].table is not None:
+            yield read_table(path, docs[0].table, self.encoding_errors)
+        elif docs[0].member is not None:
             members = _bundled_members(path)
             yield from (members[d.member] for d in docs)
         elif docs[0].line is not None:
@@ -175,6 +234,50 @@ def _read_text(path: str, errors: str) -> str:
         ) from None
 
 
+def read_table(path: str, kind: str, errors: str = "strict") -> Table:
+    """A CSV (``kind`` "csv") or TSV file: the first non-blank row names the columns, every other
+    non-blank row is a row of cells. A row shorter than the header is padded with empty cells (as
+    pandas reads it); a longer one is refused unless its extra cells are empty (a trailing
+    delimiter)."""
+    text = _read_text(path, errors)
+    try:
+        rows = [
+            (n, row)
+            for n, row in enumerate(
+                csv.reader(
+                    io.StringIO(text, newline=""), delimiter=",\t"[kind == "tsv"], strict=True
+                ),
+                1,
+            )
+            if any(cell.strip() for cell in row)
+        ]
+    except csv.Error as e:
+        raise ConfigError(
+            f"{path} is not a readable {kind.upper()} table ({e}); fix the file"
+        ) from None
+    if len(rows) < 2:
+        raise ConfigError(
+            f"{path} holds {'only a header row' if rows else 'no rows'}: a table needs its column "
+            "names in the first row and at least one row of cells; remove the file or add rows"
+        )
+    (_, header), *body = rows
+    width = len(header)
+    out = []
+    for n, row in body:
+        if len(row) > width and any(cell.strip() for cell in row[width:]):
+            raise ConfigError(
+                f"{path}: row {n} has {len(row)} cells, the header {width} column names; fix the "
+                f"row or name every column in the first row"
+                + (
+                    " (is it a TSV file? set data.format=tsv)"
+                    if kind == "csv" and "\t" in text
+                    else ""
+                )
+            )
+        out.append(tuple(row[:width]) + ("",) * (width - len(row)))
+    return Table(tuple(header), out, path)
+
+
 def _jsonl_lines(text: str) -> list[str]:
     """The lines of a JSONL file: split on "\\n" only (a "\\r" before it dropped), as JSON Lines
     defines them. ``str.splitlines`` would also split on U+2028, U+2029 and U+0085, which
@@ -207,9 +310,10 @@ def text_fields(field) -> str | tuple[str, str]:
 
 
 def plain_texts(texts: Iterable[str | tuple[str, ...]]) -> Iterator[str]:
-    """Every text of ``texts``, a parallel document's parts one by one (to train a tokenizer)."""
+    """Every text of ``texts``, a parallel document's (or a table chunk's) parts one by one (to
+    train a tokenizer)."""
     for text in texts:
-        yield from (text if isinstance(text, tuple) else (text,))
+        yield from (p for p in text if p) if isinstance(text, tuple) else (text,)
 
 
 def _jsonl_text(
@@ -321,12 +425,29 @@ def _without_val(train: Files, val: Files) -> Files:
     return {p: f for p, f in train.items() if p not in val}
 
 
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv"}
+
+
+def file_kind(path: str, fmt: str) -> str:
+    """How ``data.format`` (auto: by the extension) reads a file: text, jsonl, csv or tsv."""
+    if fmt != "auto":
+        return fmt
+    if path.endswith((".jsonl", ".json")):
+        return "jsonl"
+    return TABLE_SUFFIXES.get(Path(path).suffix.lower(), "text")
+
+
 def _documents(
     files: Files, fmt: str, errors: str, field: str | tuple[str, ...] = "text"
 ) -> list[Doc]:
     docs: list[Doc] = []
     for f, name in files.values():
-        kind = fmt if fmt != "auto" else ("jsonl" if f.endswith((".jsonl", ".json")) else "text")
+        kind = file_kind(f, fmt)
+        if kind in ("csv", "tsv") and isinstance(field, tuple):
+            raise ConfigError(
+                f"data.text_field={list(field)!r} names two fields (parallel text), but {f} is "
+                "read as a table; use JSONL files for pairs, or one text field"
+            )
         if kind == "text" and isinstance(field, tuple):
             raise ConfigError(
                 f"data.text_field={list(field)!r} names two fields (parallel text), which only "
@@ -338,8 +459,10 @@ def _documents(
             docs.extend(Doc(f, line=n, name=name) for n, s in enumerate(lines, 1) if s.strip())
         elif kind == "text":
             docs.append(Doc(f, name=name))
+        elif kind in ("csv", "tsv"):
+            docs.append(Doc(f, name=name, table=kind))
         else:
-            raise ConfigError(f"unknown data.format={fmt!r}; choose auto, text or jsonl")
+            raise ConfigError(f"unknown data.format={fmt!r}; choose auto, text, jsonl, csv or tsv")
     return docs
 
 
@@ -360,7 +483,15 @@ def split_documents(docs: list[Doc], val_fraction: float) -> tuple[list[Doc], li
 LOADER_SETTINGS = ("name", "source", "batch_size", "eval_batch_size", "num_workers")
 SOURCE_SETTINGS = {
     "bundled": ("val_fraction",),
-    "files": ("train", "val", "val_fraction", "format", "text_field", "encoding_errors"),
+    "files": (
+        "train",
+        "val",
+        "val_fraction",
+        "format",
+        "text_field",
+        "encoding_errors",
+        "table_rows",
+    ),
     "hf": (
         "path",
         "subset",
@@ -415,6 +546,12 @@ def make_corpus(cfg, need_train: bool = True):
         raise ConfigError(f"data.encoding_errors must be strict, replace or ignore, got {errors!r}")
     fmt = cfg.get("format", "auto")
     field = text_fields(cfg.get("text_field", "text"))
+    table_rows = cfg.get("table_rows", 3)
+    if isinstance(table_rows, bool) or not isinstance(table_rows, int) or table_rows < 1:
+        raise ConfigError(
+            f"data.table_rows={table_rows!r} must be a whole number >= 1 (rows of a table per "
+            "document of the token store)"
+        )
     if cfg.source == "bundled":
         if cfg.name not in BUNDLED:
             raise ConfigError(f"no bundled corpus {cfg.name!r}; bundled: {', '.join(BUNDLED)}")
@@ -449,7 +586,15 @@ def make_corpus(cfg, need_train: bool = True):
         raise ConfigError(
             f"unknown data.source={cfg.source!r}; choose {', '.join(SOURCE_SETTINGS)}"
         )
-    return Corpus(cfg.name, train, val, field, errors, cfg.get("val_fraction", 0.0))
+    docs = train + val
+    if any(d.table for d in docs) and not all(d.table for d in docs):
+        tables = len({d.path for d in docs if d.table})
+        raise ConfigError(
+            f"the data files mix tables (.csv / .tsv: {tables} files) with text "
+            f"({len({d.path for d in docs if not d.table})} files), which the objectives read "
+            "differently; give one kind (or data.format=text to read the tables as plain text)"
+        )
+    return Corpus(cfg.name, train, val, field, errors, cfg.get("val_fraction", 0.0), table_rows)
 
 
 def _plain(value):

@@ -17,6 +17,22 @@ from lmlab.data.tokenizers import word_starts
 from lmlab.errors import ConfigError
 
 
+def cls_sep_rows(examples: list[Example], tokenizer, width: int | None = None) -> np.ndarray:
+    """(B, width) int64: cls, the example's tokens, sep, then pad (``width``: the longest)."""
+    width = width or max(len(ex.tokens) for ex in examples) + 2
+    ids = np.full((len(examples), width), tokenizer.pad_id, dtype=np.int64)
+    ids[:, 0] = tokenizer.cls_id
+    if examples and all(len(ex.tokens) == width - 2 for ex in examples):  # one copy
+        ids[:, 1:-1] = np.stack([ex.tokens for ex in examples])
+        ids[:, -1] = tokenizer.sep_id
+        return ids
+    for b, ex in enumerate(examples):
+        n = len(ex.tokens)
+        ids[b, 1 : n + 1] = ex.tokens
+        ids[b, n + 1] = tokenizer.sep_id
+    return ids
+
+
 class MaskedLMDataModule(WindowDataModule):
     objective, batch_kind = "mlm", "masked"
 
@@ -88,20 +104,7 @@ class MaskedLMDataModule(WindowDataModule):
         }
 
     def _sequences(self, examples: list[Example], width: int | None = None) -> np.ndarray:
-        """(B, width) int64: cls, the example's tokens, sep, then pad (``width``: the longest)."""
-        tok = self.tokenizer
-        width = width or max(len(ex.tokens) for ex in examples) + 2
-        ids = np.full((len(examples), width), tok.pad_id, dtype=np.int64)
-        ids[:, 0] = tok.cls_id
-        if examples and all(len(ex.tokens) == width - 2 for ex in examples):  # one copy
-            ids[:, 1:-1] = np.stack([ex.tokens for ex in examples])
-            ids[:, -1] = tok.sep_id
-            return ids
-        for b, ex in enumerate(examples):
-            n = len(ex.tokens)
-            ids[b, 1 : n + 1] = ex.tokens
-            ids[b, n + 1] = tok.sep_id
-        return ids
+        return cls_sep_rows(examples, self.tokenizer, width)
 
     def _mask(self, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, ...]:
         """:func:`mlm_mask` with this objective's settings. Padding is special, so never selected."""

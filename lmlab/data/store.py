@@ -4,7 +4,9 @@ Layout of one store (a folder named by the cache key):
   tokens.bin   uint16 (vocab <= 65536) or uint32 token ids, every document followed by eos
   offsets.npy  int64 (n_docs + 1,): document d spans tokens[offsets[d]:offsets[d+1]] (its eos included)
   meta.json    dtype, counts, UTF-8 byte count of the text, parts per document (2: parallel text,
-               each document "src <sep> tgt <eos>"), the key's ingredients
+               each document "src <sep> tgt <eos>"; 0: tables, each document some rows of one,
+               "name <sep> values <sep> name <sep> values ... <eos>", lmlab.data.corpus.TableChunk),
+               the key's ingredients
 
 The key hashes (documents' identities, sizes and mtimes; the tokenizer; the settings), so a changed file or
 tokenizer builds a new store and an unchanged one is reused. A store is written into a temporary folder
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmlab.data.corpus import TableChunk
 from lmlab.data.tokenizers import TextTokenizer
 from lmlab.errors import ConfigError
 from lmlab.paths import file_lock
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 STORE_VERSION = 4
 CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces so every core gets work
 BATCH_CHARS = 8 << 20  # texts handed to the tokenizer's parallel batch encoder at once
+TABLE_PARTS = 0  # TokenStore.parts of a store of tables (documents of as many parts as columns x 2)
 
 
 @dataclass
@@ -51,7 +55,8 @@ class TokenStore:
     offsets: np.ndarray  # (n_docs + 1,)
     n_bytes: int  # UTF-8 bytes of the text (eos excluded)
     docs_id: str | None = None  # which documents it holds (Corpus.identity), set by prepare_data
-    parts: int = 1  # texts per document, joined by sep: 2 for parallel text (translation pairs)
+    parts: int = 1  # texts per document, joined by sep: 2 for parallel text (translation pairs),
+    # TABLE_PARTS (0) for tables (a column's name, then its values, for each column)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -116,13 +121,16 @@ def _encode_stream(
     texts: Iterable[str | tuple[str, ...]], tokenizer: TextTokenizer, total_bytes: int | None
 ) -> Iterator[tuple[np.ndarray, int, int]]:
     """Yield (ids of one document with eos appended, UTF-8 bytes of that document, its parts: 1,
-    or 2 for a translation pair); documents of
+    2 for a translation pair, TABLE_PARTS for some rows of a table); documents of
     whitespace only are skipped (as data=hf skips blank rows): they hold nothing to learn or score.
-    A document of several parts (a tuple: parallel text) is its parts' ids joined by sep; one with
-    a blank part is skipped (half a pair is no translation), with a warning.
+    A document of several parts (a tuple: parallel text, a :class:`TableChunk`) is its parts' ids
+    joined by sep; a pair with a blank part is skipped (half a pair is no translation), with a
+    warning; a table chunk keeps its blank parts (a column without a name or without values: the
+    separators say which part is which), unless every part is blank.
 
-    Parallel text needs a tokenizer whose sep and eos differ (a pretrained BERT-style file has
-    one "[SEP]" for both): the pairs would read as separate documents; refused.
+    Parallel text and tables need a tokenizer whose sep and eos differ (a pretrained BERT-style file
+    has one "[SEP]" for both): a pair's halves (a table's columns) would read as separate documents;
+    refused.
 
     Text never yields a special id: the added-token matcher is off for corpora, but a model may hold
     a special token as one of its own pieces (a SentencePiece Unigram file's "</s>", "<pad>") and
@@ -138,7 +146,8 @@ def _encode_stream(
     # Cutting is only for speed (the batch encoder spreads pieces over the cores): never at the
     # price of different ids.
     cut = _pieces if tokenizer.encodes_lines_apart else lambda text: [text]
-    batch: list[tuple[int, list[list[str]]]] = []  # (bytes, each part's pieces) per document
+    # (bytes, each part's pieces, whether a table chunk) per document
+    batch: list[tuple[int, list[list[str]], bool]] = []
     size = 0
     bar = tqdm(
         total=total_bytes,
@@ -157,34 +166,39 @@ def _encode_stream(
         return ids
 
     def flush():
-        flat = [p for _, parts in batch for ps in parts for p in ps]
+        flat = [p for _, parts, _ in batch for ps in parts for p in ps]
         ids = tokenizer.encode_batch(flat)
         i = 0
-        for nbytes, parts in batch:
+        for nbytes, parts, table in batch:
             doc = []
             for ps in parts:
                 doc += [part_ids(ids[i : i + len(ps)]), sep]
                 i += len(ps)
             doc[-1] = eos  # the last part's sep
             bar.update(nbytes)
-            yield np.concatenate(doc), nbytes, len(parts)
+            yield np.concatenate(doc), nbytes, TABLE_PARTS if table else len(parts)
 
     half_blank = 0
     for text in texts:
         parts = text if isinstance(text, tuple) else (text,)
-        if len(parts) > 1 and tokenizer.sep_id == tokenizer.eos_id:
+        table = isinstance(text, TableChunk)
+        if (len(parts) > 1 or table) and tokenizer.sep_id == tokenizer.eos_id:
+            what = "tables" if table else "parallel text"
             raise ConfigError(
-                f"parallel text needs a tokenizer whose sep and eos tokens differ, but this one "
-                f"has {tokenizer.tk.id_to_token(tokenizer.eos_id)!r} for both (pairs would read "
-                "as separate documents); use tokenizer=bpe or tokenizer=byte, or a tokenizer.json "
-                "with its own separator token"
+                f"{what} needs a tokenizer whose sep and eos tokens differ, but this one "
+                f"has {tokenizer.tk.id_to_token(tokenizer.eos_id)!r} for both ("
+                f"{'columns' if table else 'pairs'} would read as separate documents); use "
+                "tokenizer=bpe or tokenizer=byte, or a tokenizer.json with its own separator token"
             )
-        nbytes = sum(len(p.encode("utf-8")) for p in parts)
-        if not all(p.strip() for p in parts):
-            half_blank += any(p.strip() for p in parts)
+        blank = [not p.strip() for p in parts]
+        # (a table's blank parts are stored as no tokens: their bytes are not counted either)
+        nbytes = sum(len(p.encode("utf-8")) for p, b in zip(parts, blank, strict=True) if not b)
+        if all(blank) or (any(blank) and not table):
+            half_blank += not all(blank)
             bar.update(nbytes)
             continue
-        batch.append((nbytes, [cut(p) for p in parts]))
+        # a blank part of a table is encoded as no tokens (a lone space would give one)
+        batch.append((nbytes, [cut(p) if p.strip() else [] for p in parts], table))
         size += sum(map(len, parts))
         if size >= BATCH_CHARS:
             yield from flush()
