@@ -6,22 +6,36 @@ session), since the residual stream and every elementwise kernel move half the b
 weights need no cast before each product. But a bf16 weight cannot hold an update smaller than
 half the spacing of bf16 numbers near it (2^-9 to 2^-8 of its size), and AdamW's updates are about
 the learning rate: at the end of GPT-2's schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight,
-so plain bf16-true training rounds many updates away. :class:`MasterWeightAdamW` keeps the weights' fp32 copies and
-AdamW's state in fp32 (as Megatron-LM and DeepSpeed do in bf16 training): each step copies the
-model's gradients into fp32, steps the copies, and writes them back rounded to bf16. Memory per
-weight is that of bf16-mixed (2 + 2 bytes of bf16 weight and gradient, 4 of master, 8 of AdamW's
-moments, against 4 + 4 + 8 there).
+so plain bf16-true training rounds many updates away. :class:`MasterWeightAdamW` keeps fp32 copies
+of the weights and AdamW's state in fp32: each step copies the model's gradients into fp32, steps
+the copies, and writes them back rounded to bf16. Memory per weight: 16 bytes through the forward
+and backward passes (2 + 2 of bf16 weight and gradient, 4 of master, 8 of AdamW's moments), as
+under bf16-mixed (4 + 4 + 8), and 20 during the optimizer step, while the masters' fp32 gradients
+exist.
+
+Not as Megatron-LM does it: gradients add up over micro-batches (gradient accumulation) and are
+all-reduced between processes (DDP) in bf16, on the model, before the copy; Megatron accumulates and
+reduces them in fp32. The sum of 8 micro-batches' bf16 gradients is off by ~4e-3 of its size.
 
 Order within a Lightning step: backward (bf16 gradients on the model, all-reduced there under DDP),
-``LMModule.on_before_optimizer_step`` calls :meth:`MasterWeightAdamW.pull_grads` (so clipping and
-skip_nonfinite's rescaling see the fp32 gradients), clipping, :meth:`step`. The checkpoint carries
-the masters (``state_dict()["master_weights"]``), so a resumed run continues exactly. Gradients
-accumulated over several micro-batches add up in bf16 on the model before the pull.
+the callbacks' ``on_before_optimizer_step`` (they see the model's gradients; the masters' are not
+there yet), ``LMModule.on_before_optimizer_step``, which calls :meth:`MasterWeightAdamW.pull_grads`
+(so skip_nonfinite's rescaling and clipping act on the fp32 gradients), clipping, :meth:`step`. The
+checkpoint carries the masters (``state_dict()["master_weights"]``), so a resumed run continues
+exactly; ``LMModule.on_load_checkpoint`` carries them across a resume that switches the setting.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _adamw_step():
+    """torch's AdamW step without the profiling / hook wrapper that torch puts on every optimizer
+    class's ``step`` (calling the wrapped one from :meth:`MasterWeightAdamW.step` ran the step
+    hooks twice, the first time before the weights were written back)."""
+    step = torch.optim.AdamW.step
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -31,13 +45,19 @@ class MasterWeightAdamW(torch.optim.AdamW):
     schedules, clipping and gradient scaling act on them as on any AdamW's."""
 
     def __init__(self, params, **kwargs) -> None:
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params must be an iterable of tensors or of parameter groups (dicts), not a "
+                f"{torch.typename(params)}"
+            )
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         self.model_params: list[torch.Tensor] = []
         master_groups = []
         for group in groups:
-            weights = list(group["params"])
+            weights = group["params"]
+            weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
             self.model_params += weights
             masters = [w.detach().to(torch.float32, copy=True) for w in weights]
             master_groups.append({**group, "params": masters})
@@ -50,19 +70,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def pull_grads(self) -> None:
-        """The model's gradients into the masters' (fp32) ``.grad``; None stays None (a weight the
-        step did not reach, or a step whose only micro-batch skip_nonfinite skipped)."""
-        to_copy, sources = [], []
+        """The model's gradients into the masters' ``.grad``, in fp32; None stays None (a weight
+        the step did not reach, or a step whose only micro-batch skip_nonfinite skipped)."""
         for weight, master in zip(self.model_params, self.masters, strict=True):
-            if weight.grad is None:
-                master.grad = None
-            elif master.grad is None:
-                master.grad = weight.grad.to(torch.float32)
-            else:
-                to_copy.append(master.grad)
-                sources.append(weight.grad)
-        if to_copy:
-            torch._foreach_copy_(to_copy, sources)
+            master.grad = None if weight.grad is None else weight.grad.to(torch.float32)
         self._pulled = True
 
     @torch.no_grad()
@@ -78,7 +89,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if not self._pulled:  # no Lightning hook pulled them (a plain loop calling step())
             self.pull_grads()
         self._pulled = False
-        super().step()
+        _adamw_step()(self)
+        for master in self.masters:  # read by nothing after the step: 4 bytes a weight freed
+            master.grad = None
         self.push_weights()
         return loss
 
@@ -91,6 +104,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 else:
                     weight.grad.zero_()
 
+    @torch.no_grad()
+    def to(self, device: torch.device | str) -> None:
+        """Move the masters (AdamW's state is moved by Lightning with the model): after fit, so
+        the masters do not hold 4 bytes a weight of GPU memory for as long as the Trainer lives."""
+        for master in self.masters:
+            master.data = master.data.to(device)
+            master.grad = None
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["master_weights"] = self.masters  # references, as AdamW's own state
@@ -98,16 +119,19 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """AdamW's state and, where the checkpoint has them, the masters (a checkpoint of plain
-        AdamW has none: the masters stay the model's weights, as at a fresh start)."""
+        AdamW has none: the masters stay the model's weights, as at a fresh start, unless
+        ``LMModule.on_load_checkpoint`` put the checkpoint's fp32 weights there)."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("master_weights", None)
         super().load_state_dict(state_dict)
         if saved is None:
             return
         masters = self.masters
-        if len(saved) != len(masters):
+        shapes = [tuple(m.shape) for m in masters]
+        if [tuple(v.shape) for v in saved] != shapes:
             raise ValueError(
-                f"the checkpoint holds {len(saved)} master weights, this model {len(masters)}"
+                f"the checkpoint's {len(saved)} master weights do not match this model's "
+                f"{len(masters)} weights (shapes differ)"
             )
         with torch.no_grad():
             for master, value in zip(masters, saved, strict=True):

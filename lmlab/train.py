@@ -460,8 +460,16 @@ def check_master_weights(value: Any, t: DictConfig) -> None:
     if precision != "bf16-true":
         raise ConfigError(
             f"optim.master_weights=true keeps fp32 copies of bf16 weights, but "
-            f"trainer.precision={precision} has none (under bf16-mixed and 32-true the weights are "
-            "fp32 already): add trainer.precision=bf16-true, or drop optim.master_weights"
+            f"trainer.precision={precision} has no bf16 weights (under bf16-mixed and 32-true "
+            "they are fp32 already; fp16 ones would need loss scaling): add "
+            "trainer.precision=bf16-true, or drop optim.master_weights"
+        )
+    strategy = t.get("strategy")
+    if isinstance(strategy, str) and strategy.startswith(("fsdp", "deepspeed")):
+        raise ConfigError(
+            f"optim.master_weights=true does not combine with trainer.strategy={strategy}, which "
+            "shards the weights and keeps its own fp32 copies; use trainer=fsdp with "
+            "trainer.precision=32-true trainer.strategy.param_dtype=bf16, or trainer=ddp"
         )
     if uses_fsdp(t):
         raise ConfigError(
@@ -472,6 +480,7 @@ def check_master_weights(value: Any, t: DictConfig) -> None:
 
 
 def uses_fsdp(t: DictConfig) -> bool:
+    """trainer=fsdp (lmlab's FSDP2 strategy)."""
     strategy = t.get("strategy")
     target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
     try:

@@ -145,10 +145,15 @@ def test_cudnn_attention_trains_like_the_default_kernel(tiny_cfg, tmp_path):
     assert abs(cudnn["val/loss"] - auto["val/loss"]) < 0.05
 
 
-def test_bf16_true_trains(tiny_cfg):
-    metrics, objects = train(tiny_cfg(*GPU, "trainer.precision=bf16-true"))
+@pytest.mark.parametrize("masters", [False, True])
+def test_bf16_true_trains(tiny_cfg, masters):
+    settings = ["trainer.precision=bf16-true", f"optim.master_weights={str(masters).lower()}"]
+    metrics, objects = train(tiny_cfg(*GPU, *settings))
     assert next(objects["model"].backbone.parameters()).dtype == torch.bfloat16
     assert math.isfinite(metrics["val/loss"])
+    if masters:  # fp32, stepped on the GPU, then moved off it at the end of fit
+        (optimizer,) = objects["trainer"].optimizers
+        assert all(m.device.type == "cpu" and m.dtype == torch.float32 for m in optimizer.masters)
 
 
 def test_fsdp_on_one_gpu_equals_plain_training(tiny_cfg, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmlab.errors import ConfigError
+from lmlab.models.base import trained_params
 from lmlab.optim import MasterWeightAdamW
 from lmlab.train import check_settings, train
 
@@ -47,6 +48,7 @@ def test_steps_are_fp32_adamw_on_the_masters_and_the_weights_their_rounding(kind
             w.grad, r.grad = g, g.float()
         ours.step()
         ref.step()
+        assert all(m.grad is None for m in ours.masters)  # freed: read by nothing after the step
         ours.zero_grad()
         ref.zero_grad()
         for w, m, r in zip(model, ours.masters, fp32, strict=True):
@@ -140,9 +142,32 @@ def _roundtrip(obj):
 def test_a_checkpoint_of_another_model_is_refused():
     opt = MasterWeightAdamW(weights(), **SETTINGS)
     state = opt.state_dict()
-    state["master_weights"] = state["master_weights"][:1]
-    with pytest.raises(ValueError, match="holds 1 master weights, this model 2"):
-        MasterWeightAdamW(weights(), **SETTINGS).load_state_dict(state)
+    for bad in (state["master_weights"][:1], [torch.zeros(3, 5), torch.zeros(3)]):
+        with pytest.raises(ValueError, match="master weights do not match this model's 2"):
+            MasterWeightAdamW(weights(), **SETTINGS).load_state_dict(
+                {**state, "master_weights": bad}
+            )
+
+
+def test_step_hooks_run_once_after_the_weights_are_written_and_params_as_torch_takes_them():
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch hooks AdamW.step too now
+    model = weights()
+    opt = MasterWeightAdamW(groups(model), **SETTINGS)
+    seen = []
+    opt.register_step_post_hook(
+        lambda o, *_: seen.append(
+            all(torch.equal(w, m.bfloat16()) for w, m in zip(model, o.masters, strict=True))
+        )
+    )
+    for step in range(2):
+        for w, g in zip(model, gradients(model, step), strict=True):
+            w.grad = g
+        opt.step()
+    assert seen == [True, True]
+    with pytest.raises(TypeError, match=r"not a torch\.FloatTensor"):
+        MasterWeightAdamW(torch.zeros(4, 3))
+    one = MasterWeightAdamW([{"params": torch.zeros(4, 3).bfloat16()}])
+    assert [tuple(m.shape) for m in one.masters] == [(4, 3)]
 
 
 # -- through lmlab's training ---------------------------------------------------------------------
@@ -180,19 +205,108 @@ def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights
         assert w.dtype == torch.bfloat16 and torch.equal(w, m.bfloat16())
 
 
+@pytest.mark.parametrize("bad", [1, 2])
+def test_a_skipped_micro_batch_rescales_the_master_gradients(tiny_cfg, monkeypatch, bad):
+    """skip_nonfinite with accumulation: the step's other micro-batch's gradient is scaled up to
+    the mean over its own targets; with master weights the scaling must reach the fp32 gradients
+    AdamW steps with (a review: pulled after the rescale, it was lost without a trace)."""
+    from lmlab.models.base import LMModule
+
+    calls, ratios = [0], []
+
+    def nll(self, batch, _nll=LMModule.nll):
+        out = _nll(self, batch)
+        if self.training:
+            calls[0] += 1
+            if calls[0] == bad:
+                return (out[0] * float("nan"), *out[1:])
+        return out
+
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        for w, m in zip(self.model_params, self.masters, strict=True):
+            nz = w.grad != 0
+            ratios.append(torch.unique(m.grad[nz] / w.grad.float()[nz]).tolist())
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(LMModule, "nll", nll)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(
+        tiny_cfg(
+            "trainer.precision=bf16-true",
+            "optim.master_weights=true",
+            "trainer.skip_nonfinite=true",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.gradient_clip_val=0",
+            "trainer.max_steps=1",
+            "optim.warmup_steps=0",
+            "callbacks.samples=null",
+        )
+    )
+    # causal LM: both micro-batches have as many targets, so the trained one's gradient doubles
+    assert ratios and all(r == [2.0] for r in ratios), ratios
+
+
+def test_a_resume_that_switches_master_weights_keeps_the_fp32_values(tiny_cfg):
+    """A checkpoint with masters resumed without them: the model gets the masters, not their bf16
+    rounding; one of fp32 weights (32-true) resumed with masters starts them from those weights.
+    Tied weights (the decoder's embedding and head) get the value under both names."""
+    import copy
+
+    cfg = tiny_cfg(
+        "trainer.precision=bf16-true",
+        "optim.master_weights=true",
+        "trainer.max_steps=3",
+        "callbacks.samples=null",
+    )
+    _, objects = train(cfg)
+    model = objects["model"]
+    ckpt = torch.load(
+        objects["output_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    masters = ckpt["optimizer_states"][0]["master_weights"]
+    names = [n for _, ns in trained_params(model) for n in ns]
+    assert len(names) > len(masters)  # a tied weight has two names
+    rounded = copy.deepcopy(ckpt)
+    model.optim_cfg["master_weights"] = False
+    model.on_load_checkpoint(rounded)
+    for (_, ns), m in zip(trained_params(model), masters, strict=True):
+        assert all(rounded["state_dict"][n].dtype == torch.float32 for n in ns)
+        assert all(torch.equal(rounded["state_dict"][n], m) for n in ns)
+        assert all(torch.equal(ckpt["state_dict"][n], m.bfloat16()) for n in ns)
+    # the other way: fp32 weights, no masters
+    fp32 = copy.deepcopy(ckpt)
+    del fp32["optimizer_states"][0]["master_weights"]
+    fp32["state_dict"] = {k: v.float() + 1e-3 for k, v in fp32["state_dict"].items()}
+    model.optim_cfg["master_weights"] = True
+    model.on_load_checkpoint(fp32)
+    seeded = fp32["optimizer_states"][0]["master_weights"]
+    for (_, ns), m in zip(trained_params(model), seeded, strict=True):
+        assert torch.equal(m, fp32["state_dict"][ns[0]]) and m.dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (
             ["optim.master_weights=true", "trainer.precision=32-true"],
             r"optim\.master_weights=true keeps fp32 copies of bf16 weights, but "
-            r"trainer\.precision=32-true has none .*: add trainer\.precision=bf16-true",
+            r"trainer\.precision=32-true has no bf16 weights .*: add trainer\.precision=bf16-true",
         ),
         (
             ["optim.master_weights=true", "trainer.precision=bf16-mixed"],
-            r"trainer\.precision=bf16-mixed has none",
+            r"trainer\.precision=bf16-mixed has no bf16 weights",
         ),
         (["optim.master_weights=yes"], r"optim\.master_weights='yes' must be true or false"),
+        (
+            [
+                "+trainer.strategy=deepspeed_stage_2",
+                "trainer.precision=bf16-true",
+                "optim.master_weights=true",
+            ],
+            r"does not combine with trainer\.strategy=deepspeed_stage_2, which shards the weights",
+        ),
         (
             ["trainer=fsdp", "trainer.precision=bf16-true", "optim.master_weights=true"],
             r"does not combine with trainer=fsdp: .* trainer\.precision=32-true "

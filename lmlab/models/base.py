@@ -78,13 +78,24 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings (dim >= 2) only; never on norms' gains or biases."""
-    params = {id(p): p for p in module.parameters() if p.requires_grad}.values()  # tied once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    params = [p for p, _ in trained_params(module)]
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params[: sum(p.dim() >= 2 for p in params)], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def trained_params(module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, list[str]]]:
+    """Each trained parameter once (a tied one has several names) with its names, in the order of
+    :func:`param_groups`: the matrices and embeddings (dim >= 2), then the rest."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+    order = [i for i in params if params[i].dim() >= 2] + [i for i in params if params[i].dim() < 2]
+    return [(params[i], names[i]) for i in order]
 
 
 class FiniteFlag:
@@ -613,6 +624,32 @@ class LMModule(L.LightningModule):
         counters = checkpoint.get("lmlab_counters", {})
         self.skipped_nonfinite = int(counters.get("skipped_nonfinite", 0))
         self._resumed_epoch_targets = counters.get("epoch_targets")
+        self.carry_master_weights(checkpoint)
+
+    def carry_master_weights(self, checkpoint: dict) -> None:
+        """Across a resume that switches ``optim.master_weights`` (called before Lightning loads
+        the weights and the optimizer): a checkpoint with fp32 masters resumed without them gives
+        the model the masters (its bf16 weights are them rounded: a bf16-mixed or 32-true resume
+        would lose their low bits); one of fp32 weights without masters resumed with them starts
+        the masters from those weights, not from this run's bf16 copy of them."""
+        weights, optimizers = checkpoint.get("state_dict"), checkpoint.get("optimizer_states")
+        if not weights or not optimizers or len(optimizers) != 1:
+            return
+        params = trained_params(self)
+        saved = optimizers[0].get("master_weights")
+        if saved is not None and not self.optim_cfg["master_weights"]:
+            if [tuple(v.shape) for v in saved] == [tuple(p.shape) for p, _ in params]:
+                for (_, names), value in zip(params, saved, strict=True):
+                    weights.update({n: value for n in names if n in weights})
+        elif saved is None and self.optim_cfg["master_weights"]:
+            first = [names[0] for _, names in params]
+            if all(n in weights and weights[n].dtype == torch.float32 for n in first):
+                optimizers[0]["master_weights"] = [weights[n] for n in first]
+
+    def on_fit_end(self) -> None:
+        for optimizer in self.trainer.optimizers:  # their masters off the GPU (lmlab/optim.py)
+            if isinstance(optimizer, MasterWeightAdamW):
+                optimizer.to("cpu")
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
