@@ -229,7 +229,7 @@ def check_objective(cfg: DictConfig) -> None:
         isinstance(text_fields(data.get("text_field", "text")), tuple),
     )
     tables = table_data(data)
-    if objective.tables and not tables:
+    if objective.tables and not tables and (data.get("source") != "files" or data.get("train")):
         raise ConfigError(
             f"objective={cfg.objective.name} trains on tables, but data={data.get('name')} reads "
             "text; use CSV or TSV files (their first row the column names): data=files "
@@ -676,6 +676,14 @@ def check_val_docs(
 def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     """Corpus -> tokenizer -> (train, val) token stores, all cached under ``paths.cache_dir``."""
     corpus = make_corpus(cfg.data)
+    objective = cfg.get("objective") or {}
+    if any(d.table and d.part for d in corpus.val) and get_class(objective["_target_"]).tables:
+        raise ConfigError(
+            f"objective={objective.get('name')} on one table: its held-out rows would have the "
+            "training rows' column names, so validation would score memory, not prediction; "
+            "give two tables or more (whole ones are held out), or name validation tables with "
+            "data.val"
+        )
     cache = Path(cfg.paths.cache_dir)
     train_fp, val_fp = corpus.fingerprint(corpus.train), corpus.fingerprint(corpus.val)
     t0 = time.perf_counter()

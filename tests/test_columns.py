@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from lmlab.data.base import RandomWindowSampler
 from lmlab.data.collate import IGNORE
-from lmlab.data.columns import MaskedColumnDataModule, column_spans
+from lmlab.data.columns import MaskedColumnDataModule, column_groups, column_spans
 from lmlab.data.corpus import TableChunk, make_corpus, plain_texts, read_table
 from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.sentences import SentenceOrderDataModule
@@ -62,6 +62,13 @@ def test_a_csv_file_is_a_header_and_rows(tmp_path):
     assert table.rows == [("Paris", "big, old", ""), ("New\nYork", "x", ""), ("Lima", "", "")]
     tsv = write_csv(tmp_path / "t.tsv", [["a", "b"], ["1,2", "3"]], delimiter="\t")
     assert read_table(str(tsv), "tsv").rows == [("1,2", "3")]
+    # TSV cells are not quoted: a cell starting with '"' is text (it swallowed rows before)
+    (tmp_path / "q.tsv").write_text('title\tyear\n"Big" TV\t1999\n"Small\t24\nRadio"\t7\n')
+    assert read_table(str(tmp_path / "q.tsv"), "tsv").rows == [
+        ('"Big" TV', "1999"),
+        ('"Small', "24"),
+        ('Radio"', "7"),
+    ]
     # a trailing delimiter (empty extra cells) is no extra column
     (tmp_path / "trail.csv").write_text("a,b\n1,2,\n")
     assert read_table(str(tmp_path / "trail.csv"), "csv").rows == [("1", "2")]
@@ -71,10 +78,14 @@ def test_a_csv_file_is_a_header_and_rows(tmp_path):
     ("text", "message"),
     [
         ("a,b\n1,2,3\n", r"row 2 has 3 cells, the header 2 column names; fix the row"),
-        ("a\tb\n1\t2\n3,4,5\t6\n", r"row 3 has 3 cells.*is it a TSV file\? set data\.format=tsv"),
+        ("a,b\n1,2\n3,4,5\t6\n", r"row 3 has 3 cells.*is it a TSV file\? set data\.format=tsv"),
         ("a,b\n", "holds only a header row: a table needs its column names in the first row"),
         (",,\n", "holds no rows"),
-        ('a,b\n"1,2\n', "is not a readable CSV table"),
+        ('a,b\n1,2\n"3,4\n', r"bad\.csv:3 is not a readable CSV table"),
+        (
+            "a\tb\tc\n1\t2\t3\n",
+            r"the first row is one column name holding tabs .* set data\.format=tsv",
+        ),
     ],
 )
 def test_bad_tables_are_refused_naming_the_file(tmp_path, text, message):
@@ -106,7 +117,11 @@ def test_whole_tables_are_held_out_and_stored_as_chunks_of_rows(tmp_path):
     train_ids = {v for c in corpus.texts(corpus.train) for v in c[1].split(" ; ")}
     assert not {v for c in val for v in c[1].split(" ; ")} & train_ids
     assert set(plain_texts(val[:1])) == {"id", f"{t}.0 ; {t}.1", "name", "n0 ; n1"}
-    # the store's key follows table_rows, for tables only
+    # the store's key follows table_rows and the table's reading (csv / tsv / text), for tables only
+    tsv = make_corpus(files_cfg(tmp_path / "*.csv", format="tsv"))
+    assert tsv.fingerprint(tsv.val) != corpus.fingerprint(corpus.val)
+    as_text = make_corpus(files_cfg(tmp_path / "*.csv", format="text"))
+    assert as_text.identity(as_text.train) != corpus.identity(corpus.train)
     other = make_corpus(files_cfg(tmp_path / "*.csv", table_rows=3))
     assert other.fingerprint(other.val) != corpus.fingerprint(corpus.val)
     (tmp_path / "a.txt").write_text("text")
@@ -116,6 +131,16 @@ def test_whole_tables_are_held_out_and_stored_as_chunks_of_rows(tmp_path):
     # format=text reads a CSV file as text
     as_text = make_corpus(files_cfg(tmp_path / "t0.csv", format="text"))
     assert next(iter(as_text.texts(as_text.train))).startswith("id,name\r\n0.0,n0\r\n")
+
+
+def test_mcp_on_a_lone_table_is_refused_before_any_data_work(tiny_cfg, tmp_path):
+    """Its held-out rows would have the training rows' column names: val/acc would score memory
+    (a review: 0.55 in 10 s on one statsmodels table)."""
+    write_csv(tmp_path / "one.csv", [["a", "b"], *[[str(r), "x"] for r in range(30)]])
+    cfg = tiny_cfg("model=encoder", "objective=mcp", f"data.train={tmp_path}/one.csv")
+    with pytest.raises(ConfigError, match="objective=mcp on one table: its held-out rows"):
+        train(cfg)
+    assert not (tmp_path / "cache").exists()  # no tokenizer trained, no store built
 
 
 def test_a_lone_table_is_cut_by_rows(tmp_path):
@@ -235,6 +260,7 @@ def test_whole_names_of_chosen_columns_are_masked_and_are_the_only_targets(tok, 
             tokens = dm.arrange(ex).tokens
             row = np.concatenate([[tok.cls_id], tokens, [tok.sep_id]])
             n = len(row)
+            assert batch["attention_mask"][b].tolist() == [True] * n + [False] * (120 - n)
             assert (inputs[b, n:] == tok.pad_id).all() and (labels[b, n:] == IGNORE).all()
             masked = np.zeros(n, dtype=bool)
             named = 0
@@ -261,12 +287,42 @@ def test_whole_names_of_chosen_columns_are_masked_and_are_the_only_targets(tok, 
     assert any((a != b).any() for a, b in labels)
 
 
+def test_the_fallback_column_is_any_named_one_and_a_chosen_name_is_masked_everywhere(tok, tmp_path):
+    store = table_store(tok, tmp_path, [("a", "1", "", "2", "b", "3", "c", "4")] * 200)
+    dm = MaskedColumnDataModule(tok, store, store, seq_len=40, batch_size=1, column_prob=1e-9)
+    picked = set()
+    for i in range(200):
+        ex = dm.arrange(dm.dataset(store)[i])
+        (k,) = dm.masked_columns(ex, column_spans(ex.tokens, tok.sep_id))
+        picked.add(k)
+    assert picked == {0, 2, 3}  # the named ones, each some time; never the nameless one
+    dup = table_store(tok, tmp_path, [("x", "1", "y", "2", "x", "3")] * 50, name="dup")
+    dm = MaskedColumnDataModule(tok, dup, dup, seq_len=40, batch_size=1, column_prob=1e-9)
+    for i in range(50):
+        ex = dm.arrange(dm.dataset(dup)[i])
+        chosen = dm.masked_columns(ex, column_spans(ex.tokens, tok.sep_id))
+        assert chosen in ([0, 2], [1])  # "x" in both places, or "y"
+
+
+def test_validation_padding_rows_score_nothing(tok, tmp_path):
+    from lmlab.data.base import scored_only
+
+    store = table_store(tok, tmp_path, [("a", "1", "b", "2")] * 4)
+    dm = MaskedColumnDataModule(tok, store, store, seq_len=20, batch_size=2)
+    examples = [dm.dataset(store)[(0, 0, True)], dm.dataset(store)[(1, 0, False)]]
+    assert [ex.scored for ex in examples] == [True, False]
+    labels = scored_only(dm.make_batch, examples)["labels"]
+    assert (labels[0] != IGNORE).any() and (labels[1] == IGNORE).all()
+
+
 def test_every_example_is_drawn_once_per_epoch(tok, tmp_path):
     store = table_store(tok, tmp_path, [("n", str(i), "m", "x" * (i % 7)) for i in range(37)])
     dm = MaskedColumnDataModule(tok, store, store, seq_len=8, batch_size=4)
     n, length, stride = dm.index_space(store)
     assert (length, stride) == (1, 1) and n > 37  # some documents need two examples
     covered = [columns_of(tok, dm.dataset(store)[i].tokens) for i in range(n)]
+    # the store scanned for separators in small chunks gives the same examples
+    assert (column_groups(store, tok.sep_id, dm.window_len, chunk=7) == dm.groups(store)).all()
     assert [c for cols in covered for c in cols] == [
         c for i in range(37) for c in (("n", str(i)), ("m", "x" * (i % 7)))
     ]

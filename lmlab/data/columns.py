@@ -10,13 +10,19 @@ An example is a run of a document's consecutive whole columns, as many as fit in
 tokens (a longer column alone, cut), between cls and sep, padded: each document's columns are packed
 in their order, so every column of every document is in one example, and the samplers draw every
 example once per epoch (but for fewer than one optimizer step's worth, as windows). Of its columns
-with a name, each is chosen with probability ``column_prob`` (TaBERT: 35%), at least
-one; every token of a chosen column's name becomes the mask token and is the target, so the model
-names the column from its values and the other columns. Nothing else is masked or scored: the
-loss, perplexity, bits per byte and accuracy are those of the column names alone. (TaBERT also
-masks the column's type, which CSV cells do not state, and trains MLM on the text its tables come
-with, which tables alone do not have; objective=mlm on the same files trains MLM on the tables'
-text.)
+with a name, each is chosen with probability ``column_prob`` (35%, TaBERT's share), at least one,
+and with it every column of the example of the same name (a duplicate would give it away); every
+token of a chosen column's name becomes the mask token and is the target, so the model names the
+column from its values and the other columns. Nothing else is masked or scored: the loss,
+perplexity, bits per byte and accuracy are those of the column names alone.
+
+Differences from TaBERT: it masks exactly 35% of a table's columns (here each one by chance), also
+the column's type (CSV cells state none), with BERT's 80/10/10 replacement (here the mask token
+always), and trains MLM on the text its tables come with (tables alone have none; objective=mlm
+on the same files trains MLM on the tables' text). It takes one snapshot of K rows per table per
+example; here every chunk of ``data.table_rows`` rows is a document, so a table weighs in training
+as its row count (a table of 10,000 rows as much as 1,000 tables of 10). As in TaBERT, the number
+of mask tokens is the name's token count.
 """
 
 from __future__ import annotations
@@ -146,7 +152,7 @@ class MaskedColumnDataModule(WindowDataModule):
 
     def masked_columns(self, ex: Example, spans: list[tuple[int, int, int, int]]) -> list[int]:
         """Which columns' names are masked: each named one with probability ``column_prob``, at
-        least one, drawn from (seed, epoch, start)."""
+        least one, drawn from (seed, epoch, start); and every other column of a chosen name."""
         named = [i for i, (a, b, _, _) in enumerate(spans) if b > a]
         if not named:
             return []
@@ -154,7 +160,10 @@ class MaskedColumnDataModule(WindowDataModule):
         chosen = [
             i for i, u in zip(named, rng.random(len(named)), strict=True) if u < self.column_prob
         ]
-        return chosen or [named[int(rng.integers(len(named)))]]
+        chosen = chosen or [named[int(rng.integers(len(named)))]]
+        # a chosen name is masked wherever it heads a column of the example
+        names = {ex.tokens[spans[i][0] : spans[i][1]].tobytes() for i in chosen}
+        return [i for i in named if ex.tokens[spans[i][0] : spans[i][1]].tobytes() in names]
 
     def mask_example(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, labels) of one example: exactly its row of any batch :meth:`make_batch` puts it

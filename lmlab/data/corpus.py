@@ -63,7 +63,10 @@ class Doc:
         ``path``, so the same files give the same split however the glob was spelled (relative,
         absolute, ``./``) and from any working directory."""
         ident = (self.name or self.path, self.member, self.line, self.part)
-        return ":".join(str(x) for x in ident if x)
+        key = ":".join(str(x) for x in ident if x)
+        # a table's reading (csv / tsv) is part of what it is: a .csv file read as text before
+        # tables existed is another document, and a resume or evaluation across them is noticed
+        return f"{key}|{self.table}" if self.table else key
 
     def with_part(self, part: str) -> Doc:
         return Doc(self.path, self.line, self.member, part, self.name, self.table)
@@ -140,7 +143,7 @@ class Corpus:
                 p = Path(d.path)
                 st = p.stat()
                 files[d.path] = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-            h.update(f"{d.key}|{files[d.path]}\n".encode())
+            h.update(f"{d.key}|{files[d.path]}\n".encode())  # (a table's key holds its kind)
         return h.hexdigest()[:16]
 
     def total_bytes(self, docs: Sequence[Doc]) -> int:
@@ -223,7 +226,8 @@ def _read_text(path: str, errors: str) -> str:
         raise ConfigError(f"{path} is empty: remove it from the data file list or add text to it")
     if b"\x00" in raw[:8192]:
         raise ConfigError(
-            f"{path} looks binary (it contains NUL bytes): give plain UTF-8 text or JSONL files"
+            f"{path} looks binary (it contains NUL bytes): give UTF-8 text, JSONL, CSV or TSV "
+            "files (a UTF-16 export, as Excel writes, must be saved as UTF-8)"
         )
     try:  # a leading byte-order mark (Windows editors write one) is not text
         return raw.decode("utf-8-sig", errors=errors)
@@ -240,20 +244,18 @@ def read_table(path: str, kind: str, errors: str = "strict") -> Table:
     pandas reads it); a longer one is refused unless its extra cells are empty (a trailing
     delimiter)."""
     text = _read_text(path, errors)
+    # TSV has no quoting (a cell starting with '"' is text, as in IMDb's and most TSV exports)
+    dialect = (
+        dict(delimiter="\t", quoting=csv.QUOTE_NONE)
+        if kind == "tsv"
+        else dict(delimiter=",", strict=True)
+    )
+    reader = csv.reader(io.StringIO(text, newline=""), **dialect)
     try:
-        rows = [
-            (n, row)
-            for n, row in enumerate(
-                csv.reader(
-                    io.StringIO(text, newline=""), delimiter=",\t"[kind == "tsv"], strict=True
-                ),
-                1,
-            )
-            if any(cell.strip() for cell in row)
-        ]
+        rows = [(n, row) for n, row in enumerate(reader, 1) if any(c.strip() for c in row)]
     except csv.Error as e:
         raise ConfigError(
-            f"{path} is not a readable {kind.upper()} table ({e}); fix the file"
+            f"{path}:{reader.line_num} is not a readable {kind.upper()} table ({e}); fix the file"
         ) from None
     if len(rows) < 2:
         raise ConfigError(
@@ -261,6 +263,14 @@ def read_table(path: str, kind: str, errors: str = "strict") -> Table:
             "names in the first row and at least one row of cells; remove the file or add rows"
         )
     (_, header), *body = rows
+    other = "\t" if kind == "csv" else ","
+    if len(header) == 1 and other in header[0]:
+        raise ConfigError(
+            f"{path}: the first row is one column name holding "
+            f"{'tabs' if other == chr(9) else 'commas'} ({header[0][:40]!r}): is it a "
+            f"{'TSV' if kind == 'csv' else 'CSV'} file? set data.format="
+            f"{'tsv' if kind == 'csv' else 'csv'} (or name it .{'tsv' if kind == 'csv' else 'csv'})"
+        )
     width = len(header)
     out = []
     for n, row in body:
