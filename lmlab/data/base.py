@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -417,6 +418,16 @@ class WindowDataModule(L.LightningDataModule):
 
     def make_batch(self, examples: list[Example]) -> dict:
         raise NotImplementedError
+
+    def store_index(self, store: TokenStore, build: Callable[[TokenStore], Any]) -> Any:
+        """``build(store)``, made once per store: an objective's index of its examples in it
+        (tlm's groups of pairs, mcp's runs of columns, ir_relevance's title lengths). The first
+        call is at construction (:meth:`check` asks :meth:`index_space`), before the loader's
+        workers fork, so they share it."""
+        cache = self.__dict__.setdefault("_store_index", {})
+        if store.path not in cache:
+            cache[store.path] = build(store)
+        return cache[store.path]
 
     def index_space(self, store: TokenStore) -> tuple[int, int, int]:
         """(positions, length, stride) that the samplers draw example starts from: the store's

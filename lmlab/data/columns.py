@@ -107,7 +107,6 @@ class MaskedColumnDataModule(WindowDataModule):
     ) -> None:
         self.check_settings(seq_len=seq_len, column_prob=column_prob)
         self.column_prob = column_prob
-        self._groups: dict = {}  # store path -> column_groups of it
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @classmethod
@@ -132,9 +131,9 @@ class MaskedColumnDataModule(WindowDataModule):
 
     # -- examples: runs of whole columns of a document ------------------------------------------
     def groups(self, store: TokenStore) -> np.ndarray:
-        if store.path not in self._groups:
-            self._groups[store.path] = column_groups(store, self.tokenizer.sep_id, self.window_len)
-        return self._groups[store.path]
+        return self.store_index(
+            store, lambda s: column_groups(s, self.tokenizer.sep_id, self.window_len)
+        )
 
     def index_space(self, store: TokenStore) -> tuple[int, int, int]:
         return len(self.groups(store)), 1, 1

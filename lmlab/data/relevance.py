@@ -80,7 +80,6 @@ class RelevanceDataModule(SegmentTaskDataModule):
     scored_what = "a query-title pair"
 
     def __init__(self, tokenizer, train, val, *, seq_len: int, **kwargs) -> None:
-        self._titles: dict = {}  # store path -> TitleLengths of it
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     def check(self) -> None:
@@ -108,9 +107,7 @@ class RelevanceDataModule(SegmentTaskDataModule):
     rows_grow_with_shorter_seq_len = False
 
     def titles(self, store: TokenStore) -> TitleLengths:
-        if store.path not in self._titles:
-            self._titles[store.path] = TitleLengths(store, self.tokenizer.sep_id)
-        return self._titles[store.path]
+        return self.store_index(store, lambda s: TitleLengths(s, self.tokenizer.sep_id))
 
     def segments(self, ex: Example) -> tuple[list[np.ndarray], int]:
         sep = self.tokenizer.sep_id

@@ -68,7 +68,6 @@ class TranslationLMDataModule(MaskedLMDataModule):
     ) -> None:
         self.check_orders(both_orders)
         self.both_orders = both_orders
-        self._groups: dict = {}  # store path -> pack_pairs of it
         super().__init__(tokenizer, train, val, seq_len=seq_len, **kwargs)
 
     @classmethod
@@ -88,9 +87,7 @@ class TranslationLMDataModule(MaskedLMDataModule):
 
     # -- examples: groups of whole pairs ----------------------------------------------------------
     def groups(self, store: TokenStore) -> np.ndarray:
-        if store.path not in self._groups:
-            self._groups[store.path] = pack_pairs(store.offsets, self.window_len)
-        return self._groups[store.path]
+        return self.store_index(store, lambda s: pack_pairs(s.offsets, self.window_len))
 
     def index_space(self, store: TokenStore) -> tuple[int, int, int]:
         return len(self.groups(store)) - 1, 1, 1
