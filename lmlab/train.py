@@ -40,7 +40,14 @@ from lmlab import __version__
 from lmlab.callbacks import last_saved_at_step
 from lmlab.checkpoint import SHARDED_META, is_sharded, read_checkpoint
 from lmlab.checkpoint_io import AtomicCheckpointIO
-from lmlab.data.corpus import check_data, file_kind, make_corpus, plain_texts, text_fields
+from lmlab.data.corpus import (
+    Corpus,
+    check_data,
+    file_kind,
+    make_corpus,
+    plain_texts,
+    text_fields,
+)
 from lmlab.data.store import build_store, store_key
 from lmlab.data.tokenizers import (
     TextTokenizer,
@@ -677,7 +684,8 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
     """Corpus -> tokenizer -> (train, val) token stores, all cached under ``paths.cache_dir``."""
     corpus = make_corpus(cfg.data)
     objective = cfg.get("objective") or {}
-    if any(d.table and d.part for d in corpus.val) and get_class(objective["_target_"]).tables:
+    tables = isinstance(corpus, Corpus) and any(d.table and d.part for d in corpus.val)
+    if tables and get_class(objective["_target_"]).tables:
         raise ConfigError(
             f"objective={objective.get('name')} on one table: its held-out rows would have the "
             "training rows' column names, so validation would score memory, not prediction; "

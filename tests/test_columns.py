@@ -62,13 +62,14 @@ def test_a_csv_file_is_a_header_and_rows(tmp_path):
     assert table.rows == [("Paris", "big, old", ""), ("New\nYork", "x", ""), ("Lima", "", "")]
     tsv = write_csv(tmp_path / "t.tsv", [["a", "b"], ["1,2", "3"]], delimiter="\t")
     assert read_table(str(tsv), "tsv").rows == [("1,2", "3")]
-    # TSV cells are not quoted: a cell starting with '"' is text (it swallowed rows before)
-    (tmp_path / "q.tsv").write_text('title\tyear\n"Big" TV\t1999\n"Small\t24\nRadio"\t7\n')
-    assert read_table(str(tmp_path / "q.tsv"), "tsv").rows == [
-        ('"Big" TV', "1999"),
-        ('"Small', "24"),
-        ('Radio"', "7"),
-    ]
+    # TSV cells quoted as R, pandas and csv.writer quote them
+    (tmp_path / "q.tsv").write_text('"title"\t"year"\n"Small\t24\nRadio"\t7\n"a ""b"""\t8\n')
+    table = read_table(str(tmp_path / "q.tsv"), "tsv")
+    assert table.header == ("title", "year")
+    assert table.rows == [("Small\t24\nRadio", "7"), ('a "b"', "8")]
+    # a one-column file whose name holds the other delimiter is a one-column table
+    (tmp_path / "one.tsv").write_text("City, State\nLima\n")
+    assert read_table(str(tmp_path / "one.tsv"), "tsv").rows == [("Lima",)]
     # a trailing delimiter (empty extra cells) is no extra column
     (tmp_path / "trail.csv").write_text("a,b\n1,2,\n")
     assert read_table(str(tmp_path / "trail.csv"), "csv").rows == [("1", "2")]
@@ -81,7 +82,8 @@ def test_a_csv_file_is_a_header_and_rows(tmp_path):
         ("a,b\n1,2\n3,4,5\t6\n", r"row 3 has 3 cells.*is it a TSV file\? set data\.format=tsv"),
         ("a,b\n", "holds only a header row: a table needs its column names in the first row"),
         (",,\n", "holds no rows"),
-        ('a,b\n1,2\n"3,4\n', r"bad\.csv:3 is not a readable CSV table"),
+        ('a,b\n1,2\n"3,4\n', r"bad\.csv:3 is not a readable CSV table .* must end with one"),
+        ('a,b\n"Big" TV,1\n', r"bad\.csv:2 is not a readable CSV table"),
         (
             "a\tb\tc\n1\t2\t3\n",
             r"the first row is one column name holding tabs .* set data\.format=tsv",

@@ -425,9 +425,10 @@ class WindowDataModule(L.LightningDataModule):
         call is at construction (:meth:`check` asks :meth:`index_space`), before the loader's
         workers fork, so they share it."""
         cache = self.__dict__.setdefault("_store_index", {})
-        if store.path not in cache:
-            cache[store.path] = build(store)
-        return cache[store.path]
+        key = (store.path, self.window_len)
+        if key not in cache:
+            cache[key] = build(store)
+        return cache[key]
 
     def index_space(self, store: TokenStore) -> tuple[int, int, int]:
         """(positions, length, stride) that the samplers draw example starts from: the store's

@@ -240,22 +240,22 @@ def _read_text(path: str, errors: str) -> str:
 
 def read_table(path: str, kind: str, errors: str = "strict") -> Table:
     """A CSV (``kind`` "csv") or TSV file: the first non-blank row names the columns, every other
-    non-blank row is a row of cells. A row shorter than the header is padded with empty cells (as
-    pandas reads it); a longer one is refused unless its extra cells are empty (a trailing
-    delimiter)."""
+    non-blank row is a row of cells (quoted cells may hold the delimiter, line breaks and quotes).
+    A row shorter than the header is padded with empty cells (as pandas reads it); a longer one is
+    refused unless its extra cells are empty (a trailing delimiter). A file whose header and first
+    row are one cell each, split alike by the other delimiter, is refused as read with the wrong
+    one."""
     text = _read_text(path, errors)
-    # TSV has no quoting (a cell starting with '"' is text, as in IMDb's and most TSV exports)
-    dialect = (
-        dict(delimiter="\t", quoting=csv.QUOTE_NONE)
-        if kind == "tsv"
-        else dict(delimiter=",", strict=True)
-    )
-    reader = csv.reader(io.StringIO(text, newline=""), **dialect)
+    # Quoted cells in TSV too, as pandas reads them and R, pandas, Excel and Python's csv write
+    # them (a cell holding a tab, a line break or a quote); strict: a stray quote is an error, not
+    # a cell that swallows the rows after it.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=",\t"[kind == "tsv"], strict=True)
     try:
         rows = [(n, row) for n, row in enumerate(reader, 1) if any(c.strip() for c in row)]
     except csv.Error as e:
         raise ConfigError(
-            f"{path}:{reader.line_num} is not a readable {kind.upper()} table ({e}); fix the file"
+            f"{path}:{reader.line_num} is not a readable {kind.upper()} table ({e}): a cell that "
+            'starts with a quote must end with one (write a quote inside it as ""); fix the file'
         ) from None
     if len(rows) < 2:
         raise ConfigError(
@@ -264,7 +264,9 @@ def read_table(path: str, kind: str, errors: str = "strict") -> Table:
         )
     (_, header), *body = rows
     other = "\t" if kind == "csv" else ","
-    if len(header) == 1 and other in header[0]:
+    first = body[0][1] if body else []
+    cells = header[0].count(other) + 1 if len(header) == 1 else 1
+    if cells > 1 and len(first) == 1 and first[0].count(other) + 1 == cells:
         raise ConfigError(
             f"{path}: the first row is one column name holding "
             f"{'tabs' if other == chr(9) else 'commas'} ({header[0][:40]!r}): is it a "
