@@ -605,6 +605,23 @@ HEAD_TASKS = ("sentence_task", "token_task")
 OBJECTIVE_HEADS = (*HEAD_TASKS, "sentence_classes", "token_classes")
 
 
+def check_one_file_under_fsdp(ckpt_path: str, out: Path) -> None:
+    """A one-file checkpoint of a DDP or single-process run (its optimizer state keyed by position)
+    is refused under trainer=fsdp: Lightning maps those positions onto the sharded weights in the
+    module's parameter order, which lmlab's optimizer groups (matrices first) do not follow, so
+    the AdamW moments would land on other weights (an error where the shapes differ, silently
+    where they agree)."""
+    states = read_checkpoint(ckpt_path, weights=False).get("optimizer_states") or []
+    if any(isinstance(key, int) for state in states for key in state.get("state", {})):
+        if rank_zero_only.rank == 0:
+            restore_hydra_files(out)
+        raise ResumeRefused(
+            f"{ckpt_path} is a one-file checkpoint of a run without FSDP; trainer=fsdp cannot "
+            "resume its optimizer state (Lightning would pair it with the wrong weights): resume "
+            "it with the trainer that wrote it (trainer=ddp / gpu / cpu), or start a new FSDP run"
+        )
+
+
 def check_resume_compatible(
     ckpt_path: str, tokenizer: TextTokenizer, model, val_docs: str | None = None
 ) -> int:
@@ -969,6 +986,8 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
             f"with this trainer from one file: python -m lmlab.checkpoint consolidate {ckpt_path} "
             f"writes {ckpt_path}.consolidated.ckpt; then ckpt_path=<that file>"
         )
+    if ckpt_path and isinstance(trainer.strategy, FSDP) and not is_sharded(ckpt_path):
+        check_one_file_under_fsdp(ckpt_path, out)
     tokenizer, train_store, val_store = prepare_data(cfg)
     datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)
     model = build(

@@ -427,6 +427,30 @@ def test_a_sharded_checkpoint_is_refused_without_fsdp_before_any_data_work(
     assert (out / ".hydra" / "overrides.yaml").read_text() == "- trainer=fsdp\n"
 
 
+def test_a_one_file_checkpoint_is_refused_under_fsdp_before_any_data_work(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """Its optimizer state is keyed by position in lmlab's groups (matrices first); Lightning's
+    FSDP maps positions in the module's parameter order: a review saw a shape error, and where
+    shapes agree the moments would land on other weights silently."""
+    import lmlab.train as train_mod
+    from lmlab.errors import ResumeRefused
+
+    fp32 = ["trainer.precision=32-true", "callbacks.samples=null"]
+    _, objects = train(tiny_cfg(*fp32, "trainer.max_steps=3", output_dir=tmp_path / "ddp"))
+    ckpt = objects["output_dir"] / "checkpoints" / "last.ckpt"
+
+    def no_data(cfg):
+        raise AssertionError("data prepared before the refusal")
+
+    monkeypatch.setattr(train_mod, "prepare_data", no_data)
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", *fp32]
+    with pytest.raises(ResumeRefused, match="is a one-file checkpoint of a run without FSDP"):
+        train(
+            tiny_cfg(*fsdp, "trainer.max_steps=4", f"ckpt_path={ckpt}", output_dir=tmp_path / "f")
+        )
+
+
 class _CrashInValidation(L.Callback):
     """A crash (out of memory, a killed node) during the validation after step ``step``."""
 
