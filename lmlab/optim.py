@@ -13,13 +13,16 @@ and backward passes (2 + 2 of bf16 weight and gradient, 4 of master, 8 of AdamW'
 under bf16-mixed (4 + 4 + 8), and 20 during the optimizer step, while the masters' fp32 gradients
 exist.
 
-Not as Megatron-LM does it: gradients add up over micro-batches (gradient accumulation) and are
-all-reduced between processes (DDP) in bf16, on the model, before the copy; Megatron accumulates and
-reduces them in fp32. The sum of 8 micro-batches' bf16 gradients is off by ~4e-3 of its size.
+Gradient accumulation in one process adds each micro-batch's gradient into the masters' fp32
+gradients right after its backward (``LMModule.on_after_backward`` calls :meth:`accumulate_grads`):
+a sum of 8 micro-batches' gradients in bf16 was off by ~4e-3 of its size. With several processes
+the gradients stay on the model, in bf16, where DDP adds them up and all-reduces them at the last
+micro-batch (Megatron-LM does both in fp32).
 
 Order within a Lightning step: backward (bf16 gradients on the model, all-reduced there under DDP),
-the callbacks' ``on_before_optimizer_step`` (they see the model's gradients; the masters' are not
-there yet), ``LMModule.on_before_optimizer_step``, which calls :meth:`MasterWeightAdamW.pull_grads`
+the callbacks' ``on_before_optimizer_step`` (they see the model's gradients, the masters' are not
+there yet; with accumulation in one process the model's are gone by then, and a callback's
+``on_after_backward`` sees each micro-batch's), ``LMModule.on_before_optimizer_step``, which calls :meth:`MasterWeightAdamW.pull_grads`
 (so skip_nonfinite's rescaling and clipping act on the fp32 gradients), clipping, :meth:`step`. The
 checkpoint carries the masters (``state_dict()["master_weights"]``), so a resumed run continues
 exactly; ``LMModule.on_load_checkpoint`` carries them across a resume that switches the setting.
@@ -63,6 +66,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
             master_groups.append({**group, "params": masters})
         super().__init__(master_groups, **kwargs)
         self._pulled = False
+        self._accumulated = False  # the masters' gradients hold this step's micro-batches so far
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -71,10 +75,29 @@ class MasterWeightAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def pull_grads(self) -> None:
         """The model's gradients into the masters' ``.grad``, in fp32; None stays None (a weight
-        the step did not reach, or a step whose only micro-batch skip_nonfinite skipped)."""
-        for weight, master in zip(self.model_params, self.masters, strict=True):
-            master.grad = None if weight.grad is None else weight.grad.to(torch.float32)
+        the step did not reach, or a step whose only micro-batch skip_nonfinite skipped). After
+        :meth:`accumulate_grads` the masters hold the sum, and what the model holds is added."""
+        if self._accumulated:
+            self.accumulate_grads()
+        else:
+            for weight, master in zip(self.model_params, self.masters, strict=True):
+                master.grad = None if weight.grad is None else weight.grad.to(torch.float32)
         self._pulled = True
+
+    @torch.no_grad()
+    def accumulate_grads(self) -> None:
+        """Add the model's gradients (a micro-batch's) into the masters' fp32 ones and clear them:
+        gradient accumulation in fp32. One process only: DDP all-reduces the model's gradients
+        at the last micro-batch, and would reduce that one's alone."""
+        for weight, master in zip(self.model_params, self.masters, strict=True):
+            if weight.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = weight.grad.to(torch.float32)
+            else:
+                master.grad.add_(weight.grad)
+            weight.grad = None
+        self._accumulated = True
 
     @torch.no_grad()
     def push_weights(self) -> None:
@@ -88,7 +111,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 loss = closure()
         if not self._pulled:  # no Lightning hook pulled them (a plain loop calling step())
             self.pull_grads()
-        self._pulled = False
+        self._pulled = self._accumulated = False
         _adamw_step()(self)
         for master in self.masters:  # read by nothing after the step: 4 bytes a weight freed
             master.grad = None
@@ -97,6 +120,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)  # the masters'
+        self._accumulated = False
         for weight in self.model_params:
             if weight.grad is not None:
                 if set_to_none:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+from omegaconf import open_dict
 
 from lmlab.errors import ConfigError
 from lmlab.models.base import trained_params
@@ -205,6 +207,67 @@ def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights
         assert w.dtype == torch.bfloat16 and torch.equal(w, m.bfloat16())
 
 
+class RecordGradients(L.Callback):
+    """Each micro-batch's model gradients (bf16) right after its backward (callbacks run before the
+    module's on_after_backward, which moves them into the masters), and the masters' gradients
+    AdamW steps with."""
+
+    def __init__(self) -> None:
+        self.micro = []
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        (opt,) = trainer.optimizers
+        self.micro.append([w.grad.clone() for w in opt.model_params])
+
+
+def train_recording(cfg, monkeypatch) -> tuple[list, list]:
+    """(each micro-batch's model gradients, each step's master gradients) of ``cfg``'s run."""
+    stepped = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        stepped.append([m.grad.clone() for m in self.masters])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with open_dict(cfg):
+        cfg.callbacks.record = {"_target_": f"{__name__}.RecordGradients"}
+    _, objects = train(cfg)
+    (recorder,) = [c for c in objects["trainer"].callbacks if isinstance(c, RecordGradients)]
+    return recorder.micro, stepped
+
+
+MASTERS = [
+    "trainer.precision=bf16-true",
+    "optim.master_weights=true",
+    "trainer.gradient_clip_val=0",
+    "optim.warmup_steps=0",
+    "callbacks.samples=null",
+]
+
+
+def test_accumulated_gradients_add_up_in_fp32(tiny_cfg, monkeypatch):
+    """In one process each micro-batch's bf16 gradient is added into the fp32 masters' after its
+    backward: the step's gradient is the fp32 sum exactly (a bf16 sum rounds at every addition)."""
+    cfg = tiny_cfg(*MASTERS, "trainer.accumulate_grad_batches=4", "trainer.max_steps=2")
+    micros, steps = train_recording(cfg, monkeypatch)
+    assert len(micros) == 8 and len(steps) == 2
+    rounded = 0
+    for s, stepped in enumerate(steps):
+        micro = micros[4 * s : 4 * s + 4]
+        for k, got in enumerate(stepped):
+            fp32 = (
+                micro[0][k].float()
+                + micro[1][k].float()
+                + micro[2][k].float()
+                + micro[3][k].float()
+            )
+            assert torch.equal(got, fp32)
+            bf16 = micro[0][k] + micro[1][k] + micro[2][k] + micro[3][k]
+            rounded += int((bf16.float() != fp32).sum())
+    assert rounded > 0  # the bf16 sum would have differed
+
+
 @pytest.mark.parametrize("bad", [1, 2])
 def test_a_skipped_micro_batch_rescales_the_master_gradients(tiny_cfg, monkeypatch, bad):
     """skip_nonfinite with accumulation: the step's other micro-batch's gradient is scaled up to
@@ -212,7 +275,7 @@ def test_a_skipped_micro_batch_rescales_the_master_gradients(tiny_cfg, monkeypat
     AdamW steps with (a review: pulled after the rescale, it was lost without a trace)."""
     from lmlab.models.base import LMModule
 
-    calls, ratios = [0], []
+    calls = [0]
 
     def nll(self, batch, _nll=LMModule.nll):
         out = _nll(self, batch)
@@ -222,30 +285,18 @@ def test_a_skipped_micro_batch_rescales_the_master_gradients(tiny_cfg, monkeypat
                 return (out[0] * float("nan"), *out[1:])
         return out
 
-    adamw_step = torch.optim.AdamW.step
-
-    def step(self, *args, **kwargs):
-        for w, m in zip(self.model_params, self.masters, strict=True):
-            nz = w.grad != 0
-            ratios.append(torch.unique(m.grad[nz] / w.grad.float()[nz]).tolist())
-        return adamw_step(self, *args, **kwargs)
-
     monkeypatch.setattr(LMModule, "nll", nll)
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    train(
-        tiny_cfg(
-            "trainer.precision=bf16-true",
-            "optim.master_weights=true",
-            "trainer.skip_nonfinite=true",
-            "trainer.accumulate_grad_batches=2",
-            "trainer.gradient_clip_val=0",
-            "trainer.max_steps=1",
-            "optim.warmup_steps=0",
-            "callbacks.samples=null",
-        )
+    cfg = tiny_cfg(
+        *MASTERS,
+        "trainer.skip_nonfinite=true",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=1",
     )
+    micros, steps = train_recording(cfg, monkeypatch)
     # causal LM: both micro-batches have as many targets, so the trained one's gradient doubles
-    assert ratios and all(r == [2.0] for r in ratios), ratios
+    assert len(micros) == 1 and len(steps) == 1  # the skipped micro-batch had no backward
+    for g, m in zip(micros[0], steps[0], strict=True):
+        assert torch.equal(m, 2 * g.float())
 
 
 def test_a_resume_that_switches_master_weights_keeps_the_fp32_values(tiny_cfg):

@@ -371,6 +371,17 @@ class LMModule(L.LightningModule):
         self._count_epoch_targets(count, step_targets)
         return loss
 
+    def on_after_backward(self) -> None:
+        """Master weights with gradient accumulation in one process: each micro-batch's gradient
+        is added into the fp32 masters' after its backward (lmlab/optim.py); with several
+        processes it stays on the model for DDP's all-reduce at the last micro-batch."""
+        trainer = self._trainer
+        if trainer is None or trainer.accumulate_grad_batches == 1 or trainer.world_size > 1:
+            return
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, MasterWeightAdamW):
+                optimizer.accumulate_grads()
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """After a step whose micro-batch ``skip_nonfinite`` skipped: the others' losses were
         divided by all the step's targets, so their gradient is scaled up to the mean over the
