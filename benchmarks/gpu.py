@@ -83,11 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--family", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     p.add_argument("--device", default="cuda")
-    p.add_argument("--precision", default="bf16-mixed", help="Lightning precision")
     p.add_argument(
-        "--master-weights",
-        action="store_true",
-        help="optim.master_weights=true: AdamW over fp32 copies of the weights (--precision bf16-true)",
+        "--precision",
+        nargs="+",
+        default=["bf16-mixed"],
+        help="Lightning precision, one run per value; bf16-true+masters: bf16-true with\n"
+        "optim.master_weights=true (AdamW over fp32 copies of the weights); e.g.\n"
+        "bf16-mixed bf16-true bf16-true+masters to compare them side by side",
     )
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, help="default: on, off with --tiny"
@@ -138,10 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="module's loss_chunk_size, one run per value (default: the module's, off on GPUs);\n"
         "e.g. 0 4096 to compare the plain head with the fused head + loss",
     )
-    args = p.parse_args(argv)
-    if args.master_weights and args.precision != "bf16-true":
-        p.error("--master-weights keeps fp32 copies of bf16 weights: add --precision bf16-true")
-    return args
+    return p.parse_args(argv)
+
+
+MASTERS = "+masters"  # a --precision value's suffix: bf16-true with optim.master_weights=true
 
 
 def preset_shape(family: str, tiny: bool) -> tuple[int, int, int, int, dict]:
@@ -170,8 +172,11 @@ def with_layers(family: str, dims: dict, layers: int | None) -> dict:
     )
 
 
-def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, scope: str) -> dict:
+def run_family(
+    family: str, args, device: torch.device, out: Path, loss_chunk, scope: str, precision: str
+) -> dict:
     pre = PRESETS[family]
+    lightning_precision = precision.removesuffix(MASTERS)
     vocab, B, T, target_len, dims = preset_shape(family, args.tiny)
     dims = with_layers(family, dims, args.layers)
     torch.manual_seed(0)
@@ -181,7 +186,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, s
         compile=args.compile and args.compile_mode,
         compile_scope=scope,
         loss_chunk_size=loss_chunk,
-        master_weights=args.master_weights,
+        master_weights=precision.endswith(MASTERS),
         **dims,
     )
     gen = torch.Generator().manual_seed(0)
@@ -193,9 +198,9 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, s
     total_steps = args.warmup + args.steps
     trainer, how = common.lmlab_trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        precision=args.precision,
+        precision=lightning_precision,
         max_steps=total_steps,
-        output_dir=out / f"{family}-{loss_chunk}-{scope}",
+        output_dir=out / f"{family}-{loss_chunk}-{scope}-{precision}",
         callbacks=[timer],
         overrides=args.override,
     )
@@ -213,6 +218,7 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, s
         family=family,
         loss_chunk="default" if loss_chunk is None else loss_chunk,
         scope=scope if args.compile else "off",
+        precision=precision,
         warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
         shape=f"{B} x {T}" + (f" -> {target_len}" if target_len else ""),
         params=model.num_params(False),
@@ -228,6 +234,12 @@ def run_family(family: str, args, device: torch.device, out: Path, loss_chunk, s
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    for precision in args.precision:
+        if precision.endswith(MASTERS) and precision != "bf16-true" + MASTERS:
+            raise SystemExit(
+                f"--precision {precision}: master weights are fp32 copies of bf16 weights; use "
+                "bf16-true+masters"
+            )
     common.quiet()
     t_start = time.perf_counter()
     if args.compile is None:
@@ -241,8 +253,7 @@ def main(argv=None) -> None:
     if args.cold:
         torch._inductor.config.force_disable_caches = True
     print(
-        f"gpu: lmlab presets, {args.precision}"
-        f"{' with fp32 master weights' if args.master_weights else ''}, "
+        f"gpu: lmlab presets, {' / '.join(args.precision)}, "
         f"compile={args.compile and args.compile_mode}, attention={args.sdpa_backend}, "
         f"{args.warmup} warm-up + "
         f"{args.steps} timed steps{' (tiny sizes)' if args.tiny else ''}"
@@ -250,12 +261,12 @@ def main(argv=None) -> None:
     print(f"machine: {common.machine()}")
     out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
     results = []
-    runs = itertools.product(args.family, args.loss_chunk_size, args.compile_scope)
-    for family, loss_chunk, scope in runs:
-        r = run_family(family, args, device, out, loss_chunk, scope)
+    runs = itertools.product(args.family, args.loss_chunk_size, args.compile_scope, args.precision)
+    for family, loss_chunk, scope, precision in runs:
+        r = run_family(family, args, device, out, loss_chunk, scope, precision)
         results.append(r)
         print(
-            f"  {family} (loss chunk {r['loss_chunk']}, compile scope {r['scope']}): "
+            f"  {family} (loss chunk {r['loss_chunk']}, compile scope {r['scope']}, {precision}): "
             f"{r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
             f"{time.perf_counter() - t_start:.0f} s so far)\n"
             # the host's time per step: steps that write metrics wait for the device, the
@@ -275,6 +286,7 @@ def main(argv=None) -> None:
                 r["shape"],
                 r["loss_chunk"],
                 r["scope"],
+                r["precision"],
                 f"{r['params'] / 1e6:.1f}M",
                 f"{r['warmup_s']:.1f}",
                 f"{r['step_ms']:.1f}",
@@ -299,6 +311,7 @@ def main(argv=None) -> None:
                 "batch",
                 "loss chunk",
                 "compile scope",
+                "precision",
                 "parameters",
                 "warm-up s",
                 "mean step ms",

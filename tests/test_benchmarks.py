@@ -66,15 +66,15 @@ def test_gpu_script_smoke_run_on_cpu(run):
         "gpu",
         "--tiny --device cpu --family decoder encoder_decoder --compile-mode max-autotune "
         "--sdpa-backend math --loss-chunk-size 0 8 --compile-scope blocks "
-        "--precision bf16-true --master-weights",
+        "--precision bf16-true bf16-true+masters",
     )
-    assert "bf16-true with fp32 master weights, compile=False, attention=math" in out  # --tiny: off
+    assert "bf16-true / bf16-true+masters, compile=False, attention=math" in out  # --tiny: off
     (rows,) = tables(out)
-    assert [(r["family"], r["loss chunk"], r["compile scope"]) for r in rows] == [
-        ("decoder", "0", "off"),
-        ("decoder", "8", "off"),
-        ("encoder_decoder", "0", "off"),
-        ("encoder_decoder", "8", "off"),
+    assert [(r["family"], r["loss chunk"], r["compile scope"], r["precision"]) for r in rows] == [
+        (family, chunk, "off", precision)
+        for family in ("decoder", "encoder_decoder")
+        for chunk in ("0", "8")
+        for precision in ("bf16-true", "bf16-true+masters")
     ]
     steps = [line.split(":")[1].split() for line in out.splitlines() if "steps (ms, host)" in line]
     assert len(steps) == len(rows)
