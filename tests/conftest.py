@@ -111,6 +111,14 @@ def table_files(tmp_path: Path) -> Path:
     return folder
 
 
+def files_cfg(train, **kw):
+    """A data=files config group (conf/data/files.yaml's keys) for make_corpus, on ``train``."""
+    settings = dict(val=None, val_fraction=0.2, format="auto", text_field="text")
+    return OmegaConf.create(
+        {"name": "files", "source": "files", "train": str(train), **settings, **kw}
+    )
+
+
 TINY = [
     "seq_len=32",
     "model.n_layers=2",

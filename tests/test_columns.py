@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from lmlab.data.base import RandomWindowSampler
 from lmlab.data.collate import IGNORE
@@ -22,6 +21,8 @@ from lmlab.data.tokenizers import byte_tokenizer
 from lmlab.errors import ConfigError
 from lmlab.train import check_settings, train
 
+from . import conftest
+
 
 @pytest.fixture
 def tok():
@@ -29,19 +30,7 @@ def tok():
 
 
 def files_cfg(train, **kw):
-    return OmegaConf.create(
-        {
-            "name": "files",
-            "source": "files",
-            "train": str(train),
-            "val": None,
-            "val_fraction": 0.25,
-            "format": "auto",
-            "text_field": "text",
-            "table_rows": 2,
-            **kw,
-        }
-    )
+    return conftest.files_cfg(train, **{"val_fraction": 0.25, "table_rows": 2, **kw})
 
 
 def write_csv(path, rows, delimiter=","):

@@ -23,27 +23,12 @@ from lmlab.data.tokenizers import byte_tokenizer
 from lmlab.errors import ConfigError
 from lmlab.train import train
 
-from .conftest import cipher
+from .conftest import cipher, files_cfg
 
 
 @pytest.fixture
 def tok():
     return byte_tokenizer(2)
-
-
-def files_cfg(train, **kw):
-    return OmegaConf.create(
-        {
-            "name": "files",
-            "source": "files",
-            "train": str(train),
-            "val": None,
-            "val_fraction": 0.2,
-            "format": "auto",
-            "text_field": "text",
-            **kw,
-        }
-    )
 
 
 def write_jsonl(path, rows) -> str:

@@ -96,6 +96,26 @@ class Windows(Dataset):
         return Example(start, tokens, epoch, *scored, store=self.store)
 
 
+class TokenSpans(Dataset):
+    """Index = (span, epoch); item = the :class:`Example` of the tokens ``spans[span]`` (``[start,
+    end)`` in the store; its start, unique in the store, keys the example's random draws): the
+    examples of objectives whose index space is their own (``index_space``: tlm's groups of pairs,
+    mcp's runs of columns, ir_relevance's rows)."""
+
+    def __init__(self, store: TokenStore, spans: np.ndarray) -> None:
+        self.store, self.spans = store, spans
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, index: tuple[int, int] | int) -> Example:
+        """``span``, ``(span, epoch)``, or ``(span, epoch, scored)``."""
+        span, epoch, *scored = index if isinstance(index, tuple) else (index, 0)
+        a, b = (int(x) for x in self.spans[span])
+        tokens = np.asarray(self.store.tokens[a:b], dtype=np.int64)
+        return Example(a, tokens, epoch, *scored, store=self.store)
+
+
 class RandomWindowSampler(Sampler[tuple[int, int]]):
     """Yields (start, epoch): starts ``phase + k * stride`` in random order, new phase every epoch.
 

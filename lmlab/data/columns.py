@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lmlab.data.base import Example, WindowDataModule, example_rng
+from lmlab.data.base import Example, TokenSpans, WindowDataModule, example_rng
 from lmlab.data.collate import IGNORE
 from lmlab.data.mlm import cls_sep_rows
 from lmlab.data.store import TokenStore
@@ -80,24 +80,6 @@ def column_groups(store: TokenStore, sep: int, room: int, chunk: int = 1 << 24) 
     return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
 
-class TokenSpans(Dataset):
-    """Index = (span, epoch); item = the :class:`Example` of ``spans[span]`` (its start, a token
-    offset, unique in the store, as the examples' random draws need)."""
-
-    def __init__(self, store: TokenStore, spans: np.ndarray) -> None:
-        self.store, self.spans = store, spans
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    def __getitem__(self, index: tuple[int, int] | int) -> Example:
-        """``span``, ``(span, epoch)``, or ``(span, epoch, scored)``."""
-        span, epoch, *scored = index if isinstance(index, tuple) else (index, 0)
-        a, b = (int(x) for x in self.spans[span])
-        tokens = np.asarray(self.store.tokens[a:b], dtype=np.int64)
-        return Example(a, tokens, epoch, *scored, store=self.store)
-
-
 class MaskedColumnDataModule(WindowDataModule):
     objective, batch_kind = "mcp", "masked"
     tables = True  # lmlab.train refuses text data before any work
@@ -120,8 +102,8 @@ class MaskedColumnDataModule(WindowDataModule):
             isinstance(column_prob, int | float) and 0 < column_prob <= 1
         ):
             raise ConfigError(
-                f"objective.column_prob={column_prob!r} must be in (0, 1] (the share of a "
-                "table's named columns whose names are masked; at least one is)"
+                f"objective.column_prob={column_prob!r} must be in (0, 1] (the chance that a "
+                "named column's name is masked; at least one per example is)"
             )
         super().check_settings(**rest)
 

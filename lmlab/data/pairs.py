@@ -5,9 +5,8 @@ objectives that train on them (objective=tlm, objective=ir_relevance)."""
 from __future__ import annotations
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from lmlab.data.base import Example
+from lmlab.data.base import TokenSpans
 from lmlab.data.store import TokenStore
 
 
@@ -31,21 +30,8 @@ def fit_pair(first: np.ndarray, second: np.ndarray, budget: int) -> tuple[np.nda
     return first[:keep], second[: budget - keep]
 
 
-class DocumentGroups(Dataset):
-    """Index = (group, epoch); item = the :class:`Example` of a group of consecutive documents
-    (``groups``: the document each starts at, then the document count; one document each for
-    ``np.arange(n_docs + 1)``). Its start is the group's token offset, unique in the store, as
-    the examples' random draws need."""
-
-    def __init__(self, store: TokenStore, groups: np.ndarray) -> None:
-        self.store, self.groups = store, groups
-
-    def __len__(self) -> int:
-        return len(self.groups) - 1
-
-    def __getitem__(self, index: tuple[int, int] | int) -> Example:
-        """``group``, ``(group, epoch)``, or ``(group, epoch, scored)``."""
-        group, epoch, *scored = index if isinstance(index, tuple) else (index, 0)
-        a, b = (int(self.store.offsets[d]) for d in self.groups[group : group + 2])
-        tokens = np.asarray(self.store.tokens[a:b], dtype=np.int64)
-        return Example(a, tokens, epoch, *scored, store=self.store)
+def document_groups(store: TokenStore, groups: np.ndarray) -> TokenSpans:
+    """The examples of groups of consecutive documents (``groups``: the document each starts at,
+    then the document count; one document each for ``np.arange(n_docs + 1)``)."""
+    starts = store.offsets[groups]
+    return TokenSpans(store, np.stack([starts[:-1], starts[1:]], axis=1))

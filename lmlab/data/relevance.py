@@ -31,7 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from lmlab.data.base import Example, example_rng
-from lmlab.data.pairs import DocumentGroups, fit_pair, split_pair
+from lmlab.data.pairs import document_groups, fit_pair, split_pair
 from lmlab.data.sentences import SegmentTaskDataModule
 from lmlab.data.store import TokenStore
 from lmlab.errors import ConfigError
@@ -101,7 +101,7 @@ class RelevanceDataModule(SegmentTaskDataModule):
         return store.n_docs, 1, 1
 
     def dataset(self, store: TokenStore) -> Dataset:
-        return DocumentGroups(store, np.arange(store.n_docs + 1))
+        return document_groups(store, np.arange(store.n_docs + 1))
 
     examples_what = "query-title rows"
     rows_grow_with_shorter_seq_len = False

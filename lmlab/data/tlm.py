@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from lmlab.data.base import Example, example_rng
 from lmlab.data.mlm import MaskedLMDataModule
-from lmlab.data.pairs import DocumentGroups, fit_pair, split_pair
+from lmlab.data.pairs import document_groups, fit_pair, split_pair
 from lmlab.data.store import TokenStore
 from lmlab.errors import ConfigError
 
@@ -93,7 +93,7 @@ class TranslationLMDataModule(MaskedLMDataModule):
         return len(self.groups(store)) - 1, 1, 1
 
     def dataset(self, store: TokenStore) -> Dataset:
-        return DocumentGroups(store, self.groups(store))
+        return document_groups(store, self.groups(store))
 
     @property
     def examples_what(self) -> str:
