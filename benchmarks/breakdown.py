@@ -2,7 +2,8 @@
 
 The step is lmlab's without the Trainer (``overhead.py`` measures that): ``LMModule.nll`` as
 ``training_step`` optimises it (compiled as ``compile=true`` compiles it), backward, clipping at 1.0
-and the fused AdamW, on random tokens, under bf16 autocast on a GPU. After ``--warmup`` steps,
+and the fused AdamW, on random tokens, under bf16 autocast on a GPU (``--precision bf16-true``: bf16
+weights, ``bf16-true+masters``: and AdamW over fp32 copies). After ``--warmup`` steps,
 ``torch.profiler`` records ``--steps`` more. On a GPU the table sums the kernels' device time by kind
 (matrix products, attention, fused elementwise and reductions, optimizer, copies, other) and gives
 the share of the step's wall time the device was busy; on a CPU it sums each operator's own CPU
@@ -42,6 +43,7 @@ KINDS = (
     ("elementwise and reductions", ("elementwise", "reduce", "aten::", "vectorized")),
 )
 FRAMEWORK = "Python and autograd (CPU)"
+PRECISIONS = ("bf16-mixed", "bf16-true", "bf16-true+masters")
 
 
 def kind_of(name: str, device_kernel: bool) -> str:
@@ -64,6 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=COMPILE_SCOPES,
         default="model",
         help="lmlab's compile_scope: model (one graph) or blocks (each block + the head and loss)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="bf16-mixed",
+        help="bf16-mixed: bf16 autocast (on a GPU; a CPU runs fp32); bf16-true: the model's\n"
+        "weights in bf16; bf16-true+masters: and AdamW over fp32 copies (optim.master_weights)",
     )
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke run)")
     p.add_argument("--warmup", type=int, default=10, help="unrecorded steps (compilation included)")
@@ -90,7 +99,15 @@ def build(args, device: torch.device):
     batch = common.random_batch(kind, B, T, vocab, target_len=target_len, generator=gen)
     # what the Trainer does with a batch before the step: the host-side hook, then the move
     batch = common.to_device(model.on_before_batch_transfer(batch, 0), device)
-    stepper = common.Stepper(model, common.lmlab_loss, device, bf16=device.type == "cuda")
+    true = args.precision.startswith("bf16-true")
+    stepper = common.Stepper(
+        model,
+        common.lmlab_loss,
+        device,
+        bf16=device.type == "cuda",
+        bf16_weights=true,
+        masters=args.precision.endswith("+masters"),
+    )
     shape = f"{B} x {T}" + (f" -> {target_len}" if target_len else "")
     return lambda: stepper(batch), shape, model.num_params(False)
 
@@ -114,6 +131,12 @@ def kernel_times(prof, device: torch.device, steps: int) -> dict[str, tuple[floa
         if us > 0:
             out[e.key] = (us / steps / 1e3, e.count / steps)
     return out
+
+
+def precision_said(precision: str, device: torch.device) -> str:
+    if precision == "bf16-mixed":
+        return "bf16 autocast" if device.type == "cuda" else "fp32"
+    return "bf16 weights" + (", fp32 masters" if precision.endswith("+masters") else "")
 
 
 def main(argv=None) -> None:
@@ -146,7 +169,8 @@ def main(argv=None) -> None:
 
     print(
         f"breakdown: {args.family} {shape}, {n_params / 1e6:.1f}M parameters, "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile={args.compile} ({args.compile_scope}), "
+        f"{precision_said(args.precision, device)}, "
+        f"compile={args.compile} ({args.compile_scope}), "
         f"{device}; {args.steps} profiled steps after {args.warmup}"
     )
     print(f"machine: {common.machine()}")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lmlab.data.collate import IGNORE
 from lmlab.models.base import param_groups
+from lmlab.optim import MasterWeightAdamW
 
 SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2, "mask": 3, "cls": 4, "sep": 5}  # token ids 0..5
 OPTIM = {  # lmlab's AdamW settings (conf/optim/adamw.yaml), the warmup shortened for short runs
@@ -90,10 +91,13 @@ def random_batch(
     raise ValueError(f"unknown batch kind {kind!r}")
 
 
-def adamw(model: torch.nn.Module, optim: dict = OPTIM, fused: bool = True) -> torch.optim.AdamW:
+def adamw(
+    model: torch.nn.Module, optim: dict = OPTIM, fused: bool = True, masters: bool = False
+) -> torch.optim.AdamW:
     """lmlab's AdamW as ``LMModule.configure_optimizers`` builds it: decay / no-decay groups, the
-    settings of ``optim``, fused on CPU and CUDA."""
-    return torch.optim.AdamW(
+    settings of ``optim``, fused on CPU and CUDA; over fp32 masters of bf16 weights with
+    ``masters``."""
+    return (MasterWeightAdamW if masters else torch.optim.AdamW)(
         param_groups(model, optim["weight_decay"]),
         lr=optim["lr"],
         betas=tuple(optim["betas"]),
@@ -109,19 +113,35 @@ def lmlab_loss(model, batch: dict) -> torch.Tensor:
 
 class Stepper:
     """One optimizer step of a model on a batch without a Trainer: ``loss_fn(model, batch)`` under
-    bf16 autocast when ``bf16``, backward, clipping at 1.0, lmlab's fused AdamW, zero_grad."""
+    bf16 autocast when ``bf16``, backward, clipping at 1.0, lmlab's fused AdamW, zero_grad.
+    ``bf16_weights``: the model in bf16 instead (Lightning's bf16-true; no autocast), its AdamW
+    over fp32 masters with ``masters`` (lmlab's optim.master_weights)."""
 
-    def __init__(self, model, loss_fn: Callable, device: torch.device, bf16: bool) -> None:
-        self.model, self.loss_fn, self.device, self.bf16 = model.to(device), loss_fn, device, bf16
+    def __init__(
+        self,
+        model,
+        loss_fn: Callable,
+        device: torch.device,
+        bf16: bool,
+        bf16_weights: bool = False,
+        masters: bool = False,
+    ) -> None:
+        model = model.to(device, torch.bfloat16 if bf16_weights else None)
+        self.model, self.loss_fn, self.device = model, loss_fn, device
+        self.bf16 = bf16 and not bf16_weights
         self.model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = adamw(model)
+        self.opt = adamw(model, masters=masters)
 
     def __call__(self, batch: dict) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.loss_fn(self.model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        params = self.params
+        if isinstance(self.opt, MasterWeightAdamW):  # as LMModule's hook: clip the fp32 copies
+            self.opt.pull_grads()
+            params = self.opt.masters
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -197,12 +217,13 @@ def lmlab_trainer(
     callbacks: Sequence[L.Callback] = (),
     use_hydra: bool = True,
     overrides: Sequence[str] = (),
+    accumulate: int = 1,
 ) -> tuple[L.Trainer, str]:
     """A Trainer as ``lmlab.train.build_run`` makes it: composed from ``conf/`` with Hydra's compose
     API when Hydra is installed (trainer=cpu|gpu, callbacks=default, logger=csv, then
     ``overrides``: more Hydra overrides of ``trainer.*`` / ``callbacks.*`` keys), else built by hand
-    with the same settings (for machines without Hydra, which take no overrides). Returns (trainer,
-    how it was built)."""
+    with the same settings (for machines without Hydra, which take no overrides); ``accumulate``
+    micro-batches per optimizer step either way. Returns (trainer, how it was built)."""
     from lmlab.checkpoint_io import AtomicCheckpointIO
 
     try:
@@ -219,13 +240,14 @@ def lmlab_trainer(
                 f"overrides {list(overrides)} need Hydra (hydra-core, omegaconf) to compose conf/"
             ) from None
         return _trainer_by_hand(
-            accelerator, precision, max_steps, output_dir, callbacks
+            accelerator, precision, max_steps, output_dir, callbacks, accumulate
         ), "by hand (no Hydra)"
 
     overrides = [
         f"trainer={'gpu' if accelerator == 'gpu' else 'cpu'}",
         f"trainer.precision={precision}",
         f"trainer.max_steps={max_steps}",
+        f"trainer.accumulate_grad_batches={accumulate}",
         "trainer.limit_val_batches=0",
         "callbacks.model_checkpoint=null",
         "callbacks.last_checkpoint=null",
@@ -250,7 +272,9 @@ def lmlab_trainer(
     return trainer, "Hydra compose of conf/ (trainer, callbacks, logger)"
 
 
-def _trainer_by_hand(accelerator, precision, max_steps, output_dir, callbacks) -> L.Trainer:
+def _trainer_by_hand(
+    accelerator, precision, max_steps, output_dir, callbacks, accumulate=1
+) -> L.Trainer:
     """conf/trainer/default.yaml + cpu|gpu.yaml and the speed-relevant callbacks, without Hydra."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -271,7 +295,7 @@ def _trainer_by_hand(accelerator, precision, max_steps, output_dir, callbacks) -
         limit_val_batches=0,
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
-        accumulate_grad_batches=1,
+        accumulate_grad_batches=accumulate,
         log_every_n_steps=10,
         enable_progress_bar=True,
         enable_model_summary=False,

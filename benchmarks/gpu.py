@@ -96,9 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compile-mode",
+        nargs="+",
         choices=COMPILE_MODES,
-        default="default",
-        help="torch.compile mode when compiling (lmlab's compile=<mode>)",
+        default=["default"],
+        help="torch.compile mode when compiling (lmlab's compile=<mode>), one run per value;\n"
+        "e.g. default reduce-overhead to compare them side by side",
     )
     p.add_argument(
         "--compile-scope",
@@ -112,6 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cold",
         action="store_true",
         help="no inductor caches (a first compile's time, as on a fresh machine)",
+    )
+    p.add_argument(
+        "--accumulate",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="micro-batches per optimizer step (trainer.accumulate_grad_batches), one run per\n"
+        "value; --warmup and --steps count optimizer steps, tokens/s every micro-batch",
     )
     p.add_argument("--layers", type=int, help="override the preset's layers (per stack)")
     p.add_argument(
@@ -173,7 +183,15 @@ def with_layers(family: str, dims: dict, layers: int | None) -> dict:
 
 
 def run_family(
-    family: str, args, device: torch.device, out: Path, loss_chunk, scope: str, precision: str
+    family: str,
+    args,
+    device: torch.device,
+    out: Path,
+    loss_chunk,
+    scope: str,
+    precision: str,
+    mode: str,
+    accumulate: int,
 ) -> dict:
     pre = PRESETS[family]
     lightning_precision = precision.removesuffix(MASTERS)
@@ -183,7 +201,7 @@ def run_family(
     model = common.lmlab_model(
         family,
         vocab_size=vocab,
-        compile=args.compile and args.compile_mode,
+        compile=args.compile and mode,
         compile_scope=scope,
         loss_chunk_size=loss_chunk,
         master_weights=precision.endswith(MASTERS),
@@ -200,24 +218,27 @@ def run_family(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         precision=lightning_precision,
         max_steps=total_steps,
-        output_dir=out / f"{family}-{loss_chunk}-{scope}-{precision}",
+        output_dir=out / f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}",
         callbacks=[timer],
         overrides=args.override,
+        accumulate=accumulate,
     )
     # what training's `attention` key applies; compile traces the kernel chosen here
     backend = attention_kernel(args.sdpa_backend, device.type == "cuda")
     t0 = time.perf_counter()
     with backend:
-        trainer.fit(model, train_dataloaders=common.loader(batches, total_steps))
+        trainer.fit(model, train_dataloaders=common.loader(batches, total_steps * accumulate))
     wall = time.perf_counter() - t0
-    step_s = timer.total / args.steps
-    tokens_per_s = B * T / step_s
+    step_s = timer.total / args.steps  # an optimizer step: `accumulate` micro-batches
+    tokens_per_s = accumulate * B * T / step_s
     peak = args.peak_flops or flops.peak_flops(device)
     mfu = None if not peak else flops.mfu(tokens_per_s, model.flops_per_token(batches[0]), peak)
     return dict(
         family=family,
         loss_chunk="default" if loss_chunk is None else loss_chunk,
         scope=scope if args.compile else "off",
+        mode=mode if args.compile else "off",
+        accumulate=accumulate,
         precision=precision,
         warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
         shape=f"{B} x {T}" + (f" -> {target_len}" if target_len else ""),
@@ -240,6 +261,8 @@ def main(argv=None) -> None:
                 f"--precision {precision}: master weights are fp32 copies of bf16 weights; use "
                 "bf16-true+masters"
             )
+    if min(args.accumulate) < 1:
+        raise SystemExit(f"--accumulate {min(args.accumulate)}: micro-batches per step, >= 1")
     common.quiet()
     t_start = time.perf_counter()
     if args.compile is None:
@@ -254,19 +277,28 @@ def main(argv=None) -> None:
         torch._inductor.config.force_disable_caches = True
     print(
         f"gpu: lmlab presets, {' / '.join(args.precision)}, "
-        f"compile={args.compile and args.compile_mode}, attention={args.sdpa_backend}, "
+        f"compile={args.compile and ' / '.join(args.compile_mode)}, "
+        f"attention={args.sdpa_backend}, "
         f"{args.warmup} warm-up + "
         f"{args.steps} timed steps{' (tiny sizes)' if args.tiny else ''}"
     )
     print(f"machine: {common.machine()}")
     out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
     results = []
-    runs = itertools.product(args.family, args.loss_chunk_size, args.compile_scope, args.precision)
-    for family, loss_chunk, scope, precision in runs:
-        r = run_family(family, args, device, out, loss_chunk, scope, precision)
+    runs = itertools.product(
+        args.family,
+        args.loss_chunk_size,
+        args.compile_scope,
+        args.compile_mode,
+        args.precision,
+        args.accumulate,
+    )
+    for family, loss_chunk, scope, mode, precision, accumulate in runs:
+        r = run_family(family, args, device, out, loss_chunk, scope, precision, mode, accumulate)
         results.append(r)
         print(
-            f"  {family} (loss chunk {r['loss_chunk']}, compile scope {r['scope']}, {precision}): "
+            f"  {family} (loss chunk {r['loss_chunk']}, compile {r['mode']} / {r['scope']}, "
+            f"{precision}, accumulate {accumulate}): "
             f"{r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
             f"{time.perf_counter() - t_start:.0f} s so far)\n"
             # the host's time per step: steps that write metrics wait for the device, the
@@ -286,7 +318,9 @@ def main(argv=None) -> None:
                 r["shape"],
                 r["loss_chunk"],
                 r["scope"],
+                r["mode"],
                 r["precision"],
+                r["accumulate"],
                 f"{r['params'] / 1e6:.1f}M",
                 f"{r['warmup_s']:.1f}",
                 f"{r['step_ms']:.1f}",
@@ -311,7 +345,9 @@ def main(argv=None) -> None:
                 "batch",
                 "loss chunk",
                 "compile scope",
+                "compile mode",
                 "precision",
+                "accumulate",
                 "parameters",
                 "warm-up s",
                 "mean step ms",

@@ -66,26 +66,34 @@ def test_gpu_script_smoke_run_on_cpu(run):
         "gpu",
         "--tiny --device cpu --family decoder encoder_decoder --compile-mode max-autotune "
         "--sdpa-backend math --loss-chunk-size 0 8 --compile-scope blocks "
-        "--precision bf16-true bf16-true+masters",
+        "--precision bf16-true bf16-true+masters --accumulate 1 2",
     )
     assert "bf16-true / bf16-true+masters, compile=False, attention=math" in out  # --tiny: off
     (rows,) = tables(out)
-    assert [(r["family"], r["loss chunk"], r["compile scope"], r["precision"]) for r in rows] == [
-        (family, chunk, "off", precision)
+    keys = ("family", "loss chunk", "compile scope", "compile mode", "precision", "accumulate")
+    got = [tuple(r[k] for k in keys) for r in rows]
+    assert got == [
+        (family, chunk, "off", "off", precision, accumulate)
         for family in ("decoder", "encoder_decoder")
         for chunk in ("0", "8")
         for precision in ("bf16-true", "bf16-true+masters")
+        for accumulate in ("1", "2")
     ]
     steps = [line.split(":")[1].split() for line in out.splitlines() if "steps (ms, host)" in line]
     assert len(steps) == len(rows)
     for r, host in zip(rows, steps, strict=True):  # tiny: batch 2 x 64 input tokens, 0.1 ms
-        ms = number(r["mean step ms"])
-        assert 128e3 / (ms + 0.05) - 0.5 <= number(r["tokens/s"]) <= 128e3 / (ms - 0.05) + 0.5
+        ms, tokens = number(r["mean step ms"]), 128e3 * number(r["accumulate"])
+        assert tokens / (ms + 0.05) - 0.5 <= number(r["tokens/s"]) <= tokens / (ms - 0.05) + 0.5
         assert r["meets"] == "n/a (tiny)"
         assert number(r["warm-up s"]) >= 0  # set-up and warm-up: under 0.05 s at this size
         # 3 timed steps, whose host times fill the synchronised window: their mean is the mean
         assert len(host) == 3
         assert sum(map(float, host)) / 3 == pytest.approx(ms, abs=0.1 + 0.01 * ms)
+
+
+def test_gpu_script_refuses_an_accumulation_below_one(run):
+    with pytest.raises(SystemExit, match="--accumulate 0"):
+        run("gpu", "--tiny --device cpu --family decoder --accumulate 1 0")
 
 
 def test_gpu_script_layers_override_sets_every_stack(monkeypatch):
@@ -194,7 +202,12 @@ def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
     assert kind_of("aten::mm", device_kernel=False) == "matrix products"
     assert kind_of("_RMSNormBackward", device_kernel=False) == FRAMEWORK
 
-    out = run("breakdown", "--tiny --device cpu --family encoder --warmup 1 --steps 2 --top 5")
+    out = run(
+        "breakdown",
+        "--tiny --device cpu --family encoder --warmup 1 --steps 2 --top 5 "
+        "--precision bf16-true+masters",
+    )
+    assert "bf16 weights, fp32 masters" in out
     kinds, longest = tables(out)
     *parts, total = kinds
     assert total["kind"] == "all" and len(longest) == 5
@@ -204,6 +217,29 @@ def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
     top = [number(r["ms per step"]) for r in longest]
     assert top == sorted(top, reverse=True) and top[0] <= number(total["ms per step"])
     assert {r["kind"] for r in longest} <= {r["kind"] for r in parts}
+
+
+def test_stepper_with_bf16_weights_steps_fp32_masters_and_rounds_them_back(monkeypatch):
+    """breakdown.py --precision bf16-true+masters: the plain loop's model in bf16, its AdamW over
+    fp32 copies (clipped there, as LMModule's hook orders it), the weights the copies rounded."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    common = importlib.import_module("common")
+    from lmlab.optim import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    model = common.lmlab_model("decoder", vocab_size=64, n_layers=1, d_model=16, n_heads=2)
+    batch = common.random_batch("causal", 2, 8, 64, generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    stepper = common.Stepper(
+        model, common.lmlab_loss, cpu, bf16=True, bf16_weights=True, masters=True
+    )
+    assert isinstance(stepper.opt, MasterWeightAdamW) and not stepper.bf16  # no autocast
+    before = [p.detach().clone() for p in stepper.params]
+    stepper(batch)
+    for p, master in zip(stepper.opt.model_params, stepper.opt.masters, strict=True):
+        assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
+        assert torch.equal(p, master.to(torch.bfloat16))
+    assert any(not torch.equal(p, old) for p, old in zip(stepper.params, before, strict=True))
 
 
 def test_breakdown_leaves_named_ranges_out_of_the_kernel_time(monkeypatch):
