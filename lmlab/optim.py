@@ -13,24 +13,30 @@ and backward passes (2 + 2 of bf16 weight and gradient, 4 of master, 8 of AdamW'
 under bf16-mixed (4 + 4 + 8), and 20 during the optimizer step, while the masters' fp32 gradients
 exist.
 
-Gradient accumulation in one process adds each micro-batch's gradient into the masters' fp32
-gradients right after its backward (``LMModule.on_after_backward`` calls :meth:`accumulate_grads`):
-a sum of 8 micro-batches' gradients in bf16 was off by ~4e-3 of its size. With several processes
-the gradients stay on the model, in bf16, where DDP adds them up and all-reduces them at the last
-micro-batch (Megatron-LM does both in fp32).
+Gradients add up in fp32, as Megatron-LM adds and all-reduces them: gradient accumulation adds
+each micro-batch's gradient into the masters' fp32 gradients right after its backward
+(``LMModule.on_after_backward`` calls :meth:`accumulate_grads`; a sum of 8 micro-batches'
+gradients in bf16 was off by ~4e-3 of its size), and under DDP :func:`fp32_all_reduce_hook`, DDP's
+communication hook (``LMModule.on_fit_start`` registers it), all-reduces in fp32 what each of the
+model's gradient buckets holds at the step's last backward plus what the earlier micro-batches
+left in the masters' gradients, into the masters' gradients: bucket by bucket while the backward
+goes on, as DDP's own bf16 all-reduce would (twice its bytes).
 
-Order within a Lightning step: backward (bf16 gradients on the model, all-reduced there under DDP),
-the callbacks' ``on_before_optimizer_step`` (they see the model's gradients, the masters' are not
-there yet; with accumulation in one process the model's are gone by then, and a callback's
-``on_after_backward`` sees each micro-batch's), ``LMModule.on_before_optimizer_step``, which calls :meth:`MasterWeightAdamW.pull_grads`
-(so skip_nonfinite's rescaling and clipping act on the fp32 gradients), clipping, :meth:`step`. The
-checkpoint carries the masters (``state_dict()["master_weights"]``), so a resumed run continues
-exactly; ``LMModule.on_load_checkpoint`` carries them across a resume that switches the setting.
+Order within a Lightning step: backward (bf16 gradients on the model; under DDP the fp32
+all-reduce into the masters' gradients at the last micro-batch), the callbacks'
+``on_before_optimizer_step`` (they see the model's gradients in one process without accumulation;
+otherwise the model's are gone by then, and a callback's ``on_after_backward`` sees each
+micro-batch's), ``LMModule.on_before_optimizer_step``, which calls
+:meth:`MasterWeightAdamW.pull_grads` (so skip_nonfinite's rescaling and clipping act on the fp32
+gradients), clipping, :meth:`step`. The checkpoint carries the masters
+(``state_dict()["master_weights"]``), so a resumed run continues exactly;
+``LMModule.on_load_checkpoint`` carries them across a resume that switches the setting.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def _adamw_step():
@@ -67,6 +73,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().__init__(master_groups, **kwargs)
         self._pulled = False
         self._accumulated = False  # the masters' gradients hold this step's micro-batches so far
+        self.reduced = False  # ... all of them, all-reduced over the processes (DDP's hook)
+        self._index = {id(w): i for i, w in enumerate(self.model_params)}
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -77,7 +85,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
         """The model's gradients into the masters' ``.grad``, in fp32; None stays None (a weight
         the step did not reach, or a step whose only micro-batch skip_nonfinite skipped). After
         :meth:`accumulate_grads` the masters hold the sum, and what the model holds is added."""
-        if self._accumulated:
+        if self.reduced:  # fp32_all_reduce_hook gave the masters the step's whole gradient
+            pass
+        elif self._accumulated:
             self.accumulate_grads()
         else:
             for weight, master in zip(self.model_params, self.masters, strict=True):
@@ -111,7 +121,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 loss = closure()
         if not self._pulled:  # no Lightning hook pulled them (a plain loop calling step())
             self.pull_grads()
-        self._pulled = self._accumulated = False
+        self._pulled = self._accumulated = self.reduced = False
         _adamw_step()(self)
         for master in self.masters:  # read by nothing after the step: 4 bytes a weight freed
             master.grad = None
@@ -120,7 +130,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)  # the masters'
-        self._accumulated = False
+        self._accumulated = self.reduced = False
         for weight in self.model_params:
             if weight.grad is not None:
                 if set_to_none:
@@ -161,3 +171,40 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for master, value in zip(masters, saved, strict=True):
                 master.copy_(value)
         self.push_weights()
+
+
+def fp32_all_reduce_hook(optimizer: MasterWeightAdamW, bucket):
+    """DDP communication hook (``ddp_model.register_comm_hook(optimizer, fp32_all_reduce_hook)``)
+    for master weights: the bucket's bf16 gradients (this process's last micro-batch of the step)
+    plus the fp32 sum of its earlier micro-batches (:meth:`MasterWeightAdamW.accumulate_grads`) in
+    fp32, averaged over the processes with one all-reduce, become the masters' gradients; the
+    bucket goes back to DDP as it came (the model's gradients are dropped after the backward,
+    ``LMModule.on_after_backward``). DDP runs it on every bucket as soon as its gradients are
+    ready, so the all-reduces overlap the rest of the backward. (``bucket`` and the result, a
+    future of a tensor, have no annotations: DDP checks them against its types, and this module's
+    ``from __future__ import annotations`` would make them strings.)"""
+    masters = optimizer.masters
+    picked = [masters[optimizer._index[id(p)]] for p in bucket.parameters()]
+    buffer = bucket.buffer()
+    total = buffer.to(torch.float32)
+    spans, offset = [], 0
+    for master in picked:  # the bucket holds its parameters' gradients flat, in this order
+        spans.append((master, offset))
+        if master.grad is not None:
+            total[offset : offset + master.numel()].add_(master.grad.flatten())
+        offset += master.numel()
+    if offset != total.numel():
+        raise RuntimeError(
+            f"a DDP gradient bucket of {total.numel()} values holds parameters of {offset}"
+        )
+    total.div_(dist.get_world_size())
+    future = dist.all_reduce(total, async_op=True).get_future()
+
+    def to_masters(done: torch.futures.Future) -> torch.Tensor:
+        reduced = done.value()[0]
+        for master, start in spans:
+            master.grad = reduced[start : start + master.numel()].view_as(master)
+        optimizer.reduced = True
+        return buffer
+
+    return future.then(to_masters)

@@ -368,3 +368,30 @@ def test_a_resume_that_switches_master_weights_keeps_the_fp32_values(tiny_cfg):
 def test_master_weights_without_bf16_weights_or_with_fsdp_is_refused(tiny_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_settings(tiny_cfg(*overrides))
+
+
+def test_master_weights_in_several_processes_stop_before_a_step_not_all_reduced_in_fp32():
+    """Under DDP the communication hook all-reduces the masters' fp32 gradients; a strategy that
+    did not (no hook ran) would step each process on its own gradients: refused at the step."""
+    from types import SimpleNamespace
+
+    from lmlab.models.decoder import DecoderLM
+
+    module = DecoderLM(
+        vocab_size=16,
+        special_ids={},
+        optim=dict(lr=1e-3),
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        max_seq_len=4,
+    ).bfloat16()
+    optimizer = MasterWeightAdamW(groups(list(module.parameters())), **SETTINGS)
+    module._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(RuntimeError, match="were not all-reduced"):
+        module.on_before_optimizer_step(optimizer)
+    optimizer.reduced = True  # what the hook sets
+    module.on_before_optimizer_step(optimizer)
+    module._trainer = SimpleNamespace(world_size=1)
+    optimizer.reduced = False
+    module.on_before_optimizer_step(optimizer)  # one process: pulled here

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -152,6 +153,69 @@ def test_ddp_sim_and_fsdp_with_accumulation_weigh_every_target_alike_under_prefi
         fsdp = [*FSDP, "data.batch_size=1", "global_batch_size=4"]
         runs("fsdp-prefix", *prefix, *fsdp, "trainer.limit_val_batches=6")
         runs.assert_same_trajectory("fsdp-prefix", "one-prefix")
+
+
+class SaveStepGrads(L.Callback):
+    """Saves the gradients each optimizer step steps with (the masters' under master weights,
+    clipped where clipping is on), per process: ``<path>/rank<r>.pt`` holds one list of tensors
+    per step."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.steps = Path(path), []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        optimizer = trainer.optimizers[0]
+        step = optimizer.step
+
+        def saving_step(closure=None):
+            # Lightning's closure: the last micro-batch's forward and backward, the hooks
+            # before the step (master weights: the gradients into the masters'), clipping
+            loss = closure() if closure is not None else None
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            self.steps.append([p.grad.detach().clone() for p in params])
+            step()
+            return loss
+
+        optimizer.step = saving_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.steps, self.path / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sequences", [4, 2])
+def test_ddp_with_master_weights_adds_and_all_reduces_gradients_in_fp32(runs, sequences):
+    """bf16 weights with fp32 masters, 4 (2) micro-batches of 1 sequence per step: one process
+    adds them up in fp32; two processes of 2 (1) each add theirs in fp32 and all-reduce the fp32
+    sums (DDP's hook, lmlab/optim.py). Each micro-batch's bf16 gradient is the same in both (same
+    weights, same sequence), so the step's gradients differ only by the order of fp32 sums
+    (~1e-7 of their size); added and all-reduced in bf16, as DDP does on its own, they were off
+    by ~5e-3 of the largest (4 sequences)."""
+    settings = [
+        "trainer.precision=bf16-true",
+        "optim.master_weights=true",
+        "data.batch_size=1",
+        f"global_batch_size={sequences}",
+        "trainer.max_steps=2",
+        "optim.warmup_steps=1",
+        "trainer.val_check_interval=1",
+        "trainer.limit_val_batches=1",
+        "trainer.gradient_clip_val=0",
+        f"+callbacks.grads._target_={__name__}.SaveStepGrads",
+    ]
+    one, ddp = runs.tmp / f"g-one-{sequences}", runs.tmp / f"g-ddp-{sequences}"
+    runs(f"one-masters-{sequences}", *settings, "trainer=cpu", f"+callbacks.grads.path={one}")
+    runs(f"ddp-masters-{sequences}", *settings, "trainer=ddp_sim", f"+callbacks.grads.path={ddp}")
+    one = torch.load(one / "rank0.pt")
+    ranks = [torch.load(ddp / f"rank{r}.pt") for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == 2  # both steps
+    for step, want in enumerate(one):
+        for got in ranks:
+            for g, g0, w in zip(got[step], ranks[0][step], want, strict=True):
+                assert g.dtype == w.dtype == torch.float32
+                assert torch.equal(g, g0)  # the same on every process
+                assert (g - w).abs().max() <= 1e-5 * w.abs().max(), (step, (g - w).abs().max())
 
 
 @cpu_fsdp

@@ -29,7 +29,7 @@ from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.loggers import ResumableCSVLogger
 from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
-from lmlab.optim import MasterWeightAdamW
+from lmlab.optim import MasterWeightAdamW, fp32_all_reduce_hook
 from lmlab.parallel import FSDP, check_compile_scope, compile_mode, eager, parallelize
 
 log = logging.getLogger(__name__)
@@ -371,15 +371,31 @@ class LMModule(L.LightningModule):
         self._count_epoch_targets(count, step_targets)
         return loss
 
+    def on_fit_start(self) -> None:
+        """Master weights under DDP: gradients all-reduced in fp32 into the masters' by DDP's
+        communication hook (lmlab/optim.py), in place of DDP's own all-reduce of the model's bf16
+        gradients."""
+        model = self.trainer.strategy.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            for optimizer in self.trainer.optimizers:
+                if isinstance(optimizer, MasterWeightAdamW):
+                    model.register_comm_hook(optimizer, fp32_all_reduce_hook)
+
     def on_after_backward(self) -> None:
-        """Master weights with gradient accumulation in one process: each micro-batch's gradient
-        is added into the fp32 masters' after its backward (lmlab/optim.py); with several
-        processes it stays on the model for DDP's all-reduce at the last micro-batch."""
+        """Master weights: each micro-batch's gradient is added into the fp32 masters' after its
+        backward, with gradient accumulation or under DDP (whose hook has given the masters the
+        step's all-reduced gradient after the last micro-batch's: the model's are dropped then);
+        in one process without accumulation :meth:`on_before_optimizer_step` copies them."""
         trainer = self._trainer
-        if trainer is None or trainer.accumulate_grad_batches == 1 or trainer.world_size > 1:
+        if trainer is None:
             return
         for optimizer in trainer.optimizers:
-            if isinstance(optimizer, MasterWeightAdamW):
+            if not isinstance(optimizer, MasterWeightAdamW):
+                continue
+            if optimizer.reduced:
+                for weight in optimizer.model_params:
+                    weight.grad = None
+            elif trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
                 optimizer.accumulate_grads()
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -388,6 +404,11 @@ class LMModule(L.LightningModule):
         targets trained on (before clipping, which Lightning does next). With master weights the
         gradients are first copied into the masters', which clipping and the step read."""
         if isinstance(optimizer, MasterWeightAdamW):
+            if self._trainer is not None and self._trainer.world_size > 1 and not optimizer.reduced:
+                raise RuntimeError(
+                    "master weights with several processes need DDP (its communication hook "
+                    "all-reduces their fp32 gradients); this step's were not all-reduced"
+                )
             optimizer.pull_grads()
         factor, self._grad_rescale = self._grad_rescale, None
         if factor is not None:
