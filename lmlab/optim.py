@@ -1,8 +1,8 @@
 """AdamW over fp32 master copies of a model's bf16 weights (``optim.master_weights=true``).
 
 With ``trainer.precision=bf16-true`` the weights, activations and gradients are bf16: a GPT-2 step
-on an H100 is 1.105x faster than under ``bf16-mixed`` (benchmarks/README.md, the third GPU
-session), since the residual stream and every elementwise kernel move half the bytes and the
+on an H100 is 1.09-1.1x faster than under ``bf16-mixed`` (1.04x with master weights;
+benchmarks/README.md, the third and fourth GPU sessions), since the residual stream and every elementwise kernel move half the bytes and the
 weights need no cast before each product. But a bf16 weight cannot hold an update smaller than
 half the spacing of bf16 numbers near it (2^-9 to 2^-8 of its size), and AdamW's updates are about
 the learning rate: at the end of GPT-2's schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight,
@@ -11,7 +11,9 @@ of the weights and AdamW's state in fp32: each step copies the model's gradients
 the copies, and writes them back rounded to bf16. Memory per weight: 16 bytes through the forward
 and backward passes (2 + 2 of bf16 weight and gradient, 4 of master, 8 of AdamW's moments), as
 under bf16-mixed (4 + 4 + 8), and 20 during the optimizer step, while the masters' fp32 gradients
-exist.
+exist; with gradient accumulation those live from the first micro-batch's backward on (20), and
+under DDP its buckets add 2 (the model's gradients live in them: ``gradient_as_bucket_view``), with
+one bucket's fp32 sum beside them while its all-reduce runs.
 
 Gradients add up in fp32, as Megatron-LM adds and all-reduces them: gradient accumulation adds
 each micro-batch's gradient into the masters' fp32 gradients right after its backward
@@ -95,10 +97,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self._pulled = True
 
     @torch.no_grad()
-    def accumulate_grads(self) -> None:
-        """Add the model's gradients (a micro-batch's) into the masters' fp32 ones and clear them:
-        gradient accumulation in fp32. One process only: DDP all-reduces the model's gradients
-        at the last micro-batch, and would reduce that one's alone."""
+    def accumulate_grads(self, keep: bool = False) -> None:
+        """Add the model's gradients (a micro-batch's) into the masters' fp32 ones and clear them
+        (``keep``: zero them instead, for DDP, whose reducer expects a weight that had a gradient
+        to keep one, and whose buckets hold them anyway): gradient accumulation in fp32."""
         for weight, master in zip(self.model_params, self.masters, strict=True):
             if weight.grad is None:
                 continue
@@ -106,7 +108,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 master.grad = weight.grad.to(torch.float32)
             else:
                 master.grad.add_(weight.grad)
-            weight.grad = None
+            if keep:
+                weight.grad.zero_()
+            else:
+                weight.grad = None
         self._accumulated = True
 
     @torch.no_grad()
@@ -173,9 +178,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.push_weights()
 
 
-def fp32_all_reduce_hook(optimizer: MasterWeightAdamW, bucket):
-    """DDP communication hook (``ddp_model.register_comm_hook(optimizer, fp32_all_reduce_hook)``)
-    for master weights: the bucket's bf16 gradients (this process's last micro-batch of the step)
+def fp32_all_reduce_hook(state: tuple[MasterWeightAdamW, dist.ProcessGroup | None], bucket):
+    """DDP communication hook (``ddp_model.register_comm_hook((optimizer, ddp_model.process_group),
+    fp32_all_reduce_hook)``) for master weights: the bucket's bf16 gradients (this process's last micro-batch of the step)
     plus the fp32 sum of its earlier micro-batches (:meth:`MasterWeightAdamW.accumulate_grads`) in
     fp32, averaged over the processes with one all-reduce, become the masters' gradients; the
     bucket goes back to DDP as it came (the model's gradients are dropped after the backward,
@@ -183,10 +188,11 @@ def fp32_all_reduce_hook(optimizer: MasterWeightAdamW, bucket):
     ready, so the all-reduces overlap the rest of the backward. (``bucket`` and the result, a
     future of a tensor, have no annotations: DDP checks them against its types, and this module's
     ``from __future__ import annotations`` would make them strings.)"""
+    optimizer, group = state
     masters = optimizer.masters
     picked = [masters[optimizer._index[id(p)]] for p in bucket.parameters()]
     buffer = bucket.buffer()
-    total = buffer.to(torch.float32)
+    total = buffer.to(torch.float32, copy=True)
     spans, offset = [], 0
     for master in picked:  # the bucket holds its parameters' gradients flat, in this order
         spans.append((master, offset))
@@ -197,8 +203,8 @@ def fp32_all_reduce_hook(optimizer: MasterWeightAdamW, bucket):
         raise RuntimeError(
             f"a DDP gradient bucket of {total.numel()} values holds parameters of {offset}"
         )
-    total.div_(dist.get_world_size())
-    future = dist.all_reduce(total, async_op=True).get_future()
+    total.div_(dist.get_world_size(group))
+    future = dist.all_reduce(total, group=group, async_op=True).get_future()
 
     def to_masters(done: torch.futures.Future) -> torch.Tensor:
         reduced = done.value()[0]

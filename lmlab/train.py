@@ -484,6 +484,15 @@ def check_master_weights(value: Any, t: DictConfig) -> None:
             "weights itself and computes in bf16 with trainer.precision=32-true "
             "trainer.strategy.param_dtype=bf16; use that, or drop optim.master_weights"
         )
+    if (isinstance(strategy, str) and "find_unused_parameters_true" in strategy) or (
+        isinstance(strategy, DictConfig) and strategy.get("find_unused_parameters")
+    ):
+        raise ConfigError(
+            "optim.master_weights=true does not combine with DDP's find_unused_parameters: the "
+            "masters' fp32 all-reduce would give a weight that no micro-batch used a zero "
+            "gradient (which AdamW's decay still moves) where DDP leaves it none; lmlab's models "
+            "use every weight at every step: drop find_unused_parameters"
+        )
 
 
 def uses_fsdp(t: DictConfig) -> bool:

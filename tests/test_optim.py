@@ -363,6 +363,23 @@ def test_a_resume_that_switches_master_weights_keeps_the_fp32_values(tiny_cfg):
             r"does not combine with trainer=fsdp: .* trainer\.precision=32-true "
             r"trainer\.strategy\.param_dtype=bf16",
         ),
+        (
+            [
+                "trainer=ddp_sim",
+                "+trainer.strategy.find_unused_parameters=true",
+                "trainer.precision=bf16-true",
+                "optim.master_weights=true",
+            ],
+            r"does not combine with DDP's find_unused_parameters: .* drop find_unused_parameters",
+        ),
+        (
+            [
+                "+trainer.strategy=ddp_find_unused_parameters_true",
+                "trainer.precision=bf16-true",
+                "optim.master_weights=true",
+            ],
+            r"does not combine with DDP's find_unused_parameters",
+        ),
     ],
 )
 def test_master_weights_without_bf16_weights_or_with_fsdp_is_refused(tiny_cfg, overrides, message):
@@ -395,3 +412,9 @@ def test_master_weights_in_several_processes_stop_before_a_step_not_all_reduced_
     module._trainer = SimpleNamespace(world_size=1)
     optimizer.reduced = False
     module.on_before_optimizer_step(optimizer)  # one process: pulled here
+    # a strategy of several processes that is not DDP is named at the start of fit
+    module._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(model=module), optimizers=[optimizer], world_size=2
+    )
+    with pytest.raises(ConfigError, match=r"with 2 processes needs DDP .* SimpleNamespace is not"):
+        module.on_fit_start()

@@ -375,11 +375,19 @@ class LMModule(L.LightningModule):
         """Master weights under DDP: gradients all-reduced in fp32 into the masters' by DDP's
         communication hook (lmlab/optim.py), in place of DDP's own all-reduce of the model's bf16
         gradients."""
-        model = self.trainer.strategy.model
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            for optimizer in self.trainer.optimizers:
-                if isinstance(optimizer, MasterWeightAdamW):
-                    model.register_comm_hook(optimizer, fp32_all_reduce_hook)
+        strategy = self.trainer.strategy
+        model = strategy.model
+        for optimizer in self.trainer.optimizers:
+            if not isinstance(optimizer, MasterWeightAdamW):
+                continue
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                model.register_comm_hook((optimizer, model.process_group), fp32_all_reduce_hook)
+            elif self.trainer.world_size > 1:
+                raise ConfigError(
+                    f"optim.master_weights=true with {self.trainer.world_size} processes needs "
+                    f"DDP (its fp32 all-reduce of the masters' gradients); "
+                    f"{type(strategy).__name__} is not: use trainer=ddp (or ddp_sim on CPUs)"
+                )
 
     def on_after_backward(self) -> None:
         """Master weights: each micro-batch's gradient is added into the fp32 masters' after its
@@ -396,7 +404,7 @@ class LMModule(L.LightningModule):
                 for weight in optimizer.model_params:
                     weight.grad = None
             elif trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
-                optimizer.accumulate_grads()
+                optimizer.accumulate_grads(keep=trainer.world_size > 1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """After a step whose micro-batch ``skip_nonfinite`` skipped: the others' losses were
