@@ -99,13 +99,12 @@ def build(args, device: torch.device):
     batch = common.random_batch(kind, B, T, vocab, target_len=target_len, generator=gen)
     # what the Trainer does with a batch before the step: the host-side hook, then the move
     batch = common.to_device(model.on_before_batch_transfer(batch, 0), device)
-    true = args.precision.startswith("bf16-true")
     stepper = common.Stepper(
         model,
         common.lmlab_loss,
         device,
         bf16=device.type == "cuda",
-        bf16_weights=true,
+        bf16_weights=args.precision.startswith("bf16-true"),
         masters=args.precision.endswith("+masters"),
     )
     shape = f"{B} x {T}" + (f" -> {target_len}" if target_len else "")

@@ -2,8 +2,8 @@
 
 With ``trainer.precision=bf16-true`` the weights, activations and gradients are bf16: a GPT-2 step
 on an H100 is 1.09-1.1x faster than under ``bf16-mixed`` (1.04x with master weights;
-benchmarks/README.md, the third and fourth GPU sessions), since the residual stream and every elementwise kernel move half the bytes and the
-weights need no cast before each product. But a bf16 weight cannot hold an update smaller than
+benchmarks/README.md, the third and fourth GPU sessions), since the residual stream and every
+elementwise kernel move half the bytes and the weights need no cast before each product. But a bf16 weight cannot hold an update smaller than
 half the spacing of bf16 numbers near it (2^-9 to 2^-8 of its size), and AdamW's updates are about
 the learning rate: at the end of GPT-2's schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight,
 so plain bf16-true training rounds many updates away. :class:`MasterWeightAdamW` keeps fp32 copies

@@ -387,9 +387,10 @@ def test_master_weights_without_bf16_weights_or_with_fsdp_is_refused(tiny_cfg, o
         check_settings(tiny_cfg(*overrides))
 
 
-def test_master_weights_in_several_processes_stop_before_a_step_not_all_reduced_in_fp32():
-    """Under DDP the communication hook all-reduces the masters' fp32 gradients; a strategy that
-    did not (no hook ran) would step each process on its own gradients: refused at the step."""
+def test_master_weights_in_several_processes_without_ddp_are_refused_at_fit_start():
+    """Under DDP the communication hook all-reduces the masters' fp32 gradients; a strategy of
+    several processes that is not DDP would step each process on its own gradients: named when
+    fit starts, before any step."""
     from types import SimpleNamespace
 
     from lmlab.models.decoder import DecoderLM
@@ -404,17 +405,9 @@ def test_master_weights_in_several_processes_stop_before_a_step_not_all_reduced_
         max_seq_len=4,
     ).bfloat16()
     optimizer = MasterWeightAdamW(groups(list(module.parameters())), **SETTINGS)
-    module._trainer = SimpleNamespace(world_size=2)
-    with pytest.raises(RuntimeError, match="were not all-reduced"):
-        module.on_before_optimizer_step(optimizer)
-    optimizer.reduced = True  # what the hook sets
-    module.on_before_optimizer_step(optimizer)
-    module._trainer = SimpleNamespace(world_size=1)
-    optimizer.reduced = False
-    module.on_before_optimizer_step(optimizer)  # one process: pulled here
-    # a strategy of several processes that is not DDP is named at the start of fit
-    module._trainer = SimpleNamespace(
-        strategy=SimpleNamespace(model=module), optimizers=[optimizer], world_size=2
-    )
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=module), optimizers=[optimizer])
+    module._trainer = SimpleNamespace(**vars(trainer), world_size=1)
+    module.on_fit_start()  # one process: nothing to register, nothing refused
+    module._trainer = SimpleNamespace(**vars(trainer), world_size=2)
     with pytest.raises(ConfigError, match=r"with 2 processes needs DDP .* SimpleNamespace is not"):
         module.on_fit_start()

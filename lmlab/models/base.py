@@ -412,11 +412,6 @@ class LMModule(L.LightningModule):
         targets trained on (before clipping, which Lightning does next). With master weights the
         gradients are first copied into the masters', which clipping and the step read."""
         if isinstance(optimizer, MasterWeightAdamW):
-            if self._trainer is not None and self._trainer.world_size > 1 and not optimizer.reduced:
-                raise RuntimeError(
-                    "master weights with several processes need DDP (its communication hook "
-                    "all-reduces their fp32 gradients); this step's were not all-reduced"
-                )
             optimizer.pull_grads()
         factor, self._grad_rescale = self._grad_rescale, None
         if factor is not None:
