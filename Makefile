@@ -33,6 +33,7 @@ format: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/optimizer.py --device cpu
 	@if $(PY) -c "import transformers" 2>/dev/null; then $(PY) benchmarks/vs_hf.py; \
 	else echo "vs_hf.py skipped: pip install -e '.[bench]' (Hugging Face transformers)"; fi
 

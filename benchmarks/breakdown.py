@@ -106,6 +106,7 @@ def build(args, device: torch.device):
         bf16=device.type == "cuda",
         bf16_weights=args.precision.startswith("bf16-true"),
         masters=args.precision.endswith("+masters"),
+        compiled_step=bool(args.compile),
     )
     shape = f"{B} x {T}" + (f" -> {target_len}" if target_len else "")
     return lambda: stepper(batch), shape, model.num_params(False)

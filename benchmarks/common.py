@@ -92,18 +92,20 @@ def random_batch(
 
 
 def adamw(
-    model: torch.nn.Module, optim: dict = OPTIM, fused: bool = True, masters: bool = False
+    model: torch.nn.Module,
+    optim: dict = OPTIM,
+    fused: bool = True,
+    masters: bool = False,
+    compiled_step: bool = False,
 ) -> torch.optim.AdamW:
     """lmlab's AdamW as ``LMModule.configure_optimizers`` builds it: decay / no-decay groups, the
     settings of ``optim``, fused on CPU and CUDA; over fp32 masters of bf16 weights with
-    ``masters``."""
-    return (MasterWeightAdamW if masters else torch.optim.AdamW)(
-        param_groups(model, optim["weight_decay"]),
-        lr=optim["lr"],
-        betas=tuple(optim["betas"]),
-        eps=optim["eps"],
-        fused=fused,
-    )
+    ``masters``, their step compiled with ``compiled_step`` (as under compile=true)."""
+    groups = param_groups(model, optim["weight_decay"])
+    settings = dict(lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], fused=fused)
+    if masters:
+        return MasterWeightAdamW(groups, compiled=compiled_step, **settings)
+    return torch.optim.AdamW(groups, **settings)
 
 
 def lmlab_loss(model, batch: dict) -> torch.Tensor:
@@ -115,7 +117,8 @@ class Stepper:
     """One optimizer step of a model on a batch without a Trainer: ``loss_fn(model, batch)`` under
     bf16 autocast when ``bf16``, backward, clipping at 1.0, lmlab's fused AdamW, zero_grad.
     ``bf16_weights``: the model in bf16 instead (Lightning's bf16-true; no autocast), its AdamW
-    over fp32 masters with ``masters`` (lmlab's optim.master_weights)."""
+    over fp32 masters with ``masters`` (lmlab's optim.master_weights), stepped by the compiled
+    step with ``compiled_step``."""
 
     def __init__(
         self,
@@ -125,23 +128,24 @@ class Stepper:
         bf16: bool,
         bf16_weights: bool = False,
         masters: bool = False,
+        compiled_step: bool = False,
     ) -> None:
         model = model.to(device, torch.bfloat16 if bf16_weights else None)
         self.model, self.loss_fn, self.device = model, loss_fn, device
         self.bf16 = bf16 and not bf16_weights
         self.model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = adamw(model, masters=masters)
+        self.opt = adamw(model, masters=masters, compiled_step=compiled_step)
 
     def __call__(self, batch: dict) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.loss_fn(self.model, batch)
         loss.backward()
-        params = self.params
-        if isinstance(self.opt, MasterWeightAdamW):  # as LMModule's hook: clip the fp32 copies
+        if isinstance(self.opt, MasterWeightAdamW):  # as LMModule's hooks: clipped by the step
             self.opt.pull_grads()
-            params = self.opt.masters
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

@@ -219,6 +219,22 @@ def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
     assert {r["kind"] for r in longest} <= {r["kind"] for r in parts}
 
 
+def test_optimizer_script_times_the_three_steps_and_their_bandwidth(run):
+    """benchmarks/optimizer.py: bf16-mixed's step, master weights' eager and compiled steps; the
+    speed column is the first's time over each one's, GB/s the bytes a step moves over its time."""
+    import re
+
+    out = run("optimizer", "--tiny --device cpu --warmup 1 --rounds 2 --steps 1")
+    n_weights = int(re.search(r"\(([\d,]+) weights\)", out).group(1).replace(",", ""))
+    (rows,) = tables(out)
+    assert [r["step"] for r in rows] == ["bf16-mixed", "masters, eager", "masters, compiled"]
+    assert [int(r["bytes / weight"]) for r in rows] == [40, 52, 30]
+    for r in rows:
+        assert_ratio(r["speed vs bf16-mixed"], rows[0]["ms"], r["ms"])
+        megabytes = int(r["bytes / weight"]) * n_weights / 1e6  # MB per ms = GB/s
+        assert_ratio(r["GB/s"], f"{megabytes:.6f}", r["ms"])
+
+
 def test_stepper_with_bf16_weights_steps_fp32_masters_and_rounds_them_back(monkeypatch):
     """breakdown.py --precision bf16-true+masters: the plain loop's model in bf16, its AdamW over
     fp32 copies (clipped there, as LMModule's hook orders it), the weights the copies rounded."""

@@ -195,3 +195,41 @@ def test_stop_vote_on_the_gpu_answers_two_steps_late():
         torch.cuda._sleep(10_000_000)  # keep the device busy: the vote is queued behind this
         answers.append(vote(flag))
     assert answers == [False, False, False, True, False]
+
+
+def test_the_compiled_master_weight_step_matches_the_eager_one_without_a_host_sync():
+    """optim.master_weights under compile=true on the GPU (Triton kernels): the masters the
+    compiled step gives equal the eager step's to fp32 rounding, through clipping and a changing
+    learning rate, and once compiled a step (pull, clip, step) never waits for the device."""
+    from lmlab.optim import MasterWeightAdamW
+
+    shapes = [(256, 64), (64,), (64,)]
+    gen = torch.Generator("cuda").manual_seed(0)
+    start = [torch.randn(s, generator=gen, device="cuda").bfloat16() for s in shapes]
+    grads = [
+        [torch.randn(s, generator=gen, device="cuda").bfloat16() for s in shapes] for _ in range(4)
+    ]
+    masters = []
+    for compiled in (True, False):
+        weights = [w.clone() for w in start]
+        groups = [
+            {"params": weights[:2], "weight_decay": 0.1},
+            {"params": weights[2:], "weight_decay": 0.0},
+        ]
+        opt = MasterWeightAdamW(groups, compiled=compiled, lr=1e-2, fused=True)
+        for step, step_grads in enumerate(grads):
+            for w, g in zip(weights, step_grads, strict=True):
+                w.grad = g
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (step + 1)
+            torch.cuda.set_sync_debug_mode("error" if compiled and step > 0 else "default")
+            try:
+                opt.pull_grads()
+                opt.clip_grad_norm_(5.0)
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert all(torch.equal(w, m.bfloat16()) for w, m in zip(weights, opt.masters, strict=True))
+        masters.append(opt.masters)
+    for a, b in zip(*masters, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -172,6 +172,206 @@ def test_step_hooks_run_once_after_the_weights_are_written_and_params_as_torch_t
     assert [tuple(m.shape) for m in one.masters] == [(4, 3)]
 
 
+# -- the compiled step (optim.master_weights under compile=true) ----------------------------------
+def three_weights(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).bfloat16() for s in ((5, 3), (4,), (3,))]
+
+
+def three_groups(params: list[torch.Tensor]) -> list[dict]:
+    return [
+        {"params": params[:2], "weight_decay": 0.1},
+        {"params": params[2:], "weight_decay": 0.0},
+    ]
+
+
+# Each step's gradient treatment: (skip_nonfinite's factor, clip_grad_norm_'s max_norm,
+# clip_grad_value_'s bound, index of a weight without gradient)
+TREATMENTS = [
+    (None, None, None, None),
+    (0.5, None, None, None),
+    (None, 0.5, None, None),  # below every step's norm: clipping acts
+    (None, None, 0.1, None),
+    (2.0, 0.5, None, 1),
+    (None, None, None, 2),  # a group with no gradient at all
+]
+
+
+def treated_steps(opt, model, on_step=None) -> list[torch.Tensor | None]:
+    """Run :data:`TREATMENTS` (the learning rate changing every step) through MasterWeightAdamW
+    ``opt`` on bf16 weights ``model``; returns clip_grad_norm_'s norms."""
+    norms = []
+    for step, (factor, max_norm, bound, missing) in enumerate(TREATMENTS):
+        for k, (w, g) in enumerate(zip(model, gradients(model, step), strict=True)):
+            w.grad = None if k == missing else g
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 * (1 - step / 10)
+        opt.pull_grads()
+        if factor is not None:
+            opt.scale_grads(factor)
+        norms.append(None if max_norm is None else opt.clip_grad_norm_(max_norm))
+        if bound is not None:
+            opt.clip_grad_value_(bound)
+        opt.step()
+        if on_step is not None:
+            on_step(step)
+        opt.zero_grad()
+    return norms
+
+
+def reference_steps(fp32, model) -> tuple[torch.optim.AdamW, list[torch.Tensor | None]]:
+    """:func:`treated_steps` as torch's AdamW on fp32 weights and torch's clipping functions."""
+    ref = torch.optim.AdamW(three_groups(fp32), **SETTINGS, foreach=False)
+    norms = []
+    for step, (factor, max_norm, bound, missing) in enumerate(TREATMENTS):
+        for k, (r, g) in enumerate(zip(fp32, gradients(model, step), strict=True)):
+            r.grad = None if k == missing else g.float() * (factor or 1.0)
+        for group in ref.param_groups:
+            group["lr"] = 1e-2 * (1 - step / 10)
+        live = [r for r in fp32 if r.grad is not None]
+        norms.append(None if max_norm is None else torch.nn.utils.clip_grad_norm_(live, max_norm))
+        if bound is not None:
+            torch.nn.utils.clip_grad_value_(live, bound)
+        ref.step()
+        ref.zero_grad()
+    return ref, norms
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_scaling_and_clipping_reach_the_step_as_torch_applies_them(compiled, monkeypatch):
+    """Both steps, the eager one (fp32 copies of the gradients scaled in place, torch's AdamW) and
+    the compiled one's arithmetic (:func:`master_adamw`, run eagerly here: the next test compiles
+    it), follow torch's AdamW on fp32 weights given the same gradients scaled, norm-clipped and
+    value-clipped by torch's functions, through a changing learning rate, a weight without
+    gradient and a group without any; every bf16 weight is its master rounded after each step. The
+    compiled step reads the model's bf16 gradients without changing them."""
+    import lmlab.optim
+
+    monkeypatch.setattr(lmlab.optim, "_compiled_master_adamw", lambda: lmlab.optim.master_adamw)
+    model = three_weights()
+    fp32 = [w.float() for w in model]
+    ours = MasterWeightAdamW(three_groups(model), compiled=compiled, **SETTINGS, fused=True)
+    ref, ref_norms = reference_steps(fp32, model)
+    before = []
+
+    def check(step):
+        assert all(torch.equal(w, m.bfloat16()) for w, m in zip(model, ours.masters, strict=True))
+        grads = gradients(model, step)
+        assert all(
+            w.grad is None or torch.equal(w.grad, g) for w, g in zip(model, grads, strict=True)
+        )
+        before.append([m.clone() for m in ours.masters])
+
+    norms = treated_steps(ours, model, check)
+    for got, want in zip(norms, ref_norms, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want)
+    assert torch.equal(before[-1][2], before[-2][2])  # the last step left the vector group alone
+    assert not torch.equal(before[3][0], before[2][0])
+    for m, r in zip(ours.masters, fp32, strict=True):
+        torch.testing.assert_close(m, r, rtol=1e-6, atol=1e-6)
+        state, ref_state = ours.state[m], ref.state[r]
+        assert state["step"].item() == ref_state["step"].item()
+        torch.testing.assert_close(state["exp_avg"], ref_state["exp_avg"])
+        torch.testing.assert_close(state["exp_avg_sq"], ref_state["exp_avg_sq"])
+    assert [ours.state[m]["step"].item() for m in ours.masters] == [6, 5, 5]
+
+
+def test_the_compiled_step_compiles_once_per_group_and_matches_the_eager_step():
+    """torch.compile (inductor: C++ on a CPU) of the step: the same masters as the eager step to
+    fp32 rounding, and one graph per parameter group that no later step (a new learning rate, a
+    new clipping factor) compiles again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()  # counts since the process started, reset() or not
+    model, twin = three_weights(), three_weights()
+    opts = [
+        MasterWeightAdamW(three_groups(w), compiled=c, **SETTINGS, fused=True)
+        for w, c in ((model, True), (twin, False))
+    ]
+    for step in range(3):
+        for opt, weights_ in zip(opts, (model, twin), strict=True):
+            for w, g in zip(weights_, gradients(weights_, step), strict=True):
+                w.grad = g
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (step + 1)
+            opt.pull_grads()
+            opt.clip_grad_norm_(1.0 + step)
+            opt.step()
+            opt.zero_grad()
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2 and counters["stats"]["unique_graphs"] == 2
+    for a, b in zip(opts[0].masters, opts[1].masters, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(w, m.bfloat16()) for w, m in zip(model, opts[0].masters, strict=True))
+    torch._dynamo.reset()
+
+
+def test_a_checkpoint_resumes_across_the_compiled_and_the_eager_step(monkeypatch):
+    """The compiled step keeps AdamW's state as torch's fused AdamW does: its checkpoint resumes
+    under the eager step (and back), the next steps as the uninterrupted run's."""
+    import lmlab.optim
+
+    monkeypatch.setattr(lmlab.optim, "_compiled_master_adamw", lambda: lmlab.optim.master_adamw)
+
+    def run(steps, model, opt):
+        for step in steps:
+            for w, g in zip(model, gradients(model, step), strict=True):
+                w.grad = g
+            opt.step()
+            opt.zero_grad()
+
+    for first in (True, False):
+        model = three_weights()
+        opt = MasterWeightAdamW(three_groups(model), compiled=first, **SETTINGS, fused=True)
+        run(range(2), model, opt)
+        saved = torch.load(_roundtrip(opt.state_dict()), weights_only=False)
+        run(range(2, 4), model, opt)
+        resumed = [w.clone() for w in model]
+        switched = MasterWeightAdamW(
+            three_groups(resumed), compiled=not first, **SETTINGS, fused=True
+        )
+        switched.load_state_dict(saved)
+        run(range(2, 4), resumed, switched)
+        for a, b in zip(opt.masters, switched.masters, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_with_accumulation_the_compiled_step_reads_the_fp32_sums(monkeypatch):
+    """Gradient accumulation (and DDP's hook) leaves the step's gradient in the masters' fp32
+    ``.grad``: the compiled step reads those, with clipping's factor, as the eager step does."""
+    import lmlab.optim
+
+    monkeypatch.setattr(lmlab.optim, "_compiled_master_adamw", lambda: lmlab.optim.master_adamw)
+    results = []
+    for compiled in (True, False):
+        model = three_weights()
+        opt = MasterWeightAdamW(three_groups(model), compiled=compiled, **SETTINGS, fused=True)
+        for step in range(2):
+            for micro in range(3):
+                for w, g in zip(model, gradients(model, 10 * step + micro), strict=True):
+                    w.grad = g
+                opt.accumulate_grads()
+            opt.pull_grads()
+            assert all(g.dtype == torch.float32 for g in opt.step_grads())
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+        results.append(opt.masters)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_compiled_step_refuses_what_it_does_not_compute():
+    for setting in ("amsgrad", "maximize"):
+        with pytest.raises(ValueError, match="amsgrad, maximize and differentiable need"):
+            MasterWeightAdamW(weights(), compiled=True, **{setting: True})
+
+
 # -- through lmlab's training ---------------------------------------------------------------------
 def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights_rounded(
     tiny_cfg, monkeypatch
@@ -203,6 +403,38 @@ def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights
     assert len(norms) == 4 and all(n <= 0.01 * (1 + 1e-5) for n in norms)
     params = {id(p): p for p in model.parameters()}.values()
     assert len(opt.model_params) == len(params)
+    for w, m in zip(opt.model_params, opt.masters, strict=True):
+        assert w.dtype == torch.bfloat16 and torch.equal(w, m.bfloat16())
+
+
+@pytest.mark.slow
+def test_under_compile_training_steps_the_masters_with_the_compiled_step(tiny_cfg, monkeypatch):
+    """compile=true + bf16-true + master_weights: the Trainer's optimizer steps compiled, reading
+    the model's bf16 gradients with clipping's factor (the step's gradient norm <= 0.01); after
+    training every bf16 weight is its master rounded."""
+    norms = []
+    compiled_step = MasterWeightAdamW._compiled_step
+
+    def recording(self, grads, factor, bound):
+        live = [g for g in grads if g is not None]
+        assert live and all(g.dtype == torch.bfloat16 for g in live)
+        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in live]))
+        norms.append((norm * factor).item())
+        return compiled_step(self, grads, factor, bound)
+
+    monkeypatch.setattr(MasterWeightAdamW, "_compiled_step", recording)
+    cfg = tiny_cfg(
+        "trainer.precision=bf16-true",
+        "optim.master_weights=true",
+        "compile=true",
+        "trainer.gradient_clip_val=0.01",
+        "trainer.max_steps=3",
+        "callbacks.samples=null",
+    )
+    _, objects = train(cfg)
+    (opt,) = objects["trainer"].optimizers
+    assert opt.compiled
+    assert len(norms) == 3 and all(n <= 0.01 * (1 + 1e-5) for n in norms)
     for w, m in zip(opt.model_params, opt.masters, strict=True):
         assert w.dtype == torch.bfloat16 and torch.equal(w, m.bfloat16())
 

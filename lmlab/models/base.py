@@ -411,10 +411,12 @@ class LMModule(L.LightningModule):
         divided by all the step's targets, so their gradient is scaled up to the mean over the
         targets trained on (before clipping, which Lightning does next). With master weights the
         gradients are first copied into the masters', which clipping and the step read."""
+        factor, self._grad_rescale = self._grad_rescale, None
         if isinstance(optimizer, MasterWeightAdamW):
             optimizer.pull_grads()
-        factor, self._grad_rescale = self._grad_rescale, None
-        if factor is not None:
+            if factor is not None:
+                optimizer.scale_grads(factor)  # applied as its step reads them
+        elif factor is not None:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
             torch._foreach_mul_([g for g in grads if g is not None], factor)
 
@@ -698,15 +700,15 @@ class LMModule(L.LightningModule):
             and not isinstance(p, DTensor)
             and str(self.trainer.precision) != "16-mixed"
         )
-        # fp32 copies of bf16-true weights stepped and rounded back (lmlab/optim.py)
-        adamw = MasterWeightAdamW if o["master_weights"] else torch.optim.AdamW
-        optimizer = adamw(
-            param_groups(self, o["weight_decay"]),
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-            eps=o["eps"],
-            fused=fused,
-        )
+        settings = dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
+        if o["master_weights"]:  # fp32 copies of bf16-true weights, stepped and rounded back
+            # (lmlab/optim.py); under compile its step is compiled too: one fused pass
+            compiled = bool(self.compile_mode) and fused
+            optimizer = MasterWeightAdamW(
+                param_groups(self, o["weight_decay"]), compiled=compiled, **settings
+            )
+        else:
+            optimizer = torch.optim.AdamW(param_groups(self, o["weight_decay"]), **settings)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         total = total or int(self.trainer.estimated_stepping_batches)
         warmup = o["warmup_steps"]
@@ -726,15 +728,22 @@ class LMModule(L.LightningModule):
         # bf16 autocast has no gradient scaler, so clipping is the plain clip; doing it here lets it
         # run with the fused AdamW (Lightning's mixed-precision plugin refuses any fused optimizer,
         # for fp16's sake). Values <= 0 clip nothing, as in Lightning (a negative max_norm would
-        # flip the gradients' sign; lmlab.train refuses one before any work).
-        if str(self.trainer.precision) == "bf16-mixed":
+        # flip the gradients' sign; lmlab.train refuses one before any work). Master weights clip
+        # as a factor their step applies (lmlab/optim.py).
+        masters = isinstance(optimizer, MasterWeightAdamW)
+        if masters or str(self.trainer.precision) == "bf16-mixed":
             if not gradient_clip_val or gradient_clip_val <= 0:
                 return
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            if gradient_clip_algorithm in (None, "norm"):
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            else:  # "value"
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            by_norm = gradient_clip_algorithm in (None, "norm")  # else "value"
+            if masters:
+                clip = optimizer.clip_grad_norm_ if by_norm else optimizer.clip_grad_value_
+                clip(gradient_clip_val)
+            else:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                clip = (
+                    torch.nn.utils.clip_grad_norm_ if by_norm else torch.nn.utils.clip_grad_value_
+                )
+                clip(params, gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
