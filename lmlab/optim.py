@@ -10,8 +10,9 @@ so plain bf16-true training rounds many updates away. :class:`MasterWeightAdamW`
 of the weights and AdamW's state in fp32: each step copies the model's gradients into fp32, steps
 the copies, and writes them back rounded to bf16. Memory per weight: 16 bytes through the forward
 and backward passes (2 + 2 of bf16 weight and gradient, 4 of master, 8 of AdamW's moments), as
-under bf16-mixed (4 + 4 + 8), and 20 during the optimizer step, while the masters' fp32 gradients
-exist; with gradient accumulation those live from the first micro-batch's backward on (20), and
+under bf16-mixed (4 + 4 + 8), and 20 during the eager optimizer step, while the masters' fp32
+gradients exist (the compiled step, below, makes none in one process without accumulation: 16);
+with gradient accumulation those live from the first micro-batch's backward on (20), and
 under DDP its buckets add 2 (the model's gradients live in them: ``gradient_as_bucket_view``), with
 one bucket's fp32 sum beside them while its all-reduce runs.
 
@@ -39,16 +40,18 @@ the masters (``state_dict()["master_weights"]``), so a resumed run continues exa
 With ``compiled=True`` (``compile=true`` in lmlab's config) the step is one ``torch.compile``d
 function (:func:`master_adamw`): in one process without accumulation it reads the model's bf16
 gradients where they are (no fp32 copy), applies the factor, steps the masters and AdamW's moments
-and writes the rounded weights, in a few fused kernels per parameter group: per weight it reads 14
-bytes and writes 14, where the eager step (copy into fp32, scale, torch's fused AdamW, copy back)
-moves 48. The gradient norm for clipping reads the bf16 gradients (2 bytes a weight, not 4).
-(benchmarks/optimizer.py measures both side by side.) The first step compiles it (tens of seconds
-for GPT-2's 148 tensors).
+and writes the rounded weights, in a few fused kernels per parameter group: per weight, if the
+compiler fuses each tensor's chain into one pass as it is written to (not yet seen on a GPU), it
+reads 14 bytes and writes 14, where the eager step (copy into fp32, scale, torch's fused AdamW,
+copy back) moves 48. The gradient norm for clipping reads the bf16 gradients (2 bytes a weight, not
+4). (benchmarks/optimizer.py measures both side by side.) The first step compiles it (~30 s on a
+2-core CPU for GPT-2's 148 tensors).
 """
 
 from __future__ import annotations
 
-import functools
+import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -74,6 +77,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 "MasterWeightAdamW(compiled=True) steps plain AdamW: amsgrad, maximize and "
                 "differentiable need compiled=False"
             )
+        if compiled and not (kwargs.get("fused") or kwargs.get("capturable")):
+            raise ValueError(
+                "MasterWeightAdamW(compiled=True) keeps AdamW's step counts on the weights' "
+                "device, as torch's fused AdamW: pass fused=True (or capturable=True)"
+            )
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params must be an iterable of tensors or of parameter groups (dicts), not a "
@@ -97,6 +105,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.compiled = compiled
         self._factor: torch.Tensor | float | None = None  # the step's gradient is times this
         self._bound: float | None = None  # ... then clamped to +-this
+        self._step_fn = None  # the compiled step, made at the first step
         self._index = {id(w): i for i, w in enumerate(self.model_params)}
 
     @property
@@ -134,7 +143,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` of the step's gradients (scaled as they will be):
         their total 2-norm, computed in fp32 on the device (no host sync), and a factor
-        ``min(1, max_norm / (norm + 1e-6))`` for the step. Returns the norm before clipping."""
+        ``min(1, max_norm / (norm + 1e-6))`` for the step. Returns the norm before clipping. (A
+        pending :meth:`clip_grad_value_` bound is not in the norm: Lightning never does both.)"""
+        if not self._pulled:  # a plain loop: backward, clip, step
+            self.pull_grads()
         grads = [g for g in self.step_grads() if g is not None]
         if not grads:
             return torch.zeros(())
@@ -148,6 +160,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def clip_grad_value_(self, bound: float) -> None:
         """``torch.nn.utils.clip_grad_value_``: the step clamps its (scaled) gradients to
         ``[-bound, bound]``."""
+        if not self._pulled:
+            self.pull_grads()
         self._bound = bound if self._bound is None else min(self._bound, bound)
 
     @torch.no_grad()
@@ -187,9 +201,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
             self._compiled_step(grads, factor, bound)
         else:
             live = [g for g in grads if g is not None]
-            if factor is not None:
+            if live and factor is not None:
                 torch._foreach_mul_(live, factor)
-            if bound is not None:
+            if live and bound is not None:
                 torch._foreach_clamp_min_(live, -bound)
                 torch._foreach_clamp_max_(live, bound)
             _adamw_step()(self)
@@ -229,7 +243,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
             beta1, beta2 = group["betas"]
             lr = _scalar(group["lr"], device)
             scale = _scalar(1.0 if factor is None else factor, device)
-            _compiled_master_adamw()(
+            if self._step_fn is None:
+                self._step_fn = _compiled_master_adamw()
+            self._step_fn(
                 [m for m, _, _ in live],
                 [g for _, g, _ in live],
                 [s["exp_avg"] for s in states],
@@ -344,11 +360,35 @@ def _scalar(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=device)
 
 
-@functools.cache
 def _compiled_master_adamw():
-    """:func:`master_adamw` compiled (once per process; each group's shapes compile their own
-    graph, never a dynamic-shape one)."""
-    return torch.compile(master_adamw, fullgraph=True, dynamic=False)
+    """:func:`master_adamw` compiled, for one optimizer: each group's shapes (and gradient dtype,
+    bound, weights with a gradient) compile a graph of their own, never a dynamic-shape one.
+    Dynamo keeps a function's graphs with its code object, at most ``recompile_limit`` (8) of
+    them, and with ``fullgraph`` a ninth fails: each optimizer compiles a copy of the code, so
+    optimizers built one after another in one process (a notebook, a benchmark's runs) do not add
+    up; one that still needs a ninth graph steps eagerly from then on (same arithmetic, unfused)."""
+    fresh = types.FunctionType(
+        master_adamw.__code__.replace(), master_adamw.__globals__, master_adamw.__name__
+    )
+    compiled = torch.compile(fresh, fullgraph=True, dynamic=False)
+    eager = False
+
+    def step(*args) -> None:
+        nonlocal eager
+        if not eager:
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                eager = True
+                warnings.warn(
+                    "the compiled master-weight step needs more graphs than torch._dynamo's "
+                    "recompile_limit allows (a new group shape, gradient dtype or set of weights "
+                    "with a gradient each compile one): it steps eagerly from here on",
+                    stacklevel=2,
+                )
+        return master_adamw(*args)
+
+    return step
 
 
 def fp32_all_reduce_hook(state: tuple[MasterWeightAdamW, dist.ProcessGroup | None], bucket):

@@ -230,6 +230,7 @@ def test_the_compiled_master_weight_step_matches_the_eager_one_without_a_host_sy
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert all(torch.equal(w, m.bfloat16()) for w, m in zip(weights, opt.masters, strict=True))
+        assert all(opt.state[m]["step"].device.type == "cuda" for m in opt.masters)
         masters.append(opt.masters)
     for a, b in zip(*masters, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -32,6 +32,15 @@ def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g).bfloat16() for p in params]
 
 
+def run(steps, model: list[torch.Tensor], opt) -> None:
+    """``opt`` steps ``model`` with :func:`gradients` of each of ``steps``."""
+    for step in steps:
+        for w, g in zip(model, gradients(model, step), strict=True):
+            w.grad = g
+        opt.step()
+        opt.zero_grad()
+
+
 @pytest.mark.parametrize("kind", ["fused", "foreach", "for-loop"])
 def test_steps_are_fp32_adamw_on_the_masters_and_the_weights_their_rounding(kind):
     """Bit for bit: the masters follow torch's AdamW on fp32 weights given the bf16 gradients
@@ -101,13 +110,6 @@ def test_a_checkpoint_carries_the_masters_and_a_resumed_optimizer_continues_exac
     same next steps as the uninterrupted optimizer, bit for bit; without the masters (a plain
     AdamW checkpoint) the steps go on from the rounded weights and differ."""
 
-    def run(steps, model, opt):
-        for step in steps:
-            for w, g in zip(model, gradients(model, step), strict=True):
-                w.grad = g
-            opt.step()
-            opt.zero_grad()
-
     model = weights()
     opt = MasterWeightAdamW(groups(model), **SETTINGS)
     run(range(3), model, opt)
@@ -173,9 +175,18 @@ def test_step_hooks_run_once_after_the_weights_are_written_and_params_as_torch_t
 
 
 # -- the compiled step (optim.master_weights under compile=true) ----------------------------------
-def three_weights(seed: int = 0) -> list[torch.Tensor]:
+@pytest.fixture
+def uncompiled_step(monkeypatch):
+    """The compiled step's arithmetic (:func:`lmlab.optim.master_adamw`) run eagerly: its tests
+    need not wait for the compiler (test_the_compiled_step_compiles_once_per_group... compiles)."""
+    import lmlab.optim
+
+    monkeypatch.setattr(lmlab.optim, "_compiled_master_adamw", lambda: lmlab.optim.master_adamw)
+
+
+def three_weights(seed: int = 0, rows: int = 5) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).bfloat16() for s in ((5, 3), (4,), (3,))]
+    return [torch.randn(s, generator=g).bfloat16() for s in ((rows, 3), (4,), (3,))]
 
 
 def three_groups(params: list[torch.Tensor]) -> list[dict]:
@@ -192,6 +203,7 @@ TREATMENTS = [
     (0.5, None, None, None),
     (None, 0.5, None, None),  # below every step's norm: clipping acts
     (None, None, 0.1, None),
+    (2.0, None, 0.1, None),  # the factor first, then the bound
     (2.0, 0.5, None, 1),
     (None, None, None, 2),  # a group with no gradient at all
 ]
@@ -238,16 +250,13 @@ def reference_steps(fp32, model) -> tuple[torch.optim.AdamW, list[torch.Tensor |
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_scaling_and_clipping_reach_the_step_as_torch_applies_them(compiled, monkeypatch):
+@pytest.mark.usefixtures("uncompiled_step")
+def test_scaling_and_clipping_reach_the_step_as_torch_applies_them(compiled):
     """Both steps, the eager one (fp32 copies of the gradients scaled in place, torch's AdamW) and
-    the compiled one's arithmetic (:func:`master_adamw`, run eagerly here: the next test compiles
-    it), follow torch's AdamW on fp32 weights given the same gradients scaled, norm-clipped and
+    the compiled one's arithmetic (:func:`master_adamw`, run eagerly here), follow torch's AdamW on fp32 weights given the same gradients scaled, norm-clipped and
     value-clipped by torch's functions, through a changing learning rate, a weight without
     gradient and a group without any; every bf16 weight is its master rounded after each step. The
     compiled step reads the model's bf16 gradients without changing them."""
-    import lmlab.optim
-
-    monkeypatch.setattr(lmlab.optim, "_compiled_master_adamw", lambda: lmlab.optim.master_adamw)
     model = three_weights()
     fp32 = [w.float() for w in model]
     ours = MasterWeightAdamW(three_groups(model), compiled=compiled, **SETTINGS, fused=True)
@@ -275,7 +284,7 @@ def test_scaling_and_clipping_reach_the_step_as_torch_applies_them(compiled, mon
         assert state["step"].item() == ref_state["step"].item()
         torch.testing.assert_close(state["exp_avg"], ref_state["exp_avg"])
         torch.testing.assert_close(state["exp_avg_sq"], ref_state["exp_avg_sq"])
-    assert [ours.state[m]["step"].item() for m in ours.masters] == [6, 5, 5]
+    assert [ours.state[m]["step"].item() for m in ours.masters] == [7, 6, 6]
 
 
 def test_the_compiled_step_compiles_once_per_group_and_matches_the_eager_step():
@@ -311,19 +320,10 @@ def test_the_compiled_step_compiles_once_per_group_and_matches_the_eager_step():
     torch._dynamo.reset()
 
 
-def test_a_checkpoint_resumes_across_the_compiled_and_the_eager_step(monkeypatch):
+@pytest.mark.usefixtures("uncompiled_step")
+def test_a_checkpoint_resumes_across_the_compiled_and_the_eager_step():
     """The compiled step keeps AdamW's state as torch's fused AdamW does: its checkpoint resumes
     under the eager step (and back), the next steps as the uninterrupted run's."""
-    import lmlab.optim
-
-    monkeypatch.setattr(lmlab.optim, "_compiled_master_adamw", lambda: lmlab.optim.master_adamw)
-
-    def run(steps, model, opt):
-        for step in steps:
-            for w, g in zip(model, gradients(model, step), strict=True):
-                w.grad = g
-            opt.step()
-            opt.zero_grad()
 
     for first in (True, False):
         model = three_weights()
@@ -341,12 +341,10 @@ def test_a_checkpoint_resumes_across_the_compiled_and_the_eager_step(monkeypatch
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_with_accumulation_the_compiled_step_reads_the_fp32_sums(monkeypatch):
+@pytest.mark.usefixtures("uncompiled_step")
+def test_with_accumulation_the_compiled_step_reads_the_fp32_sums():
     """Gradient accumulation (and DDP's hook) leaves the step's gradient in the masters' fp32
     ``.grad``: the compiled step reads those, with clipping's factor, as the eager step does."""
-    import lmlab.optim
-
-    monkeypatch.setattr(lmlab.optim, "_compiled_master_adamw", lambda: lmlab.optim.master_adamw)
     results = []
     for compiled in (True, False):
         model = three_weights()
@@ -366,6 +364,94 @@ def test_with_accumulation_the_compiled_step_reads_the_fp32_sums(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("uncompiled_step")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_in_a_plain_loop_clipping_before_the_step_clips(compiled):
+    """backward, clip_grad_norm_, step (no Lightning hook pulled the gradients first): the step
+    clips as torch's clip_grad_norm_ on fp32 weights does."""
+    model = three_weights()
+    fp32 = [w.float() for w in model]
+    ours = MasterWeightAdamW(three_groups(model), compiled=compiled, **SETTINGS, fused=True)
+    ref = torch.optim.AdamW(three_groups(fp32), **SETTINGS)
+    for w, r, g in zip(model, fp32, gradients(model, 0), strict=True):
+        w.grad, r.grad = g, g.float()
+    norm = ours.clip_grad_norm_(0.1)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(fp32, 0.1))
+    assert norm > 1  # clipping acts
+    ours.step()
+    ref.step()
+    for m, r in zip(ours.masters, fp32, strict=True):
+        torch.testing.assert_close(ours.state[m]["exp_avg"], ref.state[r]["exp_avg"])
+        torch.testing.assert_close(m, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("uncompiled_step")
+def test_under_ddp_the_compiled_step_reads_the_all_reduced_fp32_gradients():
+    """After DDP's hook (fp32_all_reduce_hook: the masters' ``.grad`` views of the all-reduced
+    bucket, ``reduced`` set, the model's gradients dropped) the compiled step steps those, clipped,
+    as the eager step does."""
+    results = []
+    for compiled in (True, False):
+        model = three_weights()
+        opt = MasterWeightAdamW(three_groups(model), compiled=compiled, **SETTINGS, fused=True)
+        for step in range(2):
+            flat = torch.cat([g.float().flatten() for g in gradients(model, step)])
+            offset = 0
+            for m in opt.masters:
+                m.grad = flat[offset : offset + m.numel()].view_as(m)
+                offset += m.numel()
+            opt.reduced = True
+            opt.pull_grads()
+            assert opt.step_grads()[0].dtype == torch.float32
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+        results.append(opt.masters)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(results[0][0], three_weights()[0].float())  # they stepped
+
+
+def test_each_optimizer_compiles_its_own_graphs_and_past_the_limit_steps_eagerly():
+    """Dynamo keeps at most recompile_limit graphs per code object, and with fullgraph a further
+    one fails: each optimizer compiles its own copy of the step (two optimizers of two groups each
+    fit under a limit of 2), and an optimizer that needs one graph more warns and steps eagerly,
+    with the same arithmetic."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        limited_steps()
+    torch._dynamo.reset()
+
+
+def limited_steps() -> None:
+    """A compiled optimizer, another of other shapes, and an eager one of those, stepped alike
+    (see the test above): no warning until the third graph of each compiled one."""
+    import warnings
+
+    models = [three_weights(rows=5), three_weights(rows=6), three_weights(rows=6)]
+    opts = [
+        MasterWeightAdamW(three_groups(w), compiled=c, **SETTINGS, fused=True)
+        for w, c in zip(models, (True, True, False), strict=True)
+    ]
+    for step in range(2):
+        for opt, model in zip(opts, models, strict=True):
+            for w, g in zip(model, gradients(model, step), strict=True):
+                w.grad = g
+            if step == 1:
+                opt.clip_grad_value_(0.5)  # a bound: a third graph for each group
+            if step == 1 and opt.compiled:
+                with pytest.warns(UserWarning, match="steps eagerly from here on"):
+                    opt.step()
+            else:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("error", message=".*steps eagerly")
+                    opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(opts[1].masters, opts[2].masters, rtol=1e-6, atol=1e-6)
+
+
 def test_the_compiled_step_refuses_what_it_does_not_compute():
     for setting in ("amsgrad", "maximize"):
         with pytest.raises(ValueError, match="amsgrad, maximize and differentiable need"):
@@ -373,26 +459,32 @@ def test_the_compiled_step_refuses_what_it_does_not_compute():
 
 
 # -- through lmlab's training ---------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights_rounded(
-    tiny_cfg, monkeypatch
+    tiny_cfg, monkeypatch, algorithm
 ):
     """bf16-true + master_weights: the Trainer's optimizer is MasterWeightAdamW; each AdamW step
-    sees fp32 gradients pulled from the model and clipped (norm <= gradient_clip_val, far below the
-    unclipped norm); after training every bf16 weight is its master rounded."""
-    norms = []
+    sees fp32 gradients pulled from the model and clipped by gradient_clip_algorithm (norm, or
+    every value, <= gradient_clip_val, far below the unclipped ones); after training every bf16
+    weight is its master rounded."""
+    sizes = []
     adamw_step = torch.optim.AdamW.step
 
     def recording_step(self, *args, **kwargs):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         assert all(g.dtype == torch.float32 for g in grads)
-        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        ord_ = 2 if algorithm == "norm" else float("inf")
+        norms = torch.stack([torch.linalg.vector_norm(g, ord_) for g in grads])
+        sizes.append(torch.linalg.vector_norm(norms, ord_).item())
         return adamw_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    clip = 0.01 if algorithm == "norm" else 1e-4
     cfg = tiny_cfg(
         "trainer.precision=bf16-true",
         "optim.master_weights=true",
-        "trainer.gradient_clip_val=0.01",
+        f"trainer.gradient_clip_val={clip}",
+        f"+trainer.gradient_clip_algorithm={algorithm}",
         "trainer.max_steps=4",
         "callbacks.samples=null",
     )
@@ -400,7 +492,7 @@ def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights
     model = objects["model"]
     (opt,) = [o for o in objects["trainer"].optimizers]
     assert isinstance(opt, MasterWeightAdamW)
-    assert len(norms) == 4 and all(n <= 0.01 * (1 + 1e-5) for n in norms)
+    assert len(sizes) == 4 and all(n <= clip * (1 + 1e-5) for n in sizes)
     params = {id(p): p for p in model.parameters()}.values()
     assert len(opt.model_params) == len(params)
     for w, m in zip(opt.model_params, opt.masters, strict=True):
