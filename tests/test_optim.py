@@ -455,7 +455,10 @@ def limited_steps() -> None:
 def test_the_compiled_step_refuses_what_it_does_not_compute():
     for setting in ("amsgrad", "maximize"):
         with pytest.raises(ValueError, match="amsgrad, maximize and differentiable need"):
-            MasterWeightAdamW(weights(), compiled=True, **{setting: True})
+            MasterWeightAdamW(weights(), compiled=True, fused=True, **{setting: True})
+    with pytest.raises(ValueError, match=r"step counts on the weights' device.*pass fused=True"):
+        MasterWeightAdamW(weights(), compiled=True)  # torch keeps them on the CPU otherwise
+    MasterWeightAdamW(weights(), compiled=True, capturable=True)
 
 
 # -- through lmlab's training ---------------------------------------------------------------------
