@@ -3,6 +3,8 @@ preset parameters (GPT-2 124M for the decoder) or ``--tiny`` ones:
 
 - ``bf16-mixed``: torch's fused AdamW on fp32 weights after ``clip_grad_norm_`` of their fp32
   gradients (the step under ``trainer.precision=bf16-mixed``);
+- ``bf16-true``: the same on bf16 weights, gradients and moments (``bf16-true`` without master
+  weights: the fewest bytes, and updates below bf16's resolution lost);
 - ``masters, eager``: ``optim.master_weights`` without compile: the bf16 gradients copied into
   fp32, clipped (a factor the step applies in place), torch's fused AdamW on the fp32 masters,
   the masters rounded into the bf16 weights;
@@ -30,6 +32,8 @@ from lmlab.optim import MasterWeightAdamW
 BYTES = {
     # norm (4) + scale (4 + 4) + fused AdamW (grad, weight, 2 moments: 16 read, 12 written)
     "bf16-mixed": 4 + 8 + 28,
+    # the same in bf16: norm (2) + scale (2 + 2) + fused AdamW (8 read, 6 written)
+    "bf16-true": 2 + 4 + 14,
     # copy into fp32 (2 + 4), norm (4), scale (8), fused AdamW (28), round back (4 + 2)
     "masters, eager": 6 + 4 + 8 + 28 + 6,
     # norm of the bf16 gradients (2); the step reads 2 + 12 and writes 12 + 2
@@ -57,7 +61,8 @@ def contender(name: str, family: str, dims: dict, vocab: int, device) -> tuple[C
     torch.manual_seed(0)
     model = common.lmlab_model(family, vocab_size=vocab, **dims)
     masters = name.startswith("masters")
-    model = model.to(device, torch.bfloat16 if masters else torch.float32)
+    bf16 = masters or name == "bf16-true"
+    model = model.to(device, torch.bfloat16 if bf16 else torch.float32)
     opt = common.adamw(model, masters=masters, compiled_step=name == "masters, compiled")
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator(device).manual_seed(1)

@@ -219,15 +219,21 @@ def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
     assert {r["kind"] for r in longest} <= {r["kind"] for r in parts}
 
 
-def test_optimizer_script_times_the_three_steps_and_their_bandwidth(run):
-    """benchmarks/optimizer.py: bf16-mixed's step, master weights' eager and compiled steps; the
-    speed column is the first's time over each one's, GB/s the bytes a step moves over its time."""
+def test_optimizer_script_times_the_four_steps_and_their_bandwidth(run):
+    """benchmarks/optimizer.py: bf16-mixed's and bf16-true's steps, master weights' eager and
+    compiled steps; the speed column is the first's time over each one's, GB/s the bytes a step
+    moves over its time."""
     import re
 
     out = run("optimizer", "--tiny --device cpu --warmup 1 --rounds 2 --steps 1")
     n_weights = int(re.search(r"\(([\d,]+) weights\)", out).group(1).replace(",", ""))
     (rows,) = tables(out)
-    assert [r["step"] for r in rows] == ["bf16-mixed", "masters, eager", "masters, compiled"]
+    assert [r["step"] for r in rows] == [
+        "bf16-mixed",
+        "bf16-true",
+        "masters, eager",
+        "masters, compiled",
+    ]
     for r in rows:
         assert_ratio(r["speed vs bf16-mixed"], rows[0]["ms"], r["ms"])
         megabytes = int(r["bytes / weight"]) * n_weights / 1e6  # MB per ms = GB/s

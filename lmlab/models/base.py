@@ -410,7 +410,8 @@ class LMModule(L.LightningModule):
         """After a step whose micro-batch ``skip_nonfinite`` skipped: the others' losses were
         divided by all the step's targets, so their gradient is scaled up to the mean over the
         targets trained on (before clipping, which Lightning does next). With master weights the
-        gradients are first copied into the masters', which clipping and the step read."""
+        optimizer first takes the step's gradients (copied into the masters' in fp32, or read
+        where they are by the compiled step) and the rescale is a factor its step applies."""
         factor, self._grad_rescale = self._grad_rescale, None
         if isinstance(optimizer, MasterWeightAdamW):
             optimizer.pull_grads()
