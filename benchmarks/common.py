@@ -185,10 +185,11 @@ def lmlab_model(
     vocab_size: int,
     compile: bool | str = False,
     master_weights: bool = False,
+    compile_master_step: bool = True,
     **dims,
 ) -> L.LightningModule:
     """The LightningModule of a family (decoder / encoder / encoder_decoder) with lmlab's optimizer
-    (``master_weights``: lmlab's ``optim.master_weights``)."""
+    (``master_weights``, ``compile_master_step``: lmlab's ``optim.*`` settings)."""
     from lmlab.models.decoder import DecoderLM
     from lmlab.models.encoder import EncoderLM
     from lmlab.models.encoder_decoder import EncoderDecoderLM
@@ -197,7 +198,7 @@ def lmlab_model(
     model = cls(
         vocab_size=vocab_size,
         special_ids=SPECIAL_IDS,
-        optim=dict(OPTIM, master_weights=master_weights),
+        optim=dict(OPTIM, master_weights=master_weights, compile_master_step=compile_master_step),
         compile=compile,
         name=family,
         **dims,

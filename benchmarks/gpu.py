@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=["bf16-mixed"],
         help="Lightning precision, one run per value; bf16-true+masters: bf16-true with\n"
-        "optim.master_weights=true (AdamW over fp32 copies of the weights); e.g.\n"
+        "optim.master_weights=true (AdamW over fp32 copies of the weights; under compile its\n"
+        "step compiled), bf16-true+masters-eager: the same with the eager step; e.g.\n"
         "bf16-mixed bf16-true bf16-true+masters to compare them side by side",
     )
     p.add_argument(
@@ -154,6 +155,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 MASTERS = "+masters"  # a --precision value's suffix: bf16-true with optim.master_weights=true
+EAGER = "-eager"  # ... and optim.compile_master_step=false
+
+
+def precision_parts(value: str) -> tuple[str, bool, bool]:
+    """A --precision value as (Lightning's precision, optim.master_weights,
+    optim.compile_master_step); SystemExit for masters on anything but bf16-true."""
+    lightning, masters, compiled = value, False, True
+    if value.endswith(MASTERS + EAGER):
+        lightning, masters, compiled = value.removesuffix(MASTERS + EAGER), True, False
+    elif value.endswith(MASTERS):
+        lightning, masters = value.removesuffix(MASTERS), True
+    if masters and lightning != "bf16-true":
+        raise SystemExit(
+            f"--precision {value}: master weights are fp32 copies of bf16 weights; use "
+            f"bf16-true{MASTERS} (or bf16-true{MASTERS}{EAGER})"
+        )
+    return lightning, masters, compiled
 
 
 def preset_shape(family: str, tiny: bool) -> tuple[int, int, int, int, dict]:
@@ -194,7 +212,7 @@ def run_family(
     accumulate: int,
 ) -> dict:
     pre = PRESETS[family]
-    lightning_precision = precision.removesuffix(MASTERS)
+    lightning_precision, masters, compiled_step = precision_parts(precision)
     vocab, B, T, target_len, dims = preset_shape(family, args.tiny)
     dims = with_layers(family, dims, args.layers)
     torch.manual_seed(0)
@@ -204,7 +222,8 @@ def run_family(
         compile=args.compile and mode,
         compile_scope=scope,
         loss_chunk_size=loss_chunk,
-        master_weights=precision.endswith(MASTERS),
+        master_weights=masters,
+        compile_master_step=compiled_step,
         **dims,
     )
     gen = torch.Generator().manual_seed(0)
@@ -256,11 +275,7 @@ def run_family(
 def main(argv=None) -> None:
     args = parse_args(argv)
     for precision in args.precision:
-        if precision.endswith(MASTERS) and precision != "bf16-true" + MASTERS:
-            raise SystemExit(
-                f"--precision {precision}: master weights are fp32 copies of bf16 weights; use "
-                "bf16-true+masters"
-            )
+        precision_parts(precision)  # refused before any run
     if min(args.accumulate) < 1:
         raise SystemExit(f"--accumulate {min(args.accumulate)}: micro-batches per step, >= 1")
     common.quiet()

@@ -191,6 +191,10 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
     if o["warmup_steps"] < 0:
         raise ConfigError(f"optim.warmup_steps={o['warmup_steps']} must be >= 0")
     check_master_weights(o["master_weights"], cfg.trainer)
+    if not isinstance(o["compile_master_step"], bool):
+        raise ConfigError(
+            f"optim.compile_master_step={o['compile_master_step']!r} must be true or false"
+        )
     sample = cfg.get("sample")
     if sample is not None:
         refuse_unknown_keys("sample", sample, SAMPLE_SETTINGS)

@@ -91,6 +91,19 @@ def test_gpu_script_smoke_run_on_cpu(run):
         assert sum(map(float, host)) / 3 == pytest.approx(ms, abs=0.1 + 0.01 * ms)
 
 
+def test_gpu_script_precision_values(monkeypatch):
+    """--precision: Lightning's precision, + master weights (their step compiled under compile, or
+    eager with -eager); master weights of anything but bf16 weights are refused."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    gpu = importlib.import_module("gpu")
+    assert gpu.precision_parts("bf16-mixed") == ("bf16-mixed", False, True)
+    assert gpu.precision_parts("bf16-true+masters") == ("bf16-true", True, True)
+    assert gpu.precision_parts("bf16-true+masters-eager") == ("bf16-true", True, False)
+    for bad in ("bf16-mixed+masters", "32-true+masters-eager"):
+        with pytest.raises(SystemExit, match="master weights are fp32 copies of bf16 weights"):
+            gpu.precision_parts(bad)
+
+
 def test_gpu_script_refuses_an_accumulation_below_one(run):
     with pytest.raises(SystemExit, match="--accumulate 0"):
         run("gpu", "--tiny --device cpu --family decoder --accumulate 1 0")

@@ -452,6 +452,25 @@ def limited_steps() -> None:
     torch.testing.assert_close(opts[1].masters, opts[2].masters, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("compile", "setting", "compiled"),
+    [(True, True, True), (True, False, False), (False, True, False)],
+)
+def test_the_master_step_is_compiled_under_compile_unless_turned_off(compile, setting, compiled):
+    """configure_optimizers: master weights' step compiled with compile set and
+    optim.compile_master_step (the default) true; eager otherwise."""
+    from types import SimpleNamespace
+
+    from lmlab.models.decoder import DecoderLM
+
+    optim = dict(lr=1e-3, master_weights=True, compile_master_step=setting)
+    dims = dict(n_layers=1, d_model=8, n_heads=2, max_seq_len=4)
+    module = DecoderLM(vocab_size=16, special_ids={}, optim=optim, compile=compile, **dims)
+    module._trainer = SimpleNamespace(precision="bf16-true", max_steps=10)
+    optimizer = module.bfloat16().configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, MasterWeightAdamW) and optimizer.compiled is compiled
+
+
 def test_the_compiled_step_refuses_what_it_does_not_compute():
     for setting in ("amsgrad", "maximize"):
         with pytest.raises(ValueError, match="amsgrad, maximize and differentiable need"):
@@ -677,6 +696,10 @@ def test_a_resume_that_switches_master_weights_keeps_the_fp32_values(tiny_cfg):
             r"trainer\.precision=bf16-mixed has no bf16 weights",
         ),
         (["optim.master_weights=yes"], r"optim\.master_weights='yes' must be true or false"),
+        (
+            ["optim.compile_master_step=2"],
+            r"optim\.compile_master_step=2 must be true or false",
+        ),
         (
             [
                 "+trainer.strategy=deepspeed_stage_2",

@@ -65,6 +65,7 @@ OPTIM_DEFAULTS = {
     "warmup_steps": 0,
     "min_lr_ratio": 0.1,
     "master_weights": False,
+    "compile_master_step": True,
 }
 
 
@@ -704,7 +705,7 @@ class LMModule(L.LightningModule):
         settings = dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         if o["master_weights"]:  # fp32 copies of bf16-true weights, stepped and rounded back
             # (lmlab/optim.py); under compile its step is compiled too: one fused pass
-            compiled = bool(self.compile_mode) and fused
+            compiled = bool(self.compile_mode) and fused and o["compile_master_step"]
             optimizer = MasterWeightAdamW(
                 param_groups(self, o["weight_decay"]), compiled=compiled, **settings
             )
