@@ -40,12 +40,13 @@ the masters (``state_dict()["master_weights"]``), so a resumed run continues exa
 With ``compiled=True`` (``compile=true`` in lmlab's config) the step is one ``torch.compile``d
 function (:func:`master_adamw`): in one process without accumulation it reads the model's bf16
 gradients where they are (no fp32 copy), applies the factor, steps the masters and AdamW's moments
-and writes the rounded weights, in a few fused kernels per parameter group: per weight, if the
-compiler fuses each tensor's chain into one pass as it is written to (not yet seen on a GPU), it
-reads 14 bytes and writes 14, where the eager step (copy into fp32, scale, torch's fused AdamW,
-copy back) moves 48. The gradient norm for clipping reads the bf16 gradients (2 bytes a weight, not
-4). (benchmarks/optimizer.py measures both side by side.) The first step compiles it (~30 s on a
-2-core CPU for GPT-2's 148 tensors).
+and writes the rounded weights, in one kernel per parameter group with one pass over each tensor
+(inductor's C++ code on a CPU, ``TORCH_LOGS=output_code``; its Triton code on a GPU not yet seen):
+per weight it reads 14 bytes (gradient, master, two moments) and writes 14 (master, moments,
+weight), where the eager step (copy into fp32, scale, torch's fused AdamW, copy back) moves 48.
+The gradient norm for clipping reads the bf16 gradients (2 bytes a weight, not 4).
+(benchmarks/optimizer.py measures both side by side.) The first step compiles it (~30 s on a
+2-core CPU for GPT-2's 148 tensors); ``optim.compile_master_step=false`` keeps the eager step.
 """
 
 from __future__ import annotations
