@@ -341,19 +341,35 @@ def test_a_checkpoint_resumes_across_the_compiled_and_the_eager_step():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def fp32_gradients(opt: MasterWeightAdamW, model: list[torch.Tensor], step: int, how: str) -> None:
+    """Give ``opt``'s masters a step's gradient in fp32 as gradient accumulation does (three
+    micro-batches added by accumulate_grads) or as DDP's hook does (fp32_all_reduce_hook: views of
+    the all-reduced bucket, ``reduced`` set, the model's gradients dropped)."""
+    if how == "accumulated":
+        for micro in range(3):
+            for w, g in zip(model, gradients(model, 10 * step + micro), strict=True):
+                w.grad = g
+            opt.accumulate_grads()
+        return
+    flat = torch.cat([g.float().flatten() for g in gradients(model, step)])
+    offset = 0
+    for m in opt.masters:
+        m.grad = flat[offset : offset + m.numel()].view_as(m)
+        offset += m.numel()
+    opt.reduced = True
+
+
 @pytest.mark.usefixtures("uncompiled_step")
-def test_with_accumulation_the_compiled_step_reads_the_fp32_sums():
-    """Gradient accumulation (and DDP's hook) leaves the step's gradient in the masters' fp32
+@pytest.mark.parametrize("how", ["accumulated", "all-reduced"])
+def test_the_compiled_step_reads_fp32_gradients_the_masters_hold(how):
+    """Gradient accumulation and DDP's hook leave the step's gradient in the masters' fp32
     ``.grad``: the compiled step reads those, with clipping's factor, as the eager step does."""
     results = []
     for compiled in (True, False):
         model = three_weights()
         opt = MasterWeightAdamW(three_groups(model), compiled=compiled, **SETTINGS, fused=True)
         for step in range(2):
-            for micro in range(3):
-                for w, g in zip(model, gradients(model, 10 * step + micro), strict=True):
-                    w.grad = g
-                opt.accumulate_grads()
+            fp32_gradients(opt, model, step, how)
             opt.pull_grads()
             assert all(g.dtype == torch.float32 for g in opt.step_grads())
             opt.clip_grad_norm_(1.0)
@@ -362,6 +378,7 @@ def test_with_accumulation_the_compiled_step_reads_the_fp32_sums():
         results.append(opt.masters)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(results[0][0], three_weights()[0].float())  # they stepped
 
 
 @pytest.mark.usefixtures("uncompiled_step")
@@ -383,33 +400,6 @@ def test_in_a_plain_loop_clipping_before_the_step_clips(compiled):
     for m, r in zip(ours.masters, fp32, strict=True):
         torch.testing.assert_close(ours.state[m]["exp_avg"], ref.state[r]["exp_avg"])
         torch.testing.assert_close(m, r, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.usefixtures("uncompiled_step")
-def test_under_ddp_the_compiled_step_reads_the_all_reduced_fp32_gradients():
-    """After DDP's hook (fp32_all_reduce_hook: the masters' ``.grad`` views of the all-reduced
-    bucket, ``reduced`` set, the model's gradients dropped) the compiled step steps those, clipped,
-    as the eager step does."""
-    results = []
-    for compiled in (True, False):
-        model = three_weights()
-        opt = MasterWeightAdamW(three_groups(model), compiled=compiled, **SETTINGS, fused=True)
-        for step in range(2):
-            flat = torch.cat([g.float().flatten() for g in gradients(model, step)])
-            offset = 0
-            for m in opt.masters:
-                m.grad = flat[offset : offset + m.numel()].view_as(m)
-                offset += m.numel()
-            opt.reduced = True
-            opt.pull_grads()
-            assert opt.step_grads()[0].dtype == torch.float32
-            opt.clip_grad_norm_(1.0)
-            opt.step()
-            opt.zero_grad()
-        results.append(opt.masters)
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(results[0][0], three_weights()[0].float())  # they stepped
 
 
 def test_each_optimizer_compiles_its_own_graphs_and_past_the_limit_steps_eagerly():
