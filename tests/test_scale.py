@@ -366,7 +366,7 @@ def test_ddp_presets_skip_the_buffer_broadcast_which_lmlab_models_do_not_need(co
         }, model
 
 
-def _materialize_on_two_ranks(rank: int, port: int, out: str) -> None:
+def _materialize_on_two_ranks(rank: int, rendezvous: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -374,8 +374,9 @@ def _materialize_on_two_ranks(rank: int, port: int, out: str) -> None:
     from lmlab.models.decoder import DecoderLM
     from lmlab.parallel import blocks, materialize
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a file to meet at, not a TCP port: a port found free and released could be taken by another
+    # test's processes before these two bind it
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         torch.manual_seed(1234)  # as L.seed_everything(cfg.seed): the same seed in every process
         dims = dict(vocab_size=400, special_ids={}, optim={}, n_layers=2, d_model=32, n_heads=2)
@@ -398,15 +399,10 @@ def test_meta_init_on_a_cpu_mesh_draws_each_shard_anew(tmp_path):
     """On CPU meshes DTensor has no random-number tracker: every process drew its shard from the
     same seed, and every weight was two equal halves (SwiGLU's gate = its up projection, embedding
     row i = row i + V/2). Each shard is now drawn from its process's own seed."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "full.pt"
-    mp.spawn(_materialize_on_two_ranks, args=(port, str(out)), nprocs=2)
+    mp.spawn(_materialize_on_two_ranks, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
     full = torch.load(out)
     assert len(full) == 9  # embedding (the tied head) and 4 matrices per block
     for name, w in full.items():
