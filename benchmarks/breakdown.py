@@ -3,7 +3,8 @@
 The step is lmlab's without the Trainer (``overhead.py`` measures that): ``LMModule.nll`` as
 ``training_step`` optimises it (compiled as ``compile=true`` compiles it), backward, clipping at 1.0
 and the fused AdamW, on random tokens, under bf16 autocast on a GPU (``--precision bf16-true``: bf16
-weights, ``bf16-true+masters``: and AdamW over fp32 copies). After ``--warmup`` steps,
+weights, ``bf16-true+masters``: and AdamW over fp32 copies, its step compiled under compile;
+``bf16-true+masters-eager``: not). After ``--warmup`` steps,
 ``torch.profiler`` records ``--steps`` more. On a GPU the table sums the kernels' device time by kind
 (matrix products, attention, fused elementwise and reductions, optimizer, copies, other) and gives
 the share of the step's wall time the device was busy; on a CPU it sums each operator's own CPU
@@ -21,7 +22,7 @@ import time
 
 import common
 import torch
-from gpu import PRESETS, preset_shape
+from gpu import PRESETS, precision_parts, preset_shape
 from torch.profiler import ProfilerActivity, profile
 
 from lmlab.parallel import COMPILE_SCOPES, use_tf32
@@ -43,7 +44,7 @@ KINDS = (
     ("elementwise and reductions", ("elementwise", "reduce", "aten::", "vectorized")),
 )
 FRAMEWORK = "Python and autograd (CPU)"
-PRECISIONS = ("bf16-mixed", "bf16-true", "bf16-true+masters")
+PRECISIONS = ("bf16-mixed", "bf16-true", "bf16-true+masters", "bf16-true+masters-eager")
 
 
 def kind_of(name: str, device_kernel: bool) -> str:
@@ -72,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=PRECISIONS,
         default="bf16-mixed",
         help="bf16-mixed: bf16 autocast (on a GPU; a CPU runs fp32); bf16-true: the model's\n"
-        "weights in bf16; bf16-true+masters: and AdamW over fp32 copies (optim.master_weights)",
+        "weights in bf16; bf16-true+masters: and AdamW over fp32 copies (optim.master_weights;\n"
+        "under --compile its step compiled), bf16-true+masters-eager: with the eager step",
     )
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke run)")
     p.add_argument("--warmup", type=int, default=10, help="unrecorded steps (compilation included)")
@@ -99,14 +101,15 @@ def build(args, device: torch.device):
     batch = common.random_batch(kind, B, T, vocab, target_len=target_len, generator=gen)
     # what the Trainer does with a batch before the step: the host-side hook, then the move
     batch = common.to_device(model.on_before_batch_transfer(batch, 0), device)
+    lightning, masters, compiled_step = precision_parts(args.precision)
     stepper = common.Stepper(
         model,
         common.lmlab_loss,
         device,
         bf16=device.type == "cuda",
-        bf16_weights=args.precision.startswith("bf16-true"),
-        masters=args.precision.endswith("+masters"),
-        compiled_step=bool(args.compile),
+        bf16_weights=lightning == "bf16-true",
+        masters=masters,
+        compiled_step=bool(args.compile) and compiled_step,
     )
     shape = f"{B} x {T}" + (f" -> {target_len}" if target_len else "")
     return lambda: stepper(batch), shape, model.num_params(False)
@@ -133,10 +136,14 @@ def kernel_times(prof, device: torch.device, steps: int) -> dict[str, tuple[floa
     return out
 
 
-def precision_said(precision: str, device: torch.device) -> str:
-    if precision == "bf16-mixed":
+def precision_said(precision: str, device: torch.device, compiled: bool) -> str:
+    lightning, masters, compiled_step = precision_parts(precision)
+    if lightning == "bf16-mixed":
         return "bf16 autocast" if device.type == "cuda" else "fp32"
-    return "bf16 weights" + (", fp32 masters" if precision.endswith("+masters") else "")
+    if not masters:
+        return "bf16 weights"
+    step = "compiled" if compiled and compiled_step else "eager"
+    return f"bf16 weights, fp32 masters ({step} step)"
 
 
 def main(argv=None) -> None:
@@ -169,7 +176,7 @@ def main(argv=None) -> None:
 
     print(
         f"breakdown: {args.family} {shape}, {n_params / 1e6:.1f}M parameters, "
-        f"{precision_said(args.precision, device)}, "
+        f"{precision_said(args.precision, device, bool(args.compile))}, "
         f"compile={args.compile} ({args.compile_scope}), "
         f"{device}; {args.steps} profiled steps after {args.warmup}"
     )

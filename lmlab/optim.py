@@ -1,10 +1,10 @@
 """AdamW over fp32 master copies of a model's bf16 weights (``optim.master_weights=true``).
 
 With ``trainer.precision=bf16-true`` the weights, activations and gradients are bf16: a GPT-2 step
-on an H100 is 1.09-1.1x faster than under ``bf16-mixed`` (1.04x with master weights;
+on an H100 is 1.09-1.1x faster than under ``bf16-mixed`` (1.04x with master weights' eager step;
 benchmarks/README.md, the third and fourth GPU sessions), since the residual stream and every
-elementwise kernel move half the bytes and the weights need no cast before each product. But a bf16 weight cannot hold an update smaller than
-half the spacing of bf16 numbers near it (2^-9 to 2^-8 of its size), and AdamW's updates are about
+elementwise kernel move half the bytes and the weights need no cast before each product. But a
+bf16 weight cannot hold an update smaller than half the spacing of bf16 numbers near it (2^-9 to 2^-8 of its size), and AdamW's updates are about
 the learning rate: at the end of GPT-2's schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight,
 so plain bf16-true training rounds many updates away. :class:`MasterWeightAdamW` keeps fp32 copies
 of the weights and AdamW's state in fp32: each step copies the model's gradients into fp32, steps
@@ -30,8 +30,8 @@ all-reduce into the masters' gradients at the last micro-batch), the callbacks'
 ``on_before_optimizer_step`` (they see the model's gradients in one process without accumulation;
 otherwise the model's are gone by then, and a callback's ``on_after_backward`` sees each
 micro-batch's), ``LMModule.on_before_optimizer_step``, which calls
-:meth:`MasterWeightAdamW.pull_grads` (so skip_nonfinite's rescaling and clipping act on the fp32
-gradients), clipping, :meth:`step`. Scaling and clipping are recorded as a factor (and a bound)
+:meth:`MasterWeightAdamW.pull_grads` (so skip_nonfinite's rescaling and clipping see the step's
+whole gradient), clipping, :meth:`step`. Scaling and clipping are recorded as a factor (and a bound)
 that the step applies as it reads each gradient (:meth:`scale_grads`, :meth:`clip_grad_norm_`,
 :meth:`clip_grad_value_`), not as passes of their own over the gradients. The checkpoint carries
 the masters (``state_dict()["master_weights"]``), so a resumed run continues exactly;
@@ -68,8 +68,8 @@ def _adamw_step():
 
 class MasterWeightAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` (fused, foreach or plain, as its keywords say) stepping fp32 copies of
-    ``params`` (the model's bf16 weights, in groups as AdamW takes them); after each step the model's
-    weights are the copies rounded to their dtype. ``param_groups`` hold the copies: learning-rate
+    ``params`` (the model's bf16 weights, in groups as AdamW takes them); after each step the
+    model's weights are the copies rounded to their dtype. ``param_groups`` hold the copies: learning-rate
     schedules, clipping and gradient scaling act on them as on any AdamW's."""
 
     def __init__(self, params, compiled: bool = False, **kwargs) -> None:
@@ -394,8 +394,8 @@ def _compiled_master_adamw():
 
 def fp32_all_reduce_hook(state: tuple[MasterWeightAdamW, dist.ProcessGroup | None], bucket):
     """DDP communication hook (``ddp_model.register_comm_hook((optimizer, ddp_model.process_group),
-    fp32_all_reduce_hook)``) for master weights: the bucket's bf16 gradients (this process's last micro-batch of the step)
-    plus the fp32 sum of its earlier micro-batches (:meth:`MasterWeightAdamW.accumulate_grads`) in
+    fp32_all_reduce_hook)``) for master weights: the bucket's bf16 gradients (this process's last
+    micro-batch of the step) plus the fp32 sum of its earlier micro-batches (:meth:`MasterWeightAdamW.accumulate_grads`) in
     fp32, averaged over the processes with one all-reduce, become the masters' gradients; the
     bucket goes back to DDP as it came (the model's gradients are dropped after the backward,
     ``LMModule.on_after_backward``). DDP runs it on every bucket as soon as its gradients are

@@ -220,7 +220,7 @@ def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
         "--tiny --device cpu --family encoder --warmup 1 --steps 2 --top 5 "
         "--precision bf16-true+masters",
     )
-    assert "bf16 weights, fp32 masters" in out
+    assert "bf16 weights, fp32 masters (eager step), compile=False" in out  # --tiny: no compile
     kinds, longest = tables(out)
     *parts, total = kinds
     assert total["kind"] == "all" and len(longest) == 5

@@ -253,8 +253,9 @@ def reference_steps(fp32, model) -> tuple[torch.optim.AdamW, list[torch.Tensor |
 @pytest.mark.usefixtures("uncompiled_step")
 def test_scaling_and_clipping_reach_the_step_as_torch_applies_them(compiled):
     """Both steps, the eager one (fp32 copies of the gradients scaled in place, torch's AdamW) and
-    the compiled one's arithmetic (:func:`master_adamw`, run eagerly here), follow torch's AdamW on fp32 weights given the same gradients scaled, norm-clipped and
-    value-clipped by torch's functions, through a changing learning rate, a weight without
+    the compiled one's arithmetic (:func:`master_adamw`, run eagerly here), follow torch's AdamW on
+    fp32 weights given the same gradients scaled, norm-clipped and value-clipped by torch's
+    functions, through a changing learning rate, a weight without
     gradient and a group without any; every bf16 weight is its master rounded after each step. The
     compiled step reads the model's bf16 gradients without changing them."""
     model = three_weights()
