@@ -62,6 +62,43 @@ def test_compiled_loss_and_gradients_equal_the_unfused_head():
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="torch.compile on CPU (inductor) needs a C compiler",
+)
+def test_compiled_bf16_step_keeps_no_float32_logits_and_scatters_nothing():
+    """Compiled, a chunk's softmax gradient is the pure formula (``_softmax_grad``): inductor computes
+    the loss and writes the bf16 gradient in one fused kernel, reusing the bf16 logits' buffer. The
+    eager code's in-place updates and ``scatter_add_`` made it keep a float32 (tokens x vocab) copy,
+    scatter into it eagerly and round it in another pass. Checked on inductor's generated code;
+    the values are also compared with the unfused head, in bf16."""
+    from torch._inductor.utils import run_and_get_code
+
+    n, c, v = 64, 8, 96
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, c, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(v, c, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::5] = -100
+
+    def step(h, w):
+        loss = linear_cross_entropy(h, w, labels, chunk_size=n)[0]
+        loss.backward()
+        return loss
+
+    got, codes = run_and_get_code(torch.compile(step), hidden, weight)
+    forward = codes[0]
+    assert f"(({n}, {v}), ({v}, 1), torch.float32)" not in forward
+    assert f"(({n}, {v}), ({v}, 1), torch.bfloat16)" in forward  # the logits, then the gradient
+    assert "scatter" not in forward
+    h2, w2 = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    want = reference(h2, w2, labels)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(weight.grad, w2.grad, rtol=0.02, atol=0.02)
+
+
 def test_counts_correct_argmax_predictions_with_and_without_gradients():
     hidden, weight, labels = inputs()
     logits = hidden @ weight.t()

@@ -11,7 +11,11 @@ on every device.
 What it saves: the logits and their gradient are the largest activations of a small model with a
 large vocabulary (16 x 1024 tokens x 50K vocabulary in fp32 is 3.3 GB, twice); a chunk's stay in
 cache, so the softmax and its gradient cost little next to the three matrix products, which are
-unchanged (``benchmarks/vs_hf.py`` measures the effect on a whole training step).
+unchanged (``benchmarks/vs_hf.py`` measures the effect on a whole training step). Eagerly a chunk's
+softmax gradient is written in place of its float32 logits (fewest passes for eager code); under
+``torch.compile`` it is the pure formula, which inductor turns into one kernel that reads the logits
+in the matrix product's dtype and writes the gradient over them (the in-place code made it keep a
+float32 copy and scatter into it eagerly).
 
 Numerics: logits, the log-sum-exp and the softmax gradient are float32, as ``F.cross_entropy`` on
 upcast logits; the matrix products run in the autocast dtype when autocast is on (bf16-mixed), else
@@ -32,6 +36,18 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return weight.dtype
+
+
+def _softmax_grad(z, top, nll, target, valid, dtype):
+    """A chunk's ``softmax(z) - onehot(y)`` in ``dtype`` (rows of ignored tokens zero) and its summed
+    loss, as the pure formulas that ``torch.compile`` fuses: one reduction over the chunk's logits
+    and one pass writing the gradient. The eager code's in-place updates and ``scatter_add_`` would
+    make inductor keep a float32 copy of the logits (twice their bf16 size), scatter into it
+    eagerly and read it again to round it."""
+    lse = top + (z - top).exp().sum(1, keepdim=True).log()
+    onehot = torch.arange(z.shape[1], device=z.device) == target
+    g = torch.where(valid, (z - lse).exp() - onehot.float(), 0).to(dtype)
+    return g, torch.where(valid, nll + lse - top, 0).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -69,13 +85,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     lse = (z - top).exp().sum(1, keepdim=True).log()
                     total = total + torch.where(valid, nll + lse, 0).sum()
                     continue
-                # softmax(z) - onehot(y) in place of z; rows of ignored tokens are zero
-                z.sub_(top).exp_()
-                norm = z.sum(1, keepdim=True)
-                total = total + ((nll + norm.log()) * valid).sum()
-                z.mul_(valid / norm)
-                z.scatter_add_(1, target, -valid.float())
-                g = z.to(dtype)
+                if torch.compiler.is_compiling():
+                    g, nll = _softmax_grad(z, top, nll, target, valid, dtype)
+                    total = total + nll
+                else:  # softmax(z) - onehot(y) in place of z; rows of ignored tokens are zero
+                    z.sub_(top).exp_()
+                    norm = z.sum(1, keepdim=True)
+                    total = total + ((nll + norm.log()) * valid).sum()
+                    z.mul_(valid / norm)
+                    z.scatter_add_(1, target, -valid.float())
+                    g = z.to(dtype)
                 grad_h.append(mm(g, w).to(hidden.dtype))
                 if grad_w is None:
                     grad_w = torch.mm(g.t(), h).float()
