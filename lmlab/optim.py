@@ -54,6 +54,7 @@ from __future__ import annotations
 import types
 import warnings
 
+import lightning as L
 import torch
 import torch.distributed as dist
 
@@ -306,6 +307,25 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for master, value in zip(masters, saved, strict=True):
                 master.copy_(value)
         self.push_weights()
+
+
+class MastersOffDevice(L.Callback):
+    """Moves a fit's master weights to the CPU when it ends, or raises (``LMModule`` adds it with
+    master weights; a LightningModule has no exception hook). Lightning moves the model and AdamW's
+    state off the GPU at teardown, not the masters, which would otherwise hold 4 bytes a weight of
+    GPU memory for as long as the Trainer lives (in a notebook, the traceback of the error keeps it)."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._move(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._move(trainer)
+
+    @staticmethod
+    def _move(trainer) -> None:
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, MasterWeightAdamW):
+                optimizer.to("cpu")
 
 
 def master_adamw(

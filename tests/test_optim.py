@@ -512,6 +512,40 @@ def test_training_steps_the_masters_clips_their_gradients_and_leaves_the_weights
         assert w.dtype == torch.bfloat16 and torch.equal(w, m.bfloat16())
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_masters_leave_the_device_when_fit_ends_or_raises(tiny_cfg, monkeypatch, fails):
+    """Lightning moves the model and AdamW's state to the CPU at teardown, not the masters: lmlab's
+    callback moves them when fit ends and when it raises (here the CPU is the device too, so the
+    move itself is recorded)."""
+    from lmlab.models.base import LMModule
+
+    moved = []
+    to = MasterWeightAdamW.to
+    monkeypatch.setattr(
+        MasterWeightAdamW, "to", lambda self, d: moved.append(str(d)) or to(self, d)
+    )
+    training_step = LMModule.training_step
+
+    def failing(self, batch, batch_idx):
+        if fails and self.global_step == 2:
+            raise RuntimeError("a failing step")
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LMModule, "training_step", failing)
+    cfg = tiny_cfg(
+        "trainer.precision=bf16-true",
+        "optim.master_weights=true",
+        "trainer.max_steps=3",
+        "callbacks.samples=null",
+    )
+    if fails:
+        with pytest.raises(RuntimeError, match="a failing step"):
+            train(cfg)
+    else:
+        train(cfg)
+    assert moved == ["cpu"]
+
+
 @pytest.mark.slow
 def test_under_compile_training_steps_the_masters_with_the_compiled_step(tiny_cfg, monkeypatch):
     """compile=true + bf16-true + master_weights: the Trainer's optimizer steps compiled, reading

@@ -29,7 +29,7 @@ from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.loggers import ResumableCSVLogger
 from lmlab.metrics import BitsPerByte, Perplexity, TargetMean
 from lmlab.nn.loss import linear_cross_entropy
-from lmlab.optim import MasterWeightAdamW, fp32_all_reduce_hook
+from lmlab.optim import MastersOffDevice, MasterWeightAdamW, fp32_all_reduce_hook
 from lmlab.parallel import FSDP, check_compile_scope, compile_mode, eager, parallelize
 
 log = logging.getLogger(__name__)
@@ -687,10 +687,9 @@ class LMModule(L.LightningModule):
             if all(n in weights and weights[n].dtype == torch.float32 for n in first):
                 optimizers[0]["master_weights"] = [weights[n] for n in first]
 
-    def on_fit_end(self) -> None:
-        for optimizer in self.trainer.optimizers:  # their masters off the GPU (lmlab/optim.py)
-            if isinstance(optimizer, MasterWeightAdamW):
-                optimizer.to("cpu")
+    def configure_callbacks(self) -> list[L.Callback]:
+        # master weights off the GPU after fit, also when it raises (a callback's exception hook)
+        return [MastersOffDevice()] if self.optim_cfg["master_weights"] else []
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
