@@ -22,39 +22,13 @@ import time
 
 import common
 import torch
+from common import kind_of
 from gpu import PRESETS, precision_parts, preset_shape
 from torch.profiler import ProfilerActivity, profile
 
 from lmlab.parallel import COMPILE_SCOPES, use_tf32
 
-# Kinds by (lowercased) kernel or operator name, first match wins: attention before matrix products
-# (cuDNN's attention kernels are named sm90_... too), copies before the elementwise catch-all.
-KINDS = (
-    # the compiler's kernels by their prefix (their names list the fused operators: `_to_copy`
-    # in a fused RMSNorm does not make it a copy); templates (max-autotune) are matrix products
-    ("matrix products", ("triton_tem",)),
-    ("elementwise and reductions", ("triton_",)),
-    # a CPU's compiled graph runs its fused C++ kernels inside this call, not as operators
-    ("compiled graphs (CPU)", ("compiledfxgraph",)),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "dot_do_o", "convert_dq")),
-    ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm")),
-    ("matrix products", ("aten::bmm", "aten::matmul", "aten::linear", "sm90_", "sm80_")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "linalg_vector_norm")),
-    ("copies and fills", ("memcpy", "memset", "copy_", "to_copy", "fill_", "zero_")),
-    ("elementwise and reductions", ("elementwise", "reduce", "aten::", "vectorized")),
-)
-FRAMEWORK = "Python and autograd (CPU)"
 PRECISIONS = ("bf16-mixed", "bf16-true", "bf16-true+masters", "bf16-true+masters-eager")
-
-
-def kind_of(name: str, device_kernel: bool) -> str:
-    low = name.lower()
-    for kind, keys in KINDS:
-        if any(k in low for k in keys):
-            return kind
-    # On a CPU, what is not an aten operator is the framework around them (autograd nodes,
-    # lmlab's autograd Functions' Python, the profiler's step markers)
-    return "other" if device_kernel else FRAMEWORK
 
 
 def parse_args(argv=None) -> argparse.Namespace:

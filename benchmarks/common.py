@@ -326,12 +326,13 @@ class StepTimer(L.Callback):
     """Per-step wall times of the steps after ``warmup``, from one step's end to the next's (data,
     forward, backward, clipping, optimizer, every callback and logging: all a step costs), in a
     window bracketed by device synchronisations: at the end of step ``warmup`` and of the
-    Trainer's last step (``max_steps``), so the end of the run (epoch-end metrics, the loggers'
-    last writes, teardown: once per run, not per step) stays out, as it does from the plain loop's
-    ``timed_loop``. A run that stops before ``max_steps`` is closed at the end of training."""
+    Trainer's last step (``max_steps``; or step ``last``, when steps after the window are for
+    something else), so the end of the run (epoch-end metrics, the loggers' last writes, teardown:
+    once per run, not per step) stays out, as it does from the plain loop's ``timed_loop``. A run
+    that stops before then is closed at the end of training."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, last: int | None = None) -> None:
+        self.warmup, self.last = warmup, last
         self.times: list[float] = []
         self._last: float | None = None  # the end of the last timed step; None: window closed
         self._step = -1  # the optimizer step last seen (micro-batches of one step are one step)
@@ -355,11 +356,12 @@ class StepTimer(L.Callback):
             sync(pl_module.device)
             self._last = time.perf_counter()
         elif done > self.warmup and self._last is not None:
-            if done == trainer.max_steps:
+            last = trainer.max_steps if self.last is None else self.last
+            if done == last:
                 sync(pl_module.device)
             now = time.perf_counter()
             self.times.append(now - self._last)
-            self._last = None if done == trainer.max_steps else now
+            self._last = None if done == last else now
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last is not None and self.times:  # stopped early: the last step ends when done
@@ -429,3 +431,32 @@ def machine() -> str:
     if torch.cuda.is_available():
         out += f", {torch.cuda.get_device_name()}"
     return out
+
+
+# Kinds by (lowercased) kernel or operator name, first match wins: attention before matrix products
+# (cuDNN's attention kernels are named sm90_... too), copies before the elementwise catch-all.
+KINDS = (
+    # the compiler's kernels by their prefix (their names list the fused operators: `_to_copy`
+    # in a fused RMSNorm does not make it a copy); templates (max-autotune) are matrix products
+    ("matrix products", ("triton_tem",)),
+    ("elementwise and reductions", ("triton_",)),
+    # a CPU's compiled graph runs its fused C++ kernels inside this call, not as operators
+    ("compiled graphs (CPU)", ("compiledfxgraph",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "dot_do_o", "convert_dq")),
+    ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm")),
+    ("matrix products", ("aten::bmm", "aten::matmul", "aten::linear", "sm90_", "sm80_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "linalg_vector_norm")),
+    ("copies and fills", ("memcpy", "memset", "copy_", "to_copy", "fill_", "zero_")),
+    ("elementwise and reductions", ("elementwise", "reduce", "aten::", "vectorized")),
+)
+FRAMEWORK = "Python and autograd (CPU)"
+
+
+def kind_of(name: str, device_kernel: bool) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    # On a CPU, what is not an aten operator is the framework around them (autograd nodes,
+    # lmlab's autograd Functions' Python, the profiler's step markers)
+    return "other" if device_kernel else FRAMEWORK

@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import common
+import lightning as L
+import timeline
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from lmlab import flops
 from lmlab.parallel import (
@@ -151,7 +155,49 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="module's loss_chunk_size, one run per value (default: the module's, off on GPUs);\n"
         "e.g. 0 4096 to compare the plain head with the fused head + loss",
     )
+    p.add_argument(
+        "--trace-steps",
+        type=int,
+        default=0,
+        help="profile this many steps after the timed ones (torch.profiler, the Trainer's whole\n"
+        "step): each run writes <run>.json.gz and prints timeline.py's summary (device busy,\n"
+        "kernel time by kind, idle gaps by what the host launched next)",
+    )
+    p.add_argument(
+        "--trace-dir", type=Path, help="where the traces go (default: the runs' temporary folder)"
+    )
     return p.parse_args(argv)
+
+
+class Tracer(L.Callback):
+    """Profiles the optimizer steps ``start + 1 .. start + steps`` (after a device sync at the end
+    of step ``start``, and one at the last) and writes them as a gzipped Chrome trace. A profiler
+    that fails is reported and the run goes on: the timed steps, before it, are the measurement."""
+
+    def __init__(self, start: int, steps: int, path: Path) -> None:
+        self.start, self.steps, self.path = start, steps, path
+        self.profiler = None
+        self.error: str | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # a micro-batch inside an optimizer step
+        done = trainer.global_step
+        try:
+            if done == self.start:
+                common.sync(pl_module.device)
+                activities = [ProfilerActivity.CPU]
+                if pl_module.device.type == "cuda":
+                    activities.append(ProfilerActivity.CUDA)
+                self.profiler = profile(activities=activities)
+                self.profiler.start()
+            elif done == self.start + self.steps and self.profiler is not None:
+                common.sync(pl_module.device)
+                profiler, self.profiler = self.profiler, None
+                profiler.stop()
+                profiler.export_chrome_trace(str(self.path))
+        except Exception as e:  # a diagnostic must not cost the measurement
+            self.error, self.profiler = f"{type(e).__name__}: {e}", None
 
 
 MASTERS = "+masters"  # a --precision value's suffix: bf16-true with optim.master_weights=true
@@ -231,14 +277,21 @@ def run_family(
         common.random_batch(pre["kind"], B, T, vocab, target_len=target_len, generator=gen)
         for _ in range(4)
     ]
-    timer = common.StepTimer(args.warmup)
-    total_steps = args.warmup + args.steps
+    timed = args.warmup + args.steps
+    timer = common.StepTimer(args.warmup, last=timed)
+    total_steps = timed + args.trace_steps
+    name = f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}"
+    callbacks = [timer]
+    tracer = None
+    if args.trace_steps:
+        tracer = Tracer(timed, args.trace_steps, (args.trace_dir or out) / f"{name}.json.gz")
+        callbacks.append(tracer)
     trainer, how = common.lmlab_trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         precision=lightning_precision,
         max_steps=total_steps,
-        output_dir=out / f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}",
-        callbacks=[timer],
+        output_dir=out / name,
+        callbacks=callbacks,
         overrides=args.override,
         accumulate=accumulate,
     )
@@ -269,6 +322,7 @@ def run_family(
         mfu=mfu,
         wall=wall,
         how=how,
+        trace=tracer,
     )
 
 
@@ -278,6 +332,10 @@ def main(argv=None) -> None:
         precision_parts(precision)  # refused before any run
     if min(args.accumulate) < 1:
         raise SystemExit(f"--accumulate {min(args.accumulate)}: micro-batches per step, >= 1")
+    if args.trace_steps < 0:
+        raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
+    if args.trace_dir is not None:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
     common.quiet()
     t_start = time.perf_counter()
     if args.compile is None:
@@ -321,6 +379,16 @@ def main(argv=None) -> None:
             f"    steps (ms, host): {' '.join(f'{ms:.1f}' for ms in r['steps_ms'])}",
             flush=True,
         )
+        tracer = r["trace"]
+        if tracer is not None and tracer.error is not None:
+            print(f"    trace: the profiler failed ({tracer.error}); no trace", flush=True)
+        elif tracer is not None:
+            print(f"    trace: {tracer.path}", flush=True)
+            try:  # the runs still to come are the measurement
+                summary = timeline.summarize(timeline.load(tracer.path), args.trace_steps)
+                print(textwrap.indent(timeline.report(summary, args.trace_steps, 20.0), "    "))
+            except Exception as e:
+                print(f"    (timeline.py could not read it: {type(e).__name__}: {e})")
     rows = []
     for r in results:
         ref, target, mfu_target = REFERENCE[r["family"]]

@@ -109,6 +109,86 @@ def test_gpu_script_refuses_an_accumulation_below_one(run):
         run("gpu", "--tiny --device cpu --family decoder --accumulate 1 0")
 
 
+def test_gpu_script_traces_steps_after_the_timed_ones(run, tmp_path):
+    """--trace-steps 2: two optimizer steps after the 3 timed ones are profiled (two AdamW steps in
+    the trace) and summarised; the timed steps are the same 3."""
+    import gzip
+    import json
+
+    out = run("gpu", f"--tiny --device cpu --family decoder --trace-steps 2 --trace-dir {tmp_path}")
+    (trace,) = tmp_path.glob("decoder-*.json.gz")
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    steps = [e for e in events if e.get("name", "").startswith("Optimizer.step#")]
+    assert len(steps) == 2
+    assert f"trace: {trace}" in out and "no device kernels in the trace (a CPU run)" in out
+    (host,) = [line for line in out.splitlines() if "steps (ms, host)" in line]
+    assert len(host.split(":")[1].split()) == 3
+    with pytest.raises(SystemExit, match="--trace-steps -1"):
+        run("gpu", "--tiny --device cpu --trace-steps -1")
+
+
+def test_gpu_script_goes_on_when_the_profiler_fails(run, monkeypatch):
+    """A profiler that raises costs the trace, not the run: the timed steps come before it."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    out = run("gpu", "--tiny --device cpu --family decoder --trace-steps 2")
+    assert "trace: the profiler failed (RuntimeError: CUPTI unavailable); no trace" in out
+    (rows,) = tables(out)
+    assert len(rows) == 1 and number(rows[0]["tokens/s"]) > 0
+
+
+def test_timeline_finds_the_idle_gaps_and_what_the_host_launched_after_them(monkeypatch):
+    """benchmarks/timeline.py on a hand-made GPU trace: kernels on two streams (overlapping), a copy,
+    their launch calls and the host's operators around them; busy time is the union, the gaps over
+    20 us are blamed on the innermost operator around the next kernel's launch call."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    timeline = importlib.import_module("timeline")
+
+    def kernel(ts, dur, corr, name="triton_poi_fused_add_0", cat="kernel", stream=7):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, pid=0, tid=stream,
+                    args={"correlation": corr})  # fmt: skip
+
+    def host(ts, dur, name, cat="cpu_op", corr=None):
+        args = {} if corr is None else {"correlation": corr}
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, pid=1, tid=1, args=args)
+
+    events = [
+        kernel(0, 10, 1, name="nvjet_sm90_tst_256x128"),
+        kernel(5, 10, 2, stream=8),  # overlaps the first: busy [0, 15)
+        kernel(50, 10, 3),  # a 35 us gap, launched inside aten::mul inside Optimizer.step
+        kernel(65, 5, 4),  # a 5 us gap: not listed
+        kernel(100, 20, 5),  # 30 us, launched from no host operator: blamed on the call
+        kernel(120, 5, 6, name="Memcpy HtoD (Pinned -> Device)", cat="gpu_memcpy"),
+        kernel(200, 10, 99),  # 75 us, its launch not in the trace
+        host(40, 7, "Optimizer.step#AdamW.step", cat="user_annotation"),
+        host(44, 2, "aten::mul"),
+        host(45, 1, "cudaLaunchKernel", cat="cuda_runtime", corr=3),
+        host(95, 1, "cuLaunchKernel", cat="cuda_driver", corr=5),
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1},  # metadata: skipped
+    ]
+    s = timeline.summarize(timeline.load_events(events), steps=1)
+    assert s["window_ms"] == pytest.approx(0.210)
+    assert s["busy_ms"] == pytest.approx(0.065)
+    assert s["idle_ms"] == pytest.approx(0.145)
+    assert s["gaps_ms"] == pytest.approx(0.140)
+    assert [(round(us), by) for us, by, _ in s["longest_gaps"]] == [
+        (75, "(launch not traced)"),
+        (35, "aten::mul"),
+        (30, "cuLaunchKernel"),
+    ]
+    assert dict(s["by_kind"]) == pytest.approx(
+        {"matrix products": 0.010, "elementwise and reductions": 0.055, "copies and fills": 0.005}
+    )
+    s2 = timeline.summarize(timeline.load_events(events), steps=2)  # per step: halved
+    assert s2["busy_ms"] == pytest.approx(0.0325) and s2["blame"][0][2] == 0.5
+    text = timeline.report(s, 1, 20.0)
+    assert "busy 0.07 of 0.21 ms a step (31.0%)" in text
+
+
 def test_gpu_script_layers_override_sets_every_stack(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     gpu = importlib.import_module("gpu")
@@ -193,7 +273,7 @@ def test_vs_hf_script_matches_sizes_and_reports_the_time_ratio(run):
 def test_breakdown_sorts_kernels_by_kind_and_its_table_adds_up(run):
     """benchmarks/breakdown.py: kernel names of an H100 profile (2026-11-27) and CPU operators land
     in their kind; the kinds' times add up to the total and the shares to 100%."""
-    from breakdown import FRAMEWORK, kind_of
+    from common import FRAMEWORK, kind_of
 
     h100 = {
         "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matrix products",
