@@ -86,8 +86,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     total = total + torch.where(valid, nll + lse, 0).sum()
                     continue
                 if torch.compiler.is_compiling():
-                    g, nll = _softmax_grad(z, top, nll, target, valid, dtype)
-                    total = total + nll
+                    g, chunk_total = _softmax_grad(z, top, nll, target, valid, dtype)
+                    total = total + chunk_total
                 else:  # softmax(z) - onehot(y) in place of z; rows of ignored tokens are zero
                     z.sub_(top).exp_()
                     norm = z.sum(1, keepdim=True)
