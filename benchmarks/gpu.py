@@ -18,10 +18,12 @@ selected positions, the encoder-decoder's decoder and head at the target length)
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import tempfile
 import textwrap
 import time
+import traceback
 from pathlib import Path
 
 import common
@@ -367,7 +369,25 @@ def main(argv=None) -> None:
         args.accumulate,
     )
     for family, loss_chunk, scope, mode, precision, accumulate in runs:
-        r = run_family(family, args, device, out, loss_chunk, scope, precision, mode, accumulate)
+        try:
+            r = run_family(
+                family, args, device, out, loss_chunk, scope, precision, mode, accumulate
+            )
+        except Exception as e:  # one failing configuration must not cost the others' figures
+            said = "".join(traceback.format_exception_only(e)).strip()
+            print(
+                f"  {family} (loss chunk {loss_chunk}, compile {mode} / {scope}, {precision}, "
+                f"accumulate {accumulate}): FAILED: {said}\n"
+                + textwrap.indent("".join(traceback.format_tb(e.__traceback__)[-3:]), "    "),
+                flush=True,
+            )
+            failed = "default" if loss_chunk is None else loss_chunk
+            results.append(dict(family=family, loss_chunk=failed, scope=scope, mode=mode,
+                                precision=precision, accumulate=accumulate, failed=said))  # fmt: skip
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         results.append(r)
         print(
             f"  {family} (loss chunk {r['loss_chunk']}, compile {r['mode']} / {r['scope']}, "
@@ -392,6 +412,10 @@ def main(argv=None) -> None:
     rows = []
     for r in results:
         ref, target, mfu_target = REFERENCE[r["family"]]
+        if "failed" in r:
+            head = [r["family"], "", r["loss_chunk"], r["scope"], r["mode"], r["precision"]]
+            rows.append([*head, r["accumulate"], *["failed"] * 6, ref, "", "NO"])
+            continue
         ok = r["tokens_per_s"] >= target and (
             mfu_target is None or (r["mfu"] is not None and r["mfu"] >= mfu_target)
         )
@@ -444,10 +468,12 @@ def main(argv=None) -> None:
             rows,
         )
     )
-    print(
-        f"\nTrainer: {results[0]['how']}; callbacks on: {common.SPEED_CALLBACKS}. "
-        f"Elapsed {time.perf_counter() - t_start:.0f} s."
-    )
+    done = [r for r in results if "failed" not in r]
+    if done:
+        print(f"\nTrainer: {done[0]['how']}; callbacks on: {common.SPEED_CALLBACKS}.")
+    print(f"Elapsed {time.perf_counter() - t_start:.0f} s.")
+    if len(done) < len(results):
+        raise SystemExit(f"{len(results) - len(done)} of {len(results)} runs failed (above)")
 
 
 if __name__ == "__main__":

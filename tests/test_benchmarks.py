@@ -141,6 +141,26 @@ def test_gpu_script_goes_on_when_the_profiler_fails(run, monkeypatch):
     assert len(rows) == 1 and number(rows[0]["tokens/s"]) > 0
 
 
+def test_gpu_script_reports_a_failing_run_and_goes_on(run, monkeypatch, capsys):
+    """A configuration that raises is reported (FAILED, its row 'failed') and the others still
+    run; the script then exits non-zero."""
+    from lmlab.optim import MasterWeightAdamW
+
+    def broken(self, closure=None):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(MasterWeightAdamW, "step", broken)
+    with pytest.raises(SystemExit, match="1 of 3 runs failed"):
+        run("gpu", "--tiny --device cpu --family decoder --precision bf16-true+masters "
+                   "bf16-mixed bf16-true")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "bf16-true+masters, accumulate 1): FAILED: RuntimeError: no such kernel" in out
+    (rows,) = tables(out)
+    assert [r["precision"] for r in rows] == ["bf16-true+masters", "bf16-mixed", "bf16-true"]
+    assert rows[0]["tokens/s"] == "failed" and rows[0]["meets"] == "NO"
+    assert all(number(r["tokens/s"]) > 0 for r in rows[1:])
+
+
 def test_timeline_finds_the_idle_gaps_and_what_the_host_launched_after_them(monkeypatch):
     """benchmarks/timeline.py on a hand-made GPU trace: kernels on two streams (overlapping), a copy,
     their launch calls and the host's operators around them; busy time is the union, the gaps over
