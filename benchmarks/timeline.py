@@ -34,6 +34,7 @@ from common import kind_of, table
 DEVICE = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH = ("cuda_runtime", "cuda_driver")
 HOST_RANGES = ("cpu_op", "user_annotation", "python_function")
+SCAN = 100_000  # ranges looked at, at most, to find the one around a launch
 
 
 def load(path: str | Path) -> list[dict]:
@@ -62,7 +63,10 @@ def busy_intervals(kernels: list[dict]) -> list[tuple[float, float]]:
 
 
 class HostIndex:
-    """The host's ranges per thread, to find the innermost one around a moment (a launch call)."""
+    """The host's ranges per thread, to find the innermost one around a moment (a launch call).
+    Ranges on one thread nest (they come from its call stack): sorted by start, outer before inner
+    where they start together, the innermost around a moment is the last one started by then that
+    has not ended."""
 
     def __init__(self, events: list[dict]) -> None:
         self.by_thread: dict[tuple, list[tuple[float, float, str]]] = collections.defaultdict(list)
@@ -74,17 +78,18 @@ class HostIndex:
                 )
         self.starts = {}
         for key, ranges in self.by_thread.items():
-            ranges.sort()
+            ranges.sort(key=lambda r: (r[0], -r[1]))
             self.starts[key] = [r[0] for r in ranges]
 
     def innermost(self, thread: tuple, at: float) -> str | None:
-        """The shortest range on ``thread`` that holds ``at`` (nested ranges: the innermost)."""
+        """The innermost range on ``thread`` that holds ``at``: back from the last one started by
+        then, past those already ended (bounded, so a huge trace stays quick)."""
         ranges = self.by_thread.get(thread, [])
-        best = None
-        for start, end, name in ranges[: bisect.bisect_right(self.starts.get(thread, []), at)]:
-            if start <= at <= end and (best is None or end - start < best[1] - best[0]):
-                best = (start, end, name)
-        return None if best is None else best[2]
+        last = bisect.bisect_right(self.starts.get(thread, []), at) - 1
+        for i in range(last, max(last - SCAN, -1), -1):
+            if ranges[i][1] >= at:
+                return ranges[i][2]
+        return None
 
 
 def summarize(events: list[dict], steps: int, gap_us: float = 20.0, top: int = 12) -> dict:

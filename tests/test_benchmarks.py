@@ -185,7 +185,9 @@ def test_timeline_finds_the_idle_gaps_and_what_the_host_launched_after_them(monk
         kernel(120, 5, 6, name="Memcpy HtoD (Pinned -> Device)", cat="gpu_memcpy"),
         kernel(200, 10, 99),  # 75 us, its launch not in the trace
         host(40, 7, "Optimizer.step#AdamW.step", cat="user_annotation"),
+        host(44, 3, "aten::matmul"),  # starts with aten::mul, ends after it: not the innermost
         host(44, 2, "aten::mul"),
+        host(41, 1, "aten::zero_"),  # ended before the launch
         host(45, 1, "cudaLaunchKernel", cat="cuda_runtime", corr=3),
         host(95, 1, "cuLaunchKernel", cat="cuda_driver", corr=5),
         {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1},  # metadata: skipped
