@@ -197,10 +197,36 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     return best
 
 
+class _Once(logging.Filter):
+    """Lets each distinct log message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        new = key not in self.seen
+        self.seen.add(key)
+        return new
+
+
 def check_ranges(cfg: DictConfig) -> None:
     """Each parameter's range ends (and categories), one at a time, through the settings checks
     a trial makes, before any trial: a range the run cannot take (optim.warmup_steps up to 200
-    under debug=fast's 20 steps) failed trial after trial instead."""
+    under debug=fast's 20 steps) failed trial after trial instead. A warning the checks give is
+    shown once, not once per probe."""
+    filters = {handler: _Once() for handler in logging.getLogger().handlers}  # one per handler:
+    for handler, once in filters.items():  # each sees every record
+        handler.addFilter(once)
+    try:
+        _check_ranges(cfg)
+    finally:
+        for handler, once in filters.items():
+            handler.removeFilter(once)
+
+
+def _check_ranges(cfg: DictConfig) -> None:
     from lmlab.train import check_settings
 
     for key, spec in cfg.hparams_search.params.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -301,6 +302,28 @@ def test_a_study_shared_by_two_run_dirs_resumes_a_preempted_trial_in_its_own_fol
     (row,) = csv.DictReader((a / "sweep_summary.csv").open())
     assert (row["job"], row["status"], row["output_dir"]) == ("0", "completed", str(a / "trials/0"))
     assert not (b / "trials").exists() and not (b / "sweep_summary.csv").exists()
+
+
+def test_the_range_checks_show_a_warning_once(tiny_cfg, caplog):
+    """Every probe of the ranges runs the settings checks, which warn here (tokenizer=byte has no
+    vocab_size): the warning appears once, not once per range end (4 here), and the filter is gone
+    afterwards."""
+    from lmlab.search import check_ranges
+
+    space = {
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2},
+        "model.n_layers": {"type": "int", "low": 1, "high": 2},
+    }
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "tokenizer=byte"), space)
+    with caplog.at_level(logging.WARNING):
+        check_ranges(cfg)
+    said = [r for r in caplog.records if "tokenizer.vocab_size is a setting" in r.getMessage()]
+    assert len(said) == 1
+    assert not any(f for h in logging.getLogger().handlers for f in h.filters)
+    with caplog.at_level(logging.WARNING):
+        check_ranges(cfg)  # a later search warns again
+    said = [r for r in caplog.records if "tokenizer.vocab_size is a setting" in r.getMessage()]
+    assert len(said) == 2
 
 
 def test_a_range_a_trial_cannot_take_is_refused_before_any_trial(tiny_cfg, monkeypatch):
