@@ -201,6 +201,15 @@ class Tracer(L.Callback):
         except Exception as e:  # a diagnostic must not cost the measurement
             self.error, self.profiler = f"{type(e).__name__}: {e}", None
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run that fails while profiling: the profiler stops here, not during the next run."""
+        profiler, self.profiler = self.profiler, None
+        if profiler is not None:
+            try:
+                profiler.stop()
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+
 
 MASTERS = "+masters"  # a --precision value's suffix: bf16-true with optim.master_weights=true
 EAGER = "-eager"  # ... and optim.compile_master_step=false
@@ -375,15 +384,17 @@ def main(argv=None) -> None:
             )
         except Exception as e:  # one failing configuration must not cost the others' figures
             said = "".join(traceback.format_exception_only(e)).strip()
+            failed = "default" if loss_chunk is None else loss_chunk
             print(
-                f"  {family} (loss chunk {loss_chunk}, compile {mode} / {scope}, {precision}, "
+                f"  {family} (loss chunk {failed}, compile {mode} / {scope}, {precision}, "
                 f"accumulate {accumulate}): FAILED: {said}\n"
                 + textwrap.indent("".join(traceback.format_tb(e.__traceback__)[-3:]), "    "),
                 flush=True,
             )
-            failed = "default" if loss_chunk is None else loss_chunk
             results.append(dict(family=family, loss_chunk=failed, scope=scope, mode=mode,
                                 precision=precision, accumulate=accumulate, failed=said))  # fmt: skip
+            r = None
+        if r is None:  # out of the except block, whose traceback holds the run's frames
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

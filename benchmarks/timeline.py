@@ -7,7 +7,8 @@ brought back from a GPU machine. breakdown.py profiles the plain compiled step i
 Trainer.
 
 The summary: the device's busy time (the union of its kernels, copies and fills over every stream)
-against the window from the first kernel's start to the last one's end; kernel time by kind (as
+against the window from the first kernel's start to the last one's end (the idle time before the
+first kernel falls outside it: over few steps the busy share reads a little high); kernel time by kind (as
 breakdown.py sorts kernels); and the idle gaps longer than ``--gap-us``, each blamed on what the
 host launched next: the innermost CPU operator (or ``record_function`` range) around the launch
 call whose correlation id the kernel after the gap carries. Gaps are summed by that name too, so a
@@ -34,7 +35,6 @@ from common import kind_of, table
 DEVICE = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH = ("cuda_runtime", "cuda_driver")
 HOST_RANGES = ("cpu_op", "user_annotation", "python_function")
-SCAN = 100_000  # ranges looked at, at most, to find the one around a launch
 
 
 def load(path: str | Path) -> list[dict]:
@@ -65,8 +65,9 @@ def busy_intervals(kernels: list[dict]) -> list[tuple[float, float]]:
 class HostIndex:
     """The host's ranges per thread, to find the innermost one around a moment (a launch call).
     Ranges on one thread nest (they come from its call stack): sorted by start, outer before inner
-    where they start together, the innermost around a moment is the last one started by then that
-    has not ended."""
+    where they start together, each gets its parent (the innermost range around its start) in one
+    sweep with a stack; the innermost range around a moment is then the last one started by then,
+    or the first of its ancestors that has not ended."""
 
     def __init__(self, events: list[dict]) -> None:
         self.by_thread: dict[tuple, list[tuple[float, float, str]]] = collections.defaultdict(list)
@@ -76,20 +77,25 @@ class HostIndex:
                 self.by_thread[(e.get("pid"), e.get("tid"))].append(
                     (start, start + float(e["dur"]), e["name"])
                 )
-        self.starts = {}
+        self.starts, self.parents = {}, {}
         for key, ranges in self.by_thread.items():
             ranges.sort(key=lambda r: (r[0], -r[1]))
             self.starts[key] = [r[0] for r in ranges]
+            parents, stack = [], []
+            for i, (start, _, _) in enumerate(ranges):
+                while stack and ranges[stack[-1]][1] < start:
+                    stack.pop()
+                parents.append(stack[-1] if stack else -1)
+                stack.append(i)
+            self.parents[key] = parents
 
     def innermost(self, thread: tuple, at: float) -> str | None:
-        """The innermost range on ``thread`` that holds ``at``: back from the last one started by
-        then, past those already ended (bounded, so a huge trace stays quick)."""
+        """The innermost range on ``thread`` that holds ``at``, or None."""
         ranges = self.by_thread.get(thread, [])
-        last = bisect.bisect_right(self.starts.get(thread, []), at) - 1
-        for i in range(last, max(last - SCAN, -1), -1):
-            if ranges[i][1] >= at:
-                return ranges[i][2]
-        return None
+        i = bisect.bisect_right(self.starts.get(thread, []), at) - 1
+        while i >= 0 and ranges[i][1] < at:
+            i = self.parents[thread][i]
+        return None if i < 0 else ranges[i][2]
 
 
 def summarize(events: list[dict], steps: int, gap_us: float = 20.0, top: int = 12) -> dict:
@@ -104,7 +110,7 @@ def summarize(events: list[dict], steps: int, gap_us: float = 20.0, top: int = 1
                 own[e["name"]] += float(e["dur"]) / 1e3 / steps
         return {"device": False, "cpu_ops": sorted(own.items(), key=lambda kv: -kv[1])[:top]}
     busy = busy_intervals(kernels)
-    window = busy[-1][1] - busy[0][0]
+    window = max(busy[-1][1] - busy[0][0], 1e-9)  # from the first kernel's start to the last's end
     busy_ms = sum(e - s for s, e in busy) / 1e3
     by_kind: dict[str, float] = collections.defaultdict(float)
     for k in kernels:
@@ -126,6 +132,10 @@ def summarize(events: list[dict], steps: int, gap_us: float = 20.0, top: int = 1
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         if launch is None:
             by = "(launch not traced)"
+        elif float(launch["ts"]) + float(launch["dur"]) <= end:
+            # queued before the gap began (a kernel waiting on another stream or an event, or
+            # a gap inside a CUDA graph's replay, whose kernels all carry its launch's id)
+            by = "(launched before the gap: device-side)"
         else:
             thread = (launch.get("pid"), launch.get("tid"))
             by = host.innermost(thread, float(launch["ts"])) or launch["name"]

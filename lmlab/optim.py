@@ -319,7 +319,10 @@ class MastersOffDevice(L.Callback):
         self._move(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._move(trainer)
+        try:  # after a device error the move may fail too: Lightning's own clean-up comes next
+            self._move(trainer)
+        except Exception as e:
+            warnings.warn(f"master weights not moved off the device: {e}", stacklevel=1)
 
     @staticmethod
     def _move(trainer) -> None:

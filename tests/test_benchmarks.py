@@ -161,6 +161,31 @@ def test_gpu_script_reports_a_failing_run_and_goes_on(run, monkeypatch, capsys):
     assert all(number(r["tokens/s"]) > 0 for r in rows[1:])
 
 
+def test_a_run_failing_while_profiled_leaves_no_profiler_on(run, monkeypatch, capsys):
+    """The first run raises inside its profiled steps: its profiler stops then, so the second
+    run's steps are not profiled (nor timed under a profiler) before its own trace."""
+    from lmlab.models.base import LMModule
+
+    fits, profiled = [], []
+    training_step = LMModule.training_step
+
+    def step(self, batch, batch_idx):
+        if batch_idx == 0:
+            fits.append(self)
+        if len(fits) == 1 and self.global_step == 5:  # the first profiled step (2 + 3 before it)
+            raise RuntimeError("failed mid-trace")
+        if len(fits) == 2 and self.global_step < 5:
+            profiled.append(torch.autograd._profiler_enabled())
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LMModule, "training_step", step)
+    with pytest.raises(SystemExit, match="1 of 2 runs failed"):
+        run("gpu", "--tiny --device cpu --family decoder --precision bf16-mixed bf16-true "
+                   "--trace-steps 2")  # fmt: skip
+    assert "FAILED: RuntimeError: failed mid-trace" in capsys.readouterr().out
+    assert len(profiled) == 5 and not any(profiled)
+
+
 def test_timeline_finds_the_idle_gaps_and_what_the_host_launched_after_them(monkeypatch):
     """benchmarks/timeline.py on a hand-made GPU trace: kernels on two streams (overlapping), a copy,
     their launch calls and the host's operators around them; busy time is the union, the gaps over
@@ -184,6 +209,14 @@ def test_timeline_finds_the_idle_gaps_and_what_the_host_launched_after_them(monk
         kernel(100, 20, 5),  # 30 us, launched from no host operator: blamed on the call
         kernel(120, 5, 6, name="Memcpy HtoD (Pinned -> Device)", cat="gpu_memcpy"),
         kernel(200, 10, 99),  # 75 us, its launch not in the trace
+        kernel(300, 5, 7),  # 90 us, launched (at 150) before the gap began: device-side
+        kernel(400, 5, 8),  # 95 us, launched inside aten::outer after two children ended
+        host(150, 1, "cudaLaunchKernel", cat="cuda_runtime", corr=7),
+        host(380, 15, "aten::outer"),
+        host(381, 2, "aten::a"),
+        host(384, 2, "aten::b"),
+        host(384, 1, "aten::b_inner"),
+        host(390, 1, "cudaLaunchKernel", cat="cuda_runtime", corr=8),
         host(40, 7, "Optimizer.step#AdamW.step", cat="user_annotation"),
         host(44, 3, "aten::matmul"),  # starts with aten::mul, ends after it: not the innermost
         host(44, 2, "aten::mul"),
@@ -193,22 +226,24 @@ def test_timeline_finds_the_idle_gaps_and_what_the_host_launched_after_them(monk
         {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1},  # metadata: skipped
     ]
     s = timeline.summarize(timeline.load_events(events), steps=1)
-    assert s["window_ms"] == pytest.approx(0.210)
-    assert s["busy_ms"] == pytest.approx(0.065)
-    assert s["idle_ms"] == pytest.approx(0.145)
-    assert s["gaps_ms"] == pytest.approx(0.140)
+    assert s["window_ms"] == pytest.approx(0.405)
+    assert s["busy_ms"] == pytest.approx(0.075)
+    assert s["idle_ms"] == pytest.approx(0.330)
+    assert s["gaps_ms"] == pytest.approx(0.325)
     assert [(round(us), by) for us, by, _ in s["longest_gaps"]] == [
+        (95, "aten::outer"),
+        (90, "(launched before the gap: device-side)"),
         (75, "(launch not traced)"),
         (35, "aten::mul"),
         (30, "cuLaunchKernel"),
     ]
     assert dict(s["by_kind"]) == pytest.approx(
-        {"matrix products": 0.010, "elementwise and reductions": 0.055, "copies and fills": 0.005}
+        {"matrix products": 0.010, "elementwise and reductions": 0.065, "copies and fills": 0.005}
     )
     s2 = timeline.summarize(timeline.load_events(events), steps=2)  # per step: halved
-    assert s2["busy_ms"] == pytest.approx(0.0325) and s2["blame"][0][2] == 0.5
+    assert s2["busy_ms"] == pytest.approx(0.0375) and s2["blame"][0][2] == 0.5
     text = timeline.report(s, 1, 20.0)
-    assert "busy 0.07 of 0.21 ms a step (31.0%)" in text
+    assert "ms a step (18.5%)" in text
 
 
 def test_gpu_script_layers_override_sets_every_stack(monkeypatch):

@@ -546,6 +546,38 @@ def test_the_masters_leave_the_device_when_fit_ends_or_raises(tiny_cfg, monkeypa
     assert moved == ["cpu"]
 
 
+def test_a_failed_move_of_the_masters_leaves_the_fit_error_and_lightning_clean_up(
+    tiny_cfg, monkeypatch
+):
+    """After a device error the move may fail too: a warning, and the fit's own error is the
+    one raised (Lightning's clean-up after the callbacks still runs: its teardown moves the model
+    to the CPU)."""
+    from lmlab.models.base import LMModule
+
+    def lost(self, device):
+        raise RuntimeError("device lost")
+
+    def failing(self, batch, batch_idx):
+        raise ValueError("the step failed")
+
+    monkeypatch.setattr(MasterWeightAdamW, "to", lost)
+    monkeypatch.setattr(LMModule, "training_step", failing)
+    teardowns = []
+    teardown = L.pytorch.strategies.SingleDeviceStrategy.teardown
+    monkeypatch.setattr(
+        L.pytorch.strategies.SingleDeviceStrategy,
+        "teardown",
+        lambda self: teardowns.append(1) or teardown(self),
+    )
+    cfg = tiny_cfg("trainer.precision=bf16-true", "optim.master_weights=true")
+    with (
+        pytest.warns(UserWarning, match="master weights not moved off the device: device lost"),
+        pytest.raises(ValueError, match="the step failed"),
+    ):
+        train(cfg)
+    assert teardowns
+
+
 @pytest.mark.slow
 def test_under_compile_training_steps_the_masters_with_the_compiled_step(tiny_cfg, monkeypatch):
     """compile=true + bf16-true + master_weights: the Trainer's optimizer steps compiled, reading

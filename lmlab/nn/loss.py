@@ -44,10 +44,11 @@ def _softmax_grad(z, top, nll, target, valid, dtype):
     and one pass writing the gradient. The eager code's in-place updates and ``scatter_add_`` would
     make inductor keep a float32 copy of the logits (twice their bf16 size), scatter into it
     eagerly and read it again to round it."""
-    lse = top + (z - top).exp().sum(1, keepdim=True).log()
+    shifted = z - top  # relative to the row's largest logit: exact, and lse stays small
+    lse = shifted.exp().sum(1, keepdim=True).log()
     onehot = torch.arange(z.shape[1], device=z.device) == target
-    g = torch.where(valid, (z - lse).exp() - onehot.float(), 0).to(dtype)
-    return g, torch.where(valid, nll + lse - top, 0).sum()
+    g = torch.where(valid, (shifted - lse).exp() - onehot.float(), 0).to(dtype)
+    return g, torch.where(valid, nll + lse, 0).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
