@@ -346,6 +346,10 @@ def main(argv=None) -> None:
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
     if args.trace_dir is not None:
+        if args.trace_dir.exists() and not args.trace_dir.is_dir():
+            raise SystemExit(
+                f"--trace-dir {args.trace_dir} is a file; name a folder for the traces"
+            )
         args.trace_dir.mkdir(parents=True, exist_ok=True)
     common.quiet()
     t_start = time.perf_counter()

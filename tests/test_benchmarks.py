@@ -126,6 +126,8 @@ def test_gpu_script_traces_steps_after_the_timed_ones(run, tmp_path):
     assert len(host.split(":")[1].split()) == 3
     with pytest.raises(SystemExit, match="--trace-steps -1"):
         run("gpu", "--tiny --device cpu --trace-steps -1")
+    with pytest.raises(SystemExit, match="is a file; name a folder"):
+        run("gpu", f"--tiny --device cpu --trace-steps 1 --trace-dir {trace}")
 
 
 def test_gpu_script_goes_on_when_the_profiler_fails(run, monkeypatch):
