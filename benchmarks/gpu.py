@@ -421,7 +421,7 @@ def main(argv=None) -> None:
             print(f"    trace: {tracer.path}", flush=True)
             try:  # the runs still to come are the measurement
                 summary = timeline.summarize(timeline.load(tracer.path), args.trace_steps)
-                print(textwrap.indent(timeline.report(summary, args.trace_steps, 20.0), "    "))
+                print(textwrap.indent(timeline.report(summary), "    "))
             except Exception as e:
                 print(f"    (timeline.py could not read it: {type(e).__name__}: {e})")
     rows = []

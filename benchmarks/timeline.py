@@ -8,10 +8,12 @@ Trainer.
 
 The summary: the device's busy time (the union of its kernels, copies and fills over every stream)
 against the window from the first kernel's start to the last one's end (the idle time before the
-first kernel falls outside it: over few steps the busy share reads a little high); kernel time by kind (as
-breakdown.py sorts kernels); and the idle gaps longer than ``--gap-us``, each blamed on what the
-host launched next: the innermost CPU operator (or ``record_function`` range) around the launch
-call whose correlation id the kernel after the gap carries. Gaps are summed by that name too, so a
+first kernel falls outside it: over few steps the busy share reads a little high); kernel time by
+kind (as breakdown.py sorts kernels); and the idle gaps longer than ``--gap-us``, each blamed on
+what the host launched next: the innermost CPU operator (or ``record_function`` range) around the
+launch call whose correlation id the kernel after the gap carries, or on the device where that
+call had returned before the gap began (a wait on another stream or event, a gap inside a CUDA
+graph's replay). Gaps are summed by that name too, so a
 host-side cost paid every step (an eager optimizer step, a synchronising read of a metric) shows as
 one row. A trace of a CPU run has no kernels: it is summarised by its CPU operators' time.
 
@@ -108,7 +110,8 @@ def summarize(events: list[dict], steps: int, gap_us: float = 20.0, top: int = 1
         for e in events:
             if e.get("cat") == "cpu_op":
                 own[e["name"]] += float(e["dur"]) / 1e3 / steps
-        return {"device": False, "cpu_ops": sorted(own.items(), key=lambda kv: -kv[1])[:top]}
+        ops = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+        return {"device": False, "steps": steps, "cpu_ops": ops}
     busy = busy_intervals(kernels)
     window = max(busy[-1][1] - busy[0][0], 1e-9)  # from the first kernel's start to the last's end
     busy_ms = sum(e - s for s, e in busy) / 1e3
@@ -147,6 +150,8 @@ def summarize(events: list[dict], steps: int, gap_us: float = 20.0, top: int = 1
         blame[by][1] += 1 / steps
     return {
         "device": True,
+        "steps": steps,
+        "gap_us": gap_us,
         "window_ms": window / 1e3 / steps,
         "busy_ms": busy_ms / steps,
         "idle_ms": (window / 1e3 - busy_ms) / steps,
@@ -157,7 +162,7 @@ def summarize(events: list[dict], steps: int, gap_us: float = 20.0, top: int = 1
     }
 
 
-def report(summary: dict, steps: int, gap_us: float) -> str:
+def report(summary: dict) -> str:
     """The summary as text: figures, then tables (benchmarks/common.py's)."""
     if not summary["device"]:
         rows = [[f"{ms:.3f}", name[:90]] for name, ms in summary["cpu_ops"]]
@@ -166,6 +171,7 @@ def report(summary: dict, steps: int, gap_us: float) -> str:
             "operators it calls)\n" + table(["ms per step", "operator"], rows)
         )
     s = summary
+    steps, gap_us = s["steps"], s["gap_us"]
     lines = [
         f"{steps} profiled steps: the device busy {s['busy_ms']:.2f} of {s['window_ms']:.2f} ms a "
         f"step ({100 * s['busy_ms'] / s['window_ms']:.1f}%); idle {s['idle_ms']:.2f} ms a step, "
@@ -198,7 +204,7 @@ def main(argv=None) -> None:
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     summary = summarize(load(args.trace), args.steps, args.gap_us, args.top)
-    print(report(summary, args.steps, args.gap_us))
+    print(report(summary))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ With ``trainer.precision=bf16-true`` the weights, activations and gradients are 
 on an H100 is 1.09-1.1x faster than under ``bf16-mixed`` (1.04x with master weights' eager step;
 benchmarks/README.md, the third and fourth GPU sessions), since the residual stream and every
 elementwise kernel move half the bytes and the weights need no cast before each product. But a
-bf16 weight cannot hold an update smaller than half the spacing of bf16 numbers near it (2^-9 to 2^-8 of its size), and AdamW's updates are about
-the learning rate: at the end of GPT-2's schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight,
+bf16 weight cannot hold an update smaller than half the spacing of bf16 numbers near it (2^-9 to
+2^-8 of its size), and AdamW's updates are about the learning rate: at the end of GPT-2's schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight,
 so plain bf16-true training rounds many updates away. :class:`MasterWeightAdamW` keeps fp32 copies
 of the weights and AdamW's state in fp32: each step copies the model's gradients into fp32, steps
 the copies, and writes them back rounded to bf16. Memory per weight: 16 bytes through the forward
@@ -70,8 +70,8 @@ def _adamw_step():
 class MasterWeightAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` (fused, foreach or plain, as its keywords say) stepping fp32 copies of
     ``params`` (the model's bf16 weights, in groups as AdamW takes them); after each step the
-    model's weights are the copies rounded to their dtype. ``param_groups`` hold the copies: learning-rate
-    schedules, clipping and gradient scaling act on them as on any AdamW's."""
+    model's weights are the copies rounded to their dtype. ``param_groups`` hold the copies:
+    learning-rate schedules, clipping and gradient scaling act on them as on any AdamW's."""
 
     def __init__(self, params, compiled: bool = False, **kwargs) -> None:
         if compiled and any(kwargs.get(k) for k in ("amsgrad", "maximize", "differentiable")):
@@ -313,7 +313,8 @@ class MastersOffDevice(L.Callback):
     """Moves a fit's master weights to the CPU when it ends, or raises (``LMModule`` adds it with
     master weights; a LightningModule has no exception hook). Lightning moves the model and AdamW's
     state off the GPU at teardown, not the masters, which would otherwise hold 4 bytes a weight of
-    GPU memory for as long as the Trainer lives (in a notebook, the traceback of the error keeps it)."""
+    GPU memory for as long as the Trainer lives (in a notebook, the traceback of the error keeps
+    it)."""
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._move(trainer)
@@ -418,8 +419,8 @@ def _compiled_master_adamw():
 def fp32_all_reduce_hook(state: tuple[MasterWeightAdamW, dist.ProcessGroup | None], bucket):
     """DDP communication hook (``ddp_model.register_comm_hook((optimizer, ddp_model.process_group),
     fp32_all_reduce_hook)``) for master weights: the bucket's bf16 gradients (this process's last
-    micro-batch of the step) plus the fp32 sum of its earlier micro-batches (:meth:`MasterWeightAdamW.accumulate_grads`) in
-    fp32, averaged over the processes with one all-reduce, become the masters' gradients; the
+    micro-batch of the step) plus the fp32 sum of its earlier micro-batches
+    (:meth:`MasterWeightAdamW.accumulate_grads`) in fp32, averaged over the processes with one all-reduce, become the masters' gradients; the
     bucket goes back to DDP as it came (the model's gradients are dropped after the backward,
     ``LMModule.on_after_backward``). DDP runs it on every bucket as soon as its gradients are
     ready, so the all-reduces overlap the rest of the backward. (``bucket`` and the result, a

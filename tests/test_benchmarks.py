@@ -244,8 +244,8 @@ def test_timeline_finds_the_idle_gaps_and_what_the_host_launched_after_them(monk
     )
     s2 = timeline.summarize(timeline.load_events(events), steps=2)  # per step: halved
     assert s2["busy_ms"] == pytest.approx(0.0375) and s2["blame"][0][2] == 0.5
-    text = timeline.report(s, 1, 20.0)
-    assert "ms a step (18.5%)" in text
+    text = timeline.report(s)
+    assert "ms a step (18.5%)" in text and "0.33 of it in gaps over 20 us" in text
 
 
 def test_gpu_script_layers_override_sets_every_stack(monkeypatch):

@@ -39,8 +39,8 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _softmax_grad(z, top, nll, target, valid, dtype):
-    """A chunk's ``softmax(z) - onehot(y)`` in ``dtype`` (rows of ignored tokens zero) and its summed
-    loss, as the pure formulas that ``torch.compile`` fuses: one reduction over the chunk's logits
+    """A chunk's ``softmax(z) - onehot(y)`` in ``dtype`` (rows of ignored tokens zero) and its
+    summed loss, as the pure formulas that ``torch.compile`` fuses: one reduction over the chunk's logits
     and one pass writing the gradient. The eager code's in-place updates and ``scatter_add_`` would
     make inductor keep a float32 copy of the logits (twice their bf16 size), scatter into it
     eagerly and read it again to round it."""
