@@ -60,6 +60,8 @@ def test_train_command_writes_every_output(cli_run):
     # Lightning's lines once each: its own handler (on "lightning" from 2.6) is dropped
     assert log.count("GPU available:") == 1
     assert "seq_len: 32" in log  # the composed config is printed
+    # torch's FutureWarning about Lightning's own use of LeafSpec, at every fit, is not shown
+    assert "LeafSpec" not in log
 
 
 def test_a_refused_resume_leaves_the_run_folder_as_it_was(cli_run):

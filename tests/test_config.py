@@ -210,6 +210,14 @@ def test_another_tokenizer_kinds_setting_is_a_warning(compose_cfg, caplog):
     )
 
 
+@pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
+def test_debug_fast_sets_nothing_the_tokenizer_does_not_use(compose_cfg, caplog, tokenizer):
+    """debug=fast set tokenizer.vocab_size, so `debug=fast tokenizer=byte` warned about a setting
+    the user never gave."""
+    check_settings(compose_cfg("debug=fast", f"tokenizer={tokenizer}"))
+    assert "another tokenizer kind" not in caplog.text
+
+
 def test_registry_command_prints_the_table_and_has_help(capsys):
     from lmlab.registry import main
 

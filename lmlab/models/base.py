@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings(
     "ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`"
 )
+# Lightning 2.6 builds torch's LeafSpec, which torch 2.13 deprecates (a FutureWarning at every
+# fit, about Lightning's code, nothing a user can change)
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
 
 
 # Tokens per chunk of the fused head + loss that loss_chunk_size=None means on a CPU, where chunks
