@@ -92,21 +92,8 @@ def main(argv=None) -> None:
     precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
     compile_ = device.type == "cuda" if args.compile is None else args.compile
     B, T = pre["batch"], pre["seq_len"]
-    dims = dict(
-        n_layers=pre["n_layers"], d_model=pre["d_model"], n_heads=pre["n_heads"], max_seq_len=T
-    )
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    batches = [common.random_batch("causal", B, T, pre["vocab"], generator=gen) for _ in range(4)]
     per_round = args.warmup + args.steps
-
-    torch.manual_seed(0)
-    lit_model = common.lmlab_model("decoder", vocab_size=pre["vocab"], compile=compile_, **dims)
-    torch.manual_seed(0)
-    plain_model = common.lmlab_model("decoder", vocab_size=pre["vocab"], **dims).backbone.to(device)
-    plain_step = make_plain_step(
-        plain_model, lit_model.optim_cfg, device, precision, per_round, compile_
-    )
+    lit_model, plain_step, batches = contenders(pre, device, precision, compile_, per_round)
 
     out = Path(tempfile.mkdtemp(prefix="lmlab-overhead-"))
     accelerator = "gpu" if device.type == "cuda" else "cpu"
@@ -186,6 +173,26 @@ def main(argv=None) -> None:
         f"steps each; {elapsed:.0f} s"
     )
     print(f"lmlab Trainer: {how}; callbacks on: {common.SPEED_CALLBACKS}")
+
+
+def contenders(pre: dict, device: torch.device, precision: str, compile_: bool, steps: int):
+    """lmlab's ``DecoderLM``, the plain loop's step over a backbone with the same initial weights
+    (scheduled over ``steps`` steps, as a round's ``trainer.fit``), and the batches both train on.
+    From the same weights, the two make the same updates (tests/test_benchmarks.py)."""
+    B, T = pre["batch"], pre["seq_len"]
+    dims = dict(
+        n_layers=pre["n_layers"], d_model=pre["d_model"], n_heads=pre["n_heads"], max_seq_len=T
+    )
+    gen = torch.Generator().manual_seed(0)
+    batches = [common.random_batch("causal", B, T, pre["vocab"], generator=gen) for _ in range(4)]
+    torch.manual_seed(0)
+    lit_model = common.lmlab_model("decoder", vocab_size=pre["vocab"], compile=compile_, **dims)
+    torch.manual_seed(0)
+    plain_model = common.lmlab_model("decoder", vocab_size=pre["vocab"], **dims).backbone.to(device)
+    plain_step = make_plain_step(
+        plain_model, lit_model.optim_cfg, device, precision, steps, compile_
+    )
+    return lit_model, plain_step, batches
 
 
 def step_basis(

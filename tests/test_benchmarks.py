@@ -287,6 +287,40 @@ def test_overhead_script_ratio_is_the_step_time_ratio(run):
     assert f"lmlab overhead: {100 * (ratio - 1):+.1f}%" in out
 
 
+@pytest.mark.parametrize("use_hydra", [True, False])
+def test_overhead_contenders_make_the_same_updates(monkeypatch, tmp_path, use_hydra):
+    """overhead.py races the same work: from the same weights on the same batches, four steps of
+    lmlab's Trainer (composed from conf/, or by hand as on machines without Hydra) and of the
+    plain loop (loss, clipping at 1.0, AdamW groups, warmup + cosine schedule) leave the same
+    weights."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    overhead = importlib.import_module("overhead")
+    common = importlib.import_module("common")
+    pre = dict(overhead.PRESETS["tiny"], n_layers=2, d_model=32, batch=2, seq_len=16, vocab=64)
+    cpu = torch.device("cpu")
+    lit, plain_step, batches = overhead.contenders(pre, cpu, "32-true", False, steps=4)
+    plain = plain_step.model
+    start = {name: p.detach().clone() for name, p in plain.named_parameters()}
+    for name, p in lit.backbone.named_parameters():
+        assert torch.equal(p, start[name]), name
+    trainer, _ = common.lmlab_trainer(
+        accelerator="cpu",
+        precision="32-true",
+        max_steps=4,
+        output_dir=tmp_path,
+        use_hydra=use_hydra,
+    )
+    trainer.fit(lit, train_dataloaders=common.loader(batches, 4))
+    plain_step.reset()
+    for batch in common.loader(batches, 4):
+        plain_step(batch)
+    assert trainer.global_step == 4
+    trained = dict(plain.named_parameters())
+    for name, p in lit.backbone.named_parameters():
+        assert not torch.equal(p, start[name]), name  # every weight moved
+        torch.testing.assert_close(p, trained[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_overhead_compares_round_means_on_a_gpu_and_medians_on_a_cpu(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     overhead = importlib.import_module("overhead")
