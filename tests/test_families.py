@@ -158,6 +158,20 @@ def test_prefix_lm_batches_score_only_after_the_prefix(tmp_path):
         )
 
 
+def test_prefix_lengths_are_uniform_over_1_to_seq_len_minus_1(tmp_path):
+    """Each window's prefix is drawn uniformly from 1 .. seq_len - 1 (T5's prefix LM splits at a
+    uniformly random point): over an epoch of ~7000 windows each of the 15 values is a binomial
+    count (mean n / 15, sd ~21), allowed 5 sd."""
+    tok = byte_tokenizer(2)
+    store = build_store(iter([make_text(20_000, 0)]), tok, tmp_path, "p")
+    dm = PrefixLMDataModule(tok, store, store, seq_len=16, batch_size=64, seed=1)
+    drawn = torch.cat([b["prefix_len"] for b in dm.train_dataloader()])
+    counts = torch.bincount(drawn, minlength=17).double()
+    n, p = len(drawn), 1 / 15
+    assert n > 5000 and counts[0] == counts[16] == 0
+    assert ((counts[1:16] - n * p).abs() <= 5 * math.sqrt(n * p * (1 - p))).all(), counts
+
+
 # -- masked LM --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def masking():

@@ -62,6 +62,49 @@ def test_fill_mask_never_proposes_special_tokens_even_for_a_large_top_k(compose_
     assert prob.sum(-1).tolist() == pytest.approx([1.0] * 5, abs=1e-5)
 
 
+def test_fill_mask_fills_each_mask_with_the_most_likely_text_token(compose_cfg):
+    torch.manual_seed(0)
+    module, tok = module_and_tokenizer(compose_cfg, "encoder")
+    ids = [tok.cls_id, 65, tok.mask_id, 66, tok.mask_id, tok.sep_id]
+    top, prob = module.predict_masked(ids, top_k=4)
+    with torch.no_grad():
+        logits = module.backbone(torch.tensor([ids]))[0, :, : tok.vocab_size].float()
+    logits[:, tok.special_ids] = float("-inf")
+    assert torch.equal(top[:, 0], logits.argmax(-1))
+    torch.testing.assert_close(prob, logits.softmax(-1).gather(1, top))
+    assert (prob[:, :-1] >= prob[:, 1:]).all()  # best first
+    (text,) = module.fill_mask(tok, ["A<|mask|>B<|mask|>"], top_k=4)
+    filled = tok.decode([65, int(top[2, 0]), 66, int(top[4, 0])])
+    assert text.startswith(filled + "\n")  # (the filled tokens may be line breaks themselves)
+    first_mask = text[len(filled) + 1 :].split("\n")[0]  # candidates' reprs escape line breaks
+    assert first_mask.startswith("  mask at token 1: ") and first_mask.count(", ") == 3  # top_k
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_the_commands_sampling_settings_reach_the_sampler(compose_cfg, monkeypatch, family):
+    """temperature, top_k and top_p of `python -m lmlab.generate` are what every decoding step
+    samples with."""
+    import lmlab.generate as command
+    import lmlab.nn.sampling as sampling
+
+    module, tok = module_and_tokenizer(compose_cfg, family)
+    monkeypatch.setattr(command, "load_run", lambda path, device: (module, tok, None))
+    seen, sample = [], sampling.sample_next
+
+    def spy(logits, **settings):
+        seen.append({k: settings[k] for k in ("temperature", "top_k", "top_p")})
+        return sample(logits, **settings)
+
+    monkeypatch.setattr(sampling, "sample_next", spy)
+    settings = dict(temperature=0.7, top_k=3, top_p=0.9)
+    prompt = "ab" if family == "decoder" else "a <extra_id_0> b"
+    cfg = command_cfg("generate", ckpt_path="x", device="cpu", prompt=prompt, max_new_tokens=4)
+    with open_dict(cfg):
+        cfg.update(settings)
+    generate(cfg)
+    assert seen and all(s == settings for s in seen)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

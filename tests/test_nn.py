@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -271,6 +272,31 @@ def test_sampling_top_k_and_top_p():
         sample_next(logits, top_p=0)
 
 
+def test_top_k_and_top_p_keep_the_most_likely_tokens_wherever_they_are():
+    """The same logits in another vocabulary order: the kept set is the most likely ids (logits in
+    descending order could not tell those from the first ids)."""
+    logits = torch.tensor([[-1.0, 1.0, 3.0, 0.0, 2.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {2, 4}
+    assert set(sample_next(logits, top_p=0.7, generator=g).tolist()) == {2, 4}
+    assert set(sample_next(logits, top_p=0.9, generator=g).tolist()) == {1, 2, 4}  # 0.64+0.24 < 0.9
+
+
+def test_temperature_divides_the_logits():
+    """Sampling at temperature t draws from softmax(logits / t): token 0 of [3, 2, 1, 0, -1] is
+    drawn with probability 0.865 at t = 0.5, 0.64 at t = 1 and 0.42 at t = 2 (4000 draws: sd
+    under 0.008); with the same generator state, temperature t on the logits equals 1 on
+    logits / t, draw for draw."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    for t in (0.5, 1.0, 2.0):
+        g = torch.Generator().manual_seed(1)
+        freq = (sample_next(logits, temperature=t, generator=g) == 0).float().mean().item()
+        assert freq == pytest.approx((logits[0] / t).softmax(-1)[0].item(), abs=0.03)
+        a = sample_next(logits, temperature=t, generator=torch.Generator().manual_seed(2))
+        b = sample_next(logits / t, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a, b)
+
+
 def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
     g = torch.Generator().manual_seed(0)
     # all equal: top_k=1 is one fixed token, not a uniform draw over the vocabulary
@@ -293,7 +319,12 @@ def test_param_groups_decay_only_matrices():
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_lambda(s, 10, 110, 0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[4] == pytest.approx(0.5)  # linear warmup: step s at (s + 1) / warmup
     assert f[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    # a quarter and three quarters of the way: the cosine's values (a linear decay gives 0.775
+    # and 0.325 there)
+    assert f[35] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert f[85] == pytest.approx(0.1 + 0.45 * (1 + math.cos(3 * math.pi / 4)))
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(f[9:]))  # non-increasing after warmup
 
@@ -304,3 +335,19 @@ def test_scaled_init_of_residual_projections():
     std_qkv = m.blocks[0].attn.qkv.weight.std().item()
     assert std_qkv == pytest.approx(0.02, rel=0.05)
     assert std_out == pytest.approx(0.02 / 4, rel=0.1)  # 1 / sqrt(2 * 8)
+
+
+def test_scaled_init_counts_both_stacks_of_an_encoder_decoder():
+    """GPT-2's 1/sqrt(2 L) with L the residual blocks of both stacks (3 + 5 here: 0.02 / 4), on
+    every projection that writes into a residual stream, cross-attention's included; the others
+    at 0.02."""
+    from lmlab.nn.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
+
+    c = EncoderDecoderConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=3, n_decoder_layers=5)
+    m = EncoderDecoder(c)
+    for block in [*m.enc_blocks, *m.dec_blocks]:
+        cross = [block.cross.out] if hasattr(block, "cross") else []
+        for layer in [block.attn.out, block.mlp.down, *cross]:
+            assert layer.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert m.dec_blocks[0].cross.q.weight.std().item() == pytest.approx(0.02, rel=0.1)
