@@ -238,6 +238,25 @@ def test_store_contents_offsets_and_bytes(tmp_path):
     assert reopened.tokens.tolist() == expected
 
 
+def test_a_vocabulary_beyond_uint16_is_stored_as_uint32(tmp_path):
+    """Ids above 65535 (Llama 3's 128K vocabulary) need 32 bits: a uint16 store wraps them."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from lmlab.data.tokenizers import load_pretrained
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 70_000)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>")])
+    tk.save(str(tmp_path / "big.json"))
+    tok = load_pretrained(tmp_path / "big.json")
+    s = build_store(iter(["w1 w69999 w65536", "w65535"]), tok, tmp_path, "big")
+    assert s.tokens.dtype == np.uint32
+    eos = tok.eos_id
+    assert s.tokens.tolist() == [1, 69_999, 65_536, eos, 65_535, eos]
+    assert TokenStore.open(s.path).tokens.tolist() == s.tokens.tolist()
+
+
 def test_whitespace_only_documents_are_skipped_and_a_split_of_only_them_is_refused(tmp_path):
     """A JSONL row {"text": ""} or {"text": "  \\n"} holds nothing to learn: no eos-only document
     (whose split would score bits per byte over 0 bytes), as data=hf skips such rows."""
@@ -442,9 +461,36 @@ def test_train_sampler_epoch_permutation():
     assert list(s) == e0  # same epoch, same order
     s.set_epoch(1)
     assert list(s) != e0 and {e for _, e in s} == {1}
+    # a new phase each epoch: window boundaries move across the text (over 20 epochs, the phases
+    # of 10 possible: a fixed phase, 0 or any other, is one value)
+    phases = []
+    for epoch in range(20):
+        s.set_epoch(epoch)
+        (phase,) = {x % 10 for x, _ in s}
+        phases.append(phase)
+    assert len(set(phases)) >= 6
     # non-overlapping windows (stride = window) for the other objectives
     s2 = RandomWindowSampler(n_tokens=1000, window_len=10, stride=10, seed=0)
     assert len(s2) == 99 and all(x + 10 <= 1000 for x, _ in s2)
+
+
+def test_ranks_split_each_step_of_the_one_process_order():
+    """Two ranks with batches of 2 see, step by step, the windows of one process with batches of
+    4: rank r takes positions r, r + 2, ... of its order (the same data as one device with the
+    same global batch)."""
+    kw = dict(n_tokens=1000, window_len=11, stride=10, seed=3)
+    one = RandomWindowSampler(**kw, batch_size=4)
+    ranks = [RandomWindowSampler(**kw, rank=r, world=2, batch_size=2) for r in (0, 1)]
+    for epoch in range(3):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        single = list(one)
+        assert len(single) == 96 and [len(r) for r in ranks] == [48, 48]
+        for r, s in enumerate(ranks):
+            assert list(s) == single[r::2]
+        for step in range(24):  # one optimizer step: the one process's batch, split over ranks
+            both = [w for s in ranks for w in list(s)[2 * step : 2 * step + 2]]
+            assert sorted(both) == sorted(single[4 * step : 4 * step + 4])
 
 
 def test_train_epochs_are_whole_batches_with_the_left_out_windows_changing():

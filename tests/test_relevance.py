@@ -73,6 +73,39 @@ def test_each_row_is_its_query_with_its_own_title_or_another_rows(tok, store):
     assert eval_starts(*dm.index_space(store)) == list(range(300))
 
 
+def test_a_drawn_title_is_another_rows_of_the_same_or_the_nearest_length(tok, tmp_path):
+    """TitleLengths.draw_like on titles of 2, 2, 4, 6, 6 tokens: rows 0 and 1 draw each other,
+    3 and 4 each other (never themselves); row 2, whose length no other row has, draws the
+    shorter and the longer length half the time each, uniformly within them: each of rows 0, 1,
+    3, 4 a quarter of 4000 draws (sd 27), allowed 5 sd."""
+    from lmlab.data.relevance import TitleLengths
+
+    rows = [("q0", "aa"), ("q1", "bb"), ("q2", "cccc"), ("q3", "dddddd"), ("q4", "eeeeee")]
+    titles = TitleLengths(build_store(iter(rows), tok, tmp_path, "lengths"), tok.sep_id)
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        assert [titles.draw_like(r, rng) for r in (0, 1, 3, 4)] == [1, 0, 4, 3]
+    drawn = Counter(titles.draw_like(2, np.random.default_rng(s)) for s in range(4000))
+    assert set(drawn) == {0, 1, 3, 4}
+    sd = (4000 * 0.25 * 0.75) ** 0.5
+    assert all(abs(drawn[r] - 1000) <= 5 * sd for r in (0, 1, 3, 4)), drawn
+
+
+def test_long_pairs_give_the_shorter_text_what_it_needs():
+    """fit_pair: both texts keep their beginnings; the longer is cut first, neither below half the
+    budget unless the other needs less (then the longer takes the rest)."""
+    from lmlab.data.pairs import fit_pair
+
+    a, b = np.arange(100), np.arange(100, 200)
+    lengths = lambda x, y, budget: tuple(len(t) for t in fit_pair(a[:x], b[:y], budget))
+    assert lengths(4, 80, 29) == (4, 25)  # a short first text: the second takes the rest
+    assert lengths(80, 3, 29) == (26, 3)
+    assert lengths(40, 40, 29) == (14, 15)  # both long: half the budget each (the odd one to b)
+    assert lengths(10, 19, 29) == (10, 19)  # fits: unchanged
+    first, second = fit_pair(a[:80], b[:3], 29)
+    assert first.tolist() == list(range(26)) and second.tolist() == [100, 101, 102]
+
+
 def test_another_rows_title_is_as_long_as_the_rows_own(tok, store, tmp_path):
     """A review found that lengths told the label: a table of (query, title) token counts scored
     0.69 at seq_len 64 and 0.92 at 256 on the stand-in corpus, and a run learnt it (0.66 in 300

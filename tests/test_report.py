@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -282,6 +283,22 @@ def test_table_values_equal_summaries_sorted_best_first(sweep: Path) -> None:
                 assert cells[key]["data-kind"] == "override" and cells[key]["data-value"] == value
     summary = json.loads((sweep / "1" / "summary.json").read_text())
     assert float(page.rows[0][1]["val/acc"]["data-value"]) == summary["val/acc"]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_a_diverged_run_ranks_after_every_run_with_a_value(maximize) -> None:
+    """A run whose metric is NaN or infinite (it diverged) ranks with the runs without one, after
+    every finite value in either direction (NaN compared as a number ranked it first)."""
+    from lmlab.report import Run, sort_runs
+
+    values = {"a": 0.5, "nan": math.nan, "b": 0.3, "none": None, "inf": math.inf, "c": 0.4}
+    runs = [
+        Run(k, Path(k), {}, {} if v is None else {"val/bpb": v}, {}, "finished")
+        for k, v in values.items()
+    ]
+    ranked = [r.name for r in sort_runs(runs, "val/bpb", maximize=maximize)]
+    finite = ["b", "c", "a"] if not maximize else ["a", "c", "b"]
+    assert ranked == [*finite, "nan", "none", "inf"]  # the rest in their original order
 
 
 def test_maximize_reverses_the_order(sweep: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -510,6 +511,32 @@ def test_resume_across_versions_and_objectives(tiny_cfg, tmp_path):
         match=r"does not fit this run's objective: its sentence_task is ''.*\(objective=mlm\)",
     ):
         train(tiny_cfg(*more, "trainer.max_steps=9", "objective=sop", output_dir=out))
+
+
+def test_text_from_elsewhere_starts_at_a_uniformly_drawn_sentence_start(tok, store):
+    """text_from a document: whole sentences from a sentence start (after a sentence end) whose
+    first sentence fits the room, each such start about as likely (the stretch it is drawn in is
+    placed at random, so about, not exactly: 4000 draws over the 27 starts of document 1 whose
+    sentence fits 24 tokens give 115-181 each, 148 expected); never a start that does not fit or
+    the document's first."""
+    dm = NextSentenceDataModule(tok, store, store, seq_len=80, batch_size=1)
+    ex = examples(store, dm.window_len)[0]
+    lo, hi, room = int(store.offsets[1]), int(store.offsets[2]) - 1, 24
+    doc = np.asarray(store.tokens[lo:hi], dtype=np.int64)
+    ends = np.flatnonzero(dm.is_end[doc])
+    starts, stops = ends[:-1] + 1, ends[1:] + 1
+    fitting = starts[stops - starts <= room].tolist()
+    assert 10 < len(fitting) < len(starts)  # some sentences do not fit
+    drawn = Counter()
+    for seed in range(4000):
+        text = dm.text_from(ex, (lo, hi), room, np.random.default_rng(seed))
+        if text is None:  # a stretch without a fitting sentence: rare here
+            continue
+        (at,) = [p for p in fitting if np.array_equal(doc[p : p + len(text)], text)]
+        drawn[at] += 1
+    expected = sum(drawn.values()) / len(fitting)
+    assert set(drawn) == set(fitting)
+    assert all(0.6 * expected <= n <= 1.4 * expected for n in drawn.values()), drawn
 
 
 def test_text_without_a_fitting_sentence_is_never_drawn_from_elsewhere(tok, tmp_path):

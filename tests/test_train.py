@@ -978,6 +978,32 @@ def test_tokens_per_sec_leaves_out_validation_and_what_follows_it(monkeypatch):
     assert meter.tokens_per_sec == pytest.approx(3 * 64 / 1.25)  # the window keeps 3 intervals
 
 
+def test_mfu_counts_every_devices_peak(monkeypatch):
+    """tokens/s counts the tokens of every device, so MFU divides by all devices' peak: two
+    devices at 128 tokens/s of 1000 FLOPs each, 1e6 FLOP/s peak each, are at 6.4%."""
+    import types
+
+    import lmlab.callbacks as callbacks_mod
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(callbacks_mod.time, "perf_counter", lambda: clock.now)
+    trainer = types.SimpleNamespace(
+        world_size=2, _logger_connector=types.SimpleNamespace(should_update_logs=True)
+    )
+    logged = {}
+    module = types.SimpleNamespace(
+        log=lambda name, value: logged.__setitem__(name, value), flops_per_token=lambda b: 1000
+    )
+    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}  # 32 tokens per device
+    meter = Throughput(window=3, peak_flops=1e6)
+    for _ in range(3):
+        clock.now += 0.5  # 64 tokens (both devices) per 0.5 s
+        meter.on_train_batch_end(trainer, module, None, batch, 0)
+    assert logged["train/tokens_per_sec"] == pytest.approx(128.0)
+    assert logged["train/mfu"] == pytest.approx(128.0 * 1000 / (1e6 * 2))
+    assert logged["train/tokens_seen"] == 3 * 64
+
+
 def test_tokens_seen_counts_every_step_is_logged_with_validation_and_resumes(tiny_cfg, tmp_path):
     out = tmp_path / "tokens"
     metrics, _ = train(tiny_cfg(output_dir=out))  # 6 steps of 4 x 32 tokens, validation at 3 and 6
