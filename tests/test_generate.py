@@ -105,6 +105,26 @@ def test_the_commands_sampling_settings_reach_the_sampler(compose_cfg, monkeypat
     assert seen and all(s == settings for s in seen)
 
 
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_the_commands_seed_decides_the_samples(compose_cfg, monkeypatch, family):
+    """seed=7 samples the same texts every time, other texts than seed=0 (temperature 1)."""
+    import lmlab.generate as command
+
+    torch.manual_seed(0)
+    module, tok = module_and_tokenizer(compose_cfg, family)
+    monkeypatch.setattr(command, "load_run", lambda path, device: (module, tok, None))
+    prompt = "ab" if family == "decoder" else "a <extra_id_0> b"
+
+    def texts(seed: int) -> list[str]:
+        cfg = command_cfg("generate", ckpt_path="x", device="cpu", prompt=prompt, seed=seed)
+        with open_dict(cfg):
+            cfg.update(temperature=1.0, max_new_tokens=12, num_samples=3)
+        return generate(cfg)
+
+    assert texts(7) == texts(7)
+    assert texts(7) != texts(0)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

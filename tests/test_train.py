@@ -125,6 +125,55 @@ def test_evaluate_reproduces_the_final_validation(trained):
     assert written["loss"] == pytest.approx(m["loss"])
 
 
+def test_bits_per_byte_of_a_tokenizer_that_does_not_spell_the_text(tiny_cfg, text_files, tmp_path):
+    """A WordPiece tokenizer's pieces hold no spaces, so their byte counts fall short of the text's:
+    training and evaluate both scale them to the validation text's bytes (TokenStore.byte_scale),
+    and give the same bits per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+    tk.train([str(p) for p in text_files], trainer)
+    path = tmp_path / "wordpiece.json"
+    tk.save(str(path))
+    cfg = tiny_cfg("tokenizer=pretrained", f"tokenizer.path={path}", "callbacks.samples=null")
+    metrics, objects = train(cfg)
+    scale = objects["model"].byte_scale
+    assert 1.05 < scale < 1.5  # the spaces between words: text bytes over the pieces' bytes
+    m = evaluate(
+        command_cfg(
+            "evaluate",
+            ckpt_path=Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+            limit_batches=cfg.trainer.limit_val_batches,
+            device="cpu",
+            **{"paths.cache_dir": cfg.paths.cache_dir},
+        )
+    )
+    assert m["bpb"] == pytest.approx(metrics["val/bpb"], rel=1e-5)
+    assert m["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+
+
+def test_evaluate_scores_windows_of_the_seq_len_it_is_given(trained, tmp_path):
+    """evaluate's seq_len: the whole validation split in windows of 16 tokens is twice as many
+    windows (so batches) as in the run's 32, and scores other contexts."""
+    cfg, _, _, out = trained
+    given = dict(
+        ckpt_path=out / "checkpoints" / "last.ckpt",
+        device="cpu",
+        output_file=str(tmp_path / "evaluate.json"),
+        **{"paths.cache_dir": cfg.paths.cache_dir},
+    )
+    short = evaluate(command_cfg("evaluate", seq_len=16, batch_size=1, **given))
+    run_len = evaluate(command_cfg("evaluate", batch_size=1, **given))
+    assert (short["seq_len"], run_len["seq_len"]) == (16, 32)
+    assert short["whole_split"] == run_len["whole_split"] == 1
+    assert short["batches"] == pytest.approx(2 * run_len["batches"], abs=2)
+    assert short["loss"] != pytest.approx(run_len["loss"], rel=1e-4)  # 5.027 vs 5.022 here
+
+
 def test_evaluate_on_other_files(trained, tmp_path, caplog):
     """The result file records what was scored: another evaluation on data of the same name
     replaced it without a trace (now with a warning)."""
@@ -586,16 +635,30 @@ def test_impossible_global_batch_is_refused(tiny_cfg, overrides, message):
 
 
 @pytest.mark.parametrize(
-    ("devices", "gpus", "expected"),
-    [(2, 0, 4), ("2", 0, 4), ("auto", 4, 2), (-1, 4, 2), ("0,1", 4, 4), ([0, 1, 2, 3], 4, 2)],
+    ("devices", "gpus", "accelerator", "nodes", "expected"),
+    [
+        (2, 0, "cpu", 1, 4),
+        ("2", 0, "cpu", 1, 4),
+        ("auto", 4, "gpu", 1, 2),
+        (-1, 4, "gpu", 1, 2),
+        ("0,1", 4, "gpu", 1, 4),
+        ([0, 1, 2, 3], 4, "gpu", 1, 2),
+        (2, 4, "gpu", 2, 2),  # 2 devices on each of 2 nodes: 32 / (4 x 2 x 2)
+        ("auto", 4, "gpu", 2, 1),
+        ("auto", 4, "cpu", 1, 8),  # a CPU run is one process, whatever GPUs the machine has
+        (-1, 4, "cpu", 2, 4),
+    ],
 )
-def test_global_batch_counts_the_devices_lightning_will_start(monkeypatch, devices, gpus, expected):
+def test_global_batch_counts_the_devices_lightning_will_start(
+    monkeypatch, devices, gpus, accelerator, nodes, expected
+):
     """trainer=ddp's devices=auto is every visible GPU: 32 sequences of 4 per process on 4 GPUs is
-    2 micro-batches each, not the 8 a count of one device would give (an 4x larger batch)."""
+    2 micro-batches each, not the 8 a count of one device would give (an 4x larger batch); every
+    node starts as many processes."""
     from lmlab.train import accumulation
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    trainer = {"accelerator": "gpu" if gpus else "cpu", "devices": devices, "num_nodes": 1}
+    trainer = {"accelerator": accelerator, "devices": devices, "num_nodes": nodes}
     cfg = OmegaConf.create({"global_batch_size": 32, "data": {"batch_size": 4}, "trainer": trainer})
     assert accumulation(cfg) == expected
 
@@ -760,10 +823,12 @@ def _record_training_metrics(monkeypatch) -> tuple[list, dict, list]:
     def nll(self, batch, _nll=LMModule.nll):
         out = _nll(self, batch)
         if self.training:  # summed over the micro-batches of the optimizer step it is part of
-            step = sums.setdefault(self.trainer.global_step + 1, [0.0, 0])
+            step = sums.setdefault(self.trainer.global_step + 1, [0.0, 0, 0.0])
             step[0] += float(out[0])
             step[1] += int(out[1])
+            step[2] += float(out[2])  # the targets' UTF-8 bytes
             losses[self.trainer.global_step + 1] = step[0] / step[1]
+            losses["bpb", self.trainer.global_step + 1] = step[0] / (math.log(2) * step[2])
         return out
 
     def get_metrics(self, trainer, pl_module, _get=ProgressBar.get_metrics):
@@ -810,6 +875,15 @@ def test_training_metrics_are_logged_on_logging_steps_and_the_bar_shows_the_last
     for step, value in shown:
         assert value == pytest.approx(losses[step], rel=1e-6), step
     assert metrics["train/tokens"] == 8 * accumulate * 4 * 32  # batches of 4 windows of 32 targets
+    # the values written: the step's loss, its exponential, its nats per byte in bits
+    out = Path(tiny_cfg().paths.output_dir)
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [2, 5]  # Lightning's index: after steps 3 and 6
+    for r in rows:
+        step = int(r["step"]) + 1
+        assert float(r["train/loss"]) == pytest.approx(losses[step], rel=1e-6)
+        assert float(r["train/ppl"]) == pytest.approx(math.exp(losses[step]), rel=1e-5)
+        assert float(r["train/bpb"]) == pytest.approx(losses["bpb", step], rel=1e-6)
     # the summary's training loss is the last step's, a step that did not log
     assert metrics["train/loss"] == pytest.approx(losses[8], rel=1e-6)
 
@@ -1167,13 +1241,16 @@ def test_a_skipped_micro_batch_leaves_nothing_in_the_losses_and_the_token_count(
     assert metrics["train/tokens"] == sum(count for _, count in steps.values())
 
 
+@pytest.mark.parametrize("objective", ["clm", "prefix_lm"])
 @pytest.mark.parametrize("bad", [1, 2])
 def test_a_skipped_micro_batch_leaves_the_gradient_of_the_trained_targets_mean(
-    tiny_cfg, monkeypatch, bad
+    tiny_cfg, monkeypatch, bad, objective
 ):
     """skip_nonfinite with gradient accumulation: the other micro-batch's loss was divided by the
     whole step's targets, skipped ones included, so the step's gradient was half the mean over the
-    targets trained on (and the logged train/loss, that mean, disagreed with it)."""
+    targets trained on (and the logged train/loss, that mean, disagreed with it). Under prefix_lm
+    the micro-batches have other target counts: the factor is the step's targets over the trained
+    ones, not the accumulation."""
     calls, kept, got = [0], {}, {}
 
     def nll(self, batch, _nll=LMModule.nll):
@@ -1201,6 +1278,7 @@ def test_a_skipped_micro_batch_leaves_the_gradient_of_the_trained_targets_mean(
     monkeypatch.setattr(LMModule, "nll", nll)
     monkeypatch.setattr(LMModule, "on_before_optimizer_step", after)
     cfg = tiny_cfg(
+        f"objective={objective}",
         "trainer.skip_nonfinite=true",
         "trainer.accumulate_grad_batches=2",
         "trainer.max_steps=1",
