@@ -382,6 +382,24 @@ def test_store_cache_hit_and_invalidation(tmp_path, text_files):
     )
 
 
+def test_the_reading_settings_are_part_of_the_store_key(tmp_path):
+    """One JSONL file read with another val_fraction, text field or encoding_errors gives other
+    documents or other texts: its stores must not be shared (a changed val_fraction reused the
+    old validation store)."""
+    rows = tmp_path / "rows.jsonl"
+    lines = [json.dumps({"a": f"text {i}", "b": f"other {i}"}) for i in range(40)]
+    rows.write_text("\n".join(lines) + "\n")
+
+    def key(split: str, **settings) -> str:
+        corpus = make_corpus(files_cfg(train=str(rows), **{"text_field": "a", **settings}))
+        return corpus.fingerprint(getattr(corpus, split))
+
+    for split in ("train", "val"):
+        assert key(split) == key(split)  # nothing changed: the same key
+        for changed in ({"val_fraction": 0.5}, {"text_field": "b"}, {"encoding_errors": "replace"}):
+            assert key(split, **changed) != key(split), (split, changed)
+
+
 def test_long_documents_split_exactly(monkeypatch):
     from lmlab.data.tokenizers import train_bpe
 

@@ -407,3 +407,12 @@ def test_a_subset_with_local_files_or_a_saved_folder_is_refused(tmp_path):
     datasets.Dataset.from_dict({"text": TEXTS[:10]}).save_to_disk(str(folder))
     with pytest.raises(ConfigError, match="a folder written by save_to_disk has none"):
         make_corpus(hf_cfg(tmp_path, path=str(folder), subset="en"))
+
+
+def test_the_held_out_rows_are_fixed_values():
+    """The rows held out are part of what a checkpoint's validation set is (HFCorpus.identity
+    records the settings, not the rows): a changed hash or salt would resume old runs against
+    other validation rows. The first 40 rows at 0.25, and the share over 100000 rows at 0.1."""
+    rows = np.flatnonzero(held_out(np.arange(40), 0.25)).tolist()
+    assert rows == [1, 6, 7, 10, 13, 14, 21, 22, 23, 26, 30, 32, 33, 34, 38]
+    assert int(held_out(np.arange(100_000), 0.1).sum()) == 10_029  # ~N(10000, 95)

@@ -122,6 +122,9 @@ def test_a_multirun_with_a_relative_sweep_dir_groups_by_its_absolute_folder(tmp_
     trial = wandb_logger(save_dir=str(tmp_path / "t"), project="p", trial="model.n_layers=3")
     assert trial._wandb_init["name"] == "optim.lr=0.001 model.n_layers=3"
     assert trial._wandb_init["group"] == group
+    # the sweep is the group's default only: a wandb_group the user sets wins
+    mine = wandb_logger(save_dir=str(tmp_path / "m"), project="p", group="mine")
+    assert mine._wandb_init["group"] == "mine"
 
 
 def test_one_tag_given_alone_is_one_wandb_tag(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from lmlab.data.tokenizers import byte_tokenizer
+from lmlab.errors import ConfigError
 from lmlab.models.decoder import DecoderLM
 from lmlab.models.encoder_decoder import EncoderDecoderLM
 from lmlab.nn.blocks import Block, CrossBlock
@@ -348,6 +349,11 @@ def test_generation_runs_the_compiled_blocks_eager(graphs, monkeypatch, torch_2_
 
 def test_ckpt_path_auto_resumes_when_last_exists_and_starts_fresh_otherwise(tmp_path):
     assert resolve_ckpt_path("auto", tmp_path) is None
+    # last is a resume: without a last.ckpt it is refused, never a silent fresh start
+    with pytest.raises(ConfigError, match=r"ckpt_path=last but .*last\.ckpt does not exist"):
+        resolve_ckpt_path("last", tmp_path)
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*nope\.ckpt does not exist"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), tmp_path)
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     last.write_bytes(b"x")

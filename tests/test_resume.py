@@ -406,6 +406,10 @@ def test_a_sharded_checkpoint_is_refused_without_fsdp_before_any_data_work(
     """A sharded (trainer=fsdp) last.ckpt resumed by one process: Lightning failed on the folder
     with a bare IsADirectoryError, after the data work and with the run's .hydra overrides
     replaced by the refused attempt's."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+
     import lmlab.train as train_mod
     from lmlab.errors import ResumeRefused
 
@@ -413,8 +417,18 @@ def test_a_sharded_checkpoint_is_refused_without_fsdp_before_any_data_work(
     folder = out / "checkpoints" / "last.ckpt"
     folder.mkdir(parents=True)
     (folder / "meta.pt").write_bytes(b"")  # what makes a folder a sharded checkpoint
-    (out / ".hydra").mkdir()
-    (out / ".hydra" / "overrides.yaml").write_text("- trainer=fsdp\n")
+    # the run's own .hydra files, kept by its start; Hydra has just written the refused attempt's
+    for sub, overrides in ((train_mod.HYDRA_KEPT, "- trainer=fsdp\n"), (".hydra", "- x=1\n")):
+        (out / sub).mkdir()
+        (out / sub / "overrides.yaml").write_text(overrides)
+    hc = SimpleNamespace(
+        mode="RunMode.RUN",
+        output_subdir=".hydra",
+        runtime=SimpleNamespace(output_dir=str(out), cwd=str(tmp_path)),
+        job=SimpleNamespace(override_dirname="", num=0),
+    )
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
 
     def no_data(cfg):
         raise AssertionError("data prepared before the refusal")
@@ -424,7 +438,7 @@ def test_a_sharded_checkpoint_is_refused_without_fsdp_before_any_data_work(
         ResumeRefused, match=r"is a sharded checkpoint \(trainer=fsdp\): resume it "
     ):
         train(tiny_cfg("ckpt_path=last", output_dir=out))
-    assert (out / ".hydra" / "overrides.yaml").read_text() == "- trainer=fsdp\n"
+    assert (out / ".hydra" / "overrides.yaml").read_text() == "- trainer=fsdp\n"  # restored
 
 
 def test_a_one_file_checkpoint_is_refused_under_fsdp_before_any_data_work(

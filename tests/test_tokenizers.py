@@ -202,6 +202,12 @@ def test_trained_bpe_is_cached(tmp_path):
     assert len(calls) == 1 and a.to_str() == b.to_str()
     build_tokenizer(cfg, texts, "corpus-2", tmp_path)  # another corpus trains again
     assert len(calls) == 2
+    # min_frequency reaches the trainer (a merge needs that many occurrences: fewer merges) and
+    # the cache key (another setting trains again)
+    cfg.min_frequency = 50
+    rare = build_tokenizer(cfg, texts, "corpus-1", tmp_path)
+    assert len(calls) == 3
+    assert rare.tk.get_vocab_size() < a.tk.get_vocab_size() == 300
 
 
 def test_byte_scale_is_one_when_the_pieces_spell_the_text_and_corrects_wordpiece(tmp_path):

@@ -91,6 +91,43 @@ def test_run_writes_every_output(trained):
     assert "ROMEO:" in samples
 
 
+def test_the_trainer_writes_checkpoints_atomically(trained):
+    """Lightning's checkpoints go through AtomicCheckpointIO (a temporary file, then a rename),
+    so a kill mid-write leaves the previous checkpoint whole."""
+    from lmlab.checkpoint_io import AtomicCheckpointIO
+
+    _, _, objects, out = trained
+    assert isinstance(objects["trainer"].strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not list((out / "checkpoints").glob("*.tmp*"))  # nothing left half-written
+
+
+def test_samples_go_to_the_file_and_the_wandb_table_at_each_validation_only(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """samples.txt and the W&B table hold the two prompts' samples of each validation (steps 3
+    and 6), the table every validation's rows so far; the sanity check's validation before
+    training writes none."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    tables = []
+    monkeypatch.setattr(
+        WandbLogger, "log_text", lambda self, key, columns, data: tables.append((key, [*data]))
+    )
+    out = tmp_path / "samples"
+    cfg = tiny_cfg("logger=wandb", "trainer.num_sanity_val_steps=1", output_dir=out)
+    train(cfg)
+    text = (out / "samples.txt").read_text()
+    heads = [line for line in text.splitlines() if line.startswith("=== step")]
+    want = [f"=== step {s} sample {i} ===" for s in (3, 6) for i in (0, 1)]
+    assert heads == want
+    blocks = [b.strip("\n") for b in text.split("=== step")[1:]]
+    assert [key for key, _ in tables] == ["samples", "samples"]
+    last = tables[-1][1]
+    assert [row[:2] for row in last] == [[3, 0], [3, 1], [6, 0], [6, 1]]
+    assert [row[2] for row in last] == [b.split("===\n", 1)[1] for b in blocks]
+    assert tables[0][1] == last[:2]
+
+
 def test_checkpoint_carries_tokenizer_and_config(trained):
     cfg, _, objects, out = trained
     module, tok, run_cfg = load_run(out / "checkpoints" / "last.ckpt")
