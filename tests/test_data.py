@@ -20,6 +20,7 @@ from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.store import TokenStore, build_store, store_key
 from lmlab.data.tokenizers import TextTokenizer, byte_tokenizer
 from lmlab.errors import ConfigError
+from lmlab.paths import CONF_DIR
 
 from .conftest import make_text
 
@@ -53,6 +54,23 @@ def test_split_fraction_and_lone_document(tmp_path):
     text = p.read_text()
     assert head + tail == text and head.endswith("\n") and tail.startswith("line ")
     assert 0.9 * len(text) <= len(head) < 0.9 * len(text) + len("line 90\n")
+
+
+def test_the_held_out_documents_are_fixed_values():
+    """Which documents are validation is part of every comparison between runs and of what a
+    checkpoint records: a changed hash or rounding would move documents between the splits (and
+    make earlier runs incomparable). Reference values: 20 named documents at 0.25, and the
+    bundled corpus's five held-out works (README: "5 works held out")."""
+    docs = [Doc(f"f{i}") for i in range(20)]
+    assert [d.path for d in split_documents(docs, 0.25)[1]] == ["f5", "f14", "f15", "f16", "f18"]
+    bundled = make_corpus(OmegaConf.load(CONF_DIR / "data" / "shakespeare.yaml"))
+    assert [d.member for d in bundled.val] == [
+        "as_you_like_it_gut.txt",
+        "henry_iv_part_1_gut.txt",
+        "henry_v_gut.txt",
+        "lovers_complaint_gut.txt",
+        "loves_labours_lost_gut.txt",
+    ]
 
 
 def test_files_glob_list_and_explicit_val(text_files):
