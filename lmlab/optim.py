@@ -5,8 +5,9 @@ on an H100 is 1.09-1.1x faster than under ``bf16-mixed`` (1.04x with master weig
 benchmarks/README.md, the third and fourth GPU sessions), since the residual stream and every
 elementwise kernel move half the bytes and the weights need no cast before each product. But a
 bf16 weight cannot hold an update smaller than half the spacing of bf16 numbers near it (2^-9 to
-2^-8 of its size), and AdamW's updates are about the learning rate: at the end of GPT-2's schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight,
-so plain bf16-true training rounds many updates away. :class:`MasterWeightAdamW` keeps fp32 copies
+2^-8 of its size), and AdamW's updates are about the learning rate: at the end of GPT-2's
+schedule (6e-5, weights ~0.02) that is ~2^-8 of a weight, so plain bf16-true training rounds many
+updates away. :class:`MasterWeightAdamW` keeps fp32 copies
 of the weights and AdamW's state in fp32: each step copies the model's gradients into fp32, steps
 the copies, and writes them back rounded to bf16. Memory per weight: 16 bytes through the forward
 and backward passes (2 + 2 of bf16 weight and gradient, 4 of master, 8 of AdamW's moments), as
@@ -420,12 +421,13 @@ def fp32_all_reduce_hook(state: tuple[MasterWeightAdamW, dist.ProcessGroup | Non
     """DDP communication hook (``ddp_model.register_comm_hook((optimizer, ddp_model.process_group),
     fp32_all_reduce_hook)``) for master weights: the bucket's bf16 gradients (this process's last
     micro-batch of the step) plus the fp32 sum of its earlier micro-batches
-    (:meth:`MasterWeightAdamW.accumulate_grads`) in fp32, averaged over the processes with one all-reduce, become the masters' gradients; the
-    bucket goes back to DDP as it came (the model's gradients are dropped after the backward,
-    ``LMModule.on_after_backward``). DDP runs it on every bucket as soon as its gradients are
-    ready, so the all-reduces overlap the rest of the backward. (``bucket`` and the result, a
-    future of a tensor, have no annotations: DDP checks them against its types, and this module's
-    ``from __future__ import annotations`` would make them strings.)"""
+    (:meth:`MasterWeightAdamW.accumulate_grads`) in fp32, averaged over the processes with one
+    all-reduce, become the masters' gradients; the bucket goes back to DDP as it came (the model's
+    gradients are dropped after the backward, ``LMModule.on_after_backward``). DDP runs it on
+    every bucket as soon as its gradients are ready, so the all-reduces overlap the rest of the
+    backward. (``bucket`` and the result, a future of a tensor, have no annotations: DDP checks
+    them against its types, and this module's ``from __future__ import annotations`` would make
+    them strings.)"""
     optimizer, group = state
     masters = optimizer.masters
     picked = [masters[optimizer._index[id(p)]] for p in bucket.parameters()]

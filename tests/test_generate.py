@@ -25,6 +25,16 @@ def module_and_tokenizer(compose_cfg, family: str):
     return module.eval(), tok
 
 
+def served_by_generate(compose_cfg, monkeypatch, family: str):
+    """(module, tokenizer) of ``family``, which `python -m lmlab.generate` (``generate(cfg)``)
+    then loads from any ckpt_path."""
+    import lmlab.generate as command
+
+    module, tok = module_and_tokenizer(compose_cfg, family)
+    monkeypatch.setattr(command, "load_run", lambda path, device: (module, tok, None))
+    return module, tok
+
+
 def test_a_long_prompt_keeps_its_end_and_leaves_room_for_the_new_tokens(compose_cfg, caplog):
     """32 positions, 20 new tokens: the prompt keeps its last 16 (it kept 31, leaving one new
     token); room is left for at most half the positions, so a short prompt is never cut."""
@@ -84,11 +94,9 @@ def test_fill_mask_fills_each_mask_with_the_most_likely_text_token(compose_cfg):
 def test_the_commands_sampling_settings_reach_the_sampler(compose_cfg, monkeypatch, family):
     """temperature, top_k and top_p of `python -m lmlab.generate` are what every decoding step
     samples with."""
-    import lmlab.generate as command
     import lmlab.nn.sampling as sampling
 
-    module, tok = module_and_tokenizer(compose_cfg, family)
-    monkeypatch.setattr(command, "load_run", lambda path, device: (module, tok, None))
+    served_by_generate(compose_cfg, monkeypatch, family)
     seen, sample = [], sampling.sample_next
 
     def spy(logits, **settings):
@@ -108,11 +116,8 @@ def test_the_commands_sampling_settings_reach_the_sampler(compose_cfg, monkeypat
 @pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
 def test_the_commands_seed_decides_the_samples(compose_cfg, monkeypatch, family):
     """seed=7 samples the same texts every time, other texts than seed=0 (temperature 1)."""
-    import lmlab.generate as command
-
     torch.manual_seed(0)
-    module, tok = module_and_tokenizer(compose_cfg, family)
-    monkeypatch.setattr(command, "load_run", lambda path, device: (module, tok, None))
+    served_by_generate(compose_cfg, monkeypatch, family)
     prompt = "ab" if family == "decoder" else "a <extra_id_0> b"
 
     def texts(seed: int) -> list[str]:
@@ -149,10 +154,7 @@ def test_generate_settings_are_checked_before_the_checkpoint_is_read(settings, m
 
 def test_generate_takes_a_number_or_null_as_a_prompt(compose_cfg, tmp_path, monkeypatch):
     """Hydra reads prompt=1984 as an int and prompt=null as None; both are text to the command."""
-    import lmlab.generate as command
-
-    module, tok = module_and_tokenizer(compose_cfg, "decoder")
-    monkeypatch.setattr(command, "load_run", lambda path, device: (module, tok, None))
+    served_by_generate(compose_cfg, monkeypatch, "decoder")
     for prompt, start in ((1984, "1984"), (None, "")):
         cfg = command_cfg("generate", ckpt_path="x", device="cpu", prompt=prompt, max_new_tokens=3)
         assert OmegaConf.select(cfg, "prompt") == prompt

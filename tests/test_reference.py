@@ -162,7 +162,7 @@ def test_decoder_is_the_reference_llama(n_kv_heads):
 
 @torch.no_grad()
 def test_prefix_lm_attends_both_ways_inside_the_prefix_only():
-    """Raffel et al. (2020, 3.2.1): a query sees every key of its row's prefix, and causally after."""
+    """Raffel et al. (2020, 3.2.1): a query sees every key of its row's prefix, causally after."""
     m = randomize(Decoder(DecoderConfig(**dims(max_seq_len=16))))
     x, prefix = ids(2, 16), torch.tensor([5, 11])
     allowed = causal(16) | (torch.arange(16)[None, None, None, :] < prefix[:, None, None, None])

@@ -676,8 +676,9 @@ class LMModule(L.LightningModule):
         the weights and the optimizer; under trainer=fsdp Lightning loads the weights first and
         nothing is carried, as master weights do not combine with it): a checkpoint with fp32
         masters resumed without them gives the model the masters (its bf16 weights are them
-        rounded: a bf16-mixed or 32-true resume would lose their low bits); one of fp32 weights without masters resumed with them starts
-        the masters from those weights, not from this run's bf16 copy of them."""
+        rounded: a bf16-mixed or 32-true resume would lose their low bits); one of fp32 weights
+        without masters resumed with them starts the masters from those weights, not from this
+        run's bf16 copy of them."""
         weights, optimizers = checkpoint.get("state_dict"), checkpoint.get("optimizer_states")
         if not weights or not optimizers or len(optimizers) != 1:
             return

@@ -40,10 +40,10 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def _softmax_grad(z, top, nll, target, valid, dtype):
     """A chunk's ``softmax(z) - onehot(y)`` in ``dtype`` (rows of ignored tokens zero) and its
-    summed loss, as the pure formulas that ``torch.compile`` fuses: one reduction over the chunk's logits
-    and one pass writing the gradient. The eager code's in-place updates and ``scatter_add_`` would
-    make inductor keep a float32 copy of the logits (twice their bf16 size), scatter into it
-    eagerly and read it again to round it."""
+    summed loss, as the pure formulas that ``torch.compile`` fuses: one reduction over the chunk's
+    logits and one pass writing the gradient. The eager code's in-place updates and
+    ``scatter_add_`` would make inductor keep a float32 copy of the logits (twice their bf16 size),
+    scatter into it eagerly and read it again to round it."""
     shifted = z - top  # relative to the row's largest logit: exact, and lse stays small
     lse = shifted.exp().sum(1, keepdim=True).log()
     onehot = torch.arange(z.shape[1], device=z.device) == target
