@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data.base import Example
-from lmlab.data.collate import IGNORE, mlm_mask
+from lmlab.data.clm import CausalLMDataModule
+from lmlab.data.collate import IGNORE, document_ids, mlm_mask
 from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.prefix_lm import PrefixLMDataModule
 from lmlab.data.store import build_store
@@ -18,7 +19,7 @@ from lmlab.data.tokenizers import byte_tokenizer, train_bpe, word_starts
 from lmlab.errors import ConfigError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate
-from lmlab.nn.decoder import Decoder, DecoderConfig, prefix_lm_mask
+from lmlab.nn.decoder import Decoder, DecoderConfig, document_mask, prefix_lm_mask
 from lmlab.nn.encoder import Encoder, EncoderConfig
 from lmlab.nn.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmlab.registry import MODELS, OBJECTIVES, valid_objectives
@@ -170,6 +171,128 @@ def test_prefix_lengths_are_uniform_over_1_to_seq_len_minus_1(tmp_path):
     n, p = len(drawn), 1 / 15
     assert n > 5000 and counts[0] == counts[16] == 0
     assert ((counts[1:16] - n * p).abs() <= 5 * math.sqrt(n * p * (1 - p))).all(), counts
+
+
+# -- packed documents (objective.document_mask) ---------------------------------------------------
+EOS = 3
+PACKED = torch.tensor(
+    [
+        [5, 6, 7, EOS, 8, 9, 10, 11, EOS, 12, 13, 14],  # mid-document start, two more documents
+        [EOS, 20, 21, 22, 23, 24, EOS, EOS, 30, 31, 32, 33],  # an empty document (eos eos)
+    ]
+)
+
+
+def docs_of(x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(document_ids(x.numpy(), EOS))
+
+
+def test_document_ids_reference_values():
+    """An eos opens the document after it."""
+    assert docs_of(PACKED).tolist() == [
+        [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2],
+        [1, 1, 1, 1, 1, 1, 2, 3, 3, 3, 3, 3],
+    ]
+
+
+def test_document_mask_reference_values():
+    doc = [0, 0, 1, 1, 1, 2]
+    mask = document_mask(torch.tensor([doc]))[0, 0]
+    assert mask.tolist() == [[doc[q] == doc[k] and k <= q for k in range(6)] for q in range(6)]
+    mask = document_mask(torch.tensor([doc]), prefix_len=torch.tensor([4]))[0, 0]
+    want = [[doc[q] == doc[k] and (k <= q or k < 4) for k in range(6)] for q in range(6)]
+    assert mask.tolist() == want
+
+
+def documents(x: torch.Tensor):
+    """(row, its positions of one document) for each document of each row of ``x``."""
+    docs = docs_of(x)
+    for b in range(len(x)):
+        for d in docs[b].unique():
+            yield b, (docs[b] == d).nonzero().flatten()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_packed_window_computes_each_document_alone(kv_heads):
+    """With doc_ids every document's logits are those of the document run alone, from position 0
+    (RoPE's scores depend on query-key distances only: no position restart is needed); without
+    them, the documents see each other."""
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(**SMALL, n_kv_heads=kv_heads)).eval()
+    out = m(PACKED, doc_ids=docs_of(PACKED))
+    for b, idx in documents(PACKED):
+        alone = m(PACKED[b, idx][None])[0]
+        torch.testing.assert_close(out[b, idx], alone, atol=1e-5, rtol=1e-5)
+    assert (m(PACKED) - out).abs().max() > 1e-2
+
+
+def test_document_and_prefix_masks_combine_in_the_model():
+    """With both, position i sees j iff they share a document and j <= i or j is in the prefix."""
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(**SMALL)).eval()
+    x, prefix = PACKED[:1], torch.tensor([6])  # the prefix ends inside the second document
+    docs = docs_of(x)
+    base = m(x, prefix_len=prefix, doc_ids=docs)
+    for j in range(x.shape[1]):
+        y = x.clone()
+        y[0, j] = 50 + j  # no eos: the documents stay as they are
+        changed = (m(y, prefix_len=prefix, doc_ids=docs) - base).abs().amax(-1)[0] > 1e-6
+        d = docs[0].tolist()
+        assert changed.tolist() == [d[i] == d[j] and (j <= i or j < 6) for i in range(12)], j
+
+
+def test_the_document_mask_compiles_in_one_graph():
+    """compile=true: the mask is built inside the compiled backbone, without graph breaks, and
+    the logits are eager mode's."""
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(**SMALL)).eval()
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(
+        compiled(PACKED, doc_ids=docs_of(PACKED)), m(PACKED, doc_ids=docs_of(PACKED))
+    )
+
+
+def test_cached_decoding_refuses_document_ids():
+    m = Decoder(DecoderConfig(**SMALL))
+    with pytest.raises(ValueError, match="not for cached decoding"):
+        m(PACKED, caches=m.new_caches(2, 16), doc_ids=docs_of(PACKED))
+
+
+def test_clm_batches_carry_document_ids_with_document_mask(tmp_path):
+    """objective.document_mask: the batches of clm and prefix_lm carry the document ids of their
+    inputs; without it, none."""
+    tok = byte_tokenizer(2)
+    texts = [make_text(8 * (1 + seed % 2), seed) for seed in range(20)]  # 40-100 bytes each
+    store = build_store(iter(texts), tok, tmp_path, "d")
+    for klass in (CausalLMDataModule, PrefixLMDataModule):
+        plain = next(iter(klass(tok, store, store, seq_len=64, batch_size=8).train_dataloader()))
+        assert "doc_ids" not in plain
+        dm = klass(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
+        for b in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
+            assert (b["input_ids"] == tok.eos_id).sum() > 4  # several documents per batch
+            want = document_ids(b["input_ids"].numpy(), tok.eos_id)
+            assert torch.equal(b["doc_ids"], torch.from_numpy(want))
+    with pytest.raises(ConfigError, match=r"objective\.document_mask must be true or false"):
+        CausalLMDataModule(tok, store, store, seq_len=32, batch_size=8, document_mask="yes")
+
+
+def test_decoder_lm_scores_a_packed_batch_as_its_documents_alone():
+    """DecoderLM hands doc_ids to its backbone: the summed NLL of a packed batch is the sum of its
+    documents' own (each document's targets, predicted from itself alone)."""
+    from lmlab.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    m = DecoderLM(special_ids={"eos": EOS}, optim={}, **SMALL)
+    m.set_token_bytes(torch.ones(100, dtype=torch.long))
+    m.eval()
+    x, labels = PACKED[:, :-1], PACKED[:, 1:]
+    total = m.nll({"input_ids": x, "labels": labels, "doc_ids": docs_of(x)})[0]
+    alone = sum(
+        m.nll({"input_ids": x[b, idx][None], "labels": labels[b, idx][None]})[0]
+        for b, idx in documents(x)
+    )
+    torch.testing.assert_close(total, alone, atol=1e-4, rtol=1e-6)
+    assert abs(m.nll({"input_ids": x, "labels": labels})[0] - total) > 1e-2
 
 
 # -- masked LM --------------------------------------------------------------------------------------

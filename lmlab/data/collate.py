@@ -107,6 +107,16 @@ def causal_batch(
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
 
 
+def document_ids(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """(B, T) int64: the document each position of windows cut from a packed stream belongs to
+    within its row (0, 1, ...; ``eos_id`` separates the stream's documents).
+
+    An eos opens the document after it: at generation a document starts from eos (a prompt of ""
+    is ``[eos]``), and the last token of a document still predicts the eos that ends it. A row's
+    first document starts at the window's start (mid-document, as without a mask)."""
+    return np.cumsum(input_ids == eos_id, axis=1)
+
+
 # random streams of mlm_mask: one independent draw each
 MLM_SELECT, MLM_ACTION, MLM_REPLACE = 0, 1, 2
 

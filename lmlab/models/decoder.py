@@ -18,7 +18,12 @@ class DecoderLM(LMModule):
     backbone_class = Decoder
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.backbone(batch["input_ids"], prefix_len=batch.get("prefix_len"), head=False)
+        hidden = self.backbone(
+            batch["input_ids"],
+            prefix_len=batch.get("prefix_len"),
+            doc_ids=batch.get("doc_ids"),
+            head=False,
+        )
         return hidden, batch["labels"]
 
     def generate_text(

@@ -89,6 +89,18 @@ def prefix_lm_mask(prefix_len: torch.Tensor, T: int) -> torch.Tensor:
     return (causal[None] | in_prefix)[:, None]
 
 
+def document_mask(doc_ids: torch.Tensor, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool: query q sees key k when both are in the same document and k <= q (or,
+    with ``prefix_len``, k is inside the row's prefix)."""
+    T = doc_ids.shape[1]
+    if prefix_len is None:
+        pos = torch.arange(T, device=doc_ids.device)
+        allowed = (pos[None, :] <= pos[:, None])[None, None]  # (1, 1, T, T)
+    else:
+        allowed = prefix_lm_mask(prefix_len, T)
+    return allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+
+
 class Decoder(Backbone):
     """Causal language model: ``forward(input_ids) -> logits`` of shape (B, T, padded_vocab)."""
 
@@ -112,17 +124,28 @@ class Decoder(Backbone):
         input_ids: torch.Tensor,
         *,
         prefix_len: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         head: bool = True,
     ) -> torch.Tensor:
         """Logits (B, T, V), or with ``head=False`` the final normalised hidden states (B, T, C)
         (the training loss applies the head itself, :mod:`lmlab.nn.loss`). ``prefix_len`` (B,):
         prefix-LM attention, bidirectional over each row's first ``prefix_len`` positions and causal
-        after them (Raffel et al., 2020, sec. 3.2)."""
+        after them (Raffel et al., 2020, sec. 3.2). ``doc_ids`` (B, T), the document of each
+        position of packed windows: attention stays inside each document (the prefix's too).
+
+        Rotary positions need no restart at each document: RoPE's attention scores depend on the
+        distance between query and key only, so a document's outputs are the same wherever it
+        starts in the window (to float rounding; tests/test_families.py)."""
         T = input_ids.shape[1]
         start = caches[0].length if caches else 0
+        if caches and doc_ids is not None:
+            raise ValueError("doc_ids are for packed training windows, not for cached decoding")
         rope = self.rotary(start, T)
-        mask = None if prefix_len is None else prefix_lm_mask(prefix_len, T)
+        if doc_ids is not None:
+            mask = document_mask(doc_ids, prefix_len)
+        else:
+            mask = None if prefix_len is None else prefix_lm_mask(prefix_len, T)
         x = self.embed(input_ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches else None
