@@ -296,7 +296,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_loss_chunk_size(cfg.get("loss_chunk_size"))
         compile_mode(cfg.get("compile"))
         check_compile_scope(cfg.get("compile_scope", "model"))
-        attention_kernels(cfg.get("attention"), uses_cuda(cfg.trainer))
+        check_attention_masks(cfg, attention_kernels(cfg.get("attention"), uses_cuda(cfg.trainer)))
         check_cpu_matmul(cfg.get("cpu_matmul", "onednn"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -318,6 +318,26 @@ def check_settings(cfg: DictConfig) -> None:
     check_nodes(cfg.trainer)
     check_launch(cfg.trainer)
     accumulation(cfg)
+
+
+def check_attention_masks(cfg: DictConfig, kernels: list[str] | None) -> None:
+    """GPUs' flash kernel takes no attention mask: ``attention=flash`` alone is refused where the
+    objective's batches need one (prefix LM, document masks), instead of failing at the first step
+    with "No available kernel" (CPUs' flash kernel takes masks)."""
+    if kernels is None or set(kernels) != {"flash"} or not uses_cuda(cfg.trainer):
+        return
+    objective = get_class(cfg.objective._target_)
+    if objective.batch_kind == "prefix":
+        needs = f"objective={cfg.objective.name}'s prefix"
+    elif cfg.objective.get("document_mask"):
+        needs = "objective.document_mask"
+    else:
+        return
+    raise ConfigError(
+        f"attention=flash: on GPUs the flash kernel takes no attention mask, which {needs} "
+        "needs; use attention=auto, or a list with a kernel that takes masks, e.g. "
+        "[flash,efficient] (flash is then used wherever there is no mask)"
+    )
 
 
 def accumulation(cfg: DictConfig) -> int:

@@ -994,6 +994,15 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
         # module settings checked by their own parsers
         (["attention=cudnn"], r"attention='cudnn': cudnn attention needs a CUDA GPU"),
         (["attention=[flash,fast]"], r"fast is not a kernel; use auto, one of cudnn"),
+        (  # GPUs' flash kernel takes no mask (refused before check_devices looks for a GPU)
+            ["trainer.accelerator=gpu", "attention=flash", "objective.document_mask=true"],
+            r"attention=flash: on GPUs the flash kernel takes no attention mask, which "
+            r"objective.document_mask needs; use attention=auto",
+        ),
+        (
+            ["trainer.accelerator=gpu", "attention=[flash]", "objective=prefix_lm"],
+            r"which objective=prefix_lm's prefix needs; .* e.g. \[flash,efficient\]",
+        ),
         (["cpu_matmul=mkl"], r"cpu_matmul='mkl' is not a route .* use onednn .* or blas"),
         # the model's config dataclass
         (["model.n_heads=3"], r"model.d_model=32 must be divisible by model.n_heads=3"),
@@ -1028,6 +1037,21 @@ def test_settings_are_refused_before_any_data_work(tiny_cfg, overrides, message)
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "tokenizer.json").exists()
     assert not Path(cfg.paths.cache_dir).exists() or not any(Path(cfg.paths.cache_dir).iterdir())
+
+
+def test_flash_attention_with_masks_is_refused_only_where_it_cannot_take_them(tiny_cfg):
+    from lmlab.train import check_attention_masks
+
+    gpu, doc = "trainer.accelerator=gpu", "objective.document_mask=true"
+    for overrides, kernels in [
+        ([gpu, doc], ["flash", "efficient"]),  # efficient takes the masked calls
+        ([gpu, doc], None),  # auto
+        (["trainer.accelerator=cpu", doc], ["flash"]),  # CPUs' flash takes masks
+        ([gpu], ["flash"]),  # no mask
+    ]:
+        check_attention_masks(tiny_cfg(*overrides), kernels)
+    with pytest.raises(ConfigError, match="attention=flash"):
+        check_attention_masks(tiny_cfg(gpu, doc), ["flash"])
 
 
 def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting_forever(
