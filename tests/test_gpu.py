@@ -2,8 +2,8 @@
 
 bf16 autocast with the fused AdamW, ``compile=true``, ``bf16-true``, MFU on a known device, no host-device
 synchronisation between logging steps, and FSDP on one GPU with FSDP's own bf16 mixed precision,
-compile and activation checkpointing together, the preemption vote of multi-process runs, and the
-cuDNN attention kernel.
+compile and activation checkpointing together, the preemption vote of multi-process runs, the
+cuDNN attention kernel, and document masks (compiled, bf16).
 """
 
 from __future__ import annotations
@@ -143,6 +143,29 @@ def test_cudnn_attention_trains_like_the_default_kernel(tiny_cfg, tmp_path):
     auto, _ = train(tiny_cfg(*GPU, output_dir=tmp_path / "auto"))
     cudnn, _ = train(tiny_cfg(*GPU, "attention=cudnn", output_dir=tmp_path / "cudnn"))
     assert abs(cudnn["val/loss"] - auto["val/loss"]) < 0.05
+
+
+def test_document_mask_compiles_in_bf16_and_keeps_documents_apart(tiny_cfg):
+    """objective.document_mask on a GPU: the masked attention takes a kernel that takes masks
+    (flash takes none), compiled, under bf16 autocast; each document of a packed window computes
+    what it does alone (to bf16's rounding: the two runs take different kernels)."""
+    from lmlab.nn.decoder import Decoder, DecoderConfig
+
+    metrics, _ = train(tiny_cfg(*GPU, "compile=true", "objective.document_mask=true"))
+    assert math.isfinite(metrics["val/loss"]) and metrics["val/loss"] < metrics["train/loss"] + 1
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=100, n_layers=2, d_model=64, n_heads=4, max_seq_len=64)
+    m = Decoder(config).cuda().eval()
+    x = torch.randint(4, 100, (2, 48), device="cuda")
+    x[0, [10, 30]] = x[1, [0, 25]] = 3  # eos: documents of 10, 20, 18 and 25, 23 tokens
+    docs = torch.cumsum(x == 3, dim=1)
+    with torch.autocast("cuda", torch.bfloat16), torch.no_grad():
+        out = m(x, doc_ids=docs)
+        for b in range(2):
+            for d in docs[b].unique():
+                idx = (docs[b] == d).nonzero().flatten()
+                alone = m(x[b, idx][None])[0]
+                torch.testing.assert_close(out[b, idx], alone, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("masters", [False, True])
