@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpoint import check_command_keys, load_run
@@ -22,7 +23,7 @@ from lmlab.errors import ConfigError
 from lmlab.generate import pick_device
 from lmlab.parallel import use_tf32
 from lmlab.paths import CONF_DIR
-from lmlab.train import build, check_val_docs
+from lmlab.train import build, check_objective, check_val_docs
 
 log = logging.getLogger("lmlab")
 
@@ -36,6 +37,25 @@ def check_settings(cfg: DictConfig) -> None:
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ConfigError(f"{key}={value!r} must be a whole number >= 1, or null")
+    if not isinstance(cfg.get("document_mask"), bool | None):  # `1 in (True,)` holds
+        raise ConfigError(f"document_mask={cfg.document_mask!r} must be true, false or null")
+
+
+def objective_of(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
+    """The run's objective config, with evaluate's ``document_mask`` in place of the run's where it
+    is given: the objectives that take the setting score with or without document masks whichever
+    way the model was trained; others refuse it."""
+    if cfg.get("document_mask") is None:
+        return run_cfg.objective
+    if "document_mask" not in get_class(run_cfg.objective._target_).settings():
+        raise ConfigError(
+            f"document_mask={str(cfg.document_mask).lower()}: the run's objective="
+            f"{run_cfg.objective.name} has no document masks (clm, prefix_lm, mlm, capital_word "
+            "and tlm have); leave it null"
+        )
+    objective = OmegaConf.merge(run_cfg.objective, {"document_mask": cfg.document_mask})
+    check_objective(OmegaConf.merge(run_cfg, {"objective": objective}))  # what the class refuses
+    return objective
 
 
 def output_path(cfg: DictConfig, data_name: str) -> Path:
@@ -66,6 +86,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={max_len} (its positions); "
             f"use seq_len<={max_len}, or null for the run's own ({run_cfg.seq_len})"
         )
+    objective = objective_of(cfg, run_cfg)
     if cfg.get("data") is not None:
         check_data(cfg.data, sizes=False)  # evaluate's own batch_size decides
     data_cfg = cfg.data if cfg.get("data") is not None else run_cfg.data
@@ -81,7 +102,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     seq_len = cfg.seq_len or run_cfg.seq_len
     dm = build(  # the run's objective with its settings (mask rate, noise density, ...)
-        run_cfg.objective,
+        objective,
         tokenizer=tokenizer,
         train=None,
         val=val,
@@ -117,10 +138,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     scored = {
         "checkpoint": str(cfg.ckpt_path),
         "data": OmegaConf.to_container(data_cfg, resolve=True),
+        "objective": OmegaConf.to_container(objective, resolve=True),
     }
-    replaced = _read_json(out)
-    if replaced is not None and replaced.get("data", scored["data"]) != scored["data"]:
-        log.warning("%s held an evaluation on other data (%s): replaced", out, replaced["data"])
+    replaced = _read_json(out) or {}
+    for key in ("data", "objective"):  # files from before a key was written: not compared
+        if replaced.get(key, scored[key]) != scored[key]:
+            log.warning("%s held an evaluation on other %s (%s): replaced", out, key, replaced[key])
     out.write_text(json.dumps({**metrics, **scored}, indent=2, sort_keys=True))
     metrics["output_file"] = str(out)
     return metrics

@@ -335,8 +335,8 @@ def check_attention_masks(cfg: DictConfig, kernels: list[str] | None) -> None:
         return
     raise ConfigError(
         f"attention=flash: on GPUs the flash kernel takes no attention mask, which {needs} "
-        "needs; use attention=auto, or a list with a kernel that takes masks, e.g. "
-        "[flash,efficient] (flash is then used wherever there is no mask)"
+        "needs in every step; use attention=auto, or a kernel that takes masks, e.g. "
+        "attention=efficient"
     )
 
 

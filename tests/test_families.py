@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data.base import Example
+from lmlab.data.capital import CapitalWordDataModule
 from lmlab.data.clm import CausalLMDataModule
 from lmlab.data.collate import IGNORE, document_ids, mlm_mask
 from lmlab.data.mlm import MaskedLMDataModule
 from lmlab.data.prefix_lm import PrefixLMDataModule
+from lmlab.data.sentences import SentenceOrderDataModule
 from lmlab.data.store import build_store
 from lmlab.data.tokenizers import byte_tokenizer, train_bpe, word_starts
 from lmlab.errors import ConfigError
@@ -274,6 +276,83 @@ def test_clm_batches_carry_document_ids_with_document_mask(tmp_path):
             assert torch.equal(b["doc_ids"], torch.from_numpy(want))
     with pytest.raises(ConfigError, match=r"objective\.document_mask must be true or false"):
         CausalLMDataModule(tok, store, store, seq_len=32, batch_size=8, document_mask="yes")
+
+
+def test_bidirectional_document_ids_end_each_document_at_its_eos():
+    """For encoders an eos belongs to the document it ends (the store's "text eos")."""
+    assert document_ids(PACKED.numpy(), EOS, eos_opens=False).tolist() == [
+        [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2],
+        [0, 1, 1, 1, 1, 1, 1, 2, 3, 3, 3, 3],
+    ]
+
+
+def test_an_encoder_row_of_packed_documents_computes_each_alone():
+    """Rotary positions: each document's outputs are the document's own, run alone, padding or
+    not; learned positions keep the documents apart (a change in one moves no other's outputs)
+    but tell where in the window each sits."""
+    torch.manual_seed(0)
+    m = encoder().eval()
+    x = PACKED.clone()
+    docs = torch.from_numpy(document_ids(x.numpy(), EOS, eos_opens=False))
+    pad = torch.ones_like(x, dtype=torch.bool)
+    pad[1, -2:] = False  # the second row's last document is two tokens shorter
+    out = m(x, pad, doc_ids=docs)
+    for b in range(2):
+        for d in docs[b].unique():
+            idx = ((docs[b] == d) & pad[b]).nonzero().flatten()
+            alone = m(x[b, idx][None])[0]
+            torch.testing.assert_close(out[b, idx], alone, atol=1e-5, rtol=1e-5)
+    assert (m(x, pad) - out)[pad].abs().max() > 1e-2
+    learned = encoder(positions="learned").eval()
+    y = x.clone()
+    y[0, 1] = 50  # inside the first row's first document
+    moved = (learned(y, doc_ids=docs) - learned(x, doc_ids=docs)).abs().amax(-1) > 1e-6
+    assert moved[0].tolist() == (docs[0] == 0).tolist() and not moved[1].any()
+
+
+def test_masked_lm_batches_carry_document_ids_with_document_mask(tmp_path):
+    """objective.document_mask for mlm and capital_word: doc_ids of the rows before masking (an
+    eos ends its document); the segment-level objectives refuse it."""
+    tok = byte_tokenizer(2)
+    texts = [make_text(8 * (1 + seed % 2), seed) for seed in range(20)]  # 40-100 bytes each
+    store = build_store(iter(texts), tok, tmp_path, "d")
+    for klass in (MaskedLMDataModule, CapitalWordDataModule):
+        plain = next(iter(klass(tok, store, store, seq_len=64, batch_size=8).train_dataloader()))
+        assert "doc_ids" not in plain
+        dm = klass(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
+        b = next(iter(dm.train_dataloader()))
+        rows = b["input_ids"].numpy()  # eos is special: never masked nor drawn as a replacement
+        assert (rows == tok.eos_id).sum() > 4
+        want = document_ids(rows, tok.eos_id, eos_opens=False)
+        assert torch.equal(b["doc_ids"], torch.from_numpy(want))
+    with pytest.raises(ConfigError, match=r"objective=sop builds each input from its own segments"):
+        SentenceOrderDataModule(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
+
+
+def test_encoder_lm_scores_packed_documents_as_if_alone():
+    """EncoderLM hands doc_ids to its backbone: a packed row's masked-LM NLL is the sum of its
+    documents' own, each run alone."""
+    from lmlab.models.encoder import EncoderLM
+
+    torch.manual_seed(0)
+    dims = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64)
+    m = EncoderLM(vocab_size=100, special_ids={"eos": EOS}, optim={}, **dims)
+    m.set_token_bytes(torch.ones(100, dtype=torch.long))
+    m.eval()
+    x = PACKED
+    labels = torch.where(
+        torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.4, x, -100
+    )
+    labels[x == EOS] = -100
+    docs = torch.from_numpy(document_ids(x.numpy(), EOS, eos_opens=False))
+    total = m.nll({"input_ids": x, "labels": labels, "doc_ids": docs})[0]
+    alone = 0
+    for b in range(2):
+        for d in docs[b].unique():
+            idx = (docs[b] == d).nonzero().flatten()
+            alone += m.nll({"input_ids": x[b, idx][None], "labels": labels[b, idx][None]})[0]
+    torch.testing.assert_close(total, alone, atol=1e-4, rtol=1e-6)
+    assert abs(m.nll({"input_ids": x, "labels": labels})[0] - total) > 1e-2
 
 
 def test_decoder_lm_scores_a_packed_batch_as_its_documents_alone():

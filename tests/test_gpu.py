@@ -146,21 +146,26 @@ def test_cudnn_attention_trains_like_the_default_kernel(tiny_cfg, tmp_path):
 
 
 def test_document_mask_compiles_in_bf16_and_keeps_documents_apart(tiny_cfg):
-    """objective.document_mask on a GPU: the masked attention takes a kernel that takes masks
-    (flash takes none), compiled, under bf16 autocast; each document of a packed window computes
-    what it does alone (to bf16's rounding: the two runs take different kernels)."""
+    """objective.document_mask on a GPU, with grouped-query attention: the masked calls take the
+    memory-efficient kernel (flash takes no mask; efficient takes no enable_gqa, so lmlab.nn.blocks
+    repeats the key/value heads for it), compiled, under bf16 autocast; each document of a packed
+    window computes what it does alone (to bf16's rounding: the two runs take other kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from lmlab.nn.decoder import Decoder, DecoderConfig
 
-    metrics, _ = train(tiny_cfg(*GPU, "compile=true", "objective.document_mask=true"))
+    gqa = ["model.n_kv_heads=1", "attention=efficient"]
+    metrics, _ = train(tiny_cfg(*GPU, "compile=true", "objective.document_mask=true", *gqa))
     assert math.isfinite(metrics["val/loss"]) and metrics["val/loss"] < metrics["train/loss"] + 1
     torch.manual_seed(0)
-    config = DecoderConfig(vocab_size=100, n_layers=2, d_model=64, n_heads=4, max_seq_len=64)
+    config = DecoderConfig(vocab_size=100, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2)
     m = Decoder(config).cuda().eval()
     x = torch.randint(4, 100, (2, 48), device="cuda")
     x[0, [10, 30]] = x[1, [0, 25]] = 3  # eos: documents of 10, 20, 18 and 25, 23 tokens
     docs = torch.cumsum(x == 3, dim=1)
     with torch.autocast("cuda", torch.bfloat16), torch.no_grad():
-        out = m(x, doc_ids=docs)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            out = m(x, doc_ids=docs)
         for b in range(2):
             for d in docs[b].unique():
                 idx = (docs[b] == d).nonzero().flatten()

@@ -226,6 +226,26 @@ def test_batches_are_cls_pairs_sep_and_never_mask_sep_or_eos(tok, tmp_path):
         assert np.array_equal(row_inputs, inputs) and np.array_equal(row_labels, labels)
 
 
+def test_document_masks_keep_each_pair_to_itself(tok, tmp_path):
+    """objective.document_mask: a row's pairs are its documents, each with its eos (cls with the
+    first pair; sep, after the last eos, alone)."""
+    store, _ = pair_store(tok, tmp_path, list(range(2, 12)) * 3)
+    dm = TranslationLMDataModule(tok, store, store, seq_len=64, batch_size=2, document_mask=True)
+    windows = [dm.dataset(store)[k] for k in range(4)]
+    batch = dm.make_batch(windows)
+    for i, ex in enumerate(windows):
+        arranged = dm.arrange(ex).tokens
+        n_pairs = int((arranged == tok.eos_id).sum())
+        assert n_pairs >= 2
+        want = [0]  # cls
+        for p in range(n_pairs):
+            want += [p] * (np.flatnonzero(arranged == tok.eos_id)[p] + 1 - (len(want) - 1))
+        want += [n_pairs]  # sep; then padding continues it
+        n = len(want)
+        assert batch["doc_ids"][i, :n].tolist() == want
+        assert (batch["doc_ids"][i, n:] == n_pairs).all()
+
+
 def test_plain_text_is_refused(tok, tmp_path, compose_cfg):
     plain = build_store(iter(["some text. " * 50]), tok, tmp_path, "plain")
     pairs, _ = pair_store(tok, tmp_path, [5] * 50)

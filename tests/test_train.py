@@ -211,6 +211,92 @@ def test_evaluate_scores_windows_of_the_seq_len_it_is_given(trained, tmp_path):
     assert short["loss"] != pytest.approx(run_len["loss"], rel=1e-4)  # 5.027 vs 5.022 here
 
 
+def test_evaluate_scores_with_or_without_document_masks(trained, tmp_path, caplog):
+    """evaluate's document_mask overrides the run's objective.document_mask (false here): true
+    keeps each validation window's documents apart, which changes the loss of the windows that
+    hold a document boundary; the result file records the objective it scored with (and says
+    when it replaced an evaluation with other settings)."""
+    import logging
+
+    from .conftest import make_text
+
+    cfg, _, _, out = trained
+    val = tmp_path / "val.jsonl"  # twelve short documents: most windows hold a boundary
+    val.write_text("".join(json.dumps({"text": make_text(16, i)}) + "\n" for i in range(12)))
+    given = dict(
+        ckpt_path=out / "checkpoints" / "last.ckpt",
+        device="cpu",
+        output_file=str(tmp_path / "evaluate.json"),
+        data={"name": "files", "source": "files", "train": None, "val": str(val)},
+        **{"paths.cache_dir": cfg.paths.cache_dir},
+    )
+    own = evaluate(command_cfg("evaluate", **given))
+    off = evaluate(command_cfg("evaluate", document_mask=False, **given))
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        masked = evaluate(command_cfg("evaluate", document_mask=True, **given))
+    assert own["documents"] == 12
+    assert off["loss"] == own["loss"]
+    assert masked["loss"] != pytest.approx(own["loss"], rel=1e-4)
+    assert masked["tokens"] == own["tokens"] and masked["batches"] == own["batches"]
+    written = json.loads((tmp_path / "evaluate.json").read_text())
+    assert written["objective"]["document_mask"] is True and written["objective"]["name"] == "clm"
+    assert (
+        "held an evaluation on other objective ({'_target_'" in caplog.text
+    )  # masked replaced off
+
+
+def test_a_run_trained_with_document_masks_validates_and_evaluates_with_them(tiny_cfg, tmp_path):
+    """objective.document_mask=true end to end on forty short documents: training's batches carry
+    doc_ids, the run's val/loss is evaluate's with the masks (its default for such a run, and
+    document_mask=true), and document_mask=false scores the same windows without them."""
+    from .conftest import make_text
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": make_text(24, i)}) + "\n" for i in range(40)))
+    cfg = tiny_cfg(f"data.train=[{docs}]", "objective.document_mask=true", "callbacks.samples=null")
+    metrics, objects = train(cfg)
+    batch = next(iter(objects["datamodule"].train_dataloader()))
+    assert (batch["input_ids"] == objects["tokenizer"].eos_id).sum() >= 3 and "doc_ids" in batch
+    given = dict(
+        ckpt_path=Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        limit_batches=cfg.trainer.limit_val_batches,
+        device="cpu",
+        output_file=str(tmp_path / "evaluate.json"),
+        **{"paths.cache_dir": cfg.paths.cache_dir},
+    )
+    own = evaluate(command_cfg("evaluate", **given))
+    masked = evaluate(command_cfg("evaluate", document_mask=True, **given))
+    plain = evaluate(command_cfg("evaluate", document_mask=False, **given))
+    assert own["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    assert masked["loss"] == own["loss"]
+    assert plain["loss"] != pytest.approx(own["loss"], rel=1e-4)
+
+
+def test_evaluate_refuses_document_masks_for_objectives_without_them(tiny_cfg, tmp_path):
+    """Refused before any data work: an objective without the setting (span), and one whose own
+    checks refuse it (sop builds its inputs from segments)."""
+    from lmlab.evaluate import objective_of
+
+    span = tiny_cfg("model=encoder_decoder", "objective=span")
+    with pytest.raises(ConfigError, match=r"document_mask=true: the run's objective=span has no"):
+        objective_of(OmegaConf.create({"document_mask": True}), span)
+    cfg = tiny_cfg("model=encoder", "objective=sop", "callbacks.samples=null")
+    train(cfg)
+    ecfg = command_cfg(
+        "evaluate",
+        ckpt_path=Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        document_mask=True,
+        device="cpu",
+        **{"paths.cache_dir": str(tmp_path / "fresh_cache")},
+    )
+    with pytest.raises(ConfigError, match=r"objective=sop builds each input from its own segments"):
+        evaluate(ecfg)
+    assert not (tmp_path / "fresh_cache").exists()  # refused before any data work
+    for value in ("yes", 1):
+        with pytest.raises(ConfigError, match=rf"document_mask={value!r} must be true, false or"):
+            evaluate(command_cfg("evaluate", ckpt_path="x.ckpt", document_mask=value))
+
+
 def test_evaluate_on_other_files(trained, tmp_path, caplog):
     """The result file records what was scored: another evaluation on data of the same name
     replaced it without a trace (now with a warning)."""

@@ -324,6 +324,13 @@ class ResumableLoader(DataLoader):
                 yield batch
 
 
+def check_document_mask(value) -> None:
+    """``objective.document_mask`` (the objectives whose windows pack documents: clm, prefix_lm,
+    mlm, capital_word, tlm) is a boolean."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"objective.document_mask must be true or false, got {value!r}")
+
+
 def check_head_weight(key: str, weight) -> None:
     """Refuse an auxiliary head's loss weight (``objective.<key>``) that is not a finite number
     >= 0."""

@@ -179,9 +179,12 @@ class CapitalWordDataModule(MaskedLMDataModule):
         ids = self._sequences(examples, self.seq_len)
         inputs, labels = self._lowercased(ids, example_keys(self.seed, examples))
         lengths = np.array([len(ex.tokens) + 2 for ex in examples])
-        return {
-            "input_ids": torch.from_numpy(inputs),
-            "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
-            "labels": torch.from_numpy(labels),
-            "token_labels": torch.from_numpy(self._case_labels(ids)),
-        }
+        return self.with_documents(
+            {
+                "input_ids": torch.from_numpy(inputs),
+                "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
+                "labels": torch.from_numpy(labels),
+                "token_labels": torch.from_numpy(self._case_labels(ids)),
+            },
+            ids,
+        )

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.data.base import Example, WindowDataModule
+from lmlab.data.base import Example, WindowDataModule, check_document_mask
 from lmlab.data.collate import causal_batch, document_ids
-from lmlab.errors import ConfigError
 
 
 class CausalLMDataModule(WindowDataModule):
@@ -29,10 +28,7 @@ class CausalLMDataModule(WindowDataModule):
 
     @classmethod
     def check_settings(cls, *, document_mask: bool = False, **rest) -> None:
-        if not isinstance(document_mask, bool):
-            raise ConfigError(
-                f"objective.document_mask must be true or false, got {document_mask!r}"
-            )
+        check_document_mask(document_mask)
         super().check_settings(**rest)
 
     @property

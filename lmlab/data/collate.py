@@ -107,14 +107,19 @@ def causal_batch(
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
 
 
-def document_ids(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
+def document_ids(input_ids: np.ndarray, eos_id: int, *, eos_opens: bool = True) -> np.ndarray:
     """(B, T) int64: the document each position of windows cut from a packed stream belongs to
-    within its row (0, 1, ...; ``eos_id`` separates the stream's documents).
+    within its row (0, 1, ...; ``eos_id`` separates the stream's documents). A row's first
+    document starts at the row's start (mid-document, as without a mask).
 
-    An eos opens the document after it: at generation a document starts from eos (a prompt of ""
-    is ``[eos]``), and the last token of a document still predicts the eos that ends it. A row's
-    first document starts at the window's start (mid-document, as without a mask)."""
-    return np.cumsum(input_ids == eos_id, axis=1)
+    ``eos_opens`` (causal models): an eos belongs to the document after it, so a document's first
+    token is predicted from the eos before it alone, as generation from an empty prompt (``[eos]``)
+    starts a document; the last token of a document still predicts the eos that ends it. Else
+    (bidirectional models) it belongs to the document it ends, as in the store ("text eos") and in
+    TLM's pairs ("source sep target eos")."""
+    ends = input_ids == eos_id
+    ids = np.cumsum(ends, axis=1)
+    return ids if eos_opens else ids - ends
 
 
 # random streams of mlm_mask: one independent draw each

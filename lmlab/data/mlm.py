@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmlab.data.base import Example, WindowDataModule, example_keys
-from lmlab.data.collate import mlm_mask
+from lmlab.data.base import Example, WindowDataModule, check_document_mask, example_keys
+from lmlab.data.collate import document_ids, mlm_mask
 from lmlab.data.tokenizers import word_starts
 from lmlab.errors import ConfigError
 
@@ -47,11 +47,18 @@ class MaskedLMDataModule(WindowDataModule):
         p_mask: float = 0.8,
         p_random: float = 0.1,
         whole_word: bool = False,
+        document_mask: bool = False,
         **kwargs,
     ) -> None:
-        self.check_settings(seq_len=seq_len, mask_prob=mask_prob, p_mask=p_mask, p_random=p_random)
+        self.check_settings(
+            seq_len=seq_len,
+            mask_prob=mask_prob,
+            p_mask=p_mask,
+            p_random=p_random,
+            document_mask=document_mask,
+        )
         self.mask_prob, self.p_mask, self.p_random = mask_prob, p_mask, p_random
-        self.whole_word = whole_word
+        self.whole_word, self.document_mask = whole_word, document_mask
         self.special = np.zeros(tokenizer.vocab_size, dtype=bool)
         self.special[tokenizer.special_ids] = True
         self.random_ids = np.flatnonzero(~self.special)
@@ -60,8 +67,16 @@ class MaskedLMDataModule(WindowDataModule):
 
     @classmethod
     def check_settings(
-        cls, *, seq_len: int, mask_prob: float, p_mask: float, p_random: float, **rest
+        cls,
+        *,
+        seq_len: int,
+        mask_prob: float,
+        p_mask: float,
+        p_random: float,
+        document_mask: bool = False,
+        **rest,
     ) -> None:
+        check_document_mask(document_mask)
         if seq_len < 3:
             raise ConfigError(
                 f"objective=mlm needs seq_len >= 3 (cls + tokens + sep), got {seq_len}; raise seq_len"
@@ -97,11 +112,23 @@ class MaskedLMDataModule(WindowDataModule):
         ids = self._sequences(examples, self.seq_len)
         inputs, labels, _ = self._mask(ids, example_keys(self.seed, examples))
         lengths = np.array([len(ex.tokens) + 2 for ex in examples])
-        return {
-            "input_ids": torch.from_numpy(inputs),
-            "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
-            "labels": torch.from_numpy(labels),
-        }
+        return self.with_documents(
+            {
+                "input_ids": torch.from_numpy(inputs),
+                "attention_mask": torch.from_numpy(np.arange(self.seq_len) < lengths[:, None]),
+                "labels": torch.from_numpy(labels),
+            },
+            ids,
+        )
+
+    def with_documents(self, batch: dict[str, torch.Tensor], ids: np.ndarray) -> dict:
+        """``batch`` with ``doc_ids`` of the rows ``ids`` under ``document_mask=true``: an eos
+        belongs to the document it ends, cls to a row's first document, sep to its last (or,
+        after an eos, to none: it then attends to itself alone)."""
+        if self.document_mask:
+            docs = document_ids(ids, self.tokenizer.eos_id, eos_opens=False)
+            batch["doc_ids"] = torch.from_numpy(docs)
+        return batch
 
     def _sequences(self, examples: list[Example], width: int | None = None) -> np.ndarray:
         return cls_sep_rows(examples, self.tokenizer, width)

@@ -131,6 +131,12 @@ class SegmentTaskDataModule(MaskedLMDataModule):
         call, which checks the instance's own count too)."""
         cls.check_length(seq_len, max_segments or cls.max_segments)
         check_head_weight("sentence_weight", sentence_weight)
+        if rest.get("document_mask"):
+            raise ConfigError(
+                f"objective={cls.objective} builds each input from its own segments (some, by "
+                "design, from other documents), not from packed windows: document masks do not "
+                "apply; leave objective.document_mask false"
+            )
         super().check_settings(seq_len=seq_len, **rest)
 
     @classmethod

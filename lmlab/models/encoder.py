@@ -132,8 +132,16 @@ class EncoderLM(LMModule):
         count stays the same from batch to batch, so a compiled step is not compiled again for
         each new count. Called on a batch without it (``nll`` used directly), it is computed
         here."""
-        hidden = self.backbone(batch["input_ids"], batch.get("attention_mask"), head=False)
-        return self.select_targets(hidden, batch)
+        return self.select_targets(self.encoded(batch), batch)
+
+    def encoded(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's final hidden states (B, S, C) of ``batch``."""
+        return self.backbone(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            doc_ids=batch.get("doc_ids"),
+            head=False,
+        )
 
     def select_targets(
         self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -151,7 +159,7 @@ class EncoderLM(LMModule):
         """:meth:`LMModule.nll`, and with a sentence head its (NLL sum, count, correct) over the
         batch's ``sentence_labels``, with a token head over its ``token_labels``, from the same
         forward pass."""
-        hidden = self.backbone(batch["input_ids"], batch.get("attention_mask"), head=False)
+        hidden = self.encoded(batch)
         sums = self.head_loss(*self.select_targets(hidden, batch), count_correct=not self.training)
         b = self.backbone
         if b.sentence_head is not None:

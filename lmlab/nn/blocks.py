@@ -226,15 +226,31 @@ class Attention(nn.Module):
             else:
                 attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
                 is_causal = False
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=is_causal and attn_mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, hd)
+        y = sdpa(q, k, v, attn_mask, is_causal=is_causal and attn_mask is None)  # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of queries (B, H, T, hd) over keys and values
+    (B, KV, S, hd) whose KV heads are each shared by H / KV query heads.
+
+    SDPA's ``enable_gqa`` shares them without copies, but on CUDA only the flash kernel (and the
+    math one) takes it, and flash takes no mask: a masked call (prefix LM, document masks, padding)
+    would fall to the math kernel, which holds every layer's float32 scores. There the key/value
+    heads are repeated instead, so that the memory-efficient kernel takes the call (as Hugging
+    Face's models do). CPUs' flash kernel takes both."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and attn_mask is not None and q.is_cuda:
+        k, v, group = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), 1
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1
+    )
 
 
 class CrossAttention(nn.Module):
@@ -274,9 +290,7 @@ class CrossAttention(nn.Module):
             if cache.memory_kv is None:
                 cache.memory_kv = self.memory_kv(memory)
             k, v = cache.memory_kv
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=memory_mask, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        y = sdpa(q, k, v, memory_mask)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -105,9 +105,15 @@ class Encoder(Backbone):
         self.init_and_tie()
 
     def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states (B, S, C), normalised."""
+        """Final hidden states (B, S, C), normalised. ``doc_ids`` (B, S), the document of each
+        position of packed windows: attention stays inside each document. With rotary positions a
+        document's outputs are then those of the document alone (scores depend on distances
+        only); learned positions still tell where in the window it sits."""
         S = input_ids.shape[1]
         x = self.embed(input_ids)  # (B, S, C)
         rope = None
@@ -116,6 +122,9 @@ class Encoder(Backbone):
         else:
             rope = self.rotary(0, S)
         mask = key_padding_mask(attention_mask)
+        if doc_ids is not None:
+            same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, S, S)
+            mask = same if mask is None else same & mask
         for block in self.blocks:
             x = block(x, rope, is_causal=False, attn_mask=mask)
         return self.norm(x)
@@ -125,8 +134,9 @@ class Encoder(Backbone):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
+        doc_ids: torch.Tensor | None = None,
         head: bool = True,
     ) -> torch.Tensor:
         """Logits (B, S, V), or with ``head=False`` the final hidden states (B, S, C)."""
-        x = self.encode(input_ids, attention_mask)
+        x = self.encode(input_ids, attention_mask, doc_ids)
         return self.lm_head(x) if head else x
