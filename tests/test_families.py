@@ -260,24 +260,6 @@ def test_cached_decoding_refuses_document_ids():
         m(PACKED, caches=m.new_caches(2, 16), doc_ids=docs_of(PACKED))
 
 
-def test_clm_batches_carry_document_ids_with_document_mask(tmp_path):
-    """objective.document_mask: the batches of clm and prefix_lm carry the document ids of their
-    inputs; without it, none."""
-    tok = byte_tokenizer(2)
-    texts = [make_text(8 * (1 + seed % 2), seed) for seed in range(20)]  # 40-100 bytes each
-    store = build_store(iter(texts), tok, tmp_path, "d")
-    for klass in (CausalLMDataModule, PrefixLMDataModule):
-        plain = next(iter(klass(tok, store, store, seq_len=64, batch_size=8).train_dataloader()))
-        assert "doc_ids" not in plain
-        dm = klass(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
-        for b in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
-            assert (b["input_ids"] == tok.eos_id).sum() > 4  # several documents per batch
-            want = document_ids(b["input_ids"].numpy(), tok.eos_id)
-            assert torch.equal(b["doc_ids"], torch.from_numpy(want))
-    with pytest.raises(ConfigError, match=r"objective\.document_mask must be true or false"):
-        CausalLMDataModule(tok, store, store, seq_len=32, batch_size=8, document_mask="yes")
-
-
 def test_bidirectional_document_ids_end_each_document_at_its_eos():
     """For encoders an eos belongs to the document it ends (the store's "text eos")."""
     assert document_ids(PACKED.numpy(), EOS, eos_opens=False).tolist() == [
@@ -310,21 +292,41 @@ def test_an_encoder_row_of_packed_documents_computes_each_alone():
     assert moved[0].tolist() == (docs[0] == 0).tolist() and not moved[1].any()
 
 
-def test_masked_lm_batches_carry_document_ids_with_document_mask(tmp_path):
-    """objective.document_mask for mlm and capital_word: doc_ids of the rows before masking (an
-    eos ends its document); the segment-level objectives refuse it."""
+@pytest.fixture
+def short_documents(tmp_path):
     tok = byte_tokenizer(2)
     texts = [make_text(8 * (1 + seed % 2), seed) for seed in range(20)]  # 40-100 bytes each
-    store = build_store(iter(texts), tok, tmp_path, "d")
-    for klass in (MaskedLMDataModule, CapitalWordDataModule):
-        plain = next(iter(klass(tok, store, store, seq_len=64, batch_size=8).train_dataloader()))
-        assert "doc_ids" not in plain
-        dm = klass(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
-        b = next(iter(dm.train_dataloader()))
-        rows = b["input_ids"].numpy()  # eos is special: never masked nor drawn as a replacement
-        assert (rows == tok.eos_id).sum() > 4
-        want = document_ids(rows, tok.eos_id, eos_opens=False)
+    return tok, build_store(iter(texts), tok, tmp_path, "d")
+
+
+@pytest.mark.parametrize(
+    ("klass", "eos_opens"),
+    [
+        (CausalLMDataModule, True),
+        (PrefixLMDataModule, True),
+        (MaskedLMDataModule, False),
+        (CapitalWordDataModule, False),
+    ],
+)
+def test_packed_windows_carry_document_ids_with_document_mask(short_documents, klass, eos_opens):
+    """objective.document_mask: the batches carry the document ids of their rows (eos is special:
+    an MLM never masks it nor draws it as a replacement); an eos opens the next document for the
+    decoder's objectives and ends its own for the encoder's; without the setting, no ids."""
+    tok, store = short_documents
+    plain = next(iter(klass(tok, store, store, seq_len=64, batch_size=8).train_dataloader()))
+    assert "doc_ids" not in plain
+    dm = klass(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
+    for b in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
+        rows = b["input_ids"].numpy()
+        assert (rows == tok.eos_id).sum() > 4  # several documents per batch
+        want = document_ids(rows, tok.eos_id, eos_opens=eos_opens)
         assert torch.equal(b["doc_ids"], torch.from_numpy(want))
+
+
+def test_bad_document_mask_settings_are_refused(short_documents):
+    tok, store = short_documents
+    with pytest.raises(ConfigError, match=r"objective\.document_mask must be true or false"):
+        CausalLMDataModule(tok, store, store, seq_len=32, batch_size=8, document_mask="yes")
     with pytest.raises(ConfigError, match=r"objective=sop builds each input from its own segments"):
         SentenceOrderDataModule(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
 
