@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmlab.data.collate import IGNORE
+from lmlab.data.collate import IGNORE, document_ids
 from lmlab.models.base import param_groups
 from lmlab.optim import MasterWeightAdamW
 
@@ -59,24 +59,44 @@ def random_batch(
     *,
     target_len: int = 0,
     mask_prob: float = 0.15,
+    document_length: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """A batch of the given kind (causal / masked / seq2seq) of uniformly random non-special tokens,
-    shaped like lmlab's collate functions make them (``lmlab/data/collate.py``), without padding."""
+    shaped like lmlab's collate functions make them (``lmlab/data/collate.py``), without padding.
+
+    ``document_length`` (causal and masked): packed documents of that mean length, as under
+    ``objective.document_mask=true``: each input token is eos with probability 1 / length, and
+    the batch carries their ``doc_ids``."""
     lo = len(SPECIAL_IDS)
     ids = lambda *shape: torch.randint(lo, vocab, shape, generator=generator)
+    if document_length is not None and kind == "seq2seq":
+        raise ValueError("document masks are for causal and masked batches")
+
+    def packed(x: torch.Tensor, out: dict) -> dict:
+        if document_length is None:
+            return out
+        ends = torch.rand(x.shape, generator=generator) < 1 / document_length
+        out["input_ids"] = x = x.masked_fill(ends, SPECIAL_IDS["eos"])
+        if kind == "masked":  # eos is special: never a masked target
+            out["labels"] = out["labels"].masked_fill(ends, IGNORE)
+        docs = document_ids(x.numpy(), SPECIAL_IDS["eos"], eos_opens=kind == "causal")
+        return out | {"doc_ids": torch.from_numpy(docs)}
+
     if kind == "causal":
-        return {"input_ids": ids(batch, seq_len), "labels": ids(batch, seq_len)}
+        x = ids(batch, seq_len)
+        return packed(x, {"input_ids": x, "labels": ids(batch, seq_len)})
     if kind == "masked":
         x = ids(batch, seq_len)
         selected = torch.rand(batch, seq_len, generator=generator) < mask_prob
         labels = torch.where(selected, x, IGNORE)
         x = torch.where(selected, SPECIAL_IDS["mask"], x)
-        return {
+        out = {
             "input_ids": x,
             "attention_mask": torch.ones(batch, seq_len, dtype=torch.bool),
             "labels": labels,
         }
+        return packed(x, out)
     if kind == "seq2seq":
         labels = ids(batch, target_len)
         decoder_input_ids = torch.cat(

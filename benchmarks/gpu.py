@@ -145,6 +145,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         help="attention kernel (auto: PyTorch's choice); training's `attention=<kernel>` key",
     )
+    p.add_argument(
+        "--document-length",
+        type=int,
+        help="decoder and encoder: packed documents of about this many tokens, attending only\n"
+        "within themselves (objective.document_mask=true); default: one unmasked window",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny dims and few steps (CPU smoke run)")
     p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
     p.add_argument("--steps", type=int, help="timed steps (default 30)")
@@ -284,8 +290,17 @@ def run_family(
         **dims,
     )
     gen = torch.Generator().manual_seed(0)
+    documents = args.document_length
     batches = [
-        common.random_batch(pre["kind"], B, T, vocab, target_len=target_len, generator=gen)
+        common.random_batch(
+            pre["kind"],
+            B,
+            T,
+            vocab,
+            target_len=target_len,
+            document_length=documents,
+            generator=gen,
+        )
         for _ in range(4)
     ]
     timed = args.warmup + args.steps
@@ -324,7 +339,9 @@ def run_family(
         accumulate=accumulate,
         precision=precision,
         warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
-        shape=f"{B} x {T}" + (f" -> {target_len}" if target_len else ""),
+        shape=f"{B} x {T}"
+        + (f" -> {target_len}" if target_len else "")
+        + (f", documents of ~{documents}" if documents else ""),
         params=model.num_params(False),
         step_ms=1e3 * step_s,
         median_ms=common.median_ms(timer.times),
@@ -343,6 +360,11 @@ def main(argv=None) -> None:
         precision_parts(precision)  # refused before any run
     if min(args.accumulate) < 1:
         raise SystemExit(f"--accumulate {min(args.accumulate)}: micro-batches per step, >= 1")
+    if args.document_length is not None:
+        if args.document_length < 2:
+            raise SystemExit(f"--document-length {args.document_length}: tokens, >= 2")
+        if "encoder_decoder" in args.family:
+            raise SystemExit("--document-length: decoder and encoder only (their objectives pack)")
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
     if args.trace_dir is not None:

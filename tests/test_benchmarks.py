@@ -91,6 +91,50 @@ def test_gpu_script_smoke_run_on_cpu(run):
         assert sum(map(float, host)) / 3 == pytest.approx(ms, abs=0.1 + 0.01 * ms)
 
 
+def test_gpu_script_document_length_trains_on_masked_packed_documents(run, monkeypatch):
+    """--document-length: every step's batch packs documents of that mean length, and the
+    backbones get their doc_ids (the masked attention of objective.document_mask)."""
+    from lmlab.nn.decoder import Decoder
+    from lmlab.nn.encoder import Encoder
+
+    seen = []
+    for cls in (Decoder, Encoder):
+        real = cls.forward
+        monkeypatch.setattr(
+            cls,
+            "forward",
+            lambda self, *a, real=real, **k: seen.append(k["doc_ids"]) or real(self, *a, **k),
+        )
+    out = run("gpu", "--tiny --device cpu --family decoder encoder --document-length 8")
+    (rows,) = tables(out)
+    assert [r["family"] for r in rows] == ["decoder", "encoder"]
+    assert all(r["batch"].endswith("documents of ~8") for r in rows)
+    assert len(seen) >= 10 and all(d is not None and d.max() > 2 for d in seen)
+    with pytest.raises(SystemExit, match="--document-length: decoder and encoder only"):
+        run("gpu", "--tiny --device cpu --family encoder_decoder --document-length 8")
+
+
+def test_random_batches_of_packed_documents():
+    """common.random_batch's document_length: eos at rate 1 / length (binomial, 5 sd) and the
+    batch's doc_ids those of its inputs (an eos opens a causal document, ends a masked one)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        common = importlib.import_module("common")
+    finally:
+        sys.path.remove(str(BENCH))
+    from lmlab.data.collate import document_ids
+
+    eos = common.SPECIAL_IDS["eos"]
+    for kind in ("causal", "masked"):
+        gen = torch.Generator().manual_seed(0)
+        b = common.random_batch(kind, 16, 512, 1000, document_length=32, generator=gen)
+        n, p = b["input_ids"].numel(), 1 / 32
+        assert abs(int((b["input_ids"] == eos).sum()) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+        want = document_ids(b["input_ids"].numpy(), eos, eos_opens=kind == "causal")
+        assert torch.equal(b["doc_ids"], torch.from_numpy(want))
+        assert "doc_ids" not in common.random_batch(kind, 2, 8, 1000, generator=gen)
+
+
 def test_gpu_script_precision_values(monkeypatch):
     """--precision: Lightning's precision, + master weights (their step compiled under compile, or
     eager with -eager); master weights of anything but bf16 weights are refused."""
