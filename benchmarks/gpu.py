@@ -364,7 +364,10 @@ def main(argv=None) -> None:
         if args.document_length < 2:
             raise SystemExit(f"--document-length {args.document_length}: tokens, >= 2")
         if "encoder_decoder" in args.family:
-            raise SystemExit("--document-length: decoder and encoder only (their objectives pack)")
+            raise SystemExit(
+                "--document-length: decoder and encoder only (their objectives pack documents); "
+                "pass --family decoder encoder"
+            )
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
     if args.trace_dir is not None:

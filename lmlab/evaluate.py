@@ -6,6 +6,7 @@ tokenizer and objective, prints the metrics and writes them as JSON next to the 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -26,6 +27,7 @@ from lmlab.paths import CONF_DIR
 from lmlab.train import build, check_objective, check_val_docs
 
 log = logging.getLogger("lmlab")
+_EMPTY = inspect.Parameter.empty  # a required setting (WindowDataModule.settings)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -42,19 +44,33 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def objective_of(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
-    """The run's objective config, with evaluate's ``document_mask`` in place of the run's where it
-    is given: the objectives that take the setting score with or without document masks whichever
-    way the model was trained; others refuse it."""
+    """The run's objective config with every setting's value (a run from before a setting existed
+    gets its default), and evaluate's ``document_mask`` in place of the run's where it is given:
+    the objectives that take it score with or without document masks whichever way the model was
+    trained; ``true`` is refused by the others (``false`` changes nothing there)."""
+    klass = get_class(run_cfg.objective._target_)
+    own = set(klass.settings()) - {
+        "seq_len",
+        "batch_size",
+        "eval_batch_size",
+        "num_workers",
+        "seed",
+    }
+    defaults = {k: v for k, v in klass.settings().items() if k in own and v is not _EMPTY}
+    objective = OmegaConf.merge(defaults, run_cfg.objective)
     if cfg.get("document_mask") is None:
-        return run_cfg.objective
-    if "document_mask" not in get_class(run_cfg.objective._target_).settings():
+        return objective
+    if "document_mask" not in own:
+        if not cfg.document_mask:
+            return objective
         raise ConfigError(
-            f"document_mask={str(cfg.document_mask).lower()}: the run's objective="
-            f"{run_cfg.objective.name} has no document masks (clm, prefix_lm, mlm, capital_word "
-            "and tlm have); leave it null"
+            f"document_mask=true: the run's objective={run_cfg.objective.name} has no document "
+            "masks (clm, prefix_lm, mlm, capital_word and tlm have); leave it null"
         )
-    objective = OmegaConf.merge(run_cfg.objective, {"document_mask": cfg.document_mask})
-    check_objective(OmegaConf.merge(run_cfg, {"objective": objective}))  # what the class refuses
+    objective = OmegaConf.merge(objective, {"document_mask": cfg.document_mask})
+    checked = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))  # never struct
+    checked.objective = objective
+    check_objective(checked)  # what the class itself refuses
     return objective
 
 

@@ -132,6 +132,8 @@ def test_random_batches_of_packed_documents():
         assert abs(int((b["input_ids"] == eos).sum()) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
         want = document_ids(b["input_ids"].numpy(), eos, eos_opens=kind == "causal")
         assert torch.equal(b["doc_ids"], torch.from_numpy(want))
+        if kind == "masked":  # eos is special: never a masked target
+            assert (b["labels"][b["input_ids"] == eos] == -100).all()
         assert "doc_ids" not in common.random_batch(kind, 2, 8, 1000, generator=gen)
 
 

@@ -21,6 +21,7 @@ from lmlab.data.tokenizers import byte_tokenizer, train_bpe, word_starts
 from lmlab.errors import ConfigError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate
+from lmlab.nn.blocks import sdpa
 from lmlab.nn.decoder import Decoder, DecoderConfig, document_mask, prefix_lm_mask
 from lmlab.nn.encoder import Encoder, EncoderConfig
 from lmlab.nn.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
@@ -30,6 +31,7 @@ from lmlab.train import check_compatible, train
 from .conftest import command_cfg, make_text
 
 SMALL = dict(vocab_size=100, n_layers=2, d_model=32, n_heads=4, max_seq_len=64)
+SMALL_DIMS = {k: v for k, v in SMALL.items() if k != "vocab_size"}
 
 
 def encoder(**kw) -> Encoder:
@@ -323,12 +325,31 @@ def test_packed_windows_carry_document_ids_with_document_mask(short_documents, k
         assert torch.equal(b["doc_ids"], torch.from_numpy(want))
 
 
-def test_bad_document_mask_settings_are_refused(short_documents):
+@pytest.mark.parametrize(
+    "klass", [CausalLMDataModule, PrefixLMDataModule, MaskedLMDataModule, CapitalWordDataModule]
+)
+def test_bad_document_mask_settings_are_refused(short_documents, klass):
     tok, store = short_documents
-    with pytest.raises(ConfigError, match=r"objective\.document_mask must be true or false"):
-        CausalLMDataModule(tok, store, store, seq_len=32, batch_size=8, document_mask="yes")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match=r"objective\.document_mask must be true or false"):
+            klass(tok, store, store, seq_len=32, batch_size=8, document_mask=bad)
     with pytest.raises(ConfigError, match=r"objective=sop builds each input from its own segments"):
         SentenceOrderDataModule(tok, store, store, seq_len=64, batch_size=8, document_mask=True)
+
+
+def test_grouped_heads_repeated_for_a_masked_call_attend_as_shared_ones():
+    """lmlab.nn.blocks.sdpa: repeating the key/value heads (what a masked call on CUDA does)
+    computes what SDPA's enable_gqa does: query head h reads key/value head h // (H / KV)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 10, 8, generator=gen)
+    k, v = torch.randn(2, 2, 10, 8, generator=gen), torch.randn(2, 2, 10, 8, generator=gen)
+    mask = document_mask(docs_of(PACKED[:, :10]))
+    shared = sdpa(q, k, v, mask, repeat_kv=False)
+    torch.testing.assert_close(sdpa(q, k, v, mask, repeat_kv=True), shared)
+    by_hand = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask
+    )
+    torch.testing.assert_close(shared, by_hand)
 
 
 def test_encoder_lm_scores_packed_documents_as_if_alone():
@@ -355,6 +376,29 @@ def test_encoder_lm_scores_packed_documents_as_if_alone():
             alone += m.nll({"input_ids": x[b, idx][None], "labels": labels[b, idx][None]})[0]
     torch.testing.assert_close(total, alone, atol=1e-4, rtol=1e-6)
     assert abs(m.nll({"input_ids": x, "labels": labels})[0] - total) > 1e-2
+
+
+def test_encoder_samples_keep_documents_apart_as_training_did(short_documents, monkeypatch):
+    """The fill-mask samples written at validation of a document-masked run attend as its
+    training did: the backbone gets the sample window's doc_ids (an eos ends its document)."""
+    from lmlab.models.encoder import EncoderLM
+
+    tok, store = short_documents
+    dm = MaskedLMDataModule(tok, store, store, seq_len=64, batch_size=4, document_mask=True)
+    m = EncoderLM(vocab_size=tok.vocab_size, special_ids=tok.special, optim={}, **SMALL_DIMS)
+    m.set_token_bytes(torch.as_tensor(tok.token_bytes()))
+    seen = []
+    real = Encoder.forward
+    monkeypatch.setattr(
+        Encoder,
+        "forward",
+        lambda self, x, *a, **k: seen.append((x, k["doc_ids"])) or real(self, x, *a, **k),
+    )
+    m.samples(tok, dm, max_new_tokens=64)
+    assert len(seen) == 2 and any((x == tok.eos_id).any() for x, _ in seen)
+    for x, docs in seen:
+        want = document_ids(x.numpy(), tok.eos_id, eos_opens=False)
+        assert docs is not None and torch.equal(docs, torch.from_numpy(want))
 
 
 def test_decoder_lm_scores_a_packed_batch_as_its_documents_alone():

@@ -245,15 +245,21 @@ def test_evaluate_scores_with_or_without_document_masks(trained, tmp_path, caplo
     )  # masked replaced off
 
 
-def test_a_run_trained_with_document_masks_validates_and_evaluates_with_them(tiny_cfg, tmp_path):
-    """objective.document_mask=true end to end on forty short documents: training's batches carry
-    doc_ids, the run's val/loss is evaluate's with the masks (its default for such a run, and
-    document_mask=true), and document_mask=false scores the same windows without them."""
+@pytest.mark.parametrize(
+    "family", [["model=decoder", "objective=clm"], ["model=encoder", "objective=mlm"]]
+)
+def test_a_run_trained_with_document_masks_validates_and_evaluates_with_them(
+    tiny_cfg, tmp_path, family
+):
+    """objective.document_mask=true end to end on forty short documents (set on the command line,
+    as a user would): training's batches carry doc_ids, the run's val/loss is evaluate's with the
+    masks (its default for such a run, and document_mask=true), and document_mask=false scores the
+    same windows without them."""
     from .conftest import make_text
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": make_text(24, i)}) + "\n" for i in range(40)))
-    cfg = tiny_cfg(f"data.train=[{docs}]", "objective.document_mask=true", "callbacks.samples=null")
+    cfg = tiny_cfg(*family, f"data.train=[{docs}]", "objective.document_mask=true")
     metrics, objects = train(cfg)
     batch = next(iter(objects["datamodule"].train_dataloader()))
     assert (batch["input_ids"] == objects["tokenizer"].eos_id).sum() >= 3 and "doc_ids" in batch
@@ -280,6 +286,13 @@ def test_evaluate_refuses_document_masks_for_objectives_without_them(tiny_cfg, t
     span = tiny_cfg("model=encoder_decoder", "objective=span")
     with pytest.raises(ConfigError, match=r"document_mask=true: the run's objective=span has no"):
         objective_of(OmegaConf.create({"document_mask": True}), span)
+    assert objective_of(OmegaConf.create({"document_mask": False}), span) == span.objective
+    # a run from before the setting existed: its default, so that null and false record alike
+    clm = tiny_cfg()
+    with open_dict(clm):
+        del clm.objective.document_mask
+    null, false = (objective_of(OmegaConf.create({"document_mask": v}), clm) for v in (None, False))
+    assert null == false and null.document_mask is False
     cfg = tiny_cfg("model=encoder", "objective=sop", "callbacks.samples=null")
     train(cfg)
     ecfg = command_cfg(

@@ -121,12 +121,18 @@ class MaskedLMDataModule(WindowDataModule):
             ids,
         )
 
+    def documents_of(self, ids: np.ndarray) -> np.ndarray | None:
+        """The document ids of rows ``ids`` (B, S) under ``document_mask=true``, else None: an eos
+        belongs to the document it ends, cls to a row's first document, sep to its last (or, after
+        an eos, to none: it then attends to itself alone)."""
+        if not self.document_mask:
+            return None
+        return document_ids(ids, self.tokenizer.eos_id, eos_opens=False)
+
     def with_documents(self, batch: dict[str, torch.Tensor], ids: np.ndarray) -> dict:
-        """``batch`` with ``doc_ids`` of the rows ``ids`` under ``document_mask=true``: an eos
-        belongs to the document it ends, cls to a row's first document, sep to its last (or,
-        after an eos, to none: it then attends to itself alone)."""
-        if self.document_mask:
-            docs = document_ids(ids, self.tokenizer.eos_id, eos_opens=False)
+        """``batch`` with the ``doc_ids`` of its rows ``ids`` under ``document_mask=true``."""
+        docs = self.documents_of(ids)
+        if docs is not None:
             batch["doc_ids"] = torch.from_numpy(docs)
         return batch
 

@@ -168,30 +168,36 @@ class EncoderLM(LMModule):
             sums = (*sums, *classify(b.token_head, hidden, batch["token_labels"]))
         return sums
 
-    def predict_tokens(self, ids: list[int]) -> torch.Tensor:
-        """Class probabilities (S, classes) of the token head at every position of one input."""
+    def encode_one(self, ids: list[int], doc_ids=None, head: bool = False) -> torch.Tensor:
+        """The backbone's output (hidden states, or logits with ``head``) for one input (1, S, ...),
+        its documents kept apart where ``doc_ids`` are given (document masks)."""
         self.check_prompt_length(len(ids))
+        x = torch.tensor([ids], device=self.device)
+        docs = None if doc_ids is None else torch.as_tensor(doc_ids, device=self.device)[None]
+        return self.backbone(x, doc_ids=docs, head=head)
+
+    def predict_tokens(self, ids: list[int], doc_ids=None) -> torch.Tensor:
+        """Class probabilities (S, classes) of the token head at every position of one input."""
         with self.evaluating():
-            hidden = self.backbone(torch.tensor([ids], device=self.device), head=False)
+            hidden = self.encode_one(ids, doc_ids)
             return self.backbone.token_head(hidden[0]).float().softmax(-1).cpu()
 
     def predict_sentence(self, ids: list[int]) -> torch.Tensor:
         """Class probabilities (classes,) of the sentence head for one input (cls ... sep)."""
-        self.check_prompt_length(len(ids))
         with self.evaluating():
-            hidden = self.backbone(torch.tensor([ids], device=self.device), head=False)
+            hidden = self.encode_one(ids)  # segment-level objectives: no document masks
             return self.backbone.sentence_head(hidden[0, 0]).float().softmax(-1).cpu()
 
-    def predict_masked(self, ids: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_masked(
+        self, ids: list[int], top_k: int, doc_ids=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k token ids (and probabilities) at every position of ``ids``: (S, k) each.
 
         Special tokens (mask, pad, sentinels, ...) are never proposed: they are not text.
         """
-        self.check_prompt_length(len(ids))
         text = self.token_bytes > 0  # specials are the zero-byte tokens
         with self.evaluating():
-            x = torch.tensor([ids], device=self.device)
-            logits = self.backbone(x)[0, :, : self.vocab_size].float()
+            logits = self.encode_one(ids, doc_ids, head=True)[0, :, : self.vocab_size].float()
             logits[:, ~text] = float("-inf")
             probs = logits.softmax(-1)
         p, i = probs.topk(min(top_k, int(text.sum())), dim=-1)  # no more than the text tokens
@@ -259,7 +265,9 @@ class EncoderLM(LMModule):
 
         for ex in self.sample_examples(datamodule, max_new_tokens):
             inputs, labels = datamodule.mask_example(ex)
-            top, _ = self.predict_masked(inputs.tolist(), 1)
+            docs = getattr(datamodule, "documents_of", lambda _: None)(inputs[None])
+            docs = None if docs is None else docs[0]  # as training saw it (document masks)
+            top, _ = self.predict_masked(inputs.tolist(), 1, docs)
             selected = labels != -100
             predicted = inputs.copy()
             predicted[selected] = top[selected, 0].numpy()
@@ -284,7 +292,7 @@ class EncoderLM(LMModule):
                 )
             if self.backbone.token_head is not None:
                 truth = torch.as_tensor(datamodule.token_labels_of(ex))
-                guess = self.predict_tokens(inputs.tolist()).argmax(-1)
+                guess = self.predict_tokens(inputs.tolist(), docs).argmax(-1)
                 scored = truth != IGNORE
                 right = int((guess[scored] == truth[scored]).sum())
                 lines.append(

@@ -236,6 +236,7 @@ def sdpa(
     v: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    repeat_kv: bool | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` of queries (B, H, T, hd) over keys and values
     (B, KV, S, hd) whose KV heads are each shared by H / KV query heads.
@@ -243,10 +244,13 @@ def sdpa(
     SDPA's ``enable_gqa`` shares them without copies, but on CUDA only the flash kernel (and the
     math one) takes it, and flash takes no mask: a masked call (prefix LM, document masks, padding)
     would fall to the math kernel, which holds every layer's float32 scores. There the key/value
-    heads are repeated instead, so that the memory-efficient kernel takes the call (as Hugging
-    Face's models do). CPUs' flash kernel takes both."""
+    heads are repeated instead (``repeat_kv`` None: where a mask meets a CUDA tensor), so that the
+    memory-efficient kernel takes the call (as Hugging Face's models do). CPUs' flash kernel takes
+    both."""
     group = q.shape[1] // k.shape[1]
-    if group > 1 and attn_mask is not None and q.is_cuda:
+    if repeat_kv is None:
+        repeat_kv = attn_mask is not None and q.is_cuda
+    if group > 1 and repeat_kv:
         k, v, group = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), 1
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1
