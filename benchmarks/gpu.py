@@ -383,6 +383,11 @@ def main(argv=None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 30)
     device = torch.device(args.device)
+    if args.document_length and args.sdpa_backend == "flash" and device.type == "cuda":
+        raise SystemExit(
+            "--sdpa-backend flash --document-length: on GPUs the flash kernel takes no attention "
+            "mask (training refuses attention=flash with document masks); use auto or efficient"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here; for a smoke run use --tiny --device cpu")
     use_tf32(True)  # as `python -m lmlab` does by default (tf32=true): fp32 leftovers of autocast

@@ -112,6 +112,8 @@ def test_gpu_script_document_length_trains_on_masked_packed_documents(run, monke
     assert len(seen) >= 10 and all(d is not None and d.max() > 2 for d in seen)
     with pytest.raises(SystemExit, match="--document-length: decoder and encoder only"):
         run("gpu", "--tiny --device cpu --family encoder_decoder --document-length 8")
+    with pytest.raises(SystemExit, match="on GPUs the flash kernel takes no attention mask"):
+        run("gpu", "--tiny --device cuda --family decoder --document-length 8 --sdpa-backend flash")
 
 
 def test_random_batches_of_packed_documents():
