@@ -27,7 +27,6 @@ from lmlab.paths import CONF_DIR
 from lmlab.train import build, check_objective, check_val_docs
 
 log = logging.getLogger("lmlab")
-_EMPTY = inspect.Parameter.empty  # a required setting (WindowDataModule.settings)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -48,15 +47,8 @@ def objective_of(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
     gets its default), and evaluate's ``document_mask`` in place of the run's where it is given:
     the objectives that take it score with or without document masks whichever way the model was
     trained; ``true`` is refused by the others (``false`` changes nothing there)."""
-    klass = get_class(run_cfg.objective._target_)
-    own = set(klass.settings()) - {
-        "seq_len",
-        "batch_size",
-        "eval_batch_size",
-        "num_workers",
-        "seed",
-    }
-    defaults = {k: v for k, v in klass.settings().items() if k in own and v is not _EMPTY}
+    own = get_class(run_cfg.objective._target_).objective_settings()
+    defaults = {k: v for k, v in own.items() if v is not inspect.Parameter.empty}
     objective = OmegaConf.merge(defaults, run_cfg.objective)
     if cfg.get("document_mask") is None:
         return objective

@@ -225,8 +225,7 @@ def check_objective(cfg: DictConfig) -> None:
     settings = OmegaConf.to_container(cfg.objective, resolve=True)
     settings.pop("_target_", None)
     known = objective.settings()
-    # seq_len and the loader sizes come from the top level and data.*, not from objective.*
-    own = sorted(set(known) - {"seq_len", "batch_size", "eval_batch_size", "num_workers", "seed"})
+    own = sorted(objective.objective_settings())
     refuse_unknown_keys("objective", settings, own, of=f"objective={cfg.objective.name}")
     tok = cfg.get("tokenizer") or {}
     known_kind = tok.get("kind") in ("bpe", "byte", "pretrained")  # else check_tokenizer refuses it

@@ -324,6 +324,10 @@ class ResumableLoader(DataLoader):
                 yield batch
 
 
+# WindowDataModule's settings that a run gives from the top level and data.*, not objective.*
+RUNTIME_SETTINGS = ("seq_len", "batch_size", "eval_batch_size", "num_workers", "seed")
+
+
 def check_document_mask(value) -> None:
     """``objective.document_mask`` (the objectives whose windows pack documents: clm, prefix_lm,
     mlm, capital_word, tlm) is a boolean."""
@@ -420,6 +424,12 @@ class WindowDataModule(L.LightningDataModule):
                 params = inspect.signature(init).parameters.values()
                 out.update({p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY})
         return out
+
+    @classmethod
+    def objective_settings(cls) -> dict:
+        """The ``objective.*`` keys of :meth:`settings`: without ``seq_len``, the loader sizes and
+        the seed, which come from the top level and ``data.*``."""
+        return {k: v for k, v in cls.settings().items() if k not in RUNTIME_SETTINGS}
 
     @classmethod
     def check_settings(cls, **settings) -> None:
