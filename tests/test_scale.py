@@ -444,6 +444,10 @@ def _materialize_on_two_ranks(rank: int, rendezvous: str, out: str) -> None:
         full = {n: p.full_tensor() for n, p in backbone.named_parameters() if p.dim() == 2}
         if rank == 0:
             torch.save(full, out)
+        # both processes reach here before either tears gloo down (as PyTorch's own DTensor tests
+        # do): a process that shut down while the other still talked to it died with SIGABRT
+        # ("terminate called without an active exception") once in CI
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
