@@ -148,8 +148,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--document-length",
         type=int,
+        nargs="+",
+        default=[0],
         help="decoder and encoder: packed documents of about this many tokens, attending only\n"
-        "within themselves (objective.document_mask=true); default: one unmasked window",
+        "within themselves (objective.document_mask=true), one run per value; 0 (default): one\n"
+        "unmasked window; e.g. 0 512 to see what the masks cost, side by side",
     )
     p.add_argument("--tiny", action="store_true", help="tiny dims and few steps (CPU smoke run)")
     p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
@@ -252,6 +255,16 @@ def preset_shape(family: str, tiny: bool) -> tuple[int, int, int, int, dict]:
     return vocab, B, T, target_len, dims
 
 
+def batch_label(family: str, tiny: bool, documents: int) -> str:
+    """The table's batch column: a family's batch shape, and the documents packed in it."""
+    _, B, T, target_len, _ = preset_shape(family, tiny)
+    return (
+        f"{B} x {T}"
+        + (f" -> {target_len}" if target_len else "")
+        + (f", documents of ~{documents}" if documents else "")
+    )
+
+
 def with_layers(family: str, dims: dict, layers: int | None) -> dict:
     """``dims`` with ``layers`` blocks per stack (None: as they are)."""
     if layers is None:
@@ -273,6 +286,7 @@ def run_family(
     precision: str,
     mode: str,
     accumulate: int,
+    documents: int,
 ) -> dict:
     pre = PRESETS[family]
     lightning_precision, masters, compiled_step = precision_parts(precision)
@@ -290,7 +304,6 @@ def run_family(
         **dims,
     )
     gen = torch.Generator().manual_seed(0)
-    documents = args.document_length
     batches = [
         common.random_batch(
             pre["kind"],
@@ -298,7 +311,7 @@ def run_family(
             T,
             vocab,
             target_len=target_len,
-            document_length=documents,
+            document_length=documents or None,
             generator=gen,
         )
         for _ in range(4)
@@ -306,7 +319,7 @@ def run_family(
     timed = args.warmup + args.steps
     timer = common.StepTimer(args.warmup, last=timed)
     total_steps = timed + args.trace_steps
-    name = f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}"
+    name = f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}-{documents}"
     callbacks = [timer]
     tracer = None
     if args.trace_steps:
@@ -339,9 +352,7 @@ def run_family(
         accumulate=accumulate,
         precision=precision,
         warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
-        shape=f"{B} x {T}"
-        + (f" -> {target_len}" if target_len else "")
-        + (f", documents of ~{documents}" if documents else ""),
+        shape=batch_label(family, args.tiny, documents),
         params=model.num_params(False),
         step_ms=1e3 * step_s,
         median_ms=common.median_ms(timer.times),
@@ -360,14 +371,14 @@ def main(argv=None) -> None:
         precision_parts(precision)  # refused before any run
     if min(args.accumulate) < 1:
         raise SystemExit(f"--accumulate {min(args.accumulate)}: micro-batches per step, >= 1")
-    if args.document_length is not None:
-        if args.document_length < 2:
-            raise SystemExit(f"--document-length {args.document_length}: tokens, >= 2")
-        if "encoder_decoder" in args.family:
-            raise SystemExit(
-                "--document-length: decoder and encoder only (their objectives pack documents); "
-                "pass --family decoder encoder"
-            )
+    for n in args.document_length:
+        if n == 1 or n < 0:
+            raise SystemExit(f"--document-length {n}: tokens, >= 2 (or 0: one unmasked window)")
+    if max(args.document_length) and "encoder_decoder" in args.family:
+        raise SystemExit(
+            "--document-length: decoder and encoder only (their objectives pack documents); "
+            "pass --family decoder encoder"
+        )
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
     if args.trace_dir is not None:
@@ -383,7 +394,7 @@ def main(argv=None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 30)
     device = torch.device(args.device)
-    if args.document_length and args.sdpa_backend == "flash" and device.type == "cuda":
+    if max(args.document_length) and args.sdpa_backend == "flash" and device.type == "cuda":
         raise SystemExit(
             "--sdpa-backend flash --document-length: on GPUs the flash kernel takes no attention "
             "mask (training refuses attention=flash with document masks); use auto or efficient"
@@ -410,23 +421,26 @@ def main(argv=None) -> None:
         args.compile_mode,
         args.precision,
         args.accumulate,
+        args.document_length,
     )
-    for family, loss_chunk, scope, mode, precision, accumulate in runs:
+    for family, loss_chunk, scope, mode, precision, accumulate, documents in runs:
         try:
             r = run_family(
-                family, args, device, out, loss_chunk, scope, precision, mode, accumulate
+                family, args, device, out, loss_chunk, scope, precision, mode, accumulate, documents
             )
         except Exception as e:  # one failing configuration must not cost the others' figures
             said = "".join(traceback.format_exception_only(e)).strip()
             failed = "default" if loss_chunk is None else loss_chunk
             print(
                 f"  {family} (loss chunk {failed}, compile {mode} / {scope}, {precision}, "
-                f"accumulate {accumulate}): FAILED: {said}\n"
+                f"accumulate {accumulate}{f', documents of ~{documents}' if documents else ''}): "
+                f"FAILED: {said}\n"
                 + textwrap.indent("".join(traceback.format_tb(e.__traceback__)[-3:]), "    "),
                 flush=True,
             )
             results.append(dict(family=family, loss_chunk=failed, scope=scope, mode=mode,
-                                precision=precision, accumulate=accumulate, failed=said))  # fmt: skip
+                                precision=precision, accumulate=accumulate, failed=said,
+                                shape=batch_label(family, args.tiny, documents)))  # fmt: skip
             r = None
         if r is None:  # out of the except block, whose traceback holds the run's frames
             gc.collect()
@@ -436,7 +450,8 @@ def main(argv=None) -> None:
         results.append(r)
         print(
             f"  {family} (loss chunk {r['loss_chunk']}, compile {r['mode']} / {r['scope']}, "
-            f"{precision}, accumulate {accumulate}): "
+            f"{precision}, accumulate {accumulate}"
+            f"{f', documents of ~{documents}' if documents else ''}): "
             f"{r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
             f"{time.perf_counter() - t_start:.0f} s so far)\n"
             # the host's time per step: steps that write metrics wait for the device, the
@@ -458,7 +473,7 @@ def main(argv=None) -> None:
     for r in results:
         ref, target, mfu_target = REFERENCE[r["family"]]
         if "failed" in r:
-            head = [r["family"], "", r["loss_chunk"], r["scope"], r["mode"], r["precision"]]
+            head = [r["family"], r["shape"], r["loss_chunk"], r["scope"], r["mode"], r["precision"]]
             rows.append([*head, r["accumulate"], *["failed"] * 6, ref, "", "NO"])
             continue
         ok = r["tokens_per_s"] >= target and (

@@ -93,7 +93,8 @@ def test_gpu_script_smoke_run_on_cpu(run):
 
 def test_gpu_script_document_length_trains_on_masked_packed_documents(run, monkeypatch):
     """--document-length: every step's batch packs documents of that mean length, and the
-    backbones get their doc_ids (the masked attention of objective.document_mask)."""
+    backbones get their doc_ids (the masked attention of objective.document_mask); 0 beside it
+    is the same run on one unmasked window, side by side."""
     from lmlab.nn.decoder import Decoder
     from lmlab.nn.encoder import Encoder
 
@@ -103,15 +104,30 @@ def test_gpu_script_document_length_trains_on_masked_packed_documents(run, monke
         monkeypatch.setattr(
             cls,
             "forward",
-            lambda self, *a, real=real, **k: seen.append(k["doc_ids"]) or real(self, *a, **k),
+            lambda self, *a, real=real, cls=cls, **k: (
+                seen.append((cls, k["doc_ids"])) or real(self, *a, **k)
+            ),
         )
-    out = run("gpu", "--tiny --device cpu --family decoder encoder --document-length 8")
+    out = run("gpu", "--tiny --device cpu --family decoder encoder --document-length 0 8")
     (rows,) = tables(out)
-    assert [r["family"] for r in rows] == ["decoder", "encoder"]
-    assert all(r["batch"].endswith("documents of ~8") for r in rows)
-    assert len(seen) >= 10 and all(d is not None and d.max() > 2 for d in seen)
+    assert [(r["family"], r["batch"]) for r in rows] == [
+        ("decoder", "2 x 64"),
+        ("decoder", "2 x 64, documents of ~8"),
+        ("encoder", "2 x 64"),
+        ("encoder", "2 x 64, documents of ~8"),
+    ]
+    for cls in (Decoder, Encoder):
+        ids = [d for c, d in seen if c is cls]
+        masked = [d is not None for d in ids]
+        n = masked.index(True)  # the unmasked run's steps, then the masked run's
+        assert n >= 5 and all(masked[n:]) and len(ids) - n >= 5
+        assert all(d.max() > 2 for d in ids[n:])
     with pytest.raises(SystemExit, match="--document-length: decoder and encoder only"):
         run("gpu", "--tiny --device cpu --family encoder_decoder --document-length 8")
+    run("gpu", "--tiny --device cpu --family encoder_decoder --document-length 0")  # no masks
+    for bad in ("1", "-4"):
+        with pytest.raises(SystemExit, match=f"--document-length {bad}: tokens, >= 2"):
+            run("gpu", f"--tiny --device cpu --family decoder --document-length 0 {bad}")
     with pytest.raises(SystemExit, match="on GPUs the flash kernel takes no attention mask"):
         run("gpu", "--tiny --device cuda --family decoder --document-length 8 --sdpa-backend flash")
 
@@ -574,3 +590,52 @@ def test_step_timer_total_ends_at_the_last_step_not_at_the_end_of_training(
     trainer.fit(Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(64, 4)))
     assert len(timer.times) == 6 - warmup
     assert timer.total < 0.5
+
+
+def test_gpu_questions_script_runs_valid_commands_and_keeps_each_answer(tmp_path):
+    """gpu_questions.sh (one GPU call's prepared measurements) with a stand-in Python that records
+    its command lines: each step's file ends with its exit status, every benchmark command line
+    is one its script accepts, and the test selection names existing GPU tests (so that a renamed
+    option or test cannot waste a GPU session)."""
+    import json
+    import re
+    import subprocess
+
+    log, fake = tmp_path / "argv.jsonl", tmp_path / "python"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "answers"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}
+    done = subprocess.run(
+        ["bash", str(BENCH / "gpu_questions.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    steps = ["01_tests", "02_optimizer", "03_decoder", "04_document_mask"]
+    for name in steps:
+        assert (out / f"{name}.txt").read_text().splitlines()[-1].startswith("exit 0, ")
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    scripts = [c for c in calls if c and c[0].startswith("benchmarks/")]
+    assert [c[0] for c in scripts] == [
+        "benchmarks/optimizer.py",
+        "benchmarks/gpu.py",
+        "benchmarks/gpu.py",
+    ]
+    sys.path.insert(0, str(BENCH))
+    try:
+        for script, *argv in scripts:
+            module = importlib.import_module(Path(script).stem)
+            module.parse_args(argv)  # exits on an option it does not take
+    finally:
+        sys.path.remove(str(BENCH))
+    assert scripts[2][scripts[2].index("--document-length") + 1 :][:2] == ["0", "512"]
+    (tests,) = [c for c in calls if c[:2] == ["-m", "pytest"]]
+    names = re.findall(r"^def (test_\w+)", (BENCH.parent / "tests/test_gpu.py").read_text(), re.M)
+    words = tests[tests.index("-k") + 1].split(" or ")
+    assert len(words) == 4 and all(any(w in n for n in names) for w in words)
