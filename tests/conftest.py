@@ -17,6 +17,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+@pytest.fixture(autouse=True)
+def _no_wandb_service_in_env():
+    """An in-process W&B run leaves ``WANDB_SERVICE`` (its service's address) in ``os.environ``:
+    later tests' subprocesses would attach to this process's service instead of starting their
+    own, so a test's outcome would hang on which tests ran before it."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 WORDS = [
     "the",
     "king",

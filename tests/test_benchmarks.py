@@ -8,6 +8,7 @@ measured ones (tokens/s from step time and batch shape, ratios from the two cont
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from pathlib import Path
 
@@ -18,17 +19,24 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
-def run(monkeypatch, capsys):
+def run(monkeypatch, capsys, tmp_path):
     """Run a benchmark script's ``main`` with a command line; returns what it printed. The script
-    is imported as its own folder's module, as ``python benchmarks/<name>.py`` runs it."""
+    is imported as its own folder's module, as ``python benchmarks/<name>.py`` runs it. Its
+    tokenizers and token stores go to the test's folder (not the user's cache), and the log
+    levels its ``common.quiet()`` sets are put back after the test."""
     monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
 
     def run(name: str, command_line: str) -> str:
         sys.modules.pop(name, None)
         importlib.import_module(name).main(command_line.split())
         return capsys.readouterr().out
 
-    return run
+    yield run
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
 
 
 def tables(text: str) -> list[list[dict[str, str]]]:

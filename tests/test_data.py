@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import threading
+import time
 import types
 
 import numpy as np
@@ -319,11 +320,14 @@ def test_concurrent_builds_of_one_store_tokenize_once(tmp_path, caplog):
     b = threading.Thread(
         target=lambda: stores.update(b=build_store(second_texts(), tok, tmp_path, "k"))
     )
+    waiting = "Waiting for another process: token store k built"
     with caplog.at_level(logging.INFO, logger="lmlab.paths"):
         b.start()
-        b.join(0.5)
-        assert b.is_alive()  # waiting for the lock, and saying so
-        assert "Waiting for another process: token store k built" in caplog.text
+        deadline = time.monotonic() + 10  # polled: a loaded machine may stall a thread for long
+        while waiting not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waiting in caplog.text
+        assert b.is_alive()  # waiting for the lock (the first still holds it), and saying so
     release.set()
     a.join(10)
     b.join(10)
