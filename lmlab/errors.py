@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 
 class ConfigError(ValueError):
     """Bad configuration or input; the message names the problem and the fix."""
@@ -61,3 +64,21 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(RuntimeError):
     """The run received SIGTERM, saved ``last.ckpt`` and stopped; ``ckpt_path=last`` resumes it."""
+
+
+def show_warnings() -> None:
+    """lmlab's warnings on stderr, for the commands whose conf turns Hydra's job logging off so
+    that stdout holds their result alone (``lmlab.evaluate``'s line, ``lmlab.generate``'s text):
+    that sets the root logger to ERROR and disables the loggers that exist then, lmlab's among
+    them, and would swallow what a user must hear (evaluated documents that are not the ones the
+    run held out; a prompt cut to fit the model's positions)."""
+    log = logging.getLogger("lmlab")
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "lmlab" or name.startswith("lmlab.")) and isinstance(logger, logging.Logger):
+            logger.disabled = False
+    log.disabled = False
+    log.setLevel(logging.WARNING)
+    if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(handler)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmlab.checkpoint import check_command_keys, load_run
 from lmlab.data.corpus import check_data, make_corpus
 from lmlab.data.store import build_store, store_key
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, show_warnings
 from lmlab.generate import pick_device
 from lmlab.parallel import use_tf32
 from lmlab.paths import CONF_DIR
@@ -163,22 +163,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def show_warnings() -> None:
-    """lmlab's warnings on stderr (the evaluated documents are not the ones the run held out; a
-    checkpoint that does not record them): conf/evaluate.yaml turns Hydra's job logging off, so
-    that stdout holds the result line only, which sets the root logger to ERROR and disables the
-    loggers that exist then, lmlab's among them."""
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if (name == "lmlab" or name.startswith("lmlab.")) and isinstance(logger, logging.Logger):
-            logger.disabled = False
-    log.disabled = False
-    log.setLevel(logging.WARNING)
-    if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        log.addHandler(handler)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")

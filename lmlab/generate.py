@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import check_command_keys, load_run
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, show_warnings
 from lmlab.nn.sampling import check_sampling
 from lmlab.paths import CONF_DIR
 
@@ -77,6 +77,7 @@ def generate(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
+    show_warnings()  # e.g. a prompt cut to fit the model's positions
     try:
         texts = generate(cfg)
     except ConfigError as e:

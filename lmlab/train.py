@@ -278,12 +278,12 @@ def check_objective(cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig) -> None:
     refuse_unknown_top_keys(cfg, "train", "python -m lmlab")
     check_numbers(cfg)
+    if cfg.seq_len < 1:  # before the model's: its max_seq_len is ${seq_len} unless set
+        raise ConfigError(f"seq_len must be >= 1, got {cfg.seq_len}")
     check_optim_and_sampling(cfg)
     check_model(cfg)
     check_tokenizer(cfg.tokenizer)  # before the objective's checks, which count its sentinels
     check_objective(cfg)
-    if cfg.seq_len < 1:
-        raise ConfigError(f"seq_len must be >= 1, got {cfg.seq_len}")
     max_len = cfg.model.get("max_seq_len")
     if max_len is not None and cfg.seq_len > max_len:
         raise ConfigError(

@@ -90,6 +90,12 @@ def test_generate_and_evaluate_commands(cli_run):
         tmp,
     )
     assert g.stdout.startswith("The king") and len(g.stdout) > len("The king\n")
+    assert not g.stderr
+    # conf/generate.yaml turns Hydra's job logging off (stdout: the text only), which silenced
+    # lmlab's warnings: a prompt cut to fit the model's 32 positions was never said
+    long = run(["lmlab.generate", f"ckpt_path={ckpt}", f"prompt={'The king ' * 20}"], tmp)
+    assert "warning: the prompt is " in long.stderr and "the model has 32 positions" in long.stderr
+    assert long.stdout.startswith("The king The king")
     (tmp / "held.txt").write_text("Now is the winter of our discontent.\n" * 20)
     e = run(["lmlab.evaluate", f"ckpt_path={ckpt}", "data=files", "data.val=held.txt"], tmp)
     assert "bits/byte" in e.stdout and "(whole split: " in e.stdout

@@ -166,7 +166,9 @@ def test_bad_table_settings_are_refused(tmp_path, kw, message):
 def test_tables_and_text_files_are_not_mixed(tmp_path):
     write_csv(tmp_path / "t.csv", [["a"], ["1"], ["2"]])
     (tmp_path / "v.txt").write_text("text")
-    with pytest.raises(ConfigError, match=r"mix tables \(\.csv / \.tsv: 1 files\) with text \(1"):
+    with pytest.raises(
+        ConfigError, match=r"mix tables \(\.csv / \.tsv: 1 file\) with text \(1 file\)"
+    ):
         make_corpus(files_cfg(tmp_path / "t.csv", val=str(tmp_path / "v.txt")))
 
 

@@ -45,16 +45,25 @@ def test_a_long_prompt_keeps_its_end_and_leaves_room_for_the_new_tokens(compose_
 
     def spy(x, *args, **kwargs):
         fed.append(x[0].tolist())
-        return generate_ids(x, *args, **kwargs)
+        return generate_ids(x, *args, **kwargs | {"eos_id": None})  # never stopped by eos
 
     module.backbone.generate = spy
     (text,) = module.generate_text(tok, [prompt], max_new_tokens=20, temperature=0.0)
     assert fed == [tok.encode(prompt)[-16:]]
     assert "the prompt is 50 tokens" in caplog.text and "its last 16 are used" in caplog.text
+    # half the positions are left for new tokens: 16 of the 20 asked for
+    assert "the model's 32 positions ended after 16 of the 20 new tokens" in caplog.text
     assert text.startswith(prompt)
     caplog.clear()
     module.generate_text(tok, ["ROMEO:"], max_new_tokens=120, temperature=0.0)
-    assert fed[-1] == tok.encode("ROMEO:") and not caplog.text
+    assert fed[-1] == tok.encode("ROMEO:") and "the prompt is" not in caplog.text
+    # fewer new tokens than asked for are said, once (training's samples repeat each validation)
+    said = "the model's 32 positions ended after 26 of the 120 new tokens asked for"
+    assert said in caplog.text
+    caplog.clear()
+    module.generate_text(tok, ["ROMEO:"] * 2, max_new_tokens=120, temperature=0.0)
+    module.generate_text(tok, ["ROMEO:"], max_new_tokens=26, temperature=0.0)  # fits exactly
+    assert not caplog.text
 
 
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])

@@ -990,6 +990,8 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
         (["sample.temperature=nan"], r"sample.temperature must be a finite number >= 0"),
         (["model.n_layers=two"], r"model.n_layers='two' is not an integer"),
         (["global_batch_size=-16"], r"global_batch_size=-16 must be >= 1"),
+        # the key typed, not model.max_seq_len (${seq_len}), whose check came first
+        (["seq_len=-5"], r"^seq_len must be >= 1, got -5"),
         (["trainer.max_steps=-1"], r"trainer.max_steps=-1: training needs a length"),
         # module settings checked by their own parsers
         (["attention=cudnn"], r"attention='cudnn': cudnn attention needs a CUDA GPU"),

@@ -113,7 +113,7 @@ def test_a_pair_is_stored_as_source_sep_target_eos(tok, tmp_path, caplog):
     want = [*b"ab c", tok.sep_id, *b"xy", tok.eos_id, *b"d", tok.sep_id, *"éz".encode(), tok.eos_id]
     assert store.tokens.tolist() == want and store.offsets.tolist() == [0, 8, 14]
     assert store.parts == 2 and store.n_bytes == 4 + 2 + 1 + 3  # both sides' bytes
-    assert "1 parallel rows with a blank side were skipped" in caplog.text
+    assert "1 parallel row with a blank side was skipped" in caplog.text
     plain = build_store(iter(["ab c"]), tok, tmp_path, "q")
     assert plain.parts == 1
 

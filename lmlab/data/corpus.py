@@ -601,10 +601,11 @@ def make_corpus(cfg, need_train: bool = True):
     docs = train + val
     if any(d.table for d in docs) and not all(d.table for d in docs):
         tables = len({d.path for d in docs if d.table})
+        texts = len({d.path for d in docs if not d.table})
         raise ConfigError(
-            f"the data files mix tables (.csv / .tsv: {tables} files) with text "
-            f"({len({d.path for d in docs if not d.table})} files), which the objectives read "
-            "differently; give one kind (or data.format=text to read the tables as plain text)"
+            f"the data files mix tables (.csv / .tsv: {tables} file{'s' * (tables != 1)}) with "
+            f"text ({texts} file{'s' * (texts != 1)}), which the objectives read differently; "
+            "give one kind (or data.format=text to read the tables as plain text)"
         )
     return Corpus(cfg.name, train, val, field, errors, cfg.get("val_fraction", 0.0), table_rows)
 

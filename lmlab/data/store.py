@@ -207,7 +207,13 @@ def _encode_stream(
         yield from flush()
     bar.close()
     if half_blank:
-        log.warning("%d parallel rows with a blank side were skipped", half_blank)
+        one = half_blank == 1
+        log.warning(
+            "%d parallel %s with a blank side %s skipped",
+            half_blank,
+            "row" if one else "rows",
+            "was" if one else "were",
+        )
     if forged:
         log.warning(
             "the text spells special tokens that the tokenizer's model encodes as themselves (%s); "

@@ -51,7 +51,7 @@ class DecoderLM(LMModule):
             for prompt in prompts:
                 ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
                 if len(ids) > keep:
-                    log.warning(
+                    self._warn_once(
                         "the prompt is %d tokens; the model has %d positions for it and %d new "
                         "tokens: its last %d are used",
                         len(ids),
@@ -71,9 +71,26 @@ class DecoderLM(LMModule):
                     generator=gen,
                     suppress=suppress,
                 )
+                made = y.shape[1] - len(ids)
+                if made < max_new_tokens and y.shape[1] == limit:
+                    self._warn_once(
+                        "the model's %d positions ended after %d of the %d new tokens asked for "
+                        "(a prompt of %d tokens)",
+                        limit,
+                        made,
+                        max_new_tokens,
+                        len(ids),
+                    )
                 new = [t for t in y[0, len(ids) :].tolist() if t != tokenizer.eos_id]
                 out.append(prompt + tokenizer.decode(new))
         return out
+
+    def _warn_once(self, message: str, *args) -> None:
+        """A warning said once by this model (its samples repeat at every validation)."""
+        said = self.__dict__.setdefault("_said", set())
+        if (message, args) not in said:
+            said.add((message, args))
+            log.warning(message, *args)
 
     def samples(self, tokenizer, datamodule, *, prompts=(), **settings) -> list[str]:
         # prompts: checked by lmlab.train (a list of texts; Hydra reads [1984] as a number)
