@@ -166,3 +166,5 @@ def test_a_resume_with_other_values_warns_naming_them(cli_run):
     p = run([*args, "trainer.max_steps=7", "ckpt_path=last"], tmp)
     log = p.stdout + p.stderr
     assert "with other values than its latest start: trainer.max_steps=7 (was 6)" in log
+    # ModelCheckpoint's warning at every resume (the folder is always the run's own) is not shown
+    assert "exists and is not empty" not in log

@@ -561,6 +561,22 @@ def test_a_split_smaller_than_one_steps_batch_is_refused(tmp_path):
         dm.train_dataloader()
 
 
+def test_a_validation_split_shorter_than_one_window_is_said(tmp_path, caplog):
+    """Accepted (its tokens are scored), but val/* then rest on a few tokens: a warning says so
+    and names the settings that give more."""
+    tok = byte_tokenizer(2)
+    train = build_store(iter([make_text(400, 0)]), tok, tmp_path, "t")
+    short = build_store(iter(["Short."]), tok, tmp_path, "s")  # 7 tokens: "Short." + eos
+    caplog.set_level(logging.WARNING, logger="lmlab")
+    CausalLMDataModule(tok, train, short, seq_len=16, batch_size=4)
+    said = "the validation split has 7 tokens, less than one window of 17"
+    assert said in caplog.text and "data.val_fraction" in caplog.text
+    caplog.clear()
+    exact = build_store(iter(["a" * 16]), tok, tmp_path, "e")  # 17 tokens: one whole window
+    CausalLMDataModule(tok, train, exact, seq_len=16, batch_size=4)
+    assert not caplog.text
+
+
 def test_loaders_pin_host_memory_for_cuda_devices_only(tmp_path):
     tok = byte_tokenizer(2)
     train = build_store(iter([make_text(400, 0)]), tok, tmp_path, "t")

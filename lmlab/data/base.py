@@ -555,6 +555,14 @@ class WindowDataModule(L.LightningDataModule):
             self._check_batches(RandomWindowSampler(positions, length, stride, 0).n, 1)
         if len(self.val_store) < 2:
             raise ConfigError("the validation split has no targets; add validation text")
+        windows = type(self).index_space is WindowDataModule.index_space
+        if windows and len(self.val_store) < self.window_len:
+            log.warning(
+                "the validation split has %d tokens, less than one window of %d: val/* rest on "
+                "those alone (noisy); give more validation text (data.val, data.val_fraction)",
+                len(self.val_store),
+                self.window_len,
+            )
 
     def _loader(
         self,

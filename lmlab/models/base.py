@@ -43,6 +43,14 @@ warnings.filterwarnings(
 warnings.filterwarnings(
     "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
 )
+# torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers, which torch before 2.13
+# lacks: the ddp presets keep broadcast_buffers=false (lmlab supports torch >= 2.5)
+warnings.filterwarnings(
+    "ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning
+)
+# ModelCheckpoint's warning at every resume: lmlab refuses a fresh start over a run's folder
+# (train.check_fresh_start), so a non-empty checkpoint folder is always the run's own
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 # Tokens per chunk of the fused head + loss that loss_chunk_size=None means on a CPU, where chunks
