@@ -1020,6 +1020,13 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         )
     if ckpt_path and isinstance(trainer.strategy, FSDP) and not is_sharded(ckpt_path):
         check_one_file_under_fsdp(ckpt_path, out)
+    if ckpt_path:
+        try:  # a file that is no lmlab checkpoint (cut short, another tool's): before data work
+            read_checkpoint(ckpt_path, weights=False)  # mapped, not read: cheap for any size
+        except ConfigError as e:
+            if rank_zero_only.rank == 0:
+                restore_hydra_files(out)
+            raise ResumeRefused(str(e)) from None
     tokenizer, train_store, val_store = prepare_data(cfg)
     datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)
     model = build(

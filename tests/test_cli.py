@@ -133,6 +133,8 @@ def test_help_lists_config_groups(tmp_path):
         "objective: capital_word, clm, denoise, deshuffle, discourse, ir_relevance, mcp, mlm,",
         "data: files, hf, shakespeare",
         "tokenizer: bpe, byte, pretrained",
+        "hydra/launcher: slurm",  # Hydra's own groups and an empty one are not in its list
+        "local: your conf/local/default.yaml",
     ):
         assert group in p.stdout, group
 

@@ -385,7 +385,14 @@ def test_checkpoint_data_reaches_the_disk_before_its_rename_and_stale_temporarie
     ]
 
 
-def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path):
+def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path, monkeypatch):
+    """Refused before any data work (a cold cache trains the BPE first)."""
+    import lmlab.train
+
+    def no_data_work(cfg):
+        raise AssertionError("data work before the checkpoint was read")
+
+    monkeypatch.setattr(lmlab.train, "prepare_data", no_data_work)
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
