@@ -224,6 +224,11 @@ MASTERS = "+masters"  # a --precision value's suffix: bf16-true with optim.maste
 EAGER = "-eager"  # ... and optim.compile_master_step=false
 
 
+# Lightning's precisions a GPU benchmark takes (refused up front: Lightning refuses a typo only
+# when the run's Trainer is built, after the runs before it)
+PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true", "bf16", "16", "32")
+
+
 def precision_parts(value: str) -> tuple[str, bool, bool]:
     """A --precision value as (Lightning's precision, optim.master_weights,
     optim.compile_master_step); SystemExit for masters on anything but bf16-true."""
@@ -232,6 +237,11 @@ def precision_parts(value: str) -> tuple[str, bool, bool]:
         lightning, masters, compiled = value.removesuffix(MASTERS + EAGER), True, False
     elif value.endswith(MASTERS):
         lightning, masters = value.removesuffix(MASTERS), True
+    if lightning not in PRECISIONS:
+        raise SystemExit(
+            f"--precision {value}: not a precision; use one of {', '.join(PRECISIONS)}, or "
+            f"bf16-true{MASTERS} / bf16-true{MASTERS}{EAGER}"
+        )
     if masters and lightning != "bf16-true":
         raise SystemExit(
             f"--precision {value}: master weights are fp32 copies of bf16 weights; use "
@@ -365,10 +375,15 @@ def run_family(
     )
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """The command line's values, refused before any run (or any GPU is looked for); the lists
+    lose repeated values (two runs of one configuration would share a run folder and trace)."""
+    for key in ("family", "precision", "compile_mode", "compile_scope", "accumulate"):
+        setattr(args, key, list(dict.fromkeys(getattr(args, key))))
+    args.loss_chunk_size = list(dict.fromkeys(args.loss_chunk_size))
+    args.document_length = list(dict.fromkeys(args.document_length))
     for precision in args.precision:
-        precision_parts(precision)  # refused before any run
+        precision_parts(precision)
     if min(args.accumulate) < 1:
         raise SystemExit(f"--accumulate {min(args.accumulate)}: micro-batches per step, >= 1")
     for n in args.document_length:
@@ -379,8 +394,18 @@ def main(argv=None) -> None:
             "--document-length: decoder and encoder only (their objectives pack documents); "
             "pass --family decoder encoder"
         )
+    if max(args.document_length) and args.sdpa_backend == "flash" and args.device != "cpu":
+        raise SystemExit(
+            "--sdpa-backend flash --document-length: on GPUs the flash kernel takes no attention "
+            "mask (training refuses attention=flash with document masks); use auto or efficient"
+        )
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_args(args)
     if args.trace_dir is not None:
         if args.trace_dir.exists() and not args.trace_dir.is_dir():
             raise SystemExit(
@@ -394,11 +419,6 @@ def main(argv=None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 30)
     device = torch.device(args.device)
-    if max(args.document_length) and args.sdpa_backend == "flash" and device.type == "cuda":
-        raise SystemExit(
-            "--sdpa-backend flash --document-length: on GPUs the flash kernel takes no attention "
-            "mask (training refuses attention=flash with document masks); use auto or efficient"
-        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here; for a smoke run use --tiny --device cpu")
     use_tf32(True)  # as `python -m lmlab` does by default (tf32=true): fp32 leftovers of autocast

@@ -10,6 +10,7 @@ Order of work (cheap checks first, so bad input fails before anything expensive)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -21,6 +22,7 @@ import os
 import shutil
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -1018,8 +1020,6 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
             f"with this trainer from one file: python -m lmlab.checkpoint consolidate {ckpt_path} "
             f"writes {ckpt_path}.consolidated.ckpt; then ckpt_path=<that file>"
         )
-    if ckpt_path and isinstance(trainer.strategy, FSDP) and not is_sharded(ckpt_path):
-        check_one_file_under_fsdp(ckpt_path, out)
     if ckpt_path:
         try:  # a file that is no lmlab checkpoint (cut short, another tool's): before data work
             read_checkpoint(ckpt_path, weights=False)  # mapped, not read: cheap for any size
@@ -1027,6 +1027,8 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
             if rank_zero_only.rank == 0:
                 restore_hydra_files(out)
             raise ResumeRefused(str(e)) from None
+    if ckpt_path and isinstance(trainer.strategy, FSDP) and not is_sharded(ckpt_path):
+        check_one_file_under_fsdp(ckpt_path, out)
     tokenizer, train_store, val_store = prepare_data(cfg)
     datamodule = build_datamodule(cfg, tokenizer, train_store, val_store)
     model = build(
@@ -1150,7 +1152,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log_config(trainer, cfg)
     status = "failed"  # what the loggers are told at the end, unless the run gets further
     try:
-        with attention_kernel(cfg.get("attention"), uses_cuda(cfg.trainer)):
+        with (
+            attention_kernel(cfg.get("attention"), uses_cuda(cfg.trainer)),
+            resuming_quietly(objects["ckpt_path"]),
+        ):
             try:
                 trainer.fit(model, datamodule=dm, ckpt_path=objects["ckpt_path"])
             except SIGTERMException:
@@ -1217,6 +1222,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         finish_loggers(trainer, status)
     return metrics, objects
+
+
+@contextlib.contextmanager
+def resuming_quietly(ckpt_path: str | None):
+    """ModelCheckpoint warns at every resume that its folder "exists and is not empty": the run's
+    own checkpoints, there by design. Not hidden on a fresh start, where it is news."""
+    with warnings.catch_warnings():
+        if ckpt_path:
+            warnings.filterwarnings(
+                "ignore", message=r"Checkpoint directory .* exists and is not empty"
+            )
+        yield
 
 
 def keep_best(trainer: L.Trainer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -174,6 +175,9 @@ def test_gpu_script_precision_values(monkeypatch):
     for bad in ("bf16-mixed+masters", "32-true+masters-eager"):
         with pytest.raises(SystemExit, match="master weights are fp32 copies of bf16 weights"):
             gpu.precision_parts(bad)
+    for typo in ("bf16-treu", "bf16-treu+masters"):  # refused before the first run, not at its turn
+        with pytest.raises(SystemExit, match=rf"{re.escape(typo)}: not a precision; use one of"):
+            gpu.precision_parts(typo)
 
 
 def test_gpu_script_refuses_an_accumulation_below_one(run):
@@ -618,7 +622,8 @@ def test_gpu_questions_script_runs_valid_commands_and_keeps_each_answer(tmp_path
     out = tmp_path / "answers"
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}
     done = subprocess.run(
-        ["bash", str(BENCH / "gpu_questions.sh"), str(out)],
+        ["bash", str(BENCH / "gpu_questions.sh"), "answers"],  # relative: the caller's folder
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -639,7 +644,9 @@ def test_gpu_questions_script_runs_valid_commands_and_keeps_each_answer(tmp_path
     try:
         for script, *argv in scripts:
             module = importlib.import_module(Path(script).stem)
-            module.parse_args(argv)  # exits on an option it does not take
+            args = module.parse_args(argv)  # exits on an option it does not take
+            if hasattr(module, "check_args"):
+                module.check_args(args)  # and on a value gpu.py refuses before its runs
     finally:
         sys.path.remove(str(BENCH))
     assert scripts[2][scripts[2].index("--document-length") + 1 :][:2] == ["0", "512"]

@@ -572,6 +572,9 @@ def test_a_validation_split_shorter_than_one_window_is_said(tmp_path, caplog):
     said = "the validation split has 7 tokens, less than one window of 17"
     assert said in caplog.text and "data.val_fraction" in caplog.text
     caplog.clear()
+    CausalLMDataModule(tok, None, short, seq_len=16, batch_size=4)  # lmlab.evaluate's
+    assert "the evaluated split has 7 tokens" in caplog.text and "data.val" not in caplog.text
+    caplog.clear()
     exact = build_store(iter(["a" * 16]), tok, tmp_path, "e")  # 17 tokens: one whole window
     CausalLMDataModule(tok, train, exact, seq_len=16, batch_size=4)
     assert not caplog.text

@@ -55,14 +55,23 @@ def test_a_long_prompt_keeps_its_end_and_leaves_room_for_the_new_tokens(compose_
     assert "the model's 32 positions ended after 16 of the 20 new tokens" in caplog.text
     assert text.startswith(prompt)
     caplog.clear()
-    module.generate_text(tok, ["ROMEO:"], max_new_tokens=120, temperature=0.0)
+    module.generate_text(tok, ["ROMEO:", "ROMEO", ""], max_new_tokens=120, temperature=0.0)
+    assert fed[-1] == [tok.eos_id] and not caplog.text  # said once per model (first figures)
+
+    def fresh_model(generate):
+        fresh, _ = module_and_tokenizer(compose_cfg, "decoder")
+        fresh.backbone.generate = generate
+        return fresh
+
+    fresh_model(spy).generate_text(tok, ["ROMEO:"], max_new_tokens=120, temperature=0.0)
     assert fed[-1] == tok.encode("ROMEO:") and "the prompt is" not in caplog.text
-    # fewer new tokens than asked for are said, once (training's samples repeat each validation)
-    said = "the model's 32 positions ended after 26 of the 120 new tokens asked for"
-    assert said in caplog.text
+    assert "the model's 32 positions ended after 26 of the 120 new tokens asked for" in caplog.text
     caplog.clear()
-    module.generate_text(tok, ["ROMEO:"] * 2, max_new_tokens=120, temperature=0.0)
-    module.generate_text(tok, ["ROMEO:"], max_new_tokens=26, temperature=0.0)  # fits exactly
+    fresh_model(spy).generate_text(tok, ["ROMEO:"], max_new_tokens=26, temperature=0.0)  # fits
+    assert not caplog.text
+    # a row that ends on eos at the last position stopped on its own: nothing to say
+    ended = lambda x, n, **kw: torch.cat([x, torch.full((1, 32 - x.shape[1]), tok.eos_id)], 1)
+    fresh_model(ended).generate_text(tok, ["ROMEO:"], max_new_tokens=120, temperature=0.0)
     assert not caplog.text
 
 

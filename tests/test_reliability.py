@@ -395,14 +395,14 @@ def test_truncated_or_foreign_checkpoint_as_ckpt_path(tiny_cfg, tmp_path, monkey
     monkeypatch.setattr(lmlab.train, "prepare_data", no_data_work)
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ResumeRefused, match="not a readable PyTorch checkpoint"):  # a sweep's row
         train(tiny_cfg(f"ckpt_path={bad}"))
     text = tmp_path / "tokenizer.json"  # a run folder's other files (pickle's own error)
     text.write_text('{"version": "1.0"}')
     with pytest.raises(ConfigError, match=r"not a readable PyTorch checkpoint .*UnpicklingError"):
         read_checkpoint(text)
     torch.save({"model": 1}, bad)
-    with pytest.raises(ConfigError, match="not an lmlab checkpoint"):
+    with pytest.raises(ResumeRefused, match="not an lmlab checkpoint"):
         train(tiny_cfg(f"ckpt_path={bad}"))
 
 
@@ -1133,3 +1133,20 @@ def test_a_checkpoint_read_without_its_weights_is_mapped_not_read(tmp_path, monk
     assert read_checkpoint(path, weights=False)["state_dict"]["w"].tolist() == [1.0] * 3
     assert read_checkpoint(path)["state_dict"]["w"].sum() == 3
     assert calls == [True, False]
+
+
+def test_the_checkpoint_folder_warning_is_quiet_on_resumes_only():
+    """ModelCheckpoint's "exists and is not empty" names the run's own checkpoints at every resume
+    (noise there), but on a fresh start it is news: a folder holding another run's best.ckpt."""
+    import warnings
+
+    from lmlab.train import resuming_quietly
+
+    said = "Checkpoint directory /run/checkpoints exists and is not empty."
+    for ckpt_path, shown in ((None, True), ("/run/checkpoints/last.ckpt", False)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with resuming_quietly(ckpt_path):
+                warnings.warn(said, UserWarning, stacklevel=1)
+                warnings.warn("another warning", UserWarning, stacklevel=1)
+        assert [str(w.message) for w in seen] == [said] * shown + ["another warning"]

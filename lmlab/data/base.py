@@ -557,11 +557,14 @@ class WindowDataModule(L.LightningDataModule):
             raise ConfigError("the validation split has no targets; add validation text")
         windows = type(self).index_space is WindowDataModule.index_space
         if windows and len(self.val_store) < self.window_len:
-            log.warning(
-                "the validation split has %d tokens, less than one window of %d: val/* rest on "
-                "those alone (noisy); give more validation text (data.val, data.val_fraction)",
+            training = self.train_store is not None  # else lmlab.evaluate's split
+            _warn(
+                "the %s split has %d tokens, less than one window of %d: its scores rest on "
+                "those alone (noisy)%s",
+                "validation" if training else "evaluated",
                 len(self.val_store),
                 self.window_len,
+                "; give more validation text (data.val, data.val_fraction)" if training else "",
             )
 
     def _loader(

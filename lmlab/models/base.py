@@ -43,14 +43,15 @@ warnings.filterwarnings(
 warnings.filterwarnings(
     "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
 )
-# torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers, which torch before 2.13
-# lacks: the ddp presets keep broadcast_buffers=false (lmlab supports torch >= 2.5)
+# torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers (which torch before 2.13
+# lacks, and which syncs buffers once at the start): the ddp presets keep broadcast_buffers=false
+# (lmlab supports torch >= 2.5). Only where Lightning's DDPStrategy builds the DDP module.
 warnings.filterwarnings(
-    "ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning
+    "ignore",
+    message=r"`broadcast_buffers` is deprecated",
+    category=FutureWarning,
+    module=r"lightning\.pytorch\.strategies\.ddp",
 )
-# ModelCheckpoint's warning at every resume: lmlab refuses a fresh start over a run's folder
-# (train.check_fresh_start), so a non-empty checkpoint folder is always the run's own
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 # Tokens per chunk of the fused head + loss that loss_chunk_size=None means on a CPU, where chunks

@@ -72,7 +72,8 @@ class DecoderLM(LMModule):
                     suppress=suppress,
                 )
                 made = y.shape[1] - len(ids)
-                if made < max_new_tokens and y.shape[1] == limit:
+                ran_out = y.shape[1] == limit and y[0, -1].item() != tokenizer.eos_id
+                if made < max_new_tokens and ran_out:
                     self._warn_once(
                         "the model's %d positions ended after %d of the %d new tokens asked for "
                         "(a prompt of %d tokens)",
@@ -86,10 +87,11 @@ class DecoderLM(LMModule):
         return out
 
     def _warn_once(self, message: str, *args) -> None:
-        """A warning said once by this model (its samples repeat at every validation)."""
+        """A warning said once by this model, with the first case's figures (its samples repeat
+        at every validation)."""
         said = self.__dict__.setdefault("_said", set())
-        if (message, args) not in said:
-            said.add((message, args))
+        if message not in said:
+            said.add(message)
             log.warning(message, *args)
 
     def samples(self, tokenizer, datamodule, *, prompts=(), **settings) -> list[str]:
