@@ -779,7 +779,7 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
 
 def check_fresh_start(output_dir: Path) -> None:
     """A run that starts from scratch in ``output_dir``: refused where a run has a checkpoint (its
-    checkpoints and logs would be overwritten); else the folder's W&B run id and TensorBoard event
+    checkpoints and logs would be overwritten), ``last.ckpt`` or any other; else the folder's W&B run id and TensorBoard event
     files, of an attempt that ended before its first checkpoint, are dropped (process 0), so this
     run is a new W&B run, as its metrics.csv rows are new (LMModule.on_train_start drops the
     attempt's rows)."""
@@ -792,6 +792,15 @@ def check_fresh_start(output_dir: Path) -> None:
             f"{output_dir} already holds a run ({last}); resume it with ckpt_path=last (or auto), "
             "or start a new run in another folder (hydra.run.dir=...): starting afresh here would "
             "overwrite its checkpoints and logs"
+        )
+    others = sorted(p.name for p in (output_dir / "checkpoints").glob("*.ckpt"))
+    if others:  # another run's, or one whose last.ckpt was removed: its saves would replace them
+        if rank_zero_only.rank == 0:
+            restore_hydra_files(output_dir)
+        raise RunExists(
+            f"{output_dir / 'checkpoints'} holds {', '.join(others)} but no last.ckpt; start the "
+            "new run in another folder (hydra.run.dir=...), or resume from one of them with "
+            "ckpt_path=<its path>: starting afresh here would overwrite them"
         )
     if rank_zero_only.rank == 0:
         (output_dir / RUN_ID_FILE).unlink(missing_ok=True)

@@ -462,6 +462,22 @@ def test_a_fresh_start_over_a_sharded_save_killed_between_its_renames_is_refused
     assert (tmp_path / "checkpoints" / "last.ckpt" / "__0_0.distcp").read_text() == "old"
 
 
+def test_a_fresh_start_over_checkpoints_without_last_ckpt_is_refused(tmp_path):
+    """Only last.ckpt stopped a fresh start: a folder holding another run's best.ckpt (or a run
+    whose last.ckpt was removed) was trained over, and ModelCheckpoint's saves replaced it."""
+    from lmlab.errors import RunExists
+    from lmlab.train import check_fresh_start
+
+    check_fresh_start(tmp_path)  # an empty folder: a fresh start
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+    check_fresh_start(tmp_path)
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"another run's")
+    with pytest.raises(RunExists, match=r"holds best\.ckpt but no last\.ckpt; start the new run"):
+        check_fresh_start(tmp_path)
+    assert (tmp_path / "checkpoints" / "best.ckpt").read_bytes() == b"another run's"
+
+
 def test_tf32_setting_reaches_cuda_matmuls_only(tiny_cfg, tmp_path):
     """tf32 (default true) switches CUDA's float32 matmuls and convolutions to TF32; false keeps
     full fp32; oneDNN's CPU matmuls keep their precision either way."""

@@ -1137,7 +1137,8 @@ def test_a_checkpoint_read_without_its_weights_is_mapped_not_read(tmp_path, monk
 
 def test_the_checkpoint_folder_warning_is_quiet_on_resumes_only():
     """ModelCheckpoint's "exists and is not empty" names the run's own checkpoints at every resume
-    (noise there), but on a fresh start it is news: a folder holding another run's best.ckpt."""
+    (noise there), but on a fresh start it is news (a checkpoint folder, set by its dirpath, that
+    holds other files: one holding checkpoints is refused by train.check_fresh_start)."""
     import warnings
 
     from lmlab.train import resuming_quietly
