@@ -378,10 +378,9 @@ def run_family(
 def check_args(args: argparse.Namespace) -> None:
     """The command line's values, refused before any run (or any GPU is looked for); the lists
     lose repeated values (two runs of one configuration would share a run folder and trace)."""
-    for key in ("family", "precision", "compile_mode", "compile_scope", "accumulate"):
+    for key in ("family", "loss_chunk_size", "compile_scope", "compile_mode", "precision",
+                "accumulate", "document_length"):  # fmt: skip
         setattr(args, key, list(dict.fromkeys(getattr(args, key))))
-    args.loss_chunk_size = list(dict.fromkeys(args.loss_chunk_size))
-    args.document_length = list(dict.fromkeys(args.document_length))
     for precision in args.precision:
         precision_parts(precision)
     if min(args.accumulate) < 1:
@@ -444,21 +443,25 @@ def main(argv=None) -> None:
         args.document_length,
     )
     for family, loss_chunk, scope, mode, precision, accumulate, documents in runs:
+        chunk = "default" if loss_chunk is None else loss_chunk
+        label = (  # the run, as its table row says it
+            f"  {family} (loss chunk {chunk}, compile {mode if args.compile else 'off'} / "
+            f"{scope if args.compile else 'off'}, {precision}, accumulate {accumulate}"
+            + (f", documents of ~{documents}" if documents else "")
+            + ")"
+        )
         try:
             r = run_family(
                 family, args, device, out, loss_chunk, scope, precision, mode, accumulate, documents
             )
         except Exception as e:  # one failing configuration must not cost the others' figures
             said = "".join(traceback.format_exception_only(e)).strip()
-            failed = "default" if loss_chunk is None else loss_chunk
             print(
-                f"  {family} (loss chunk {failed}, compile {mode} / {scope}, {precision}, "
-                f"accumulate {accumulate}{f', documents of ~{documents}' if documents else ''}): "
-                f"FAILED: {said}\n"
+                f"{label}: FAILED: {said}\n"
                 + textwrap.indent("".join(traceback.format_tb(e.__traceback__)[-3:]), "    "),
                 flush=True,
             )
-            results.append(dict(family=family, loss_chunk=failed, scope=scope, mode=mode,
+            results.append(dict(family=family, loss_chunk=chunk, scope=scope, mode=mode,
                                 precision=precision, accumulate=accumulate, failed=said,
                                 shape=batch_label(family, args.tiny, documents)))  # fmt: skip
             r = None
@@ -469,10 +472,7 @@ def main(argv=None) -> None:
             continue
         results.append(r)
         print(
-            f"  {family} (loss chunk {r['loss_chunk']}, compile {r['mode']} / {r['scope']}, "
-            f"{precision}, accumulate {accumulate}"
-            f"{f', documents of ~{documents}' if documents else ''}): "
-            f"{r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
+            f"{label}: {r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
             f"{time.perf_counter() - t_start:.0f} s so far)\n"
             # the host's time per step: steps that write metrics wait for the device, the
             # steps after them run ahead of it; a long one stands out here, not in the median

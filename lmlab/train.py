@@ -778,29 +778,26 @@ def prepare_data(cfg: DictConfig) -> tuple[TextTokenizer, Any, Any]:
 
 
 def check_fresh_start(output_dir: Path) -> None:
-    """A run that starts from scratch in ``output_dir``: refused where a run has a checkpoint (its
-    checkpoints and logs would be overwritten), ``last.ckpt`` or any other; else the folder's W&B run id and TensorBoard event
-    files, of an attempt that ended before its first checkpoint, are dropped (process 0), so this
-    run is a new W&B run, as its metrics.csv rows are new (LMModule.on_train_start drops the
-    attempt's rows)."""
+    """A run that starts from scratch in ``output_dir``: refused where the folder holds a
+    checkpoint, ``last.ckpt`` or any other (its saves would overwrite them, and its logs the
+    run's); else the folder's W&B run id and TensorBoard event files, of an attempt that ended
+    before its first checkpoint, are dropped (process 0), so this run is a new W&B run, as its
+    metrics.csv rows are new (LMModule.on_train_start drops the attempt's rows)."""
     last = output_dir / "checkpoints" / "last.ckpt"
     _recover_sharded(last)  # a run whose sharded save was stopped mid-swap still holds a run
-    if last.exists():
+    held = sorted(p.name for p in last.parent.glob("*.ckpt"))
+    if held:
         if rank_zero_only.rank == 0:
             restore_hydra_files(output_dir)
+        resume = (
+            "resume it with ckpt_path=last (or auto)"
+            if last.exists()  # else another run's, or one whose last.ckpt was removed
+            else f"resume from one of them with ckpt_path=<its path> (there is no {last.name})"
+        )
         raise RunExists(
-            f"{output_dir} already holds a run ({last}); resume it with ckpt_path=last (or auto), "
+            f"{output_dir} already holds a run ({', '.join(held)} in {last.parent}); {resume}, "
             "or start a new run in another folder (hydra.run.dir=...): starting afresh here would "
             "overwrite its checkpoints and logs"
-        )
-    others = sorted(p.name for p in (output_dir / "checkpoints").glob("*.ckpt"))
-    if others:  # another run's, or one whose last.ckpt was removed: its saves would replace them
-        if rank_zero_only.rank == 0:
-            restore_hydra_files(output_dir)
-        raise RunExists(
-            f"{output_dir / 'checkpoints'} holds {', '.join(others)} but no last.ckpt; start the "
-            "new run in another folder (hydra.run.dir=...), or resume from one of them with "
-            "ckpt_path=<its path>: starting afresh here would overwrite them"
         )
     if rank_zero_only.rank == 0:
         (output_dir / RUN_ID_FILE).unlink(missing_ok=True)

@@ -473,7 +473,10 @@ def test_a_fresh_start_over_checkpoints_without_last_ckpt_is_refused(tmp_path):
     (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
     check_fresh_start(tmp_path)
     (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"another run's")
-    with pytest.raises(RunExists, match=r"holds best\.ckpt but no last\.ckpt; start the new run"):
+    with pytest.raises(
+        RunExists,
+        match=r"holds a run \(best\.ckpt in .*\); resume from one of them .*no last\.ckpt",
+    ):
         check_fresh_start(tmp_path)
     assert (tmp_path / "checkpoints" / "best.ckpt").read_bytes() == b"another run's"
 
