@@ -243,12 +243,14 @@ def lmlab_trainer(
     use_hydra: bool = True,
     overrides: Sequence[str] = (),
     accumulate: int = 1,
+    log_every: int = 10,
 ) -> tuple[L.Trainer, str]:
     """A Trainer as ``lmlab.train.build_run`` makes it: composed from ``conf/`` with Hydra's compose
     API when Hydra is installed (trainer=cpu|gpu, callbacks=default, logger=csv, then
     ``overrides``: more Hydra overrides of ``trainer.*`` / ``callbacks.*`` keys), else built by hand
     with the same settings (for machines without Hydra, which take no overrides); ``accumulate``
-    micro-batches per optimizer step either way. Returns (trainer, how it was built)."""
+    micro-batches per optimizer step and metrics written and the progress bar redrawn every
+    ``log_every`` steps either way. Returns (trainer, how it was built)."""
     from lmlab.checkpoint_io import AtomicCheckpointIO
 
     try:
@@ -265,7 +267,7 @@ def lmlab_trainer(
                 f"overrides {list(overrides)} need Hydra (hydra-core, omegaconf) to compose conf/"
             ) from None
         return _trainer_by_hand(
-            accelerator, precision, max_steps, output_dir, callbacks, accumulate
+            accelerator, precision, max_steps, output_dir, callbacks, accumulate, log_every
         ), "by hand (no Hydra)"
 
     overrides = [
@@ -273,6 +275,8 @@ def lmlab_trainer(
         f"trainer.precision={precision}",
         f"trainer.max_steps={max_steps}",
         f"trainer.accumulate_grad_batches={accumulate}",
+        f"trainer.log_every_n_steps={log_every}",
+        f"callbacks.progress_bar.refresh_rate={log_every}",
         "trainer.limit_val_batches=0",
         "callbacks.model_checkpoint=null",
         "callbacks.last_checkpoint=null",
@@ -298,7 +302,7 @@ def lmlab_trainer(
 
 
 def _trainer_by_hand(
-    accelerator, precision, max_steps, output_dir, callbacks, accumulate=1
+    accelerator, precision, max_steps, output_dir, callbacks, accumulate=1, log_every=10
 ) -> L.Trainer:
     """conf/trainer/default.yaml + cpu|gpu.yaml and the speed-relevant callbacks, without Hydra."""
     from lightning.pytorch.callbacks import LearningRateMonitor
@@ -321,7 +325,7 @@ def _trainer_by_hand(
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
         accumulate_grad_batches=accumulate,
-        log_every_n_steps=10,
+        log_every_n_steps=log_every,
         enable_progress_bar=True,
         enable_model_summary=False,
         deterministic=False,
@@ -330,7 +334,7 @@ def _trainer_by_hand(
             Preemption(dirpath=str(output_dir / "checkpoints")),
             LearningRateMonitor(logging_interval="step"),
             Throughput(window=20),
-            ProgressBar(refresh_rate=10),
+            ProgressBar(refresh_rate=log_every),
             *callbacks,
         ],
         logger=[

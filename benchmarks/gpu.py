@@ -6,8 +6,15 @@ Hydra is installed, else the same settings by hand) on random tokens, for ``--wa
 (compilation happens there) and ``--steps`` timed ones, bracketed by device synchronisations.
 MFU is PaLM's ``6 N + 12 L d T`` FLOPs per token (``lmlab.flops``) over the device's bf16 peak.
 
-The preset sizes are copied from ``conf/experiment/{gpt2_124m,bert_base,t5_base}.yaml`` (this script
-does not need Hydra, which GPU images often lack). Tokens count input tokens (the encoder-decoder's
+The presets are copied from ``conf/experiment/{gpt2_124m_1gpu,bert_base,t5_base}.yaml``, sizes and
+training settings (this script does not need Hydra, which GPU images often lack; a test checks the
+copies against the files): the decoder's is GPT-2 124M as measured fastest on one GPU (bf16 weights
+with fp32 masters, CUDA graphs, the fused head + loss, metrics every 50 steps), the encoder's and
+encoder-decoder's bf16 autocast with compile's default mode. ``--precision``, ``--compile-mode`` and
+``--loss-chunk-size`` replace a preset's value for every family. Without ``--warmup``, the warm-up
+runs past the first step that writes metrics (its first call compiles more), and ``--steps`` (default
+30, or 2 x the metrics interval when that is longer) takes the writing steps in their share.
+Tokens count input tokens (the encoder-decoder's
 encoder inputs); FLOPs are what each part computes (``LMModule.step_flops``: the MLM head on the
 selected positions, the encoder-decoder's decoder and head at the target length).
 
@@ -41,14 +48,25 @@ from lmlab.parallel import (
     use_tf32,
 )
 
+# A preset's training settings (``train``): --precision's form of trainer.precision and
+# optim.master_weights, compile's mode, loss_chunk_size (None: the module's default, off on GPUs),
+# and trainer.log_every_n_steps with callbacks.progress_bar.refresh_rate (``log_every``).
+AUTOCAST = dict(precision="bf16-mixed", compile_mode="default", loss_chunk_size=None, log_every=10)
 PRESETS = {
-    # conf/experiment/gpt2_124m.yaml: 12 x 768, 12 heads, vocab 50257 (padded to 50304), 16 x 1024
+    # conf/experiment/gpt2_124m_1gpu.yaml (gpt2_124m's 12 x 768, 12 heads, vocab 50257 padded to
+    # 50304, 16 x 1024, with the one-GPU settings)
     "decoder": dict(
         kind="causal",
         vocab=50257,
         batch=16,
         seq_len=1024,
         dims=dict(n_layers=12, d_model=768, n_heads=12, max_seq_len=1024),
+        train=dict(
+            precision="bf16-true+masters",
+            compile_mode="reduce-overhead",
+            loss_chunk_size=16384,
+            log_every=50,
+        ),
     ),
     # conf/experiment/bert_base.yaml: 12 x 768, 12 heads, learned positions, vocab 30522, 32 x 512
     "encoder": dict(
@@ -57,6 +75,7 @@ PRESETS = {
         batch=32,
         seq_len=512,
         dims=dict(n_layers=12, d_model=768, n_heads=12, max_seq_len=512, positions="learned"),
+        train=AUTOCAST,
     ),
     # conf/experiment/t5_base.yaml: 12 + 12 x 768, 12 heads, vocab 32100, 32 x 512 in, 114 out
     "encoder_decoder": dict(
@@ -73,8 +92,11 @@ PRESETS = {
             max_seq_len=512,
             max_target_len=114,
         ),
+        train=AUTOCAST,
     ),
 }
+# what the command line's options replace (None: not given, each family's preset value)
+TRAIN_OPTIONS = ("precision", "compile_mode", "loss_chunk_size")
 TINY = dict(n_layers=2, d_model=64, n_heads=2)  # --tiny: these dims, vocab 512, batch 2
 
 # Issue 4: reference figures on an H100 80GB HBM3 (2026-11-26) and lmlab's targets, tokens/s.
@@ -92,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--precision",
         nargs="+",
-        default=["bf16-mixed"],
-        help="Lightning precision, one run per value; bf16-true+masters: bf16-true with\n"
+        help="Lightning precision, one run per value (default: each preset's; bf16-mixed but\n"
+        "the decoder's bf16-true+masters); bf16-true+masters: bf16-true with\n"
         "optim.master_weights=true (AdamW over fp32 copies of the weights; under compile its\n"
         "step compiled), bf16-true+masters-eager: the same with the eager step; e.g.\n"
         "bf16-mixed bf16-true bf16-true+masters to compare them side by side",
@@ -105,8 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile-mode",
         nargs="+",
         choices=COMPILE_MODES,
-        default=["default"],
-        help="torch.compile mode when compiling (lmlab's compile=<mode>), one run per value;\n"
+        help="torch.compile mode when compiling (lmlab's compile=<mode>), one run per value\n"
+        "(default: each preset's; default but the decoder's reduce-overhead);\n"
         "e.g. default reduce-overhead to compare them side by side",
     )
     p.add_argument(
@@ -155,16 +177,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         "unmasked window; e.g. 0 512 to see what the masks cost, side by side",
     )
     p.add_argument("--tiny", action="store_true", help="tiny dims and few steps (CPU smoke run)")
-    p.add_argument("--warmup", type=int, help="untimed steps, compilation included (default 10)")
-    p.add_argument("--steps", type=int, help="timed steps (default 30)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed steps, compilation included (default: 10, or to the first step that\n"
+        "writes metrics when that is later)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="timed steps (default: 30, or twice the metrics interval when that is longer)",
+    )
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s (default: lmlab.flops)")
     p.add_argument(
         "--loss-chunk-size",
         type=int,
         nargs="+",
-        default=[None],
-        help="module's loss_chunk_size, one run per value (default: the module's, off on GPUs);\n"
-        "e.g. 0 4096 to compare the plain head with the fused head + loss",
+        help="module's loss_chunk_size, one run per value (default: each preset's; the\n"
+        "module's, off on GPUs, but the decoder's 16384: its whole batch in one chunk);\n"
+        "e.g. 0 16384 to compare the plain head with the fused head + loss",
     )
     p.add_argument(
         "--trace-steps",
@@ -286,6 +317,48 @@ def with_layers(family: str, dims: dict, layers: int | None) -> dict:
     )
 
 
+def metrics_interval(family: str, args) -> int:
+    """Steps between the steps that write metrics: the preset's, or the last
+    ``trainer.log_every_n_steps`` of ``--override``."""
+    every = PRESETS[family]["train"]["log_every"]
+    for override in args.override:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "trainer.log_every_n_steps":
+            every = int(value)
+    return every
+
+
+def schedule(family: str, args) -> tuple[int, int]:
+    """(warm-up steps, timed steps) of a family's runs: the command line's, or by default a warm-up
+    past the first step that writes metrics (whose first call compiles more: 0.7 s on an H200) and
+    timed steps that hold the writing steps in their share (each waits for the GPU)."""
+    every = metrics_interval(family, args)
+    warmup, steps = (2, 3) if args.tiny else (max(10, every), max(30, 2 * every))
+    return (
+        warmup if args.warmup is None else args.warmup,
+        steps if args.steps is None else args.steps,
+    )
+
+
+def family_runs(args) -> list[tuple]:
+    """Every run as (family, loss chunk, compile scope, compile mode, precision, accumulate,
+    document length): each family's preset values where the command line gives none."""
+    runs = []
+    for family in args.family:
+        preset = PRESETS[family]["train"]
+        given = {key: getattr(args, key) or [preset[key]] for key in TRAIN_OPTIONS}
+        runs += itertools.product(
+            [family],
+            given["loss_chunk_size"],
+            args.compile_scope,
+            given["compile_mode"],
+            given["precision"],
+            args.accumulate,
+            args.document_length,
+        )
+    return runs
+
+
 def run_family(
     family: str,
     args,
@@ -326,8 +399,9 @@ def run_family(
         )
         for _ in range(4)
     ]
-    timed = args.warmup + args.steps
-    timer = common.StepTimer(args.warmup, last=timed)
+    warmup, steps = schedule(family, args)
+    timed = warmup + steps
+    timer = common.StepTimer(warmup, last=timed)
     total_steps = timed + args.trace_steps
     name = f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}-{documents}"
     callbacks = [timer]
@@ -343,6 +417,7 @@ def run_family(
         callbacks=callbacks,
         overrides=args.override,
         accumulate=accumulate,
+        log_every=PRESETS[family]["train"]["log_every"],
     )
     # what training's `attention` key applies; compile traces the kernel chosen here
     backend = attention_kernel(args.sdpa_backend, device.type == "cuda")
@@ -350,7 +425,7 @@ def run_family(
     with backend:
         trainer.fit(model, train_dataloaders=common.loader(batches, total_steps * accumulate))
     wall = time.perf_counter() - t0
-    step_s = timer.total / args.steps  # an optimizer step: `accumulate` micro-batches
+    step_s = timer.total / steps  # an optimizer step: `accumulate` micro-batches
     tokens_per_s = accumulate * B * T / step_s
     peak = args.peak_flops or flops.peak_flops(device)
     mfu = None if not peak else flops.mfu(tokens_per_s, model.flops_per_token(batches[0]), peak)
@@ -362,6 +437,7 @@ def run_family(
         accumulate=accumulate,
         precision=precision,
         warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
+        timed=(warmup + 1, timed),
         shape=batch_label(family, args.tiny, documents),
         params=model.num_params(False),
         step_ms=1e3 * step_s,
@@ -380,8 +456,9 @@ def check_args(args: argparse.Namespace) -> None:
     lose repeated values (two runs of one configuration would share a run folder and trace)."""
     for key in ("family", "loss_chunk_size", "compile_scope", "compile_mode", "precision",
                 "accumulate", "document_length"):  # fmt: skip
-        setattr(args, key, list(dict.fromkeys(getattr(args, key))))
-    for precision in args.precision:
+        if getattr(args, key) is not None:  # None: not given, each preset's value
+            setattr(args, key, list(dict.fromkeys(getattr(args, key))))
+    for precision in args.precision or ():
         precision_parts(precision)
     if min(args.accumulate) < 1:
         raise SystemExit(f"--accumulate {min(args.accumulate)}: micro-batches per step, >= 1")
@@ -415,8 +492,6 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     if args.compile is None:
         args.compile = not args.tiny
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
-    args.steps = args.steps if args.steps is not None else (3 if args.tiny else 30)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here; for a smoke run use --tiny --device cpu")
@@ -424,25 +499,13 @@ def main(argv=None) -> None:
     if args.cold:
         torch._inductor.config.force_disable_caches = True
     print(
-        f"gpu: lmlab presets, {' / '.join(args.precision)}, "
-        f"compile={args.compile and ' / '.join(args.compile_mode)}, "
-        f"attention={args.sdpa_backend}, "
-        f"{args.warmup} warm-up + "
-        f"{args.steps} timed steps{' (tiny sizes)' if args.tiny else ''}"
+        f"gpu: lmlab presets{' (tiny sizes)' if args.tiny else ''}, "
+        f"compile {'on' if args.compile else 'off'}, attention={args.sdpa_backend}"
     )
     print(f"machine: {common.machine()}")
     out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
     results = []
-    runs = itertools.product(
-        args.family,
-        args.loss_chunk_size,
-        args.compile_scope,
-        args.compile_mode,
-        args.precision,
-        args.accumulate,
-        args.document_length,
-    )
-    for family, loss_chunk, scope, mode, precision, accumulate, documents in runs:
+    for family, loss_chunk, scope, mode, precision, accumulate, documents in family_runs(args):
         chunk = "default" if loss_chunk is None else loss_chunk
         label = (  # the run, as its table row says it
             f"  {family} (loss chunk {chunk}, compile {mode if args.compile else 'off'} / "
@@ -471,9 +534,10 @@ def main(argv=None) -> None:
                 torch.cuda.empty_cache()
             continue
         results.append(r)
+        first, last = r["timed"]
         print(
-            f"{label}: {r['tokens_per_s']:,.0f} tokens/s ({r['wall']:.0f} s with compilation; "
-            f"{time.perf_counter() - t_start:.0f} s so far)\n"
+            f"{label}: {r['tokens_per_s']:,.0f} tokens/s (steps {first}-{last} timed; "
+            f"{r['wall']:.0f} s with compilation; {time.perf_counter() - t_start:.0f} s so far)\n"
             # the host's time per step: steps that write metrics wait for the device, the
             # steps after them run ahead of it; a long one stands out here, not in the median
             f"    steps (ms, host): {' '.join(f'{ms:.1f}' for ms in r['steps_ms'])}",

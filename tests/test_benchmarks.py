@@ -77,7 +77,7 @@ def test_gpu_script_smoke_run_on_cpu(run):
         "--sdpa-backend math --loss-chunk-size 0 8 --compile-scope blocks "
         "--precision bf16-true bf16-true+masters --accumulate 1 2",
     )
-    assert "bf16-true / bf16-true+masters, compile=False, attention=math" in out  # --tiny: off
+    assert "gpu: lmlab presets (tiny sizes), compile off, attention=math" in out  # --tiny: off
     (rows,) = tables(out)
     keys = ("family", "loss chunk", "compile scope", "compile mode", "precision", "accumulate")
     got = [tuple(r[k] for k in keys) for r in rows]
@@ -335,6 +335,57 @@ def test_gpu_script_layers_override_sets_every_stack(monkeypatch):
     assert gpu.with_layers("decoder", dims, None) is dims
 
 
+@pytest.mark.parametrize(
+    ("family", "experiment"),
+    [("decoder", "gpt2_124m_1gpu"), ("encoder", "bert_base"), ("encoder_decoder", "t5_base")],
+)
+def test_gpu_script_presets_are_the_experiment_files(monkeypatch, compose_cfg, family, experiment):
+    """gpu.py copies each GPU preset (it runs where Hydra is not installed): the copy's sizes and
+    training settings are what `python -m lmlab experiment=<preset>` composes."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    gpu = importlib.import_module("gpu")
+    cfg = compose_cfg(f"experiment={experiment}")
+    vocab, batch, seq_len, _, dims = gpu.preset_shape(family, tiny=False)
+    assert (vocab, batch, seq_len) == (cfg.tokenizer.vocab_size, cfg.data.batch_size, cfg.seq_len)
+    for key, value in dims.items():  # the target length: T5's span arithmetic (gpu.py says)
+        assert key == "max_target_len" or cfg.model[key] == value, key
+    train = gpu.PRESETS[family]["train"]
+    lightning, masters, _ = gpu.precision_parts(train["precision"])
+    assert (lightning, masters) == (cfg.trainer.precision, cfg.optim.master_weights)
+    assert train["compile_mode"] == ("default" if cfg.compile is True else cfg.compile)
+    assert train["loss_chunk_size"] == cfg.loss_chunk_size
+    assert train["log_every"] == cfg.trainer.log_every_n_steps
+    assert train["log_every"] == cfg.callbacks.progress_bar.refresh_rate
+
+
+def test_gpu_script_runs_each_family_with_its_preset_unless_told(monkeypatch):
+    """Each family's runs take its preset's precision, compile mode and loss chunk; an option given
+    replaces them for every family. The warm-up runs past the first step that writes metrics, and
+    the timed steps hold the writing steps in their share (an interval of 50: 50 + 100)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    gpu = importlib.import_module("gpu")
+
+    def runs(command_line: str) -> list[tuple]:
+        args = gpu.parse_args(command_line.split())
+        gpu.check_args(args)
+        return gpu.family_runs(args)
+
+    assert runs("--family decoder encoder") == [
+        ("decoder", 16384, "model", "reduce-overhead", "bf16-true+masters", 1, 0),
+        ("encoder", None, "model", "default", "bf16-mixed", 1, 0),
+    ]
+    told = runs("--family decoder encoder --precision bf16-mixed --loss-chunk-size 0 0")
+    assert told == [
+        ("decoder", 0, "model", "reduce-overhead", "bf16-mixed", 1, 0),
+        ("encoder", 0, "model", "default", "bf16-mixed", 1, 0),
+    ]
+    schedule = lambda line, family: gpu.schedule(family, gpu.parse_args(line.split()))
+    assert schedule("", "decoder") == (50, 100) and schedule("", "encoder") == (10, 30)
+    assert schedule("--override trainer.log_every_n_steps=20", "decoder") == (20, 40)
+    assert schedule("--warmup 3 --steps 7", "decoder") == (3, 7)
+    assert schedule("--tiny", "decoder") == (2, 3)
+
+
 def test_benchmark_trainer_takes_hydra_overrides(monkeypatch, tmp_path):
     """gpu.py --override: Hydra overrides reach the Trainer composed from conf/; without Hydra
     (the Trainer built by hand) they are refused, not ignored."""
@@ -347,6 +398,9 @@ def test_benchmark_trainer_takes_hydra_overrides(monkeypatch, tmp_path):
     assert how.startswith("Hydra") and trainer.log_every_n_steps == 7
     assert trainer.progress_bar_callback.refresh_rate == 3
     assert common.lmlab_trainer(**kw)[0].log_every_n_steps == 10  # conf/trainer/default.yaml
+    for use_hydra in (True, False):  # a preset's interval, with Hydra or without
+        trainer, _ = common.lmlab_trainer(**kw, use_hydra=use_hydra, log_every=50)
+        assert trainer.log_every_n_steps == trainer.progress_bar_callback.refresh_rate == 50
     with pytest.raises(SystemExit, match="need Hydra"):
         common.lmlab_trainer(**kw, use_hydra=False, overrides=["trainer.log_every_n_steps=7"])
 

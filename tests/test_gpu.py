@@ -262,3 +262,27 @@ def test_the_compiled_master_weight_step_matches_the_eager_one_without_a_host_sy
         masters.append(opt.masters)
     for a, b in zip(*masters, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_one_gpu_gpt2_preset_trains_validates_and_resumes(tiny_cfg, tmp_path):
+    """experiment=gpt2_124m_1gpu at tiny sizes, as a user runs it: bf16 weights stepped through
+    fp32 masters, CUDA graphs (compile=reduce-overhead), the fused head + loss; two validations
+    with their samples, last.ckpt with the masters, and a resume that goes on from it."""
+    from lmlab.optim import MasterWeightAdamW
+
+    preset = ["experiment=gpt2_124m_1gpu", *GPU, "trainer.val_check_interval=15"]
+    first, objects = train(tiny_cfg(*preset, output_dir=tmp_path))
+    model, trainer = objects["model"], objects["trainer"]
+    assert next(model.backbone.parameters()).dtype == torch.bfloat16
+    assert isinstance(trainer.optimizers[0], MasterWeightAdamW) and model.loss_chunk_size == 16384
+    assert math.isfinite(first["val/loss"]) and first["val/loss"] < math.log(400)
+    samples = (tmp_path / "samples.txt").read_text()
+    assert "=== step 15 sample 0 ===" in samples and "=== step 30 sample 0 ===" in samples
+    saved = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert saved["global_step"] == 30 and "master_weights" in saved["optimizer_states"][0]
+    more, objects = train(
+        tiny_cfg(*preset, "ckpt_path=last", "trainer.max_steps=40", output_dir=tmp_path)
+    )
+    assert objects["trainer"].global_step == 40 and math.isfinite(more["val/loss"])

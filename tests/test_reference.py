@@ -8,11 +8,19 @@ positions as complex rotations of the pairs (x_i, x_{i + d/2}) (Su et al., 2021;
 GPT-NeoX and Hugging Face's LLaMA), attention as softmax(q k^T / sqrt(d)) v with each key/value head
 shared by a contiguous group of query heads (Ainslie et al., 2023), SwiGLU (Shazeer, 2020), and for
 the encoder-decoder, cross-attention without positions (Vaswani et al., 2017). Weights are drawn at
-scales where every one of them moves the logits (norm gains far from one)."""
+scales where every one of them moves the logits (norm gains far from one).
+
+``benchmarks/reference.py`` (issue 4's reference implementations timed on the card at hand) is held
+here too: its nanoGPT-style GPT-2 is Hugging Face's ``GPT2LMHeadModel`` with the same weights, it
+starts from GPT-2's init, decays nanoGPT's parameter group, and counts issue 4's FLOPs per token;
+its table's derived columns follow from its measured ones."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +270,187 @@ def test_decoder_equals_hugging_face_llama_with_the_same_weights(n_kv_heads):
     assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
     x = ids(2, 24)
     close(m(x), ref(x).logits)
+
+
+# -- benchmarks/reference.py -------------------------------------------------------------------
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+# the benchmark's tiny size, wide enough in d_model for every weight to matter
+GPT_DIMS = dict(vocab=512, seq_len=32, n_layer=2, n_embd=64, n_head=4)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/reference.py imported as ``python benchmarks/reference.py`` runs it (its folder
+    first on ``sys.path``, ``common`` beside it), fresh for each test."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("reference", None)
+    yield importlib.import_module("reference")
+    sys.modules.pop("reference", None)
+
+
+def printed_table(text: str) -> list[dict[str, str]]:
+    """The one Markdown table in ``text`` as {header: cell} rows."""
+    lines = text.splitlines()
+    (start,) = [i for i, ln in enumerate(lines) if ln.startswith("|--")]
+    header = [c.strip() for c in lines[start - 1].strip("|").split("|")]
+    rows = []
+    for ln in lines[start + 1 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append(dict(zip(header, [c.strip() for c in ln.strip("|").split("|")], strict=True)))
+    return rows
+
+
+def num(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("M%"))
+
+
+def run_main(bench, capsys, argv: str) -> tuple[str, BaseException | None]:
+    try:
+        bench.main(argv.split())
+        exit_ = None
+    except SystemExit as e:
+        exit_ = e
+    return capsys.readouterr().out, exit_
+
+
+@torch.no_grad()
+def test_nanogpt_model_is_hugging_face_gpt2_with_the_same_weights(bench):
+    """The two contenders compute one function: the nanoGPT-style model's weights (random, every
+    one moving the logits) loaded into the benchmark's GPT2LMHeadModel give the same logits.
+    HF's Conv1D keeps (in, out) weights, nn.Linear (out, in): those load transposed."""
+    pytest.importorskip("transformers")
+    ours = randomize(bench.NanoGPT(**GPT_DIMS))
+    theirs = bench.build("hf-gpt2", GPT_DIMS | dict(batch=2)).eval()
+    state = {}
+    for name, w in ours.state_dict().items():
+        if name != "lm_head.weight":  # tied: HF's is its wte
+            conv = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+            state[f"hf.transformer.{name}"] = w.T if conv else w
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"hf.lm_head.weight"}
+    assert theirs.hf.lm_head.weight is theirs.hf.transformer.wte.weight
+    x = torch.randint(0, GPT_DIMS["vocab"], (3, 32), generator=torch.Generator().manual_seed(1))
+    close(ours(x), theirs(x))
+    # and the same loss on the same next-token targets, in the same counting of N for MFU
+    y = torch.roll(x, -1, 1)
+    torch.testing.assert_close(ours(x, y), theirs(x, y), atol=1e-5, rtol=1e-5)
+    assert ours.matmul_weights() == theirs.matmul_weights()
+    assert bench.n_params(ours) == bench.n_params(theirs)
+
+
+def test_nanogpt_model_has_gpt2_init_and_a_tied_head(bench):
+    L = 8
+    torch.manual_seed(0)
+    m = bench.NanoGPT(vocab=512, seq_len=64, n_layer=L, n_embd=256, n_head=4)
+    assert m.lm_head.weight is m.wte.weight
+    assert sum(p is m.wte.weight for p in m.parameters()) == 1
+    residual = 0.02 / math.sqrt(2 * L)
+    for b in m.h:  # 65K and 262K samples: sample stds within 1% of the population's
+        for lin, std in [
+            (b.attn.c_attn, 0.02),
+            (b.attn.c_proj, residual),
+            (b.mlp.c_fc, 0.02),
+            (b.mlp.c_proj, residual),
+        ]:
+            assert lin.weight.std().item() == pytest.approx(std, rel=0.02)
+            assert abs(lin.weight.mean().item()) < 0.05 * std
+            assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
+        for ln in (b.ln_1, b.ln_2):
+            assert torch.equal(ln.weight, torch.ones(256)) and torch.equal(
+                ln.bias, torch.zeros(256)
+            )
+    for emb in (m.wte, m.wpe):
+        assert emb.weight.std().item() == pytest.approx(0.02, rel=0.02)
+
+
+def test_gpt2_124m_counts_match_issue_4(bench):
+    """At GPT-2 124M (vocabulary 50304): 124.48M parameters (nanoGPT's 123.69M plus the position
+    embeddings it leaves out of its count), and lmlab's FLOPs per token are the ones behind
+    issue 4's 470K tokens/s = 40.6% of 989 TFLOP/s (to its 0.1% rounding)."""
+    with torch.device("meta"):
+        m = bench.build("nanogpt", bench.GPT2)
+    V, T, L, d = 50304, 1024, 12, 768
+    assert bench.n_params(m) == V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d == 124_475_904
+    per_token = bench.flops.flops_per_token(m.matmul_weights(), L, d, T)
+    assert per_token == 6 * (12 * L * d * d + V * d) + 12 * L * d * T
+    assert bench.flops.mfu(470e3, per_token, 989e12) == pytest.approx(0.406, abs=0.0005)
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "hf-gpt2"])
+def test_weight_decay_on_exactly_the_matrices_and_embeddings(bench, name):
+    if name == "hf-gpt2":
+        pytest.importorskip("transformers")
+    m = bench.build(name, GPT_DIMS)
+    opt = bench.optimizer(m, torch.device("cpu"))
+    decay, rest = opt.param_groups
+    named = dict(m.named_parameters())  # each Parameter once: the tied head under wte's name
+    decayed = {n for n, p in named.items() if any(p is q for q in decay["params"])}
+    kept = {n for n, p in named.items() if any(p is q for q in rest["params"])}
+    assert decayed == {n for n, p in named.items() if p.dim() >= 2}
+    assert kept == set(named) - decayed
+    assert len(decay["params"]) + len(rest["params"]) == len(named)
+    assert (decay["weight_decay"], rest["weight_decay"]) == (0.1, 0.0)
+    # the matrices and both embeddings; no bias, no LayerNorm
+    assert all(n.endswith("weight") and ".ln_" not in n and "ln_f" not in n for n in decayed)
+    assert sum("wte" in n or "wpe" in n for n in decayed) == 2
+    assert all(g["lr"] == 6e-4 and g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+
+
+def test_tiny_run_prints_both_contenders_and_consistent_columns(bench, capsys):
+    pytest.importorskip("transformers")
+    out, exit_ = run_main(bench, capsys, "--tiny --device cpu --warmup 1 --steps 3")
+    assert exit_ is None, out
+    assert "compile=False" in out and "FAILED" not in out
+    rows = printed_table(out)
+    assert [r["contender"] for r in rows] == ["nanogpt", "hf-gpt2"]
+    assert rows[0]["parameters"] == rows[1]["parameters"]  # one architecture, counted alike
+    tiny = bench.NanoGPT(vocab=512, seq_len=64, n_layer=2, n_embd=64, n_head=2)
+    assert rows[0]["parameters"] == f"{bench.n_params(tiny) / 1e6:.2f}M"
+    for r, ref in zip(rows, ["470K (40.6%)", "385K"], strict=True):
+        assert r["batch"] == "2 x 64"
+        assert (r["MFU"], r["ratio to H100 ref"], r["H100 ref (issue 4)"]) == ("-", "-", ref)
+        ms, tokens_s = num(r["mean step ms"]), num(r["tokens/s"])
+        assert 128e3 / (ms + 0.05) - 0.5 <= tokens_s <= 128e3 / (ms - 0.05) + 0.5
+        assert num(r["warm-up s"]) >= 0 and num(r["median step ms"]) > 0
+    assert "scaled to this card" not in out  # --tiny: no scaled target
+
+
+def test_derived_columns_with_a_peak_and_the_scaled_target(bench, capsys, monkeypatch):
+    """Off --tiny (here a tiny model under the full run's reporting): MFU from lmlab's formula over
+    --peak-flops, the ratio to the H100 figure, and the scaled target line."""
+    monkeypatch.setattr(bench, "GPT2", dict(GPT_DIMS, batch=2))
+    out, exit_ = run_main(
+        bench, capsys, "--contender nanogpt --device cpu --no-compile --warmup 1 --steps 2 "
+        "--peak-flops 1e11"
+    )  # fmt: skip
+    assert exit_ is None, out
+    (r,) = printed_table(out)
+    tokens_s = num(r["tokens/s"])
+    m = bench.NanoGPT(**GPT_DIMS)
+    per_token = bench.flops.flops_per_token(m.matmul_weights(), 2, 64, 32)
+    assert num(r["MFU"]) == pytest.approx(100 * tokens_s * per_token / 1e11, abs=0.05 + 1e-3)
+    assert num(r["ratio to H100 ref"]) == pytest.approx(tokens_s / 470e3, abs=0.005 + 1e-4)
+    line = [ln for ln in out.splitlines() if "scaled to this card by nanoGPT" in ln]
+    (scaled,) = [float(ln.split(": ")[1].split()[0].replace(",", "")) for ln in line]
+    assert scaled == pytest.approx(520e3 * tokens_s / 470e3, abs=1.5)
+
+
+def test_a_failing_contender_is_reported_and_the_next_runs(bench, capsys, monkeypatch):
+    def broken(**kw):
+        raise RuntimeError("no such model")
+
+    monkeypatch.setattr(bench, "hf_model", broken)
+    out, exit_ = run_main(bench, capsys, "--tiny --device cpu --warmup 1 --steps 1")
+    assert "hf-gpt2: FAILED: RuntimeError: no such model" in out
+    rows = printed_table(out)
+    assert [r["contender"] for r in rows] == ["nanogpt", "hf-gpt2"]
+    assert rows[1]["tokens/s"] == "failed" and num(rows[0]["tokens/s"]) > 0
+    assert exit_ is not None and exit_.code not in (0, None)
+
+
+def test_without_transformers_hf_gpt2_is_skipped(bench, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
+    out, exit_ = run_main(bench, capsys, "--tiny --device cpu --warmup 1 --steps 1")
+    assert exit_ is None and "hf-gpt2: skipped" in out
+    assert [r["contender"] for r in printed_table(out)] == ["nanogpt"]

@@ -56,10 +56,10 @@ warnings.filterwarnings(
 
 # Tokens per chunk of the fused head + loss that loss_chunk_size=None means on a CPU, where chunks
 # whose logits stay in cache made a whole training step of vs_hf.py's decoder (vocabulary 8192) 13%
-# faster than the plain head (512 and 1024 within noise of each other, 256 slower). Off on GPUs: on an
-# H100 (GPT-2 124M, 16 x 1024, compiled) chunks of 8192 were 1% slower than the plain head (before
-# the compiled chunk became one kernel without a float32 copy of the logits: not yet measured on a
-# GPU since); they save the logits' memory, and a few thousand tokens per chunk saves most of it.
+# faster than the plain head (512 and 1024 within noise of each other, 256 slower). Off on GPUs:
+# there it saves memory, not time (GPT-2 124M, 16 x 1024, CUDA graphs, an H200: one chunk of 16384
+# within 1% of the plain head; experiment=gpt2_124m_1gpu takes it); a few thousand tokens per chunk
+# saves most of the logits' memory.
 CPU_LOSS_CHUNK = 512
 
 
