@@ -44,6 +44,7 @@ from lmlab.parallel import (
     ATTENTION_KERNELS,
     COMPILE_MODES,
     COMPILE_SCOPES,
+    FLEX,
     attention_kernel,
     use_tf32,
 )
@@ -163,9 +164,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sdpa-backend",
-        choices=["auto", *ATTENTION_KERNELS],
-        default="auto",
-        help="attention kernel (auto: PyTorch's choice); training's `attention=<kernel>` key",
+        nargs="+",
+        choices=["auto", *ATTENTION_KERNELS, FLEX],
+        default=["auto"],
+        help="attention kernel (auto: PyTorch's choice), one run per value; training's\n"
+        "`attention=<kernel>` key; flex: the decoder's document masks through FlexAttention's\n"
+        "block masks (with --document-length; GPUs), e.g. --document-length 512\n"
+        "--sdpa-backend auto flex to race them against the dense masks",
     )
     p.add_argument(
         "--document-length",
@@ -342,7 +347,7 @@ def schedule(family: str, args) -> tuple[int, int]:
 
 def family_runs(args) -> list[tuple]:
     """Every run as (family, loss chunk, compile scope, compile mode, precision, accumulate,
-    document length): each family's preset values where the command line gives none."""
+    document length, attention): each family's preset values where the command line gives none."""
     runs = []
     for family in args.family:
         preset = PRESETS[family]["train"]
@@ -355,6 +360,7 @@ def family_runs(args) -> list[tuple]:
             given["precision"],
             args.accumulate,
             args.document_length,
+            args.sdpa_backend,
         )
     return runs
 
@@ -370,6 +376,7 @@ def run_family(
     mode: str,
     accumulate: int,
     documents: int,
+    attention: str,
 ) -> dict:
     pre = PRESETS[family]
     lightning_precision, masters, compiled_step = precision_parts(precision)
@@ -403,7 +410,7 @@ def run_family(
     timed = warmup + steps
     timer = common.StepTimer(warmup, last=timed)
     total_steps = timed + args.trace_steps
-    name = f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}-{documents}"
+    name = f"{family}-{loss_chunk}-{scope}-{precision}-{mode}-{accumulate}-{documents}-{attention}"
     callbacks = [timer]
     tracer = None
     if args.trace_steps:
@@ -420,7 +427,9 @@ def run_family(
         log_every=PRESETS[family]["train"]["log_every"],
     )
     # what training's `attention` key applies; compile traces the kernel chosen here
-    backend = attention_kernel(args.sdpa_backend, device.type == "cuda")
+    backend = attention_kernel(attention, device.type == "cuda")
+    if attention == FLEX:  # as lmlab.train.build_run sets it
+        model.backbone.flex_masks = True
     t0 = time.perf_counter()
     with backend:
         trainer.fit(model, train_dataloaders=common.loader(batches, total_steps * accumulate))
@@ -436,6 +445,7 @@ def run_family(
         mode=mode if args.compile else "off",
         accumulate=accumulate,
         precision=precision,
+        attention=attention,
         warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
         timed=(warmup + 1, timed),
         shape=batch_label(family, args.tiny, documents),
@@ -455,7 +465,7 @@ def check_args(args: argparse.Namespace) -> None:
     """The command line's values, refused before any run (or any GPU is looked for); the lists
     lose repeated values (two runs of one configuration would share a run folder and trace)."""
     for key in ("family", "loss_chunk_size", "compile_scope", "compile_mode", "precision",
-                "accumulate", "document_length"):  # fmt: skip
+                "accumulate", "document_length", "sdpa_backend"):  # fmt: skip
         if getattr(args, key) is not None:  # None: not given, each preset's value
             setattr(args, key, list(dict.fromkeys(getattr(args, key))))
     for precision in args.precision or ():
@@ -470,10 +480,17 @@ def check_args(args: argparse.Namespace) -> None:
             "--document-length: decoder and encoder only (their objectives pack documents); "
             "pass --family decoder encoder"
         )
-    if max(args.document_length) and args.sdpa_backend == "flash" and args.device != "cpu":
+    if max(args.document_length) and "flash" in args.sdpa_backend and args.device != "cpu":
         raise SystemExit(
             "--sdpa-backend flash --document-length: on GPUs the flash kernel takes no attention "
             "mask (training refuses attention=flash with document masks); use auto or efficient"
+        )
+    if FLEX in args.sdpa_backend and (
+        min(args.document_length) == 0 or args.family != ["decoder"] or args.device == "cpu"
+    ):
+        raise SystemExit(
+            "--sdpa-backend flex: FlexAttention takes the decoder's document masks, on GPUs (no "
+            "backward on CPUs): pass --family decoder --document-length N (N >= 2, no 0)"
         )
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
@@ -500,23 +517,26 @@ def main(argv=None) -> None:
         torch._inductor.config.force_disable_caches = True
     print(
         f"gpu: lmlab presets{' (tiny sizes)' if args.tiny else ''}, "
-        f"compile {'on' if args.compile else 'off'}, attention={args.sdpa_backend}"
+        f"compile {'on' if args.compile else 'off'}"
     )
     print(f"machine: {common.machine()}")
     out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
     results = []
-    for family, loss_chunk, scope, mode, precision, accumulate, documents in family_runs(args):
+    for run in family_runs(args):
+        family, loss_chunk, scope, mode, precision, accumulate, documents, attention = run
         chunk = "default" if loss_chunk is None else loss_chunk
         label = (  # the run, as its table row says it
             f"  {family} (loss chunk {chunk}, compile {mode if args.compile else 'off'} / "
             f"{scope if args.compile else 'off'}, {precision}, accumulate {accumulate}"
             + (f", documents of ~{documents}" if documents else "")
+            + (f", attention {attention}" if attention != "auto" else "")
             + ")"
         )
         try:
             r = run_family(
-                family, args, device, out, loss_chunk, scope, precision, mode, accumulate, documents
-            )
+                family, args, device, out, loss_chunk, scope, precision, mode, accumulate,
+                documents, attention,
+            )  # fmt: skip
         except Exception as e:  # one failing configuration must not cost the others' figures
             said = "".join(traceback.format_exception_only(e)).strip()
             print(
@@ -525,7 +545,8 @@ def main(argv=None) -> None:
                 flush=True,
             )
             results.append(dict(family=family, loss_chunk=chunk, scope=scope, mode=mode,
-                                precision=precision, accumulate=accumulate, failed=said,
+                                precision=precision, attention=attention,
+                                accumulate=accumulate, failed=said,
                                 shape=batch_label(family, args.tiny, documents)))  # fmt: skip
             r = None
         if r is None:  # out of the except block, whose traceback holds the run's frames
@@ -557,7 +578,8 @@ def main(argv=None) -> None:
     for r in results:
         ref, target, mfu_target = REFERENCE[r["family"]]
         if "failed" in r:
-            head = [r["family"], r["shape"], r["loss_chunk"], r["scope"], r["mode"], r["precision"]]
+            head = [r["family"], r["shape"], r["loss_chunk"], r["scope"], r["mode"]]
+            head += [r["attention"], r["precision"]]
             rows.append([*head, r["accumulate"], *["failed"] * 6, ref, "", "NO"])
             continue
         ok = r["tokens_per_s"] >= target and (
@@ -570,6 +592,7 @@ def main(argv=None) -> None:
                 r["loss_chunk"],
                 r["scope"],
                 r["mode"],
+                r["attention"],
                 r["precision"],
                 r["accumulate"],
                 f"{r['params'] / 1e6:.1f}M",
@@ -597,6 +620,7 @@ def main(argv=None) -> None:
                 "loss chunk",
                 "compile scope",
                 "compile mode",
+                "attention",
                 "precision",
                 "accumulate",
                 "parameters",

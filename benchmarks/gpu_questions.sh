@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# What issue 4's decoder target (>= 520K tokens/s, >= 45% MFU on an H100) still needs measured, as
-# one call on one GPU: 9 minutes of limits in all, 9.3 at worst (each step is cut at its limit,
-# killed 5 s later, and the next goes on). The answers go to OUT_DIR (default
+# What issue 4's decoder target (>= 520K tokens/s, >= 45% MFU on an H100) and the document masks
+# still need measured, as one call on one GPU: 8.8 minutes of limits in all, 9.2 at worst (each step
+# is cut at its limit, killed 5 s later, and the next goes on). The answers go to OUT_DIR (default
 # /tmp/lmlab-gpu-questions), a file per step; the exit status is 1 if any step failed.
 #   bash benchmarks/gpu_questions.sh [OUT_DIR]
 # Needs what gpu.sh needs (pytest, hydra-core and omegaconf for step 1 and for gpu.py's Trainer
@@ -29,31 +29,31 @@ step() {  # name, limit in seconds, command...: output and exit status to $out/<
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv \
   > "$out/00_gpu.txt" 2>&1
-log50=(trainer.log_every_n_steps=50 callbacks.progress_bar.refresh_rate=50)
 
-# 1. the GPU paths never run on a GPU yet: the compiled master-weight step, bf16-true, the fused
-#    head + loss (compiled formula) and document masks (compiled, bf16, grouped-query attention)
+# 1. the GPU paths not yet run on a GPU: FlexAttention's document masks (attention=flex, eager and
+#    compiled) against the dense ones
 parallel=()
-if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 4); fi
-step 01_tests 130 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs ${parallel[@]+"${parallel[@]}"} \
-  -k "compiled_master or bf16_true or fused_head or document_mask" tests/test_gpu.py
+if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 2); fi
+step 01_tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs ${parallel[@]+"${parallel[@]}"} \
+  -k "flex_document_masks" tests/test_gpu.py
 
-# 2. the optimizer steps alone: bf16-mixed, bf16-true, master weights eager and compiled
-step 02_optimizer 60 "$PY" benchmarks/optimizer.py
+# 2. the decoder target: the one-GPU preset (experiment=gpt2_124m_1gpu: bf16-true + masters, CUDA
+#    graphs, the fused head + loss in one chunk, metrics every 50 steps) with the masters' compiled
+#    step against their eager one (optimizer.py alone had the compiled one slower on an H200), 3
+#    profiled steps each (timeline.py's summary; traces in $out/traces.tar)
+step 02_decoder 180 "$PY" benchmarks/gpu.py --family decoder \
+  --precision bf16-true+masters bf16-true+masters-eager --trace-steps 3 --trace-dir "$out/traces"
 
-# 3. the decoder target: the plain head (0) against the fused head + loss in one chunk (16384),
-#    bf16-true with and without master weights, CUDA graphs, metrics every 50 steps: four runs
-#    side by side, then 3 profiled steps each (timeline.py's summary: where the device idles;
-#    the traces in $out/traces.tar, read again with benchmarks/timeline.py FILE --steps 3)
-step 03_decoder 240 "$PY" benchmarks/gpu.py --family decoder \
-  --precision bf16-true bf16-true+masters --compile-mode reduce-overhead \
-  --loss-chunk-size 0 16384 --steps 100 --override "${log50[@]}" \
+# 3. the same card's nanoGPT (reference.py): the target scaled to this card, and nanoGPT's step by
+#    kind of kernel beside lmlab's (step 2), for the gap still open on the same-card scale
+step 03_reference 100 "$PY" benchmarks/reference.py --contender nanogpt \
   --trace-steps 3 --trace-dir "$out/traces"
 if [ -d "$out/traces" ]; then tar cf "$out/traces.tar" -C "$out" traces && rm -rf "$out/traces"; fi
 
-# 4. what objective.document_mask costs: the preset as configured (bf16-mixed), one unmasked
-#    window against packed documents of ~512 tokens (SDPA's memory-efficient kernel with a mask)
-step 04_document_mask 110 "$PY" benchmarks/gpu.py --family decoder --document-length 0 512
+# 4. what FlexAttention's block masks save over the dense document masks (12% of a step on an
+#    H200): the preset on packed documents of ~512 tokens, dense (auto) and flex side by side
+step 04_flex 150 "$PY" benchmarks/gpu.py --family decoder --document-length 512 \
+  --sdpa-backend auto flex
 
 echo "gpu_questions.sh: $((SECONDS - start)) s; the answers in $out/"
 ls -la "$out"

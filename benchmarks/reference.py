@@ -21,24 +21,33 @@ untimed steps (compilation happens there), then ``--steps`` timed ones between t
 synchronisations. Mean step ms is that window over the steps, and tokens/s its batch x sequence over
 it; MFU is lmlab's (``lmlab.flops``: PaLM's ``6 N + 12 L d T`` per token, N the matrix-product
 weights with the tied head once, as ``DecoderLM.step_flops`` counts them) over the card's bf16 peak.
+``--trace-steps N`` profiles N more steps after the timed ones (``torch.profiler``, out of the timed
+figures), writes ``<trace-dir>/<contender>.json.gz`` and prints ``timeline.py``'s summary (device
+busy, kernel time by kind, idle gaps), to set nanoGPT's step against lmlab's (``gpu.py``'s traces).
 
     python benchmarks/reference.py                       # on a GPU: both, 16 x 1024 (~1.5 min)
     python benchmarks/reference.py --tiny --device cpu   # smoke run on a CPU (tiny sizes, no compile)
+    python benchmarks/reference.py --contender nanogpt --trace-steps 3 --trace-dir traces
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
+import tempfile
 import textwrap
 import time
 import traceback
+from pathlib import Path
 
 import common
+import timeline
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from lmlab import flops
 from lmlab.parallel import use_tf32
@@ -233,6 +242,36 @@ def build(name: str, dims: dict) -> nn.Module:
     return NanoGPT(**kw) if name == "nanogpt" else HFGPT2(hf_model(**kw))
 
 
+def profile_steps(step, batches: list, device: torch.device, path: Path) -> str | None:
+    """Run ``step`` over ``batches`` under ``torch.profiler`` (between two device synchronisations)
+    and write the gzipped Chrome trace to ``path``. None, or what failed: a profiler that fails is
+    reported and the contender's figures (timed before this) stand."""
+    profiler = None
+    try:
+        common.sync(device)
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        profiler = profile(activities=activities)
+        profiler.start()
+        try:
+            for batch in batches:
+                step(batch)
+        except Exception as e:
+            raise RuntimeError(f"a profiled step: {type(e).__name__}: {e}") from e
+        common.sync(device)
+        running, profiler = profiler, None
+        running.stop()
+        running.export_chrome_trace(str(path))
+    except Exception as e:  # a diagnostic must not cost the measurement
+        return f"{type(e).__name__}: {e}"
+    finally:  # started, then failed: stopped here, not during the next contender
+        if profiler is not None:
+            with contextlib.suppress(Exception):
+                profiler.stop()
+    return None
+
+
 def run_contender(name: str, args, dims: dict, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build(name, dims).to(device).train()
@@ -259,6 +298,12 @@ def run_contender(name: str, args, dims: dict, device: torch.device) -> dict:
     t0 = time.perf_counter()
     times, total = common.timed_loop(step, stream, args.warmup, device)
     wall = time.perf_counter() - t0
+    trace = None
+    if args.trace_steps:  # after the timed window, out of its figures
+        path = args.trace_dir / f"{name}.json.gz"
+        start = args.warmup + args.steps
+        more = [batches[(start + i) % len(batches)] for i in range(args.trace_steps)]
+        trace = dict(path=path, error=profile_steps(step, more, device, path))
     step_s = total / args.steps
     tokens_per_s = B * T / step_s
     per_token = flops.flops_per_token(model.matmul_weights(), dims["n_layer"], dims["n_embd"], T)
@@ -274,6 +319,7 @@ def run_contender(name: str, args, dims: dict, device: torch.device) -> dict:
         tokens_per_s=tokens_per_s,
         mfu=flops.mfu(tokens_per_s, per_token, peak) if peak else None,
         attention=attention,
+        trace=trace,
     )
 
 
@@ -297,10 +343,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile each model (default: on, off with --tiny)",
     )
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s (default: lmlab.flops)")
+    p.add_argument(
+        "--trace-steps",
+        type=int,
+        default=0,
+        help="profile this many steps after the timed ones (torch.profiler): each contender\n"
+        "writes <contender>.json.gz and prints timeline.py's summary (device busy, kernel time\n"
+        "by kind, idle gaps by what the host launched next)",
+    )
+    p.add_argument(
+        "--trace-dir", type=Path, help="where the traces go (default: a temporary folder)"
+    )
     args = p.parse_args(argv)
     args.contender = list(dict.fromkeys(args.contender))
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps: at least 1 step each")
+    if args.trace_steps < 0:
+        raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")
     if args.compile is None:
         args.compile = not args.tiny
     return args
@@ -326,6 +385,14 @@ def row(r: dict, shape: str, tiny: bool) -> list:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.trace_dir is not None:
+        if args.trace_dir.exists() and not args.trace_dir.is_dir():
+            raise SystemExit(
+                f"--trace-dir {args.trace_dir} is a file; name a folder for the traces"
+            )
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
+    elif args.trace_steps:
+        args.trace_dir = Path(tempfile.mkdtemp(prefix="lmlab-reference-"))
     common.quiet()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -340,7 +407,9 @@ def main(argv=None) -> None:
         f"reference: GPT-2 {dims['n_layer']} x {dims['n_embd']}, {dims['n_head']} heads, "
         f"vocab {dims['vocab']}, batch {shape}, "
         f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile={args.compile}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, {device}"
+        f"{args.warmup} warm-up + {args.steps} timed steps"
+        + (f" + {args.trace_steps} profiled" if args.trace_steps else "")
+        + f", {device}"
         + (" (tiny sizes)" if args.tiny else "")
     )
     print(f"machine: {common.machine()}")
@@ -380,6 +449,16 @@ def main(argv=None) -> None:
             f"{time.perf_counter() - t_start:.0f} s so far)",
             flush=True,
         )
+        trace = r["trace"]
+        if trace is not None and trace["error"] is not None:
+            print(f"    trace: the profiler failed ({trace['error']}); no trace", flush=True)
+        elif trace is not None:
+            print(f"    trace: {trace['path']}", flush=True)
+            try:  # the contenders still to come are the measurement
+                summary = timeline.summarize(timeline.load(trace["path"]), args.trace_steps)
+                print(textwrap.indent(timeline.report(summary), "    "))
+            except Exception as e:
+                print(f"    (timeline.py could not read it: {type(e).__name__}: {e})")
     print()
     print(common.table(HEADERS, [row(r, shape, args.tiny) for r in results]))
     nano = next((r for r in results if r["name"] == "nanogpt" and "failed" not in r), None)

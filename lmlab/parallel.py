@@ -84,20 +84,36 @@ ATTENTION_KERNELS = {
     "math": SDPBackend.MATH,
 }
 CPU_ATTENTION_KERNELS = ("flash", "math")
+# attention=flex: the decoder's document masks through FlexAttention's block masks (the other calls
+# with PyTorch's own SDPA choice); alone, and on CUDA only: FlexAttention has no backward on CPUs
+FLEX = "flex"
 
 
 def attention_kernels(value: Any, cuda: bool) -> list[str] | None:
     """The ``attention`` setting as kernel names in the order to try them: ``None`` for auto
-    (PyTorch's own order), else the name or list given. Unknown names, and kernels the device does
-    not have (``cuda`` false: only flash and math), are errors naming the choices."""
+    (PyTorch's own order), else the name or list given (``["flex"]`` for flex). Unknown names, and
+    kernels the device does not have (``cuda`` false: only flash and math), are errors naming the
+    choices."""
     if value is None or value == "auto":
         return None
+    if value == FLEX:
+        if not cuda:
+            raise ValueError(
+                "attention=flex: FlexAttention has no backward pass on CPUs (PyTorch's); train "
+                "with attention=auto there (document masks as dense masks)"
+            )
+        return [FLEX]
     names = [value] if isinstance(value, str) else list(value)
+    if FLEX in names:
+        raise ValueError(
+            f"attention={value!r}: flex stands alone (FlexAttention for document masks, "
+            "PyTorch's own choice for the rest); use attention=flex"
+        )
     unknown = [n for n in names if n not in ATTENTION_KERNELS]
     if unknown or not names:
         raise ValueError(
             f"attention={value!r}: {unknown[0] if unknown else 'an empty list'} is not a kernel; "
-            f"use auto, one of {', '.join(ATTENTION_KERNELS)}, or a list of them in the order to "
+            f"use auto, flex, one of {', '.join(ATTENTION_KERNELS)}, or a list of them in the order to "
             "try, e.g. [cudnn, flash]"
         )
     if not cuda:
@@ -117,7 +133,7 @@ def attention_kernel(value: Any, cuda: bool):
     their own order, flash before math); auto changes nothing. The choice is process-wide while it
     lasts, and ``torch.compile`` traces it."""
     names = attention_kernels(value, cuda)
-    if names is None:
+    if names is None or names == [FLEX]:  # flex: the backbone's masks say it, not SDPA's choice
         yield
         return
     kernels = [ATTENTION_KERNELS[n] for n in names]

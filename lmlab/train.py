@@ -71,6 +71,7 @@ from lmlab.nn.matmul import check_cpu_matmul, set_cpu_matmul
 from lmlab.nn.sampling import check_sampling
 from lmlab.parallel import (
     CPU_FSDP_TORCH,
+    FLEX,
     FSDP,
     attention_kernel,
     attention_kernels,
@@ -324,7 +325,22 @@ def check_settings(cfg: DictConfig) -> None:
 def check_attention_masks(cfg: DictConfig, kernels: list[str] | None) -> None:
     """GPUs' flash kernel takes no attention mask: ``attention=flash`` alone is refused where the
     objective's batches need one (prefix LM, document masks), instead of failing at the first step
-    with "No available kernel" (CPUs' flash kernel takes masks)."""
+    with "No available kernel" (CPUs' flash kernel takes masks). ``attention=flex`` is refused
+    where there are no document masks for it to take (the decoder's, objective.document_mask)."""
+    if kernels == [FLEX]:
+        backbone = getattr(get_class(cfg.model._target_), "backbone_class", None)
+        if not hasattr(backbone, "flex_masks"):
+            raise ConfigError(
+                f"attention=flex: FlexAttention takes the decoder's document masks; "
+                f"model={cfg.model.name} has none to give it: use attention=auto"
+            )
+        if not cfg.objective.get("document_mask"):
+            raise ConfigError(
+                "attention=flex: FlexAttention takes the document masks of "
+                "objective.document_mask=true, which this run does not set: add it, or use "
+                "attention=auto"
+            )
+        return
     if kernels is None or set(kernels) != {"flash"} or not uses_cuda(cfg.trainer):
         return
     objective = get_class(cfg.objective._target_)
@@ -1050,6 +1066,8 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         **datamodule.model_settings(),  # an auxiliary head's task and size (nsp, sop)
     )
     model.skip_nonfinite = skip_nonfinite
+    if attention_kernels(cfg.get("attention"), uses_cuda(cfg.trainer)) == [FLEX]:
+        model.backbone.flex_masks = True  # the decoder's document masks as block masks (checked)
     model.set_token_bytes(tokenizer.token_bytes(), val_store.byte_scale(tokenizer.token_bytes()))
     if abs(model.byte_scale - 1) > 1e-9:
         log.info(

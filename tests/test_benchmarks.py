@@ -77,12 +77,12 @@ def test_gpu_script_smoke_run_on_cpu(run):
         "--sdpa-backend math --loss-chunk-size 0 8 --compile-scope blocks "
         "--precision bf16-true bf16-true+masters --accumulate 1 2",
     )
-    assert "gpu: lmlab presets (tiny sizes), compile off, attention=math" in out  # --tiny: off
+    assert "gpu: lmlab presets (tiny sizes), compile off" in out  # --tiny: off
     (rows,) = tables(out)
-    keys = ("family", "loss chunk", "compile scope", "compile mode", "precision", "accumulate")
-    got = [tuple(r[k] for k in keys) for r in rows]
+    keys = ("family", "loss chunk", "compile scope", "compile mode", "attention", "precision")
+    got = [tuple(r[k] for k in (*keys, "accumulate")) for r in rows]
     assert got == [
-        (family, chunk, "off", "off", precision, accumulate)
+        (family, chunk, "off", "off", "math", precision, accumulate)
         for family in ("decoder", "encoder_decoder")
         for chunk in ("0", "8")
         for precision in ("bf16-true", "bf16-true+masters")
@@ -371,14 +371,26 @@ def test_gpu_script_runs_each_family_with_its_preset_unless_told(monkeypatch):
         return gpu.family_runs(args)
 
     assert runs("--family decoder encoder") == [
-        ("decoder", 16384, "model", "reduce-overhead", "bf16-true+masters", 1, 0),
-        ("encoder", None, "model", "default", "bf16-mixed", 1, 0),
+        ("decoder", 16384, "model", "reduce-overhead", "bf16-true+masters", 1, 0, "auto"),
+        ("encoder", None, "model", "default", "bf16-mixed", 1, 0, "auto"),
     ]
     told = runs("--family decoder encoder --precision bf16-mixed --loss-chunk-size 0 0")
     assert told == [
-        ("decoder", 0, "model", "reduce-overhead", "bf16-mixed", 1, 0),
-        ("encoder", 0, "model", "default", "bf16-mixed", 1, 0),
+        ("decoder", 0, "model", "reduce-overhead", "bf16-mixed", 1, 0, "auto"),
+        ("encoder", 0, "model", "default", "bf16-mixed", 1, 0, "auto"),
     ]
+    flex = runs("--family decoder --document-length 512 --sdpa-backend auto flex")
+    assert [r[-2:] for r in flex] == [(512, "auto"), (512, "flex")]
+    for bad in (  # FlexAttention: the decoder's document masks, on GPUs
+        "--family decoder --sdpa-backend flex",
+        "--family decoder --document-length 0 512 --sdpa-backend flex",
+        "--family decoder encoder --document-length 512 --sdpa-backend flex",
+        "--family decoder --document-length 512 --sdpa-backend flex --device cpu",
+    ):
+        with pytest.raises(
+            SystemExit, match="--sdpa-backend flex: FlexAttention takes the decoder"
+        ):
+            runs(bad)
     schedule = lambda line, family: gpu.schedule(family, gpu.parse_args(line.split()))
     assert schedule("", "decoder") == (50, 100) and schedule("", "encoder") == (10, 30)
     assert schedule("--override trainer.log_every_n_steps=20", "decoder") == (20, 40)
@@ -684,14 +696,14 @@ def test_gpu_questions_script_runs_valid_commands_and_keeps_each_answer(tmp_path
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    steps = ["01_tests", "02_optimizer", "03_decoder", "04_document_mask"]
+    steps = ["01_tests", "02_decoder", "03_reference", "04_flex"]
     for name in steps:
         assert (out / f"{name}.txt").read_text().splitlines()[-1].startswith("exit 0, ")
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     scripts = [c for c in calls if c and c[0].startswith("benchmarks/")]
     assert [c[0] for c in scripts] == [
-        "benchmarks/optimizer.py",
         "benchmarks/gpu.py",
+        "benchmarks/reference.py",
         "benchmarks/gpu.py",
     ]
     sys.path.insert(0, str(BENCH))
@@ -703,8 +715,9 @@ def test_gpu_questions_script_runs_valid_commands_and_keeps_each_answer(tmp_path
                 module.check_args(args)  # and on a value gpu.py refuses before its runs
     finally:
         sys.path.remove(str(BENCH))
-    assert scripts[2][scripts[2].index("--document-length") + 1 :][:2] == ["0", "512"]
+    flex = scripts[2]
+    assert flex[flex.index("--sdpa-backend") + 1 :][:2] == ["auto", "flex"]
     (tests,) = [c for c in calls if c[:2] == ["-m", "pytest"]]
     names = re.findall(r"^def (test_\w+)", (BENCH.parent / "tests/test_gpu.py").read_text(), re.M)
     words = tests[tests.index("-k") + 1].split(" or ")
-    assert len(words) == 4 and all(any(w in n for n in names) for w in words)
+    assert all(any(w in n for n in names) for w in words)

@@ -22,7 +22,13 @@ from lmlab.errors import ConfigError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate
 from lmlab.nn.blocks import sdpa
-from lmlab.nn.decoder import Decoder, DecoderConfig, document_mask, prefix_lm_mask
+from lmlab.nn.decoder import (
+    Decoder,
+    DecoderConfig,
+    document_mask,
+    flex_document_mask,
+    prefix_lm_mask,
+)
 from lmlab.nn.encoder import Encoder, EncoderConfig
 from lmlab.nn.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmlab.registry import MODELS, OBJECTIVES, valid_objectives
@@ -254,6 +260,45 @@ def test_the_document_mask_compiles_in_one_graph():
     torch.testing.assert_close(
         compiled(PACKED, doc_ids=docs_of(PACKED)), m(PACKED, doc_ids=docs_of(PACKED))
     )
+
+
+@pytest.mark.parametrize(("kv_heads", "prefix"), [(4, None), (2, None), (4, 6)])
+def test_flex_block_masks_give_the_dense_masks_logits(kv_heads, prefix, monkeypatch):
+    """attention=flex (flex_masks): the document masks as FlexAttention's block masks give the
+    dense masks' logits, with grouped-query heads and with a prefix; the block mask holds the same
+    pairs as the dense one. Forward only: PyTorch's FlexAttention has no backward on CPUs (the GPU
+    test trains with it)."""
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(**SMALL, n_kv_heads=kv_heads)).eval()
+    docs = docs_of(PACKED)
+    prefix_len = None if prefix is None else torch.tensor([prefix, prefix])
+    block = flex_document_mask(docs, prefix_len)
+    dense = block.to_dense()  # (B, 1, blocks, blocks): a 12-token window is one block
+    assert dense.shape[-2:] == (1, 1) and bool(dense.all())
+    import lmlab.nn.blocks
+
+    calls, flex = [], lmlab.nn.blocks.compiled_flex_attention()
+    counted = lambda *a, **kw: calls.append(kw["block_mask"]) or flex(*a, **kw)
+    monkeypatch.setattr(lmlab.nn.blocks, "compiled_flex_attention", lambda: counted)
+    with torch.no_grad():
+        want = m(PACKED, prefix_len=prefix_len, doc_ids=docs)
+        assert not calls
+        m.flex_masks = True
+        got = m(PACKED, prefix_len=prefix_len, doc_ids=docs)
+    assert len(calls) == SMALL["n_layers"]  # every layer through FlexAttention
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the mask function itself, pair by pair, is document_mask's
+    b, q, k = torch.meshgrid(torch.arange(2), torch.arange(12), torch.arange(12), indexing="ij")
+    pairs = block.mask_mod(b, torch.zeros_like(b), q, k)
+    assert torch.equal(pairs, document_mask(docs, prefix_len)[:, 0])
+
+
+def test_flex_block_masks_skip_the_blocks_across_documents():
+    """Two documents of 256 tokens in a 512-token window: of the 4 x 4 blocks of 128, the causal
+    ones inside each document are kept (3 + 3), none across them."""
+    docs = torch.tensor([[0] * 256 + [1] * 256])
+    kept = flex_document_mask(docs).to_dense()[0, 0].bool()
+    assert kept.tolist() == [[k <= q and k // 2 == q // 2 for k in range(4)] for q in range(4)]
 
 
 def test_cached_decoding_refuses_document_ids():

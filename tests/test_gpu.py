@@ -286,3 +286,21 @@ def test_the_one_gpu_gpt2_preset_trains_validates_and_resumes(tiny_cfg, tmp_path
         tiny_cfg(*preset, "ckpt_path=last", "trainer.max_steps=40", output_dir=tmp_path)
     )
     assert objects["trainer"].global_step == 40 and math.isfinite(more["val/loss"])
+
+
+@pytest.mark.parametrize("compile", ["false", "true"])
+def test_flex_document_masks_train_like_the_dense_ones(tiny_cfg, tmp_path, compile):
+    """attention=flex: the decoder's document masks as FlexAttention block masks (its backward
+    runs on GPUs only) train as the dense masks do, eager (flex_attention compiled alone) and
+    compiled with the model (the block mask built inside the graph)."""
+    fp32 = [
+        *GPU,
+        "trainer.precision=32-true",
+        "trainer.max_steps=5",
+        "trainer.val_check_interval=5",
+    ]
+    fp32 += ["objective.document_mask=true", f"compile={compile}"]
+    dense, _ = train(tiny_cfg(*fp32, output_dir=tmp_path / "dense"))
+    flex, objects = train(tiny_cfg(*fp32, "attention=flex", output_dir=tmp_path / "flex"))
+    assert objects["model"].backbone.flex_masks is True
+    assert flex["val/loss"] == pytest.approx(dense["val/loss"], rel=1e-3)

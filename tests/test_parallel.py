@@ -512,7 +512,10 @@ def test_attention_setting_parses_and_refuses_unknown_or_missing_kernels():
     assert attention_kernels("auto", cuda=False) is None and attention_kernels(None, False) is None
     assert attention_kernels("math", cuda=False) == ["math"]
     assert attention_kernels(["cudnn", "flash"], cuda=True) == ["cudnn", "flash"]
-    with pytest.raises(ValueError, match=r"fast is not a kernel; use auto, one of cudnn, flash"):
+    assert attention_kernels("flex", cuda=True) == ["flex"]
+    with pytest.raises(
+        ValueError, match=r"fast is not a kernel; use auto, flex, one of cudnn, flash"
+    ):
         attention_kernels(["flash", "fast"], cuda=True)
     with pytest.raises(ValueError, match=r"an empty list is not a kernel"):
         attention_kernels([], cuda=True)

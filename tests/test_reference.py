@@ -17,7 +17,7 @@ its table's derived columns follow from its measured ones."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -454,3 +454,117 @@ def test_without_transformers_hf_gpt2_is_skipped(bench, capsys, monkeypatch):
     out, exit_ = run_main(bench, capsys, "--tiny --device cpu --warmup 1 --steps 1")
     assert exit_ is None and "hf-gpt2: skipped" in out
     assert [r["contender"] for r in printed_table(out)] == ["nanogpt"]
+
+
+def test_trace_steps_profile_after_the_timed_window(bench, capsys, monkeypatch, tmp_path):
+    """--trace-steps 2: each contender runs 2 more steps after its timed ones, under the profiler,
+    writes <trace-dir>/<contender>.json.gz and prints timeline.py's summary of it; the table's
+    figures are those of the timed window alone."""
+    has_hf = importlib.util.find_spec("transformers") is not None
+    forwards, windows = {}, {}
+    build, timed_loop = bench.build, bench.common.timed_loop
+
+    def counting_build(name, dims):
+        model = build(name, dims)
+        forwards[name] = 0
+
+        def count(*_):
+            forwards[name] += 1
+
+        model.register_forward_hook(count)
+        return model
+
+    def recording_loop(step, stream, warmup, device):
+        times, total = timed_loop(step, stream, warmup, device)
+        name = list(forwards)[-1]  # the contender being built last is the one timed
+        windows[name] = dict(stream=len(stream), warmup=warmup, ran=forwards[name], total=total)
+        return times, total
+
+    monkeypatch.setattr(bench, "build", counting_build)
+    monkeypatch.setattr(bench.common, "timed_loop", recording_loop)
+    trace_dir = tmp_path / "traces"  # made by the script
+    out, exit_ = run_main(
+        bench, capsys, "--tiny --device cpu --warmup 1 --steps 3 --trace-steps 2 "
+        f"--trace-dir {trace_dir}"
+    )  # fmt: skip
+    assert exit_ is None, out
+    assert "the profiler failed" not in out and "could not read it" not in out
+    names = ["nanogpt", "hf-gpt2"] if has_hf else ["nanogpt"]
+    rows = printed_table(out)
+    assert [r["contender"] for r in rows] == names
+    assert "3 timed steps + 2 profiled" in out
+    for name, r in zip(names, rows, strict=True):
+        path = trace_dir / f"{name}.json.gz"
+        assert path.is_file()
+        assert f"    trace: {path}\n" in out
+        summary = bench.timeline.report(bench.timeline.summarize(bench.timeline.load(path), 2))
+        assert summary.startswith("no device kernels in the trace (a CPU run)")  # no GPU here
+        assert bench.textwrap.indent(summary, "    ") in out
+        # warm-up and timed steps in the timed loop, the profiled ones after it returned
+        w = windows[name]
+        assert (w["warmup"], w["stream"], w["ran"], forwards[name]) == (1, 4, 4, 6)
+        # the figures follow from the timed window's 3 steps alone
+        step_ms = 1e3 * w["total"] / 3
+        assert num(r["mean step ms"]) == pytest.approx(step_ms, abs=0.05 + 1e-9)
+        assert num(r["tokens/s"]) == pytest.approx(128 / (w["total"] / 3), abs=0.5 + 1e-6)
+
+
+@pytest.mark.parametrize("fails", ["start", "export", "summary"])
+def test_a_failing_profiler_costs_no_figures(bench, capsys, monkeypatch, tmp_path, fails):
+    """A profiler that cannot start or export, or a trace timeline.py cannot read: one line per
+    contender, both rows measured, exit 0, and no profiler left running."""
+    pytest.importorskip("transformers")
+    real = bench.profile
+
+    def broken_start(**kw):
+        raise RuntimeError("no CUPTI here")
+
+    def broken_export(**kw):
+        p = real(**kw)
+
+        def export(path):
+            raise OSError("disk full")
+
+        p.export_chrome_trace = export
+        return p
+
+    def broken_load(path):
+        raise ValueError("not a trace")
+
+    if fails == "start":
+        monkeypatch.setattr(bench, "profile", broken_start)
+    elif fails == "export":
+        monkeypatch.setattr(bench, "profile", broken_export)
+    else:
+        monkeypatch.setattr(bench.timeline, "load", broken_load)
+    out, exit_ = run_main(
+        bench, capsys, "--tiny --device cpu --warmup 1 --steps 1 --trace-steps 1 "
+        f"--trace-dir {tmp_path}"
+    )  # fmt: skip
+    assert exit_ is None, out
+    expected = {
+        "start": "    trace: the profiler failed (RuntimeError: no CUPTI here); no trace",
+        "export": "    trace: the profiler failed (OSError: disk full); no trace",
+        "summary": "    (timeline.py could not read it: ValueError: not a trace)",
+    }[fails]
+    assert out.count(expected) == 2, out
+    rows = printed_table(out)
+    assert [r["contender"] for r in rows] == ["nanogpt", "hf-gpt2"]
+    assert all(num(r["tokens/s"]) > 0 for r in rows) and "FAILED" not in out
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
+def test_trace_dir_that_is_a_file_is_refused_before_any_run(bench, capsys, tmp_path):
+    file = tmp_path / "traces"
+    file.write_text("not a folder")
+    out, exit_ = run_main(bench, capsys, f"--tiny --device cpu --trace-steps 1 --trace-dir {file}")
+    assert exit_ is not None and "--trace-dir" in str(exit_.code)
+    assert "is a file" in str(exit_.code) and "name a folder" in str(exit_.code)
+    assert out == ""  # no header, no contender: refused before anything ran
+    assert file.read_text() == "not a folder"
+
+
+def test_negative_trace_steps_are_refused(bench, capsys):
+    out, exit_ = run_main(bench, capsys, "--tiny --device cpu --trace-steps -1")
+    assert exit_ is not None and "--trace-steps" in str(exit_.code)
+    assert out == ""

@@ -1002,7 +1002,20 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
         (["trainer.max_steps=-1"], r"trainer.max_steps=-1: training needs a length"),
         # module settings checked by their own parsers
         (["attention=cudnn"], r"attention='cudnn': cudnn attention needs a CUDA GPU"),
-        (["attention=[flash,fast]"], r"fast is not a kernel; use auto, one of cudnn"),
+        (["attention=[flash,fast]"], r"fast is not a kernel; use auto, flex, one of cudnn"),
+        (  # FlexAttention: document masks only, on GPUs only (no backward on CPUs), alone
+            ["attention=flex", "objective.document_mask=true"],
+            r"attention=flex: FlexAttention has no backward pass on CPUs .* attention=auto",
+        ),
+        (
+            ["trainer.accelerator=gpu", "attention=flex"],
+            r"takes the document masks of objective.document_mask=true, which this run does not",
+        ),
+        (
+            ["trainer.accelerator=gpu", "attention=flex", "model=encoder", "objective=mlm"],
+            r"attention=flex: FlexAttention takes the decoder's document masks; model=encoder has",
+        ),
+        (["attention=[flex,cudnn]"], r"flex stands alone .* use attention=flex"),
         (  # GPUs' flash kernel takes no mask (refused before check_devices looks for a GPU)
             ["trainer.accelerator=gpu", "attention=flash", "objective.document_mask=true"],
             r"attention=flash: on GPUs the flash kernel takes no attention mask, which "

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lmlab.nn.matmul import Linear
 
@@ -246,8 +247,13 @@ def sdpa(
     would fall to the math kernel, which holds every layer's float32 scores. There the key/value
     heads are repeated instead (``repeat_kv`` None: where a mask meets a CUDA tensor), so that the
     memory-efficient kernel takes the call (as Hugging Face's models do). CPUs' flash kernel takes
-    both."""
+    both.
+
+    A :class:`BlockMask` (``attention=flex``: :func:`lmlab.nn.decoder.flex_document_mask`) goes to
+    FlexAttention instead, which skips the blocks the mask leaves empty and shares the KV heads."""
     group = q.shape[1] // k.shape[1]
+    if isinstance(attn_mask, BlockMask):
+        return compiled_flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=group > 1)
     if repeat_kv is None:
         repeat_kv = attn_mask is not None and q.is_cuda
     if group > 1 and repeat_kv:
@@ -255,6 +261,17 @@ def sdpa(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1
     )
+
+
+_FLEX = []
+
+
+def compiled_flex_attention():
+    """``flex_attention`` compiled once per process (eager, it is a reference implementation that
+    holds the whole score matrix; inside a compiled model the compiler takes it as it is)."""
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
 
 
 class CrossAttention(nn.Module):
