@@ -169,8 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["auto"],
         help="attention kernel (auto: PyTorch's choice), one run per value; training's\n"
         "`attention=<kernel>` key; flex: the decoder's document masks through FlexAttention's\n"
-        "block masks (with --document-length; GPUs), e.g. --document-length 512\n"
-        "--sdpa-backend auto flex to race them against the dense masks",
+        "block masks (with --document-length; GPUs), e.g. --document-length 0 512\n"
+        "--sdpa-backend auto flex: one unmasked window, dense masks, flex masks",
     )
     p.add_argument(
         "--document-length",
@@ -352,15 +352,19 @@ def family_runs(args) -> list[tuple]:
     for family in args.family:
         preset = PRESETS[family]["train"]
         given = {key: getattr(args, key) or [preset[key]] for key in TRAIN_OPTIONS}
-        runs += itertools.product(
-            [family],
-            given["loss_chunk_size"],
-            args.compile_scope,
-            given["compile_mode"],
-            given["precision"],
-            args.accumulate,
-            args.document_length,
-            args.sdpa_backend,
+        runs += (  # flex takes document masks: not with one unmasked window (0)
+            run
+            for run in itertools.product(
+                [family],
+                given["loss_chunk_size"],
+                args.compile_scope,
+                given["compile_mode"],
+                given["precision"],
+                args.accumulate,
+                args.document_length,
+                args.sdpa_backend,
+            )
+            if not (run[-2] == 0 and run[-1] == FLEX)
         )
     return runs
 
@@ -424,7 +428,7 @@ def run_family(
         callbacks=callbacks,
         overrides=args.override,
         accumulate=accumulate,
-        log_every=PRESETS[family]["train"]["log_every"],
+        log_every=1 if args.tiny else PRESETS[family]["train"]["log_every"],  # tiny: 5 steps
     )
     # what training's `attention` key applies; compile traces the kernel chosen here
     backend = attention_kernel(attention, device.type == "cuda")
@@ -486,11 +490,12 @@ def check_args(args: argparse.Namespace) -> None:
             "mask (training refuses attention=flash with document masks); use auto or efficient"
         )
     if FLEX in args.sdpa_backend and (
-        min(args.document_length) == 0 or args.family != ["decoder"] or args.device == "cpu"
+        max(args.document_length) == 0 or args.family != ["decoder"] or args.device == "cpu"
     ):
         raise SystemExit(
             "--sdpa-backend flex: FlexAttention takes the decoder's document masks, on GPUs (no "
-            "backward on CPUs): pass --family decoder --document-length N (N >= 2, no 0)"
+            "backward on CPUs): pass --family decoder --document-length N (N >= 2; a 0 beside "
+            "it runs the unmasked window with auto only)"
         )
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")

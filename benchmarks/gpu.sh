@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On one GPU (H100: about 4.5 minutes): the three GPU presets through lmlab's Lightning path with
+# On one GPU (H200: about 4.5 minutes): the three GPU presets through lmlab's Lightning path with
 # bf16 + compile (benchmarks/gpu.py), then the GPU-only tests (pytest -m gpu). --overhead adds
 # lmlab's overhead over a plain loop on GPT-2 124M (benchmarks/overhead.py --preset gpt2, ~70 s);
 # --reference the reference implementations on this card (benchmarks/reference.py: a

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What issue 4's decoder target (>= 520K tokens/s, >= 45% MFU on an H100) and the document masks
-# still need measured, as one call on one GPU: 8.8 minutes of limits in all, 9.2 at worst (each step
+# still need measured, as one call on one GPU: 9.2 minutes of limits in all, 9.5 at worst (each step
 # is cut at its limit, killed 5 s later, and the next goes on). The answers go to OUT_DIR (default
 # /tmp/lmlab-gpu-questions), a file per step; the exit status is 1 if any step failed.
 #   bash benchmarks/gpu_questions.sh [OUT_DIR]
@@ -30,12 +30,12 @@ step() {  # name, limit in seconds, command...: output and exit status to $out/<
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv \
   > "$out/00_gpu.txt" 2>&1
 
-# 1. the GPU paths not yet run on a GPU: FlexAttention's document masks (attention=flex, eager and
-#    compiled) against the dense ones
+# 1. the GPU paths not yet run on a GPU: FlexAttention's document masks (attention=flex) against
+#    the dense ones (logits and gradients: eager, compiled, CUDA graphs) and through training
 parallel=()
-if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 2); fi
-step 01_tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs ${parallel[@]+"${parallel[@]}"} \
-  -k "flex_document_masks" tests/test_gpu.py
+if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 4); fi
+step 01_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs ${parallel[@]+"${parallel[@]}"} \
+  -k "flex_document_masks or attention_flex" tests/test_gpu.py
 
 # 2. the decoder target: the one-GPU preset (experiment=gpt2_124m_1gpu: bf16-true + masters, CUDA
 #    graphs, the fused head + loss in one chunk, metrics every 50 steps) with the masters' compiled
@@ -50,9 +50,10 @@ step 03_reference 100 "$PY" benchmarks/reference.py --contender nanogpt \
   --trace-steps 3 --trace-dir "$out/traces"
 if [ -d "$out/traces" ]; then tar cf "$out/traces.tar" -C "$out" traces && rm -rf "$out/traces"; fi
 
-# 4. what FlexAttention's block masks save over the dense document masks (12% of a step on an
-#    H200): the preset on packed documents of ~512 tokens, dense (auto) and flex side by side
-step 04_flex 150 "$PY" benchmarks/gpu.py --family decoder --document-length 512 \
+# 4. what FlexAttention's block masks save over the dense document masks (12% of gpt2_124m's step
+#    on an H200): the one-GPU preset on one unmasked window, then on packed documents of ~512
+#    tokens with dense (auto) and flex masks, side by side
+step 04_flex 150 "$PY" benchmarks/gpu.py --family decoder --document-length 0 512 \
   --sdpa-backend auto flex
 
 echo "gpu_questions.sh: $((SECONDS - start)) s; the answers in $out/"

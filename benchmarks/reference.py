@@ -7,7 +7,9 @@ figures (``gpu.py``) can be compared on the same card:
 
 * ``nanogpt``: GPT-2 written here in nanoGPT's style: token and learned position embeddings,
   pre-LayerNorm blocks (LayerNorm with bias), a fused qkv Linear,
-  ``F.scaled_dot_product_attention(is_causal=True)``, a 4x GELU (tanh) MLP, a final LayerNorm and
+  ``F.scaled_dot_product_attention(is_causal=True)``, a 4x GELU MLP (tanh's approximation, as
+  GPT-2 and Hugging Face's model compute it; nanoGPT's repository uses the exact GELU, erf's:
+  fused into the same elementwise kernel, the same memory traffic), a final LayerNorm and
   the output head tied to the token embedding; biases on the Linear layers, GPT-2's init (std 0.02,
   residual projections 0.02 / sqrt(2 n_layer)), no dropout; the loss computed in its forward.
 * ``hf-gpt2``: Hugging Face's ``GPT2LMHeadModel`` of the same size, ``attn_implementation="sdpa"``,
@@ -330,8 +332,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, help="sequences per step (default 16; --tiny: 2)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024; --tiny: 64)")
-    p.add_argument("--steps", type=int, default=50, help="timed steps per contender")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    p.add_argument("--steps", type=int, help="timed steps per contender (default 50; --tiny: 5)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed steps first, compilation included (default 10; --tiny: 2)",
+    )
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -356,6 +362,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.contender = list(dict.fromkeys(args.contender))
+    if args.steps is None:
+        args.steps = 5 if args.tiny else 50
+    if args.warmup is None:
+        args.warmup = 2 if args.tiny else 10
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps: at least 1 step each")
     if args.trace_steps < 0:

@@ -319,7 +319,24 @@ def check_settings(cfg: DictConfig) -> None:
     check_strategy(cfg.trainer)
     check_nodes(cfg.trainer)
     check_launch(cfg.trainer)
+    check_cuda_graphs(cfg)
     accumulation(cfg)
+
+
+def check_cuda_graphs(cfg: DictConfig) -> None:
+    """compile=reduce-overhead (CUDA graphs) with several processes is said, not refused:
+    PyTorch supports it, lmlab has not tested it (DDP's and FSDP's communication around the
+    graphed parts). Said on rank zero, before any work."""
+    processes = processes_per_node(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
+    if compile_mode(cfg.get("compile")) != "reduce-overhead" or processes < 2:
+        return
+    if rank_zero_only.rank == 0:
+        log.warning(
+            "compile=reduce-overhead (CUDA graphs) with %d processes is untested in lmlab; "
+            "experiment=gpt2_124m_1gpu sets it for one GPU: for several, experiment=gpt2_124m "
+            "(compile=true) is the tested preset",
+            processes,
+        )
 
 
 def check_attention_masks(cfg: DictConfig, kernels: list[str] | None) -> None:
@@ -331,8 +348,8 @@ def check_attention_masks(cfg: DictConfig, kernels: list[str] | None) -> None:
         backbone = getattr(get_class(cfg.model._target_), "backbone_class", None)
         if not hasattr(backbone, "flex_masks"):
             raise ConfigError(
-                f"attention=flex: FlexAttention takes the decoder's document masks; "
-                f"model={cfg.model.name} has none to give it: use attention=auto"
+                f"attention=flex: FlexAttention block masks are built for the decoder's "
+                f"document masks only; model={cfg.model.name}'s stay dense: use attention=auto"
             )
         if not cfg.objective.get("document_mask"):
             raise ConfigError(
@@ -523,7 +540,9 @@ def check_master_weights(value: Any, t: DictConfig) -> None:
         raise ConfigError(
             "optim.master_weights=true does not combine with trainer=fsdp: FSDP keeps the fp32 "
             "weights itself and computes in bf16 with trainer.precision=32-true "
-            "trainer.strategy.param_dtype=bf16; use that, or drop optim.master_weights"
+            "trainer.strategy.param_dtype=bf16; use that, or drop optim.master_weights "
+            "(experiment=gpt2_124m_1gpu sets it for one GPU: with trainer=fsdp use "
+            "experiment=gpt2_124m)"
         )
     if (isinstance(strategy, str) and "find_unused_parameters_true" in strategy) or (
         isinstance(strategy, DictConfig) and strategy.get("find_unused_parameters")

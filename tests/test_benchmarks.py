@@ -379,11 +379,11 @@ def test_gpu_script_runs_each_family_with_its_preset_unless_told(monkeypatch):
         ("decoder", 0, "model", "reduce-overhead", "bf16-mixed", 1, 0, "auto"),
         ("encoder", 0, "model", "default", "bf16-mixed", 1, 0, "auto"),
     ]
-    flex = runs("--family decoder --document-length 512 --sdpa-backend auto flex")
-    assert [r[-2:] for r in flex] == [(512, "auto"), (512, "flex")]
+    flex = runs("--family decoder --document-length 0 512 --sdpa-backend auto flex")
+    assert [r[-2:] for r in flex] == [(0, "auto"), (512, "auto"), (512, "flex")]  # no (0, flex)
     for bad in (  # FlexAttention: the decoder's document masks, on GPUs
         "--family decoder --sdpa-backend flex",
-        "--family decoder --document-length 0 512 --sdpa-backend flex",
+        "--family decoder --document-length 0 --sdpa-backend auto flex",
         "--family decoder encoder --document-length 512 --sdpa-backend flex",
         "--family decoder --document-length 512 --sdpa-backend flex --device cpu",
     ):

@@ -293,6 +293,24 @@ def test_flex_block_masks_give_the_dense_masks_logits(kv_heads, prefix, monkeypa
     assert torch.equal(pairs, document_mask(docs, prefix_len)[:, 0])
 
 
+def test_flex_block_masks_compiled_with_the_model_give_the_dense_masks_logits():
+    """compile=true with attention=flex: the block mask built inside the compiled graph, three
+    documents over two 128-token blocks, grouped-query heads: the dense masks' logits (the
+    transposed views of RoPE's outputs once gave FlexAttention logits off by ~0.5 here)."""
+    torch.manual_seed(0)
+    T = 256
+    m = Decoder(DecoderConfig(**SMALL_DIMS | dict(vocab_size=256, max_seq_len=T), n_kv_heads=2))
+    docs = torch.zeros(2, T, dtype=torch.long)
+    docs[:, 40:] += 1
+    docs[:, 180:] += 1
+    ids = torch.randint(0, 256, (2, T))
+    with torch.no_grad():
+        want = m.eval()(ids, doc_ids=docs)
+        m.flex_masks = True
+        got = torch.compile(m, fullgraph=True)(ids, doc_ids=docs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_block_masks_skip_the_blocks_across_documents():
     """Two documents of 256 tokens in a 512-token window: of the 4 x 4 blocks of 128, the causal
     ones inside each document are kept (3 + 3), none across them."""

@@ -1013,7 +1013,7 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
         ),
         (
             ["trainer.accelerator=gpu", "attention=flex", "model=encoder", "objective=mlm"],
-            r"attention=flex: FlexAttention takes the decoder's document masks; model=encoder has",
+            r"block masks are built for the decoder's document masks only; model=encoder's stay",
         ),
         (["attention=[flex,cudnn]"], r"flex stands alone .* use attention=flex"),
         (  # GPUs' flash kernel takes no mask (refused before check_devices looks for a GPU)
@@ -1074,6 +1074,25 @@ def test_flash_attention_with_masks_is_refused_only_where_it_cannot_take_them(ti
         check_attention_masks(tiny_cfg(*overrides), kernels)
     with pytest.raises(ConfigError, match="attention=flash"):
         check_attention_masks(tiny_cfg(gpu, doc), ["flash"])
+
+
+def test_cuda_graphs_with_several_processes_are_said_before_any_work(tiny_cfg, caplog):
+    """compile=reduce-overhead under several processes (experiment=gpt2_124m_1gpu trainer=ddp):
+    a warning that names the tested preset; one process, or another compile mode: nothing."""
+    from lmlab.train import check_cuda_graphs
+
+    for overrides in (
+        ["compile=reduce-overhead", "trainer.devices=1", "trainer.num_nodes=1"],
+        ["compile=true", "trainer.devices=2"],
+    ):
+        check_cuda_graphs(tiny_cfg(*overrides))
+    assert not caplog.records
+    check_cuda_graphs(
+        tiny_cfg("compile=reduce-overhead", "trainer.devices=1", "trainer.num_nodes=4")
+    )
+    (said,) = caplog.records
+    assert said.levelname == "WARNING" and "with 4 processes is untested" in said.getMessage()
+    assert "experiment=gpt2_124m (compile=true)" in said.getMessage()
 
 
 def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting_forever(

@@ -253,7 +253,13 @@ def sdpa(
     FlexAttention instead, which skips the blocks the mask leaves empty and shares the KV heads."""
     group = q.shape[1] // k.shape[1]
     if isinstance(attn_mask, BlockMask):
-        return compiled_flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=group > 1)
+        # contiguous: compiled with the model, FlexAttention read the transposed (B, H, T, hd)
+        # views of RoPE's outputs wrongly (torch 2.13, CPU: logits off by ~0.5; eager it was right)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # inside a compiled model the compiler takes flex_attention itself (a compiled function
+        # called there would break the graph); eager, its own compiled kernel
+        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+        return flex(q, k, v, block_mask=attn_mask, enable_gqa=group > 1)
     if repeat_kv is None:
         repeat_kv = attn_mask is not None and q.is_cuda
     if group > 1 and repeat_kv:
@@ -267,8 +273,8 @@ _FLEX = []
 
 
 def compiled_flex_attention():
-    """``flex_attention`` compiled once per process (eager, it is a reference implementation that
-    holds the whole score matrix; inside a compiled model the compiler takes it as it is)."""
+    """``flex_attention`` compiled once per process, for eager models (uncompiled, it is a
+    reference implementation that holds the whole score matrix)."""
     if not _FLEX:
         _FLEX.append(torch.compile(flex_attention, dynamic=False))
     return _FLEX[0]
