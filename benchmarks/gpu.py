@@ -168,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["auto", *ATTENTION_KERNELS, FLEX],
         default=["auto"],
         help="attention kernel (auto: PyTorch's choice), one run per value; training's\n"
-        "`attention=<kernel>` key; flex: the decoder's document masks through FlexAttention's\n"
+        "`attention=<kernel>` key; flex: the document masks through FlexAttention's\n"
         "block masks (with --document-length; GPUs), e.g. --document-length 0 512\n"
         "--sdpa-backend auto flex: one unmasked window, dense masks, flex masks",
     )
@@ -489,13 +489,11 @@ def check_args(args: argparse.Namespace) -> None:
             "--sdpa-backend flash --document-length: on GPUs the flash kernel takes no attention "
             "mask (training refuses attention=flash with document masks); use auto or efficient"
         )
-    if FLEX in args.sdpa_backend and (
-        max(args.document_length) == 0 or args.family != ["decoder"] or args.device == "cpu"
-    ):
+    if FLEX in args.sdpa_backend and (max(args.document_length) == 0 or args.device == "cpu"):
         raise SystemExit(
-            "--sdpa-backend flex: FlexAttention takes the decoder's document masks, on GPUs (no "
-            "backward on CPUs): pass --family decoder --document-length N (N >= 2; a 0 beside "
-            "it runs the unmasked window with auto only)"
+            "--sdpa-backend flex: FlexAttention takes the document masks, on GPUs (no backward "
+            "on CPUs): pass --document-length N (N >= 2; a 0 beside it runs the unmasked window "
+            "with auto only)"
         )
     if args.trace_steps < 0:
         raise SystemExit(f"--trace-steps {args.trace_steps}: steps to profile, >= 0")

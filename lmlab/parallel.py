@@ -84,7 +84,7 @@ ATTENTION_KERNELS = {
     "math": SDPBackend.MATH,
 }
 CPU_ATTENTION_KERNELS = ("flash", "math")
-# attention=flex: the decoder's document masks through FlexAttention's block masks (the other calls
+# attention=flex: document masks through FlexAttention's block masks (the other calls
 # with PyTorch's own SDPA choice); alone, and on CUDA only: FlexAttention has no backward on CPUs
 FLEX = "flex"
 

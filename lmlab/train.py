@@ -343,13 +343,15 @@ def check_attention_masks(cfg: DictConfig, kernels: list[str] | None) -> None:
     """GPUs' flash kernel takes no attention mask: ``attention=flash`` alone is refused where the
     objective's batches need one (prefix LM, document masks), instead of failing at the first step
     with "No available kernel" (CPUs' flash kernel takes masks). ``attention=flex`` is refused
-    where there are no document masks for it to take (the decoder's, objective.document_mask)."""
+    where there are no document masks for it to take (objective.document_mask's, with the decoder
+    or the encoder)."""
     if kernels == [FLEX]:
         backbone = getattr(get_class(cfg.model._target_), "backbone_class", None)
         if not hasattr(backbone, "flex_masks"):
             raise ConfigError(
-                f"attention=flex: FlexAttention block masks are built for the decoder's "
-                f"document masks only; model={cfg.model.name}'s stay dense: use attention=auto"
+                f"attention=flex: FlexAttention block masks are built for the document masks "
+                f"of the decoder and the encoder; model={cfg.model.name} has none: use "
+                "attention=auto"
             )
         if not cfg.objective.get("document_mask"):
             raise ConfigError(
@@ -1086,7 +1088,7 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     )
     model.skip_nonfinite = skip_nonfinite
     if attention_kernels(cfg.get("attention"), uses_cuda(cfg.trainer)) == [FLEX]:
-        model.backbone.flex_masks = True  # the decoder's document masks as block masks (checked)
+        model.backbone.flex_masks = True  # document masks as block masks (checked above)
     model.set_token_bytes(tokenizer.token_bytes(), val_store.byte_scale(tokenizer.token_bytes()))
     if abs(model.byte_scale - 1) > 1e-9:
         log.info(

@@ -381,15 +381,12 @@ def test_gpu_script_runs_each_family_with_its_preset_unless_told(monkeypatch):
     ]
     flex = runs("--family decoder --document-length 0 512 --sdpa-backend auto flex")
     assert [r[-2:] for r in flex] == [(0, "auto"), (512, "auto"), (512, "flex")]  # no (0, flex)
-    for bad in (  # FlexAttention: the decoder's document masks, on GPUs
+    for bad in (  # FlexAttention: document masks, on GPUs
         "--family decoder --sdpa-backend flex",
         "--family decoder --document-length 0 --sdpa-backend auto flex",
-        "--family decoder encoder --document-length 512 --sdpa-backend flex",
         "--family decoder --document-length 512 --sdpa-backend flex --device cpu",
     ):
-        with pytest.raises(
-            SystemExit, match="--sdpa-backend flex: FlexAttention takes the decoder"
-        ):
+        with pytest.raises(SystemExit, match="--sdpa-backend flex: FlexAttention takes the doc"):
             runs(bad)
     schedule = lambda line, family: gpu.schedule(family, gpu.parse_args(line.split()))
     assert schedule("", "decoder") == (50, 100) and schedule("", "encoder") == (10, 30)

@@ -21,14 +21,8 @@ from lmlab.data.tokenizers import byte_tokenizer, train_bpe, word_starts
 from lmlab.errors import ConfigError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate
-from lmlab.nn.blocks import sdpa
-from lmlab.nn.decoder import (
-    Decoder,
-    DecoderConfig,
-    document_mask,
-    flex_document_mask,
-    prefix_lm_mask,
-)
+from lmlab.nn.blocks import flex_document_mask, sdpa
+from lmlab.nn.decoder import Decoder, DecoderConfig, document_mask, prefix_lm_mask
 from lmlab.nn.encoder import Encoder, EncoderConfig
 from lmlab.nn.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmlab.registry import MODELS, OBJECTIVES, valid_objectives
@@ -272,7 +266,7 @@ def test_flex_block_masks_give_the_dense_masks_logits(kv_heads, prefix, monkeypa
     m = Decoder(DecoderConfig(**SMALL, n_kv_heads=kv_heads)).eval()
     docs = docs_of(PACKED)
     prefix_len = None if prefix is None else torch.tensor([prefix, prefix])
-    block = flex_document_mask(docs, prefix_len)
+    block = flex_document_mask(docs, prefix_len=prefix_len)
     dense = block.to_dense()  # (B, 1, blocks, blocks): a 12-token window is one block
     assert dense.shape[-2:] == (1, 1) and bool(dense.all())
     import lmlab.nn.blocks
@@ -331,6 +325,36 @@ def test_bidirectional_document_ids_end_each_document_at_its_eos():
         [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2],
         [0, 1, 1, 1, 1, 1, 1, 2, 3, 3, 3, 3],
     ]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_encoder_flex_block_masks_give_the_dense_masks_outputs(compiled, monkeypatch):
+    """attention=flex in the encoder: its document masks (bidirectional, padding keys left out)
+    as FlexAttention block masks give the dense masks' logits, eager and compiled with the model
+    (fullgraph), over three documents in two 128-token blocks with a padded row end."""
+    T = 256
+    m = encoder(max_seq_len=T, n_kv_heads=2)
+    ids = torch.randint(0, 100, (2, T))
+    docs = torch.zeros(2, T, dtype=torch.long)
+    docs[:, 40:] += 1
+    docs[:, 180:] += 1
+    pad = torch.ones(2, T, dtype=torch.bool)
+    pad[1, -30:] = False
+    import lmlab.nn.blocks
+
+    calls, flex = [], lmlab.nn.blocks.compiled_flex_attention()
+    counted = lambda *a, **kw: calls.append(1) or flex(*a, **kw)
+    monkeypatch.setattr(lmlab.nn.blocks, "compiled_flex_attention", lambda: counted)
+    with torch.no_grad():
+        want = m(ids, pad, doc_ids=docs)
+        m.flex_masks = True
+        got = (torch.compile(m, fullgraph=True) if compiled else m)(ids, pad, doc_ids=docs)
+    assert len(calls) == (0 if compiled else SMALL["n_layers"])  # compiled: flex_attention itself
+    torch.testing.assert_close(got[pad], want[pad], atol=1e-5, rtol=1e-5)
+    block = flex_document_mask(docs, causal=False, keys=pad)
+    b, q, k = torch.meshgrid(torch.arange(2), torch.arange(T), torch.arange(T), indexing="ij")
+    same = (docs[:, :, None] == docs[:, None, :]) & pad[:, None, :]
+    assert torch.equal(block.mask_mod(b, torch.zeros_like(b), q, k), same)
 
 
 def test_an_encoder_row_of_packed_documents_computes_each_alone():

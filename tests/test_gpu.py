@@ -290,17 +290,21 @@ def test_the_one_gpu_gpt2_preset_trains_validates_and_resumes(tiny_cfg, tmp_path
 
 
 @pytest.mark.parametrize("mode", [None, "default", "reduce-overhead"])
-def test_flex_document_masks_give_the_dense_masks_logits_and_gradients(mode):
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_flex_document_masks_give_the_dense_masks_logits_and_gradients(family, mode):
     """attention=flex on a GPU, where FlexAttention has its backward: documents of ~64 tokens in
     512-token windows (blocks skipped and blocks cut by a document's edge), grouped-query heads,
-    float32 without TF32: the block masks' logits and weight gradients are the dense masks',
-    eager (flex_attention compiled alone), compiled with the model, and under CUDA graphs."""
+    float32 without TF32: the block masks' logits and weight gradients are the dense masks', in
+    the decoder (causal) and the encoder (bidirectional), eager (flex_attention compiled alone),
+    compiled with the model, and under CUDA graphs."""
     from lmlab.nn.decoder import Decoder, DecoderConfig
+    from lmlab.nn.encoder import Encoder, EncoderConfig
 
     torch.manual_seed(0)
     T = 512
-    config = DecoderConfig(vocab_size=256, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2)
-    m = Decoder(config).cuda()  # max_seq_len 1024 >= T
+    dims = dict(vocab_size=256, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2)
+    cls, config = (Decoder, DecoderConfig) if family == "decoder" else (Encoder, EncoderConfig)
+    m = cls(config(**dims)).cuda()  # max_seq_len 1024 >= T
     ids = torch.randint(0, 256, (2, T), device="cuda")
     docs = (torch.rand(2, T, device="cuda") < 1 / 64).cumsum(1)
 

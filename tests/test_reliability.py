@@ -1012,8 +1012,13 @@ def test_gpu_on_a_mac_is_left_to_lightning_which_picks_mps(monkeypatch):
             r"takes the document masks of objective.document_mask=true, which this run does not",
         ),
         (
-            ["trainer.accelerator=gpu", "attention=flex", "model=encoder", "objective=mlm"],
-            r"block masks are built for the decoder's document masks only; model=encoder's stay",
+            [
+                "trainer.accelerator=gpu",
+                "attention=flex",
+                "model=encoder_decoder",
+                "objective=span",
+            ],
+            r"for the document masks of the decoder and the encoder; model=encoder_decoder has",
         ),
         (["attention=[flex,cudnn]"], r"flex stands alone .* use attention=flex"),
         (  # GPUs' flash kernel takes no mask (refused before check_devices looks for a GPU)

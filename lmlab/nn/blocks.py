@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from lmlab.nn.matmul import Linear
 
@@ -249,7 +249,7 @@ def sdpa(
     memory-efficient kernel takes the call (as Hugging Face's models do). CPUs' flash kernel takes
     both.
 
-    A :class:`BlockMask` (``attention=flex``: :func:`lmlab.nn.decoder.flex_document_mask`) goes to
+    A :class:`BlockMask` (``attention=flex``: :func:`flex_document_mask`) goes to
     FlexAttention instead, which skips the blocks the mask leaves empty and shares the KV heads."""
     group = q.shape[1] // k.shape[1]
     if isinstance(attn_mask, BlockMask):
@@ -267,6 +267,30 @@ def sdpa(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1
     )
+
+
+def flex_document_mask(
+    doc_ids: torch.Tensor,
+    *,
+    causal: bool = True,
+    prefix_len: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> BlockMask:
+    """Packed documents' attention as FlexAttention's block mask (``attention=flex``): query q
+    sees key k when both are in the same document (``doc_ids`` (B, T)) and, ``causal``, k <= q or
+    k is inside the row's ``prefix_len``; ``keys`` (B, T) bool, the real tokens (an encoder's
+    padding). The same pairs as the dense masks (:func:`lmlab.nn.decoder.document_mask`, the
+    encoder's), stored by which 128 x 128 blocks of the score matrix hold any, so that the kernel
+    skips the blocks across documents (documents of ~T/n tokens keep ~1/n of the blocks)."""
+    B, T = doc_ids.shape
+
+    def visible(b, h, q, k):
+        seen = doc_ids[b, q] == doc_ids[b, k]
+        if causal:
+            seen = seen & ((k <= q) if prefix_len is None else (k <= q) | (k < prefix_len[b]))
+        return seen if keys is None else seen & keys[b, k]
+
+    return create_block_mask(visible, B, None, T, T, device=doc_ids.device)
 
 
 _FLEX = []

@@ -14,9 +14,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from lmlab.nn.blocks import Backbone, Block, KVCache, RMSNorm, Rotary, multiple_of
+from lmlab.nn.blocks import (
+    Backbone,
+    Block,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    flex_document_mask,
+    multiple_of,
+)
 from lmlab.nn.matmul import Linear
 from lmlab.nn.sampling import decode_loop
 
@@ -102,26 +109,11 @@ def document_mask(doc_ids: torch.Tensor, prefix_len: torch.Tensor | None = None)
     return allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
 
 
-def flex_document_mask(doc_ids: torch.Tensor, prefix_len: torch.Tensor | None = None) -> BlockMask:
-    """:func:`document_mask` as FlexAttention's block mask (``attention=flex``): the same pairs,
-    stored as which 128 x 128 blocks of the score matrix hold any, so that the kernel skips the
-    blocks across documents (a window of documents of ~T/n tokens keeps ~1/n of the causal blocks)."""
-    B, T = doc_ids.shape
-
-    def same_document(b, h, q, k):
-        allowed = k <= q if prefix_len is None else (k <= q) | (k < prefix_len[b])
-        return allowed & (doc_ids[b, q] == doc_ids[b, k])
-
-    return create_block_mask(same_document, B, None, T, T, device=doc_ids.device)
-
-
 class Decoder(Backbone):
     """Causal language model: ``forward(input_ids) -> logits`` of shape (B, T, padded_vocab)."""
 
     fsdp_methods = ("generate",)
-    # document masks as FlexAttention block masks instead of dense ones (attention=flex: training
-    # sets it on CUDA, where FlexAttention has a backward pass)
-    flex_masks = False
+    flex_masks = False  # document masks as FlexAttention block masks (attention=flex, on CUDA)
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -159,9 +151,10 @@ class Decoder(Backbone):
         if caches and doc_ids is not None:
             raise ValueError("doc_ids are for packed training windows, not for cached decoding")
         rope = self.rotary(start, T)
-        if doc_ids is not None:
-            masks = flex_document_mask if self.flex_masks else document_mask
-            mask = masks(doc_ids, prefix_len)
+        if doc_ids is not None and self.flex_masks:
+            mask = flex_document_mask(doc_ids, prefix_len=prefix_len)
+        elif doc_ids is not None:
+            mask = document_mask(doc_ids, prefix_len)
         else:
             mask = None if prefix_len is None else prefix_lm_mask(prefix_len, T)
         x = self.embed(input_ids)  # (B, T, C)

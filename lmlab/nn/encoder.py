@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.nn.blocks import Backbone, Block, RMSNorm, Rotary, key_padding_mask
+from lmlab.nn.blocks import Backbone, Block, RMSNorm, Rotary, flex_document_mask, key_padding_mask
 from lmlab.nn.decoder import DecoderConfig
 from lmlab.nn.matmul import Linear
 
@@ -84,6 +84,8 @@ class Encoder(Backbone):
     ``token_classes`` > 0 a :class:`TokenHead` (``token_head``) for every position's
     (capital_word)."""
 
+    flex_masks = False  # document masks as FlexAttention block masks (attention=flex, on CUDA)
+
     def __init__(
         self, config: EncoderConfig, sentence_classes: int = 0, token_classes: int = 0
     ) -> None:
@@ -122,7 +124,9 @@ class Encoder(Backbone):
         else:
             rope = self.rotary(0, S)
         mask = key_padding_mask(attention_mask)
-        if doc_ids is not None:
+        if doc_ids is not None and self.flex_masks:
+            mask = flex_document_mask(doc_ids, causal=False, keys=attention_mask)
+        elif doc_ids is not None:
             same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, S, S)
             mask = same if mask is None else same & mask
         for block in self.blocks:
