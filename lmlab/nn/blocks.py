@@ -253,8 +253,9 @@ def sdpa(
     FlexAttention instead, which skips the blocks the mask leaves empty and shares the KV heads."""
     group = q.shape[1] // k.shape[1]
     if isinstance(attn_mask, BlockMask):
-        # contiguous: compiled with the model, FlexAttention read the transposed (B, H, T, hd)
-        # views of RoPE's outputs wrongly (torch 2.13, CPU: logits off by ~0.5; eager it was right)
+        # contiguous: FlexAttention's compiled kernels have mishandled strided inputs (compiled
+        # with the model, the transposed views of RoPE's outputs gave logits off by ~0.5 on a CPU,
+        # torch 2.13; pytorch/pytorch#146377: wrong key gradients from sliced keys on CUDA)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         # inside a compiled model the compiler takes flex_attention itself (a compiled function
         # called there would break the graph); eager, its own compiled kernel
