@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What issue 4's decoder target (>= 520K tokens/s, >= 45% MFU on an H100) and the document masks
-# still need measured, as one call on one GPU: 9.2 minutes of limits in all, 9.5 at worst (each step
+# still need measured, as one call on one GPU: 8.8 minutes of limits in all, 9.2 at worst (each step
 # is cut at its limit, killed 5 s later, and the next goes on). The answers go to OUT_DIR (default
 # /tmp/lmlab-gpu-questions), a file per step; the exit status is 1 if any step failed.
 #   bash benchmarks/gpu_questions.sh [OUT_DIR]
@@ -34,26 +34,26 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=cs
 #    the dense ones (logits and gradients: eager, compiled, CUDA graphs) and through training
 parallel=()
 if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 4); fi
-step 01_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs ${parallel[@]+"${parallel[@]}"} \
+step 01_tests 110 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs ${parallel[@]+"${parallel[@]}"} \
   -k "flex_document_masks or attention_flex" tests/test_gpu.py
 
 # 2. the decoder target: the one-GPU preset (experiment=gpt2_124m_1gpu: bf16-true + masters, CUDA
 #    graphs, the fused head + loss in one chunk, metrics every 50 steps) with the masters' compiled
 #    step against their eager one (optimizer.py alone had the compiled one slower on an H200), 3
 #    profiled steps each (timeline.py's summary; traces in $out/traces.tar)
-step 02_decoder 180 "$PY" benchmarks/gpu.py --family decoder \
+step 02_decoder 150 "$PY" benchmarks/gpu.py --family decoder \
   --precision bf16-true+masters bf16-true+masters-eager --trace-steps 3 --trace-dir "$out/traces"
 
 # 3. the same card's nanoGPT (reference.py): the target scaled to this card, and nanoGPT's step by
 #    kind of kernel beside lmlab's (step 2), for the gap still open on the same-card scale
-step 03_reference 100 "$PY" benchmarks/reference.py --contender nanogpt \
+step 03_reference 90 "$PY" benchmarks/reference.py --contender nanogpt \
   --trace-steps 3 --trace-dir "$out/traces"
 if [ -d "$out/traces" ]; then tar cf "$out/traces.tar" -C "$out" traces && rm -rf "$out/traces"; fi
 
 # 4. what FlexAttention's block masks save over the dense document masks (12% of gpt2_124m's step
 #    on an H200): the one-GPU preset on one unmasked window, then on packed documents of ~512
 #    tokens with dense (auto) and flex masks, side by side
-step 04_flex 150 "$PY" benchmarks/gpu.py --family decoder --document-length 0 512 \
+step 04_flex 180 "$PY" benchmarks/gpu.py --family decoder --document-length 0 512 \
   --sdpa-backend auto flex
 
 echo "gpu_questions.sh: $((SECONDS - start)) s; the answers in $out/"
