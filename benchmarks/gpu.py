@@ -14,11 +14,11 @@ encoder-decoder's bf16 autocast with compile's default mode. ``--precision``, ``
 ``--loss-chunk-size`` replace a preset's value for every family. Without ``--warmup``, the warm-up
 runs past the first step that writes metrics (its first call compiles more), and ``--steps`` (default
 30, or 2 x the metrics interval when that is longer) takes the writing steps in their share.
-Tokens count input tokens (the encoder-decoder's
-encoder inputs); FLOPs are what each part computes (``LMModule.step_flops``: the MLM head on the
-selected positions, the encoder-decoder's decoder and head at the target length).
+Tokens count input tokens (the encoder-decoder's encoder inputs); FLOPs are what each part computes
+(``LMModule.step_flops``: the MLM head on the selected positions, the encoder-decoder's decoder and
+head at the target length).
 
-    bash benchmarks/gpu.sh                                # on one H100: this script, then pytest -m gpu
+    bash benchmarks/gpu.sh                                # on one GPU: this script, then pytest -m gpu
     python benchmarks/gpu.py --tiny --device cpu          # smoke run on a CPU (tiny sizes, no compile)
 """
 
