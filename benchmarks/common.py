@@ -420,6 +420,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
+def trace_folder(path: Path | None) -> Path | None:
+    """``--trace-dir``, made if missing; a path that is a file is refused before any run."""
+    if path is not None:
+        if path.exists() and not path.is_dir():
+            raise SystemExit(f"--trace-dir {path} is a file; name a folder for the traces")
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -32,6 +32,7 @@ import textwrap
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import common
 import lightning as L
@@ -345,15 +346,27 @@ def schedule(family: str, args) -> tuple[int, int]:
     )
 
 
-def family_runs(args) -> list[tuple]:
-    """Every run as (family, loss chunk, compile scope, compile mode, precision, accumulate,
-    document length, attention): each family's preset values where the command line gives none."""
+class Run(NamedTuple):
+    """One configuration that gpu.py measures."""
+
+    family: str
+    loss_chunk: int | None  # None: the module's default
+    scope: str
+    mode: str
+    precision: str
+    accumulate: int
+    documents: int  # 0: one unmasked window
+    attention: str
+
+
+def family_runs(args) -> list[Run]:
+    """Every run: each family's preset values where the command line gives none."""
     runs = []
     for family in args.family:
         preset = PRESETS[family]["train"]
         given = {key: getattr(args, key) or [preset[key]] for key in TRAIN_OPTIONS}
         runs += (  # flex takes document masks: not with one unmasked window (0)
-            run
+            Run(*run)
             for run in itertools.product(
                 [family],
                 given["loss_chunk_size"],
@@ -369,19 +382,22 @@ def family_runs(args) -> list[tuple]:
     return runs
 
 
-def run_family(
-    family: str,
-    args,
-    device: torch.device,
-    out: Path,
-    loss_chunk,
-    scope: str,
-    precision: str,
-    mode: str,
-    accumulate: int,
-    documents: int,
-    attention: str,
-) -> dict:
+def described(run: Run, args) -> dict:
+    """A run's configuration as its table row and progress lines say it (compile off: "off")."""
+    return dict(
+        family=run.family,
+        loss_chunk="default" if run.loss_chunk is None else run.loss_chunk,
+        scope=run.scope if args.compile else "off",
+        mode=run.mode if args.compile else "off",
+        precision=run.precision,
+        attention=run.attention,
+        accumulate=run.accumulate,
+        shape=batch_label(run.family, args.tiny, run.documents),
+    )
+
+
+def run_family(run: Run, args, device: torch.device, out: Path) -> dict:
+    family, loss_chunk, scope, mode, precision, accumulate, documents, attention = run
     pre = PRESETS[family]
     lightning_precision, masters, compiled_step = precision_parts(precision)
     vocab, B, T, target_len, dims = preset_shape(family, args.tiny)
@@ -443,16 +459,9 @@ def run_family(
     peak = args.peak_flops or flops.peak_flops(device)
     mfu = None if not peak else flops.mfu(tokens_per_s, model.flops_per_token(batches[0]), peak)
     return dict(
-        family=family,
-        loss_chunk="default" if loss_chunk is None else loss_chunk,
-        scope=scope if args.compile else "off",
-        mode=mode if args.compile else "off",
-        accumulate=accumulate,
-        precision=precision,
-        attention=attention,
+        described(run, args),
         warmup_s=wall - timer.total,  # set-up, warm-up steps (compiling) and the run's end
         timed=(warmup + 1, timed),
-        shape=batch_label(family, args.tiny, documents),
         params=model.num_params(False),
         step_ms=1e3 * step_s,
         median_ms=common.median_ms(timer.times),
@@ -502,12 +511,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    if args.trace_dir is not None:
-        if args.trace_dir.exists() and not args.trace_dir.is_dir():
-            raise SystemExit(
-                f"--trace-dir {args.trace_dir} is a file; name a folder for the traces"
-            )
-        args.trace_dir.mkdir(parents=True, exist_ok=True)
+    args.trace_dir = common.trace_folder(args.trace_dir)
     common.quiet()
     t_start = time.perf_counter()
     if args.compile is None:
@@ -526,20 +530,16 @@ def main(argv=None) -> None:
     out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
     results = []
     for run in family_runs(args):
-        family, loss_chunk, scope, mode, precision, accumulate, documents, attention = run
-        chunk = "default" if loss_chunk is None else loss_chunk
+        d = described(run, args)
         label = (  # the run, as its table row says it
-            f"  {family} (loss chunk {chunk}, compile {mode if args.compile else 'off'} / "
-            f"{scope if args.compile else 'off'}, {precision}, accumulate {accumulate}"
-            + (f", documents of ~{documents}" if documents else "")
-            + (f", attention {attention}" if attention != "auto" else "")
+            f"  {run.family} (loss chunk {d['loss_chunk']}, compile {d['mode']} / {d['scope']}, "
+            f"{run.precision}, accumulate {run.accumulate}"
+            + (f", documents of ~{run.documents}" if run.documents else "")
+            + (f", attention {run.attention}" if run.attention != "auto" else "")
             + ")"
         )
         try:
-            r = run_family(
-                family, args, device, out, loss_chunk, scope, precision, mode, accumulate,
-                documents, attention,
-            )  # fmt: skip
+            r = run_family(run, args, device, out)
         except Exception as e:  # one failing configuration must not cost the others' figures
             said = "".join(traceback.format_exception_only(e)).strip()
             print(
@@ -547,10 +547,7 @@ def main(argv=None) -> None:
                 + textwrap.indent("".join(traceback.format_tb(e.__traceback__)[-3:]), "    "),
                 flush=True,
             )
-            results.append(dict(family=family, loss_chunk=chunk, scope=scope, mode=mode,
-                                precision=precision, attention=attention,
-                                accumulate=accumulate, failed=said,
-                                shape=batch_label(family, args.tiny, documents)))  # fmt: skip
+            results.append(dict(d, failed=said))
             r = None
         if r is None:  # out of the except block, whose traceback holds the run's frames
             gc.collect()
@@ -568,15 +565,8 @@ def main(argv=None) -> None:
             flush=True,
         )
         tracer = r["trace"]
-        if tracer is not None and tracer.error is not None:
-            print(f"    trace: the profiler failed ({tracer.error}); no trace", flush=True)
-        elif tracer is not None:
-            print(f"    trace: {tracer.path}", flush=True)
-            try:  # the runs still to come are the measurement
-                summary = timeline.summarize(timeline.load(tracer.path), args.trace_steps)
-                print(textwrap.indent(timeline.report(summary), "    "))
-            except Exception as e:
-                print(f"    (timeline.py could not read it: {type(e).__name__}: {e})")
+        if tracer is not None:
+            timeline.say(tracer.path, tracer.error, args.trace_steps)
     rows = []
     for r in results:
         ref, target, mfu_target = REFERENCE[r["family"]]

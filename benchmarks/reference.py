@@ -52,6 +52,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lmlab import flops
+from lmlab.models.base import param_groups
 from lmlab.parallel import use_tf32
 
 CONTENDERS = ("nanogpt", "hf-gpt2")
@@ -220,16 +221,9 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a shared one once
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """nanoGPT's grouping: weight decay on the >= 2-D parameters (matrices and embeddings) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
 def optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """nanoGPT's AdamW: weight decay on the >= 2-D parameters (matrices and embeddings) only, as
+    lmlab groups them."""
     return torch.optim.AdamW(
         param_groups(model, OPTIM["weight_decay"]),
         lr=OPTIM["lr"],
@@ -395,13 +389,8 @@ def row(r: dict, shape: str, tiny: bool) -> list:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.trace_dir is not None:
-        if args.trace_dir.exists() and not args.trace_dir.is_dir():
-            raise SystemExit(
-                f"--trace-dir {args.trace_dir} is a file; name a folder for the traces"
-            )
-        args.trace_dir.mkdir(parents=True, exist_ok=True)
-    elif args.trace_steps:
+    args.trace_dir = common.trace_folder(args.trace_dir)
+    if args.trace_dir is None and args.trace_steps:
         args.trace_dir = Path(tempfile.mkdtemp(prefix="lmlab-reference-"))
     common.quiet()
     device = torch.device(args.device)
@@ -460,15 +449,8 @@ def main(argv=None) -> None:
             flush=True,
         )
         trace = r["trace"]
-        if trace is not None and trace["error"] is not None:
-            print(f"    trace: the profiler failed ({trace['error']}); no trace", flush=True)
-        elif trace is not None:
-            print(f"    trace: {trace['path']}", flush=True)
-            try:  # the contenders still to come are the measurement
-                summary = timeline.summarize(timeline.load(trace["path"]), args.trace_steps)
-                print(textwrap.indent(timeline.report(summary), "    "))
-            except Exception as e:
-                print(f"    (timeline.py could not read it: {type(e).__name__}: {e})")
+        if trace is not None:
+            timeline.say(trace["path"], trace["error"], args.trace_steps)
     print()
     print(common.table(HEADERS, [row(r, shape, args.tiny) for r in results]))
     nano = next((r for r in results if r["name"] == "nanogpt" and "failed" not in r), None)

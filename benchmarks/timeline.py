@@ -28,6 +28,7 @@ import collections
 import gzip
 import itertools
 import json
+import textwrap
 from pathlib import Path
 
 from common import kind_of, table
@@ -192,6 +193,20 @@ def report(summary: dict) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def say(path: Path, error: str | None, steps: int) -> None:
+    """A benchmark run's trace, as gpu.py and reference.py print it after the run's figures: the
+    profiler's failure, or the file and its summary (a trace that cannot be read is said; the
+    runs still to come are the measurement)."""
+    if error is not None:
+        print(f"    trace: the profiler failed ({error}); no trace", flush=True)
+        return
+    print(f"    trace: {path}", flush=True)
+    try:
+        print(textwrap.indent(report(summarize(load(path), steps)), "    "))
+    except Exception as e:
+        print(f"    (timeline.py could not read it: {type(e).__name__}: {e})")
 
 
 def main(argv=None) -> None:

@@ -15,6 +15,7 @@ to each other.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -294,15 +295,11 @@ def flex_document_mask(
     return create_block_mask(visible, B, None, T, T, device=doc_ids.device)
 
 
-_FLEX = []
-
-
+@functools.cache
 def compiled_flex_attention():
     """``flex_attention`` compiled once per process, for eager models (uncompiled, it is a
     reference implementation that holds the whole score matrix)."""
-    if not _FLEX:
-        _FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _FLEX[0]
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class CrossAttention(nn.Module):

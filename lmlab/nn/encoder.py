@@ -123,12 +123,13 @@ class Encoder(Backbone):
             x = x + self.pos_embed(torch.arange(S, device=input_ids.device))
         else:
             rope = self.rotary(0, S)
-        mask = key_padding_mask(attention_mask)
         if doc_ids is not None and self.flex_masks:
             mask = flex_document_mask(doc_ids, causal=False, keys=attention_mask)
-        elif doc_ids is not None:
-            same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, S, S)
-            mask = same if mask is None else same & mask
+        else:
+            mask = key_padding_mask(attention_mask)
+            if doc_ids is not None:
+                same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, S, S)
+                mask = same if mask is None else same & mask
         for block in self.blocks:
             x = block(x, rope, is_causal=False, attn_mask=mask)
         return self.norm(x)
