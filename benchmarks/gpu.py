@@ -13,7 +13,8 @@ with fp32 masters, CUDA graphs, the fused head + loss, metrics every 50 steps), 
 encoder-decoder's bf16 autocast with compile's default mode. ``--precision``, ``--compile-mode`` and
 ``--loss-chunk-size`` replace a preset's value for every family. Without ``--warmup``, the warm-up
 runs past the first step that writes metrics (its first call compiles more), and ``--steps`` (default
-30, or 2 x the metrics interval when that is longer) takes the writing steps in their share.
+30, or 2 x the longer of the metrics and the progress-bar intervals when that is longer) takes the
+steps that wait for the GPU (writing, redrawing) in their share.
 Tokens count input tokens (the encoder-decoder's encoder inputs); FLOPs are what each part computes
 (``LMModule.step_flops``: the MLM head on the selected positions, the encoder-decoder's decoder and
 head at the target length).
@@ -186,13 +187,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--warmup",
         type=int,
-        help="untimed steps, compilation included (default: 10, or to the first step that\n"
-        "writes metrics when that is later)",
+        help="untimed steps, compilation included (default: 10, or the longer of the metrics\n"
+        "and progress-bar intervals when that is later)",
     )
     p.add_argument(
         "--steps",
         type=int,
-        help="timed steps (default: 30, or twice the metrics interval when that is longer)",
+        help="timed steps (default: 30, or twice the longer of the metrics and progress-bar\n"
+        "intervals when that is longer)",
     )
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s (default: lmlab.flops)")
     p.add_argument(
@@ -323,21 +325,26 @@ def with_layers(family: str, dims: dict, layers: int | None) -> dict:
     )
 
 
+# the Trainer's settings at which a step waits for the GPU (both are the preset's log_every)
+SYNC_KEYS = ("trainer.log_every_n_steps", "callbacks.progress_bar.refresh_rate")
+
+
 def metrics_interval(family: str, args) -> int:
-    """Steps between the steps that write metrics: the preset's, or the last
-    ``trainer.log_every_n_steps`` of ``--override``."""
-    every = PRESETS[family]["train"]["log_every"]
+    """Steps between the steps that wait for the GPU: the longer of the preset's intervals or of
+    ``--override``'s last ``trainer.log_every_n_steps`` (steps that write metrics) and
+    ``callbacks.progress_bar.refresh_rate`` (progress-bar redraws)."""
+    every = {key: PRESETS[family]["train"]["log_every"] for key in SYNC_KEYS}
     for override in args.override:
         key, _, value = override.partition("=")
-        if key.lstrip("+") == "trainer.log_every_n_steps":
-            every = int(value)
-    return every
+        if key.lstrip("+") in every:
+            every[key.lstrip("+")] = int(value)
+    return max(every.values())
 
 
 def schedule(family: str, args) -> tuple[int, int]:
     """(warm-up steps, timed steps) of a family's runs: the command line's, or by default a warm-up
     past the first step that writes metrics (whose first call compiles more: 0.7 s on an H200) and
-    timed steps that hold the writing steps in their share (each waits for the GPU)."""
+    timed steps that hold the steps that wait for the GPU (writing, redrawing) in their share."""
     every = metrics_interval(family, args)
     warmup, steps = (2, 3) if args.tiny else (max(10, every), max(30, 2 * every))
     return (

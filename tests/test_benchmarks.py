@@ -390,7 +390,10 @@ def test_gpu_script_runs_each_family_with_its_preset_unless_told(monkeypatch):
             runs(bad)
     schedule = lambda line, family: gpu.schedule(family, gpu.parse_args(line.split()))
     assert schedule("", "decoder") == (50, 100) and schedule("", "encoder") == (10, 30)
-    assert schedule("--override trainer.log_every_n_steps=20", "decoder") == (20, 40)
+    assert schedule("--override trainer.log_every_n_steps=20", "decoder") == (50, 100)  # redraws
+    both = "trainer.log_every_n_steps=20 callbacks.progress_bar.refresh_rate=20"
+    assert schedule(f"--override {both}", "decoder") == (20, 40)
+    assert schedule("--override callbacks.progress_bar.refresh_rate=25", "encoder") == (25, 50)
     assert schedule("--warmup 3 --steps 7", "decoder") == (3, 7)
     assert schedule("--tiny", "decoder") == (2, 3)
 
