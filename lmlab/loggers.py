@@ -128,7 +128,7 @@ def wandb_logger(
         run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
-    return WandbLogger(
+    logger = WandbLogger(
         save_dir=save_dir,
         name=name,
         group=group,
@@ -138,6 +138,11 @@ def wandb_logger(
         tags=list(dict.fromkeys([*_listed(tags), *_listed(extra_tags)])),
         **kwargs,
     )
+    # Lightning passes wandb.init anonymous=None unless told otherwise, and wandb >= 0.19 warns at
+    # every run that the (deprecated) setting "has no effect": not passed unless it is set
+    if logger._wandb_init.get("anonymous", False) is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def _listed(tags) -> list[str]:

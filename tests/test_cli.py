@@ -62,6 +62,7 @@ def test_train_command_writes_every_output(cli_run):
     assert "seq_len: 32" in log  # the composed config is printed
     # torch's FutureWarning about Lightning's own use of LeafSpec, at every fit, is not shown
     assert "LeafSpec" not in log
+    assert "litlogger" not in log  # Lightning's advertisement at every Trainer
 
 
 def test_a_refused_resume_leaves_the_run_folder_as_it_was(cli_run):

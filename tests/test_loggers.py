@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from lmlab.loggers import ResumableCSVLogger
 
 
@@ -136,3 +138,25 @@ def test_one_tag_given_alone_is_one_wandb_tag(tmp_path, monkeypatch):
     for extra, want in (("baseline", ["baseline"]), (["a", "b", "a"], ["a", "b"]), ([], [])):
         logger = wandb_logger(save_dir=str(tmp_path), project="p", tags=auto, extra_tags=extra)
         assert logger._wandb_init["tags"] == auto + want
+
+
+def test_wandb_init_gets_no_anonymous_setting_unless_one_is_set(tmp_path, monkeypatch):
+    """Lightning passed anonymous=None, which wandb >= 0.19 warns at every run has no effect."""
+    import wandb
+
+    from lmlab.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seen = []
+
+    def init(**kwargs):
+        seen.append(kwargs)
+        raise KeyboardInterrupt  # what wandb.init received is all this test needs
+
+    monkeypatch.setattr(wandb, "init", init)
+    for settings, want in (({}, None), ({"anonymous": True}, "allow")):
+        logger = wandb_logger(save_dir=str(tmp_path), project="p", **settings)
+        with pytest.raises(KeyboardInterrupt):
+            _ = logger.experiment
+        assert seen[-1]["project"] == "p" and seen[-1].get("anonymous") == want
+        assert ("anonymous" in seen[-1]) == (want is not None)

@@ -54,6 +54,17 @@ warnings.filterwarnings(
 )
 
 
+class _NoTips(logging.Filter):
+    """Lightning 2.6 logs a tip to install litlogger (its cloud service) at every Trainer it builds:
+    an advertisement between the lines about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+
+
 # Tokens per chunk of the fused head + loss that loss_chunk_size=None means on a CPU, where chunks
 # whose logits stay in cache made a whole training step of vs_hf.py's decoder (vocabulary 8192) 13%
 # faster than the plain head (512 and 1024 within noise of each other, 256 slower). Off on GPUs:
