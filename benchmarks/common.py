@@ -6,8 +6,11 @@ folder first on ``sys.path``), so each stays runnable as ``python benchmarks/<na
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -420,12 +423,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
-def trace_folder(path: Path | None) -> Path | None:
-    """``--trace-dir``, made if missing; a path that is a file is refused before any run."""
+def scratch_folder(prefix: str) -> Path:
+    """A temporary folder for runs' outputs (Trainer folders, metrics.csv), removed when the
+    process ends."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
+
+
+def trace_folder(path: Path | None, steps: int = 0, prefix: str = "lmlab-traces-") -> Path | None:
+    """``--trace-dir``, made if missing (a path that is a file is refused before any run); with
+    ``steps`` to trace and no path, a new temporary folder, kept for the traces."""
     if path is not None:
         if path.exists() and not path.is_dir():
             raise SystemExit(f"--trace-dir {path} is a file; name a folder for the traces")
         path.mkdir(parents=True, exist_ok=True)
+    elif steps:
+        path = Path(tempfile.mkdtemp(prefix=prefix))
     return path
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import tempfile
 import time
 
 import common
@@ -56,7 +55,7 @@ def compose(objective: str, batch: int, seq_len: int, overrides: list[str]):
 
     from lmlab.paths import CONF_DIR
 
-    out = tempfile.mkdtemp(prefix="lmlab-data-bench-")
+    out = common.scratch_folder("lmlab-data-bench-")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(
             "train",

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import tempfile
 import textwrap
 import time
 import traceback
@@ -214,7 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "kernel time by kind, idle gaps by what the host launched next)",
     )
     p.add_argument(
-        "--trace-dir", type=Path, help="where the traces go (default: the runs' temporary folder)"
+        "--trace-dir", type=Path, help="where the traces go (default: a new temporary folder, kept)"
     )
     return p.parse_args(argv)
 
@@ -441,7 +440,7 @@ def run_family(run: Run, args, device: torch.device, out: Path) -> dict:
     callbacks = [timer]
     tracer = None
     if args.trace_steps:
-        tracer = Tracer(timed, args.trace_steps, (args.trace_dir or out) / f"{name}.json.gz")
+        tracer = Tracer(timed, args.trace_steps, args.trace_dir / f"{name}.json.gz")
         callbacks.append(tracer)
     trainer, how = common.lmlab_trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -518,7 +517,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    args.trace_dir = common.trace_folder(args.trace_dir)
+    args.trace_dir = common.trace_folder(args.trace_dir, args.trace_steps, "lmlab-gpu-traces-")
     common.quiet()
     t_start = time.perf_counter()
     if args.compile is None:
@@ -534,7 +533,7 @@ def main(argv=None) -> None:
         f"compile {'on' if args.compile else 'off'}"
     )
     print(f"machine: {common.machine()}")
-    out = Path(tempfile.mkdtemp(prefix="lmlab-gpu-bench-"))
+    out = common.scratch_folder("lmlab-gpu-bench-")
     results = []
     for run in family_runs(args):
         d = described(run, args)

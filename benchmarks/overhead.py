@@ -25,9 +25,7 @@ comparison uses the medians on a CPU and the round means on a GPU (``step_basis`
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import common
 import torch
@@ -95,7 +93,7 @@ def main(argv=None) -> None:
     per_round = args.warmup + args.steps
     lit_model, plain_step, batches = contenders(pre, device, precision, compile_, per_round)
 
-    out = Path(tempfile.mkdtemp(prefix="lmlab-overhead-"))
+    out = common.scratch_folder("lmlab-overhead-")
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     times: dict[str, list[float]] = {"lmlab": [], "plain": []}
     totals: dict[str, list[float]] = {"lmlab": [], "plain": []}

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import gc
 import math
-import tempfile
 import textwrap
 import time
 import traceback
@@ -352,7 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "by kind, idle gaps by what the host launched next)",
     )
     p.add_argument(
-        "--trace-dir", type=Path, help="where the traces go (default: a temporary folder)"
+        "--trace-dir", type=Path, help="where the traces go (default: a new temporary folder, kept)"
     )
     args = p.parse_args(argv)
     args.contender = list(dict.fromkeys(args.contender))
@@ -389,9 +388,7 @@ def row(r: dict, shape: str, tiny: bool) -> list:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    args.trace_dir = common.trace_folder(args.trace_dir)
-    if args.trace_dir is None and args.trace_steps:
-        args.trace_dir = Path(tempfile.mkdtemp(prefix="lmlab-reference-"))
+    args.trace_dir = common.trace_folder(args.trace_dir, args.trace_steps, "lmlab-reference-")
     common.quiet()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

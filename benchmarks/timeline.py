@@ -17,7 +17,7 @@ graph's replay). Gaps are summed by that name too, so a
 host-side cost paid every step (an eager optimizer step, a synchronising read of a metric) shows as
 one row. A trace of a CPU run has no kernels: it is summarised by its CPU operators' time.
 
-    python benchmarks/timeline.py /tmp/lmlab-gpu-bench-*/decoder-*.json.gz
+    python benchmarks/timeline.py /tmp/lmlab-gpu-traces-*/decoder-*.json.gz
 """
 
 from __future__ import annotations

@@ -206,14 +206,14 @@ def test_gpu_script_traces_steps_after_the_timed_ones(run, tmp_path):
         run("gpu", f"--tiny --device cpu --trace-steps 1 --trace-dir {trace}")
 
 
-def test_gpu_script_goes_on_when_the_profiler_fails(run, monkeypatch):
+def test_gpu_script_goes_on_when_the_profiler_fails(run, monkeypatch, tmp_path):
     """A profiler that raises costs the trace, not the run: the timed steps come before it."""
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUPTI unavailable")
 
     monkeypatch.setattr(torch.profiler, "profile", broken)
-    out = run("gpu", "--tiny --device cpu --family decoder --trace-steps 2")
+    out = run("gpu", f"--tiny --device cpu --family decoder --trace-steps 2 --trace-dir {tmp_path}")
     assert "trace: the profiler failed (RuntimeError: CUPTI unavailable); no trace" in out
     (rows,) = tables(out)
     assert len(rows) == 1 and number(rows[0]["tokens/s"]) > 0
@@ -239,7 +239,7 @@ def test_gpu_script_reports_a_failing_run_and_goes_on(run, monkeypatch, capsys):
     assert all(number(r["tokens/s"]) > 0 for r in rows[1:])
 
 
-def test_a_run_failing_while_profiled_leaves_no_profiler_on(run, monkeypatch, capsys):
+def test_a_run_failing_while_profiled_leaves_no_profiler_on(run, monkeypatch, capsys, tmp_path):
     """The first run raises inside its profiled steps: its profiler stops then, so the second
     run's steps are not profiled (nor timed under a profiler) before its own trace."""
     from lmlab.models.base import LMModule
@@ -259,7 +259,7 @@ def test_a_run_failing_while_profiled_leaves_no_profiler_on(run, monkeypatch, ca
     monkeypatch.setattr(LMModule, "training_step", step)
     with pytest.raises(SystemExit, match="1 of 2 runs failed"):
         run("gpu", "--tiny --device cpu --family decoder --precision bf16-mixed bf16-true "
-                   "--trace-steps 2")  # fmt: skip
+                   f"--trace-steps 2 --trace-dir {tmp_path}")  # fmt: skip
     assert "FAILED: RuntimeError: failed mid-trace" in capsys.readouterr().out
     assert len(profiled) == 5 and not any(profiled)
 
@@ -721,3 +721,24 @@ def test_gpu_questions_script_runs_valid_commands_and_keeps_each_answer(tmp_path
     names = re.findall(r"^def (test_\w+)", (BENCH.parent / "tests/test_gpu.py").read_text(), re.M)
     words = tests[tests.index("-k") + 1].split(" or ")
     assert all(any(w in n for n in names) for w in words)
+
+
+def test_scratch_folders_go_when_the_process_ends_and_trace_folders_stay(tmp_path):
+    """The scripts' Trainer folders (metrics.csv, ...) were left in the temporary folder by every
+    run; the traces a run writes without --trace-dir are what it is for, and stay."""
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import common\n"
+        "scratch = common.scratch_folder('lmlab-test-scratch-')\n"
+        "(scratch / 'run' / 'metrics.csv').parent.mkdir(); (scratch / 'run' / 'metrics.csv').touch()\n"
+        "print(scratch); print(common.trace_folder(None, 2, 'lmlab-test-traces-'))\n"
+        "assert common.trace_folder(None, 0) is None\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, check=True
+    )
+    scratch, traces = map(Path, p.stdout.split())
+    assert scratch.name.startswith("lmlab-test-scratch-") and not scratch.exists()
+    assert traces.name.startswith("lmlab-test-traces-") and traces.is_dir()
+    traces.rmdir()

@@ -45,6 +45,7 @@ def test_notebooks_are_stored_without_outputs():
 def test_quickstart_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's run folder (tempfile.mkdtemp)
     (tmp_path / "d.txt").write_text(make_text(3000, 0))
     overrides = ["data=files", f"data.train={tmp_path / 'd.txt'}", *TINY]
     overrides = [
