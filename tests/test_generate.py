@@ -187,8 +187,8 @@ def test_decoder_generation_never_samples_special_tokens_but_eos(compose_cfg):
     specials = [i for i in tok.special_ids if i != tok.eos_id]
     next_logits = module.backbone.next_logits
 
-    def favour_specials(tokens, caches):
-        logits = next_logits(tokens, caches)
+    def favour_specials(tokens, caches, prefix_len=None):
+        logits = next_logits(tokens, caches, prefix_len)
         logits[:, specials] = 1e4
         return logits
 

@@ -88,6 +88,27 @@ def test_greedy_generation_equals_argmax_of_uncached_forward():
     assert torch.equal(out, seq)
 
 
+def test_prefix_generation_reads_the_prompt_both_ways_then_decodes_causally():
+    """prefix=True: greedy tokens are the argmax of the uncached forward with the prompt as the
+    prefix (prefix_len=T0, as a prefix LM trained), which a causal reading of it does not give.
+    (init_std 0.2: at 0.02 the last token's own embedding decides every argmax, either way.)"""
+    m = tiny(init_std=0.2)
+    x = torch.randint(0, 100, (2, 6))
+    out = m.generate(x, 8, temperature=0, prefix=True)
+    assert not torch.equal(out, m.generate(x, 8, temperature=0))
+    seq, whole = x, torch.full((2,), 6)
+    for _ in range(8):
+        nxt = m(seq, prefix_len=whole)[:, -1, :100].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+    caches = m.new_caches(2, 14)
+    both_ways = m.next_logits(x, caches, whole)
+    causal = m.next_logits(x, m.new_caches(2, 14))
+    assert (both_ways - causal).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="prefill it into empty caches"):
+        m.next_logits(x[:, :1], caches, torch.full((2,), 1))
+
+
 def test_generation_stops_at_eos_and_respects_max_len():
     m = tiny()
     x = torch.randint(0, 100, (1, 60))

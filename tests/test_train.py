@@ -434,6 +434,33 @@ def test_generate_from_checkpoint_is_greedy_and_deterministic(trained):
     )
 
 
+def test_a_prefix_lm_reads_prompts_as_its_prefix_in_samples_and_from_its_checkpoint(
+    tiny_cfg, tmp_path, trained
+):
+    """objective=prefix_lm trains a decoder whose prefixes attend both ways: its samples and
+    `python -m lmlab.generate` read the prompt so (greedy: the argmax of the uncached forward with
+    the prompt as the prefix); a causal LM's checkpoint reads it causally."""
+    out = tmp_path / "prefix"
+    settings = ["objective=prefix_lm", "trainer.max_steps=2", "optim.warmup_steps=0"]
+    _, objects = train(tiny_cfg(*settings, "trainer.precision=32-true", output_dir=out))
+    assert objects["model"].prefix_prompts  # the samples at validation: generate_text below
+    module, tok, _ = load_run(out / "checkpoints" / "last.ckpt")
+    assert module.prefix_prompts
+    assert not load_run(trained[3] / "checkpoints" / "last.ckpt")[0].prefix_prompts  # clm
+    asked, generate = [], module.backbone.generate
+    module.backbone.generate = lambda *a, **kw: asked.append(kw["prefix"]) or generate(*a, **kw)
+    (text,) = module.generate_text(tok, ["The king"], max_new_tokens=6, temperature=0)
+    assert asked == [True]  # (an untrained model's argmax may not tell the two readings apart)
+    seq = torch.tensor([tok.encode("The king")])
+    whole = torch.tensor([seq.shape[1]])
+    for _ in range(6):
+        logits = module.backbone(seq, prefix_len=whole)[:, -1, : tok.vocab_size]
+        logits[:, [i for i in tok.special_ids if i != tok.eos_id]] = float("-inf")
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    new = [t for t in seq[0, whole.item() :].tolist() if t != tok.eos_id]
+    assert text == "The king" + tok.decode(new)
+
+
 def test_bad_checkpoint_files_are_clear_errors(tmp_path, trained):
     _, _, _, out = trained
     with pytest.raises(ConfigError, match="checkpoint not found"):

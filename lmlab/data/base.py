@@ -439,8 +439,10 @@ class WindowDataModule(L.LightningDataModule):
         Subclasses check their own keys and pass the rest on."""
 
     def model_settings(self) -> dict:
-        """Keyword arguments the model is built with besides its own config: what an auxiliary
-        head needs (:class:`lmlab.data.sentences.SentenceTaskDataModule`); none here."""
+        """Keyword arguments the model is built with besides its own config, saved with its
+        checkpoint: what an auxiliary head needs
+        (:class:`lmlab.data.sentences.SentenceTaskDataModule`), how a prefix LM reads prompts
+        (:class:`lmlab.data.prefix_lm.PrefixLMDataModule`); none here."""
         return {}
 
     # -- what a subclass defines -----------------------------------------------------------------

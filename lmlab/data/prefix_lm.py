@@ -2,7 +2,8 @@
 
 Like causal LM, each example is ``seq_len + 1`` tokens, but its first ``prefix_len`` positions (drawn
 uniformly from 1 .. seq_len - 1 per example) attend to each other bidirectionally; positions after the
-prefix are causal. The loss covers only the tokens after the prefix.
+prefix are causal. The loss covers only the tokens after the prefix. The decoder it trains reads a
+prompt as its prefix when it generates (``DecoderLM.prefix_prompts``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from lmlab.data.collate import IGNORE
 
 class PrefixLMDataModule(CausalLMDataModule):
     objective, batch_kind = "prefix_lm", "prefix"
+
+    def model_settings(self) -> dict:
+        """The decoder reads a prompt as the prefix when it generates, as training read them."""
+        return {"prefix_prompts": True}
 
     def make_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         batch = super().make_batch(examples)

@@ -13,9 +13,17 @@ log = logging.getLogger(__name__)
 
 
 class DecoderLM(LMModule):
+    """``prefix_prompts``: trained as a prefix LM (objective=prefix_lm sets it through
+    :meth:`lmlab.data.base.WindowDataModule.model_settings`; saved with the checkpoint), so a
+    prompt is read as the prefix, bidirectionally, as training read prefixes."""
+
     accepts = ("causal", "prefix")
     config_class = DecoderConfig
     backbone_class = Decoder
+
+    def __init__(self, *, prefix_prompts: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.prefix_prompts = prefix_prompts
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.backbone(
@@ -41,7 +49,8 @@ class DecoderLM(LMModule):
         continuation share the model's ``max_seq_len`` positions: a prompt too long to leave room
         for ``max_new_tokens`` (up to half the positions) keeps its last tokens; the continuation
         stops where the positions end. Special tokens other than eos are never sampled (no text
-        holds them; an early model gave them probability)."""
+        holds them; an early model gave them probability). A prefix LM (``prefix_prompts``) reads
+        each prompt as its prefix."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = []
         limit = self.config.max_seq_len
@@ -70,6 +79,7 @@ class DecoderLM(LMModule):
                     eos_id=tokenizer.eos_id,
                     generator=gen,
                     suppress=suppress,
+                    prefix=self.prefix_prompts,
                 )
                 made = y.shape[1] - len(ids)
                 ran_out = y.shape[1] == limit and y[0, -1].item() != tokenizer.eos_id

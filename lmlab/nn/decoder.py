@@ -183,12 +183,15 @@ class Decoder(Backbone):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
         suppress: Sequence[int] = (),
+        prefix: bool = False,
     ) -> torch.Tensor:
         """Continue ``input_ids`` (B, T0) by up to ``max_new_tokens``; returns (B, T0 + n).
 
         The prompt is processed once (prefill), then one position per step through the KV cache.
         Rows that emitted ``eos_id`` keep emitting it; generation stops early when all rows have.
-        The vocabulary padding rows and the ids in ``suppress`` are never sampled.
+        The vocabulary padding rows and the ids in ``suppress`` are never sampled. ``prefix``: the
+        prompt is a prefix LM's prefix, its positions attending to each other both ways (as
+        ``prefix_len=T0`` in training); the new tokens attend causally, to it and to each other.
         """
         B, T0 = input_ids.shape
         if max_new_tokens < 0:
@@ -204,11 +207,13 @@ class Decoder(Backbone):
         caches = self.new_caches(B, total)
         banned = torch.tensor(list(suppress), dtype=torch.long, device=input_ids.device)
 
-        def logits(tokens: torch.Tensor) -> torch.Tensor:
-            return self.next_logits(tokens, caches).index_fill_(-1, banned, float("-inf"))
+        def logits(tokens: torch.Tensor, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+            out = self.next_logits(tokens, caches, prefix_len)
+            return out.index_fill_(-1, banned, float("-inf"))
 
+        whole = torch.full((B,), T0, device=input_ids.device) if prefix else None
         new = decode_loop(
-            logits(input_ids),
+            logits(input_ids, whole),
             logits,
             total - T0,
             eos_id,
@@ -219,10 +224,19 @@ class Decoder(Backbone):
         )
         return torch.cat([input_ids, new], dim=1)
 
-    def next_logits(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    def next_logits(
+        self,
+        input_ids: torch.Tensor,
+        caches: list[KVCache],
+        prefix_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (B, vocab_size) after the last position of ``input_ids``, through the caches; the
         head runs on that position only. (`self.forward`, not `self(...)`: after `module.compile()`
         the call path is compiled for training shapes; decoding with a growing cache would
         recompile at every length.)"""
-        hidden = self.forward(input_ids, caches=caches, head=False)[:, -1]
+        if prefix_len is not None and caches[0].length:
+            raise ValueError(
+                "a prefix is the first part of the input: prefill it into empty caches"
+            )
+        hidden = self.forward(input_ids, prefix_len=prefix_len, caches=caches, head=False)[:, -1]
         return self.lm_head(hidden)[:, : self.config.vocab_size]
