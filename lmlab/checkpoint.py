@@ -140,6 +140,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     info = ckpt["lmlab"]
     hp = dict(ckpt["hyper_parameters"])
     hp["compile"] = hp["activation_checkpointing"] = False
+    if info.get("config", {}).get("objective", {}).get("name") == "prefix_lm":
+        hp.setdefault("prefix_prompts", True)  # a prefix LM's checkpoint from before 2026-11-28
     module = get_class(info["model_class"])(**hp)
     module.load_state_dict(ckpt["state_dict"])
     tokenizer = TextTokenizer.from_str(info["tokenizer"], kind="checkpoint")

@@ -670,6 +670,7 @@ RUNTIME_SETTINGS = (
     "loss_chunk_size",
     "sentence_weight",
     "token_weight",
+    "prefix_prompts",  # how generation reads prompts (checkpoints before 2026-11-28 lack it)
 )
 # Module arguments the objective sets (its auxiliary heads), named in a refused resume's message
 HEAD_TASKS = ("sentence_task", "token_task")

@@ -459,6 +459,15 @@ def test_a_prefix_lm_reads_prompts_as_its_prefix_in_samples_and_from_its_checkpo
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     new = [t for t in seq[0, whole.item() :].tolist() if t != tok.eos_id]
     assert text == "The king" + tok.decode(new)
+    # a prefix LM's checkpoint from before the setting: read as one, and it resumes
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    del ckpt["hyper_parameters"]["prefix_prompts"]
+    torch.save(ckpt, last)
+    assert load_run(last)[0].prefix_prompts
+    metrics, _ = train(tiny_cfg(*settings, "trainer.precision=32-true", "trainer.max_steps=3",
+                                "ckpt_path=last", output_dir=out))  # fmt: skip
+    assert metrics["trainer/global_step"] == 3
 
 
 def test_bad_checkpoint_files_are_clear_errors(tmp_path, trained):
