@@ -236,3 +236,19 @@ def test_generate_lowercases_the_prompt_of_a_capital_word_model(tok, store):
     (text,) = plain.generate_text(tok, ["The <|mask|> King"], top_k=2)
     first = text.split("\n")[0]  # (splitlines also cuts at control characters)
     assert first.startswith("The ") and first.endswith(" King")
+
+
+def test_a_cased_mask_token_stays_in_the_lowercased_prompt():
+    """BERT-cased's "[MASK]" was lowercased with the prompt, which then held no mask token."""
+    from lmlab.models.encoder import lowercase_text
+
+    from .test_tokenizers import wordpiece
+
+    assert lowercase_text("The [MASK] King [SEP]", ["[MASK]", "[SEP]"]) == "the [MASK] king [SEP]"
+    assert lowercase_text("[MASK][MASK] A", ["[MASK]", ""]) == "[MASK][MASK] a"
+    _, tok = wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "king", "The", "King"])
+    m = tiny_encoder(tok, token_task="capital_word", token_classes=2)
+    m.set_token_bytes(tok.token_bytes())
+    (text,) = m.generate_text(tok, ["The [MASK] King"], top_k=2)
+    first = text.split("\n")[0]
+    assert first.startswith("the ") and first.endswith(" king")

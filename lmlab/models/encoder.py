@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,13 @@ def classify(
     scored = labels != IGNORE
     nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
     return nll, scored.sum(), ((logits.argmax(-1) == labels) & scored).sum()
+
+
+def lowercase_text(text: str, specials: list[str]) -> str:
+    """``text`` lowercased but for the special tokens spelled in it (BERT-cased's ``[MASK]``)."""
+    spelled = "|".join(re.escape(t) for t in sorted(filter(None, specials), key=len, reverse=True))
+    parts = re.split(f"({spelled})", text) if spelled else [text]
+    return "".join(part if i % 2 else part.lower() for i, part in enumerate(parts))
 
 
 class EncoderLM(LMModule):
@@ -227,9 +235,10 @@ class EncoderLM(LMModule):
         """What ``python -m lmlab.generate`` does for an encoder: fill-mask. A model trained on
         lowercased text (objective=capital_word) reads the prompts lowercased. A prompt without a
         mask token is refused (there would be nothing to fill: the text came back as it was)."""
-        if self.hparams.get("token_task") == "capital_word":
-            prompts = [p.lower() for p in prompts]
         mask = tokenizer.tk.id_to_token(tokenizer.mask_id)
+        if self.hparams.get("token_task") == "capital_word":
+            specials = [tokenizer.tk.id_to_token(i) for i in tokenizer.special_ids]
+            prompts = [lowercase_text(p, specials) for p in prompts]
         for prompt in prompts:
             if tokenizer.mask_id not in tokenizer.encode(prompt, allow_special=True):
                 raise ConfigError(
