@@ -130,6 +130,11 @@ def consolidate(folder: str | Path, output: str | Path | None = None) -> Path:
         output = output / name
     if not output.parent.is_dir():
         raise ConfigError(f"{output.parent} does not exist; create it or pass another output path")
+    if output.resolve().is_relative_to(folder.resolve()):
+        raise ConfigError(
+            f"{output} is inside the sharded checkpoint it would be made from (its shards would "
+            f"then hold a stray file); write it elsewhere, e.g. the default {folder.with_name(name)}"
+        )
     AtomicCheckpointIO().save_checkpoint(read_checkpoint(folder), output)
     return output
 

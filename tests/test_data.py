@@ -742,7 +742,9 @@ def test_a_folder_a_forgotten_data_option_and_an_evaluation_without_files_are_na
     ):
         make_corpus(files_cfg(train=str(tmp_path / "corpus")))
     with pytest.raises(
-        ConfigError, match=r"data settings without a data option: add one, e.g. data=files"
+        ConfigError,
+        match=r"data settings without a data option: add one, e.g. data=files .*"
+        r"\(options: files, hf, shakespeare\)",
     ):
         check_data(OmegaConf.create({"val": "held_out/*.txt"}), sizes=False)
     with pytest.raises(

@@ -339,12 +339,17 @@ def test_consolidate_into_a_folder_writes_the_file_inside_it(tmp_path):
             no_dist=True,
         )
     torch.save({"lmlab": {}}, folder / "meta.pt")
+    before = [p.name for p in folder.iterdir()]
     (tmp_path / "out").mkdir()
     written = consolidate(folder, tmp_path / "out")
     assert written == tmp_path / "out" / "last.ckpt.consolidated.ckpt"
     assert torch.equal(read_checkpoint(written)["state_dict"]["w"], torch.ones(2))
     with pytest.raises(ConfigError, match=r"missing does not exist; create it"):
         consolidate(folder, tmp_path / "missing" / "x.ckpt")
+    for inside in (folder, folder / "x.ckpt"):
+        with pytest.raises(ConfigError, match=r"is inside the sharded checkpoint it would be made"):
+            consolidate(folder, inside)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)  # nothing written there
 
 
 def test_checkpoint_data_reaches_the_disk_before_its_rename_and_stale_temporaries_go(

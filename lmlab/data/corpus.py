@@ -34,6 +34,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmlab.errors import ConfigError, refuse_unknown_keys
+from lmlab.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +528,7 @@ def check_data(cfg, sizes: bool = True) -> None:
     if source is None:  # keys given without a data option (+data.val=... alone)
         raise ConfigError(
             "data settings without a data option: add one, e.g. data=files data.val='held_out/*.txt'"
-            f" (options: {', '.join(SOURCE_SETTINGS)})"
+            f" (options: {', '.join(sorted(p.stem for p in (CONF_DIR / 'data').glob('*.yaml')))})"
         )
     if source not in SOURCE_SETTINGS:
         raise ConfigError(f"unknown data.source={source!r}; choose {', '.join(SOURCE_SETTINGS)}")
