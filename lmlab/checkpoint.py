@@ -6,6 +6,7 @@ config (resolved)}, so ``generate`` and ``evaluate`` need nothing but the file.
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -26,11 +27,16 @@ def check_command_keys(cfg: DictConfig, command: str) -> None:
     """The keys of a checkpoint command (``generate``, ``evaluate``): none its config lacks, and a
     ``ckpt_path`` (a missing one was a MissingMandatoryValue traceback)."""
     refuse_unknown_top_keys(cfg, command, f"python -m lmlab.{command}")
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not isinstance(cfg.ckpt_path, str | os.PathLike):
+        given = "" if OmegaConf.is_missing(cfg, "ckpt_path") else f" (not {cfg.ckpt_path!r})"
         raise ConfigError(
             f"ckpt_path is required: python -m lmlab.{command} "
-            "ckpt_path=<run dir>/checkpoints/last.ckpt"
+            f"ckpt_path=<run dir>/checkpoints/last.ckpt{given}"
         )
+    for key in ("output_file",):  # evaluate's: a path or null
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise ConfigError(f"{key}={value!r} is not a path; pass a file name, e.g. {key}=m.json")
 
 
 def is_sharded(path: str | Path) -> bool:

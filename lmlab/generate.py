@@ -41,7 +41,7 @@ def check_settings(cfg: DictConfig) -> str:
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for key, least in (("max_new_tokens", 0), ("num_samples", 1)):
+    for key, least in (("max_new_tokens", 0), ("num_samples", 1), ("seed", 0)):
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{key}={value!r} must be a whole number >= {least}")

@@ -156,6 +156,9 @@ def test_the_commands_seed_decides_the_samples(compose_cfg, monkeypatch, family)
         ({"top_k": 0}, r"top_k must be a whole number >= 1 or null"),
         ({"max_new_tokens": -1}, r"max_new_tokens=-1 must be a whole number >= 0"),
         ({"num_samples": 0}, r"num_samples=0 must be a whole number >= 1"),
+        ({"seed": None}, r"seed=None must be a whole number >= 0"),  # was a torch traceback
+        ({"seed": "abc"}, r"seed='abc' must be a whole number >= 0"),
+        ({"seed": True}, r"seed=True must be a whole number >= 0"),
         ({"prompt": "caf\udce9"}, r"the prompt is not valid UTF-8 text"),
         # a misspelt key added with "+" (as Hydra advises) generated from the empty prompt
         (
@@ -282,6 +285,8 @@ def test_a_device_that_is_not_one_is_refused_before_the_checkpoint_is_read(
         ({"prompt": True}, r"prompt=True is not text as typed"),
         ({"prompt": 3.1}, r"prompt=3.1 is not text as typed"),
         ({"ckpt_path": "last"}, r"ckpt_path=last names a run's own checkpoint in training only"),
+        ({"ckpt_path": "null"}, r"ckpt_path is required: .* \(not None\)"),  # a TypeError
+        ({"ckpt_path": 123}, r"ckpt_path is required: .* \(not 123\)"),
     ],
 )
 def test_generate_refuses_what_it_would_misread(settings, message):

@@ -368,6 +368,7 @@ def test_evaluate_refuses_a_seq_len_beyond_the_models_positions_before_data_work
             {"output_file": "/nonexistent/dir/e.json"},
             r"/nonexistent/dir is not a folder; create it",
         ),
+        ({"output_file": 123}, r"output_file=123 is not a path; pass a file name"),  # TypeError
     ],
 )
 def test_evaluate_settings_are_refused_before_any_work(trained, tmp_path, settings, message):
