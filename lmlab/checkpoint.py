@@ -145,9 +145,21 @@ def consolidate(folder: str | Path, output: str | Path | None = None) -> Path:
     return output
 
 
+def run_info(ckpt: dict, path: str | Path) -> dict:
+    """``ckpt`` (:func:`read_checkpoint`'s), refused unless it holds what loading its run needs:
+    the model's class, tokenizer and config that ``python -m lmlab`` saves with it."""
+    missing = [k for k in ("model_class", "tokenizer", "config") if k not in ckpt["lmlab"]]
+    if missing or "hyper_parameters" not in ckpt:
+        raise ConfigError(
+            f"{path} lacks what lmlab saves with a run's checkpoint "
+            f"({', '.join(missing or ['hyper_parameters'])}); pass a .ckpt written by `python -m lmlab`"
+        )
+    return ckpt
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu"):
     """Return (LightningModule in eval mode, TextTokenizer, run config) from an lmlab checkpoint."""
-    ckpt = read_checkpoint(path)
+    ckpt = run_info(read_checkpoint(path), path)
     info = ckpt["lmlab"]
     hp = dict(ckpt["hyper_parameters"])
     hp["compile"] = hp["activation_checkpointing"] = False

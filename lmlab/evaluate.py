@@ -17,7 +17,7 @@ import lightning as L
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmlab.checkpoint import check_command_keys, load_run
+from lmlab.checkpoint import check_command_keys, load_run, read_checkpoint, run_info
 from lmlab.data.corpus import check_data, make_corpus
 from lmlab.data.store import build_store, store_key
 from lmlab.errors import ConfigError, show_warnings
@@ -46,23 +46,26 @@ def objective_of(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
     """The run's objective config with every setting's value (a run from before a setting existed
     gets its default), and evaluate's ``document_mask`` in place of the run's where it is given:
     the objectives that take it score with or without document masks whichever way the model was
-    trained; ``true`` is refused by the others (``false`` changes nothing there)."""
+    trained; ``true`` is refused by the others (``false`` changes nothing there). Checked, as
+    training checks it, against the data and ``seq_len`` evaluate reads (a run's objective that
+    needs pairs of texts or tables is refused other data before the data is read)."""
     own = get_class(run_cfg.objective._target_).objective_settings()
     defaults = {k: v for k, v in own.items() if v is not inspect.Parameter.empty}
     objective = OmegaConf.merge(defaults, run_cfg.objective)
-    if cfg.get("document_mask") is None:
-        return objective
-    if "document_mask" not in own:
-        if not cfg.document_mask:
-            return objective
-        raise ConfigError(
-            f"document_mask=true: the run's objective={run_cfg.objective.name} has no document "
-            "masks (clm, prefix_lm, mlm, capital_word and tlm have); leave it null"
-        )
-    objective = OmegaConf.merge(objective, {"document_mask": cfg.document_mask})
+    if cfg.get("document_mask") is not None:
+        if "document_mask" in own:
+            objective = OmegaConf.merge(objective, {"document_mask": cfg.document_mask})
+        elif cfg.document_mask:
+            raise ConfigError(
+                f"document_mask=true: the run's objective={run_cfg.objective.name} has no "
+                "document masks (clm, prefix_lm, mlm, capital_word and tlm have); leave it null"
+            )
     checked = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))  # never struct
     checked.objective = objective
-    check_objective(checked)  # what the class itself refuses
+    if cfg.get("data") is not None:
+        checked.data = cfg.data
+    checked.seq_len = cfg.get("seq_len") or run_cfg.seq_len
+    check_objective(checked, data_key="data.val")  # what the class itself refuses
     return objective
 
 
@@ -87,9 +90,11 @@ def output_path(cfg: DictConfig, data_name: str) -> Path:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_settings(cfg)
     device = pick_device(cfg.device)
-    module, tokenizer, run_cfg = load_run(cfg.ckpt_path, "cpu")
-    max_len = getattr(module.config, "max_seq_len", None)
-    if cfg.seq_len and max_len is not None and cfg.seq_len > max_len:  # before any data work
+    # the checks first, from the checkpoint's settings (its tensors mapped, not read)
+    saved = run_info(read_checkpoint(cfg.ckpt_path, weights=False), cfg.ckpt_path)
+    run_cfg = OmegaConf.create(saved["lmlab"]["config"])
+    max_len = saved.get("hyper_parameters", {}).get("max_seq_len")
+    if cfg.seq_len and max_len is not None and cfg.seq_len > max_len:
         raise ConfigError(
             f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={max_len} (its positions); "
             f"use seq_len<={max_len}, or null for the run's own ({run_cfg.seq_len})"
@@ -99,6 +104,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         check_data(cfg.data, sizes=False)  # evaluate's own batch_size decides
     data_cfg = cfg.data if cfg.get("data") is not None else run_cfg.data
     out = output_path(cfg, data_cfg.name)
+    module, tokenizer, _ = load_run(cfg.ckpt_path, "cpu")
     corpus = make_corpus(data_cfg, need_train=False)
     if cfg.get("data") is None:  # the run's own data: its held-out documents, unless they changed
         check_val_docs(module.extra_checkpoint, corpus.identity(corpus.val), cfg.ckpt_path)
@@ -145,16 +151,28 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # the same file
     scored = {
         "checkpoint": str(cfg.ckpt_path),
-        "data": OmegaConf.to_container(data_cfg, resolve=True),
+        "data": data_record(OmegaConf.to_container(data_cfg, resolve=True)),
         "objective": OmegaConf.to_container(objective, resolve=True),
+        "batch_size": dm.eval_batch_size,
     }
     replaced = _read_json(out) or {}
+    if isinstance(replaced.get("data"), dict):  # files from before the loader keys were dropped
+        replaced["data"] = data_record(replaced["data"])
     for key in ("data", "objective"):  # files from before a key was written: not compared
         if replaced.get(key, scored[key]) != scored[key]:
             log.warning("%s held an evaluation on other %s (%s): replaced", out, key, replaced[key])
     out.write_text(json.dumps({**metrics, **scored}, indent=2, sort_keys=True))
     metrics["output_file"] = str(out)
     return metrics
+
+
+LOADER_SIZES = ("batch_size", "eval_batch_size", "num_workers")
+
+
+def data_record(data: dict) -> dict:
+    """The data settings an evaluation records: what was read, without the loader's sizes, which
+    evaluate's own ``batch_size`` decides (recorded beside them)."""
+    return {k: v for k, v in data.items() if k not in LOADER_SIZES}
 
 
 def _read_json(path: Path) -> dict | None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
-from lmlab.checkpoint import check_command_keys, load_run
+from lmlab.checkpoint import check_command_keys, load_run, read_checkpoint, run_info
 from lmlab.errors import ConfigError, show_warnings
+from lmlab.models.base import GENERATION_KEYS
 from lmlab.nn.sampling import check_sampling
 from lmlab.paths import CONF_DIR
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name) -> str:
@@ -61,9 +66,36 @@ def check_settings(cfg: DictConfig) -> str:
     return prompt
 
 
+def check_read(cfg: DictConfig, model_class: type) -> None:
+    """A warning for sampling settings changed from conf/generate.yaml's defaults that the
+    checkpoint's family does not read: an encoder fills masks (top_k candidates each), so a
+    temperature, seed or more samples gave the same text without a word."""
+    defaults = OmegaConf.load(CONF_DIR / "generate.yaml")
+    unread = [
+        f"{key}={cfg.get(key)!r}"
+        for key in GENERATION_KEYS
+        if key not in model_class.generation_settings and cfg.get(key) != defaults.get(key)
+    ]
+    if unread:
+        log.warning(
+            "%s: not read by this checkpoint's model (%s, whose generation takes %s only)",
+            ", ".join(unread),
+            model_class.__name__,
+            ", ".join(model_class.generation_settings),
+        )
+
+
+def model_class(ckpt_path) -> type:
+    """The LightningModule class of a checkpoint, from its settings (its tensors mapped, not read)."""
+    info = run_info(read_checkpoint(ckpt_path, weights=False), ckpt_path)["lmlab"]
+    return get_class(info["model_class"])
+
+
 def generate(cfg: DictConfig) -> list[str]:
     prompt = check_settings(cfg)
-    module, tokenizer, _ = load_run(cfg.ckpt_path, pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    check_read(cfg, model_class(cfg.ckpt_path))
+    module, tokenizer, _ = load_run(cfg.ckpt_path, device)
     return module.generate_text(
         tokenizer,
         [prompt] * cfg.num_samples,

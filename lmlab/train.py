@@ -221,9 +221,10 @@ def check_optim_and_sampling(cfg: DictConfig) -> None:
             )
 
 
-def check_objective(cfg: DictConfig) -> None:
+def check_objective(cfg: DictConfig, data_key: str = "data.train") -> None:
     """The objective refuses unknown keys and settings that are wrong whatever the data (its
-    ``check_settings``) here, before any data work."""
+    ``check_settings``) here, and data of the wrong kind, before any data work; ``data_key``: the
+    files key its messages name (evaluate reads ``data.val``)."""
     objective = get_class(cfg.objective._target_)
     settings = OmegaConf.to_container(cfg.objective, resolve=True)
     settings.pop("_target_", None)
@@ -242,11 +243,12 @@ def check_objective(cfg: DictConfig) -> None:
         isinstance(text_fields(data.get("text_field", "text")), tuple),
     )
     tables = table_data(data)
-    if objective.tables and not tables and (data.get("source") != "files" or data.get("train")):
+    named = data.get("train") or data.get("val")  # data=files without files: refused later
+    if objective.tables and not tables and (data.get("source") != "files" or named):
         raise ConfigError(
             f"objective={cfg.objective.name} trains on tables, but data={data.get('name')} reads "
             "text; use CSV or TSV files (their first row the column names): data=files "
-            "data.train='tables/*.csv' (or data.format=csv for other file names)"
+            f"{data_key}='tables/*.csv' (or data.format=csv for other file names)"
         )
     if tables and (pair or not objective.pairs_as_text):
         raise ConfigError(
@@ -264,7 +266,7 @@ def check_objective(cfg: DictConfig) -> None:
         raise ConfigError(
             f"objective={cfg.objective.name} trains on pairs of texts ({pair[0]}, {pair[1]}), "
             f"but data={data.get('name')} reads one text per document; use JSONL rows of pairs: "
-            f"data=files data.train=pairs.jsonl data.text_field=[{pair[0]},{pair[1]}] (the two "
+            f"data=files {data_key}=pairs.jsonl data.text_field=[{pair[0]},{pair[1]}] (the two "
             "fields)"
         )
     max_target = cfg.model.get("max_target_len")

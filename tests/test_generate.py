@@ -3,6 +3,8 @@ checked before any checkpoint is read."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
@@ -32,6 +34,7 @@ def served_by_generate(compose_cfg, monkeypatch, family: str):
 
     module, tok = module_and_tokenizer(compose_cfg, family)
     monkeypatch.setattr(command, "load_run", lambda path, device: (module, tok, None))
+    monkeypatch.setattr(command, "model_class", lambda path: type(module))
     return module, tok
 
 
@@ -333,3 +336,37 @@ def test_an_encoder_refuses_a_prompt_without_a_mask(compose_cfg):
         module.generate_text(tok, ["To be"])
     (text,) = module.generate_text(tok, ["To <|mask|>"], top_k=2)
     assert "mask at token 3: " in text
+
+
+def test_an_encoder_warns_of_the_sampling_settings_it_does_not_read(
+    compose_cfg, monkeypatch, caplog
+):
+    """Fill-mask reads top_k alone: a temperature, a seed or more samples gave the same text
+    without a word. Said before the weights load; the decoder reads them all."""
+    import logging
+
+    served_by_generate(compose_cfg, monkeypatch, "encoder")
+    prompt = "a <|mask|> b"
+    said = r"not read by this checkpoint's model \(EncoderLM, whose generation takes top_k only\)"
+    for settings, named in (
+        ({"temperature": 1.0}, "temperature=1.0"),
+        ({"seed": 3, "num_samples": 2}, "seed=3, num_samples=2"),
+        ({"max_new_tokens": 5, "top_k": 3}, "max_new_tokens=5"),
+    ):
+        caplog.clear()
+        cfg = command_cfg("generate", ckpt_path="x", device="cpu", prompt=prompt, **settings)
+        with caplog.at_level(logging.WARNING, logger="lmlab"):
+            texts = generate(cfg)
+        assert re.search(f"{named}: {said}", caplog.text), caplog.text
+        assert len(set(texts)) == 1  # num_samples=2: the same text twice, as the warning says
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        generate(command_cfg("generate", ckpt_path="x", device="cpu", prompt=prompt, top_k=3))
+    assert "not read" not in caplog.text
+    served_by_generate(compose_cfg, monkeypatch, "decoder")
+    cfg = command_cfg("generate", ckpt_path="x", device="cpu", prompt="ab", temperature=1.0)
+    with open_dict(cfg):
+        cfg.update(seed=3, num_samples=2, max_new_tokens=4)
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        assert len(generate(cfg)) == 2
+    assert "not read" not in caplog.text

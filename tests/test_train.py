@@ -331,6 +331,15 @@ def test_evaluate_on_other_files(trained, tmp_path, caplog):
     assert m["ppl"] == pytest.approx(math.exp(m["loss"]), rel=1e-5)
     written = json.loads((tmp_path / "e.json").read_text())
     assert written["data"]["val"] == str(other) and written["checkpoint"].endswith("last.ckpt")
+    # the batch size used, not a data option's (evaluate's batch_size decides: null, the run's)
+    assert written["batch_size"] == cfg.data.eval_batch_size == 2  # the run's
+    assert "eval_batch_size" not in written["data"]
+    with open_dict(ecfg):
+        ecfg.data.eval_batch_size, ecfg.batch_size = 1, 3
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        evaluate(ecfg)  # the same data: no warning
+    assert json.loads((tmp_path / "e.json").read_text())["batch_size"] == 3
+    assert "held an evaluation on other data" not in caplog.text
     third = tmp_path / "third.txt"
     third.write_text("To be, or not to be.\n" * 50)
     with open_dict(ecfg):
@@ -371,8 +380,17 @@ def test_evaluate_refuses_a_seq_len_beyond_the_models_positions_before_data_work
         ({"output_file": 123}, r"output_file=123 is not a path; pass a file name"),  # TypeError
     ],
 )
-def test_evaluate_settings_are_refused_before_any_work(trained, tmp_path, settings, message):
-    """The output folder too: a missing one failed after the whole evaluation, losing it."""
+def test_evaluate_settings_are_refused_before_any_work(
+    trained, tmp_path, settings, message, monkeypatch
+):
+    """The output folder too: a missing one failed after the whole evaluation, losing it. Before
+    the weights are read, too (a GPT-2's 1.5 GB took 9 s to load before a refusal)."""
+    import lmlab.evaluate
+
+    def load_run(*args, **kwargs):
+        raise AssertionError("the weights were read before the settings were checked")
+
+    monkeypatch.setattr(lmlab.evaluate, "load_run", load_run)
     *_, out = trained
     cache = tmp_path / "fresh_cache"
     ecfg = command_cfg(
@@ -402,6 +420,28 @@ def test_evaluate_writes_beside_a_checkpoint_outside_a_run_and_expands_home(
     monkeypatch.setenv("HOME", str(tmp_path))
     m = evaluate(command_cfg("evaluate", ckpt_path=str(copy), output_file="~/e.json", **common))
     assert m["output_file"] == str(tmp_path / "e.json") and (tmp_path / "e.json").is_file()
+
+
+def test_evaluate_checks_its_data_against_the_runs_objective_before_reading_it(
+    tiny_cfg, tmp_path, text_files
+):
+    """A run's objective that trains on pairs (tlm) was given text files to evaluate on: refused
+    only after tokenizing them, naming data.train; now before, naming data.val. Pairs for an
+    objective that cuts text into segments (sop), likewise."""
+    from lmlab.evaluate import objective_of
+
+    text = {"name": "files", "source": "files", "val": str(text_files[0])}
+    tlm = tiny_cfg("model=encoder", "objective=tlm", "data.text_field=[en,fr]")
+    ecfg = command_cfg("evaluate", ckpt_path="x.ckpt", data=text)
+    with pytest.raises(
+        ConfigError, match=r"trains on pairs of texts .* data=files data\.val=pairs"
+    ):
+        objective_of(ecfg, tlm)
+    pairs = dict(text, text_field=["en", "fr"])
+    sop = tiny_cfg("model=encoder", "objective=sop")
+    with pytest.raises(ConfigError, match=r"objective=sop cuts text into segments"):
+        objective_of(command_cfg("evaluate", ckpt_path="x.ckpt", data=pairs), sop)
+    assert objective_of(command_cfg("evaluate", ckpt_path="x.ckpt", data=text), sop).name == "sop"
 
 
 def test_evaluate_refuses_a_data_key_of_another_source(trained, tmp_path):
@@ -483,6 +523,11 @@ def test_bad_checkpoint_files_are_clear_errors(tmp_path, trained):
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ConfigError, match="not an lmlab checkpoint"):
         load_run(foreign)
+    # a module saved through plain Lightning: a KeyError traceback
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"lmlab": {}, "state_dict": {}, "hyper_parameters": {}}, plain)
+    with pytest.raises(ConfigError, match=r"lacks what lmlab saves .* \(model_class, tokenizer"):
+        load_run(plain)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,8 @@ from lmlab.optim import MastersOffDevice, MasterWeightAdamW, fp32_all_reduce_hoo
 from lmlab.parallel import FSDP, check_compile_scope, compile_mode, eager, parallelize
 
 log = logging.getLogger(__name__)
+# the sampling settings of `python -m lmlab.generate` (conf/generate.yaml)
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "num_samples")
 # LMModule.on_before_batch_transfer is meant to run with any DataModule (Lightning warns that the
 # module's hook takes precedence over the DataModule's, which lmlab's DataModules do not define).
 warnings.filterwarnings(
@@ -175,6 +177,8 @@ class LMModule(L.LightningModule):
     """
 
     accepts: tuple[str, ...] = ()  # batch kinds this architecture can train on
+    # the settings of `python -m lmlab.generate` that its `generate_text` reads (GENERATION_KEYS)
+    generation_settings: tuple[str, ...] = GENERATION_KEYS
     config_class: type = object
     backbone_class: type = object
 

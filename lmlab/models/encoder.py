@@ -63,6 +63,8 @@ class EncoderLM(LMModule):
     (:meth:`lmlab.data.base.WindowDataModule.model_settings`); they are saved with the checkpoint."""
 
     accepts = ("masked",)
+    # fill-mask is deterministic: top_k candidates per mask, nothing sampled or generated
+    generation_settings = ("top_k",)
     config_class = EncoderConfig
     backbone_class = Encoder
 
