@@ -183,6 +183,31 @@ def test_nsp_not_next_segments_are_whole_sentences_of_other_documents(tok, store
     assert np.mean(lengths[1]) == pytest.approx(np.mean(lengths[0]), rel=0.1)
 
 
+def test_text_from_elsewhere_takes_every_whole_sentence_that_fits(tok, store):
+    """From its drawn start, the text runs on while the next whole sentence fits the room: it was
+    cut where the stretch of the document it was drawn in ended (on documents shorter than
+    REGION_TOKENS, a random prefix or suffix of the document), and ran shorter than B."""
+    dm = NextSentenceDataModule(tok, store, store, seq_len=80, batch_size=4)
+    text = np.asarray(store.tokens, dtype=np.int64)
+    ex = examples(store, dm.window_len)[0]
+    rng, room, cut, drawn = np.random.default_rng(0), 60, 0, 0
+    for doc in range(store.n_docs):
+        lo, hi = int(store.offsets[doc]), int(store.offsets[doc + 1]) - 1
+        for _ in range(50):
+            b = dm.text_from(ex, (lo, hi), room, rng)
+            if b is None:  # a stretch without a whole sentence that fits: drawn again by nsp
+                continue
+            view = np.lib.stride_tricks.sliding_window_view(text[lo:hi], len(b))
+            (where,) = np.flatnonzero((view == b).all(axis=1))
+            end = lo + int(where) + len(b)
+            after = np.flatnonzero(dm.is_end[text[end:hi]])
+            assert len(b) <= room and dm.is_end[b[-1]]
+            # the next sentence does not fit, or the document has no whole sentence left
+            cut += not (len(after) == 0 or len(b) + int(after[0]) + 1 > room)
+            drawn += 1
+    assert cut == 0 and drawn > 150
+
+
 def test_nsp_in_a_one_document_split_takes_text_away_from_the_window(tok, tmp_path):
     one = build_store(iter([sentences("abcd", 300, 0)]), tok, tmp_path, "one")
     dm = NextSentenceDataModule(tok, one, one, seq_len=80, batch_size=2)
