@@ -373,7 +373,11 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
         seen[run.name] = seen.get(run.name, 0) + 1
     for run in runs:
         if seen[run.name] > 1:
-            run.name = f"{run.name} ({run.path.relative_to(sweep_dir).as_posix()})"
+            try:  # a row's folder may be absolute where sweep_dir is relative
+                where = run.path.resolve().relative_to(sweep_dir.resolve()).as_posix()
+            except ValueError:
+                where = str(run.path)
+            run.name = f"{run.name} ({where})"
     return runs
 
 
@@ -1144,8 +1148,9 @@ def main(argv: list[str] | None = None) -> int:
     order.add_argument(
         "--maximize",
         action="store_true",
-        help="higher is better for --metric (default: as the metric says: val/acc, "
-        "train/tokens_per_sec, train/mfu higher; losses, ppl, bpb and others lower)",
+        help="higher is better for --metric (default: as the metric says: val/acc, the auxiliary "
+        "heads' val/<objective>_acc, train/tokens_per_sec, train/mfu higher; losses, ppl, bpb "
+        "and others lower)",
     )
     order.add_argument("--minimize", action="store_true", help="lower is better for --metric")
     wandb_args = parser.add_argument_group(

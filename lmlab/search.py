@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmlab.errors import ConfigError, Preempted
 from lmlab.loggers import sweep_identity
 from lmlab.paths import file_lock
+from lmlab.report import PER_TOKEN
 from lmlab.sweep import HIGHER_IS_BETTER, LOWER_IS_BETTER, append_row
 
 log = logging.getLogger("lmlab")
@@ -77,6 +78,13 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             f"optimized_metric={metric} is better {better}, but hparams_search.direction="
             f"{hs.direction}; set hparams_search.direction={right[metric]}"
         )
+    tokenizing = sorted(str(k) for k in hs.params if str(k).startswith("tokenizer."))
+    if tokenizing and metric in PER_TOKEN:
+        raise ConfigError(
+            f"hparams_search.params searches {', '.join(tokenizing)}, but optimized_metric="
+            f"{metric} is per token and does not compare across tokenizers (a coarser one has "
+            "fewer, harder tokens); optimize bits per byte: optimized_metric=val/bpb"
+        )
     for key in hs.params:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"hparams_search.params has {key!r}, which is not a config key")
@@ -98,8 +106,17 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             f"the study {hs.study_name!r} in {hs.storage or root / 'optuna.db'} optimizes "
             f"{stored or 'another metric'} ({direction}); this search asks for {metric} "
             f"({hs.direction}): continue it with optimized_metric={stored or '...'} "
-            f"hparams_search.direction={direction}, or start a new one (another "
-            "hparams_search.study_name or folder)"
+            f"hparams_search.direction={direction}, or start a new one in another folder "
+            "(hydra.run.dir=...)"
+        )
+    held = root / "trials"
+    if not study.trials and held.is_dir() and any(held.iterdir()):
+        # its trial 0 would write over theirs (.hydra files first, then the summary's row)
+        raise ConfigError(
+            f"{held} holds the trials of another study; the new study {hs.study_name!r} would "
+            "number its trials from 0 into the same folders: start it in another folder "
+            "(hydra.run.dir=...), or continue the study that is there (its "
+            "hparams_search.study_name)"
         )
     study.set_user_attr("optimized_metric", metric)
     if hs.sampler_seed is not None and study.trials:

@@ -193,10 +193,24 @@ def _job_num(config: DictConfig) -> int:
     return int(config.hydra.job.get("num", 0) or 0)
 
 
+def same_job_folder(old: dict[str, str], new: dict[str, str], path: Path) -> bool:
+    """Whether two rows of ``path``'s summary name the same job folder: the same output_dir, or,
+    for a folder inside the summary's own, the same place in it (a sweep moved or renamed since
+    the old row was written, then resumed: its rows were all added again)."""
+    was, now = old.get("output_dir"), new.get("output_dir")
+    if was == now or not was or not now:
+        return was == now
+    try:
+        tail = Path(now).resolve().relative_to(path.parent.resolve()).parts
+    except ValueError:
+        return False
+    return Path(was).parts[-len(tail) :] == tail
+
+
 def append_row(path: Path, row: dict[str, Any], replace: bool = True) -> None:
     """Add ``row`` to the CSV at ``path``, widening the header when it brings new columns; a row of
-    the same job and output_dir (the job ran again: resumed, requeued) is replaced, or, with
-    ``replace=False``, kept instead of ``row``.
+    the same job and job folder (:func:`same_job_folder`; the job ran again: resumed, requeued) is
+    replaced, or, with ``replace=False``, kept instead of ``row``.
 
     Safe across processes: jobs of a SLURM sweep (or trials of a shared Optuna study) finish
     together, and each reads, changes and rewrites the file, so the update holds an exclusive
@@ -208,9 +222,7 @@ def append_row(path: Path, row: dict[str, Any], replace: bool = True) -> None:
         if path.is_file():
             with path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
-        ours = [
-            (r.get("job"), r.get("output_dir")) == (new["job"], new.get("output_dir")) for r in rows
-        ]
+        ours = [r.get("job") == new["job"] and same_job_folder(r, new, path) for r in rows]
         if any(ours) and not replace:
             return
         rows = [r for r, mine in zip(rows, ours, strict=True) if not mine] + [new]

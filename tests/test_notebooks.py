@@ -98,3 +98,12 @@ def test_compare_runs_runs_on_a_sweep(tmp_path, monkeypatch):
     out = text_output(nb)
     assert "2 runs; swept: optim.lr" in out
     assert out.count("finished") == 2
+    # a higher-is-better metric ranks best first too (it was listed worst first)
+    nb = execute(
+        "compare_runs.ipynb",
+        f"SWEEP_DIR = {str(tmp_path / 'sweep')!r}\nMETRIC = 'val/acc'",
+        tmp_path,
+    )
+    rows = [line.split(" | ") for line in text_output(nb).splitlines() if " | finished | " in line]
+    accuracies = [float(row[2]) for row in rows]
+    assert len(accuracies) == 2 and accuracies == sorted(accuracies, reverse=True)

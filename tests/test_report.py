@@ -873,3 +873,29 @@ def test_overrides_every_run_shares_are_listed_once_not_as_columns(sweep: Path) 
     page = build_report(sweep).read_text()
     assert '<p id="common">Every run: <code>seed=1</code></p>' in page
     assert 'data-key="seed"' not in page and 'data-key="optim.lr"' in page
+
+
+def test_a_relative_sweep_folder_with_a_failed_twin_of_a_run_is_read(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Two runs of the same overrides, one a failed job known from sweep_summary.csv alone (its
+    absolute output_dir): named by their folders; with the sweep given as a relative path, this
+    raised "not in the subpath" (a moved sweep's resumed rows made such twins)."""
+    from lmlab.report import collect_runs
+
+    root = tmp_path / "sw"
+    rows = rows_for(list(range(4)), 2, 1.0)
+    write_run(root / "0", ["optim.lr=0.1"], rows, summary_of(rows))
+    with (root / "sweep_summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["job", "status", "overrides", "output_dir"])
+        w.writeheader()
+        w.writerow({"job": 0, "status": "completed", "overrides": "optim.lr=0.1",
+                    "output_dir": str(root / "0")})  # fmt: skip
+        w.writerow({"job": 1, "status": "failed", "overrides": "optim.lr=0.1",
+                    "output_dir": str(root / "1")})  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    runs = collect_runs("sw")
+    assert sorted((r.name, r.status) for r in runs) == [
+        ("optim.lr=0.1 (0)", "finished"),
+        ("optim.lr=0.1 (1)", "failed"),
+    ]

@@ -209,6 +209,36 @@ def test_continuing_a_study_with_another_metric_is_refused(tiny_cfg, monkeypatch
     assert len(fake.calls) == 1  # refused before any trial
 
 
+def test_a_new_study_in_a_folder_with_another_studys_trials_is_refused(tiny_cfg, monkeypatch):
+    """Another study_name in the same folder numbered its trials from 0 again: each refused start
+    had already written its .hydra files over the first study's trial, and the report then gave
+    the first study's results under the second's values."""
+    fake = FakeTrain(preempt_first=False)
+    monkeypatch.setattr("lmlab.train.train", fake)
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=1"), LR_SPACE)
+    run_search(cfg)
+    trial = Path(cfg.paths.output_dir) / "trials" / "0" / ".hydra" / "overrides.yaml"
+    before = trial.read_text()
+    with open_dict(cfg):
+        cfg.hparams_search.study_name, cfg.hparams_search.sampler_seed = "second", 7
+    with pytest.raises(ConfigError, match=r"trials holds the trials of another study; .* another "):
+        run_search(cfg)
+    assert trial.read_text() == before and len(fake.calls) == 1
+
+
+def test_a_search_over_the_tokenizer_by_a_per_token_metric_is_refused(tiny_cfg, monkeypatch):
+    """val/loss picked the 512-token vocabulary over the 4096 one whose bits per byte were lower:
+    per-token figures do not compare across tokenizers (lmlab.report warns of it too)."""
+    fake = FakeTrain(preempt_first=False)
+    monkeypatch.setattr("lmlab.train.train", fake)
+    space = {"tokenizer.vocab_size": {"type": "categorical", "choices": [512, 4096]}}
+    cfg = small_space(tiny_cfg("hparams_search=optuna", "optimized_metric=val/loss"), space)
+    with pytest.raises(ConfigError, match=r"searches tokenizer.vocab_size, but optimized_metric="
+                                          r"val/loss is per token .* optimized_metric=val/bpb"):  # fmt: skip
+        run_search(cfg)
+    assert not fake.calls
+
+
 def test_processes_sharing_a_study_queue_a_preempted_trial_once(tmp_path, monkeypatch):
     """Two jobs of one search starting together: each looks for preempted trials to resume, and
     only one queues the resumption (each enqueue here takes 0.3 s, so without the lock both would

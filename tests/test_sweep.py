@@ -268,6 +268,17 @@ def test_a_job_run_again_replaces_its_row(tmp_path):
         ("1", "completed", "/s/1", "3"),
         ("1", "failed", "/other/1", ""),
     ]
+    # a sweep moved (or renamed) and resumed: its jobs' rows were all added again
+    moved = tmp_path / "sw2" / "sweep_summary.csv"
+    moved.parent.mkdir()
+    append_row(moved, {"job": 0, "status": "failed", "output_dir": str(tmp_path / "sw1" / "0")})
+    append_row(moved, {"job": 2, "status": "failed", "output_dir": str(tmp_path / "sw1" / "x=2")})
+    append_row(moved, {"job": 0, "status": "completed", "output_dir": str(moved.parent / "0")})
+    append_row(moved, {"job": 2, "status": "completed", "output_dir": str(moved.parent / "x=3")})
+    rows = [
+        (r["job"], r["status"], Path(r["output_dir"]).name) for r in csv.DictReader(moved.open())
+    ]
+    assert rows == [("0", "completed", "0"), ("2", "failed", "x=2"), ("2", "completed", "x=3")]
 
 
 def job_config(sweep: Path, num: int):
