@@ -65,7 +65,8 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     root = Path(cfg.paths.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     metric = cfg.optimized_metric
-    check_optimized_metric(metric, required=True)  # before any trial trains
+    # before any trial trains
+    check_optimized_metric(metric, required=True, objective=cfg.objective.name)
     if hs.direction not in ("minimize", "maximize"):
         raise ConfigError(f"hparams_search.direction={hs.direction!r}; use minimize or maximize")
     right = {

@@ -72,11 +72,16 @@ AUX_TASKS = (
     "ir_relevance",
     "capital_word",
 )
-AUX_METRICS = tuple(
-    f"{split}/{task}_{kind}"
-    for task in AUX_TASKS
-    for split, kind in (("val", "loss"), ("val", "acc"), ("train", "loss"))
-)
+
+
+def aux_metrics(task: str) -> tuple[str, ...]:
+    return tuple(
+        f"{split}/{task}_{kind}"
+        for split, kind in (("val", "loss"), ("val", "acc"), ("train", "loss"))
+    )
+
+
+AUX_METRICS = tuple(m for task in AUX_TASKS for m in aux_metrics(task))
 METRICS += AUX_METRICS
 # Which way each is better, for a search's direction; the token counts are neither.
 HIGHER_IS_BETTER = ("val/acc", "train/tokens_per_sec", "train/mfu")
@@ -91,11 +96,14 @@ LOWER_IS_BETTER = tuple(
 _started: dict[int, tuple[float, float]] = {}
 
 
-def check_optimized_metric(name: str | None, *, required: bool = False) -> None:
+def check_optimized_metric(
+    name: str | None, *, required: bool = False, objective: str | None = None
+) -> None:
     """Refuse an ``optimized_metric`` that no run reports, before any training: a misspelt name
     would otherwise be noticed only once every trial had trained (a search), or never (a sweep
     whose jobs all return None). ``null`` is allowed where nothing is optimised (``required``:
-    a search needs one)."""
+    a search needs one). An auxiliary head's metric is refused for a run of another
+    ``objective`` (it has no such head)."""
     if name is None or name == "":
         if required:
             raise ConfigError(
@@ -107,6 +115,12 @@ def check_optimized_metric(name: str | None, *, required: bool = False) -> None:
         raise ConfigError(
             f"optimized_metric={name!r} is not a metric lmlab reports; use one of "
             f"{', '.join(METRICS)}"
+        )
+    head = next((t for t in AUX_TASKS if name in aux_metrics(t)), None)
+    if head and objective and head != objective:
+        raise ConfigError(
+            f"optimized_metric={name} is reported by objective={head}'s auxiliary head only; "
+            f"this run trains objective={objective}: optimise a metric it reports (val/bpb, ...)"
         )
 
 

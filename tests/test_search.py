@@ -239,6 +239,20 @@ def test_a_search_over_the_tokenizer_by_a_per_token_metric_is_refused(tiny_cfg, 
     assert not fake.calls
 
 
+def test_an_auxiliary_heads_metric_is_refused_for_a_run_without_the_head(tiny_cfg, monkeypatch):
+    """val/sop_acc for a clm run: every trial trained, then was pruned as nan."""
+    fake = FakeTrain(preempt_first=False)
+    monkeypatch.setattr("lmlab.train.train", fake)
+    cfg = tiny_cfg("hparams_search=optuna", "optimized_metric=val/sop_acc")
+    with open_dict(cfg):
+        cfg.hparams_search.direction = "maximize"
+    cfg = small_space(cfg, LR_SPACE)
+    with pytest.raises(ConfigError, match=r"val/sop_acc is reported by objective=sop's auxiliary "
+                                          r"head only; this run trains objective=clm"):  # fmt: skip
+        run_search(cfg)
+    assert not fake.calls
+
+
 def test_processes_sharing_a_study_queue_a_preempted_trial_once(tmp_path, monkeypatch):
     """Two jobs of one search starting together: each looks for preempted trials to resume, and
     only one queues the resumption (each enqueue here takes 0.3 s, so without the lock both would
