@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float | None:
         # In a sweep, errors must reach Hydra as exceptions: it records the job as failed and runs
         # the others (sys.exit would end the whole sweep). A bad metric name fails every job at
         # once, before any training.
-        check_optimized_metric(metric, objective=cfg.objective.name)
+        check_optimized_metric(metric, cfg=cfg)
         try:  # a job a resumed sweep finds finished (ckpt_path=auto) returns its summary at once
             metrics, _ = train(cfg)
         except Preempted as e:
@@ -63,7 +63,7 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(0)  # a clean stop, as for one run: re-running the sweep resumes it
         return metrics.get(metric or "")
     try:
-        check_optimized_metric(metric, objective=cfg.objective.name)
+        check_optimized_metric(metric, cfg=cfg)
         metrics, _ = train(cfg)
     except ConfigError as e:
         log.error("%s", e)

@@ -66,7 +66,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     metric = cfg.optimized_metric
     # before any trial trains
-    check_optimized_metric(metric, required=True, objective=cfg.objective.name)
+    check_optimized_metric(metric, required=True, cfg=cfg)
     if hs.direction not in ("minimize", "maximize"):
         raise ConfigError(f"hparams_search.direction={hs.direction!r}; use minimize or maximize")
     right = {

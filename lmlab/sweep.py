@@ -31,7 +31,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import ConfigError, Preempted, RunKept
 from lmlab.paths import file_lock
@@ -97,13 +97,14 @@ _started: dict[int, tuple[float, float]] = {}
 
 
 def check_optimized_metric(
-    name: str | None, *, required: bool = False, objective: str | None = None
+    name: str | None, *, required: bool = False, cfg: DictConfig | None = None
 ) -> None:
     """Refuse an ``optimized_metric`` that no run reports, before any training: a misspelt name
     would otherwise be noticed only once every trial had trained (a search), or never (a sweep
     whose jobs all return None). ``null`` is allowed where nothing is optimised (``required``:
-    a search needs one). An auxiliary head's metric is refused for a run of another
-    ``objective`` (it has no such head)."""
+    a search needs one). With the run's ``cfg``: an auxiliary head's metric is refused for a run
+    of another objective (it has no such head), and ``train/mfu`` on CPUs without
+    ``callbacks.throughput.peak_flops`` (no peak to divide by: every value nan)."""
     if name is None or name == "":
         if required:
             raise ConfigError(
@@ -116,7 +117,19 @@ def check_optimized_metric(
             f"optimized_metric={name!r} is not a metric lmlab reports; use one of "
             f"{', '.join(METRICS)}"
         )
+    if cfg is None:
+        return
+    from lmlab.train import uses_cuda
+
+    objective = OmegaConf.select(cfg, "objective.name")
     head = next((t for t in AUX_TASKS if name in aux_metrics(t)), None)
+    peak = OmegaConf.select(cfg, "callbacks.throughput.peak_flops")
+    if name == "train/mfu" and not peak and not uses_cuda(cfg.trainer):
+        raise ConfigError(
+            "optimized_metric=train/mfu needs the device's peak FLOP/s, which lmlab knows for "
+            "GPUs only (lmlab/flops.py): set callbacks.throughput.peak_flops=<FLOP/s>, or "
+            "optimise train/tokens_per_sec"
+        )
     if head and objective and head != objective:
         raise ConfigError(
             f"optimized_metric={name} is reported by objective={head}'s auxiliary head only; "

@@ -243,14 +243,26 @@ def test_an_auxiliary_heads_metric_is_refused_for_a_run_without_the_head(tiny_cf
     """val/sop_acc for a clm run: every trial trained, then was pruned as nan."""
     fake = FakeTrain(preempt_first=False)
     monkeypatch.setattr("lmlab.train.train", fake)
-    cfg = tiny_cfg("hparams_search=optuna", "optimized_metric=val/sop_acc")
+    cfg = tiny_cfg("hparams_search=optuna", "hparams_search.n_trials=1")
     with open_dict(cfg):
-        cfg.hparams_search.direction = "maximize"
+        cfg.optimized_metric, cfg.hparams_search.direction = "val/sop_acc", "maximize"
     cfg = small_space(cfg, LR_SPACE)
     with pytest.raises(ConfigError, match=r"val/sop_acc is reported by objective=sop's auxiliary "
                                           r"head only; this run trains objective=clm"):  # fmt: skip
         run_search(cfg)
+    # train/mfu on a CPU without a peak to divide by: every trial's value was nan
+    with open_dict(cfg):
+        cfg.optimized_metric = "train/mfu"
+        cfg.trainer.accelerator = "cpu"
+    with pytest.raises(ConfigError, match=r"train/mfu needs the device's peak FLOP/s, .* set "
+                                          r"callbacks.throughput.peak_flops"):  # fmt: skip
+        run_search(cfg)
     assert not fake.calls
+    with open_dict(cfg):
+        cfg.callbacks.throughput.peak_flops = 1e12
+    with pytest.raises(ConfigError, match="no trial of the search completed"):
+        run_search(cfg)  # a peak given: accepted (the fake training reports no train/mfu)
+    assert len(fake.calls) == 1
 
 
 def test_processes_sharing_a_study_queue_a_preempted_trial_once(tmp_path, monkeypatch):
