@@ -27,16 +27,18 @@ def check_command_keys(cfg: DictConfig, command: str) -> None:
     """The keys of a checkpoint command (``generate``, ``evaluate``): none its config lacks, and a
     ``ckpt_path`` (a missing one was a MissingMandatoryValue traceback)."""
     refuse_unknown_top_keys(cfg, command, f"python -m lmlab.{command}")
-    if OmegaConf.is_missing(cfg, "ckpt_path") or not isinstance(cfg.ckpt_path, str | os.PathLike):
-        given = "" if OmegaConf.is_missing(cfg, "ckpt_path") else f" (not {cfg.ckpt_path!r})"
+    missing = OmegaConf.is_missing(cfg, "ckpt_path")
+    if missing or not isinstance(cfg.ckpt_path, str | os.PathLike):
+        given = "" if missing else f" (not {cfg.ckpt_path!r})"
         raise ConfigError(
             f"ckpt_path is required: python -m lmlab.{command} "
             f"ckpt_path=<run dir>/checkpoints/last.ckpt{given}"
         )
-    for key in ("output_file",):  # evaluate's: a path or null
-        value = cfg.get(key)
-        if value is not None and not isinstance(value, str | os.PathLike):
-            raise ConfigError(f"{key}={value!r} is not a path; pass a file name, e.g. {key}=m.json")
+    output = cfg.get("output_file")  # evaluate's: a path or null
+    if output is not None and not isinstance(output, str | os.PathLike):
+        raise ConfigError(
+            f"output_file={output!r} is not a path; pass a file name: output_file=m.json"
+        )
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -163,7 +165,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     info = ckpt["lmlab"]
     hp = dict(ckpt["hyper_parameters"])
     hp["compile"] = hp["activation_checkpointing"] = False
-    if info.get("config", {}).get("objective", {}).get("name") == "prefix_lm":
+    if info["config"].get("objective", {}).get("name") == "prefix_lm":
         hp.setdefault("prefix_prompts", True)  # a prefix LM's checkpoint from before 2026-11-28
     module = get_class(info["model_class"])(**hp)
     module.load_state_dict(ckpt["state_dict"])

@@ -93,7 +93,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # the checks first, from the checkpoint's settings (its tensors mapped, not read)
     saved = run_info(read_checkpoint(cfg.ckpt_path, weights=False), cfg.ckpt_path)
     run_cfg = OmegaConf.create(saved["lmlab"]["config"])
-    max_len = saved.get("hyper_parameters", {}).get("max_seq_len")
+    max_len = saved["hyper_parameters"].get("max_seq_len")
     if cfg.seq_len and max_len is not None and cfg.seq_len > max_len:
         raise ConfigError(
             f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={max_len} (its positions); "

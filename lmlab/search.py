@@ -65,8 +65,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     root = Path(cfg.paths.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     metric = cfg.optimized_metric
-    # before any trial trains
-    check_optimized_metric(metric, required=True, cfg=cfg)
+    check_optimized_metric(metric, required=True, cfg=cfg)  # before any trial trains
     if hs.direction not in ("minimize", "maximize"):
         raise ConfigError(f"hparams_search.direction={hs.direction!r}; use minimize or maximize")
     right = {

@@ -75,6 +75,7 @@ AUX_TASKS = (
 
 
 def aux_metrics(task: str) -> tuple[str, ...]:
+    """The metrics an auxiliary head of ``task`` (its objective's name) is logged under."""
     return tuple(
         f"{split}/{task}_{kind}"
         for split, kind in (("val", "loss"), ("val", "acc"), ("train", "loss"))
@@ -121,8 +122,6 @@ def check_optimized_metric(
         return
     from lmlab.train import uses_cuda
 
-    objective = OmegaConf.select(cfg, "objective.name")
-    head = next((t for t in AUX_TASKS if name in aux_metrics(t)), None)
     peak = OmegaConf.select(cfg, "callbacks.throughput.peak_flops")
     if name == "train/mfu" and not peak and not uses_cuda(cfg.trainer):
         raise ConfigError(
@@ -130,6 +129,8 @@ def check_optimized_metric(
             "GPUs only (lmlab/flops.py): set callbacks.throughput.peak_flops=<FLOP/s>, or "
             "optimise train/tokens_per_sec"
         )
+    objective = OmegaConf.select(cfg, "objective.name")
+    head = next((t for t in AUX_TASKS if name in aux_metrics(t)), None)
     if head and objective and head != objective:
         raise ConfigError(
             f"optimized_metric={name} is reported by objective={head}'s auxiliary head only; "
